@@ -1,0 +1,3 @@
+from gemma3vl.cli import main
+
+raise SystemExit(main())
