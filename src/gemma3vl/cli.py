@@ -1,0 +1,260 @@
+"""The ``gemma3vl`` command line: convert, generate, verify, demo.
+
+Standard output carries only results (generated text, or the verify table); progress and diagnostics go
+to standard error. A bad input ends in one ``error: ...`` line naming the file/key/shape and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from gemma3vl.errors import Gemma3VLError
+
+EXIT_BAD_INPUT = 2
+EXIT_VERIFY_FAILED = 1
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGIB")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+    if unit not in units or value <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    return int(value * units[unit])
+
+
+# ---------------------------------------------------------------------------------------------- convert
+def cmd_convert_import(args: argparse.Namespace) -> int:
+    from gemma3vl import bridge
+
+    started = time.perf_counter()
+    out = bridge.import_checkpoint(
+        args.hf_dir, args.out_dir, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, progress=True
+    )
+    log(f"imported {args.hf_dir} -> {out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def cmd_convert_export(args: argparse.Namespace) -> int:
+    from gemma3vl import bridge
+
+    started = time.perf_counter()
+    out = bridge.export_checkpoint(
+        args.native_dir,
+        args.out_dir,
+        layout=args.layout,
+        max_shard_bytes=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    log(f"exported {args.native_dir} -> {out} ({args.layout} layout) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Sampling":
+    from gemma3vl.infer.generate import Sampling
+    from gemma3vl.infer.prompt import processor_dir
+
+    defaults: dict = {}
+    generation_file = processor_dir(model_dir) / "generation_config.json"
+    if generation_file.is_file():
+        try:
+            defaults = json.loads(generation_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise Gemma3VLError(f"{generation_file}: not valid JSON ({exc})") from None
+    stop = defaults.get("eos_token_id", list(config.stop_token_ids))
+    stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
+    stop_ids = tuple(sorted(set(stop_ids) | set(config.stop_token_ids)))
+    sample = bool(defaults.get("do_sample", False)) and not args.greedy
+    if args.temperature is not None or args.top_k is not None or args.top_p is not None:
+        sample = not args.greedy
+    if args.temperature == 0:
+        sample = False
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        greedy=not sample,
+        temperature=args.temperature if args.temperature is not None else float(defaults.get("temperature", 1.0)),
+        top_k=args.top_k if args.top_k is not None else defaults.get("top_k"),
+        top_p=args.top_p if args.top_p is not None else defaults.get("top_p"),
+        seed=args.seed,
+        stop_token_ids=stop_ids,
+        pad_token_id=config.text.pad_token_id,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gemma3vl.infer.generate import generate
+    from gemma3vl.infer.loading import load_model
+    from gemma3vl.infer.prompt import build_inputs, load_image, load_processor, tokenizer_of
+
+    model_dir = Path(args.model_dir)
+    images = [load_image(path) for path in args.image]
+    started = time.perf_counter()
+    model, config = load_model(model_dir, device=args.device, dtype=args.dtype)
+    processor = load_processor(model_dir, config)
+    inputs = build_inputs(
+        processor, config, args.prompt, images, raw=args.raw, pan_and_scan=True if args.pan_and_scan else None
+    )
+    device = model.text.embed.weight.device
+    log(f"loaded {model_dir} ({config.text.num_hidden_layers} layers, {next(model.parameters()).dtype}, {device}) "
+        f"in {time.perf_counter() - started:.1f}s; prompt: {inputs['input_ids'].shape[1]} tokens")
+    sampling = sampling_from(args, model_dir, config)
+    tokenizer = tokenizer_of(processor)
+    stop_ids = set(sampling.stop_token_ids)
+    produced: list[int] = []
+    printed = ""
+
+    def stream(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        nonlocal printed
+        token = int(tokens[0])
+        if token in stop_ids:
+            return
+        produced.append(token)
+        if args.stream:
+            # Byte-fallback pieces can change how the tail decodes, so only text up to the last
+            # whitespace is final; the rest waits for the next step (as transformers' TextStreamer does).
+            text = tokenizer.decode(produced, skip_special_tokens=True)
+            stable = text[: max(text.rfind(" "), text.rfind("\n")) + 1]
+            if len(stable) > len(printed) and stable.startswith(printed) and "\ufffd" not in stable:
+                sys.stdout.write(stable[len(printed):])
+                sys.stdout.flush()
+                printed = stable
+
+    started = time.perf_counter()
+    pixel_values = inputs.get("pixel_values")
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    generate(
+        model,
+        inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=pixel_values,
+        sampling=sampling,
+        on_step=stream,
+    )
+    elapsed = time.perf_counter() - started
+    text = tokenizer.decode(produced, skip_special_tokens=True)
+    sys.stdout.write(text[len(printed):] + "\n")
+    sys.stdout.flush()
+    log(f"{len(produced)} tokens in {elapsed:.2f}s ({len(produced) / max(elapsed, 1e-9):.1f} tokens/s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gemma3vl import bridge, verify
+    from gemma3vl.infer.loading import load_model, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    hf_dir = Path(args.model_dir)
+    if bridge.is_native_dir(hf_dir):
+        raise Gemma3VLError(f"{hf_dir}: verify needs the HF checkpoint directory (pass the native one with --native)")
+    config = bridge.read_config(hf_dir)
+    ours_dir = Path(args.native) if args.native else hf_dir
+    log(f"loading transformers' model from {hf_dir} ...")
+    reference = verify.load_reference(hf_dir, config, dtype, device)
+    log(f"loading ours from {ours_dir} ...")
+    ours, _ = load_model(ours_dir, device=device, dtype=dtype)
+    report = verify.compare(ours, reference, config, dtype=dtype, device=device, greedy_tokens=args.greedy_tokens)
+    print(json.dumps(verify.report_dict(report)) if args.json else verify.format_report(report))
+    return 0 if report.passed else EXIT_VERIFY_FAILED
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gemma3vl.demo import run_demo
+
+    return run_demo(Path(args.out), seed=args.seed)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma3vl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="convert between HF checkpoints and the native format")
+    direction = convert.add_subparsers(dest="direction", required=True)
+    imp = direction.add_parser("import", help="HF checkpoint directory -> native directory")
+    imp.add_argument("hf_dir")
+    imp.add_argument("out_dir")
+    imp.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="native shard size (5GB)")
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    imp.set_defaults(func=cmd_convert_import)
+    exp = direction.add_parser("export", help="native directory -> complete HF checkpoint directory")
+    exp.add_argument("native_dir")
+    exp.add_argument("out_dir")
+    exp.add_argument("--layout", choices=["source", "hub", "transformers5", "text"], default="source",
+                     help="key layout to write (default: the one the checkpoint was imported from)")
+    exp.add_argument("--max-shard-size", type=parse_size, default=None,
+                     help="reshard to this size (default: the source's own file split)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    exp.set_defaults(func=cmd_convert_export)
+
+    gen = commands.add_parser("generate", help="generate text for a prompt and images")
+    gen.add_argument("model_dir", help="HF checkpoint directory or native directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding (default: the checkpoint's sampling)")
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="feed the prompt without the chat template")
+    gen.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    gen.set_defaults(func=cmd_generate)
+
+    ver = commands.add_parser("verify", help="compare our model with transformers on a synthetic batch")
+    ver.add_argument("model_dir", help="HF checkpoint directory (the reference)")
+    ver.add_argument("--native", default=None, help="native directory to check instead of loading MODEL_DIR")
+    ver.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    ver.add_argument("--device", default="auto")
+    ver.add_argument("--greedy-tokens", type=int, default=8, help="greedy tokens to compare (0: skip)")
+    ver.add_argument("--json", action="store_true", help="print the report as JSON")
+    ver.set_defaults(func=cmd_verify)
+
+    demo = commands.add_parser("demo", help="end-to-end run on a tiny random checkpoint (no network, no GPU)")
+    demo.add_argument("--out", default="gemma3vl-demo", help="working directory (default: ./gemma3vl-demo)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Gemma3VLError as exc:
+        log(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

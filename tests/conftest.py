@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models built by transformers (the oracle) and saved as HF checkpoints."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from gemma3vl.tiny import tiny_hf_config
+
+
+def build_reference(raw: dict, seed: int = 0):
+    """A transformers Gemma 3 model with every weight random — RMSNorm offsets and the projector too,
+    which transformers initialises to zero and which would otherwise hide bugs."""
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if raw["model_type"] == "gemma3":
+            model = Gemma3ForConditionalGeneration(Gemma3Config(**raw))
+        else:
+            model = Gemma3ForCausalLM(Gemma3TextConfig(**raw))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "mm_input_projection" in name:
+                param.normal_(0.0, 0.3)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)
+            else:
+                param.normal_(0.0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: (text_only=False, dtype=float32, **text_overrides) -> (directory, reference model)."""
+
+    def make(text_only: bool = False, dtype=torch.float32, seed: int = 0, **text_overrides):
+        raw = tiny_hf_config(text_only=text_only, **text_overrides)
+        reference = build_reference(raw, seed).to(dtype)
+        directory = tmp_path / f"hf-{len(list(tmp_path.iterdir()))}"
+        reference.save_pretrained(directory)
+        reference.config._attn_implementation = "sdpa"
+        return directory, reference
+
+    return make

@@ -1,0 +1,112 @@
+"""The gemma3vl command line: stdout carries only results, bad input is one clear error and exit 2.
+Parity checks inside use transformers as the oracle on tiny random models."""
+
+import pytest
+import torch
+
+from gemma3vl.cli import main
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.loading import load_model
+from gemma3vl.infer.prompt import build_inputs, load_processor, tokenizer_of
+from gemma3vl.pictures import draw_picture
+from gemma3vl.tiny import tiny_hf_config
+from gemma3vl.tiny_tokenizer import write_tokenizer_and_processor
+
+
+@pytest.fixture
+def vl_dir(hf_checkpoint, tmp_path):
+    directory, _ = hf_checkpoint()
+    write_tokenizer_and_processor(directory, tiny_hf_config())
+    picture = tmp_path / "picture.png"
+    draw_picture("red circle").save(picture)
+    return directory, picture
+
+
+def test_generate_prints_only_the_text(vl_dir, capsys):
+    directory, picture = vl_dir
+    code = main(["generate", str(directory), "--prompt", "What is it?", "--image", str(picture),
+                 "--greedy", "--max-new-tokens", "6", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    model, config = load_model(directory, device="cpu", dtype="float32")
+    processor = load_processor(directory, config)
+    inputs = build_inputs(processor, config, "What is it?", [draw_picture("red circle")])
+    tokens = generate(model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      pixel_values=inputs["pixel_values"],
+                      sampling=Sampling(max_new_tokens=6, stop_token_ids=config.stop_token_ids))[0]
+    tokens = [t for t in tokens if t not in config.stop_token_ids]
+    assert out == tokenizer_of(processor).decode(tokens, skip_special_tokens=True) + "\n"
+    assert "tokens/s" in err
+
+
+def test_generate_stream_gives_the_same_text(vl_dir, capsys):
+    directory, picture = vl_dir
+    common = [str(directory), "--prompt", "Describe the image", "--image", str(picture), "--greedy",
+              "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(["generate", *common]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", *common, "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_not_an_image_is_a_clear_error(vl_dir, tmp_path, capsys):
+    directory, _ = vl_dir
+    fake = tmp_path / "fake.jpg"
+    fake.write_bytes(b"this is not a jpeg")
+    code = main(["generate", str(directory), "--prompt", "hi", "--image", str(fake)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fake.jpg" in err and "not a readable image" in err and "Traceback" not in err
+
+
+def test_image_count_mismatch_is_a_clear_error(vl_dir, capsys):
+    directory, picture = vl_dir
+    code = main(["generate", str(directory), "--raw", "--prompt", "<start_of_image><start_of_image> two",
+                 "--image", str(picture)])
+    assert code == 2
+    assert "2 <start_of_image> placeholder(s) but 1 image(s)" in capsys.readouterr().err
+
+
+def test_text_only_model_refuses_images(hf_checkpoint, tmp_path, capsys):
+    directory, _ = hf_checkpoint(text_only=True)
+    write_tokenizer_and_processor(directory, tiny_hf_config())
+    picture = tmp_path / "p.png"
+    draw_picture().save(picture)
+    assert main(["generate", str(directory), "--prompt", "hi", "--image", str(picture)]) == 2
+    assert "text-only" in capsys.readouterr().err
+    assert main(["generate", str(directory), "--prompt", "hi", "--greedy", "--max-new-tokens", "3"]) == 0
+
+
+def test_verify_passes_and_detects_a_wrong_model(vl_dir, tmp_path, capsys):
+    directory, _ = vl_dir
+    assert main(["verify", str(directory), "--device", "cpu", "--dtype", "float32"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    native = tmp_path / "native"
+    assert main(["convert", "import", str(directory), str(native)]) == 0
+    # corrupt one norm in the native copy: verify must now fail with exit code 1
+    from safetensors.torch import load_file, save_file
+
+    for file in native.glob("*.safetensors"):
+        tensors = load_file(file)
+        if "text.layers.1.post_mlp_norm.weight" in tensors:
+            tensors["text.layers.1.post_mlp_norm.weight"] += 0.5
+            save_file(tensors, file, metadata={"format": "pt"})
+    assert main(["verify", str(directory), "--native", str(native), "--device", "cpu", "--dtype", "float32"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "round trip bitwise identical" in printed
+    assert "PASS" in printed
+    assert "transformers' generate gives the same tokens: yes" in printed
+    # a second run reuses its own directory, but never clobbers a foreign one
+    assert main(["demo", "--out", str(out)]) == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(foreign)]) == 2
+    assert (foreign / "precious.txt").read_text() == "keep me"
