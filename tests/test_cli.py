@@ -110,3 +110,15 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(foreign)]) == 2
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_generate_from_native_dir_equals_hf_dir(vl_dir, tmp_path, capsys):
+    directory, picture = vl_dir
+    native = tmp_path / "native"
+    assert main(["convert", "import", str(directory), str(native)]) == 0
+    capsys.readouterr()
+    args = ["--prompt", "What is it?", "--image", str(picture), "--greedy", "--max-new-tokens", "8"]
+    assert main(["generate", str(directory), *args]) == 0
+    from_hf = capsys.readouterr().out
+    assert main(["generate", str(native), *args]) == 0
+    assert capsys.readouterr().out == from_hf

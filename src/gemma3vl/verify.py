@@ -90,6 +90,9 @@ def load_reference(hf_dir: str | Path, config: Gemma3Config, dtype: torch.dtype,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     cls = Gemma3ForConditionalGeneration if config.is_vision_language else Gemma3ForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -143,9 +143,13 @@ class TextDecoder(nn.Module):
             cache.end_step()
         return self.norm(x)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output matrix: the embedding (tied, as in every Gemma 3 checkpoint) or a separate head."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = F.linear(hidden, self.output_weight)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits

@@ -13,6 +13,7 @@ from torch import nn
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model.attention import TokenInfo
+from gemma3vl.model.loss import linear_cross_entropy
 from gemma3vl.model.projector import Projector
 from gemma3vl.model.text import Cache, TextDecoder
 from gemma3vl.model.vision import VisionTower
@@ -78,9 +79,28 @@ class Gemma3Model(nn.Module):
         ``info`` is the mask description; by default it is derived from ``attention_mask`` (1 = real token)
         with images bidirectional inside their blocks, as transformers does with ``token_type_ids``.
         """
-        if info is None:
-            info = TokenInfo.for_tokens(input_ids, attention_mask=attention_mask, image_token_id=self.image_token_id)
-        hidden = self.text(self.embed(input_ids, pixel_values), info, cache)
+        hidden = self.hidden_states(input_ids, pixel_values, info=info, attention_mask=attention_mask, cache=cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.text.logits(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        info: TokenInfo | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, D]: what the training loss projects chunk by chunk."""
+        if info is None:
+            info = TokenInfo.for_tokens(input_ids, attention_mask=attention_mask, image_token_id=self.image_token_id)
+        return self.text(self.embed(input_ids, pixel_values), info, cache)
+
+    def loss(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, info: TokenInfo, pixel_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """(summed token cross-entropy, number of target tokens); never materialises full logits."""
+        hidden = self.hidden_states(input_ids, pixel_values, info=info)
+        return linear_cross_entropy(hidden, self.text.output_weight, targets, softcap=self.text.logit_softcap)
