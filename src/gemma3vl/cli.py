@@ -179,6 +179,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else EXIT_VERIFY_FAILED
 
 
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from gemma3vl.train.config import build_config, set_value
+    from gemma3vl.train.run import run_training
+
+    if not args.recipe and not args.config:
+        raise Gemma3VLError("give --recipe NAME or --config FILE (`gemma3vl recipes` lists the recipes)")
+    cfg = build_config(args.recipe, args.config, args.overrides)
+    for key, value in (("model.path", args.model), ("data.path", args.data), ("data.eval_path", args.eval_data),
+                       ("out", args.out)):
+        if value is not None:
+            set_value(cfg, key, value)
+    cfg.validate()
+    result = run_training(cfg, resume=args.resume)
+    log(f"trained {result.steps} steps; final loss {result.final_loss}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from gemma3vl.train.config import RECIPE_NOTES, RECIPES
+
+    for name, make in RECIPES.items():
+        cfg = make()
+        t, o, p = cfg.train, cfg.optim, cfg.peft
+        adapter = f"{p.method} r{p.rank} alpha {p.alpha:g}" if p.method != "none" else "full"
+        print(f"{name:20s} {adapter:18s} steps {t.steps:<5d} global batch {t.global_batch_size:<3d} "
+              f"micro {t.micro_batch_size:<2d} seq {t.seq_length:<5d} lr {o.lr:g} warmup {o.warmup_steps}  "
+              f"{RECIPE_NOTES.get(name, '')}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from gemma3vl.demo import run_demo
@@ -234,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--greedy-tokens", type=int, default=8, help="greedy tokens to compare (0: skip)")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.set_defaults(func=cmd_verify)
+
+    train = commands.add_parser("train", help="fine-tune (full SFT or LoRA/DoRA) on image+text conversations")
+    train.add_argument("--recipe", default=None, help="a recipe from `gemma3vl recipes`")
+    train.add_argument("--config", default=None, metavar="FILE.yaml", help="settings file (YAML or JSON)")
+    train.add_argument("--model", default=None, metavar="HF_OR_NATIVE_DIR")
+    train.add_argument("--data", default=None, metavar="PATH", help="training conversations (JSONL, LLaVA, HF dataset)")
+    train.add_argument("--eval-data", default=None, metavar="PATH", help="held-out conversations")
+    train.add_argument("--out", default=None, metavar="DIR")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue from the latest checkpoint in OUT/checkpoints, or from PATH")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 optim.lr=1e-4")
+    train.set_defaults(func=cmd_train)
+
+    recipes = commands.add_parser("recipes", help="list the training recipes and their defaults")
+    recipes.set_defaults(func=cmd_recipes)
 
     demo = commands.add_parser("demo", help="end-to-end run on a tiny random checkpoint (no network, no GPU)")
     demo.add_argument("--out", default="gemma3vl-demo", help="working directory (default: ./gemma3vl-demo)")

@@ -1,0 +1,264 @@
+"""Opening checkpoint directories (HF or native) and checking every tensor before anything is converted.
+
+Both kinds present the same face to the converters: ``config``, ``mappings`` (the table made concrete for
+this checkpoint) and ``read_native(mapping)``, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from gemma3vl.bridge.fsutil import write_text_durable
+from gemma3vl.bridge.layouts import LAYOUTS, Layout, detect_layout
+from gemma3vl.bridge.mapping import Mapping, build_mappings
+from gemma3vl.bridge.safetensors_io import PlannedTensor, SafetensorsFile, TensorInfo
+from gemma3vl.config import Gemma3Config
+from gemma3vl.errors import Gemma3VLError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MANIFEST = "gemma3vl.json"
+FORMAT = "gemma3vl-native"
+FORMAT_VERSION = 1
+MAX_PROBLEMS_SHOWN = 20
+NATIVE_LM_HEAD = "text.lm_head.weight"
+
+
+class WeightFiles:
+    """The safetensors files of a directory: ``model.safetensors``, else the shards its index names (the
+    order transformers looks in). Every header is checked when opened; handles stay open for reading."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files: dict[str, SafetensorsFile] = {}
+        self.weight_map: dict[str, str] | None = None  # from the index, when sharded
+        self.index_metadata: dict[str, Any] | None = None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        self.where: dict[str, str] = {}  # key -> file name
+        for name, handle in self.files.items():
+            for key in handle.tensors:
+                if key in self.where:
+                    raise Gemma3VLError(
+                        f"{directory}: tensor {key!r} is stored twice, in {self.where[key]} and in {name}"
+                    )
+                self.where[key] = name
+
+    def _open(self) -> None:
+        single, index = self.directory / SINGLE_FILE, self.directory / INDEX_FILE
+        if single.is_file():
+            self.files[SINGLE_FILE] = SafetensorsFile(single)
+            return
+        if not index.is_file():
+            others = sorted(p.name for p in self.directory.glob("*.bin"))
+            hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
+            raise Gemma3VLError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
+        try:
+            raw = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise Gemma3VLError(f"{index}: not valid JSON ({exc})") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise Gemma3VLError(f"{index}: no 'weight_map' object mapping tensor names to file names")
+        self.weight_map = weight_map
+        self.index_metadata = raw.get("metadata")
+        for name in sorted(set(weight_map.values())):
+            path = self.directory / name
+            if Path(name).name != name:
+                raise Gemma3VLError(f"{index}: shard name {name!r} is not a plain file name")
+            if not path.is_file():
+                keys = sorted(k for k, v in weight_map.items() if v == name)
+                raise Gemma3VLError(
+                    f"{path}: shard named in {index} is missing (it should hold {len(keys)} tensors, e.g. {keys[0]!r})"
+                )
+            self.files[name] = SafetensorsFile(path)
+
+    def __enter__(self) -> "WeightFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def info(self, key: str) -> TensorInfo:
+        return self.files[self.where[key]].tensors[key]
+
+    def path_of(self, key: str) -> Path:
+        return self.files[self.where[key]].path
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.files[self.where[key]].read(key)
+
+    def expected_path(self, key: str) -> Path:
+        """Where a missing ``key`` should have been: its index entry, else the index, else the single file."""
+        if self.weight_map is None:
+            return self.directory / SINGLE_FILE
+        listed = self.weight_map.get(key)
+        return self.directory / listed if listed else self.directory / INDEX_FILE
+
+    def check(self, expected: dict[str, tuple[tuple[int, ...], bool]]) -> None:
+        """Every required key present, no other key, every shape right, and the index agreeing with the
+        files. ``expected`` maps key -> (shape, optional). All problems are reported together."""
+        problems = []
+        for key, (shape, optional) in expected.items():
+            if key not in self.where:
+                if not optional:
+                    problems.append(f"missing tensor {key!r} (expected in {self.expected_path(key)})")
+                continue
+            actual = self.info(key).shape
+            if actual != tuple(shape):
+                problems.append(
+                    f"{self.path_of(key)}: tensor {key!r} has shape {list(actual)}, expected {list(shape)}"
+                )
+        for key in sorted(self.keys() - set(expected)):
+            problems.append(f"{self.path_of(key)}: unexpected tensor {key!r}")
+        if self.weight_map is not None:
+            index = self.directory / INDEX_FILE
+            for key in sorted(self.keys()):
+                listed = self.weight_map.get(key)
+                if listed is None:
+                    problems.append(f"{self.path_of(key)}: tensor {key!r} is not listed in {index}")
+                elif listed != self.where[key]:
+                    problems.append(f"{index}: lists tensor {key!r} in {listed}, but it is in {self.where[key]}")
+        if problems:
+            shown = problems[:MAX_PROBLEMS_SHOWN]
+            more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+            raise Gemma3VLError(
+                f"{self.directory}: {len(problems)} problem(s) with the weights:\n  " + "\n  ".join(shown) + more
+            )
+
+
+class _Checkpoint:
+    """Shared by both kinds: the files, the config, the layout, the mappings, and reading native tensors."""
+
+    directory: Path
+    config: Gemma3Config
+    files: WeightFiles
+    layout: Layout
+    mappings: list[Mapping]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.files.close()
+
+    def close(self) -> None:
+        self.files.close()
+
+    def _map_and_check(self, lm_head_key: str, keys_of) -> None:
+        """The mappings of this checkpoint (its lm_head too if it stores one; required if the config unties
+        it) and the check of every stored tensor against them."""
+        has_head = lm_head_key in self.files.keys()
+        self.mappings = build_mappings(self.config, self.layout, lm_head=True if has_head else None)
+        self.files.check({key: (shape, m.optional) for m in self.mappings for key, shape in keys_of(m)})
+
+    def planned_native(self) -> list[PlannedTensor]:
+        """The native tensors this checkpoint yields, with dtype and shape, before reading any data."""
+        return [PlannedTensor(m.native, self.native_dtype(m), m.native_shape()) for m in self.mappings]
+
+
+class HFCheckpoint(_Checkpoint):
+    """An HF Gemma 3 directory: config.json plus safetensors in one of the layouts of layouts.py."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if (self.directory / MANIFEST).is_file():
+            raise Gemma3VLError(f"{self.directory}: this is a native gemma3vl checkpoint, not an HF one")
+        self.config_path = self.directory / "config.json"
+        self.config = Gemma3Config.from_file(self.config_path)
+        self.config_text = self.config_path.read_text(encoding="utf-8")
+        self.files = WeightFiles(self.directory)
+        try:
+            self.layout = detect_layout(self.files.keys(), self.config.is_vision_language, str(self.directory))
+            self._map_and_check(self.layout.lm_head, lambda m: zip(m.hf, m.hf_shapes))
+            self._check_part_dtypes()
+        except BaseException:
+            self.files.close()
+            raise
+
+    def _check_part_dtypes(self) -> None:
+        for m in self.mappings:
+            dtypes = {self.files.info(k).dtype for k in m.hf}
+            if len(dtypes) > 1:
+                found = ", ".join(f"{k} ({self.files.info(k).dtype} in {self.files.path_of(k)})" for k in m.hf)
+                raise Gemma3VLError(
+                    f"{self.directory}: {m.native} is fused from tensors of different dtypes: {found}; "
+                    "they must share one dtype to be fused losslessly"
+                )
+
+    def native_dtype(self, m: Mapping) -> str:
+        return self.files.info(m.hf[0]).dtype
+
+    def read_native(self, m: Mapping) -> torch.Tensor:
+        return m.op.to_native([self.files.read(k) for k in m.hf])
+
+
+def write_index(directory: Path, shards: dict[str, Sequence[PlannedTensor]], metadata: dict[str, Any] | None) -> None:
+    """transformers' ``model.safetensors.index.json`` (same JSON style as save_pretrained)."""
+    weight_map = {t.name: name for name, shard in shards.items() for t in shard}
+    index = {"metadata": metadata or {}, "weight_map": weight_map}
+    write_text_durable(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Gemma3VLError(f"{directory}: not a native gemma3vl checkpoint (no {MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Gemma3VLError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise Gemma3VLError(f"{path}: 'format' is not {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise Gemma3VLError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported (this gemma3vl reads "
+            f"{FORMAT_VERSION})"
+        )
+    return manifest
+
+
+class NativeCheckpoint(_Checkpoint):
+    """A directory written by import_checkpoint: native safetensors shards and the gemma3vl.json manifest."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.config = Gemma3Config.from_hf_dict(
+            json.loads(self.manifest["config_json"]), where=f"{self.directory / MANIFEST}: config_json"
+        )
+        # Native names do not depend on the layout; any layout of the right kind gives the same mappings.
+        self.layout = LAYOUTS["hub" if self.config.is_vision_language else "text"]
+        self.files = WeightFiles(self.directory)
+        try:
+            self._map_and_check(NATIVE_LM_HEAD, lambda m: [(m.native, m.native_shape())])
+        except BaseException:
+            self.files.close()
+            raise
+
+    def native_dtype(self, m: Mapping) -> str:
+        return self.files.info(m.native).dtype
+
+    def read_native(self, m: Mapping) -> torch.Tensor:
+        return self.files.read(m.native)
+
+
+def open_checkpoint(directory: str | Path) -> HFCheckpoint | NativeCheckpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise Gemma3VLError(f"{directory}: no such directory")
+    return NativeCheckpoint(directory) if (directory / MANIFEST).is_file() else HFCheckpoint(directory)

@@ -1,0 +1,102 @@
+"""The key-name layouts Hugging Face Gemma 3 checkpoints exist in, and detection from key names.
+
+A layout is only prefixes: where the text decoder, the SigLIP tower and the projector live, and the full
+name of an untied output matrix. The per-tensor names under those prefixes are the same in every layout
+(see mapping.py). Checked against transformers 5.24 (tests/test_bridge_layouts.py):
+
+* ``hub``: the Gemma 3 checkpoints on the Hub (converted with transformers 4.50).
+* ``transformers5``: what ``Gemma3ForConditionalGeneration.save_pretrained`` writes in transformers 5: the
+  text and projector as on the hub, but the SigLIP tower without ``vision_model.``.
+* ``memory``: the module names of a transformers 5 model in memory (``model.state_dict()``), as some tools
+  save them; transformers loads them as is. Read it; write it only when asked.
+* ``text``: ``Gemma3ForCausalLM`` (text-only checkpoints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from gemma3vl.errors import Gemma3VLError
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    text: str  # prefix of the decoder's keys (embed_tokens, layers.*, norm)
+    lm_head: str  # full key of an untied output matrix
+    vision: str | None = None  # prefix of the SigLIP keys (embeddings, encoder.layers.*, post_layernorm)
+    projector: str | None = None  # prefix of multi_modal_projector keys
+
+    @property
+    def vision_language(self) -> bool:
+        return self.vision is not None
+
+    def claim(self, key: str) -> int:
+        """How specifically this layout explains ``key``: the length of its longest matching prefix, 0 if none."""
+        if key == self.lm_head:
+            return len(key)
+        prefixes = [p for p in (self.text, self.vision, self.projector) if p]
+        return max((len(p) for p in prefixes if key.startswith(p)), default=0)
+
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout("hub", text="language_model.model.", lm_head="language_model.lm_head.weight",
+               vision="vision_tower.vision_model.", projector="multi_modal_projector."),
+        Layout("transformers5", text="language_model.model.", lm_head="language_model.lm_head.weight",
+               vision="vision_tower.", projector="multi_modal_projector."),
+        Layout("memory", text="model.language_model.", lm_head="lm_head.weight",
+               vision="model.vision_tower.", projector="model.multi_modal_projector."),
+        Layout("text", text="model.", lm_head="lm_head.weight"),
+    )
+}
+# When the keys fit several layouts equally well (a VL checkpoint whose vision keys are all missing), the
+# first of these wins; validation then reports exactly which keys are missing.
+_PREFERENCE = ("hub", "transformers5", "memory", "text")
+WRITABLE = ("hub", "transformers5", "memory", "text")
+
+
+def get_layout(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise Gemma3VLError(f"unknown layout {name!r} (known: {', '.join(LAYOUTS)})") from None
+
+
+def candidates(key: str) -> set[str]:
+    """The layouts that explain ``key`` best (a longer matching prefix beats a shorter one)."""
+    claims = {name: layout.claim(key) for name, layout in LAYOUTS.items()}
+    best = max(claims.values())
+    return {name for name, claim in claims.items() if claim == best} if best else set()
+
+
+def detect_layout(keys: Iterable[str], vision_language: bool, where: str) -> Layout:
+    """The one layout every recognised key fits. Keys no layout knows are left for validation to report
+    (as unexpected tensors, with their file); keys from two different layouts are an error here."""
+    keys = sorted(keys)
+    kind = "vision-language" if vision_language else "text-only"
+    possible = {name for name, layout in LAYOUTS.items() if layout.vision_language == vision_language}
+    seen: list[tuple[str, set[str]]] = []
+    for key in keys:
+        fits = candidates(key)
+        if not fits:
+            continue
+        if not possible & fits:
+            clash = next((k for k, f in seen if not f & fits), None)
+            if clash is None:
+                raise Gemma3VLError(
+                    f"{where}: key {key!r} is in the {'/'.join(sorted(fits))} layout, but config.json describes a "
+                    f"{kind} model ({'/'.join(sorted(possible))} layout expected)"
+                )
+            raise Gemma3VLError(
+                f"{where}: mixed key layouts: {clash!r} is {'/'.join(sorted(candidates(clash)))} but {key!r} is "
+                f"{'/'.join(sorted(fits))}; a checkpoint must use one layout"
+            )
+        possible &= fits
+        seen.append((key, fits))
+    if not seen:
+        sample = ", ".join(repr(k) for k in keys[:3]) or "no tensors at all"
+        raise Gemma3VLError(f"{where}: no Gemma 3 key layout recognised (keys like {sample})")
+    return LAYOUTS[next(name for name in _PREFERENCE if name in possible)]

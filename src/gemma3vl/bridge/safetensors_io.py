@@ -1,0 +1,278 @@
+"""Streaming safetensors reading and writing, one tensor at a time.
+
+Why not ``safe_open`` / ``save_file``: ``save_file`` needs every tensor of a shard in memory at once (a 5 GB
+shard is 5 GB of RAM, more with its serialised copy), and ``safe_open`` reads through an mmap whose touched
+pages stay resident, so reading a 9 GB checkpoint shows up as 9 GB of RSS. The format is simple (8-byte
+little-endian header length, a JSON header, then raw little-endian data), so we read each tensor with one
+``readinto`` into its own buffer and write each shard header-first, then tensor by tensor. Peak memory is
+the largest single tensor, whatever the shard size.
+
+Files we write are byte-for-byte what ``safetensors.torch.save_file`` writes for the same tensors and
+metadata (same header JSON, same data order, same padding; a test checks this), and a file can also be
+written in a given data order, which is how export reproduces a source file exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from gemma3vl.errors import Gemma3VLError
+
+# safetensors dtype name -> torch dtype. Item sizes come from torch.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# safetensors (Rust) sorts a file's tensors by dtype, largest enum value first, then by name. This is that
+# enum order, largest first, as observed from safetensors 0.8 save_file.
+_CANONICAL_DTYPE_RANK = {
+    name: rank
+    for rank, name in enumerate(
+        ["U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"]
+    )
+}
+_HEADER_LIMIT = 100 * 2**20  # safetensors itself refuses headers over 100 MB
+PT_METADATA = {"format": "pt"}  # what torch-written files carry (transformers checks for it)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a safetensors header; ``begin``/``end`` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise Gemma3VLError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel * DTYPES[dtype].itemsize
+
+
+def canonical_order(entries: Iterable[tuple[str, str]]) -> list[str]:
+    """Names of ``(name, dtype)`` pairs in the data order ``safetensors.save_file`` uses."""
+    return [name for name, dtype in sorted(entries, key=lambda e: (_CANONICAL_DTYPE_RANK[e[1]], e[0]))]
+
+
+class SafetensorsFile:
+    """A safetensors file whose header has been checked against the file itself before any data is read.
+
+    Every problem (truncated file, header length past the end, garbage header, overlapping or missing data
+    ranges, unknown dtype) raises Gemma3VLError naming the file. The file handle stays open until close().
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] | None = None
+        self._handle = None
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as handle:
+                head = handle.read(8)
+                if len(head) < 8:
+                    self._fail(f"file is {size} bytes, too short for a safetensors header")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > _HEADER_LIMIT:
+                    self._fail(f"header length {header_len} is implausible (corrupt file?)")
+                if 8 + header_len > size:
+                    self._fail(f"header length {header_len} points past the end of the file ({size} bytes; truncated?)")
+                raw = handle.read(header_len)
+        except OSError as exc:
+            raise Gemma3VLError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        self._parse_header(raw, data_start=8 + header_len, size=size)
+        self._check_with_safetensors()
+
+    def _check_with_safetensors(self) -> None:
+        """Let the safetensors library parse the header too, so we never accept a file it would refuse."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError and friends; the library's message is the detail
+            self._fail(f"safetensors cannot open the file ({exc})")
+
+    def _fail(self, why: str) -> None:
+        raise Gemma3VLError(f"{self.path}: {why}")
+
+    def _parse_header(self, raw: bytes, data_start: int, size: int) -> None:
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self._fail(f"corrupt safetensors header (not JSON: {exc})")
+        if not isinstance(header, dict):
+            self._fail("corrupt safetensors header (not a JSON object)")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            self._fail("corrupt safetensors header (__metadata__ must map strings to strings)")
+        self.metadata = metadata
+        for name, entry in header.items():
+            self.tensors[name] = self._parse_entry(name, entry, data_start)
+        # Data ranges must tile [0, data_len) exactly, as safetensors requires; the file must end there.
+        expected = 0
+        for info in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+            if info.begin - data_start != expected:
+                self._fail(
+                    f"corrupt safetensors header: tensor {info.name!r} starts at data offset "
+                    f"{info.begin - data_start}, expected {expected} (overlapping or missing data)"
+                )
+            expected = info.end - data_start
+        if data_start + expected > size:
+            self._fail(
+                f"file is truncated: {size} bytes, but the header says its data ends at byte {data_start + expected}"
+            )
+        if data_start + expected < size:
+            self._fail(f"file has {size - data_start - expected} unexpected trailing bytes after its data")
+
+    def _parse_entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            self._fail(f"corrupt safetensors header: entry for {name!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            self._fail(f"tensor {name!r} has unsupported or corrupt dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            self._fail(f"corrupt safetensors header: tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            self._fail(f"corrupt safetensors header: tensor {name!r} has data_offsets {offsets!r}")
+        begin, end = offsets
+        if end - begin != tensor_nbytes(dtype, shape) or begin < 0:
+            self._fail(
+                f"corrupt safetensors header: tensor {name!r} ({dtype} {shape}) needs "
+                f"{tensor_nbytes(dtype, shape)} bytes, its data_offsets {offsets} give {end - begin}"
+            )
+        return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+    def keys_in_data_order(self) -> list[str]:
+        return [t.name for t in sorted(self.tensors.values(), key=lambda t: t.begin)]
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read into a fresh CPU buffer (no mmap: see the module docstring)."""
+        info = self.tensors[name]
+        if self._handle is None:
+            self._handle = open(self.path, "rb", buffering=0)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        self._handle.seek(info.begin)
+        done = 0
+        while done < info.nbytes:
+            got = self._handle.readinto(view[done:])
+            if not got:
+                self._fail(f"file ended while reading tensor {name!r} (truncated while in use?)")
+            done += got
+        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to be written: what the header says before its data exists."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Sequence[PlannedTensor],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` to ``path`` in the given data order, asking ``produce(name)`` for each one only
+    when its bytes are due, then fsync. ``produce`` must return exactly the planned dtype and shape."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for planned in tensors:
+        header[planned.name] = {
+            "dtype": planned.dtype,
+            "shape": list(planned.shape),
+            "data_offsets": [offset, offset + planned.nbytes],
+        }
+        offset += planned.nbytes
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for planned in tensors:
+            tensor = produce(planned.name)
+            if dtype_name(tensor.dtype) != planned.dtype or tuple(tensor.shape) != planned.shape:
+                raise Gemma3VLError(
+                    f"{path}: internal error: tensor {planned.name!r} came out {dtype_name(tensor.dtype)} "
+                    f"{tuple(tensor.shape)}, planned {planned.dtype} {planned.shape}"
+                )
+            if planned.nbytes:
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                handle.write(memoryview(data.numpy()))
+            del tensor
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_in_canonical_order(
+    path: Path, tensors: Sequence[PlannedTensor], produce: Callable[[str], torch.Tensor]
+) -> None:
+    """A file in safetensors' own data order with ``{"format": "pt"}`` metadata: byte for byte what
+    ``save_file`` (and so transformers' ``save_pretrained``) writes for the same tensors."""
+    by_name = {t.name: t for t in tensors}
+    order = canonical_order((t.name, t.dtype) for t in tensors)
+    write_safetensors(path, [by_name[n] for n in order], produce, dict(PT_METADATA))
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int | None) -> list[list[PlannedTensor]]:
+    """Greedy split in the given order, as transformers does: start a new shard when the next tensor would
+    push the current one past ``max_shard_bytes`` (a tensor larger than the limit gets a shard of its own)."""
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise Gemma3VLError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for planned in tensors:
+        if max_shard_bytes is not None and shards[-1] and size + planned.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(planned)
+        size += planned.nbytes
+    return shards
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """transformers' shard naming, 1-based: ``model-00001-of-00003.safetensors``."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"

@@ -1,0 +1,180 @@
+"""The training dataset: records -> encoded samples, in a seeded order per epoch, resumable to the sample.
+
+Position is kept as (epoch, how many records of that epoch's order were consumed). The order is a pure
+function of ``(seed, epoch)`` and the encoding a pure function of the record, so a run restored from
+:meth:`ConversationDataset.state_dict` yields exactly the sample the interrupted run would have yielded next.
+Bad records are skipped (or fatal) as :class:`DataConfig` says and counted in :meth:`~ConversationDataset.summary`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma3vl.data.batch import Sample
+from gemma3vl.data.encode import ConversationEncoder
+from gemma3vl.data.images import ImageLoader
+from gemma3vl.data.records import BadRecord, parse_record
+from gemma3vl.data.settings import DataConfig
+from gemma3vl.data.sources import open_records
+from gemma3vl.errors import Gemma3VLError
+
+logger = logging.getLogger("gemma3vl.data")
+
+
+@dataclass
+class DataSummary:
+    """What reading the data has met so far (over all epochs read: a record skipped twice counts twice)."""
+
+    records: int = 0  # records read
+    samples: int = 0  # samples produced
+    truncated: int = 0  # samples whose trailing turns were dropped to fit seq_length
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> the first message with it
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def record_skip(self, bad: BadRecord) -> None:
+        self.skipped[bad.reason] += 1
+        self.examples.setdefault(bad.reason, str(bad))
+
+    def __str__(self) -> str:
+        text = f"{self.records} records read, {self.samples} samples, {self.truncated} truncated, "
+        text += f"{self.num_skipped} skipped"
+        if self.skipped:
+            text += " (" + ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items())) + ")"
+        for reason in sorted(self.examples):
+            text += f"\n  e.g. {reason}: {self.examples[reason]}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "samples": self.samples,
+            "truncated": self.truncated,
+            "skipped": dict(self.skipped),
+            "examples": dict(self.examples),
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "DataSummary":
+        return cls(
+            records=int(state["records"]),
+            samples=int(state["samples"]),
+            truncated=int(state["truncated"]),
+            skipped=Counter(state["skipped"]),
+            examples=dict(state["examples"]),
+        )
+
+
+class ConversationDataset:
+    """Iterating gives one epoch of samples from the current position; the next iteration is the next epoch."""
+
+    def __init__(self, config: DataConfig, processor: Any):
+        self.config = config
+        self.records = open_records(
+            config.path, source_format=config.source_format, split=config.split, columns=config.columns
+        )
+        self.encoder = ConversationEncoder(
+            processor,
+            seq_length=config.seq_length,
+            truncation=config.truncation,
+            pan_and_scan=config.pan_and_scan,
+            image_loader=ImageLoader(
+                allow_remote_images=config.allow_remote_images,
+                allow_outside_paths=config.allow_outside_paths,
+                max_image_pixels=config.max_image_pixels,
+                max_remote_bytes=config.max_remote_image_bytes,
+            ),
+        )
+        self.epoch = 0
+        self.position = 0  # records of this epoch's order already consumed
+        self.epoch_samples = 0  # samples produced so far in this epoch
+        self._summary = DataSummary()
+
+    @classmethod
+    def for_checkpoint(cls, config: DataConfig, model_dir: str | Path) -> "ConversationDataset":
+        """The dataset encoded with the processor of the checkpoint in ``model_dir``."""
+        from gemma3vl import bridge
+        from gemma3vl.infer.prompt import load_processor
+
+        return cls(config, load_processor(model_dir, bridge.read_config(model_dir)))
+
+    def __len__(self) -> int:
+        """The number of records (samples may be fewer: bad records are skipped)."""
+        return len(self.records)
+
+    def order(self, epoch: int) -> list[int]:
+        """Record indices in the order epoch ``epoch`` visits them."""
+        indices = list(range(len(self.records)))
+        if self.config.shuffle:
+            # A string seed is hashed with SHA-512 by ``random``: the same order on every platform and run.
+            random.Random(f"gemma3vl.data:{self.config.seed}:{epoch}").shuffle(indices)
+        return indices
+
+    def __iter__(self) -> Iterator[Sample]:
+        order = self.order(self.epoch)
+        while self.position < len(order):
+            index = order[self.position]
+            # Advance before yielding: a state_dict taken after receiving a sample resumes after it.
+            self.position += 1
+            sample = self.read(index)
+            if sample is not None:
+                self.epoch_samples += 1
+                yield sample
+        if order and self.epoch_samples == 0:
+            raise Gemma3VLError(f"{self.config.path}: no usable record in a whole epoch; {self._summary}")
+        self.epoch += 1
+        self.position = 0
+        self.epoch_samples = 0
+
+    def read(self, index: int) -> Sample | None:
+        """Record ``index`` encoded, or ``None`` when it is bad and ``on_bad_record`` is ``skip``."""
+        self._summary.records += 1
+        try:
+            raw, source = self.records.record(index)
+            conversation = parse_record(
+                raw, source, self.records.base_dir, record_format=self.config.record_format
+            )
+            sample, truncated = self.encoder.fit(self.encoder.encode_whole(conversation))
+        except BadRecord as bad:
+            if self.config.on_bad_record == "error":
+                raise
+            self._summary.record_skip(bad)
+            logger.warning("skipping record %s", bad)
+            return None
+        self._summary.truncated += int(truncated)
+        self._summary.samples += 1
+        return sample
+
+    def summary(self) -> DataSummary:
+        return self._summary
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "epoch_samples": self.epoch_samples,
+            "seed": self.config.seed,
+            "shuffle": self.config.shuffle,
+            "num_records": len(self.records),
+            "summary": self._summary.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = {"seed": self.config.seed, "shuffle": self.config.shuffle, "num_records": len(self.records)}
+        changed = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
+        if changed:
+            detail = ", ".join(f"{key} was {old!r}, is {new!r}" for key, (old, new) in changed.items())
+            raise Gemma3VLError(f"{self.config.path}: cannot resume, the data or its order changed ({detail})")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self.epoch_samples = int(state["epoch_samples"])
+        self._summary = DataSummary.from_dict(state["summary"])

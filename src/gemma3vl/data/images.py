@@ -1,0 +1,125 @@
+"""Opening a record's images safely: paths stay inside the dataset, URLs only when allowed, sizes bounded.
+
+A training set is data from elsewhere; a record must not be able to make the trainer read
+``../../etc/passwd``, follow a symlink out of the dataset directory, or fetch from the network, unless the
+user said so. Files go through :func:`gemma3vl.infer.prompt.load_image` (same pixel limit and errors as
+inference); in-memory images (``data:`` URLs, downloads, HF dataset bytes) get the same checks here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from gemma3vl.data.records import (
+    IMAGE_OUTSIDE_DATASET,
+    REMOTE_IMAGE_REFUSED,
+    UNREADABLE_IMAGE,
+    BadRecord,
+    ImageRef,
+)
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image
+
+DEFAULT_MAX_REMOTE_BYTES = 32 * 1024 * 1024
+REMOTE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """Turns :class:`ImageRef` s into PIL images under the dataset's rules; failures are :class:`BadRecord` s."""
+
+    allow_remote_images: bool = False
+    allow_outside_paths: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_remote_bytes: int = DEFAULT_MAX_REMOTE_BYTES
+
+    def load(self, ref: ImageRef, base_dir: Path | None, source: str) -> Image.Image:
+        value = ref.source
+        if isinstance(value, Image.Image):
+            self._check_size(value.size, "image", source)
+            return value
+        if isinstance(value, bytes):
+            return self._decode(value, "image bytes", source)
+        if isinstance(value, dict):  # an undecoded HF ``Image`` feature: {"bytes": ..., "path": ...}
+            if isinstance(value.get("bytes"), bytes):
+                return self._decode(value["bytes"], f"image bytes of {value.get('path') or 'a dataset row'}", source)
+            value = value.get("path")
+        if not isinstance(value, str):
+            raise BadRecord(source, UNREADABLE_IMAGE, f"cannot open an image from {type(value).__name__}")
+        if value.startswith("data:"):
+            return self._decode(_data_url_bytes(value, source), "data: URL image", source)
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme in ("http", "https"):
+            return self._fetch(value, source)
+        if scheme:
+            raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: unsupported URL scheme {scheme!r}")
+        return self._open_file(value, base_dir, source)
+
+    def _open_file(self, value: str, base_dir: Path | None, source: str) -> Image.Image:
+        root = (base_dir or Path.cwd()).resolve()
+        # resolve() follows symlinks, so a link pointing out of the dataset is caught like "../".
+        path = (root / value).resolve()
+        if not self.allow_outside_paths and not path.is_relative_to(root):
+            raise BadRecord(
+                source,
+                IMAGE_OUTSIDE_DATASET,
+                f"image {value!r} resolves to {path}, outside the dataset directory {root} "
+                "(set allow_outside_paths to permit it)",
+            )
+        try:
+            return load_image(path, self.max_image_pixels)
+        except Gemma3VLError as exc:
+            raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: {exc}") from None
+
+    def _fetch(self, url: str, source: str) -> Image.Image:
+        if not self.allow_remote_images:
+            raise BadRecord(
+                source, REMOTE_IMAGE_REFUSED, f"image {url!r} is remote; set allow_remote_images to fetch it"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
+                data = response.read(self.max_remote_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BadRecord(source, UNREADABLE_IMAGE, f"image {url!r}: cannot fetch ({exc})") from None
+        if len(data) > self.max_remote_bytes:
+            raise BadRecord(
+                source, UNREADABLE_IMAGE, f"image {url!r} is larger than the limit of {self.max_remote_bytes} bytes"
+            )
+        return self._decode(data, f"image {url!r}", source)
+
+    def _check_size(self, size: tuple[int, int], label: str, source: str) -> None:
+        width, height = size
+        if width * height > self.max_image_pixels:
+            raise BadRecord(
+                source,
+                UNREADABLE_IMAGE,
+                f"{label}: {width}x{height} = {width * height} pixels is over the limit of {self.max_image_pixels}",
+            )
+
+    def _decode(self, data: bytes, label: str, source: str) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                self._check_size(probe.size, label, source)
+                probe.load()  # decode now, so a truncated image fails here with its record
+                return probe.copy()
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+            raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: not a readable image ({exc})") from None
+
+
+def _data_url_bytes(url: str, source: str) -> bytes:
+    """The payload of ``data:[<type>][;base64],<data>``; only base64 payloads carry binary images."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise BadRecord(source, UNREADABLE_IMAGE, "a data: URL image must look like data:image/png;base64,<data>")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRecord(source, UNREADABLE_IMAGE, f"data: URL image: bad base64 ({exc})") from None

@@ -1,0 +1,340 @@
+"""The conversation schema: raw JSON-like records -> validated :class:`Conversation` objects.
+
+Two record shapes are accepted (one JSON object each)::
+
+    {"messages": [{"role": "system" | "user" | "assistant",
+                   "content": "text" | [{"type": "image", "image": "a.png"}, {"type": "text", "text": "..."}]}]}
+
+    {"image": "a.jpg" | ["a.jpg", "b.jpg"],               # LLaVA
+     "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}]}
+
+An image is a path relative to the record's file, a ``data:image/...;base64,`` URL, or an ``http(s)`` URL
+(fetched only when allowed). Image parts may instead leave out ``"image"`` and take their images, in order,
+from a top-level ``"images": [...]`` list (the TRL / Hugging Face datasets layout) — all of them or none.
+LLaVA ``<image>`` markers place the images; without markers the images open the first human turn.
+
+Everything the Gemma chat template would choke on, or silently render differently from what the record
+says, is refused here with the record's ``file:line``: unknown roles, roles that do not alternate
+user/assistant after an optional system message, no assistant turn, a trailing user turn (nothing to learn
+from), images in system or assistant turns (the template drops the former; Gemma never generates images),
+image counts that do not match their placeholders. The parser never touches the disk or the tokenizer:
+images stay :class:`ImageRef` s until the encoder loads them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from gemma3vl.errors import Gemma3VLError
+
+ROLES = ("system", "user", "assistant")
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+LLAVA_IMAGE_MARKER = "<image>"
+
+
+class BadRecord(Gemma3VLError):
+    """One record that cannot be trained on. ``reason`` is a short key counted in the summary."""
+
+    def __init__(self, source: str, reason: str, detail: str):
+        super().__init__(f"{source}: {detail}" if source else detail)
+        self.source = source
+        self.reason = reason
+        self.detail = detail
+
+
+# Reasons a record is skipped (the keys of the summary's counts).
+INVALID_JSON = "invalid_json"
+INVALID_SCHEMA = "invalid_schema"
+UNKNOWN_ROLE = "unknown_role"
+ROLE_ORDER = "role_order"
+NO_ASSISTANT_TURN = "no_assistant_turn"
+IMAGE_COUNT_MISMATCH = "image_count_mismatch"
+SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
+UNREADABLE_IMAGE = "unreadable_image"
+IMAGE_OUTSIDE_DATASET = "image_outside_dataset"
+REMOTE_IMAGE_REFUSED = "remote_image_refused"
+TOO_LONG = "too_long"
+IMAGES_ON_TEXT_MODEL = "images_on_text_model"
+ENCODING_FAILED = "encoding_failed"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image comes from, not yet opened.
+
+    ``source`` is a path (relative to the record's file), a ``data:`` URL or an ``http(s)`` URL; records from a
+    Hugging Face dataset may also hold the decoded ``PIL.Image``, raw ``bytes`` or a ``{"bytes", "path"}`` dict.
+    """
+
+    source: Any
+
+
+# A content part: text or an image.
+Part = Union[str, ImageRef]
+
+
+@dataclass
+class Turn:
+    """One message. ``content`` keeps the record's own form (a string, or a list of parts) because the chat
+    template renders both, and the encoder must hand the processor what the record said."""
+
+    role: str  # "system" | "user" | "assistant"
+    content: str | list[Part]
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, ImageRef)]
+
+    def texts(self) -> list[str]:
+        return [self.content] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, str)]
+
+
+@dataclass
+class Conversation:
+    """A validated conversation: an optional system turn, then user/assistant pairs, ending with the assistant."""
+
+    turns: list[Turn]
+    source: str = ""  # "file:line", for messages
+    base_dir: Path | None = None  # where relative image paths start
+    images: list[ImageRef] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = [image for turn in self.turns for image in turn.images]
+
+    @property
+    def has_system(self) -> bool:
+        return bool(self.turns) and self.turns[0].role == "system"
+
+
+def parse_json_line(text: str, source: str) -> Any:
+    """``json.loads`` with every failure turned into a :class:`BadRecord` naming ``source``."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, absurd nesting
+        raise BadRecord(source, INVALID_JSON, f"not valid JSON: {exc}") from None
+
+
+def parse_record(
+    record: Any, source: str = "", base_dir: Path | None = None, *, record_format: str = "auto"
+) -> Conversation:
+    """Validate one record (``record_format`` "auto", "messages" or "llava") into a :class:`Conversation`."""
+    if not isinstance(record, dict):
+        raise BadRecord(source, INVALID_SCHEMA, f"a record must be a JSON object, got {_kind(record)}")
+    if record_format == "auto":
+        if "messages" in record:
+            record_format = "messages"
+        elif "conversations" in record:
+            record_format = "llava"
+        else:
+            keys = ", ".join(sorted(map(str, record))) or "none"
+            raise BadRecord(
+                source, INVALID_SCHEMA, f"a record needs 'messages' (or LLaVA 'conversations'); its keys: {keys}"
+            )
+    if record_format == "messages":
+        turns = _messages_turns(record, source)
+    elif record_format == "llava":
+        turns = _llava_turns(record, source)
+    else:
+        raise Gemma3VLError(f"unknown record format {record_format!r} (choose auto, messages or llava)")
+    _check_roles(turns, source)
+    return Conversation(turns, source, base_dir)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _messages_turns(record: dict, source: str) -> list[Turn]:
+    if "messages" not in record:
+        raise BadRecord(source, INVALID_SCHEMA, "a messages record needs 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord(source, INVALID_SCHEMA, f"'messages' must be a non-empty list, got {_kind(messages)}")
+    shared_images = _image_list(record.get("images"), source, "images")
+    turns = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
+        if "role" not in message or "content" not in message:
+            raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'role' and 'content'")
+        role = message["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise BadRecord(source, UNKNOWN_ROLE, f"{where} has role {role!r}; roles are {', '.join(ROLES)}")
+        turns.append(Turn(role, _content(message["content"], source, where)))
+    _fill_shared_images(turns, shared_images, source)
+    return turns
+
+
+def _content(content: Any, source: str, where: str) -> str | list[Part]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRecord(
+            source, INVALID_SCHEMA, f"{where}.content must be a string or a list of parts, got {_kind(content)}"
+        )
+    parts: list[Part] = []
+    for index, item in enumerate(content):
+        at = f"{where}.content[{index}]"
+        if not isinstance(item, dict):
+            raise BadRecord(source, INVALID_SCHEMA, f"{at} must be an object, got {_kind(item)}")
+        kind = item.get("type")
+        if kind == "text":
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise BadRecord(source, INVALID_SCHEMA, f"{at} is a text part whose 'text' is {_kind(text)}")
+            parts.append(text)
+        elif kind == "image":
+            image = item.get("image")
+            # None: the image comes from the record's "images" list (TRL / HF datasets convention).
+            if image is not None and not _is_image_source(image):
+                raise BadRecord(
+                    source, INVALID_SCHEMA, f"{at}: 'image' must be a path or URL string, got {_kind(image)}"
+                )
+            parts.append(ImageRef(image))
+        else:
+            raise BadRecord(source, INVALID_SCHEMA, f"{at} has type {kind!r}; parts are 'text' or 'image'")
+    return parts
+
+
+def _is_image_source(value: Any) -> bool:
+    """Strings for JSON records; decoded images, bytes and {"bytes", "path"} dicts come from HF datasets."""
+    if isinstance(value, (str, bytes)):
+        return True
+    if isinstance(value, dict):
+        return isinstance(value.get("bytes"), bytes) or isinstance(value.get("path"), str)
+    return type(value).__module__.startswith("PIL.")
+
+
+def _image_list(value: Any, source: str, key: str) -> list[Any] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    for index, item in enumerate(values):
+        if not _is_image_source(item):
+            raise BadRecord(
+                source, INVALID_SCHEMA, f"'{key}'[{index}] must be an image path or URL string, got {_kind(item)}"
+            )
+    return values
+
+
+def _fill_shared_images(turns: list[Turn], shared: list[Any] | None, source: str) -> None:
+    """Image parts without their own source take the record's ``images`` in order; it is all or nothing."""
+    refs = [image for turn in turns for image in turn.images]
+    open_slots = sum(ref.source is None for ref in refs)
+    if shared is None:
+        if open_slots:
+            raise BadRecord(
+                source,
+                IMAGE_COUNT_MISMATCH,
+                f"{open_slots} image part(s) name no image and the record has no 'images' list",
+            )
+        return
+    if open_slots != len(refs):
+        raise BadRecord(
+            source, IMAGE_COUNT_MISMATCH, "image parts must either all name their image or all take them from 'images'"
+        )
+    if len(shared) != open_slots:
+        raise BadRecord(
+            source,
+            IMAGE_COUNT_MISMATCH,
+            f"the messages have {open_slots} image part(s) but 'images' holds {len(shared)}",
+        )
+    fill = iter(shared)
+    for turn in turns:
+        if isinstance(turn.content, list):
+            turn.content = [ImageRef(next(fill)) if isinstance(p, ImageRef) else p for p in turn.content]
+
+
+def _llava_turns(record: dict, source: str) -> list[Turn]:
+    if "conversations" not in record:
+        raise BadRecord(source, INVALID_SCHEMA, "a LLaVA record needs 'conversations'")
+    conversations = record["conversations"]
+    if not isinstance(conversations, list) or not conversations:
+        raise BadRecord(
+            source, INVALID_SCHEMA, f"'conversations' must be a non-empty list, got {_kind(conversations)}"
+        )
+    images = _image_list(record.get("image"), source, "image") or []
+    turns: list[Turn] = []
+    markers = 0
+    for index, message in enumerate(conversations):
+        where = f"conversations[{index}]"
+        if not isinstance(message, dict):
+            raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
+        if "from" not in message or "value" not in message:
+            raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'from' and 'value'")
+        speaker, value = message["from"], message["value"]
+        if not isinstance(speaker, str) or speaker not in LLAVA_ROLES:
+            raise BadRecord(
+                source, UNKNOWN_ROLE, f"{where} is from {speaker!r}; LLaVA speakers are {', '.join(LLAVA_ROLES)}"
+            )
+        if not isinstance(value, str):
+            raise BadRecord(source, INVALID_SCHEMA, f"{where}.value must be a string, got {_kind(value)}")
+        pieces = value.split(LLAVA_IMAGE_MARKER)
+        if len(pieces) == 1:
+            turns.append(Turn(LLAVA_ROLES[speaker], value))
+            continue
+        content: list[Part] = []
+        for number, piece in enumerate(pieces):
+            if number:
+                if markers < len(images):
+                    content.append(ImageRef(images[markers]))
+                markers += 1
+            if piece.strip():  # the template trims every text part, so empty ones render as nothing
+                content.append(piece)
+        turns.append(Turn(LLAVA_ROLES[speaker], content))
+    if markers != len(images) and markers:
+        raise BadRecord(
+            source,
+            IMAGE_COUNT_MISMATCH,
+            f"the conversation has {markers} {LLAVA_IMAGE_MARKER} marker(s) but 'image' names {len(images)} image(s)",
+        )
+    if images and not markers:
+        # No markers: the images open the first human turn.
+        first_user = next((turn for turn in turns if turn.role == "user"), None)
+        if first_user is None:
+            raise BadRecord(source, ROLE_ORDER, "the conversation has images but no human turn to put them in")
+        text = first_user.content
+        first_user.content = [ImageRef(image) for image in images] + ([text] if text.strip() else [])
+    return turns
+
+
+def _check_roles(turns: list[Turn], source: str) -> None:
+    """The Gemma template's rule, checked here so the message names the record rather than a Jinja error."""
+    body = turns[1:] if turns[0].role == "system" else turns
+    if turns[0].role == "system":
+        _check_system(turns[0], source)
+    for index, turn in enumerate(body):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if turn.role != expected:
+            position = index + (len(turns) - len(body))
+            raise BadRecord(
+                source,
+                ROLE_ORDER,
+                f"turn {position} is {turn.role!r} but {expected!r} was expected: after an optional system "
+                "message, roles must alternate user/assistant",
+            )
+        if turn.role == "assistant" and turn.images:
+            position = index + (len(turns) - len(body))
+            raise BadRecord(source, INVALID_SCHEMA, f"turn {position} (assistant) holds an image; only user turns may")
+    if not any(turn.role == "assistant" for turn in body):
+        raise BadRecord(source, NO_ASSISTANT_TURN, "the conversation has no assistant turn to learn from")
+    if body[-1].role != "assistant":
+        raise BadRecord(
+            source, ROLE_ORDER, "the conversation ends with a user turn; the last turn must be the assistant's"
+        )
+
+
+def _check_system(turn: Turn, source: str) -> None:
+    # The template renders a system message as ``content`` (string) or ``content[0]['text']`` and nothing else.
+    if isinstance(turn.content, list) and not (len(turn.content) == 1 and isinstance(turn.content[0], str)):
+        raise BadRecord(
+            source,
+            INVALID_SCHEMA,
+            "a system message must be a string or a single text part (the chat template renders nothing else)",
+        )

@@ -1,0 +1,192 @@
+"""Where records come from: a JSONL file, a JSON array file (LLaVA's usual form), or a local HF dataset.
+
+Every source gives random access by record index (the dataset shuffles an index order, and resumes by
+position in it) and a ``file:line`` label per record, so a bad record can be named. Reading a record's text
+happens on access, so a malformed line is a bad *record*, skipped or fatal like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from gemma3vl.data.records import INVALID_JSON, BadRecord, parse_json_line
+from gemma3vl.errors import Gemma3VLError
+
+# Record keys a Hugging Face dataset column can be mapped onto (DataConfig.columns: key -> column name).
+COLUMN_KEYS = ("messages", "images", "conversations", "image")
+
+
+class RecordSource(Protocol):
+    path: Path
+    base_dir: Path  # where relative image paths start
+
+    def __len__(self) -> int: ...
+
+    def record(self, index: int) -> tuple[Any, str]:
+        """The raw record and its ``file:line`` label (raises :class:`BadRecord` for undecodable text)."""
+        ...
+
+
+class JsonlSource:
+    """One JSON object per line; blank lines are not records. Indexing stores one byte offset per record."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.base_dir = path.parent
+        self.offsets: list[int] = []
+        self.line_numbers: list[int] = []
+        offset = 0
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    self.offsets.append(offset)
+                    self.line_numbers.append(number)
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record(self, index: int) -> tuple[Any, str]:
+        source = f"{self.path}:{self.line_numbers[index]}"
+        with self.path.open("rb") as handle:
+            handle.seek(self.offsets[index])
+            raw = handle.readline()
+        try:
+            text = raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark may open the file
+        except UnicodeDecodeError as exc:
+            raise BadRecord(source, INVALID_JSON, f"not UTF-8 text ({exc})") from None
+        return parse_json_line(text, source), source
+
+
+class JsonArraySource:
+    """A file holding one JSON array of records. Records are labelled with the line each one starts on.
+
+    The file is parsed whole; a syntax error anywhere makes the array unreadable, so it is fatal (with its
+    line), unlike a bad line of a JSONL file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.base_dir = path.parent
+        text = _read_text(path)
+        self.records: list[Any] = []
+        self.line_numbers: list[int] = []
+        decoder = json.JSONDecoder()
+        at = _skip_space(text, 0)
+        if text[at : at + 1] != "[":
+            raise Gemma3VLError(f"{path}: a .json dataset must hold one JSON array of records")
+        at = _skip_space(text, at + 1)
+        line, counted = 1, 0
+        while text[at : at + 1] != "]":
+            line += text.count("\n", counted, at)
+            counted = at
+            try:
+                value, at = decoder.raw_decode(text, at)
+            except (ValueError, RecursionError) as exc:
+                raise Gemma3VLError(f"{path}:{line}: not valid JSON ({exc}); the whole array is unreadable") from None
+            self.records.append(value)
+            self.line_numbers.append(line)
+            at = _skip_space(text, at)
+            if text[at : at + 1] == ",":
+                at = _skip_space(text, at + 1)
+            elif text[at : at + 1] != "]":
+                where = line + text.count("\n", counted, at)
+                raise Gemma3VLError(f"{path}:{where}: expected ',' or ']' between records")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, index: int) -> tuple[Any, str]:
+        return self.records[index], f"{self.path}:{self.line_numbers[index]}"
+
+
+class HFDatasetSource:
+    """A local Hugging Face dataset (a ``save_to_disk`` directory, a data directory, or parquet files).
+
+    ``columns`` maps record keys (``messages``, ``images``, ``conversations``, ``image``) to the dataset's
+    column names; rows are read as records with those keys, so they parse like JSON records. Records are
+    labelled ``path:row N`` (0-based rows).
+    """
+
+    def __init__(self, path: Path, *, split: str = "train", columns: dict[str, str] | None = None):
+        self.path = path
+        self.base_dir = path if path.is_dir() else path.parent
+        self.dataset = _load_hf_dataset(path, split)
+        names = set(self.dataset.column_names)
+        columns = dict(columns or {})
+        unknown = sorted(set(columns) - set(COLUMN_KEYS))
+        if unknown:
+            raise Gemma3VLError(f"columns: unknown key(s) {unknown}; map any of {list(COLUMN_KEYS)} to column names")
+        missing = sorted(column for column in columns.values() if column not in names)
+        if missing:
+            raise Gemma3VLError(f"{path}: no column(s) {missing}; the dataset has {sorted(names)}")
+        # Unmapped keys read the column of the same name when there is one.
+        self.columns = {key: columns.get(key, key) for key in COLUMN_KEYS if columns.get(key, key) in names}
+        if "messages" not in self.columns and "conversations" not in self.columns:
+            raise Gemma3VLError(
+                f"{path}: no 'messages' or 'conversations' column (columns: {sorted(names)}); map one with "
+                "columns={'messages': '<column>'}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def record(self, index: int) -> tuple[Any, str]:
+        row = self.dataset[index]
+        return {key: row[column] for key, column in self.columns.items()}, f"{self.path}:row {index}"
+
+
+def open_records(
+    path: str | Path, *, source_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None
+) -> RecordSource:
+    """The source for ``path``: directories and ``.parquet`` files (or ``source_format="hf"``) are HF
+    datasets; a file whose first character is ``[`` is a JSON array; any other file is JSONL."""
+    path = Path(path)
+    if not path.exists():
+        raise Gemma3VLError(f"{path}: no such dataset file or directory")
+    if source_format == "hf" or path.is_dir() or path.suffix == ".parquet":
+        return HFDatasetSource(path, split=split, columns=columns)
+    if columns:
+        raise Gemma3VLError("columns only apply to Hugging Face datasets (a directory or .parquet files)")
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return JsonArraySource(path) if head[:1] == b"[" else JsonlSource(path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Gemma3VLError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
+
+
+def _load_hf_dataset(path: Path, split: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise Gemma3VLError(
+            f"{path}: reading a Hugging Face dataset needs the 'datasets' package (pip install datasets)"
+        ) from None
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise Gemma3VLError(f"{path}: no split {split!r} (splits: {sorted(loaded)})")
+                loaded = loaded[split]
+            return loaded
+        if path.is_dir():
+            return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Gemma3VLError:
+        raise
+    except Exception as exc:  # datasets raises many types; the path and the reason is what the user needs
+        raise Gemma3VLError(f"{path}: cannot load the dataset: {exc}") from None

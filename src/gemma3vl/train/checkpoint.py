@@ -1,0 +1,148 @@
+"""Training checkpoints with ``torch.distributed.checkpoint`` (DCP): reshardable, written atomically.
+
+A checkpoint directory ``OUT/checkpoints/step-00000010/`` holds the DCP files of the trainable weights
+(frozen ones come from the base model and are not repeated), the optimizer state keyed by parameter name,
+the RNG states, and ``trainer_state.json`` (step, scheduler, data position). It is written under a
+temporary name and renamed only when complete; ``COMPLETE`` inside marks it, and loading refuses a
+directory without it. The last ``keep_last`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from gemma3vl.errors import Gemma3VLError
+
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+PREFIX = "step-"
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    staging = root / f".{checkpoint_name(step)}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is not initialised": single process is fine
+        dcp.save({"model": model_state, "optim": optim_state, "rng": _rng_tensors()}, checkpoint_id=str(staging))
+    trainer_state = {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "data": data_state,
+        "python_rng": _jsonable(random.getstate()),
+    }
+    (staging / STATE_FILE).write_text(json.dumps(trainer_state))
+    (staging / COMPLETE).write_text(f"step {step}\n")
+    _fsync_tree(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _prune(root, keep_last)
+    return final
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tupled(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = list_checkpoints(root)
+    for old in complete[: max(len(complete) - max(keep_last, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(f".{PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    complete = list_checkpoints(root)
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG; returns the trainer state (step, data position)."""
+    if not (path / COMPLETE).is_file():
+        raise Gemma3VLError(f"{path}: not a complete training checkpoint (no {COMPLETE} marker)")
+    try:
+        trainer_state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Gemma3VLError(f"{path / STATE_FILE}: unreadable ({exc})") from None
+    model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    state = {"model": model_state, "optim": optim_state, "rng": _rng_tensors()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as exc:
+            raise Gemma3VLError(f"{path}: cannot load the checkpoint into this model/optimizer ({exc})") from None
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    random.setstate(_tupled(trainer_state["python_rng"]))
+    return trainer_state

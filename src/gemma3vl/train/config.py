@@ -1,0 +1,282 @@
+"""The training config tree, recipes, and ``dotted.key=value`` overrides.
+
+Setting names are a contract with users' scripts (``train.steps``, ``train.global_batch_size``,
+``train.micro_batch_size``, ``train.seq_length``, ``optim.lr``, ``optim.warmup_steps``, ``checkpoint.every``,
+``peft.rank``, ``peft.alpha``): rename nothing, add freely.
+
+Batch sizes count *rows* of ``train.seq_length`` tokens. With packing on, a row holds as many whole
+conversations as fit; with packing off, one conversation padded to the longest in the micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gemma3vl.errors import Gemma3VLError
+
+
+@dataclass
+class ModelSettings:
+    path: str | None = None  # HF or native directory; None in tiny recipes = a tiny random model
+    dtype: str = "auto"  # auto: bf16 compute with fp32 master weights on CUDA, fp32 on CPU
+    device: str = "auto"
+
+
+@dataclass
+class DataSettings:
+    path: str | None = None  # JSONL of conversations, LLaVA JSON(L), or a local HF dataset; None in tiny recipes
+    eval_path: str | None = None
+    format: str = "auto"  # auto | messages | llava | hf
+    packing: bool = True
+    truncation: str = "turns"  # turns | skip
+    on_bad_record: str = "skip"  # skip | error
+    pan_and_scan: bool = False
+    allow_remote_images: bool = False
+    allow_outside_paths: bool = False
+    shuffle: bool = True
+    eval_accuracy_samples: int = 32  # held-out conversations answered by greedy generation at each eval
+    eval_max_new_tokens: int = 32
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    global_batch_size: int = 32
+    micro_batch_size: int = 1
+    seq_length: int = 4096
+    seed: int = 0
+    grad_clip: float = 1.0
+    freeze_vision: bool = False
+    freeze_language: bool = False
+    freeze_projector: bool = False
+    eval_every: int = 0  # 0: only at the start and the end
+    log_every: int = 1
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    fused: str = "auto"  # auto: fused AdamW on CUDA
+
+
+@dataclass
+class CheckpointSettings:
+    every: int = 0  # steps between training checkpoints; 0: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class PeftSettings:
+    method: str = "none"  # none | lora | dora
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    include_vision: bool = False
+
+
+@dataclass
+class LoggingSettings:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "gemma3vl"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    out: str = "out"
+    recipe: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        t = self.train
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length"):
+            if getattr(t, name) < 1:
+                raise Gemma3VLError(f"train.{name}={getattr(t, name)} must be >= 1")
+        if t.global_batch_size % t.micro_batch_size:
+            raise Gemma3VLError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={t.micro_batch_size}"
+            )
+        choices = {
+            "data.truncation": (self.data.truncation, ("turns", "skip")),
+            "data.on_bad_record": (self.data.on_bad_record, ("skip", "error")),
+            "data.format": (self.data.format, ("auto", "messages", "llava", "hf")),
+            "peft.method": (self.peft.method, ("none", "lora", "dora")),
+            "model.dtype": (self.model.dtype, ("auto", "float32", "bfloat16")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise Gemma3VLError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        if self.optim.lr <= 0:
+            raise Gemma3VLError(f"optim.lr={self.optim.lr} must be > 0")
+        if self.peft.method != "none" and self.peft.rank < 1:
+            raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
+
+
+def _size_recipe(size: str, mode: str) -> TrainConfig:
+    cfg = TrainConfig(recipe=f"gemma3_vl_{size}_{mode}")
+    cfg.train = TrainSettings(steps=1000, global_batch_size=32, micro_batch_size=1, seq_length=4096)
+    cfg.optim = OptimSettings(lr=5e-5 if mode == "sft" else 2e-4, warmup_steps=10)
+    cfg.checkpoint = CheckpointSettings(every=200, keep_last=2)
+    if mode == "peft":
+        cfg.peft = PeftSettings(method="lora", rank=16, alpha=32.0)
+    return cfg
+
+
+def _tiny_recipe(mode: str) -> TrainConfig:
+    cfg = TrainConfig(recipe=f"tiny_{mode}")
+    cfg.train = TrainSettings(steps=40, global_batch_size=8, micro_batch_size=4, seq_length=256, eval_every=20)
+    cfg.optim = OptimSettings(lr=3e-3 if mode == "sft" else 1e-2, warmup_steps=5, weight_decay=0.0)
+    cfg.checkpoint = CheckpointSettings(every=20, keep_last=2)
+    cfg.data.eval_accuracy_samples = 24
+    cfg.data.eval_max_new_tokens = 8
+    if mode == "peft":
+        cfg.peft = PeftSettings(method="lora", rank=8, alpha=16.0)
+    return cfg
+
+
+RECIPES: dict[str, Any] = {
+    **{f"gemma3_vl_{size}_{mode}": (lambda s=size, m=mode: _size_recipe(s, m))
+       for size in ("4b", "12b", "27b") for mode in ("sft", "peft")},
+    "tiny_sft": lambda: _tiny_recipe("sft"),
+    "tiny_peft": lambda: _tiny_recipe("peft"),
+}
+
+RECIPE_NOTES = {
+    "gemma3_vl_4b_sft": "full SFT of the 4B",
+    "gemma3_vl_4b_peft": "LoRA r16 on the 4B text attention and MLP projections",
+    "gemma3_vl_12b_sft": "full SFT of the 12B",
+    "gemma3_vl_12b_peft": "LoRA r16 on the 12B text attention and MLP projections",
+    "gemma3_vl_27b_sft": "full SFT of the 27B",
+    "gemma3_vl_27b_peft": "LoRA r16 on the 27B text attention and MLP projections",
+    "tiny_sft": "full SFT of a tiny random model on drawn shapes; seconds on a CPU",
+    "tiny_peft": "LoRA on a tiny random model on drawn shapes; seconds on a CPU",
+}
+
+
+def recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise Gemma3VLError(f"unknown recipe {name!r}; `gemma3vl recipes` lists them: {', '.join(RECIPES)}")
+    return RECIPES[name]()
+
+
+def _convert(text: str, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise Gemma3VLError(f"{key}={text!r}: expected true or false")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise Gemma3VLError(f"{key}={text!r}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise Gemma3VLError(f"{key}={text!r}: expected a number") from None
+    if isinstance(current, list):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if text.lower() in ("none", "null"):
+        return None
+    return text
+
+
+def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Set ``section.name`` (or top-level ``out``) from a string or an already typed value."""
+    parts = key.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+            raise Gemma3VLError(f"unknown setting {key!r}")
+        target = getattr(target, part)
+    name = parts[-1]
+    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+        raise Gemma3VLError(f"unknown setting {key!r}")
+    current = getattr(target, name)
+    if dataclasses.is_dataclass(current):
+        raise Gemma3VLError(f"{key!r} is a section; set one of its fields, e.g. {key}.{dataclasses.fields(current)[0].name}")
+    if isinstance(value, str):
+        value = _convert(value, current, key)
+    setattr(target, name, value)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise Gemma3VLError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def apply_mapping(cfg: TrainConfig, mapping: dict[str, Any], prefix: str = "", where: str = "config") -> TrainConfig:
+    """Nested dict (from YAML/JSON) onto the config; unknown keys are errors."""
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            apply_mapping(cfg, value, prefix=dotted + ".", where=where)
+        else:
+            try:
+                set_value(cfg, dotted, value)
+            except Gemma3VLError as exc:
+                raise Gemma3VLError(f"{where}: {exc}") from None
+    return cfg
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise Gemma3VLError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise Gemma3VLError(f"{path}: cannot parse ({exc})") from None
+    if not isinstance(data, dict):
+        raise Gemma3VLError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_config(
+    recipe_name: str | None, config_file: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """recipe defaults <- config file <- command-line overrides."""
+    data = load_config_file(config_file) if config_file else {}
+    name = recipe_name or data.pop("recipe", None)
+    cfg = recipe(name) if name else TrainConfig()
+    data.pop("recipe", None)
+    apply_mapping(cfg, data, where=str(config_file))
+    apply_overrides(cfg, overrides or [])
+    cfg.validate()
+    return cfg

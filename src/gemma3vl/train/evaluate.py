@@ -1,0 +1,106 @@
+"""Held-out evaluation: the loss over the eval set, and answer accuracy by greedy generation.
+
+Accuracy asks the model each held-out conversation without its last assistant turn and compares the
+greedy answer with that turn (case, surrounding whitespace and final punctuation ignored).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import torch
+
+from gemma3vl.data.dataset import ConversationDataset
+from gemma3vl.data.loader import BatchLoader
+from gemma3vl.data.records import BadRecord, Conversation, parse_record
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.model import Gemma3Model
+from gemma3vl.train.trainer import step_loss
+
+
+def normalise_answer(text: str) -> str:
+    return text.strip().strip(string.punctuation + " \n").lower()
+
+
+class Evaluator:
+    def __init__(
+        self,
+        dataset: ConversationDataset,
+        *,
+        micro_batch_size: int,
+        accuracy_samples: int,
+        max_new_tokens: int,
+        stop_token_ids: tuple[int, ...],
+        device: torch.device,
+    ):
+        self.dataset = dataset
+        self.loader = BatchLoader(dataset, micro_batch_size)
+        self.accuracy_samples = accuracy_samples
+        self.max_new_tokens = max_new_tokens
+        self.stop_token_ids = stop_token_ids
+        self.device = device
+        self.questions = self._questions()
+
+    def _questions(self) -> list[tuple[dict[str, Any], str]]:
+        """(processor inputs of the prompt, expected answer) for the first held-out conversations."""
+        encoder = self.dataset.encoder
+        questions = []
+        for index in range(min(self.accuracy_samples, len(self.dataset))):
+            try:
+                raw, source = self.dataset.records.record(index)
+                conversation = parse_record(raw, source, self.dataset.records.base_dir,
+                                            record_format=self.dataset.config.record_format)
+                answer = " ".join(conversation.turns[-1].texts())
+                prompt = Conversation(conversation.turns[:-1], source, conversation.base_dir)
+                images = [encoder.image_loader.load(ref, prompt.base_dir, source) for ref in prompt.images]
+                kwargs = {"processor_kwargs": encoder.processor_kwargs} if images and encoder.processor_kwargs else {}
+                inputs = encoder.processor.apply_chat_template(
+                    encoder.messages(prompt, images), add_generation_prompt=True, tokenize=True,
+                    return_dict=True, return_tensors="pt", **kwargs,
+                )
+            except BadRecord:
+                continue  # already reported by the dataset's own pass
+            questions.append(({k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in inputs},
+                              answer))
+        return questions
+
+    @torch.no_grad()
+    def loss(self, model: Gemma3Model) -> float | None:
+        self.loader.load_state_dict({**self.dataset.state_dict(), "epoch": 0, "position": 0, "epoch_samples": 0})
+        total, count = 0.0, 0
+        for batch in self.loader:
+            summed, targets = step_loss(model, batch, self.device)
+            total += float(summed)
+            count += targets
+        return total / count if count else None
+
+    @torch.no_grad()
+    def accuracy(self, model: Gemma3Model) -> tuple[float | None, list[str]]:
+        if not self.questions:
+            return None, []
+        tokenizer = self.dataset.encoder.tokenizer
+        correct, answers = 0, []
+        for inputs, expected in self.questions:
+            pixels = inputs.get("pixel_values")
+            tokens = generate(
+                model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                pixel_values=None if pixels is None else pixels.to(self.device),
+                sampling=Sampling(max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids,
+                                  pad_token_id=self.dataset.encoder.pad_token_id),
+            )[0]
+            answer = tokenizer.decode([t for t in tokens if t not in self.stop_token_ids], skip_special_tokens=True)
+            answers.append(answer)
+            correct += normalise_answer(answer) == normalise_answer(expected)
+        return correct / len(self.questions), answers
+
+    def __call__(self, model: Gemma3Model) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            result: dict[str, Any] = {"eval_loss": self.loss(model)}
+            accuracy, _ = self.accuracy(model)
+            result["eval_accuracy"] = accuracy
+        finally:
+            model.train(was_training)
+        return result

@@ -1,0 +1,170 @@
+"""One training loop for full SFT and LoRA/DoRA.
+
+Each optimizer step takes ``train.global_batch_size`` rows, split into micro-batches of
+``train.micro_batch_size``; the loss is the token-weighted mean over the whole step (every micro-batch's
+summed loss is divided by the step's total number of target tokens), so accumulation gives exactly the
+gradient of one big batch. Gradients are clipped to ``train.grad_clip``; AdamW with warmup + cosine.
+
+Precision: on CUDA the parameters stay float32 (master weights) and the forward runs under bf16 autocast;
+``model.dtype=bfloat16`` keeps the weights themselves in bf16 (half the memory, no fp32 master copy).
+On the CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma3vl.data.batch import Batch
+from gemma3vl.model import Gemma3Model
+from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gemma3vl.train.config import TrainConfig
+from gemma3vl.train.metrics import MetricsLogger, peak_flops_per_second
+from gemma3vl.train.schedule import build_optimizer, build_scheduler
+from gemma3vl.train.steps import StepFeed
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    history: list[dict[str, Any]]
+
+
+def freeze(model: Gemma3Model, cfg: TrainConfig) -> None:
+    parts = {
+        "vision": (cfg.train.freeze_vision, model.vision),
+        "projector": (cfg.train.freeze_projector, model.projector),
+        "language": (cfg.train.freeze_language, model.text),
+    }
+    for _, (frozen, module) in parts.items():
+        if frozen and module is not None:
+            for param in module.parameters():
+                param.requires_grad_(False)
+
+
+def autocast_for(model: Gemma3Model, device: torch.device):
+    """bf16 autocast over fp32 master weights on CUDA; nothing on CPU or for bf16 weights."""
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def step_loss(model: Gemma3Model, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+    batch = batch.to(device)
+    with autocast_for(model, device):
+        return model.loss(batch.input_ids, batch.targets, batch.info, batch.pixel_values)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: Gemma3Model,
+        batcher: StepFeed,
+        out: Path,
+        device: torch.device,
+        evaluator=None,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.batcher = batcher
+        self.out = out
+        self.device = device
+        self.evaluator = evaluator
+        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.step = 0
+        self.params = sum(p.numel() for p in model.parameters())
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.peak_flops = peak_flops_per_second(device_name)
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.checkpoint_root, self.step, self.model, self.optimizer, self.scheduler,
+            {"batcher": self.batcher.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def resume(self, path: Path | None) -> None:
+        path = path or latest_checkpoint(self.checkpoint_root)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.batcher.load_state_dict(state["data"]["batcher"])
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        micro_batches = self.batcher.next_step()
+        total_targets = sum(b.num_target_tokens for b in micro_batches)
+        total_tokens = sum(b.num_tokens for b in micro_batches)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for batch in micro_batches:
+            summed, _ = step_loss(self.model, batch, self.device)
+            (summed / max(total_targets, 1)).backward()
+            loss_sum += float(summed.detach())
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        record = {
+            "step": self.step,
+            "loss": loss_sum / max(total_targets, 1),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": total_tokens / elapsed,
+            "target_tokens": total_targets,
+            "tokens": total_tokens,
+            "step_time_s": elapsed,
+        }
+        flops = 6.0 * self.params * total_tokens  # dense estimate; attention FLOPs not counted
+        record["mfu"] = flops / elapsed / self.peak_flops if self.peak_flops else None
+        if self.device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            import resource
+
+            record["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return record
+
+    def run(self, logger: MetricsLogger) -> TrainResult:
+        cfg = self.cfg
+        last_loss = None
+        if self.evaluator is not None and self.step == 0:
+            logger.log({"step": 0, **self.evaluator(self.model)})
+        while self.step < cfg.train.steps:
+            record = self.train_step()
+            last_loss = record["loss"]
+            logger.advance()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                logger.log(record)
+            evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
+            if self.evaluator is not None and (evaluate_now or self.step == cfg.train.steps):
+                logger.log({"step": self.step, **self.evaluator(self.model)})
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.steps:
+                path = self.save()
+                logger.note(f"checkpoint: {path}")
+        return TrainResult(steps=self.step, final_loss=last_loss, history=logger.history)
+
+
+def write_run_config(cfg: TrainConfig, out: Path) -> None:
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -1,0 +1,270 @@
+"""The dataset: bad records named and counted, seeded order, exact resumption, JSON arrays and HF datasets."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from gemma3vl.data import BadRecord, BatchLoader, ConversationDataset, DataConfig
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.pictures import draw_picture
+from test_data_common import (  # noqa: F401  (fixture)
+    CONVERSATIONS,
+    PICTURES,
+    assistant,
+    opened,
+    processor,
+    user,
+    write_jsonl,
+    write_pictures,
+)
+
+
+def good(i: int) -> dict:
+    return {"messages": [user(f"What is {i}?"), assistant(f"The answer is {i}.")]}
+
+
+# (line content, reason) — each planted on its own line between good records
+BAD_LINES = [
+    ("{not json", "invalid_json"),
+    ({"messages": [user(5), assistant("x")]}, "invalid_schema"),
+    ({"messages": [{"role": "bot", "content": "x"}, assistant("x")]}, "unknown_role"),
+    ({"messages": [user("x"), user("y"), assistant("z")]}, "role_order"),
+    ({"messages": [user("x")]}, "no_assistant_turn"),
+    ({"messages": [user("x"), assistant("y")], "images": ["a.png"]}, "image_count_mismatch"),
+    ({"messages": [user("x", "missing.png"), assistant("y")]}, "unreadable_image"),
+    ({"messages": [user("x", "broken.png"), assistant("y")]}, "unreadable_image"),
+    ({"messages": [user("x", "../outside.png"), assistant("y")]}, "image_outside_dataset"),
+    ({"messages": [user("x", "http://example.com/a.png"), assistant("y")]}, "remote_image_refused"),
+    ({"messages": [user("x"), assistant("<end_of_turn> y")]}, "special_token_in_text"),
+    ({"messages": [user("word " * 300), assistant("y")]}, "too_long"),
+]
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    data = tmp_path / "data"
+    write_pictures(data)
+    (data / "broken.png").write_bytes(b"not an image")
+    draw_picture("black cross").save(tmp_path / "outside.png")
+    lines, expected = [], {}
+    for index, (bad, reason) in enumerate(BAD_LINES):
+        lines.append(good(index))
+        lines.append(bad)
+        expected[len(lines)] = reason  # 1-based line number of the bad record
+    lines.append("")  # a blank line is not a record
+    lines.append(good(99))
+    return write_jsonl(data / "train.jsonl", lines), expected
+
+
+def test_bad_records_are_skipped_named_and_counted(processor, bad_file, caplog):
+    path, expected = bad_file
+    dataset = ConversationDataset(DataConfig(path, seq_length=200, shuffle=False), processor)
+    with caplog.at_level(logging.WARNING, logger="gemma3vl.data"):
+        samples = list(dataset)
+    assert [s.source for s in samples] == [f"{path}:{line}" for line in range(1, 2 * len(BAD_LINES), 2)] + [
+        f"{path}:{2 * len(BAD_LINES) + 2}"
+    ]
+    summary = dataset.summary()
+    reasons = [reason for _, reason in BAD_LINES]
+    assert dict(summary.skipped) == {reason: reasons.count(reason) for reason in set(reasons)}
+    assert summary.records == 2 * len(BAD_LINES) + 1 and summary.samples == len(BAD_LINES) + 1
+    for line in expected:
+        assert any(f"{path}:{line}: " in message for message in caplog.messages), line
+    text = str(summary)
+    assert f"{len(BAD_LINES)} skipped" in text and "too_long: 1" in text and "unreadable_image: 2" in text
+
+
+def test_bad_records_are_fatal_when_asked(processor, bad_file):
+    path, expected = bad_file
+    for line, reason in expected.items():
+        bad_line = path.read_text().splitlines()[line - 1]
+        single = write_jsonl(path.parent / "one.jsonl", [good(0)] * (line - 1) + [bad_line])
+        # the single bad record sits on the same line number as in the big file
+        dataset = ConversationDataset(
+            DataConfig(single, seq_length=200, shuffle=False, on_bad_record="error"), processor
+        )
+        with pytest.raises(BadRecord) as caught:
+            list(dataset)
+        assert caught.value.reason == reason
+        assert str(caught.value).startswith(f"{single}:{line}: ")
+
+
+def test_truncated_samples_are_counted(processor, tmp_path):
+    long = {"messages": [user("Hi"), assistant("Hello"), user("word " * 100), assistant("y")]}
+    dataset = ConversationDataset(DataConfig(write_jsonl(tmp_path / "t.jsonl", [long]), seq_length=40), processor)
+    (sample,) = list(dataset)
+    assert len(sample) <= 40 and dataset.summary().truncated == 1
+
+
+def test_an_epoch_without_usable_records_fails_clearly(processor, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", ["nope", "{}"])
+    with pytest.raises(Gemma3VLError, match="no usable record"):
+        list(ConversationDataset(DataConfig(path), processor))
+
+
+def sources(samples):
+    return [s.source for s in samples]
+
+
+def test_shuffle_is_seeded_per_epoch(processor, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [good(i) for i in range(12)])
+    dataset = ConversationDataset(DataConfig(path, seed=3), processor)
+    epoch0, epoch1 = sources(dataset), sources(dataset)
+    again = ConversationDataset(DataConfig(path, seed=3), processor)
+    assert sources(again) == epoch0 and sources(again) == epoch1
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    assert sources(ConversationDataset(DataConfig(path, seed=4), processor)) != epoch0
+    assert sources(ConversationDataset(DataConfig(path, shuffle=False), processor)) == [
+        f"{path}:{i}" for i in range(1, 13)
+    ]
+
+
+def next_sample(dataset):
+    """The next sample, crossing into the next epoch when the current one is exhausted."""
+    for _ in range(2):
+        for sample in dataset:
+            return sample
+    raise AssertionError("no sample in two epochs")
+
+
+def test_resume_continues_with_the_exact_next_sample(processor, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [good(i) if i % 4 else "bad" for i in range(10)])
+    config = DataConfig(path, seed=1)
+    reference = ConversationDataset(config, processor)
+    stream = [s for _ in range(3) for s in reference]  # three epochs
+    for stop in (0, 1, 5, 8, 9, 13):  # including an epoch boundary
+        run = ConversationDataset(config, processor)
+        taken = []
+        while len(taken) < stop:
+            for sample in run:
+                taken.append(sample)
+                if len(taken) == stop:
+                    break
+        state = json.loads(json.dumps(run.state_dict()))  # it must survive a JSON round trip
+        resumed = ConversationDataset(config, processor)
+        resumed.load_state_dict(state)
+        assert resumed.summary().records == run.summary().records
+        following = next_sample(resumed)
+        assert following.source == stream[stop].source and torch.equal(following.input_ids, stream[stop].input_ids)
+    with pytest.raises(Gemma3VLError, match="cannot resume"):
+        ConversationDataset(DataConfig(path, seed=2), processor).load_state_dict(state)
+
+
+def test_batch_loader_resumes_exactly(processor, tmp_path):
+    write_pictures(tmp_path)
+    records = [{"messages": CONVERSATIONS[name]} for name in sorted(CONVERSATIONS)] * 3 + [good(i) for i in range(6)]
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    config = DataConfig(path, seq_length=160, seed=5)
+    reference = list(BatchLoader(ConversationDataset(config, processor), rows_per_batch=2))
+    assert len(reference) >= 3
+    assert sum(len(row) for batch in reference for row in batch.sources) == len(records)
+    for stop in range(1, len(reference)):
+        loader = BatchLoader(ConversationDataset(config, processor), rows_per_batch=2)
+        iterator = iter(loader)
+        for _ in range(stop):
+            next(iterator)
+        resumed = BatchLoader(ConversationDataset(config, processor), rows_per_batch=2)
+        resumed.load_state_dict(loader.state_dict())
+        rest = list(resumed)
+        assert [b.sources for b in rest] == [b.sources for b in reference[stop:]]
+        assert torch.equal(rest[0].input_ids, reference[stop].input_ids)
+    padded = list(BatchLoader(ConversationDataset(DataConfig(path, packing=False, seed=5), processor), 4))
+    assert [len(b.sources) for b in padded] == [4, 4, 4, 4, 2]
+    assert all(len(row) == 1 for b in padded for row in b.sources)
+
+
+def test_json_array_files_and_llava_records(processor, tmp_path):
+    write_pictures(tmp_path)
+    records = [
+        {"id": 1, "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in this picture?"},
+            {"from": "gpt", "value": "A red circle."}]},
+        {"id": 2, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": 3, "conversations": [{"from": "human", "value": "Hi"}]},
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records, indent=1))
+    dataset = ConversationDataset(DataConfig(path, shuffle=False), processor)
+    samples = list(dataset)
+    text = path.read_text().splitlines()
+    lines = [i + 1 for i, line in enumerate(text) if line == " {"]
+    assert sources(samples) == [f"{path}:{lines[0]}", f"{path}:{lines[1]}"]
+    assert dataset.summary().examples["no_assistant_turn"].startswith(f"{path}:{lines[2]}: ")
+    expected = processor.apply_chat_template(
+        opened([user("What is in this picture?", "a.png"), assistant("A red circle.")], tmp_path),
+        tokenize=True, return_dict=True,
+    )["input_ids"][0]
+    assert samples[0].input_ids.tolist() == expected
+    path.write_text('[{"conversations": []},\n {"x": 1}\n {"y": 2}]')
+    with pytest.raises(Gemma3VLError, match=r"llava\.json:3: expected ',' or ']'"):
+        ConversationDataset(DataConfig(path), processor)
+
+
+def test_config_is_checked():
+    for kwargs, words in (({"format": "csv"}, "format"), ({"truncation": "cut"}, "truncation"),
+                          ({"on_bad_record": "warn"}, "on_bad_record"), ({"seq_length": 0}, "seq_length"),
+                          ({"columns": {"messages": 3}}, "columns")):
+        with pytest.raises(Gemma3VLError, match=words):
+            DataConfig("x.jsonl", **kwargs)
+
+
+def test_local_hf_datasets(processor, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    write_pictures(tmp_path)
+    conversations = [CONVERSATIONS["system_one_image"], CONVERSATIONS["multi_turn_0_1_2"]]
+
+    def without_paths(messages):  # TRL layout: image parts name no image, the images column holds them
+        return [
+            {"role": m["role"], "content": [
+                {"type": p["type"], "text": p.get("text")} for p in m["content"]
+            ] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]}
+            for m in messages
+        ]
+
+    def image_names(messages):
+        return [p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"]
+                if p["type"] == "image"]
+
+    table = datasets.Dataset.from_dict(
+        {
+            "chat": [without_paths(m) for m in conversations],
+            "pictures": [[draw_picture(PICTURES[name]) for name in image_names(m)] for m in conversations],
+        }
+    ).cast_column("pictures", datasets.Sequence(datasets.Image()))
+    (tmp_path / "saved").mkdir()
+    table.save_to_disk(str(tmp_path / "saved"))
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    columns = {"messages": "chat", "images": "pictures"}
+    for path in (tmp_path / "saved", tmp_path / "data.parquet"):
+        samples = list(ConversationDataset(DataConfig(path, shuffle=False, columns=columns), processor))
+        assert sources(samples) == [f"{path}:row 0", f"{path}:row 1"]
+        for sample, messages in zip(samples, conversations):
+            content_lists = [
+                {"role": m["role"], "content": m["content"] if isinstance(m["content"], list) else
+                 [{"type": "text", "text": m["content"]}]} for m in messages
+            ]
+            expected = processor.apply_chat_template(
+                _with_pictures(content_lists), tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            assert sample.input_ids.tolist() == expected["input_ids"][0].tolist()
+            assert torch.equal(sample.pixel_values, expected["pixel_values"])
+    with pytest.raises(Gemma3VLError, match="no column"):
+        ConversationDataset(DataConfig(tmp_path / "saved", columns={"messages": "nope"}), processor)
+    with pytest.raises(Gemma3VLError, match="no 'messages' or 'conversations' column"):
+        ConversationDataset(DataConfig(tmp_path / "saved"), processor)
+
+
+def _with_pictures(messages):
+    """Image parts (named a.png / b.png in CONVERSATIONS) replaced by the pictures the dataset holds."""
+    return [
+        {"role": m["role"], "content": [
+            {"type": "image", "image": draw_picture(PICTURES[p["image"]])} if p["type"] == "image" else p
+            for p in m["content"]
+        ]}
+        for m in messages
+    ]
