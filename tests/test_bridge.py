@@ -469,3 +469,27 @@ def test_source_data_order_and_metadata_are_reproduced(tmp_path):
                       {"format": "pt", "written_by": "someone else"})
     native = bridge.import_checkpoint(source, tmp_path / "native", progress=False)
     assert_same_checkpoint(source, bridge.export_checkpoint(native, tmp_path / "out", progress=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ops_are_exact_inverses_and_slots_agree(dtype):
+    from gemma3vl.bridge.mapping import FuseQKV, Rename, Stack
+
+    torch.manual_seed(0)
+    K, G, hd, D = 3, 2, 4, 5
+    cases = [
+        (FuseQKV(K, G, hd), [torch.randn(K * G * hd, D), torch.randn(K * hd, D), torch.randn(K * hd, D)]),
+        (Stack(), [torch.randn(6, D), torch.randn(6, D)]),
+        (Stack(), [torch.randn(D), torch.randn(D), torch.randn(D)]),
+        (Rename(), [torch.randn(2, 3, 4, 4)]),
+    ]
+    for op, parts in cases:
+        parts = [p.to(dtype) for p in parts]
+        native = op.to_native(parts)
+        assert native.dtype == dtype and tuple(native.shape) == op.native_shape([tuple(p.shape) for p in parts])
+        back = op.to_hf(native)
+        assert len(back) == len(parts) and all(bitwise_equal(a, b) for a, b in zip(back, parts))
+        slots = op.slots(native)
+        assert all(bitwise_equal(s.reshape(p.shape), p) for s, p in zip(slots, parts))
+        assert all(s.data_ptr() >= native.data_ptr() for s in slots)  # views, not copies
+        assert bitwise_equal(op.to_native(op.to_hf(native)), native)

@@ -93,6 +93,7 @@ def load_reference(hf_dir: str | Path, config: Gemma3Config, dtype: torch.dtype,
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     cls = Gemma3ForConditionalGeneration if config.is_vision_language else Gemma3ForCausalLM
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,9 +128,10 @@ def reference_greedy(reference, batch, config: Gemma3Config, new_tokens: int) ->
         kwargs["token_type_ids"] = (batch["input_ids"] == config.image_token_id).long()
         if "pixel_values" in batch:
             kwargs["pixel_values"] = batch["pixel_values"]
+    # eos_token_id=[]: no stop at all (None would be filled in from the checkpoint's generation config, and
+    # min_new_tokens would change the tokens by suppressing EOS), so both sides produce exactly N tokens.
     generation = GenerationConfig(
-        do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-        pad_token_id=config.text.pad_token_id,
+        do_sample=False, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=config.text.pad_token_id,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -191,6 +193,20 @@ def compare(
         passed=not failures,
         failures=failures,
     )
+
+
+@torch.no_grad()
+def reference_answer(reference, inputs: dict[str, torch.Tensor], config: Gemma3Config, max_new_tokens: int) -> list[int]:
+    """transformers' greedy answer to one prompt, stopping at the checkpoint's EOS ids (stop token removed)."""
+    from transformers import GenerationConfig
+
+    kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    if config.is_vision_language:
+        kwargs["token_type_ids"] = (inputs["input_ids"] == config.image_token_id).long()
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                                  eos_token_id=list(config.stop_token_ids), pad_token_id=config.text.pad_token_id)
+    out = reference.generate(**kwargs, generation_config=generation)[0, inputs["input_ids"].shape[1]:].tolist()
+    return [t for t in out if t not in config.stop_token_ids and t != config.text.pad_token_id]
 
 
 def format_report(report: VerifyReport) -> str:

@@ -15,7 +15,7 @@ import torch
 from gemma3vl.bridge.fsutil import write_text_durable
 from gemma3vl.bridge.layouts import LAYOUTS, Layout, detect_layout
 from gemma3vl.bridge.mapping import Mapping, build_mappings
-from gemma3vl.bridge.safetensors_io import PlannedTensor, SafetensorsFile, TensorInfo
+from gemma3vl.bridge.safetensors_io import DTYPES, PlannedTensor, SafetensorsFile, TensorInfo
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
 
@@ -102,6 +102,9 @@ class WeightFiles:
     def read(self, key: str) -> torch.Tensor:
         return self.files[self.where[key]].read(key)
 
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        self.files[self.where[key]].read_into(key, out)
+
     def expected_path(self, key: str) -> Path:
         """Where a missing ``key`` should have been: its index entry, else the index, else the single file."""
         if self.weight_map is None:
@@ -168,7 +171,7 @@ class _Checkpoint:
 
     def planned_native(self) -> list[PlannedTensor]:
         """The native tensors this checkpoint yields, with dtype and shape, before reading any data."""
-        return [PlannedTensor(m.native, self.native_dtype(m), m.native_shape()) for m in self.mappings]
+        return [PlannedTensor(m.native, self.native_dtype(m), m.native_shape) for m in self.mappings]
 
 
 class HFCheckpoint(_Checkpoint):
@@ -204,7 +207,11 @@ class HFCheckpoint(_Checkpoint):
         return self.files.info(m.hf[0]).dtype
 
     def read_native(self, m: Mapping) -> torch.Tensor:
-        return m.op.to_native([self.files.read(k) for k in m.hf])
+        """The native tensor, its HF parts read from disk straight into their places (no concatenation)."""
+        out = torch.empty(m.native_shape, dtype=DTYPES[self.native_dtype(m)])
+        for key, slot in zip(m.hf, m.op.slots(out)):
+            self.files.read_into(key, slot)
+        return out
 
 
 def write_index(directory: Path, shards: dict[str, Sequence[PlannedTensor]], metadata: dict[str, Any] | None) -> None:
@@ -245,7 +252,7 @@ class NativeCheckpoint(_Checkpoint):
         self.layout = LAYOUTS["hub" if self.config.is_vision_language else "text"]
         self.files = WeightFiles(self.directory)
         try:
-            self._map_and_check(NATIVE_LM_HEAD, lambda m: [(m.native, m.native_shape())])
+            self._map_and_check(NATIVE_LM_HEAD, lambda m: [(m.native, m.native_shape)])
         except BaseException:
             self.files.close()
             raise

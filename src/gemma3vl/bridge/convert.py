@@ -186,9 +186,10 @@ def _target_of(source_layout: str) -> str:
 
 
 class _SplitCache:
-    """HF parts of native tensors, split once and handed out one by one. A fused tensor's parts can sit in
-    different output files (or far apart in one); a byte budget bounds what waits, and anything evicted is
-    simply read and split again when asked for."""
+    """HF parts of native tensors, split once and handed out one by one, as slots (views of the native
+    tensor that the writer streams without copying). A fused tensor's parts can sit in different output
+    files (or far apart in one); a byte budget bounds what waits, and anything evicted is simply read and
+    split again when asked for."""
 
     def __init__(self, native: NativeCheckpoint):
         self.native, self.budget = native, SPLIT_CACHE_BYTES
@@ -196,10 +197,10 @@ class _SplitCache:
 
     def part(self, m: Mapping, index: int) -> torch.Tensor:
         if len(m.hf) == 1:
-            return m.op.to_hf(self.native.read_native(m))[0]
+            return m.op.slots(self.native.read_native(m))[0]
         if m.native not in self.waiting:
             tensor = self.native.read_native(m)
-            self.waiting[m.native] = (dict(enumerate(m.op.to_hf(tensor))), tensor.nbytes)
+            self.waiting[m.native] = (dict(enumerate(m.op.slots(tensor))), tensor.nbytes)
             while sum(size for _, size in self.waiting.values()) > self.budget and len(self.waiting) > 1:
                 self.waiting.popitem(last=False)
         pieces, _ = self.waiting[m.native]

@@ -81,7 +81,7 @@ def _check_names(model_dir, targets, aliases, by_name, checkpoint) -> None:
     for name, m in by_name.items():
         if name in targets:
             want = tuple(targets[name].shape)
-            got = m.native_shape()
+            got = m.native_shape
             if want != got:
                 stored = m.hf if isinstance(checkpoint, HFCheckpoint) else (name,)
                 where = f"{', '.join(stored)} in {checkpoint.files.path_of(stored[0])}"

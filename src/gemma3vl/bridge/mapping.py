@@ -3,8 +3,8 @@
 A rule names one native tensor, the HF tensor(s) it is made of (relative to the layout's prefix, see
 layouts.py), their shapes as a function of the config, the op between them and how a random checkpoint
 initialises them. Every op is a pure cat/split/stack/view: ``op.to_hf(op.to_native(parts)) == parts``
-bit for bit, dtype kept, in every direction. Native shapes are not written down anywhere: they are what
-``to_native`` makes of the HF shapes (evaluated on meta tensors), so the table cannot disagree with itself.
+bit for bit, dtype kept, in every direction. Native shapes are not written down in the table: each op
+derives its native shape from the HF shapes (``native_shape``; a test holds it to what ``to_native`` makes).
 """
 
 from __future__ import annotations
@@ -23,9 +23,17 @@ Shape = tuple[int, ...]
 
 # ------------------------------------------------------------------------------------------------ ops
 class Op(Protocol):
+    """``to_native`` and ``to_hf`` are exact inverses. ``slots(native)`` are views of a native tensor, one per
+    HF part, each holding that part's elements in its row-major order: import reads the file bytes straight
+    into them, with no intermediate copy to concatenate."""
+
     def to_native(self, parts: Sequence[torch.Tensor]) -> torch.Tensor: ...
 
     def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def slots(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def native_shape(self, shapes: Sequence[Shape]) -> Shape: ...
 
 
 class Rename:
@@ -38,6 +46,13 @@ class Rename:
     def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (tensor,)
 
+    def slots(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (tensor,)
+
+    def native_shape(self, shapes: Sequence[Shape]) -> Shape:
+        (shape,) = shapes
+        return tuple(shape)
+
 
 class Stack:
     """Same-shaped HF tensors stacked on a new leading dim: gate/up ``[2, I, D]``, SigLIP q/k/v ``[3, Dv, ...]``.
@@ -48,6 +63,12 @@ class Stack:
 
     def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(tensor.unbind(0))
+
+    def slots(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(tensor.unbind(0))
+
+    def native_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return (len(shapes), *shapes[0])
 
 
 @dataclass(frozen=True)
@@ -68,8 +89,16 @@ class FuseQKV:
     def to_hf(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
         K, G, hd = self.kv_heads, self.queries_per_kv, self.head_dim
         width = tensor.shape[-1]
-        q, k, v = tensor.split([G * hd, hd, hd], dim=1)
+        q, k, v = self.slots(tensor)
         return q.reshape(K * G * hd, width), k.reshape(K * hd, width), v.reshape(K * hd, width)
+
+    def slots(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # [K, G*hd, D], [K, hd, D], [K, hd, D]: row-major, exactly q_proj, k_proj, v_proj.
+        G, hd = self.queries_per_kv, self.head_dim
+        return tuple(tensor.split([G * hd, hd, hd], dim=1))
+
+    def native_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return (self.kv_heads, (self.queries_per_kv + 2) * self.head_dim, shapes[0][-1])
 
 
 # ------------------------------------------------------------------------------------------------ dims
@@ -186,9 +215,9 @@ class Mapping:
     init: str
     optional: bool = False  # a tied model may still store lm_head; keep it if it is there
 
+    @property
     def native_shape(self) -> Shape:
-        parts = [torch.empty(shape, device="meta") for shape in self.hf_shapes]
-        return tuple(self.op.to_native(parts).shape)
+        return self.op.native_shape(self.hf_shapes)
 
 
 def stores_untied_head(config: Gemma3Config) -> bool:
@@ -241,7 +270,7 @@ def build_mappings(config: Gemma3Config, layout: Layout, *, lm_head: bool | None
 def native_tensor_specs(config: Gemma3Config, *, lm_head: bool | None = None) -> dict[str, Shape]:
     """Native name -> shape for every tensor of ``config`` (``lm_head`` as in build_mappings)."""
     layout = LAYOUTS["hub" if config.is_vision_language else "text"]
-    return {m.native: m.native_shape() for m in build_mappings(config, layout, lm_head=lm_head)}
+    return {m.native: m.native_shape for m in build_mappings(config, layout, lm_head=lm_head)}
 
 
 def hf_tensor_specs(config: Gemma3Config, layout: str, *, lm_head: bool | None = None) -> dict[str, Shape]:

@@ -3,9 +3,10 @@
 Why not ``safe_open`` / ``save_file``: ``save_file`` needs every tensor of a shard in memory at once (a 5 GB
 shard is 5 GB of RAM, more with its serialised copy), and ``safe_open`` reads through an mmap whose touched
 pages stay resident, so reading a 9 GB checkpoint shows up as 9 GB of RSS. The format is simple (8-byte
-little-endian header length, a JSON header, then raw little-endian data), so we read each tensor with one
-``readinto`` into its own buffer and write each shard header-first, then tensor by tensor. Peak memory is
-the largest single tensor, whatever the shard size.
+little-endian header length, a JSON header, then raw little-endian data), so we read each tensor with
+``readinto`` straight into its destination (for a fused tensor, into its slot of the fused buffer) and
+write each shard header-first, then tensor by tensor (strided views piece by piece, without a copy). Peak
+memory is about the largest single tensor, whatever the shard size.
 
 Files we write are byte-for-byte what ``safetensors.torch.save_file`` writes for the same tensors and
 metadata (same header JSON, same data order, same padding; a test checks this), and a file can also be
@@ -176,23 +177,46 @@ class SafetensorsFile:
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read into a fresh CPU buffer (no mmap: see the module docstring)."""
         info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor ``name`` straight into ``out``: a CPU tensor (or strided view) of the same dtype and
+        element count whose row-major element order is the stored one (see mapping.Op.slots)."""
+        info = self.tensors[name]
+        if out.dtype != DTYPES[info.dtype] or out.numel() * out.element_size() != info.nbytes:
+            raise Gemma3VLError(
+                f"{self.path}: cannot read tensor {name!r} ({info.dtype} {list(info.shape)}) into a "
+                f"{out.dtype} tensor of shape {list(out.shape)}"
+            )
         if self._handle is None:
             self._handle = open(self.path, "rb", buffering=0)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
         self._handle.seek(info.begin)
-        done = 0
-        while done < info.nbytes:
-            got = self._handle.readinto(view[done:])
-            if not got:
-                self._fail(f"file ended while reading tensor {name!r} (truncated while in use?)")
-            done += got
-        return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+        for block in _contiguous_blocks(out):
+            view = memoryview(block.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                got = self._handle.readinto(view[done:])
+                if not got:
+                    self._fail(f"file ended while reading tensor {name!r} (truncated while in use?)")
+                done += got
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def _contiguous_blocks(tensor: torch.Tensor):
+    """``tensor``'s elements as contiguous pieces, in row-major order (a whole tensor is one piece; a slice
+    along dim 1 of a [K, n, D] tensor is K pieces)."""
+    if tensor.is_contiguous():
+        if tensor.numel():
+            yield tensor
+        return
+    for sub in tensor.unbind(0):
+        yield from _contiguous_blocks(sub)
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,9 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write ``tensors`` to ``path`` in the given data order, asking ``produce(name)`` for each one only
-    when its bytes are due, then fsync. ``produce`` must return exactly the planned dtype and shape."""
+    when its bytes are due, then fsync. ``produce`` returns the planned dtype and element count, in the
+    planned shape or as any view whose row-major order is that of the planned shape (mapping.Op.slots):
+    strided views are written piece by piece, never copied."""
     header: dict[str, object] = {}
     if metadata is not None:
         header["__metadata__"] = metadata
@@ -233,15 +259,14 @@ def write_safetensors(
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for planned in tensors:
-            tensor = produce(planned.name)
-            if dtype_name(tensor.dtype) != planned.dtype or tuple(tensor.shape) != planned.shape:
+            tensor = produce(planned.name).detach().cpu()
+            if dtype_name(tensor.dtype) != planned.dtype or tensor.numel() * tensor.element_size() != planned.nbytes:
                 raise Gemma3VLError(
                     f"{path}: internal error: tensor {planned.name!r} came out {dtype_name(tensor.dtype)} "
                     f"{tuple(tensor.shape)}, planned {planned.dtype} {planned.shape}"
                 )
-            if planned.nbytes:
-                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                handle.write(memoryview(data.numpy()))
+            for block in _contiguous_blocks(tensor):
+                handle.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
             del tensor
         handle.flush()
         os.fsync(handle.fileno())

@@ -81,6 +81,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = 0
+        self.last_eval: dict[str, Any] = {}
         self.params = sum(p.numel() for p in model.parameters())
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
@@ -146,11 +147,20 @@ class Trainer:
             record["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return record
 
+    def _evaluate(self, logger: MetricsLogger) -> dict[str, Any]:
+        result = self.evaluator(self.model)
+        logger.log({"step": self.step, **result})
+        loss, accuracy = result.get("eval_loss"), result.get("eval_accuracy")
+        shown = [f"loss {loss:.4f}" if loss is not None else "", f"accuracy {accuracy:.1%}" if accuracy is not None else ""]
+        logger.note(f"eval at step {self.step}: " + ", ".join(s for s in shown if s))
+        self.last_eval = result
+        return result
+
     def run(self, logger: MetricsLogger) -> TrainResult:
         cfg = self.cfg
         last_loss = None
         if self.evaluator is not None and self.step == 0:
-            logger.log({"step": 0, **self.evaluator(self.model)})
+            self._evaluate(logger)
         while self.step < cfg.train.steps:
             record = self.train_step()
             last_loss = record["loss"]
@@ -159,7 +169,7 @@ class Trainer:
                 logger.log(record)
             evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
             if self.evaluator is not None and (evaluate_now or self.step == cfg.train.steps):
-                logger.log({"step": self.step, **self.evaluator(self.model)})
+                self._evaluate(logger)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.steps:
                 path = self.save()
                 logger.note(f"checkpoint: {path}")

@@ -1,0 +1,151 @@
+"""Training: settings, accumulation, the whole `gemma3vl train` run, exports, and resume after a kill.
+
+Exports are checked with transformers (and peft for adapters) as the oracle, on tiny random models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma3vl import verify
+from gemma3vl.cli import main
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.loading import load_model
+from gemma3vl.train.config import build_config
+from gemma3vl.train.metrics import read_metrics
+from gemma3vl.train.run import build_trainer
+
+FAST = [
+    "train.seq_length=128", "train.global_batch_size=2", "train.micro_batch_size=1",
+    "data.eval_accuracy_samples=2", "data.eval_max_new_tokens=3", "logging.progress=false",
+]
+
+
+def last_per_step(records, key):
+    return {r["step"]: r[key] for r in records if r.get(key) is not None}
+
+
+def test_recipe_overrides_and_files(tmp_path):
+    cfg = build_config("tiny_peft", overrides=["train.steps=3", "optim.lr=0.001", "peft.rank=4", "peft.alpha=8",
+                                               "checkpoint.every=2", "train.global_batch_size=4"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.peft.rank, cfg.peft.alpha) == (3, 0.001, 4, 8.0)
+    assert cfg.peft.method == "lora" and cfg.checkpoint.every == 2
+    with pytest.raises(Gemma3VLError, match="unknown setting 'train.stpes'"):
+        build_config("tiny_sft", overrides=["train.stpes=3"])
+    with pytest.raises(Gemma3VLError, match="not a multiple"):
+        build_config("tiny_sft", overrides=["train.global_batch_size=5", "train.micro_batch_size=2"])
+    with pytest.raises(Gemma3VLError, match="expected an integer"):
+        build_config("tiny_sft", overrides=["train.steps=many"])
+    with pytest.raises(Gemma3VLError, match="unknown recipe"):
+        build_config("gemma3_vl_1b_sft")
+    settings = tmp_path / "run.yaml"
+    settings.write_text("recipe: gemma3_vl_4b_peft\ntrain:\n  seq_length: 2048\noptim:\n  lr: 1.0e-4\n")
+    cfg = build_config(None, str(settings), ["train.steps=7"])
+    assert cfg.recipe == "gemma3_vl_4b_peft" and cfg.train.seq_length == 2048 and cfg.optim.lr == 1e-4
+    assert cfg.train.steps == 7 and cfg.peft.method == "lora" and cfg.train.global_batch_size == 32
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    """4 micro-batches of 1 row give the same loss and gradient norm as 1 micro-batch of 4 rows."""
+    records = {}
+    for micro in (1, 4):
+        cfg = build_config("tiny_sft", overrides=[*FAST, "train.global_batch_size=4", f"train.micro_batch_size={micro}",
+                                                  "train.grad_clip=1e9", f"out={tmp_path / 'run'}"])
+        cfg.data.eval_path = None
+        trainer, _ = build_trainer(cfg, tmp_path / "run")
+        records[micro] = trainer.train_step()
+    assert records[1]["target_tokens"] == records[4]["target_tokens"]
+    assert records[1]["loss"] == pytest.approx(records[4]["loss"], rel=1e-5)
+    assert records[1]["grad_norm"] == pytest.approx(records[4]["grad_norm"], rel=1e-4)
+
+
+def test_sft_run_logs_exports_and_matches_transformers(tmp_path, capsys):
+    out = tmp_path / "sft"
+    code = main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=3", "checkpoint.every=2", *FAST])
+    assert code == 0
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s"):
+            assert record[key] is not None
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    # OUT/hf is a complete HF checkpoint: transformers loads it and computes what our trained weights compute
+    ours, config = load_model(out / "hf", device="cpu", dtype="float32")
+    reference = verify.load_reference(out / "hf", config, torch.float32, torch.device("cpu"))
+    report = verify.compare(ours, reference, config, dtype=torch.float32, device=torch.device("cpu"), greedy_tokens=4)
+    assert report.passed, verify.format_report(report)
+    base, _ = load_model(out / "base", device="cpu", dtype="float32")
+    assert not torch.equal(base.text.embed.weight, ours.text.embed.weight)  # it did train
+    for name in ("tokenizer.json", "chat_template.jinja", "processor_config.json", "generation_config.json"):
+        assert (out / "hf" / name).is_file()
+    assert "eval at step 3" in capsys.readouterr().err
+
+
+def test_lora_run_adapter_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    assert main(["train", "--recipe", "tiny_peft", "--out", str(out), "train.steps=3", *FAST]) == 0
+    config = load_model(out / "hf", device="cpu", dtype="float32")[1]
+    batch = verify.synthetic_batch(config)
+    merged = verify.load_reference(out / "hf", config, torch.float32, torch.device("cpu"))
+    base = verify.load_reference(out / "base", config, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        untouched = verify.reference_logits(base, batch, config)
+        adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()  # wraps `base` in place
+        expected = verify.reference_logits(merged, batch, config)
+        got = verify.reference_logits(adapted, batch, config)
+    valid = batch["attention_mask"].bool()
+    scale = expected[valid].abs().max()
+    assert (expected - got)[valid].abs().max() <= 1e-5 * scale
+    assert (expected - untouched)[valid].abs().max() > 1e-3 * scale  # the adapter changed something
+
+
+def _train_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "gemma3vl", "train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=6",
+            "checkpoint.every=2", "checkpoint.keep_last=5", "train.eval_every=0", *FAST, *extra]
+
+
+def test_resume_after_kill_gives_the_same_losses(tmp_path):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_command(whole), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    # share the base model and data so both runs read the same bytes
+    for name in ("base", "data"):
+        os.symlink(whole / name, killed / name)
+    process = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-00000002" / "COMPLETE").exists():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "hf").exists()
+    subprocess.run(_train_command(killed, "--resume"), check=True, env=env, capture_output=True)
+    expected = last_per_step(read_metrics(whole / "metrics.jsonl"), "loss")
+    got = last_per_step(read_metrics(killed / "metrics.jsonl"), "loss")
+    assert sorted(expected) == list(range(1, 7))
+    assert got == expected  # bit for bit on the CPU
+    norms = last_per_step(read_metrics(killed / "metrics.jsonl"), "grad_norm")
+    assert norms == last_per_step(read_metrics(whole / "metrics.jsonl"), "grad_norm")
+
+
+def test_refuses_to_clobber_checkpoints_without_resume(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", "data.eval_accuracy_samples=0",
+                 *FAST]) == 0
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", *FAST]) == 2
+    assert (out / "checkpoints" / "step-00000001").is_dir()
