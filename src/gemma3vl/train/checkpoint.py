@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gemma3vl.errors import Gemma3VLError
+from gemma3vl.train.safe_metadata import check_metadata
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -66,18 +67,24 @@ def save_checkpoint(
     staging = root / f".{checkpoint_name(step)}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is not initialised": single process is fine
-        dcp.save({"model": model_state, "optim": optim_state, "rng": _rng_tensors()}, checkpoint_id=str(staging))
     trainer_state = {
         "step": step,
         "scheduler": scheduler.state_dict(),
         "data": data_state,
         "python_rng": _jsonable(random.getstate()),
     }
-    (staging / STATE_FILE).write_text(json.dumps(trainer_state))
-    (staging / COMPLETE).write_text(f"step {step}\n")
-    _fsync_tree(staging)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is not initialised": single process is fine
+            dcp.save({"model": model_state, "optim": optim_state, "rng": _rng_tensors()}, checkpoint_id=str(staging))
+        (staging / STATE_FILE).write_text(json.dumps(trainer_state))
+        (staging / COMPLETE).write_text(f"step {step}\n")
+        _fsync_tree(staging)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise Gemma3VLError(
+            f"{root}: cannot write the checkpoint of step {step} ({exc}); earlier checkpoints are untouched"
+        ) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -128,6 +135,7 @@ def load_checkpoint(
         trainer_state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise Gemma3VLError(f"{path / STATE_FILE}: unreadable ({exc})") from None
+    check_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
     state = {"model": model_state, "optim": optim_state, "rng": _rng_tensors()}
     with warnings.catch_warnings():
