@@ -1,0 +1,428 @@
+"""Generation speed and memory: ours against transformers' ``generate`` (sdpa) on the same card, same weights.
+
+Run from the repository root (no install needed, no network):
+
+    PYTHONPATH=src python benchmarks/generate.py --model 4b --out "$OUT"                # GPU
+    PYTHONPATH=src python benchmarks/generate.py --tiny --device cpu --out /tmp/bench     # seconds, on a CPU
+
+Method: random bf16 weights at the real shapes, built on the device (the same numbers in both models, see
+``train_step.build_ours`` / ``build_reference``); prompts of ``--prompt-len`` tokens (default 300), each
+``<bos>`` + a little text + one 896 px image (256 soft tokens) + text; greedy decoding of exactly
+``--new-tokens`` tokens (default 128, no stop token: ours with no ``stop_token_ids``, transformers with
+``eos_token_id=[]`` as ``gemma3vl.verify.reference_greedy`` does) at batch 1 and 8 (distinct prompts).
+
+* time to first token (TTFT): from the call to the moment the first new token is on the host (prefill with the
+  image, first argmax), through ours' ``on_step`` callback and a transformers streamer;
+* decode: ``(N - 1)`` steps over the time from the first to the last new token; tokens/s per sequence and in
+  total (x batch);
+* memory: ``torch.cuda.max_memory_allocated`` during the call (weights, KV cache, activations);
+* bandwidth: each decode step reads the text decoder's weights once (the tied embedding counted once, as the
+  output matrix) and the KV cache (global layers: the whole context; sliding layers: the window), so
+  ``steps/s x (weight bytes + mean KV bytes) / peak bandwidth`` is the fraction of the memory-bandwidth limit
+  reached. The peak is taken from the device name (H100 SXM 3.35 TB/s, H100 PCIe 2.0, H100 NVL 3.9, H200 4.8)
+  or ``--peak-bandwidth``; the table says which figure was assumed.
+
+One warmup call (``--warmup-tokens`` new tokens) precedes the ``--repeats`` timed calls of each row; the
+figures are medians. Our greedy tokens are compared with transformers' (reported, not asserted: bf16 kernels
+may round differently, and a near tie can then flip one token). When ``gemma3vl.infer.generate.generate``
+takes a ``compile`` argument, ours is also timed with ``compile=True`` (its warmup call, which compiles, is
+reported separately and given the full ``--new-tokens``), with one ``StaticKVCache`` reused by all calls of a row
+as ``generate`` asks, so that they replay the CUDA graph the warmup captured. Eager ours runs with ``generate``'s
+default cache.
+
+Writes ``generate-<model>.json`` under ``--out`` (rewritten after every row) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import (  # noqa: E402  (the shared model-building helpers live in train_step.py)
+    allocated_gib, build_ours, build_reference, environment, fmt_gib, free_memory, hf_config_dict, image_sequence,
+    markdown_table, peak_gib, random_pixels, reset_peak, resolve_device, say, synchronize,
+)
+
+from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
+from gemma3vl.config import SLIDING, Gemma3Config  # noqa: E402
+from gemma3vl.infer.generate import Sampling, generate  # noqa: E402
+
+DTYPE = torch.bfloat16
+
+# Peak HBM bandwidth in bytes/s by device name (vendor datasheets); first match wins.
+PEAK_BANDWIDTH = (
+    ("h200", 4.8e12, "H200"),
+    ("h100 nvl", 3.9e12, "H100 NVL"),
+    ("h100 pcie", 2.0e12, "H100 PCIe"),
+    ("h100", 3.35e12, "H100 SXM"),
+)
+
+
+def peak_bandwidth(name: str, override_tb_s: float | None) -> tuple[float | None, str]:
+    """(bytes/s, how it was chosen) for the device called ``name``."""
+    if override_tb_s:
+        return override_tb_s * 1e12, f"{override_tb_s:g} TB/s (--peak-bandwidth)"
+    lowered = name.lower()
+    for key, value, label in PEAK_BANDWIDTH:
+        if key in lowered:
+            return value, f"{value / 1e12:g} TB/s ({label}, from the device name {name!r})"
+    return None, f"unknown for {name!r}: no bandwidth fraction (pass --peak-bandwidth TB/s)"
+
+
+# ------------------------------------------------------------------------------------------------ bytes
+def text_weight_bytes(config: Gemma3Config) -> int:
+    """Bytes of the text decoder's weights in bf16: what every decode step reads once."""
+    count = sum(torch.Size(shape).numel() for name, shape in native_tensor_specs(config).items()
+                if name.startswith("text."))
+    return count * DTYPE.itemsize
+
+
+def mean_kv_bytes(config: Gemma3Config, batch: int, prompt: int, new_tokens: int) -> float:
+    """KV-cache bytes read per decode step, averaged over the N - 1 decode steps (context P + 1 .. P + N - 1)."""
+    text = config.text
+    per_token = 2 * text.num_key_value_heads * text.head_dim * DTYPE.itemsize  # K and V, one layer
+    sliding = sum(1 for kind in text.layer_types if kind == SLIDING)
+    full = len(text.layer_types) - sliding
+    steps = range(1, new_tokens)
+    if not steps:
+        return 0.0
+    total = sum(full * (prompt + i) + sliding * min(prompt + i, text.sliding_window) for i in steps)
+    return batch * per_token * total / len(steps)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+@dataclass
+class Prompts:
+    input_ids: torch.Tensor  # [B, P], distinct rows, one image each
+    pixel_values: torch.Tensor  # [B, 3, S, S]
+    image_token_id: int
+
+    @classmethod
+    def make(cls, config: Gemma3Config, rows: int, length: int, device: torch.device, seed: int) -> "Prompts":
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.stack([image_sequence(config, length, generator) for _ in range(rows)])
+        pixels = random_pixels(config, rows, generator)
+        return cls(ids.to(device), pixels.to(device, DTYPE), config.image_token_id)
+
+    def take(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_ids[:batch], self.pixel_values[:batch]
+
+
+# ------------------------------------------------------------------------------------------------ timing
+@dataclass
+class Call:
+    tokens: list[list[int]]
+    ttft_s: float
+    decode_s: float  # first new token -> last new token
+    peak_gib: float | None
+
+
+class StampStreamer:
+    """A transformers streamer that only notes when each new token reached the host. Its first ``put`` is
+    the prompt."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def reusable_cache(model, batch: int, length: int):
+    """One ``StaticKVCache`` for every call of a row, when ``generate`` takes one: with ``compile=True`` reusing
+    it keeps the captured CUDA graph across calls (see ``generate``'s docstring). Sized as ``generate`` sizes its
+    own compiled cache (the length rounded up to 256)."""
+    if "cache" not in inspect.signature(generate).parameters:
+        return None
+    try:
+        from gemma3vl.infer.cache import StaticKVCache
+    except ImportError:
+        return None
+    weight = model.text.embed.weight
+    return StaticKVCache(model.config.text, batch, -(-length // 256) * 256, weight.device, weight.dtype)
+
+
+def ours_call(model, ids, pixels, new_tokens: int, pad: int, device, compiled: bool, cache=None) -> Call:
+    stamps: list[float] = []
+    extra = {"compile": True} if compiled else {}
+    if cache is not None:
+        extra["cache"] = cache
+    reset_peak(device)
+    synchronize(device)
+    started = time.perf_counter()
+    # tokens.tolist() inside generate puts every step's tokens on the host before on_step is called.
+    tokens = generate(model, ids, pixel_values=pixels, sampling=Sampling(max_new_tokens=new_tokens, pad_token_id=pad),
+                      on_step=lambda _tokens, _finished: stamps.append(time.perf_counter()), **extra)
+    synchronize(device)
+    return Call(tokens, stamps[0] - started, stamps[-1] - stamps[0], peak_gib(device))
+
+
+def transformers_call(model, ids, pixels, new_tokens: int, pad: int, image_token_id: int, device) -> Call:
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=pad)
+    streamer = StampStreamer()
+    reset_peak(device)
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                             token_type_ids=(ids == image_token_id).long(), generation_config=generation,
+                             streamer=streamer)
+    synchronize(device)
+    stamps = streamer.stamps
+    return Call(out[:, ids.shape[1]:].tolist(), stamps[0] - started, stamps[-1] - stamps[0], peak_gib(device))
+
+
+# ------------------------------------------------------------------------------------------------ rows
+@dataclass
+class Row:
+    impl: str  # ours | ours (compile=True) | transformers
+    batch: int
+    compiled: bool = False
+    status: str = "ok"
+    ttft_ms: float | None = None
+    decode_ms_per_step: float | None = None
+    tokens_per_s_per_seq: float | None = None
+    tokens_per_s_total: float | None = None
+    peak_gib: float | None = None
+    bandwidth_fraction: float | None = None
+    bandwidth_limit_tokens_per_s: float | None = None  # per sequence
+    new_tokens: int | None = None  # per row, as generated
+    warmup_s: float | None = None
+    ttft_s_all: list[float] = field(default_factory=list)
+    decode_s_all: list[float] = field(default_factory=list)
+
+
+def measure(row: Row, call, args, config: Gemma3Config, bandwidth: float | None) -> list[list[int]]:
+    """Warm up, then ``args.repeats`` timed calls; fill ``row`` with medians. Returns the last call's tokens."""
+    started = time.perf_counter()
+    call(args.new_tokens if row.compiled else args.warmup_tokens)
+    row.warmup_s = time.perf_counter() - started
+    calls = [call(args.new_tokens) for _ in range(args.repeats)]
+    lengths = {len(t) for c in calls for t in c.tokens}
+    if lengths != {args.new_tokens}:
+        raise RuntimeError(f"expected exactly {args.new_tokens} new tokens per row, got lengths {sorted(lengths)}")
+    row.new_tokens = args.new_tokens
+    row.ttft_s_all = [c.ttft_s for c in calls]
+    row.decode_s_all = [c.decode_s for c in calls]
+    ttft, decode = statistics.median(row.ttft_s_all), statistics.median(row.decode_s_all)
+    steps = args.new_tokens - 1
+    row.ttft_ms = ttft * 1e3
+    if steps and decode > 0:
+        steps_per_s = steps / decode
+        row.decode_ms_per_step = 1e3 / steps_per_s
+        row.tokens_per_s_per_seq = steps_per_s
+        row.tokens_per_s_total = steps_per_s * row.batch
+        step_bytes = text_weight_bytes(config) + mean_kv_bytes(config, row.batch, args.prompt_len, args.new_tokens)
+        if bandwidth:
+            row.bandwidth_fraction = steps_per_s * step_bytes / bandwidth
+            row.bandwidth_limit_tokens_per_s = bandwidth / step_bytes
+    peaks = [c.peak_gib for c in calls if c.peak_gib is not None]
+    row.peak_gib = max(peaks) if peaks else None
+    return calls[-1].tokens
+
+
+def run_row(rows: list[Row], impl: str, batch: int, call, args, config, bandwidth, device, save,
+            compiled: bool = False) -> list[list[int]] | None:
+    row = Row(impl, batch, compiled)
+    say(f"[{impl} batch {batch}] generating {args.new_tokens} tokens x {args.repeats} (+ warmup)")
+    tokens = None
+    try:
+        tokens = measure(row, lambda n: call(batch, n), args, config, bandwidth)
+    except torch.OutOfMemoryError:
+        row.status = "OOM"
+        row.peak_gib = peak_gib(device)
+    except Exception as exc:  # reported, and the other rows still run
+        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        traceback.print_exc()
+    free_memory(device)
+    rows.append(row)
+    save()
+    shown = f"TTFT {row.ttft_ms:.0f} ms, {row.tokens_per_s_total:,.1f} tok/s" if row.tokens_per_s_total else ""
+    say(f"[{impl} batch {batch}] {row.status} {shown}")
+    return tokens
+
+
+def agreement(ours: list[list[int]] | None, theirs: list[list[int]] | None) -> dict[str, Any] | None:
+    """Whether the greedy tokens are equal, and the shortest common prefix over the rows."""
+    if ours is None or theirs is None:
+        return None
+    prefixes = []
+    for a, b in zip(ours, theirs):
+        same = 0
+        while same < min(len(a), len(b)) and a[same] == b[same]:
+            same += 1
+        prefixes.append(same)
+    return {"equal": ours == theirs, "min_common_prefix": min(prefixes), "rows": len(prefixes)}
+
+
+# ------------------------------------------------------------------------------------------------ output
+TABLE_HEADERS = ["impl", "batch", "TTFT", "decode ms/step", "tok/s per seq", "tok/s total", "peak mem",
+                 "of bandwidth limit", "status"]
+
+
+def table_row(r: Row) -> list[str]:
+    ok = r.status == "ok" and r.tokens_per_s_total is not None
+    fraction = "n/a" if r.bandwidth_fraction is None else (
+        f"{r.bandwidth_fraction:.1%} (limit {r.bandwidth_limit_tokens_per_s:,.0f} tok/s/seq)")
+    return [
+        r.impl, str(r.batch),
+        f"{r.ttft_ms:,.0f} ms" if ok else "-",
+        f"{r.decode_ms_per_step:.1f}" if ok else "-",
+        f"{r.tokens_per_s_per_seq:,.1f}" if ok else "-",
+        f"{r.tokens_per_s_total:,.1f}" if ok else "-",
+        fmt_gib(r.peak_gib) if ok else "-",
+        fraction if ok else "-",
+        r.status + (f" (warmup, compiling: {r.warmup_s:.0f} s)" if r.compiled and r.warmup_s else ""),
+    ]
+
+
+def summary_rows(rows: list[Row], model: str) -> list[list[str]]:
+    out = []
+    for r in rows:
+        if r.status == "ok" and r.tokens_per_s_total is not None:
+            bandwidth = "" if r.bandwidth_fraction is None else f", {r.bandwidth_fraction:.1%} of bandwidth limit"
+            result = f"TTFT {r.ttft_ms:,.0f} ms, {r.tokens_per_s_total:,.1f} tok/s ({r.decode_ms_per_step:.1f} ms/step)"
+            out.append([f"generate {model}", f"{r.impl}, batch {r.batch}", result, fmt_gib(r.peak_gib),
+                        bandwidth.lstrip(", ")])
+        else:
+            out.append([f"generate {model}", f"{r.impl}, batch {r.batch}", r.status, fmt_gib(r.peak_gib), ""])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="4b", choices=["4b", "12b", "27b"])
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test); sizes only")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128; tiny 16)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="prompt tokens, image included (default 300; tiny 32)")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per row (median reported)")
+    parser.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the warmup call")
+    parser.add_argument("--only", default="both", choices=["ours", "hf", "both"])
+    parser.add_argument("--compile", default="auto", choices=["auto", "off"],
+                        help="auto: also time ours with compile=True when generate() takes that argument")
+    parser.add_argument("--peak-bandwidth", type=float, default=None, help="TB/s; default from the device name")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+    args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
+    args.prompt_len = args.prompt_len or (32 if args.tiny else 300)
+    if args.new_tokens < 2 or args.repeats < 1 or args.warmup_tokens < 1:
+        parser.error("--new-tokens must be >= 2, --repeats and --warmup-tokens >= 1")
+    model_name = "tiny" if args.tiny else args.model
+    batches = [int(b) for b in args.batches.split(",")]
+
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = hf_config_dict(args.model, args.tiny)
+    config = Gemma3Config.from_hf_dict(raw)
+    env = environment(device)
+    bandwidth, bandwidth_note = peak_bandwidth(env["device"], args.peak_bandwidth)
+    can_compile = "compile" in inspect.signature(generate).parameters
+    say(f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}; "
+        f"peak bandwidth {bandwidth_note}; generate(compile=...) {'available' if can_compile else 'not available'}")
+    prompts = Prompts.make(config, max(batches), args.prompt_len, device, args.seed)
+    pad = config.text.pad_token_id
+    rows: list[Row] = []
+    tokens: dict[tuple[str, int], list[list[int]] | None] = {}
+    json_path = out / f"generate-{model_name}.json"
+
+    def save() -> None:
+        payload = {
+            "benchmark": "generate",
+            "model": model_name,
+            "settings": {**vars(args), "batches": batches},
+            **env,
+            "peak_bandwidth": bandwidth_note,
+            "text_weight_bytes": text_weight_bytes(config),
+            "compile_available": can_compile,
+            "greedy_agreement": {f"batch {b}": agreement(tokens.get(("ours", b)), tokens.get(("transformers", b)))
+                                 for b in batches},
+            "rows": [asdict(r) for r in rows],
+            "summary_rows": summary_rows(rows, model_name),
+        }
+        json_path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    def ours_rows(compiled: bool) -> None:
+        impl = "ours (compile=True)" if compiled else "ours"
+        say(f"[{impl}] building our model")
+        model = build_ours(config, device, DTYPE, args.seed)
+        say(f"[{impl}] weights {fmt_gib(allocated_gib(device))}")
+        for batch in batches:
+            # Compiled: one cache for the warmup and the timed calls, so they replay the graph the warmup captured.
+            cache = reusable_cache(model, batch, args.prompt_len + args.new_tokens) if compiled else None
+            tokens[(impl, batch)] = run_row(
+                rows, impl, batch,
+                lambda b, n: ours_call(model, *prompts.take(b), n, pad, device, compiled, cache),
+                args, config, bandwidth, device, save, compiled,
+            )
+            del cache
+        del model
+        free_memory(device)
+
+    def transformers_rows() -> None:
+        say("[transformers] building transformers' model (same weights)")
+        model = build_reference(raw, config, device, DTYPE, args.seed)
+        for batch in batches:
+            tokens[("transformers", batch)] = run_row(
+                rows, "transformers", batch,
+                lambda b, n: transformers_call(model, *prompts.take(b), n, pad, config.image_token_id, device),
+                args, config, bandwidth, device, save,
+            )
+        del model
+        free_memory(device)
+
+    # Eager ours, then transformers, then the compiled ours last: compiling may take long, and a timeout
+    # then still leaves the other rows in the JSON.
+    if args.only in ("ours", "both"):
+        ours_rows(compiled=False)
+    if args.only in ("hf", "both"):
+        transformers_rows()
+    if args.only in ("ours", "both") and can_compile and args.compile == "auto":
+        ours_rows(compiled=True)
+    save()
+
+    print(f"\nGeneration, Gemma 3 {model_name} shapes, random bf16 weights, prompt {args.prompt_len} tokens with one "
+          f"{config.vision.image_size} px image, greedy, {args.new_tokens} new tokens, median of {args.repeats}; "
+          f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, "
+          f"{env['date']}")
+    print(f"Peak bandwidth assumed: {bandwidth_note}. Bytes per decode step: text weights "
+          f"{text_weight_bytes(config) / 1e9:.2f} GB + KV cache.")
+    for batch in batches:
+        match = agreement(tokens.get(("ours", batch)), tokens.get(("transformers", batch)))
+        if match is not None:
+            verdict = ("equal" if match["equal"]
+                       else f"differ (all rows agree on the first {match['min_common_prefix']})")
+            print(f"Greedy tokens, batch {batch}, ours vs transformers: {verdict}")
+    print()
+    print(markdown_table(TABLE_HEADERS, [table_row(r) for r in rows]))
+    return 0 if all(r.status in ("ok", "OOM") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""Training-step throughput and memory: our trainer against transformers (sdpa), same weights, same batch.
+
+Run from the repository root (no install needed, no network):
+
+    PYTHONPATH=src python benchmarks/train_step.py --model 4b --out "$OUT"                  # GPU, 4B, 4,096 tokens
+    PYTHONPATH=src python benchmarks/train_step.py --model 4b --seqs 4096,16384,32768 --out "$OUT"
+    PYTHONPATH=src python benchmarks/train_step.py --model 27b --mode peft --only ours --steps 2 --out "$OUT"
+    PYTHONPATH=src python benchmarks/train_step.py --tiny --device cpu --out /tmp/bench     # seconds, on a CPU
+
+Method (as ``hf_anchor.py`` took the transformers figures, but a whole optimizer step): random weights at the
+real shapes, built on the device (nothing written to disk), one sequence of ``--seq`` tokens per step with one
+896 px image (its soft tokens in a ``<start_of_image>``..``<end_of_image>`` block near the start) and labels on
+all the text after the image. Each variant runs ``--warmup`` steps, then ``--steps`` timed steps, each between
+two ``synchronize`` calls; the figure is the median. Peak memory is ``torch.cuda.max_memory_allocated`` since
+the model was built (weights, gradients, optimizer state and activations); an out-of-memory error is caught and
+reported as ``OOM``. Variants run one after the other in this process, everything freed in between.
+
+Variants, each with the ``gemma3_vl_<size>_sft`` / ``_peft`` recipe's optimizer settings (AdamW, fused on CUDA,
+grad clip 1.0) at one row per step (``global_batch_size = micro_batch_size = 1``):
+
+* ``ours``: ``gemma3vl.train.trainer.Trainer.train_step``, the step ``gemma3vl train`` runs, with the model
+  weights in bf16 (``model.dtype=bfloat16``: what transformers runs below) or fp32 (``--ours-weights fp32``,
+  the recipe default on CUDA: fp32 master weights, forward under bf16 autocast). PEFT: LoRA r16 on the text
+  projections (``gemma3vl.train.lora``).
+* ``transformers``: ``Gemma3ForConditionalGeneration`` (sdpa) in bf16, ``loss.backward()``, clip, AdamW step;
+  PEFT through ``peft.get_peft_model`` with the same LoRA settings and target modules.
+
+Both models get the same random weights (drawn per tensor from a seed, written through the bridge's name
+mapping), so the first step's loss must agree up to bf16 rounding: the table shows it as a check.
+
+Writes ``train_step-<model>.json`` under ``--out`` (rewritten after every variant) and prints a table last.
+``generate.py`` imports the model-building helpers from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+from gemma3vl.bridge.layouts import detect_layout, get_layout
+from gemma3vl.bridge.mapping import Mapping, build_mappings, stores_untied_head
+from gemma3vl.bridge.random_checkpoint import LAYER_NORM_STD, NORM_STD
+from gemma3vl.config import Gemma3Config, preset_path
+from gemma3vl.data.batch import IGNORE, Batch
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.model import Gemma3Model, TokenInfo
+from gemma3vl.tiny import tiny_hf_config
+
+WEIGHT_STD = 0.02  # as write_random_hf_checkpoint
+DRAW_DTYPE = torch.bfloat16  # weights are drawn in bf16 (like a hub checkpoint), then cast to the model's dtype
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def hf_config_dict(model: str, tiny: bool) -> dict[str, Any]:
+    """The HF config.json of the 4B/12B/27B preset, or of the tiny test model."""
+    if tiny:
+        return tiny_hf_config()
+    path = preset_path(model)
+    if path is None:
+        raise Gemma3VLError(f"no preset config for {model!r}")
+    return json.loads(path.read_text())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Gemma3VLError("--device cuda was asked for, but no CUDA device is available")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------ device
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def allocated_gib(device: torch.device) -> float | None:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    def version(module: str) -> str | None:
+        try:
+            return __import__(module).__version__
+        except Exception:  # not installed, or broken: reported as absent
+            return None
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return ""
+
+    return {
+        "device": device_name(device),
+        "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30
+        if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "commit": git("describe", "--always", "--dirty") or "unknown",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def draw(mapping: Mapping, device: torch.device, seed: int) -> torch.Tensor:
+    """The random value of one native tensor: the same numbers for ours and for transformers' model, since
+    it depends only on the tensor's native name, shape and ``seed`` (and the device's generator)."""
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(mapping.native.encode()))
+    tensor = torch.empty(mapping.native_shape, device=device, dtype=DRAW_DTYPE)
+    if mapping.init == "layer_norm":
+        return tensor.normal_(1.0, LAYER_NORM_STD, generator=generator)
+    return tensor.normal_(0.0, NORM_STD if mapping.init == "rms_norm" else WEIGHT_STD, generator=generator)
+
+
+def native_mappings(config: Gemma3Config) -> list[Mapping]:
+    return build_mappings(config, get_layout("hub" if config.is_vision_language else "text"))
+
+
+@torch.no_grad()
+def build_ours(config: Gemma3Config, device: torch.device, dtype: torch.dtype, seed: int) -> Gemma3Model:
+    """Our model on ``device`` in ``dtype`` with random weights: built on the meta device and materialised
+    there directly (no fp32 copy of a bf16 model, nothing on the host)."""
+    with torch.device("meta"):
+        model = Gemma3Model(config)
+        if stores_untied_head(config):
+            model.text.add_untied_head()
+    model = model.to(dtype).to_empty(device=device)
+    params = model.state_dict(keep_vars=True)
+    mappings = native_mappings(config)
+    names = {m.native for m in mappings}
+    if names != set(params):
+        raise Gemma3VLError(f"model and mapping table disagree: {sorted(names ^ set(params))[:5]}")
+    for m in mappings:
+        params[m.native].copy_(draw(m, device, seed))
+    return model.eval()
+
+
+@torch.no_grad()
+def build_reference(raw: dict[str, Any], config: Gemma3Config, device: torch.device, dtype: torch.dtype, seed: int):
+    """transformers' Gemma3ForConditionalGeneration (sdpa) on ``device`` with the very weights of
+    ``build_ours(config, device, ..., seed)``: each native tensor is split into its HF tensors by the bridge's op."""
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_config = transformers.Gemma3Config.from_dict(raw)
+        with torch.device(device):
+            model = transformers.Gemma3ForConditionalGeneration._from_config(
+                hf_config, dtype=dtype, attn_implementation="sdpa"
+            )
+    state = model.state_dict(keep_vars=True)
+    layout = detect_layout(state.keys(), config.is_vision_language, "transformers' model in memory")
+    written: set[int] = set()
+    for m in build_mappings(config, layout):
+        native = draw(m, device, seed)
+        for key, part in zip(m.hf, m.op.to_hf(native)):
+            state[key].copy_(part)
+            written.add(id(state[key]))
+    missed = [name for name, param in model.named_parameters() if id(param) not in written]
+    if missed:
+        raise Gemma3VLError(f"transformers' model has parameters the mapping table does not fill: {missed[:5]}")
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def image_sequence(config: Gemma3Config, length: int, generator: torch.Generator, text_before: int = 4) -> torch.Tensor:
+    """``<bos>`` + a little text + one image block + random text, ``length`` ids in all."""
+    image = config.mm_tokens_per_image
+    if length < 1 + text_before + image + 2 + 1:
+        raise Gemma3VLError(f"a sequence of {length} tokens cannot hold one image ({image} soft tokens) and text")
+    text = config.text
+    special = {text.pad_token_id, text.bos_token_id, config.boi_token_id, config.eoi_token_id,
+               config.image_token_id, *config.stop_token_ids}
+    low, high = 10, text.vocab_size
+    ids = torch.randint(low, high, (length,), generator=generator)
+    for token in special:
+        ids[ids == token] = low
+    start = 1 + text_before
+    ids[0] = text.bos_token_id
+    ids[start] = config.boi_token_id
+    ids[start + 1:start + 1 + image] = config.image_token_id
+    ids[start + 1 + image] = config.eoi_token_id
+    return ids
+
+
+def random_pixels(config: Gemma3Config, count: int, generator: torch.Generator) -> torch.Tensor:
+    size = config.vision.image_size
+    return torch.rand(count, config.vision.num_channels, size, size, generator=generator) * 2 - 1
+
+
+@dataclass
+class TrainInputs:
+    """One row of ``seq`` tokens with one image; labels on the text after the image."""
+
+    input_ids: torch.Tensor  # [1, T]
+    labels: torch.Tensor  # [1, T], unshifted (transformers shifts them itself)
+    pixel_values: torch.Tensor  # [1, 3, S, S] float32
+    image_token_id: int
+
+    @classmethod
+    def make(cls, config: Gemma3Config, seq: int, device: torch.device, seed: int) -> "TrainInputs":
+        generator = torch.Generator().manual_seed(seed)
+        ids = image_sequence(config, seq, generator)
+        labels = ids.clone()
+        last_image_token = int((ids == config.eoi_token_id).nonzero()[0])
+        labels[: last_image_token + 1] = IGNORE
+        pixels = random_pixels(config, 1, generator)
+        return cls(ids[None].to(device), labels[None].to(device), pixels.to(device), config.image_token_id)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def ours(self, dtype: torch.dtype) -> Batch:
+        targets = torch.full_like(self.labels, IGNORE)
+        targets[:, :-1] = self.labels[:, 1:]
+        info = TokenInfo.for_tokens(self.input_ids, image_token_id=self.image_token_id)
+        return Batch(self.input_ids, targets, info, self.pixel_values.to(dtype))
+
+    def transformers(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "labels": self.labels,
+            "pixel_values": self.pixel_values.to(dtype),
+            "token_type_ids": (self.input_ids == self.image_token_id).long(),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ variants
+@dataclass
+class Variant:
+    impl: str  # ours | transformers
+    mode: str  # sft | peft
+    weights: str  # bf16 | fp32 (ours only: fp32 master weights under bf16 autocast)
+
+    @property
+    def label(self) -> str:
+        return f"{self.impl} {self.mode} {self.weights}"
+
+
+@dataclass
+class Result:
+    impl: str
+    mode: str
+    weights: str  # bf16 | fp32 + bf16 autocast (fp32 on a CPU)
+    recipe: str
+    seq: int
+    status: str = "ok"  # ok | OOM | error: ...
+    step_s: float | None = None
+    steps_per_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_gib: float | None = None
+    model_gib: float | None = None  # allocated right after building (weights, adapters)
+    first_loss: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_dtypes: list[str] = field(default_factory=list)  # peft keeps adapters in fp32 on a bf16 model
+    step_times_s: list[float] = field(default_factory=list)
+    leftover_gib: float | None = None  # still allocated after the variant was freed
+
+
+class RepeatBatch:
+    """Stands in for ``StepFeed``: every optimizer step gets the same one-row batch."""
+
+    def __init__(self, batch: Batch):
+        self.batch = batch
+
+    def next_step(self) -> list[Batch]:
+        return [self.batch]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def recipe_config(model: str, mode: str, seq: int, weights: str):
+    """The size's recipe, at one row of ``seq`` tokens per optimizer step (tiny runs use the 4B recipe)."""
+    from gemma3vl.train.config import recipe
+
+    cfg = recipe(f"gemma3_vl_{model if model != 'tiny' else '4b'}_{mode}")
+    cfg.train.global_batch_size = 1
+    cfg.train.micro_batch_size = 1
+    cfg.train.seq_length = seq
+    cfg.model.dtype = "bfloat16" if weights == "bf16" else "float32"
+    cfg.validate()
+    return cfg
+
+
+def peft_config_for(config: Gemma3Config, cfg):
+    """peft's LoraConfig with the targets our LoRA puts adapters on (read off a meta-device copy of ours)."""
+    from gemma3vl.train.lora import apply_lora
+    from gemma3vl.train.peft_export import peft_lora_config
+    from gemma3vl.train.run import lora_config
+
+    with torch.device("meta"):
+        shadow = Gemma3Model(config)
+        apply_lora(shadow, lora_config(cfg))
+    peft_config = peft_lora_config(shadow, lora_config(cfg))
+    peft_config.inference_mode = False
+    return peft_config
+
+
+def describe_params(model: torch.nn.Module, result: Result) -> None:
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    result.trainable_params = sum(p.numel() for p in trainable)
+    result.total_params = sum(p.numel() for p in params)
+    result.trainable_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
+
+
+def time_steps(step: Callable[[], float], warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
+    """Run ``warmup + steps`` steps; return the timed steps' durations and the first step's loss."""
+    times, first_loss = [], None
+    for index in range(warmup + steps):
+        synchronize(device)
+        started = time.perf_counter()
+        loss = step()
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+        if first_loss is None:
+            first_loss = loss
+        if index >= warmup:
+            times.append(elapsed)
+        say(f"    step {index + 1}/{warmup + steps}: {elapsed:.3f} s, loss {loss:.4f}")
+    return times, first_loss
+
+
+def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result):
+    from gemma3vl.train.lora import apply_lora
+    from gemma3vl.train.run import lora_config
+    from gemma3vl.train.trainer import Trainer, freeze
+
+    dtype = torch.bfloat16 if variant.weights == "bf16" else torch.float32
+    model = build_ours(config, device, dtype, args.seed)
+    freeze(model, cfg)
+    if variant.mode == "peft":
+        torch.manual_seed(args.seed)
+        apply_lora(model, lora_config(cfg))
+    describe_params(model, result)
+    result.model_gib = allocated_gib(device)
+    trainer = Trainer(cfg, model, RepeatBatch(inputs.ours(dtype)), Path(args.out), device)
+    reset_peak(device)
+    return time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
+
+
+def run_transformers(
+    variant: Variant, raw, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result
+):
+    from gemma3vl.train.schedule import build_optimizer
+
+    model = build_reference(raw, config, device, torch.bfloat16, args.seed)
+    if variant.mode == "peft":
+        import peft
+
+        torch.manual_seed(args.seed)
+        model = peft.get_peft_model(model, peft_config_for(config, cfg))
+    model.train()
+    describe_params(model, result)
+    result.model_gib = allocated_gib(device)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batch = inputs.transformers(torch.bfloat16)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+        optimizer.step()
+        return float(loss.detach())
+
+    reset_peak(device)
+    return time_steps(step, args.warmup, args.steps, device)
+
+
+def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: torch.device, args) -> Result:
+    cfg = recipe_config(args.model_name, variant.mode, seq, variant.weights)
+    # The trainer autocasts fp32 weights to bf16 on CUDA only (gemma3vl.train.trainer.autocast_for).
+    weights = "fp32 + bf16 autocast" if variant.weights == "fp32" and device.type == "cuda" else variant.weights
+    result = Result(variant.impl, variant.mode, weights, cfg.recipe, seq)
+    say(f"[{variant.label} seq {seq}] building")
+    try:
+        inputs = TrainInputs.make(config, seq, device, args.seed)
+        if variant.impl == "ours":
+            times, first_loss = run_ours(variant, config, inputs, cfg, device, args, result)
+        else:
+            times, first_loss = run_transformers(variant, raw, config, inputs, cfg, device, args, result)
+        step_s = statistics.median(times)
+        result.step_times_s = times
+        result.step_s = step_s
+        result.steps_per_s = 1.0 / step_s
+        result.tokens_per_s = seq / step_s
+        result.first_loss = first_loss
+        result.peak_gib = peak_gib(device)
+    except torch.OutOfMemoryError:
+        result.status = "OOM"
+        result.peak_gib = peak_gib(device)
+    except Exception as exc:  # reported, and the other variants still run
+        result.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        traceback.print_exc()
+    # Everything the variant built was local to the runner: gone once its frames (and any traceback) are.
+    free_memory(device)
+    result.leftover_gib = allocated_gib(device)
+    say(f"[{variant.label} seq {seq}] {result.status}"
+        + (f": {result.tokens_per_s:,.0f} tok/s, peak {fmt_gib(result.peak_gib)}" if result.status == "ok" else ""))
+    return result
+
+
+def variants(args) -> list[Variant]:
+    modes = ["sft", "peft"] if args.mode == "both" else [args.mode]
+    weights = [w.strip() for w in args.ours_weights.split(",") if w.strip()]
+    if not weights or any(w not in ("bf16", "fp32") for w in weights):
+        raise Gemma3VLError(f"--ours-weights {args.ours_weights!r}: expected bf16, fp32 or bf16,fp32")
+    ours = [Variant("ours", mode, w) for w in weights for mode in modes] if args.only in ("ours", "both") else []
+    theirs = [Variant("transformers", mode, "bf16") for mode in modes] if args.only in ("hf", "both") else []
+    # Like for like first (ours in the first --ours-weights, then transformers), then ours in the other weights:
+    # fp32 master weights take the most memory, and an OOM there should not disturb the comparison.
+    return ours[: len(modes)] + theirs + ours[len(modes):]
+
+
+# ------------------------------------------------------------------------------------------------ output
+def fmt_gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} GiB"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+TABLE_HEADERS = [
+    "impl", "recipe", "weights", "seq", "steps/s", "tokens/s", "peak mem", "loss step 1", "trainable", "status",
+]
+
+
+def table_row(r: Result) -> list[str]:
+    ok = r.status == "ok"
+    return [
+        r.impl, r.recipe, r.weights, f"{r.seq:,}",
+        f"{r.steps_per_s:.3f}" if ok else "-",
+        f"{r.tokens_per_s:,.0f}" if ok else "-",
+        fmt_gib(r.peak_gib) if ok else (f"≥ {fmt_gib(r.peak_gib)}" if r.peak_gib else "-"),
+        f"{r.first_loss:.4f}" if ok else "-",
+        f"{r.trainable_params / 1e6:,.1f} M ({'/'.join(r.trainable_dtypes)})" if r.trainable_params else "-",
+        r.status,
+    ]
+
+
+def summary_rows(results: list[Result], model: str) -> list[list[str]]:
+    """Rows for run_all_gpu.sh's combined table: benchmark, variant, throughput, memory, note."""
+    rows = []
+    for r in results:
+        variant = f"{r.impl} {r.recipe} ({r.weights}), seq {r.seq:,}"
+        throughput = f"{r.steps_per_s:.2f} steps/s, {r.tokens_per_s:,.0f} tok/s" if r.status == "ok" else r.status
+        memory = fmt_gib(r.peak_gib) if r.status == "ok" or r.peak_gib is None else f"≥ {fmt_gib(r.peak_gib)}"
+        note = f"loss@1 {r.first_loss:.3f}" if r.first_loss is not None else ""
+        rows.append([f"train step {model}", variant, throughput, memory, note])
+    return rows
+
+
+def write_json(path: Path, env: dict, args, results: list[Result]) -> None:
+    payload = {
+        "benchmark": "train_step",
+        "model": args.model_name,
+        "settings": {k: v for k, v in vars(args).items() if k != "model_name"},
+        **env,
+        "results": [asdict(r) for r in results],
+        "summary_rows": summary_rows(results, args.model_name),
+    }
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="4b", choices=["4b", "12b", "27b"])
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test); sizes only")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per step (default 4096; tiny: 64)")
+    parser.add_argument("--seqs", default=None, help="comma-separated sweep, e.g. 4096,16384,32768")
+    parser.add_argument("--only", default="both", choices=["ours", "hf", "both"])
+    parser.add_argument("--mode", default="both", choices=["sft", "peft", "both"])
+    parser.add_argument("--ours-weights", default="bf16",
+                        help="bf16 (model.dtype=bfloat16), fp32 (the recipe default on CUDA: fp32 master weights "
+                             "under bf16 autocast), or both: bf16,fp32")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    args.model_name = "tiny" if args.tiny else args.model
+    default_seq = 64 if args.tiny else 4096
+    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else [args.seq or default_seq]
+    try:
+        chosen = variants(args)
+    except Gemma3VLError as exc:
+        parser.error(str(exc))
+
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = hf_config_dict(args.model, args.tiny)
+    config = Gemma3Config.from_hf_dict(raw)
+    env = environment(device)
+    say(f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+        f"commit {env['commit']}")
+    json_path = out / f"train_step-{args.model_name}.json"
+    results: list[Result] = []
+    for seq in seqs:
+        for variant in chosen:
+            results.append(run_variant(variant, raw, config, seq, device, args))
+            write_json(json_path, env, args, results)
+
+    print(f"\nTraining step, Gemma 3 {args.model_name} shapes, random weights, one {config.vision.image_size} px image "
+          f"per sequence, batch 1; median of {args.steps} steps after {args.warmup} warmup; {env['device']}, "
+          f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, {env['date']}\n")
+    print(markdown_table(TABLE_HEADERS, [table_row(r) for r in results]))
+    return 0 if all(r.status in ("ok", "OOM") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The GPU benchmark scripts, rehearsed on the CPU with tiny models.
+
+``benchmarks/run_all_gpu.sh`` with ``TINY=1`` runs ``train_step.py --tiny`` and ``generate.py --tiny`` in their
+own processes exactly as a GPU session runs them (sizes and step counts aside), then the combined table. Here:
+they exit 0, each prints its table last, the JSON they write is complete, and both sides of each comparison
+got the same weights. Timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def load_benchmark(name: str, module_name: str):
+    """A script of benchmarks/ as a module, registered under ``module_name``."""
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# generate.py does ``from train_step import ...``: it finds this very module.
+train_step = load_benchmark("train_step", "train_step")
+generate_bench = load_benchmark("generate", "benchmark_generate")
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    if not (shutil.which("bash") and shutil.which("timeout")):
+        pytest.skip("run_all_gpu.sh needs bash and coreutils' timeout")
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, TINY="1", OUT=str(out), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(BENCHMARKS / "run_all_gpu.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return proc, out
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
+    proc, out = rehearsal
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
+    assert steps["train_step tiny"] == "ok", steps
+    assert steps["generate tiny"] == "ok", steps
+    assert steps["gpu_verify tiny"].startswith("skipped")
+    tail = proc.stdout[proc.stdout.rindex("## Results"):]
+    assert "| benchmark | variant | result | peak memory | note |" in tail
+    assert last_line(proc.stdout).startswith("| generate tiny | greedy tokens")
+    assert (out / "summary.md").read_text().strip() == proc.stdout[proc.stdout.index("## Steps"):].strip()
+
+
+def test_each_script_prints_its_table_last(rehearsal):
+    _, out = rehearsal
+    log = (out / "run_all.log").read_text()
+    train_part = log[log.index("=== train_step tiny"):log.index("=== generate tiny")]
+    generate_part = log[log.index("=== generate tiny"):log.index("=== train_step 27b")]
+    assert "| impl | recipe | weights | seq | steps/s |" in train_part
+    assert last_line(train_part).startswith("| ours | gemma3_vl_4b_peft | fp32 |")
+    assert "| impl | batch | TTFT | decode ms/step |" in generate_part
+    compiled = json.loads((out / "generate-tiny.json").read_text())["compile_available"]
+    assert last_line(generate_part).startswith("| ours (compile=True) | 8 |" if compiled else "| transformers | 8 |")
+
+
+def test_train_step_runs_every_variant_on_the_same_weights(rehearsal):
+    _, out = rehearsal
+    data = json.loads((out / "train_step-tiny.json").read_text())
+    results = data["results"]
+    labels = [(r["impl"], r["mode"], r["weights"]) for r in results]
+    assert labels == [("ours", "sft", "bf16"), ("ours", "peft", "bf16"), ("transformers", "sft", "bf16"),
+                      ("transformers", "peft", "bf16"), ("ours", "sft", "fp32"), ("ours", "peft", "fp32")]
+    for r in results:
+        assert r["status"] == "ok", r
+        assert r["steps_per_s"] > 0 and r["tokens_per_s"] > 0 and len(r["step_times_s"]) == 1
+    # Same random weights and batch: the first step's loss agrees (bf16 rounding aside), and the LoRA targets too.
+    first = [r["first_loss"] for r in results]
+    assert max(first) - min(first) < 0.02 * abs(first[0]), first
+    by = {(r["impl"], r["mode"], r["weights"]): r for r in results}
+    for mode in ("sft", "peft"):
+        assert by[("ours", mode, "bf16")]["trainable_params"] == by[("transformers", mode, "bf16")]["trainable_params"]
+    assert len(data["summary_rows"]) == len(results)
+
+
+def test_generate_gives_exactly_n_tokens_on_both_sides(rehearsal):
+    _, out = rehearsal
+    data = json.loads((out / "generate-tiny.json").read_text())
+    expected = [("ours", 1), ("ours", 8), ("transformers", 1), ("transformers", 8)]
+    if data["compile_available"]:  # generate(compile=True): timed last (on a CPU it runs eagerly)
+        expected += [("ours (compile=True)", 1), ("ours (compile=True)", 8)]
+    assert [(r["impl"], r["batch"]) for r in data["rows"]] == expected
+    for r in data["rows"]:
+        assert r["status"] == "ok", r
+        assert r["new_tokens"] == 8 and r["ttft_ms"] > 0 and r["tokens_per_s_total"] > 0
+    for batch in ("batch 1", "batch 8"):
+        match = data["greedy_agreement"][batch]
+        assert match is not None and match["rows"] == int(batch.split()[1])
+
+
+# ------------------------------------------------------------------------------------------------ in process
+def test_out_of_memory_is_reported_not_raised(monkeypatch, tmp_path):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train_step, "run_ours", out_of_memory)
+    raw = train_step.hf_config_dict("4b", tiny=True)
+    config = train_step.Gemma3Config.from_hf_dict(raw)
+    args = Namespace(model_name="tiny", seed=0, out=str(tmp_path), warmup=0, steps=1)
+    variant = train_step.Variant("ours", "sft", "bf16")
+    result = train_step.run_variant(variant, raw, config, 64, torch.device("cpu"), args)
+    assert result.status == "OOM"
+    assert train_step.table_row(result)[-1] == "OOM"
+
+
+def test_sweep_and_filters(tmp_path, capsys):
+    code = train_step.main(["--tiny", "--device", "cpu", "--only", "ours", "--mode", "peft", "--seqs", "48,64",
+                            "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "train_step-tiny.json").read_text())["results"]
+    assert [(r["impl"], r["mode"], r["seq"], r["status"]) for r in results] == [
+        ("ours", "peft", 48, "ok"), ("ours", "peft", 64, "ok")]
+    assert last_line(capsys.readouterr().out).startswith("| ours | gemma3_vl_4b_peft | bf16 | 64 |")
+
+
+def test_bandwidth_figures():
+    value, note = generate_bench.peak_bandwidth("NVIDIA H100 80GB HBM3", None)
+    assert value == 3.35e12 and "H100 SXM" in note
+    assert generate_bench.peak_bandwidth("NVIDIA H200", None)[0] == 4.8e12
+    assert generate_bench.peak_bandwidth("NVIDIA H100 PCIe", None)[0] == 2.0e12
+    assert generate_bench.peak_bandwidth("cpu", None)[0] is None
+    assert generate_bench.peak_bandwidth("cpu", 1.5)[0] == 1.5e12
+
+    config = train_step.Gemma3Config.from_hf_dict(train_step.hf_config_dict("4b", tiny=False))
+    # The 4B text decoder: 34 layers of 2560 wide, the 262,208 x 2560 embedding counted once; bf16.
+    assert 7.5e9 < generate_bench.text_weight_bytes(config) < 8.0e9
+    # One decode step at context P + 1: 6 global layers see all of it, 28 sliding layers (window 1024) too here.
+    per_token = 2 * config.text.num_key_value_heads * config.text.head_dim * 2
+    assert generate_bench.mean_kv_bytes(config, 1, 300, 2) == 34 * 301 * per_token
+    assert generate_bench.mean_kv_bytes(config, 8, 300, 2) == 8 * 34 * 301 * per_token
+
+
+def test_greedy_agreement():
+    assert generate_bench.agreement([[1, 2, 3]], [[1, 2, 3]]) == {"equal": True, "min_common_prefix": 3, "rows": 1}
+    assert generate_bench.agreement([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 5]])["min_common_prefix"] == 1
+    assert generate_bench.agreement(None, [[1]]) is None
