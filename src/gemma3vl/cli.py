@@ -1,4 +1,4 @@
-"""The ``gemma3vl`` command line: convert, generate, verify, demo.
+"""The ``gemma3vl`` command line: convert, generate, chat, serve, verify, train, demo.
 
 Standard output carries only results (generated text, or the verify table); progress and diagnostics go
 to standard error. A bad input ends in one ``error: ...`` line naming the file/key/shape and exit code 2.
@@ -17,6 +17,7 @@ from gemma3vl.errors import Gemma3VLError
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
+EXIT_LINES_SKIPPED = 1  # generate --batch: some lines were bad (the rest are answered)
 
 
 def log(message: str) -> None:
@@ -68,33 +69,18 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- generate
 def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Sampling":
-    from gemma3vl.infer.generate import Sampling
-    from gemma3vl.infer.prompt import processor_dir
+    """Sampling for ``generate`` / ``chat``: the checkpoint's generation config, then the sampling flags."""
+    from gemma3vl.infer.sampling_defaults import read_generation_defaults, resolve_sampling
 
-    defaults: dict = {}
-    generation_file = processor_dir(model_dir) / "generation_config.json"
-    if generation_file.is_file():
-        try:
-            defaults = json.loads(generation_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise Gemma3VLError(f"{generation_file}: not valid JSON ({exc})") from None
-    stop = defaults.get("eos_token_id", list(config.stop_token_ids))
-    stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
-    stop_ids = tuple(sorted(set(stop_ids) | set(config.stop_token_ids)))
-    sample = bool(defaults.get("do_sample", False)) and not args.greedy
-    if args.temperature is not None or args.top_k is not None or args.top_p is not None:
-        sample = not args.greedy
-    if args.temperature == 0:
-        sample = False
-    return Sampling(
+    return resolve_sampling(
+        read_generation_defaults(model_dir),
+        config,
         max_new_tokens=args.max_new_tokens,
-        greedy=not sample,
-        temperature=args.temperature if args.temperature is not None else float(defaults.get("temperature", 1.0)),
-        top_k=args.top_k if args.top_k is not None else defaults.get("top_k"),
-        top_p=args.top_p if args.top_p is not None else defaults.get("top_p"),
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
-        stop_token_ids=stop_ids,
-        pad_token_id=config.text.pad_token_id,
     )
 
 
@@ -105,6 +91,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gemma3vl.infer.loading import load_model
     from gemma3vl.infer.prompt import build_inputs, load_image, load_processor, tokenizer_of
 
+    if args.batch is not None:
+        return cmd_generate_batch(args)
+    if args.output is not None or args.batch_size is not None:
+        raise Gemma3VLError("--output and --batch-size go with --batch FILE.jsonl")
+    if args.prompt is None:
+        raise Gemma3VLError("give --prompt TEXT (or --batch FILE.jsonl --output FILE.jsonl)")
     model_dir = Path(args.model_dir)
     images = [load_image(path) for path in args.image]
     started = time.perf_counter()
@@ -155,6 +147,102 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(text[len(printed):] + "\n")
     sys.stdout.flush()
     log(f"{len(produced)} tokens in {elapsed:.2f}s ({len(produced) / max(elapsed, 1e-9):.1f} tokens/s)")
+    return 0
+
+
+def cmd_generate_batch(args: argparse.Namespace) -> int:
+    """``generate --batch``: JSONL prompts in, JSONL answers out (format in gemma3vl.infer.batch)."""
+    from gemma3vl.infer.batch import BatchDefaults, describe_summary, run_batch_file
+    from gemma3vl.infer.runtime import InferenceRuntime
+
+    if args.prompt is not None or args.image:
+        raise Gemma3VLError("--batch takes prompts and images from the JSONL file; drop --prompt / --image")
+    if args.stream:
+        raise Gemma3VLError("--stream does not go with --batch (answers go to --output)")
+    if args.output is None:
+        raise Gemma3VLError("--batch needs --output FILE.jsonl")
+    batch_path, output_path = Path(args.batch), Path(args.output)
+    if not batch_path.is_file():
+        raise Gemma3VLError(f"{batch_path}: no such prompts file")
+    if output_path.exists() and output_path.resolve() == batch_path.resolve():
+        raise Gemma3VLError(f"{output_path}: the output would overwrite the prompts file")
+    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
+    log(runtime.describe())
+    defaults = BatchDefaults(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw,
+                             pan_and_scan=True if args.pan_and_scan else None)
+    started = time.perf_counter()
+    summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
+                             batch_size=args.batch_size if args.batch_size is not None else 8)
+    log(describe_summary(summary, output_path, time.perf_counter() - started))
+    return EXIT_LINES_SKIPPED if summary.skipped else 0
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gemma3vl.infer.chat import ChatSession, run_chat
+    from gemma3vl.infer.runtime import InferenceRuntime
+
+    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
+    sampling = sampling_from(args, runtime.model_dir, runtime.config)
+    sampling.validate()
+    log(runtime.describe())
+    interactive = sys.stdin.isatty()
+    if interactive:
+        log("type a message; /image PATH attaches a picture to the next one, /reset, /exit, /help")
+    session = ChatSession(runtime, sampling, system=args.system, pan_and_scan=True if args.pan_and_scan else None)
+    return run_chat(session, sys.stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
+
+
+# ---------------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from gemma3vl.infer.image_sources import ImageLimits
+    from gemma3vl.infer.runtime import InferenceRuntime
+    from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
+
+    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-tokens", args.max_tokens),
+                        ("--max-images", args.max_images), ("--max-image-pixels", args.max_image_pixels)):
+        if value < 1:
+            raise Gemma3VLError(f"{flag} {value} must be >= 1")
+    if args.batch_wait_ms < 0:
+        raise Gemma3VLError(f"--batch-wait-ms {args.batch_wait_ms} must be >= 0")
+    if args.allow_local_images is not None and not Path(args.allow_local_images).is_dir():
+        raise Gemma3VLError(f"--allow-local-images {args.allow_local_images}: not a directory")
+    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
+    log(runtime.describe())
+    settings = ServerSettings(
+        host=args.host, port=args.port, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000, max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens,
+        images=ImageLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                           max_images=args.max_images),
+        allow_local_images=args.allow_local_images, allow_remote_images=args.allow_remote_images,
+        pan_and_scan=True if args.pan_and_scan else None,
+    )
+    try:
+        server = ChatCompletionServer(runtime, settings)
+    except OSError as exc:
+        raise Gemma3VLError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        server.start()
+        log(f"serving {server.model_name} at {server.url}/v1 (max batch {settings.max_batch_size}); Ctrl-C stops")
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            log(f"warning: listening on {args.host}, not loopback: anyone who can reach this port can use the model")
+        while not stop.wait(0.5):
+            pass
+        log("stopping: refusing new requests, ending running generations ...")
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log("stopped")
     return 0
 
 
@@ -210,6 +298,19 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    from gemma3vl.parallel import plan
+
+    counts = plan.count_parameters(plan.load_config(args.model))
+    options = plan.candidates(counts, args.gpus, seq=args.seq, micro_batch=args.micro_batch_size, mode=args.mode,
+                              images=args.images, bf16_weights=args.bf16_weights)
+    choice = plan.recommend(options, args.gpu_memory * 1e9)
+    print(plan.format_plan(counts, options, choice, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, seq=args.seq,
+                           mode=args.mode))
+    return 0 if choice is not None else EXIT_VERIFY_FAILED
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from gemma3vl.demo import run_demo
@@ -218,6 +319,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--dtype / --device, as generate has them."""
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The sampling flags of generate (read by ``sampling_from``)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding (default: the checkpoint's sampling)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma3vl", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text for a prompt and images")
     gen.add_argument("model_dir", help="HF checkpoint directory or native directory")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", default=None, help="the prompt (required unless --batch)")
     gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--greedy", action="store_true", help="argmax decoding (default: the checkpoint's sampling)")
@@ -255,7 +372,44 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    gen.add_argument("--batch", default=None, metavar="PROMPTS.jsonl",
+                     help="answer every line of this JSONL file instead of --prompt (see the README)")
+    gen.add_argument("--output", default=None, metavar="ANSWERS.jsonl", help="where --batch writes its answers")
+    gen.add_argument("--batch-size", type=int, default=None, metavar="N", help="prompts per batch with --batch (8)")
     gen.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="multi-turn terminal chat with images, streaming the answers")
+    chat.add_argument("model_dir", help="HF checkpoint directory or native directory")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the conversation")
+    add_sampling_options(chat, max_new_tokens=512)
+    chat.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
+    add_model_options(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
+    serve.add_argument("model_dir", help="HF checkpoint directory or native directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
+    add_model_options(serve)
+    serve.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the model id clients use (default: the directory's name)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (8)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long a request waits for others to batch with (5)")
+    serve.add_argument("--max-tokens", type=int, default=2048,
+                       help="the largest max_tokens a request may ask for, and the default (2048)")
+    serve.add_argument("--max-request-bytes", type=parse_size, default=parse_size("64MiB"), metavar="SIZE",
+                       help="largest request body (64MiB)")
+    serve.add_argument("--max-image-bytes", type=parse_size, default=parse_size("20MiB"), metavar="SIZE",
+                       help="largest image file (20MiB)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
+                       help="largest image, width x height (16777216)")
+    serve.add_argument("--max-images", type=int, default=8, metavar="N", help="most images in one request (8)")
+    serve.add_argument("--allow-local-images", default=None, metavar="DIR",
+                       help="let image_url name files, confined to DIR (default: data: URLs only)")
+    serve.add_argument("--allow-remote-images", action="store_true", help="let image_url be an http(s) URL")
+    serve.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
+    serve.set_defaults(func=cmd_serve)
 
     ver = commands.add_parser("verify", help="compare our model with transformers on a synthetic batch")
     ver.add_argument("model_dir", help="HF checkpoint directory (the reference)")
@@ -285,6 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="gemma3vl-demo", help="working directory (default: ./gemma3vl-demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    planner = commands.add_parser("plan", help="estimate per-GPU training memory per layout and recommend one")
+    planner.add_argument("--model", required=True, help="4b, 12b, 27b, or a checkpoint directory")
+    planner.add_argument("--gpus", type=int, required=True, help="GPUs in total (all nodes)")
+    planner.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory of one GPU (e.g. 80)")
+    planner.add_argument("--seq", type=int, default=4096, help="train.seq_length (default 4096)")
+    planner.add_argument("--mode", choices=["sft", "peft"], default="sft", help="full SFT or LoRA r16 (default sft)")
+    planner.add_argument("--micro-batch-size", type=int, default=1, help="train.micro_batch_size (default 1)")
+    planner.add_argument("--images", type=int, default=1, help="images per sequence (default 1)")
+    planner.add_argument("--bf16-weights", action="store_true", help="model.dtype=bfloat16 (no fp32 master copy)")
+    planner.set_defaults(func=cmd_plan)
     return parser
 
 

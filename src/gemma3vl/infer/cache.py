@@ -1,6 +1,10 @@
-"""KV cache with the sliding-window semantics of transformers' DynamicCache (reference §8).
+"""KV caches with the sliding-window semantics of transformers' DynamicCache (reference §8).
 
-Global layers keep every position. Sliding layers keep only the last ``window - 1`` positions after each
+``StaticKVCache`` is what generation uses: preallocated, fixed shapes, ring buffers for sliding layers. ``KVCache``
+is the simple dynamic form (tensors grow by concatenation), kept as the readable statement of the semantics and
+as a second implementation to test the static one against.
+
+KVCache: global layers keep every position. Sliding layers keep only the last ``window - 1`` positions after each
 step (the window minus the query itself), so 5 of every 6 layers hold at most ``window - 1`` keys however
 long the conversation grows. Keys are stored after q/k-norm and RoPE at absolute positions, so nothing is
 re-rotated when the window slides. The mask description of the cached keys (positions, segments, image
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gemma3vl.config import SLIDING, TextConfig
+from gemma3vl.config import FULL, SLIDING, TextConfig
 from gemma3vl.model.attention import TokenInfo
 
 
@@ -51,3 +55,109 @@ class KVCache:
 
     def cached_length(self, layer: int) -> int:
         return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+
+class StaticKVCache:
+    """Preallocated KV cache with exactly the masks of transformers' DynamicCache (reference §8).
+
+    Layout, per layer: keys and values ``[B, K, S, hd]`` allocated once. ``S = max_length`` for global layers
+    (column ``c`` of the left-padded batch lives in slot ``c``) and ``S = min(window, max_length)`` for sliding
+    layers, a ring buffer (column ``c`` lives in slot ``c % S``): 5 of every 6 layers hold at most ``window``
+    positions however long the conversation. Beside the tensors, ``slots[layer_type]`` is a ``TokenInfo`` [B, S]
+    saying what each slot holds (position, segment, image block; segment 0 = empty), so ``dense_mask`` gives the
+    same masks as without a cache and empty or stale slots can never be seen.
+
+    Why exact: transformers keeps ``window - 1`` past keys and attends them plus the current token, i.e. a query
+    sees the last ``window`` positions including itself. A single new token is written into the ring *before*
+    attention (it overwrites the one position that just left the window), so the ring is exactly that. A chunk of
+    several tokens (the prompt) attends over ring + its own keys, since its first queries need keys that its last
+    tokens would overwrite, and only then keeps its last ``S`` keys.
+
+    ``index`` (a one-element tensor on the device) counts the columns written. A step reads and bumps it on the
+    device, never on the host, so a decode step has fixed shapes and no host sync: what CUDA graphs need. On CUDA
+    the buffers are marked as static addresses, the condition for ``torch.compile(mode="reduce-overhead")`` to
+    capture a step that writes into them; reuse one cache across calls (``reset()``) to keep the captured graph.
+    """
+
+    def __init__(
+        self, config: TextConfig, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype
+    ):
+        device = torch.device(device)
+        self.layer_types = config.layer_types
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.sizes = {FULL: max_length, SLIDING: min(config.sliding_window, max_length)}
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for kind in self.layer_types:
+            shape = (batch_size, config.num_key_value_heads, self.sizes[kind], config.head_dim)
+            # zeros, not empty: a masked slot still enters the attention product with weight 0, and 0 * NaN = NaN
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.slots = {
+            kind: TokenInfo(
+                positions=torch.zeros(batch_size, size, dtype=torch.long, device=device),
+                segment_ids=torch.zeros(batch_size, size, dtype=torch.long, device=device),
+                image_block_ids=torch.full((batch_size, size), -1, dtype=torch.long, device=device),
+            )
+            for kind, size in self.sizes.items()
+        }
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self._step_length = 0
+        if device.type == "cuda":
+            for tensor in self._buffers():
+                torch._dynamo.mark_static_address(tensor)
+
+    def _buffers(self) -> list[torch.Tensor]:
+        infos = [t for info in self.slots.values() for t in (info.positions, info.segment_ids, info.image_block_ids)]
+        return [*self.keys, *self.values, *infos, self.index]
+
+    def reset(self) -> None:
+        """Empty the cache in place (same tensors, so a compiled step captured with them stays valid)."""
+        self.index.zero_()
+        for info in self.slots.values():
+            info.segment_ids.zero_()
+            info.positions.zero_()
+            info.image_block_ids.fill_(-1)
+
+    def _targets(self, layer_type: str, length: int) -> tuple[int, torch.Tensor]:
+        """Where a step of ``length`` new columns goes: (first new column kept, slot of each kept column)."""
+        size = self.sizes[layer_type]
+        keep = min(length, size) if layer_type == SLIDING else length
+        columns = self.index + torch.arange(length - keep, length, device=self.index.device)
+        # no wrap-around for global layers: a column past max_length must fail, not overwrite column 0
+        return length - keep, columns % size if layer_type == SLIDING else columns
+
+    def keys_info(self, layer_type: str, new: TokenInfo) -> TokenInfo:
+        """Mask description of the keys the step's queries attend (what ``update`` returns), in the same order."""
+        length = new.positions.shape[1]
+        self._step_length = length
+        slots = self.slots[layer_type]
+        keys = slots.cat(new) if layer_type == SLIDING and length > 1 else slots
+        start, targets = self._targets(layer_type, length)
+        for buffer, values in zip(
+            (slots.positions, slots.segment_ids, slots.image_block_ids),
+            (new.positions, new.segment_ids, new.image_block_ids),
+        ):
+            buffer.index_copy_(1, targets, values[:, start:])
+        return keys
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's keys/values [B, K, T, hd]; return the keys/values to attend over."""
+        kind = self.layer_types[layer]
+        length = k.shape[2]
+        cached_k, cached_v = self.keys[layer], self.values[layer]
+        attend_k, attend_v = cached_k, cached_v
+        if kind == SLIDING and length > 1:
+            attend_k, attend_v = torch.cat((cached_k, k), dim=2), torch.cat((cached_v, v), dim=2)
+        start, targets = self._targets(kind, length)
+        cached_k.index_copy_(2, targets, k[:, :, start:])
+        cached_v.index_copy_(2, targets, v[:, :, start:])
+        return attend_k, attend_v
+
+    def end_step(self) -> None:
+        self.index.add_(self._step_length)
+
+    def filled(self, layer_type: str) -> torch.Tensor:
+        """How many slots of each row hold a real token [B] (padding columns are not counted)."""
+        return (self.slots[layer_type].segment_ids != 0).sum(dim=1)

@@ -1,0 +1,255 @@
+"""``gemma3vl generate --batch``: a JSONL file of prompts in, a JSONL file of answers out.
+
+Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
+per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop}``; each prompt is built exactly as
+``gemma3vl generate --prompt`` builds it. Lines whose sampling settings match run together in batches of
+``--batch-size`` (``generate`` samples every row of a batch the same way); each row keeps its own token
+limit and stop strings. A bad line is reported as ``FILE:LINE: reason`` and skipped, and counted. Answers
+are written in input order, each as soon as every line before it is done, to ``OUTPUT.partial``, which is
+renamed to ``OUTPUT`` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.completion import Completion, Row
+from gemma3vl.infer.conversation import EncodedPrompt
+from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.prompt import load_image
+from gemma3vl.infer.runtime import InferenceRuntime
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop")
+
+
+@dataclass
+class BatchDefaults:
+    """The command line's settings, which a line's own keys override."""
+
+    max_new_tokens: int = 128
+    greedy: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    raw: bool = False
+    pan_and_scan: bool | None = None
+
+
+@dataclass
+class BatchItem:
+    line: int  # 1-based line number in the input file
+    prompt: str
+    image_paths: list[Path]
+    sampling: Sampling
+    stop: tuple[str, ...] = ()
+    id: Any = None
+    has_id: bool = False
+
+    def batch_key(self) -> Hashable:
+        s = self.sampling
+        if s.greedy:
+            return ("greedy",)
+        return ("sample", s.temperature, s.top_k, s.top_p, s.seed)
+
+    def record(self, completion: Completion) -> dict[str, Any]:
+        key = {"id": self.id} if self.has_id else {"index": self.line - 1}
+        return {**key, "prompt": self.prompt, "answer": completion.text, "tokens": completion.completion_tokens,
+                "finish_reason": completion.finish_reason}
+
+
+@dataclass
+class BatchSummary:
+    answered: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _check_type(obj: dict, key: str, ok: Callable[[Any], bool], wanted: str) -> None:
+    if key in obj and not ok(obj[key]):
+        raise Gemma3VLError(f"{key!r} must be {wanted}, got {obj[key]!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_stop(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+
+
+def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, runtime: InferenceRuntime) -> BatchItem:
+    """One input line as a :class:`BatchItem` (a Gemma3VLError saying what is wrong otherwise)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Gemma3VLError(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise Gemma3VLError("expected a JSON object like {\"prompt\": \"...\"}")
+    unknown = sorted(set(obj) - set(LINE_KEYS))
+    if unknown:
+        raise Gemma3VLError(f"unknown key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(LINE_KEYS)})")
+    if not isinstance(obj.get("prompt"), str):
+        raise Gemma3VLError("'prompt' (a string) is required")
+    _check_type(obj, "images", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
+                "a list of file paths")
+    _check_type(obj, "id", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or integer")
+    _check_type(obj, "max_new_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check_type(obj, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _check_type(obj, "top_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check_type(obj, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    _check_type(obj, "seed", _is_int, "an integer")
+    _check_type(obj, "greedy", lambda v: isinstance(v, bool), "true or false")
+    _check_type(obj, "stop", _is_stop, "a string or a list of strings")
+    images = [base_dir / path for path in obj.get("images", [])]
+    for path in images:
+        if not path.is_file():
+            raise Gemma3VLError(f"{path}: no such image file")
+    if images and not runtime.config.is_vision_language:
+        raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
+    # A line that sets a sampling setting samples, as the same flags do on the command line without --greedy.
+    greedy = obj.get("greedy", defaults.greedy and not any(key in obj for key in SAMPLING_KEYS))
+    sampling = runtime.sampling(
+        max_new_tokens=obj.get("max_new_tokens", defaults.max_new_tokens),
+        greedy=greedy,
+        temperature=obj.get("temperature", defaults.temperature),
+        top_k=obj.get("top_k", defaults.top_k),
+        top_p=obj.get("top_p", defaults.top_p),
+        seed=obj.get("seed", defaults.seed),
+    )
+    sampling.validate()
+    stop = obj.get("stop", ())
+    return BatchItem(line=line, prompt=obj["prompt"], image_paths=images, sampling=sampling,
+                     stop=(stop,) if isinstance(stop, str) else tuple(stop), id=obj.get("id"), has_id="id" in obj)
+
+
+def read_batch_file(path: Path, defaults: BatchDefaults, runtime: InferenceRuntime,
+                    report: Callable[[str], None]) -> tuple[list[BatchItem], int]:
+    """The valid items of ``path`` and the number of bad lines (each reported as ``FILE:LINE: reason``)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Gemma3VLError(f"{path}: cannot read the prompts file ({exc})") from None
+    items: list[BatchItem] = []
+    bad = 0
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            items.append(parse_line(text, number, path.parent, defaults, runtime))
+        except Gemma3VLError as exc:
+            report(f"{path}:{number}: {exc}")
+            bad += 1
+    return items, bad
+
+
+class _OrderedWriter:
+    """Writes records in input order: each one as soon as all earlier lines are answered or skipped."""
+
+    def __init__(self, stream: Any, lines_in_order: list[int]):
+        self.stream = stream
+        self.order = lines_in_order
+        self.next = 0
+        self.ready: dict[int, dict | None] = {}
+
+    def put(self, line: int, record: dict | None) -> None:
+        self.ready[line] = record
+        while self.next < len(self.order) and self.order[self.next] in self.ready:
+            record = self.ready.pop(self.order[self.next])
+            if record is not None:
+                self.stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.next += 1
+        self.stream.flush()
+
+
+def _encode(item: BatchItem, runtime: InferenceRuntime, defaults: BatchDefaults) -> EncodedPrompt:
+    images = [load_image(path) for path in item.image_paths]
+    prompt = runtime.encode_prompt(item.prompt, images, raw=defaults.raw, pan_and_scan=defaults.pan_and_scan)
+    if prompt.length + item.sampling.max_new_tokens > runtime.context_length:
+        raise Gemma3VLError(f"the prompt is {prompt.length} tokens; with max_new_tokens="
+                            f"{item.sampling.max_new_tokens} that is over the context of {runtime.context_length}")
+    return prompt
+
+
+def _answer_chunk(runtime: InferenceRuntime, chunk: list[BatchItem], defaults: BatchDefaults,
+                  writer: _OrderedWriter, summary: BatchSummary, bad: Callable[[str], None], source: Path) -> None:
+    """Encode one batch's prompts (skipping the ones that fail), generate, and hand the answers to ``writer``."""
+    items, prompts = [], []
+    for item in chunk:
+        try:
+            prompts.append(_encode(item, runtime, defaults))
+            items.append(item)
+        except Gemma3VLError as exc:
+            bad(f"{source}:{item.line}: {exc}")
+            summary.skipped += 1
+            writer.put(item.line, None)
+    if not items:
+        return
+    rows = [Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop)
+            for item, prompt in zip(items, prompts)]
+    for item, completion in zip(items, runtime.complete(rows, items[0].sampling)):
+        writer.put(item.line, item.record(completion))
+        summary.answered += 1
+
+
+def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_path: str | Path, *,
+                   defaults: BatchDefaults, batch_size: int = 8, progress: bool = True,
+                   report: Callable[[str], None] | None = None) -> BatchSummary:
+    """Answer every valid line of ``input_path`` into ``output_path`` (JSONL).
+
+    Answers go to ``OUTPUT.partial`` first, renamed to ``OUTPUT`` when every line is done; a run that fails or
+    is interrupted leaves the partial file (the answers so far, in input order) and says so.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise Gemma3VLError(f"--batch-size {batch_size} must be >= 1")
+    input_path, output_path = Path(input_path), Path(output_path)
+    summary = BatchSummary()
+    # tqdm.write keeps a message on its own line above the progress bar
+    say = report or (lambda message: tqdm.write(message, file=sys.stderr))
+
+    def bad(message: str) -> None:
+        summary.errors.append(message)
+        say(message)
+
+    items, summary.skipped = read_batch_file(input_path, defaults, runtime, bad)
+    groups: dict[Hashable, list[BatchItem]] = {}
+    for item in items:
+        groups.setdefault(item.batch_key(), []).append(item)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_path.with_name(output_path.name + ".partial")
+    done = False
+    with tqdm(total=len(items), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:
+        try:
+            with open(partial, "w", encoding="utf-8") as stream:
+                writer = _OrderedWriter(stream, [item.line for item in items])
+                for group in groups.values():
+                    for start in range(0, len(group), batch_size):
+                        chunk = group[start:start + batch_size]
+                        _answer_chunk(runtime, chunk, defaults, writer, summary, bad, input_path)
+                        bar.update(len(chunk))
+            os.replace(partial, output_path)
+            done = True
+        finally:
+            if not done and partial.exists():
+                say(f"stopped early: the answers so far are in {partial}")
+    return summary
+
+
+def describe_summary(summary: BatchSummary, output_path: str | Path, seconds: float) -> str:
+    return (f"answered {summary.answered} prompt(s), skipped {summary.skipped} bad line(s), "
+            f"in {seconds:.1f}s -> {output_path}")
+

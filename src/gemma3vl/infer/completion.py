@@ -1,0 +1,156 @@
+"""Many independent completions in one ``generate`` call: left-padded rows, each with its own limits.
+
+``generate`` runs a left-padded batch with one :class:`Sampling` for every row and stops a row at a stop
+token. The front-ends need more per row: its own ``max_new_tokens`` (the batch runs to the largest and each
+row is cut at its own), stop strings, streamed text, and cancellation (a client that went away). The
+per-step callback does that bookkeeping, and ends the whole ``generate`` call early — by raising out of the
+callback — once every row is done by its own rules, so a batch never decodes for rows nobody waits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from gemma3vl.infer.conversation import EncodedPrompt
+from gemma3vl.infer.detokenize import IncrementalText
+from gemma3vl.infer.generate import Sampling, generate
+
+FINISH_STOP = "stop"  # a stop token or a stop string
+FINISH_LENGTH = "length"  # the row's max_new_tokens
+FINISH_CANCELLED = "cancelled"  # nobody waits for the answer any more
+
+
+@dataclass
+class Row:
+    """One completion to compute: the prompt, its own token limit and stop strings, and where text goes."""
+
+    prompt: EncodedPrompt
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None  # stream-safe text deltas, in order
+    on_finish: Callable[["Completion"], None] | None = None  # once, as soon as this row is done
+    is_cancelled: Callable[[], bool] | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated ids, the stop token included when one ended the row
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def collate_left_padded(prompts: list[EncodedPrompt], pad_token_id: int) -> dict[str, torch.Tensor | None]:
+    """input_ids / attention_mask [B, L] with padding on the left, and every row's pixel values in row order
+    (the model fills image slots row by row, image by image)."""
+    longest = max(prompt.length for prompt in prompts)
+    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, longest - prompt.length:] = prompt.input_ids
+        attention_mask[row, longest - prompt.length:] = 1
+    pixels = [prompt.pixel_values for prompt in prompts if prompt.pixel_values is not None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }
+
+
+class _EveryRowDone(Exception):
+    """Raised out of ``on_step`` to end ``generate`` early; never escapes :func:`complete`."""
+
+
+class _RowState:
+    def __init__(self, row: Row, tokenizer: Any):
+        self.row = row
+        self.text = IncrementalText(tokenizer, row.stop_strings)
+        self.finish_reason: str | None = None
+        self.completion: Completion | None = None
+
+    def emit(self, final: bool = False) -> None:
+        if self.row.on_text is not None:
+            delta = self.text.delta(final=final)
+            if delta:
+                self.row.on_text(delta)
+
+    def finish(self, reason: str) -> None:
+        """The row is done: last text, then its Completion to ``on_finish`` (at once, not at the batch's end)."""
+        self.finish_reason = reason
+        if reason != FINISH_CANCELLED:
+            self.emit(final=True)
+        self.completion = Completion(text=self.text.final_text(), token_ids=list(self.text.token_ids),
+                                     finish_reason=reason, prompt_tokens=self.row.prompt.length)
+        if self.row.on_finish is not None:
+            self.row.on_finish(self.completion)
+
+    def step(self, token: int, stop_ids: set[int]) -> None:
+        if self.finish_reason is not None:
+            return
+        if self.row.is_cancelled is not None and self.row.is_cancelled():
+            self.finish(FINISH_CANCELLED)
+        elif token in stop_ids:
+            self.text.token_ids.append(token)
+            self.finish(FINISH_STOP)
+        elif self.text.add(token):
+            self.finish(FINISH_STOP)
+        elif len(self.text.token_ids) >= self.row.max_new_tokens:
+            self.finish(FINISH_LENGTH)
+        else:
+            self.emit()
+
+
+def complete(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: list[Row],
+    sampling: Sampling,
+    *,
+    decode_lock: Any = None,
+) -> list[Completion]:
+    """Run ``rows`` as one batch with ``sampling`` (its max_new_tokens is replaced by the rows' largest).
+
+    ``decode_lock`` (a context manager) guards the tokenizer when other threads use it at the same time.
+    """
+    if not rows:
+        return []
+    sampling = replace(sampling, max_new_tokens=max(row.max_new_tokens for row in rows))
+    states = [_RowState(row, tokenizer) for row in rows]
+    stop_ids = set(sampling.stop_token_ids)
+    batch = collate_left_padded([row.prompt for row in rows], sampling.pad_token_id)
+
+    lock = decode_lock if decode_lock is not None else contextlib.nullcontext()
+
+    def on_step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        with lock:
+            for state, token in zip(states, tokens.tolist()):
+                state.step(token, stop_ids)
+        if all(state.finish_reason is not None for state in states):
+            raise _EveryRowDone
+
+    device = model.text.embed.weight.device
+    pixel_values = batch["pixel_values"]
+    try:
+        generate(
+            model,
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=None if pixel_values is None else pixel_values.to(device),
+            sampling=sampling,
+            on_step=on_step,
+        )
+    except _EveryRowDone:
+        pass
+    with lock:
+        for state in states:
+            if state.finish_reason is None:  # generate ended at the batch's max_new_tokens
+                state.finish(FINISH_LENGTH)
+    return [state.completion for state in states]

@@ -1,0 +1,97 @@
+"""Generated token ids -> text as it grows: stream-safe deltas and stop strings.
+
+Streaming cannot print ``decode(token)`` per token. Gemma's decoder maps ``▁`` to a space, then turns each
+run of byte-fallback pieces (``<0x..>``) into text *as a whole* — a run that is not valid UTF-8 yet decodes to
+one U+FFFD per byte, and becomes a character when its last byte arrives — then fuses the pieces. So text is
+final up to the last ordinary piece: a sequence decodes as the concatenation of its parts cut after such a
+piece. Each step decodes only the tokens since the last cut (usually just the new one); byte pieces and
+special tokens (which are skipped, and would join the byte runs on both sides) wait for the next ordinary
+piece. For tokenizers without byte fallback a trailing U+FFFD also waits.
+
+Stop strings (OpenAI's ``stop``) are found in the decoded text; the answer is cut before the first one, and
+streaming holds back the last ``len(longest stop) - 1`` characters until it is clear they do not begin one.
+The final text is always ``decode(all tokens)`` (cut at a stop string), which is what ``gemma3vl generate``
+prints for the same tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+_UNSETTLED_CACHE: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
+_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids after which the text is not final yet: byte-fallback pieces and special tokens (cached per
+    tokenizer: the hub vocabulary has 262k pieces)."""
+    cached = _UNSETTLED_CACHE.get(id(tokenizer))
+    if cached is not None and cached[0]() is tokenizer:
+        return cached[1]
+    ids = {index for piece, index in tokenizer.get_vocab().items() if _BYTE_PIECE.match(piece)}
+    ids.update(getattr(tokenizer, "all_special_ids", ()))
+    result = frozenset(ids)
+    try:
+        _UNSETTLED_CACHE[id(tokenizer)] = (weakref.ref(tokenizer), result)
+    except TypeError:  # not weak-referenceable: compute again next time
+        pass
+    return result
+
+
+class IncrementalText:
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.token_ids: list[int] = []
+        self.text = ""  # the final part of the decoded text: token_ids[:_settled] decode to it
+        self.stop_index: int | None = None  # where the first stop string starts in ``text``
+        self._settled = 0
+        self._unsettled_ids = unsettled_token_ids(tokenizer)
+        self._emitted = ""
+        self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> bool:
+        """Append one generated token; True once a stop string has appeared in the text."""
+        self.token_ids.append(token_id)
+        if self.stop_index is not None or token_id in self._unsettled_ids:
+            return self.stop_index is not None
+        tail = self._decode(self.token_ids[self._settled:])
+        if tail.endswith(REPLACEMENT):
+            return False
+        searched_from = max(0, len(self.text) - self._hold)
+        self.text += tail
+        self._settled = len(self.token_ids)
+        self.stop_index = self._find_stop(self.text, searched_from)
+        return self.stop_index is not None
+
+    def _find_stop(self, text: str, start: int = 0) -> int | None:
+        found = [i for i in (text.find(s, start) for s in self.stop_strings) if i >= 0]
+        return min(found) if found else None
+
+    def final_text(self) -> str:
+        """``decode(all tokens)``, cut before the first stop string."""
+        text = self._decode(self.token_ids)
+        cut = self._find_stop(text)
+        return text if cut is None else text[:cut]
+
+    def delta(self, final: bool = False) -> str:
+        """Text not handed out yet that can no longer change (everything left when ``final``)."""
+        if final:
+            text = self.final_text()
+            if not text.startswith(self._emitted):
+                return ""  # the decoder rewrote already-streamed text (never seen with Gemma tokenizers)
+        elif self.stop_index is not None:
+            text = self.text[: self.stop_index]
+        else:
+            text = self.text[: max(len(self._emitted), len(self.text) - self._hold)]
+        out = text[len(self._emitted):]
+        self._emitted += out
+        return out

@@ -1,0 +1,125 @@
+"""Images named by URL in a request — ``data:`` URLs always, local files and http(s) only when allowed.
+
+A server that opens any path or fetches any URL a client names is a file-disclosure and SSRF hole, so local
+files need an explicit directory (and are confined to it after resolving ``..`` and symlinks) and remote
+URLs an explicit flag. Sizes are checked before decoding: bytes before base64-decoding or reading past the
+limit, pixels from the image header before the pixels are decompressed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from gemma3vl.infer.openai_protocol import ApiError
+
+
+@dataclass
+class ImageLimits:
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_images: int = 8
+
+
+class ImageFetcher:
+    def __init__(self, limits: ImageLimits, *, local_dir: str | Path | None = None, allow_remote: bool = False,
+                 remote_timeout_s: float = 10.0):
+        self.limits = limits
+        self.local_dir = Path(os.path.realpath(local_dir)) if local_dir is not None else None
+        self.allow_remote = allow_remote
+        self.remote_timeout_s = remote_timeout_s
+
+    def fetch(self, url: str, param: str) -> Image.Image:
+        """The decoded image at ``url``; an :class:`ApiError` naming ``param`` when refused or unreadable."""
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        if url.startswith("data:"):
+            data = self._data_url_bytes(url, param)
+        elif scheme in ("http", "https"):
+            data = self._remote_bytes(url, param)
+        elif scheme == "file" or "://" not in url:
+            data = self._local_bytes(url, param)
+        else:
+            raise ApiError(400, f"'{param}': unsupported URL scheme {scheme!r} (use a data: URL)", param=param,
+                           code="invalid_image_url")
+        return self._decode(data, param)
+
+    def _too_big(self, size: int, param: str) -> ApiError:
+        return ApiError(413, f"'{param}': the image is {size} bytes, over the limit of "
+                             f"{self.limits.max_image_bytes} bytes", param=param, code="image_too_large")
+
+    def _data_url_bytes(self, url: str, param: str) -> bytes:
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ApiError(400, f"'{param}': expected a base64 data URL (data:image/png;base64,...)", param=param,
+                           code="invalid_image_url")
+        media_type = header[len("data:"):-len(";base64")].split(";")[0].strip().lower()
+        if media_type and not media_type.startswith("image/"):
+            raise ApiError(400, f"'{param}': data URL media type {media_type!r} is not an image", param=param,
+                           code="invalid_image_url")
+        payload = "".join(payload.split())
+        if len(payload) // 4 * 3 - 2 > self.limits.max_image_bytes:  # decoded size, before decoding it
+            raise self._too_big(len(payload) // 4 * 3, param)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"'{param}': the data URL is not valid base64", param=param,
+                           code="invalid_image_url") from None
+        if len(data) > self.limits.max_image_bytes:
+            raise self._too_big(len(data), param)
+        return data
+
+    def _local_bytes(self, url: str, param: str) -> bytes:
+        if self.local_dir is None:
+            raise ApiError(403, f"'{param}': local image files are not allowed by this server (start it with "
+                                "--allow-local-images DIR)", param=param, code="local_images_not_allowed")
+        path_text = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url
+        path = Path(os.path.realpath(self.local_dir / path_text))  # absolute paths replace local_dir here
+        if not path.is_relative_to(self.local_dir):
+            raise ApiError(403, f"'{param}': {url!r} is outside the allowed image directory", param=param,
+                           code="path_not_allowed")
+        if not path.is_file():
+            raise ApiError(400, f"'{param}': no such image file {url!r} in the allowed directory", param=param,
+                           code="image_not_found")
+        size = path.stat().st_size
+        if size > self.limits.max_image_bytes:
+            raise self._too_big(size, param)
+        return path.read_bytes()
+
+    def _remote_bytes(self, url: str, param: str) -> bytes:
+        if not self.allow_remote:
+            raise ApiError(403, f"'{param}': remote image URLs are not allowed by this server (start it with "
+                                "--allow-remote-images), send the image as a data: URL", param=param,
+                           code="remote_images_not_allowed")
+        try:
+            with urllib.request.urlopen(url, timeout=self.remote_timeout_s) as response:
+                data = response.read(self.limits.max_image_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ApiError(400, f"'{param}': could not download {url!r} ({exc})", param=param,
+                           code="image_download_failed") from None
+        if len(data) > self.limits.max_image_bytes:
+            raise self._too_big(len(data), param)
+        return data
+
+    def _decode(self, data: bytes, param: str) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+                if width * height > self.limits.max_image_pixels:
+                    raise ApiError(413, f"'{param}': the image is {width}x{height} = {width * height} pixels, over "
+                                        f"the limit of {self.limits.max_image_pixels}", param=param,
+                                   code="image_too_large")
+                probe.load()
+                return probe.copy()
+        except ApiError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+            raise ApiError(400, f"'{param}': not a readable image ({exc})", param=param, code="invalid_image") from None

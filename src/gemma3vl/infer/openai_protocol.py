@@ -1,0 +1,292 @@
+"""OpenAI's chat-completions wire format: request validation, response and chunk objects, error bodies.
+
+Kept apart from the HTTP server so the rules are in one place and can be read (and tested) as data: what a
+request may contain, which fields are refused rather than silently ignored, and the exact shapes OpenAI's
+clients parse (``chat.completion``, ``chat.completion.chunk``, ``{"error": {...}}``).
+
+Status codes: 400 malformed or invalid request; 403 an image source the server's settings do not allow;
+404 unknown route or model; 405 wrong method; 411 no Content-Length; 413 request body or image over a size
+limit; 422 a valid request this checkpoint cannot serve (images for a text-only model); 500 engine failure;
+503 shutting down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    411: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_STRINGS = 4
+
+# Fields whose non-default values would change the answer in ways this server does not implement: refused
+# with a 400 rather than ignored. Each maps to a predicate telling whether the given value is harmless.
+UNSUPPORTED_UNLESS_DEFAULT = {
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "tools": lambda v: v in (None, []),
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: v in (None, []),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "logit_bias": lambda v: v in (None, {}),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {message, type, param, code}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ERROR_TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ImagePart:
+    """An ``image_url`` part, not fetched yet; ``param`` names it in errors (``messages[1].content[0]``)."""
+
+    url: str
+    param: str
+
+
+@dataclass
+class RequestMessage:
+    role: str  # system, user or assistant ("developer" arrives as "system")
+    parts: list[str | ImagePart]
+
+
+@dataclass
+class ChatRequest:
+    messages: list[RequestMessage]
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    image_count: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.image_count = sum(isinstance(p, ImagePart) for m in self.messages for p in m.parts)
+
+
+def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(body: dict, key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not _is_number(value) or not low <= value <= high:
+        raise _invalid(f"'{key}' must be a number between {low:g} and {high:g}, got {value!r}", key)
+    return float(value)
+
+
+def _parse_part(part: Any, param: str) -> str | ImagePart:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _invalid(f"'{param}' must be an object with a 'type'", param)
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise _invalid(f"'{param}.text' must be a string", f"{param}.text")
+        return part["text"]
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise _invalid(f"'{param}.image_url.url' must be a non-empty string", f"{param}.image_url.url")
+        return ImagePart(url=url, param=f"{param}.image_url.url")
+    raise _invalid(f"'{param}.type' {kind!r} is not supported (use 'text' or 'image_url')", f"{param}.type",
+                   "unsupported_content_type")
+
+
+def _parse_message(message: Any, index: int) -> RequestMessage:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _invalid(f"'{param}' must be an object with 'role' and 'content'", param)
+    role = message.get("role")
+    if role not in ROLE_ALIASES:
+        raise _invalid(f"'{param}.role' must be one of system, developer, user, assistant; got {role!r}",
+                       f"{param}.role")
+    content = message.get("content")
+    if isinstance(content, str):
+        parts: list[str | ImagePart] = [content]
+    elif isinstance(content, list):
+        parts = [_parse_part(part, f"{param}.content[{i}]") for i, part in enumerate(content)]
+    elif "content" not in message:
+        raise ApiError(400, f"Missing required parameter: '{param}.content'.", param=f"{param}.content",
+                       code="missing_required_parameter")
+    else:
+        raise _invalid(f"'{param}.content' must be a string or a list of content parts", f"{param}.content")
+    role = ROLE_ALIASES[role]
+    if role != "user" and any(isinstance(p, ImagePart) for p in parts):
+        raise _invalid(f"'{param}': images can only be sent in user messages", f"{param}.content")
+    return RequestMessage(role=role, parts=parts)
+
+
+def _parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops)
+            or len(stops) > MAX_STOP_STRINGS):
+        raise _invalid(f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
+    return tuple(stops)
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Validate a request body's syntax and field types (limits and image fetching come later)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    if "messages" not in body:
+        raise ApiError(400, "Missing required parameter: 'messages'.", param="messages",
+                       code="missing_required_parameter")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    for key, harmless in UNSUPPORTED_UNLESS_DEFAULT.items():
+        if key in body and not harmless(body[key]):
+            raise ApiError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise ApiError(400, f"'n' must be 1 (this server returns one choice), got {n!r}", param="n",
+                       code="unsupported_value")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid("'model' must be a string", "model")
+    max_tokens = None
+    for key in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given
+        value = body.get(key)
+        if value is not None:
+            if not _is_int(value) or value < 1:
+                raise _invalid(f"'{key}' must be an integer >= 1, got {value!r}", key)
+            max_tokens = value
+    top_k = body.get("top_k")
+    if top_k is not None and not _is_int(top_k):
+        raise _invalid(f"'top_k' must be an integer, got {top_k!r}", "top_k")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise _invalid(f"'seed' must be an integer, got {seed!r}", "seed")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+        include_usage = bool(options.get("include_usage", False))
+    return ChatRequest(
+        messages=[_parse_message(message, i) for i, message in enumerate(messages)],
+        model=model,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        top_k=top_k if top_k is not None and top_k > 0 else None,  # 0 / -1: no top-k (vLLM's convention)
+        seed=seed,
+        stop=_parse_stop(body.get("stop")),
+        stream=bool(stream),
+        include_usage=include_usage,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- responses
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_object(completion_id: str, created: int, model: str, text: str, finish_reason: str,
+                      prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }],
+        "usage": usage(prompt_tokens, completion_tokens),
+        "system_fingerprint": None,
+    }
+
+
+def chunk_object(completion_id: str, created: int, model: str, delta: dict[str, Any] | None,
+                 finish_reason: str | None = None, *, include_usage: bool = False,
+                 usage_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed chunk; ``delta=None`` gives the usage-only chunk (empty ``choices``) that ends a stream
+    requested with ``stream_options.include_usage``."""
+    chunk: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [] if delta is None else [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ],
+    }
+    if include_usage:
+        chunk["usage"] = usage_counts
+    return chunk
+
+
+def models_object(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "gemma3vl"}]}

@@ -1,0 +1,82 @@
+"""Everything a front-end needs from one checkpoint, loaded once: model, processor, sampling defaults.
+
+``chat``, ``serve`` and ``generate --batch`` all load the same four things the way ``generate`` does
+(``load_model``, ``load_processor``, ``generation_config.json``). The lock is for the server, whose handler
+threads encode prompts while the scheduler thread decodes answers: a Rust tokenizer refuses to be used
+from two threads at once while one of them changes its padding/truncation state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma3vl.config import Gemma3Config
+from gemma3vl.infer.completion import Completion, Row, complete
+from gemma3vl.infer.conversation import EncodedPrompt, Turn, encode_conversation
+from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.loading import load_model
+from gemma3vl.infer.prompt import build_inputs, load_processor, tokenizer_of
+from gemma3vl.infer.sampling_defaults import read_generation_defaults, resolve_sampling
+
+
+@dataclass
+class InferenceRuntime:
+    model_dir: Path
+    model: torch.nn.Module
+    config: Gemma3Config
+    processor: Any
+    generation_defaults: dict[str, Any]
+    load_seconds: float = 0.0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, *, device: str | None = None, dtype: str | None = None) -> "InferenceRuntime":
+        model_dir = Path(model_dir)
+        started = time.perf_counter()
+        model, config = load_model(model_dir, device=device, dtype=dtype)
+        processor = load_processor(model_dir, config)
+        defaults = read_generation_defaults(model_dir)
+        return cls(model_dir, model, config, processor, defaults, load_seconds=time.perf_counter() - started)
+
+    @property
+    def tokenizer(self) -> Any:
+        return tokenizer_of(self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text.embed.weight.device
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.text.max_position_embeddings)
+
+    def describe(self) -> str:
+        dtype = next(self.model.parameters()).dtype
+        return (f"loaded {self.model_dir} ({self.config.text.num_hidden_layers} layers, {dtype}, {self.device}) "
+                f"in {self.load_seconds:.1f}s")
+
+    def sampling(self, *, max_new_tokens: int, greedy: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Sampling:
+        """The checkpoint's generation defaults with these settings on top (None: not given)."""
+        return resolve_sampling(self.generation_defaults, self.config, max_new_tokens=max_new_tokens,
+                                greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
+        with self.lock:
+            return encode_conversation(self.processor, self.config, turns, pan_and_scan=pan_and_scan)
+
+    def encode_prompt(self, prompt: str, images: list, *, raw: bool = False,
+                      pan_and_scan: bool | None = None) -> EncodedPrompt:
+        """One user prompt exactly as ``gemma3vl generate --prompt`` builds it (``--raw`` included)."""
+        with self.lock:
+            inputs = build_inputs(self.processor, self.config, prompt, images, raw=raw, pan_and_scan=pan_and_scan)
+        return EncodedPrompt(input_ids=inputs["input_ids"][0], pixel_values=inputs.get("pixel_values"))
+
+    def complete(self, rows: list[Row], sampling: Sampling) -> list[Completion]:
+        return complete(self.model, self.tokenizer, rows, sampling, decode_lock=self.lock)

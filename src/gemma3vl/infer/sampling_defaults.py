@@ -1,0 +1,64 @@
+"""Sampling settings from the checkpoint's ``generation_config.json`` plus what the user asked for.
+
+One rule for every front-end (``generate``, ``generate --batch``, ``chat``, ``serve``): the checkpoint's
+generation config gives the defaults (hub Gemma 3: sampling with top-k 64, top-p 0.95); an explicit
+temperature, top-k or top-p turns sampling on; temperature 0 or ``greedy`` means argmax. The stop token ids
+are the union of the generation config's ``eos_token_id`` and the model config's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gemma3vl.config import Gemma3Config
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.prompt import processor_dir
+
+
+def read_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``generation_config.json`` as a dict ({} when there is none)."""
+    generation_file = processor_dir(model_dir) / "generation_config.json"
+    if not generation_file.is_file():
+        return {}
+    try:
+        defaults = json.loads(generation_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise Gemma3VLError(f"{generation_file}: not valid JSON ({exc})") from None
+    if not isinstance(defaults, dict):
+        raise Gemma3VLError(f"{generation_file}: expected a JSON object")
+    return defaults
+
+
+def resolve_sampling(
+    defaults: dict[str, Any],
+    config: Gemma3Config,
+    *,
+    max_new_tokens: int,
+    greedy: bool = False,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> Sampling:
+    """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given)."""
+    stop = defaults.get("eos_token_id", list(config.stop_token_ids))
+    stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
+    stop_ids = tuple(sorted(set(stop_ids) | set(config.stop_token_ids)))
+    sample = bool(defaults.get("do_sample", False)) and not greedy
+    if temperature is not None or top_k is not None or top_p is not None:
+        sample = not greedy
+    if temperature == 0:
+        sample = False
+    return Sampling(
+        max_new_tokens=max_new_tokens,
+        greedy=not sample,
+        temperature=temperature if temperature is not None else float(defaults.get("temperature", 1.0)),
+        top_k=top_k if top_k is not None else defaults.get("top_k"),
+        top_p=top_p if top_p is not None else defaults.get("top_p"),
+        seed=seed,
+        stop_token_ids=stop_ids,
+        pad_token_id=config.text.pad_token_id,
+    )

@@ -1,0 +1,395 @@
+"""``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``).
+
+Standard library only (``http.server`` with a thread per connection), so serving adds no dependency and
+the official ``openai`` client works against it unchanged. Each handler thread validates its request
+(:mod:`openai_protocol`), fetches and checks its images (:mod:`image_sources`), encodes the conversation
+with the checkpoint's chat template, and queues it for the :class:`BatchScheduler`, the one thread that
+runs the model; answers come back whole or as server-sent events. Every limit is a setting, every refusal
+is a JSON error in OpenAI's format, and the server keeps serving after any bad request. One line per
+request goes to standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.completion import FINISH_CANCELLED, Completion
+from gemma3vl.infer.conversation import Turn
+from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
+from gemma3vl.infer.openai_protocol import (
+    ApiError,
+    ChatRequest,
+    ImagePart,
+    chunk_object,
+    completion_object,
+    models_object,
+    new_completion_id,
+    now,
+    parse_chat_request,
+    usage,
+)
+from gemma3vl.infer.scheduler import BatchScheduler, Job
+
+EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
+DRAIN_SLACK_BYTES = 1 << 20
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # default: the checkpoint directory's name
+    max_batch_size: int = 8
+    batch_wait_s: float = 0.005  # how long the oldest request waits for others to batch with
+    max_request_bytes: int = 64 * 2**20
+    max_tokens: int = 2048  # the most a request may ask for, and what it gets when it asks for none
+    images: ImageLimits = field(default_factory=ImageLimits)
+    allow_local_images: str | Path | None = None
+    allow_remote_images: bool = False
+    pan_and_scan: bool | None = None  # None: as the processor config says
+    connection_timeout_s: float = 120.0
+
+
+@dataclass
+class RequestRecord:
+    """What the request log line reports."""
+
+    status: int = 200
+    detail: str = ""
+
+
+class ChatCompletionServer:
+    """The model runtime, the scheduler and the HTTP server, started and stopped together."""
+
+    def __init__(self, runtime: Any, settings: ServerSettings | None = None, *, log: TextIO | None = None):
+        self.runtime = runtime
+        self.settings = settings or ServerSettings()
+        self.model_name = self.settings.model_name or Path(runtime.model_dir).resolve().name
+        self.created = now()
+        self.images = ImageFetcher(self.settings.images, local_dir=self.settings.allow_local_images,
+                                   allow_remote=self.settings.allow_remote_images)
+        self.scheduler = BatchScheduler(runtime, max_batch_size=self.settings.max_batch_size,
+                                        batch_wait_s=self.settings.batch_wait_s)
+        self._log_stream = log if log is not None else sys.stderr
+        self._log_lock = threading.Lock()
+        self._httpd = _HTTPServer((self.settings.host, self.settings.port), _Handler, self)
+        self._thread: threading.Thread | None = None
+        self.stopping = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def log(self, line: str) -> None:
+        with self._log_lock:
+            print(line, file=self._log_stream, flush=True)
+
+    def start(self) -> "ChatCompletionServer":
+        self.scheduler.start()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="gemma3vl-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, end running generations, answer waiting requests with 503, close the socket."""
+        self.stopping = True
+        if self._thread is not None:
+            self._httpd.shutdown()  # returns once serve_forever has; would wait forever if never started
+        self.scheduler.stop()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> "ChatCompletionServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------ request -> job
+    def prepare(self, request: ChatRequest) -> Job:
+        """Check limits, fetch images, encode the conversation, and make the scheduler job."""
+        settings = self.settings
+        if request.model is not None and request.model != self.model_name:
+            raise ApiError(404, f"The model '{request.model}' does not exist; this server serves "
+                                f"'{self.model_name}'.", param="model", code="model_not_found")
+        if request.image_count > settings.images.max_images:
+            raise ApiError(400, f"the request has {request.image_count} images, over the limit of "
+                                f"{settings.images.max_images}", param="messages", code="too_many_images")
+        if request.image_count and not self.runtime.config.is_vision_language:
+            raise ApiError(422, "this is a text-only Gemma 3 checkpoint: it cannot take images",
+                           param="messages", code="images_not_supported")
+        if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
+            raise ApiError(400, f"max_tokens={request.max_tokens} is over this server's limit of "
+                                f"{settings.max_tokens}", param="max_tokens", code="invalid_value")
+        turns = [
+            Turn(message.role, [self.images.fetch(p.url, p.param) if isinstance(p, ImagePart) else p
+                                for p in message.parts])
+            for message in request.messages
+        ]
+        try:
+            prompt = self.runtime.encode_conversation(turns, pan_and_scan=settings.pan_and_scan)
+        except Gemma3VLError as exc:
+            raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
+        room = self.runtime.context_length - prompt.length
+        max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)
+        if max_tokens > room or room < 1:
+            raise ApiError(400, f"This model's maximum context length is {self.runtime.context_length} tokens; "
+                                f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
+                           param="messages", code="context_length_exceeded")
+        greedy = request.temperature == 0 or request.top_p == 0
+        try:
+            sampling = self.runtime.sampling(
+                max_new_tokens=max_tokens, greedy=greedy, temperature=None if greedy else request.temperature,
+                top_k=request.top_k, top_p=None if greedy else request.top_p, seed=request.seed,
+            )
+            sampling.validate()
+        except Gemma3VLError as exc:
+            raise ApiError(400, str(exc), code="invalid_value") from None
+        return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop)
+
+    def events(self, job: Job):
+        """The job's events; a scheduler that died turns into an error instead of a hang."""
+        while True:
+            try:
+                event = job.events.get(timeout=EVENT_POLL_S)
+            except queue.Empty:
+                if not self.scheduler_alive():
+                    yield ("error", "the scheduler stopped")
+                    return
+                continue
+            yield event
+            if event[0] != "text":
+                return
+
+    def scheduler_alive(self) -> bool:
+        thread = self.scheduler._thread
+        return thread is not None and thread.is_alive()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], handler: type, app: ChatCompletionServer):
+        self.app = app
+        super().__init__(address, handler)
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HTTPServer
+    server_version = "gemma3vl"
+
+    def setup(self) -> None:
+        self.timeout = self.server.app.settings.connection_timeout_s
+        super().setup()
+
+    @property
+    def app(self) -> ChatCompletionServer:
+        return self.server.app
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass  # one line per request is written by _logged instead
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+        self.app.log(f"{self.client_address[0]} http error: {format % args}")
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _send_json(self, status: int, obj: Any) -> None:
+        body = json.dumps(obj, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error(self, error: ApiError, record: RequestRecord) -> None:
+        record.status = error.status
+        record.detail = f"error={error.code or error.type}: {error.message}"
+        self._send_json(error.status, error.body())
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _logged(self, handle: Callable[[RequestRecord], None]) -> None:
+        record = RequestRecord()
+        started = time.perf_counter()
+        self._streaming = False
+        try:
+            try:
+                handle(record)
+            except ApiError as error:
+                self._send_error(error, record)
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as exc:  # a bug must cost one request, not the server
+                if self._streaming:  # the status line is out already: all that can be done is to hang up
+                    record.status, record.detail = 500, f"internal error in stream: {type(exc).__name__}: {exc}"
+                    self.close_connection = True
+                else:
+                    self._send_error(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"), record)
+        except (BrokenPipeError, ConnectionResetError):
+            record.detail = (record.detail + " client disconnected").strip()
+            self.close_connection = True
+        self.app.log(f'{self.client_address[0]} "{self.command} {self.path}" {record.status} '
+                     f"{time.perf_counter() - started:.3f}s {record.detail}".rstrip())
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+            self.close_connection = True
+            raise ApiError(411, "send the request body with a Content-Length header", code="length_required")
+        try:
+            size = int(length)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, f"bad Content-Length {length!r}", code="invalid_request") from None
+        limit = self.app.settings.max_request_bytes
+        if size > limit:
+            # Read (and drop) a moderately oversized body so that the client, still sending, gets the 413 rather
+            # than a reset connection; a huge one is not worth reading. Either way the connection ends here.
+            self.close_connection = True
+            if size <= 2 * limit + DRAIN_SLACK_BYTES:
+                remaining = size
+                while remaining > 0:
+                    piece = self.rfile.read(min(remaining, 1 << 16))
+                    if not piece:
+                        break
+                    remaining -= len(piece)
+            raise ApiError(413, f"the request body is {size} bytes, over the limit of {limit} bytes",
+                           code="request_too_large")
+        return self.rfile.read(size)
+
+    # ------------------------------------------------------------------------------------ routes
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
+        self._logged(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._logged(self._post)
+
+    def _not_allowed(self, record: RequestRecord) -> None:
+        if "Content-Length" in self.headers:
+            self._read_body()
+        raise ApiError(405, f"{self.command} is not allowed on {self.path}", code="method_not_allowed")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._logged(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _route(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    def _get(self, record: RequestRecord) -> None:
+        path = self._route()
+        app = self.app
+        if path == "/health":
+            self._send_json(200, {"status": "stopping" if app.stopping else "ok", "model": app.model_name,
+                                  **app.scheduler.stats()})
+        elif path == "/v1/models":
+            self._send_json(200, models_object(app.model_name, app.created))
+        elif path.startswith("/v1/models/"):
+            name = path[len("/v1/models/"):]
+            if name != app.model_name:
+                raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+            self._send_json(200, models_object(app.model_name, app.created)["data"][0])
+        elif path == "/v1/chat/completions":
+            raise ApiError(405, "use POST for /v1/chat/completions", code="method_not_allowed")
+        else:
+            raise ApiError(404, f"no route {path}", code="unknown_url")
+
+    def _post(self, record: RequestRecord) -> None:
+        path = self._route()
+        body = self._read_body()
+        if path != "/v1/chat/completions":
+            if path in ("/health", "/v1/models"):
+                raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
+            raise ApiError(404, f"no route {path}", code="unknown_url")
+        if self.app.stopping:
+            raise ApiError(503, "the server is shutting down", code="unavailable")
+        request = parse_chat_request(body)
+        job = self.app.prepare(request)
+        self.app.scheduler.submit(job)
+        if request.stream:
+            self._stream(job, request, record)
+        else:
+            self._complete(job, record)
+
+    def _finished(self, job: Job, completion: Completion, record: RequestRecord, stream: bool) -> None:
+        record.detail = (f"prompt={completion.prompt_tokens} completion={completion.completion_tokens} "
+                         f"finish={completion.finish_reason} batch={job.batch_size} stream={'yes' if stream else 'no'}")
+
+    def _complete(self, job: Job, record: RequestRecord) -> None:
+        for kind, value in self.app.events(job):
+            if kind == "error":
+                raise ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
+            if kind == "done":
+                if value.finish_reason == FINISH_CANCELLED:
+                    raise ApiError(503, "the server is shutting down", code="unavailable")
+                self._finished(job, value, record, stream=False)
+                self._send_json(200, completion_object(new_completion_id(), now(), self.app.model_name, value.text,
+                                                       value.finish_reason, value.prompt_tokens,
+                                                       value.completion_tokens))
+
+    def _stream(self, job: Job, request: ChatRequest, record: RequestRecord) -> None:
+        completion_id, created, model = new_completion_id(), now(), self.app.model_name
+        include_usage = request.include_usage
+
+        def chunk(delta: dict | None, finish: str | None = None, counts: dict | None = None) -> bytes:
+            return _sse(chunk_object(completion_id, created, model, delta, finish, include_usage=include_usage,
+                                     usage_counts=counts))
+
+        self._streaming = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            self._write_chunk(chunk({"role": "assistant", "content": ""}))
+            for kind, value in self.app.events(job):
+                if kind == "text":
+                    self._write_chunk(chunk({"content": value}))
+                elif kind == "error":
+                    error = ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
+                    record.status, record.detail = error.status, f"error in stream: {value}"
+                    self._write_chunk(_sse(error.body()))
+                elif value.finish_reason == FINISH_CANCELLED:
+                    error = ApiError(503, "the server is shutting down", code="unavailable")
+                    record.status, record.detail = 503, "cancelled"
+                    self._write_chunk(_sse(error.body()))
+                else:
+                    self._finished(job, value, record, stream=True)
+                    self._write_chunk(chunk({}, value.finish_reason))
+                    if include_usage:
+                        self._write_chunk(chunk(None, counts=usage(value.prompt_tokens, value.completion_tokens)))
+            self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(b"")  # end of the chunked body
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancel()
+            raise
+

@@ -1,0 +1,140 @@
+"""``gemma3vl chat`` driven by scripted input: every answer must equal ``generate`` on the same history, built
+by transformers' own chat template (images attached with /image go to the next message; /reset forgets)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from gemma3vl.cli import main
+from gemma3vl.infer.chat import ChatSession, run_chat
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.prompt import build_inputs
+from gemma3vl.infer.runtime import InferenceRuntime
+from gemma3vl.pictures import draw_picture
+from gemma3vl.tiny import write_tiny_checkpoint
+
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def runtime(model_dir):
+    return InferenceRuntime.load(model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pictures") / "circle.png"
+    draw_picture("red circle").save(path)
+    return path
+
+
+def greedy(runtime, max_new_tokens=MAX_NEW_TOKENS) -> Sampling:
+    return Sampling(max_new_tokens=max_new_tokens, stop_token_ids=runtime.config.stop_token_ids)
+
+
+def reference(runtime, messages, max_new_tokens=MAX_NEW_TOKENS) -> str:
+    """The answer ``generate`` gives for ``messages`` through transformers' apply_chat_template."""
+    encoded = runtime.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt")
+    tokens = generate(runtime.model, encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                      pixel_values=encoded.get("pixel_values"), sampling=greedy(runtime, max_new_tokens))[0]
+    stop = set(runtime.config.stop_token_ids)
+    return runtime.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
+
+
+def user(text, *images):
+    return {"role": "user", "content": [*({"type": "image", "image": im} for im in images),
+                                        {"type": "text", "text": text}]}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def test_chat_command_answers_equal_generate_on_the_same_history(model_dir, runtime, picture, monkeypatch, capsys):
+    script = f"/image {picture}\nWhat is it?\nAnd the colour?\n/reset\nHello there\n/exit\nnever read\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    code = main(["chat", str(model_dir), "--greedy", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    image = draw_picture("red circle")
+    first = reference(runtime, [user("What is it?", image)])
+    second = reference(runtime, [user("What is it?", image), assistant(first), user("And the colour?")])
+    third = reference(runtime, [user("Hello there")])
+    assert out == f"{first}\n{second}\n{third}\n"
+    assert f"(image attached to your next message: {picture})" in err and "(conversation cleared)" in err
+    # the first turn is exactly `gemma3vl generate --prompt ... --image ...`
+    inputs = build_inputs(runtime.processor, runtime.config, "What is it?", [image])
+    tokens = generate(runtime.model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      pixel_values=inputs["pixel_values"], sampling=greedy(runtime))[0]
+    assert first == runtime.tokenizer.decode([t for t in tokens if t not in runtime.config.stop_token_ids],
+                                             skip_special_tokens=True)
+
+
+def test_system_prompt_and_images_apply_to_the_next_message_only(runtime, picture):
+    session = ChatSession(runtime, greedy(runtime), system="Answer in one word.")
+    out, notes = io.StringIO(), io.StringIO()
+    script = f"/image {picture} {picture}\nCompare them\nNow without pictures\n"
+    assert run_chat(session, io.StringIO(script), out, notes) == 0
+    image = draw_picture("red circle")
+    system = {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]}
+    first = reference(runtime, [system, user("Compare them", image, image)])
+    second = reference(runtime, [system, user("Compare them", image, image), assistant(first),
+                                 user("Now without pictures")])
+    assert out.getvalue() == f"{first}\n{second}\n"
+    assert [turn.role for turn in session.turns] == ["user", "assistant"] * 2
+    assert len(session.turns[0].images) == 2 and session.turns[2].images == [] and session.pending_images == []
+
+
+def test_answers_stream_in_pieces(runtime):
+    pieces: list[str] = []
+    completion = ChatSession(runtime, greedy(runtime, 12)).ask("Question number 0", on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == completion.text == reference(runtime, [user("Question number 0")], 12)
+
+
+def test_bad_commands_and_files_are_reported_and_the_chat_goes_on(runtime, tmp_path):
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("not a picture")
+    out, notes = io.StringIO(), io.StringIO()
+    script = f"/image {tmp_path / 'missing.png'}\n/image {not_image}\n/image\n/frobnicate\n/help\n//slash\n"
+    assert run_chat(ChatSession(runtime, greedy(runtime)), io.StringIO(script), out, notes) == 0
+    text = notes.getvalue()
+    assert "missing.png: no such image file" in text and "notes.txt: not a readable image" in text
+    assert "/image needs a file path" in text and "unknown command /frobnicate" in text and "/reset" in text
+    assert out.getvalue() == reference(runtime, [user("/slash")]) + "\n"  # // sends a leading slash
+
+
+class _InterruptOnFirstWrite(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    def write(self, text):
+        if not self.interrupted and text:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_an_interrupted_answer_is_not_kept_in_the_history(runtime):
+    session = ChatSession(runtime, greedy(runtime, 12))
+    out, notes = _InterruptOnFirstWrite(), io.StringIO()
+    assert run_chat(session, io.StringIO("Question number 0\nHello there\n"), out, notes) == 0
+    assert "interrupted" in notes.getvalue()
+    assert [turn.text for turn in session.turns] == ["Hello there", reference(runtime, [user("Hello there")], 12)]
+
+
+def test_text_only_checkpoint_chats_but_refuses_images(tmp_path, picture):
+    text_runtime = InferenceRuntime.load(write_tiny_checkpoint(tmp_path / "text", text_only=True), device="cpu")
+    out, notes = io.StringIO(), io.StringIO()
+    assert run_chat(ChatSession(text_runtime, greedy(text_runtime)), io.StringIO(f"/image {picture}\nhi\n"), out,
+                    notes) == 0
+    assert "text-only" in notes.getvalue()
+    assert out.getvalue() == reference(text_runtime, [{"role": "user", "content": "hi"}]) + "\n"

@@ -1,0 +1,169 @@
+"""``gemma3vl generate --batch``: JSONL prompts in, JSONL answers out, each answer equal to ``generate`` on
+its prompt alone; bad lines reported as FILE:LINE and skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gemma3vl.cli import main
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.prompt import build_inputs, load_image
+from gemma3vl.infer.runtime import InferenceRuntime
+from gemma3vl.pictures import draw_picture
+from gemma3vl.tiny import write_tiny_checkpoint
+
+MAX_NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("batch") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def runtime(model_dir):
+    return InferenceRuntime.load(model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "pics").mkdir()
+    draw_picture("red circle").save(tmp_path / "pics" / "circle.png")
+    draw_picture("blue square").save(tmp_path / "pics" / "square.png")
+    (tmp_path / "pics" / "broken.png").write_bytes(b"not a png")
+    return tmp_path
+
+
+def single(runtime, prompt, images=(), max_new_tokens=MAX_NEW_TOKENS, sampling=None):
+    """(answer, tokens, finish_reason) of ``generate`` on one prompt, as `gemma3vl generate` builds it."""
+    inputs = build_inputs(runtime.processor, runtime.config, prompt, [load_image(p) for p in images])
+    stop = set(runtime.config.stop_token_ids)
+    sampling = sampling or Sampling(max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop))
+    tokens = generate(runtime.model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      pixel_values=inputs.get("pixel_values"), sampling=sampling)[0]
+    text = runtime.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
+    return text, len(tokens), "stop" if tokens[-1] in stop else "length"
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+
+
+def test_batch_answers_equal_generate_and_bad_lines_are_skipped(model_dir, runtime, workdir, capsys):
+    pics = workdir / "pics"
+    stop_answer = single(runtime, "Question number 0", max_new_tokens=12)[0]
+    stop = next(stop_answer[i:i + 2] for i in range(1, len(stop_answer) - 1) if "\ufffd" not in stop_answer[i:i + 2])
+    lines = [
+        {"id": "a", "prompt": "What is it?", "images": ["pics/circle.png"]},
+        {"prompt": "Describe the picture in detail please", "images": ["pics/square.png"], "max_new_tokens": 3},
+        '{"prompt": ',
+        "",
+        {"prompt": "hi"},
+        {"prompt": "x", "images": ["pics/missing.png"]},
+        {"prompt": "x", "max_tokens": 5},
+        {"id": 7, "prompt": "Two pictures", "images": ["pics/circle.png", "pics/square.png"]},
+        {"prompt": 5},
+        {"prompt": "Question number 0", "stop": stop, "max_new_tokens": 12},
+        {"prompt": "Tell me a story", "temperature": 0.9, "seed": 3},
+        {"prompt": "x", "images": ["pics/broken.png"]},
+        {"prompt": "x", "top_p": 2},
+    ]
+    prompts, answers = workdir / "prompts.jsonl", workdir / "out" / "answers.jsonl"
+    write_jsonl(prompts, lines)
+    code = main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(answers), "--batch-size", "2",
+                 "--greedy", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1  # some lines were skipped
+    for number, reason in [(3, "not valid JSON"), (6, "missing.png: no such image file"),
+                           (7, "unknown key(s) 'max_tokens'"), (9, "'prompt' (a string) is required"),
+                           (12, "broken.png: not a readable image"), (13, "'top_p' must be a number in (0, 1]")]:
+        reported = [line for line in err.splitlines() if line.startswith(f"{prompts}:{number}: ")]
+        assert len(reported) == 1 and reason in reported[0], (number, err)
+    assert "answered 6 prompt(s), skipped 6 bad line(s)" in err
+    assert "generate" in err and "prompt" in err and "100%" in err  # the progress bar
+
+    sampled = Sampling(max_new_tokens=MAX_NEW_TOKENS, greedy=False, temperature=0.9,
+                       top_k=runtime.generation_defaults["top_k"], top_p=runtime.generation_defaults["top_p"], seed=3,
+                       stop_token_ids=runtime.config.stop_token_ids)
+    expected = [
+        ({"id": "a"}, "What is it?", single(runtime, "What is it?", [pics / "circle.png"])),
+        ({"index": 1}, "Describe the picture in detail please",
+         single(runtime, "Describe the picture in detail please", [pics / "square.png"], max_new_tokens=3)),
+        ({"index": 4}, "hi", single(runtime, "hi")),
+        ({"id": 7}, "Two pictures", single(runtime, "Two pictures", [pics / "circle.png", pics / "square.png"])),
+        ({"index": 9}, "Question number 0", (stop_answer[: stop_answer.find(stop)], None, "stop")),
+        ({"index": 10}, "Tell me a story", single(runtime, "Tell me a story", sampling=sampled)),
+    ]
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(records) == len(expected)
+    for record, (key, prompt, (answer, tokens, finish)) in zip(records, expected):
+        assert set(record) == {*key, "prompt", "answer", "tokens", "finish_reason"}
+        assert {k: record[k] for k in key} == key
+        assert (record["prompt"], record["answer"], record["finish_reason"]) == (prompt, answer, finish)
+        if tokens is not None:
+            assert record["tokens"] == tokens
+    assert records[4]["tokens"] < 12  # stopped by the stop string, not the limit
+    assert sorted(p.name for p in answers.parent.iterdir()) == ["answers.jsonl"]  # no partial file left
+
+
+def test_an_interrupted_run_keeps_the_answers_so_far(runtime, workdir, monkeypatch):
+    from gemma3vl.infer.batch import BatchDefaults, run_batch_file
+
+    prompts, answers = workdir / "prompts.jsonl", workdir / "answers.jsonl"
+    write_jsonl(prompts, [{"prompt": f"Question number {i}"} for i in range(3)])
+    complete, calls = runtime.complete, []
+
+    def fail_on_second_batch(rows, sampling):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return complete(rows, sampling)
+
+    monkeypatch.setattr(runtime, "complete", fail_on_second_batch)
+    messages: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_batch_file(runtime, prompts, answers, defaults=BatchDefaults(max_new_tokens=3, greedy=True), batch_size=2,
+                       progress=False, report=messages.append)
+    assert not answers.exists()
+    kept = [json.loads(line) for line in (workdir / "answers.jsonl.partial").read_text().splitlines()]
+    assert [record["index"] for record in kept] == [0, 1]
+    assert kept[0]["answer"] == single(runtime, "Question number 0", max_new_tokens=3)[0]
+    assert messages == [f"stopped early: the answers so far are in {workdir / 'answers.jsonl.partial'}"]
+
+
+def test_a_clean_file_exits_0_and_batch_size_does_not_change_answers(model_dir, workdir, capsys):
+    lines = [{"prompt": p, "images": ["pics/circle.png"] if i % 2 else []}
+             for i, p in enumerate(["a", "What is in this picture, please?", "hello there", "Which colour?", "x y z"])]
+    prompts = workdir / "prompts.jsonl"
+    write_jsonl(prompts, lines)
+    outputs = []
+    for batch_size in ("1", "4"):
+        out = workdir / f"answers-{batch_size}.jsonl"
+        assert main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(out), "--greedy",
+                     "--max-new-tokens", "5", "--batch-size", batch_size, "--device", "cpu"]) == 0
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 5
+    assert "skipped 0 bad line(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--batch needs --output FILE.jsonl"),
+    (["--output", "o.jsonl", "--prompt", "hi"], "drop --prompt / --image"),
+    (["--output", "o.jsonl", "--stream"], "--stream does not go with --batch"),
+])
+def test_batch_flag_misuse_is_a_clear_error(model_dir, workdir, capsys, extra, message):
+    prompts = workdir / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "hi"}])
+    assert main(["generate", str(model_dir), "--batch", str(prompts), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_needs_a_prompt_or_a_batch(model_dir, workdir, capsys):
+    assert main(["generate", str(model_dir)]) == 2
+    assert "give --prompt TEXT (or --batch FILE.jsonl --output FILE.jsonl)" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--batch", str(workdir / "none.jsonl"), "--output", "o.jsonl"]) == 2
+    assert "none.jsonl: no such prompts file" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--prompt", "hi", "--output", "o.jsonl"]) == 2
+    assert "--output and --batch-size go with --batch" in capsys.readouterr().err

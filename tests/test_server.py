@@ -1,0 +1,449 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official ``openai`` client and raw HTTP.
+
+Answers are checked against ``generate`` (greedy, or seeded sampling) on the prompt transformers' own
+``apply_chat_template`` builds for the same messages; limits and malformed requests must give the right 4xx
+JSON error and leave the server serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.client
+import http.server
+import io
+import json
+import os
+import random
+import re
+import threading
+import time
+
+import openai
+import pytest
+from PIL import Image
+
+from gemma3vl.infer.completion import Row
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.image_sources import ImageLimits
+from gemma3vl.infer.runtime import InferenceRuntime
+from gemma3vl.infer.scheduler import BatchScheduler, Job
+from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
+from gemma3vl.pictures import draw_picture
+from gemma3vl.tiny import write_tiny_checkpoint
+
+MAX_TOKENS = 12
+LIMITS = ImageLimits(max_image_bytes=60_000, max_image_pixels=300 * 300, max_images=2)
+MAX_REQUEST_BYTES = 1_000_000
+
+
+class LogLines(io.StringIO):
+    def lines(self) -> list[str]:
+        return self.getvalue().splitlines()
+
+    def lines_after(self, start: int, count: int, timeout_s: float = 10.0) -> list[str]:
+        """The lines after the first ``start``, once there are ``count`` (a line is written just after its
+        response is sent, so it may lag the client by a moment)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.lines()) < start + count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.lines()[start:]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def decode_data_url(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def noise_image(width: int, height: int) -> Image.Image:
+    rng = random.Random(0)
+    return Image.frombytes("RGB", (width, height), bytes(rng.randrange(256) for _ in range(width * height * 3)))
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma3")
+    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    log = LogLines()
+    settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.25, max_tokens=MAX_TOKENS,
+                              max_request_bytes=MAX_REQUEST_BYTES, images=LIMITS)
+    with ChatCompletionServer(runtime, settings, log=log) as live:
+        live.test_log = log
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
+        yield c
+
+
+def reference_answer(runtime, messages, max_tokens=MAX_TOKENS, sampling=None):
+    """(text, finish_reason, prompt_tokens, completion_tokens) from transformers' chat template + generate."""
+    hf_messages = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": decode_data_url(part["image_url"]["url"])}
+                       if part["type"] == "image_url" else part for part in content]
+        else:
+            content = [{"type": "text", "text": content}]
+        hf_messages.append({"role": message["role"], "content": content})
+    encoded = runtime.processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt")
+    stop_ids = set(runtime.config.stop_token_ids)
+    sampling = sampling or Sampling(max_new_tokens=max_tokens, stop_token_ids=tuple(stop_ids))
+    tokens = generate(runtime.model, encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                      pixel_values=encoded.get("pixel_values"), sampling=sampling)[0]
+    finish = "stop" if tokens[-1] in stop_ids else "length"
+    text = runtime.tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
+    return text, finish, encoded["input_ids"].shape[1], len(tokens)
+
+
+def image_messages(text="What is in the picture?", kind="red circle"):
+    return [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(draw_picture(kind))}},
+        {"type": "text", "text": text},
+    ]}]
+
+
+def post_raw(server, body: bytes, path="/v1/chat/completions", headers=None, method="POST"):
+    connection = http.client.HTTPConnection(*server.address, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        connection.close()
+
+
+def post_json(server, obj, **kwargs):
+    status, _, raw = post_raw(server, json.dumps(obj).encode(), **kwargs)
+    return status, json.loads(raw)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+def test_non_streaming_answer_with_an_image_equals_generate(server, client, runtime):
+    messages = image_messages()
+    response = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0,
+                                              max_tokens=MAX_TOKENS)
+    text, finish, prompt_tokens, completion_tokens = reference_answer(runtime, messages)
+    assert response.choices[0].message.content == text
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason == finish
+    assert response.choices[0].index == 0
+    assert response.id.startswith("chatcmpl-") and response.object == "chat.completion"
+    assert response.model == server.model_name == "tiny-gemma3" and isinstance(response.created, int)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert response.usage.total_tokens == prompt_tokens + completion_tokens
+
+
+def test_streaming_answer_with_an_image_equals_generate(server, client, runtime):
+    messages = image_messages("Describe it", "blue square and green star")
+    stream = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0,
+                                            max_tokens=MAX_TOKENS, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text, finish, prompt_tokens, completion_tokens = reference_answer(runtime, messages)
+    with_choices = [chunk for chunk in chunks if chunk.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in with_choices) == text
+    assert [chunk.choices[0].finish_reason for chunk in with_choices] == [None] * (len(with_choices) - 1) + [finish]
+    assert all(chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id for chunk in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == completion_tokens
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+
+
+def test_stream_wire_format_is_server_sent_events(server, runtime):
+    messages = [{"role": "user", "content": "Question number 0"}]
+    status, content_type, raw = post_raw(server, json.dumps(
+        {"model": server.model_name, "messages": messages, "stream": True, "temperature": 0}).encode())
+    assert status == 200 and content_type.startswith("text/event-stream")
+    events = raw.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    payloads = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert all(event.startswith("data: ") for event in events[:-1])
+    text, finish, _, _ = reference_answer(runtime, messages)
+    assert len(payloads) > 3  # text arrives in several chunks, not all at the end
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in payloads) == text
+    assert payloads[-1]["choices"][0]["finish_reason"] == finish and "usage" not in payloads[-1]
+
+
+def test_system_and_assistant_turns_go_through_the_template(server, client, runtime):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        *image_messages("What shape?", "yellow triangle"),
+        {"role": "assistant", "content": "A triangle."},
+        {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]},
+    ]
+    response = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0, max_tokens=8)
+    assert response.choices[0].message.content == reference_answer(runtime, messages, max_tokens=8)[0]
+
+
+def test_max_tokens_and_stop_strings(server, client, runtime):
+    messages = [{"role": "user", "content": "Question number 0"}]
+    full, _, _, _ = reference_answer(runtime, messages)
+    short = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0,
+                                           max_completion_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert full.startswith(short.choices[0].message.content)
+    stop = next(full[i:i + 2] for i in range(1, len(full) - 1) if "\ufffd" not in full[i:i + 2])
+    expected = full[: full.find(stop)]
+    for stream in (False, True):
+        response = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0,
+                                                  max_tokens=MAX_TOKENS, stop=[stop, "never appears"], stream=stream)
+        if stream:
+            chunks = [chunk for chunk in response if chunk.choices]
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = response.choices[0].message.content, response.choices[0].finish_reason
+        assert (text, finish) == (expected, "stop")
+
+
+def test_seeded_sampling_is_reproducible_and_equals_generate(server, client, runtime):
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    answers = [client.chat.completions.create(model=server.model_name, messages=messages, temperature=0.9, top_p=0.9,
+                                              seed=7, max_tokens=MAX_TOKENS).choices[0].message.content
+               for _ in range(2)]
+    defaults = runtime.generation_defaults  # hub-style: top_k 64 comes from generation_config.json
+    sampling = Sampling(max_new_tokens=MAX_TOKENS, greedy=False, temperature=0.9, top_k=defaults["top_k"], top_p=0.9,
+                        seed=7, stop_token_ids=runtime.config.stop_token_ids)
+    assert answers[0] == answers[1] == reference_answer(runtime, messages, sampling=sampling)[0]
+
+
+def test_models_and_health(server, client):
+    assert [model.id for model in client.models.list().data] == [server.model_name]
+    assert client.models.retrieve(server.model_name).id == server.model_name
+    status, _, raw = post_raw(server, b"", path="/health", method="GET")
+    health = json.loads(raw)
+    assert status == 200 and health["status"] == "ok" and health["model"] == server.model_name
+    assert health["max_batch_size"] == 4
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(server, runtime):
+    prompts = ["Question number 1", "Is it a red circle or a blue square?", "hi", "What colour is the sky"]
+    before = len(server.test_log.lines())
+    answers: list = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def ask(index: int) -> None:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as own:
+            barrier.wait(timeout=30)
+            answers[index] = own.chat.completions.create(
+                model=server.model_name, messages=[{"role": "user", "content": prompts[index]}], temperature=0,
+                max_tokens=MAX_TOKENS).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == [reference_answer(runtime, [{"role": "user", "content": p}])[0] for p in prompts]
+    assert server.scheduler.stats()["largest_batch"] > 1
+    logged = server.test_log.lines_after(before, len(prompts))[-len(prompts):]
+    assert sum(bool(re.search(r"200 .* batch=[234] ", line)) for line in logged) >= 2, logged
+
+
+def test_one_log_line_per_request(server, client):
+    before = len(server.test_log.lines())
+    client.models.list()
+    post_json(server, {"messages": []})
+    lines = server.test_log.lines_after(before, 2)
+    assert len(lines) == 2
+    assert '"GET /v1/models" 200' in lines[0] and '"POST /v1/chat/completions" 400' in lines[1]
+
+
+def test_binds_loopback_by_default(runtime):
+    assert ServerSettings().host == "127.0.0.1"
+    quiet = ChatCompletionServer(runtime, ServerSettings(port=0), log=io.StringIO())
+    try:
+        assert quiet.address[0] == "127.0.0.1"
+    finally:
+        quiet.stop()
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _with_image(url: str, count: int = 1) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for _ in range(count)]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}]}
+
+
+BAD_REQUESTS = {
+    "bad json": (b'{"messages": [', 400, "invalid_json"),
+    "not an object": (b"[1, 2]", 400, "invalid_json"),
+    "missing messages": ({"model": "tiny-gemma3"}, 400, "missing_required_parameter"),
+    "empty messages": ({"messages": []}, 400, "invalid_value"),
+    "n=2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_value"),
+    "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value"),
+    "bad part type": ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400,
+                      "unsupported_content_type"),
+    "roles not alternating": ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+                              400, "invalid_conversation"),
+    "temperature out of range": ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400,
+                                 "invalid_value"),
+    "max_tokens over the limit": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1},
+                                  400, "invalid_value"),
+    "unsupported tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+                          "unsupported_parameter"),
+    "unknown model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    "image in bad base64": (_with_image("data:image/png;base64,@@@not-base64"), 400, "invalid_image_url"),
+    "not an image": (_with_image("data:image/png;base64," + base64.b64encode(b"hello").decode()), 400,
+                     "invalid_image"),
+    "image too big in bytes": (_with_image(data_url(noise_image(200, 200))), 413, "image_too_large"),
+    "image too big in pixels": (_with_image(data_url(Image.new("RGB", (400, 400), "white"))), 413, "image_too_large"),
+    "too many images": (_with_image(data_url(draw_picture()), count=3), 400, "too_many_images"),
+    "file path without --allow-local-images": (_with_image("/etc/passwd"), 403, "local_images_not_allowed"),
+    "file URL without --allow-local-images": (_with_image("file:///etc/hostname"), 403, "local_images_not_allowed"),
+    "remote URL without --allow-remote-images": (_with_image("http://127.0.0.1:9/cat.png"), 403,
+                                                 "remote_images_not_allowed"),
+    "request body over the limit": ({"messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}, 413,
+                                    "request_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, case):
+    body, status, code = BAD_REQUESTS[case]
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got_status, content_type, answer = post_raw(server, raw)
+    error = json.loads(answer)["error"]
+    assert (got_status, error["code"]) == (status, code), error
+    assert content_type == "application/json"
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    ok, reply = post_json(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert ok == 200 and reply["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_openai_client_sees_the_errors_as_its_own_exceptions(server, client):
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert bad.value.body["param"] == "n"
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model=server.model_name, messages=_with_image("picture.png")["messages"])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="another-model", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_unknown_routes_and_methods(server):
+    assert post_raw(server, b"", path="/v2/nothing", method="GET")[0] == 404
+    status, _, raw = post_raw(server, b"", path="/v1/chat/completions", method="GET")
+    assert status == 405 and json.loads(raw)["error"]["code"] == "method_not_allowed"
+
+
+def test_a_client_that_hangs_up_mid_stream_does_not_stop_the_server(server):
+    connection = http.client.HTTPConnection(*server.address, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": MAX_TOKENS}),
+        headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    response.read(20)
+    connection.close()
+    status, reply = post_json(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200
+
+
+# ---------------------------------------------------------------------------------------------- image sources
+@pytest.fixture
+def image_dir(tmp_path):
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    draw_picture("purple star").save(allowed / "sub" / "star.png")
+    draw_picture("purple star").save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", allowed / "link.png")
+    return allowed
+
+
+@pytest.fixture
+def picture_site(image_dir):
+    """A plain static HTTP server on 127.0.0.1 serving the allowed directory."""
+    handler = functools.partial(_QuietStaticHandler, directory=str(image_dir))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=site.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{site.server_address[1]}"
+    site.shutdown()
+    site.server_close()
+
+
+class _QuietStaticHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_local_and_remote_images_when_allowed(runtime, image_dir, picture_site):
+    settings = ServerSettings(port=0, max_tokens=MAX_TOKENS, images=LIMITS, allow_local_images=image_dir,
+                              allow_remote_images=True)
+    expected = reference_answer(runtime, image_messages("what?", "purple star"))[0]
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        def ask(url):
+            return post_json(live, {**_with_image(url), "temperature": 0, "max_tokens": MAX_TOKENS})
+
+        for url in ("sub/star.png", str(image_dir / "sub" / "star.png"), f"file://{image_dir}/sub/star.png",
+                    f"{picture_site}/sub/star.png"):
+            status, reply = ask(url)
+            assert status == 200, reply
+            assert reply["choices"][0]["message"]["content"] == expected
+        for url in ("../secret.png", "sub/../../secret.png", str(image_dir.parent / "secret.png"), "link.png"):
+            status, reply = ask(url)
+            assert (status, reply["error"]["code"]) == (403, "path_not_allowed"), url
+        status, reply = ask("sub/missing.png")
+        assert (status, reply["error"]["code"]) == (400, "image_not_found")
+        status, reply = ask(f"{picture_site}/sub/missing.png")
+        assert (status, reply["error"]["code"]) == (400, "image_download_failed")
+
+
+def test_text_only_checkpoint_refuses_images_with_422(tmp_path):
+    directory = write_tiny_checkpoint(tmp_path / "text", text_only=True)
+    text_runtime = InferenceRuntime.load(directory, device="cpu", dtype="float32")
+    with ChatCompletionServer(text_runtime, ServerSettings(port=0, max_tokens=4), log=io.StringIO()) as live:
+        status, reply = post_json(live, _with_image(data_url(draw_picture())))
+        assert (status, reply["error"]["code"]) == (422, "images_not_supported")
+        status, reply = post_json(live, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+        assert status == 200 and reply["usage"]["completion_tokens"] >= 1
+
+
+def test_stop_fails_waiting_jobs_and_frees_the_port(runtime):
+    scheduler = BatchScheduler(runtime)  # not started: only stop() can answer the queued job
+    job = scheduler.submit(Job(prompt=runtime.encode_prompt("hi", []), sampling=runtime.sampling(max_new_tokens=2),
+                               max_new_tokens=2))
+    scheduler.stop()
+    assert job.events.get(timeout=5) == ("error", "the server is shutting down")
+    live = ChatCompletionServer(runtime, ServerSettings(port=0), log=io.StringIO()).start()
+    address = live.address
+    assert post_raw(live, b"", path="/health", method="GET")[0] == 200
+    live.stop()
+    assert not live.scheduler_alive()
+    with pytest.raises(OSError):
+        http.client.HTTPConnection(*address, timeout=5).request("GET", "/health")
+
+
+def test_a_short_request_is_answered_while_its_batch_goes_on(runtime):
+    """Rows keep their own token limits in a shared batch, and each is reported done at its own end."""
+    events: list[tuple[str, int]] = []
+    rows = [
+        Row(prompt=runtime.encode_prompt(text, []), max_new_tokens=limit,
+            on_text=lambda _, i=i: events.append(("text", i)), on_finish=lambda _, i=i: events.append(("done", i)))
+        for i, (text, limit) in enumerate([("Question number 0", 2), ("Question number 1", MAX_TOKENS)])
+    ]
+    short, long = runtime.complete(rows, runtime.sampling(max_new_tokens=1, greedy=True))
+    assert (short.finish_reason, short.completion_tokens) == ("length", 2)
+    assert long.completion_tokens > 2
+    assert events.index(("done", 0)) < max(i for i, event in enumerate(events) if event == ("text", 1))
+    assert events[-1] == ("done", 1) and events.count(("done", 0)) == 1
+    for text, completion in (("Question number 0", short), ("Question number 1", long)):
+        alone = reference_answer(runtime, [{"role": "user", "content": text}], completion.completion_tokens)
+        assert completion.text == alone[0]
