@@ -4,6 +4,13 @@ Position is kept as (epoch, how many records of that epoch's order were consumed
 function of ``(seed, epoch)`` and the encoding a pure function of the record, so a run restored from
 :meth:`ConversationDataset.state_dict` yields exactly the sample the interrupted run would have yielded next.
 Bad records are skipped (or fatal) as :class:`DataConfig` says and counted in :meth:`~ConversationDataset.summary`.
+
+Data parallelism (:meth:`ConversationDataset.shard`): rank r of n reads ``order[start + r :: n]`` of each epoch,
+so together the ranks read the order once, in about the order one process would. Each rank keeps its own
+position in its share; a checkpoint holds every rank's state (``{"ranks": [...]}``) and resumes exactly on
+the same number of ranks. On a different number, the ranks continue from where the slowest rank stood:
+``start`` moves past the records all ranks had read, and the new ranks stride from there (records that only
+some ranks had read are read again; with one sample per row all ranks read the same number, so none are).
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ class DataSummary:
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def merge(self, other: "DataSummary") -> "DataSummary":
+        """Add another reader's counts to these (data-parallel ranks each keep their own)."""
+        self.records += other.records
+        self.samples += other.samples
+        self.truncated += other.truncated
+        self.skipped.update(other.skipped)
+        for reason, example in other.examples.items():
+            self.examples.setdefault(reason, example)
+        return self
 
     def record_skip(self, bad: BadRecord) -> None:
         self.skipped[bad.reason] += 1
@@ -95,9 +112,18 @@ class ConversationDataset:
             ),
         )
         self.epoch = 0
-        self.position = 0  # records of this epoch's order already consumed
+        self.position = 0  # records of this rank's share of this epoch's order already consumed
         self.epoch_samples = 0  # samples produced so far in this epoch
+        self.start = 0  # where in this epoch's order the ranks began striding (moves when resharded)
+        self.rank, self.num_ranks = 0, 1
         self._summary = DataSummary()
+
+    def shard(self, rank: int, num_ranks: int) -> "ConversationDataset":
+        """Read only data-parallel rank ``rank``'s share of ``num_ranks`` (call before iterating)."""
+        if not 0 <= rank < num_ranks:
+            raise Gemma3VLError(f"data rank {rank} is not in 0..{num_ranks - 1}")
+        self.rank, self.num_ranks = rank, num_ranks
+        return self
 
     @classmethod
     def for_checkpoint(cls, config: DataConfig, model_dir: str | Path) -> "ConversationDataset":
@@ -120,7 +146,7 @@ class ConversationDataset:
         return indices
 
     def __iter__(self) -> Iterator[Sample]:
-        order = self.order(self.epoch)
+        order = self.order(self.epoch)[self.start + self.rank::self.num_ranks]
         while self.position < len(order):
             index = order[self.position]
             # Advance before yielding: a state_dict taken after receiving a sample resumes after it.
@@ -134,6 +160,7 @@ class ConversationDataset:
         self.epoch += 1
         self.position = 0
         self.epoch_samples = 0
+        self.start = 0
 
     def read(self, index: int) -> Sample | None:
         """Record ``index`` encoded, or ``None`` when it is bad and ``on_bad_record`` is ``skip``."""
@@ -162,6 +189,9 @@ class ConversationDataset:
             "epoch": self.epoch,
             "position": self.position,
             "epoch_samples": self.epoch_samples,
+            "start": self.start,
+            "rank": self.rank,
+            "num_ranks": self.num_ranks,
             "seed": self.config.seed,
             "shuffle": self.config.shuffle,
             "num_records": len(self.records),
@@ -169,12 +199,41 @@ class ConversationDataset:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`, or from every rank's states ``{"ranks": [state, ...]}``."""
+        states = state["ranks"] if "ranks" in state else [state]
         expected = {"seed": self.config.seed, "shuffle": self.config.shuffle, "num_records": len(self.records)}
-        changed = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
-        if changed:
-            detail = ", ".join(f"{key} was {old!r}, is {new!r}" for key, (old, new) in changed.items())
-            raise Gemma3VLError(f"{self.config.path}: cannot resume, the data or its order changed ({detail})")
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self.epoch_samples = int(state["epoch_samples"])
-        self._summary = DataSummary.from_dict(state["summary"])
+        for one in states:
+            changed = {key: (one.get(key), value) for key, value in expected.items() if one.get(key) != value}
+            if changed:
+                detail = ", ".join(f"{key} was {old!r}, is {new!r}" for key, (old, new) in changed.items())
+                raise Gemma3VLError(f"{self.config.path}: cannot resume, the data or its order changed ({detail})")
+        if len(states) == self.num_ranks and all(one.get("num_ranks", 1) == self.num_ranks for one in states):
+            mine = states[self.rank]
+            self.epoch = int(mine["epoch"])
+            self.position = int(mine["position"])
+            self.epoch_samples = int(mine["epoch_samples"])
+            self.start = int(mine.get("start", 0))
+            self._summary = DataSummary.from_dict(mine["summary"])
+            return
+        self._reshard(states)
+
+    def _reshard(self, states: list[dict[str, Any]]) -> None:
+        """Continue on this number of ranks from states saved on another number (see the module docstring)."""
+        saved_ranks = len(states)
+        epoch = min(int(one["epoch"]) for one in states)
+        behind = [one for one in states if int(one["epoch"]) == epoch]
+        consumed = min(int(one["position"]) for one in behind)
+        if len({(int(one["epoch"]), int(one["position"])) for one in states}) > 1:
+            logger.warning("resuming on %d data-parallel rank(s) from %d whose positions differ: records read by "
+                           "only some of them are read again", self.num_ranks, saved_ranks)
+        self.epoch = epoch
+        self.start = int(behind[0].get("start", 0)) + consumed * saved_ranks
+        if self.start >= len(self.records):
+            self.epoch, self.start = epoch + 1, 0
+        self.position = 0
+        self.epoch_samples = sum(int(one["epoch_samples"]) for one in behind) if self.epoch == epoch else 0
+        # The counts so far travel with rank 0 (the run's summary is the sum over ranks).
+        self._summary = DataSummary()
+        if self.rank == 0:
+            for one in states:
+                self._summary.merge(DataSummary.from_dict(one["summary"]))

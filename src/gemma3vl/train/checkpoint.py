@@ -5,6 +5,10 @@ A checkpoint directory ``OUT/checkpoints/step-00000010/`` holds the DCP files of
 the RNG states, and ``trainer_state.json`` (step, scheduler, data position). It is written under a
 temporary name and renamed only when complete; ``COMPLETE`` inside marks it, and loading refuses a
 directory without it. The last ``keep_last`` complete checkpoints are kept.
+
+Under ``torchrun`` every rank writes its own shards into the same staging directory (DCP collects them into
+one checkpoint that loads into any other layout: DTensors are resharded on load); rank 0 alone writes
+``trainer_state.json`` and the marker, renames and prunes, and the others wait for it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -39,6 +44,28 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_main() -> bool:
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _staging_tag() -> int:
+    """The pid in the staging name; rank 0's on every rank, so that all ranks write one directory."""
+    if not _distributed():
+        return os.getpid()
+    tag = [os.getpid()]
+    dist.broadcast_object_list(tag, src=0)
+    return int(tag[0])
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -64,8 +91,10 @@ def save_checkpoint(
 ) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    staging = root / f".{checkpoint_name(step)}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = root / f".{checkpoint_name(step)}.tmp-{_staging_tag()}"
+    if _is_main():
+        shutil.rmtree(staging, ignore_errors=True)
+    _barrier()  # nobody writes into the staging directory before it is clean
     model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
     trainer_state = {
         "step": step,
@@ -77,18 +106,21 @@ def save_checkpoint(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is not initialised": single process is fine
             dcp.save({"model": model_state, "optim": optim_state, "rng": _rng_tensors()}, checkpoint_id=str(staging))
-        (staging / STATE_FILE).write_text(json.dumps(trainer_state))
-        (staging / COMPLETE).write_text(f"step {step}\n")
-        _fsync_tree(staging)
+        if _is_main():  # dcp.save has returned on rank 0 only once every rank's shards are written
+            (staging / STATE_FILE).write_text(json.dumps(trainer_state))
+            (staging / COMPLETE).write_text(f"step {step}\n")
+            _fsync_tree(staging)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise Gemma3VLError(
             f"{root}: cannot write the checkpoint of step {step} ({exc}); earlier checkpoints are untouched"
         ) from None
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _prune(root, keep_last)
+    if _is_main():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _prune(root, keep_last)
+    _barrier()  # the checkpoint is complete for every rank before any goes on (or resumes from it)
     return final
 
 

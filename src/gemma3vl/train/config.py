@@ -96,6 +96,25 @@ class LoggingSettings:
 
 
 @dataclass
+class ParallelSettings:
+    """How `torchrun` ranks are arranged (gemma3vl.parallel, docs/distributed.md). One process uses only
+    ``activation_checkpoint`` and ``compile``.
+
+    The degrees multiply to the number of processes; one of them may be -1 for "the rest".
+    """
+
+    dp_replicate: int = 1  # data-parallel replicas (HSDP: FSDP within a replica, plain replication across)
+    dp_shard: int = -1  # FSDP2 degree: parameters, gradients and optimizer states sharded over these ranks
+    tp: int = 1  # tensor parallel degree; must divide the KV-head count (4B: 4, 12B: 8, 27B: 16)
+    pp: int = 1  # pipeline stages: not yet supported
+    cp: int = 1  # context parallel degree: not yet supported
+    sequence_parallel: bool = True  # with tp > 1: norms and the residual stream sharded over the sequence
+    activation_checkpoint: str = "none"  # none | full | selective (per op: keep matmul/attention outputs)
+    compile: bool = False  # torch.compile each decoder block
+    cpu_offload: bool = False  # FSDP2 keeps sharded parameters, gradients and optimizer states on the CPU
+
+
+@dataclass
 class TrainConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -104,6 +123,7 @@ class TrainConfig:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     peft: PeftSettings = field(default_factory=PeftSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
     out: str = "out"
     recipe: str = ""
 
@@ -126,6 +146,7 @@ class TrainConfig:
             "data.format": (self.data.format, ("auto", "messages", "llava", "hf")),
             "peft.method": (self.peft.method, ("none", "lora", "dora")),
             "model.dtype": (self.model.dtype, ("auto", "float32", "bfloat16")),
+            "parallel.activation_checkpoint": (self.parallel.activation_checkpoint, ("none", "full", "selective")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -134,6 +155,13 @@ class TrainConfig:
             raise Gemma3VLError(f"optim.lr={self.optim.lr} must be > 0")
         if self.peft.method != "none" and self.peft.rank < 1:
             raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
+        for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
+            value = getattr(self.parallel, name)
+            if value == 0 or value < -1:
+                raise Gemma3VLError(f"parallel.{name}={value}: a degree is a positive integer, or -1 for the rest")
+
+    def parallel_degrees(self) -> dict[str, int]:
+        return {name: getattr(self.parallel, name) for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp")}
 
 
 def _size_recipe(size: str, mode: str) -> TrainConfig:

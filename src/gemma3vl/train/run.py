@@ -3,6 +3,10 @@
 At the end ``OUT`` holds ``checkpoints/`` (DCP training checkpoints), ``hf/`` (a complete HF checkpoint with
 the trained — for LoRA, merged — weights, tokenizer, processor and configs), ``adapter/`` for LoRA/DoRA (HF
 PEFT format), ``metrics.jsonl``, ``tensorboard/``, ``loss.png`` and ``train_config.json``.
+
+Launched by ``torchrun`` the same command trains on all ranks in the layout of the ``parallel.*`` settings
+(checked against the world size and the model before anything is loaded): every rank reads its share of
+the data, rank 0 alone writes logs and exports, and all ranks write the DCP checkpoints together.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from gemma3vl import bridge
-from gemma3vl.data.dataset import ConversationDataset
+from gemma3vl.data.dataset import ConversationDataset, DataSummary
 from gemma3vl.data.loader import BatchLoader
 from gemma3vl.data.settings import DataConfig
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.loading import load_model, resolve_device
 from gemma3vl.infer.prompt import load_processor
+from gemma3vl.model import Gemma3Model
+from gemma3vl.parallel import ParallelContext, ParallelDims, init_distributed, launched_by_torchrun, parallelize
+from gemma3vl.parallel.export import gather_full_state, plain_model
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.evaluate import Evaluator
 from gemma3vl.train.lora import LoraConfig, apply_lora, merge_lora, parameter_summary
@@ -33,8 +41,32 @@ TINY_TRAIN_RECORDS = 256
 TINY_EVAL_RECORDS = 48
 
 
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+class QuietLogger:
+    """What ranks other than 0 log to: nothing (rank 0's logger has the global numbers)."""
+
+    def __init__(self):
+        self.history: list[dict] = []
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+
+    def advance(self) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def prepare_tiny_inputs(cfg: TrainConfig, out: Path) -> None:
@@ -74,39 +106,95 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
                       targets=tuple(p.targets), include_vision=p.include_vision)
 
 
+def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | None:
+    """Check the ``parallel.*`` layout against the world size and the model, and build the device mesh.
+
+    One process (no torchrun): the degrees must all come out as 1, and nothing is set up."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    dims = ParallelDims.resolve(cfg.parallel_degrees(), world_size)
+    dims.validate(bridge.read_config(cfg.model.path), peft=cfg.peft.method != "none")
+    per_step = cfg.train.micro_batch_size * dims.dp
+    if cfg.train.global_batch_size % per_step:
+        raise Gemma3VLError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{cfg.train.micro_batch_size} x {dims.dp} data-parallel ranks = {per_step}: each rank must take an "
+            f"equal number of whole micro-batches per step"
+        )
+    if cfg.parallel.cpu_offload and not dims.fsdp_enabled:
+        raise Gemma3VLError("parallel.cpu_offload=true offloads FSDP shards: it needs more than one data-parallel "
+                            "rank (torchrun with parallel.dp_shard > 1)")
+    if not dist.is_initialized():
+        return None
+    context = ParallelContext.create(dims, device, sequence_parallel=cfg.parallel.sequence_parallel)
+    say(f"parallel: {dims.describe()} on {device.type} ({dist.get_backend()})")
+    return context
+
+
 def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDataset]:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
+    if launched_by_torchrun():
+        device = init_distributed(use_gpu=cfg.model.device != "cpu")
+    else:
+        device = resolve_device(cfg.model.device)
     if cfg.recipe.startswith("tiny_"):
-        prepare_tiny_inputs(cfg, out)
+        if is_main_process():
+            prepare_tiny_inputs(cfg, out)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks find rank 0's files and only take their paths
+        if not is_main_process():
+            prepare_tiny_inputs(cfg, out)
     if cfg.model.path is None:
         raise Gemma3VLError("model.path is not set: pass --model HF_OR_NATIVE_DIR")
     if cfg.data.path is None:
         raise Gemma3VLError("data.path is not set: pass --data PATH (a JSONL of conversations)")
-    device = resolve_device(cfg.model.device)
+    parallel = setup_parallel(cfg, device)
     weight_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model, model_config = load_model(cfg.model.path, device=device, dtype=weight_dtype)
+    # A sharded layout loads the whole model into every rank's host memory and moves only its shards to the GPU.
+    sharded = parallel is not None and parallel.dims.world_size > 1
+    model, model_config = load_model(cfg.model.path, device="cpu" if sharded else device, dtype=weight_dtype)
     freeze(model, cfg)
     if cfg.peft.method != "none":
         apply_lora(model, lora_config(cfg))
     say(f"model: {cfg.model.path} on {device} ({weight_dtype}); {parameter_summary(model)}")
+    p = cfg.parallel
+    if parallel is not None or p.activation_checkpoint != "none" or p.compile:
+        # FSDP's compute dtype: bf16 where the single-process run would autocast to bf16.
+        compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype == "auto" else None
+        parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
+                    param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
+        misplaced = [name for name, param in model.named_parameters() if param.device.type != device.type]
+        if misplaced and not p.cpu_offload:
+            raise RuntimeError(f"parallelize left {len(misplaced)} parameter(s) off {device}, e.g. {misplaced[0]}")
     processor = load_processor(cfg.model.path, model_config)
     train_data = ConversationDataset(data_config(cfg, cfg.data.path, shuffle=True), processor)
-    feed = StepFeed(BatchLoader(train_data, cfg.train.micro_batch_size),
-                    cfg.train.global_batch_size // cfg.train.micro_batch_size)
+    if parallel is not None:
+        train_data.shard(parallel.dp_rank, parallel.dims.dp)
+    per_rank = cfg.train.global_batch_size // (parallel.dims.dp if parallel else 1)
+    feed = StepFeed(BatchLoader(train_data, cfg.train.micro_batch_size), per_rank // cfg.train.micro_batch_size)
     evaluator = None
     if cfg.data.eval_path:
+        accuracy_samples = cfg.data.eval_accuracy_samples
+        if parallel is not None and accuracy_samples:
+            say("eval: answer accuracy by generation runs in one process only; under torchrun only the eval loss")
+            accuracy_samples = 0
         eval_data = ConversationDataset(data_config(cfg, cfg.data.eval_path, shuffle=False), processor)
         evaluator = Evaluator(
             eval_data, micro_batch_size=cfg.train.micro_batch_size,
-            accuracy_samples=cfg.data.eval_accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
+            accuracy_samples=accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
             stop_token_ids=model_config.stop_token_ids, device=device,
         )
-    return Trainer(cfg, model, feed, out, device, evaluator), train_data
+    return Trainer(cfg, model, feed, out, device, evaluator, parallel=parallel), train_data
 
 
 def export_results(trainer: Trainer, cfg: TrainConfig, out: Path) -> None:
     model = trainer.model
+    if trainer.parallel is not None:
+        # Every rank gathers tensor by tensor; rank 0 then holds one plain model and writes it as one process would.
+        state = gather_full_state(model, trainer.device)
+        if not is_main_process():
+            return
+        model = plain_model(lambda: _plain_like(cfg), state)
     if cfg.peft.method != "none":
         adapter = write_peft_adapter(model, lora_config(cfg), out / "adapter",
                                      base_model_name_or_path=str(cfg.model.path), overwrite=True)
@@ -116,28 +204,67 @@ def export_results(trainer: Trainer, cfg: TrainConfig, out: Path) -> None:
     say(f"HF checkpoint: {hf_dir}")
 
 
+def _plain_like(cfg: TrainConfig) -> Gemma3Model:
+    """An unsharded model shaped like the one trained (untied head, adapters) for the gathered weights."""
+    model = Gemma3Model(bridge.read_config(cfg.model.path))
+    if bridge.has_untied_head(cfg.model.path):
+        model.text.add_untied_head()
+    if cfg.peft.method != "none":
+        apply_lora(model, lora_config(cfg))
+    return model
+
+
 def run_training(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = _run(cfg, out, resume)
+        if dist.is_initialized():
+            # Rank 0 may still be writing the export: leave together (a gloo rank that tears down while its
+            # peers are still connected can abort).
+            dist.barrier()
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
     trainer, train_data = build_trainer(cfg, out)
+    main = is_main_process()
     if resume:
         trainer.resume(None if resume is True else Path(resume))
         say(f"resumed at step {trainer.step}")
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise Gemma3VLError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
-    elif (out / "metrics.jsonl").exists():
+    elif main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
-    write_run_config(cfg, out)
-    logger = MetricsLogger(out, cfg.logging, cfg.to_dict(), cfg.train.steps, resume_step=trainer.step)
+    if main:
+        write_run_config(cfg, out)
+        logger = MetricsLogger(out, cfg.logging, cfg.to_dict(), cfg.train.steps, resume_step=trainer.step)
+    else:
+        logger = QuietLogger()
     try:
         result = trainer.run(logger)
     finally:
         logger.close()
     summary = train_data.summary()
+    if trainer.parallel is not None:
+        summary = sum_summaries(trainer.parallel.gather_over_dp(summary.to_dict()))
     say(f"data: {summary}")
-    (out / "data_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    if main:
+        (out / "data_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     export_results(trainer, cfg, out)
-    png = plot_losses(out / "metrics.jsonl", out / "loss.png")
-    if png:
-        say(f"loss curves: {png}")
+    if main:
+        png = plot_losses(out / "metrics.jsonl", out / "loss.png")
+        if png:
+            say(f"loss curves: {png}")
     return result
+
+
+def sum_summaries(parts: list[dict]) -> DataSummary:
+    """The data summary of the whole run from every data-parallel rank's own."""
+    total = DataSummary()
+    for part in parts:
+        total.merge(DataSummary.from_dict(part))
+    return total

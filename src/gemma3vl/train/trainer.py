@@ -8,6 +8,10 @@ gradient of one big batch. Gradients are clipped to ``train.grad_clip``; AdamW w
 Precision: on CUDA the parameters stay float32 (master weights) and the forward runs under bf16 autocast;
 ``model.dtype=bfloat16`` keeps the weights themselves in bf16 (half the memory, no fp32 master copy).
 On the CPU everything is float32.
+
+Under ``torchrun`` (``parallel`` given) each data-parallel rank runs its own micro-batches, and the step's
+target-token count is summed over the ranks before any backward, so every rank divides by the count of the
+whole global batch and the summed gradients are exactly one process's. Logged numbers are sums over the ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from gemma3vl.data.batch import Batch
 from gemma3vl.model import Gemma3Model
+from gemma3vl.parallel.distributed import ParallelContext, clip_grad_norm_
 from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.metrics import MetricsLogger, peak_flops_per_second
@@ -71,8 +76,10 @@ class Trainer:
         out: Path,
         device: torch.device,
         evaluator=None,
+        parallel: ParallelContext | None = None,
     ):
         self.cfg = cfg
+        self.parallel = parallel
         self.model = model
         self.batcher = batcher
         self.out = out
@@ -82,7 +89,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = 0
         self.last_eval: dict[str, Any] = {}
-        self.params = sum(p.numel() for p in model.parameters())
+        self.params = sum(p.numel() for p in model.parameters())  # DTensors count their global size
+        self.world_size = parallel.dims.world_size if parallel is not None else 1
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
 
@@ -92,9 +100,12 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save(self) -> Path:
+        data = self.batcher.state_dict()
+        if self.parallel is not None and self.parallel.dims.dp > 1:
+            data = {"ranks": self.parallel.gather_over_dp(data)}  # each data-parallel rank reads its own share
         return save_checkpoint(
             self.checkpoint_root, self.step, self.model, self.optimizer, self.scheduler,
-            {"batcher": self.batcher.state_dict()}, keep_last=self.cfg.checkpoint.keep_last,
+            {"batcher": data}, keep_last=self.cfg.checkpoint.keep_last,
         )
 
     def resume(self, path: Path | None) -> None:
@@ -111,6 +122,8 @@ class Trainer:
         micro_batches = self.batcher.next_step()
         total_targets = sum(b.num_target_tokens for b in micro_batches)
         total_tokens = sum(b.num_tokens for b in micro_batches)
+        if self.parallel is not None:
+            total_targets, total_tokens = (int(n) for n in self.parallel.sum_over_dp(total_targets, total_tokens))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -119,7 +132,11 @@ class Trainer:
             (summed / max(total_targets, 1)).backward()
             loss_sum += float(summed.detach())
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+        if self.parallel is not None:
+            (loss_sum,) = self.parallel.sum_over_dp(loss_sum)
+            grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -138,7 +155,7 @@ class Trainer:
             "step_time_s": elapsed,
         }
         flops = 6.0 * self.params * total_tokens  # dense estimate; attention FLOPs not counted
-        record["mfu"] = flops / elapsed / self.peak_flops if self.peak_flops else None
+        record["mfu"] = flops / elapsed / (self.peak_flops * self.world_size) if self.peak_flops else None
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:

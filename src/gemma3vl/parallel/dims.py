@@ -1,0 +1,132 @@
+"""How the ranks are arranged: the parallel degrees, checked against the world size and the model.
+
+The mesh has three dimensions, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP2
+sharding) and ``tp`` (tensor + sequence parallel). TP is innermost so that its collectives, the most
+frequent and the most latency-bound, stay between neighbouring ranks (on one node when ``tp`` divides the
+GPUs per node). Pipeline and context parallelism (``pp``, ``cp``) are validated but refused for now.
+
+A user writes the degrees as ``parallel.*`` settings; exactly one of them may be ``-1``, "whatever is
+left" of the world size once the others are placed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gemma3vl.config import Gemma3Config
+from gemma3vl.errors import Gemma3VLError
+
+DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    cp: int
+    world_size: int
+
+    @classmethod
+    def resolve(cls, degrees: dict[str, int], world_size: int) -> "ParallelDims":
+        """Fill in the one ``-1`` degree and check that the degrees multiply to ``world_size``.
+
+        ``degrees`` maps each name of ``DEGREES`` to its setting.
+        """
+        values = {name: int(degrees[name]) for name in DEGREES}
+        for name, value in values.items():
+            if value == 0 or value < -1:
+                raise Gemma3VLError(f"parallel.{name}={value}: a degree is a positive integer, or -1 for the rest")
+        rest = [name for name, value in values.items() if value == -1]
+        if len(rest) > 1:
+            raise Gemma3VLError(
+                f"parallel.{' and parallel.'.join(rest)} are all -1: at most one degree can take the rest of the ranks"
+            )
+        placed = 1
+        for value in values.values():
+            placed *= value if value != -1 else 1
+        if rest:
+            if world_size % placed:
+                raise Gemma3VLError(
+                    f"{_product(values)} needs a multiple of {placed} ranks, but {_launched(world_size)}: launch "
+                    f"a multiple of {placed} processes (torchrun --nproc-per-node {placed}), or choose degrees whose "
+                    f"product divides {world_size}"
+                )
+            values[rest[0]] = world_size // placed
+        total = 1
+        for value in values.values():
+            total *= value
+        if total != world_size:
+            raise Gemma3VLError(
+                f"{_product(values)} = {total} ranks, but {_launched(world_size)}: set parallel.dp_shard=-1 to "
+                f"give the data-parallel dimension the rest, or launch {total} processes "
+                f"(torchrun --nproc-per-node {total}, or as many across nodes)"
+            )
+        return cls(**values, world_size=world_size)
+
+    # ------------------------------------------------------------------ what is on
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data: the replicas times the FSDP shards."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> str:
+        parts = [f"{name}={getattr(self, name)}" for name in DEGREES if getattr(self, name) > 1]
+        return f"{self.world_size} rank(s): " + (", ".join(parts) if parts else "no parallelism")
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, config: Gemma3Config, *, peft: bool = False) -> None:
+        """Refuse layouts this model cannot take, saying which setting to change and to what."""
+        if self.pp > 1:
+            raise Gemma3VLError(
+                f"parallel.pp={self.pp}: pipeline parallelism is not yet supported; set parallel.pp=1 and give "
+                f"the ranks to parallel.dp_shard or parallel.tp"
+            )
+        if self.cp > 1:
+            raise Gemma3VLError(
+                f"parallel.cp={self.cp}: context parallelism is not yet supported; set parallel.cp=1 and give "
+                f"the ranks to parallel.dp_shard or parallel.tp"
+            )
+        if self.tp > 1:
+            text = config.text
+            # A rank must hold whole KV groups (DESIGN.md: QKV is [K, (G+2)*hd, D], sharded on K) ...
+            self._check_divides(text.num_key_value_heads, "the model's key/value heads (num_key_value_heads)")
+            # ... whole rows of the MLP and of the vocabulary (even shards keep the vocab offsets simple).
+            self._check_divides(text.intermediate_size, "the MLP width (intermediate_size)")
+            self._check_divides(text.vocab_size, "the vocabulary (vocab_size)")
+            if peft:
+                raise Gemma3VLError(
+                    f"parallel.tp={self.tp} with peft.method: LoRA/DoRA adapters are not tensor-parallel yet; use "
+                    f"parallel.tp=1 (FSDP alone shards a LoRA run well: parallel.dp_shard=-1)"
+                )
+
+    def _check_divides(self, count: int, what: str) -> None:
+        if count % self.tp:
+            choices = [d for d in range(1, count + 1) if count % d == 0 and self.world_size % d == 0]
+            raise Gemma3VLError(
+                f"parallel.tp={self.tp} does not divide {what}, {count}: each tensor-parallel rank must hold an "
+                f"equal whole share; choose parallel.tp from {', '.join(map(str, choices))} and give the other "
+                f"ranks to parallel.dp_shard (-1 does that)"
+            )
+
+
+def _product(values: dict[str, int]) -> str:
+    return " x ".join(f"{name}={values[name]}" for name in DEGREES)
+
+
+def _launched(world_size: int) -> str:
+    return "this is a single process" if world_size == 1 else f"{world_size} processes were launched"

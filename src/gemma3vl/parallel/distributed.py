@@ -1,0 +1,113 @@
+"""The process group, the device mesh, and what the training loop asks of the other ranks.
+
+``torchrun`` (or Slurm through it) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; :func:`init_distributed` reads them, picks NCCL when there is a GPU and gloo otherwise, and
+binds the process to GPU ``LOCAL_RANK``. Without those variables nothing is initialised and training runs
+in one process exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.parallel.dims import MESH_DIMS, ParallelDims
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(*, use_gpu: bool = True, timeout_s: float = 1800.0) -> torch.device:
+    """Join the process group torchrun describes; returns this rank's device (``cuda:LOCAL_RANK`` or cpu)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_gpu and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise Gemma3VLError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): launch at most "
+                f"that many processes per node (torchrun --nproc-per-node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=timeout_s)}
+        if device.type == "cuda":
+            kwargs["device_id"] = device  # binds NCCL to this GPU now instead of guessing at the first collective
+        dist.init_process_group(**kwargs)
+    return device
+
+
+@dataclass
+class ParallelContext:
+    """The layout of the ranks and the few collective operations the trainer needs.
+
+    ``dp_*`` is the data-parallel group (replicas x FSDP shards): its ranks read different data, and the
+    step's loss and token counts are summed over it. TP ranks of one data-parallel rank read the same data.
+    """
+
+    dims: ParallelDims
+    mesh: DeviceMesh
+    dp_mesh: DeviceMesh  # dp_replicate x dp_shard flattened: one group for the data-parallel sums
+    device: torch.device
+    sequence_parallel: bool = False  # on only with tp > 1
+
+    @classmethod
+    def create(cls, dims: ParallelDims, device: torch.device, *, sequence_parallel: bool) -> "ParallelContext":
+        shape = tuple(getattr(dims, name) for name in MESH_DIMS)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
+        dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return cls(dims=dims, mesh=mesh, dp_mesh=dp_mesh, device=device,
+                   sequence_parallel=sequence_parallel and dims.tp_enabled)
+
+    # ------------------------------------------------------------------ meshes
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_mesh.get_local_rank()
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """1-D for FSDP; 2-D (replicate, shard) for HSDP."""
+        if self.dims.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.mesh["dp_shard"]
+
+    # ------------------------------------------------------------------ collectives
+    def sum_over_dp(self, *values: float) -> list[float]:
+        """Sums over the data-parallel ranks (float64, so token counts stay exact)."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, group=self.dp_mesh.get_group())
+        return tensor.tolist()
+
+    def gather_over_dp(self, value: Any) -> list[Any]:
+        """Every data-parallel rank's ``value`` (a picklable object), in data-parallel rank order."""
+        gathered: list[Any] = [None] * self.dims.dp
+        dist.all_gather_object(gathered, value, group=self.dp_mesh.get_group())
+        return gathered
+
+
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters that are DTensors (sharded by FSDP and/or TP): the
+    norm of the whole model's gradient, the same on every rank, then the same scaling everywhere."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the sum over every shard (a Partial or Replicate norm -> one value)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total

@@ -1,0 +1,41 @@
+"""A sharded model back into one plain model on rank 0, for the HF export.
+
+Every rank walks the state dict in the same order and takes part in one all-gather per tensor
+(``DTensor.full_tensor``); rank 0 keeps each gathered tensor on the CPU and the others drop it at once. So
+no GPU ever holds more than its shard plus one whole tensor, and rank 0's host memory holds the model once,
+in the training dtype (fp32 master weights: 4 bytes per parameter, 16 GB for the 4B, 108 GB for the 27B),
+which is what a single-process run holds too. The bridge then writes it exactly as it writes a
+single-process model, so the files are the same bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def gather_full_state(model: nn.Module, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The whole state dict as plain CPU tensors on rank 0; ``None`` on the other ranks. Collective."""
+    main = dist.get_rank() == 0
+    gathered: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            if tensor.device.type != device.type:  # FSDP CPU offload keeps shards on the host
+                tensor = tensor.to(device)
+            tensor = tensor.full_tensor()
+        if main:
+            gathered[name] = tensor.detach().to("cpu", copy=True)
+        del tensor
+    return gathered if main else None
+
+
+def plain_model(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module:
+    """``build()`` run on the meta device (no memory), then given ``state``'s tensors as its parameters."""
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
