@@ -281,7 +281,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             set_value(cfg, key, value)
     cfg.validate()
     result = run_training(cfg, resume=args.resume)
-    log(f"trained {result.steps} steps; final loss {result.final_loss}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        log(f"trained {result.steps} steps; final loss {result.final_loss}")
     return 0
 
 
