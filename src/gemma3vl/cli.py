@@ -87,6 +87,7 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from gemma3vl.infer.detokenize import IncrementalText
     from gemma3vl.infer.generate import generate
     from gemma3vl.infer.loading import load_model
     from gemma3vl.infer.prompt import build_inputs, load_image, load_processor, tokenizer_of
@@ -109,26 +110,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     log(f"loaded {model_dir} ({config.text.num_hidden_layers} layers, {next(model.parameters()).dtype}, {device}) "
         f"in {time.perf_counter() - started:.1f}s; prompt: {inputs['input_ids'].shape[1]} tokens")
     sampling = sampling_from(args, model_dir, config)
-    tokenizer = tokenizer_of(processor)
     stop_ids = set(sampling.stop_token_ids)
-    produced: list[int] = []
-    printed = ""
+    answer = IncrementalText(tokenizer_of(processor))
 
     def stream(tokens: torch.Tensor, finished: torch.Tensor) -> None:
-        nonlocal printed
         token = int(tokens[0])
         if token in stop_ids:
             return
-        produced.append(token)
+        answer.add(token)
         if args.stream:
-            # Byte-fallback pieces can change how the tail decodes, so only text up to the last
-            # whitespace is final; the rest waits for the next step (as transformers' TextStreamer does).
-            text = tokenizer.decode(produced, skip_special_tokens=True)
-            stable = text[: max(text.rfind(" "), text.rfind("\n")) + 1]
-            if len(stable) > len(printed) and stable.startswith(printed) and "\ufffd" not in stable:
-                sys.stdout.write(stable[len(printed):])
-                sys.stdout.flush()
-                printed = stable
+            sys.stdout.write(answer.delta())  # only text that later tokens can no longer change
+            sys.stdout.flush()
 
     started = time.perf_counter()
     pixel_values = inputs.get("pixel_values")
@@ -143,10 +135,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         on_step=stream,
     )
     elapsed = time.perf_counter() - started
-    text = tokenizer.decode(produced, skip_special_tokens=True)
-    sys.stdout.write(text[len(printed):] + "\n")
+    sys.stdout.write(answer.delta(final=True) + "\n")
     sys.stdout.flush()
-    log(f"{len(produced)} tokens in {elapsed:.2f}s ({len(produced) / max(elapsed, 1e-9):.1f} tokens/s)")
+    count = len(answer.token_ids)
+    log(f"{count} tokens in {elapsed:.2f}s ({count / max(elapsed, 1e-9):.1f} tokens/s)")
     return 0
 
 

@@ -38,13 +38,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             grad_logits = torch.softmax(logits, dim=-1)
             grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-            if softcap is not None:
-                grad_logits *= 1.0 - capped * capped
-            grad_logits = grad_logits.to(weight.dtype)
+            chunk_hidden_grad, chunk_weight_grad = chunk_gradients(
+                grad_logits, h, weight, capped if softcap is not None else None, need_hidden_grad, need_weight_grad
+            )
             if need_hidden_grad:
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                grad_hidden[start:start + chunk_size] = chunk_hidden_grad
             if need_weight_grad:
-                grad_weight += (grad_logits.t() @ h).to(accumulate)
+                grad_weight += chunk_weight_grad.to(accumulate)
         ctx.save_for_backward(
             grad_hidden if need_hidden_grad else None,
             grad_weight if need_weight_grad else None,
@@ -54,12 +54,41 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return (*scale_saved_gradients(ctx, grad_output), None, None, None)
+
+
+def chunk_gradients(
+    grad_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    capped: torch.Tensor | None,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From d(loss)/d(logits) of one chunk (before softcapping; ``capped`` is ``tanh(logits / cap)`` when the
+    logits were capped), the chunk's gradients for its hidden states and for the output matrix."""
+    if capped is not None:
+        grad_logits *= 1.0 - capped * capped
+    grad_logits = grad_logits.to(weight.dtype)
+    return (grad_logits @ weight if need_hidden_grad else None,
+            grad_logits.t() @ hidden if need_weight_grad else None)
+
+
+def scale_saved_gradients(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward of a loss whose gradients were computed in the forward pass: scale them by ``grad_output``."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+    if grad_weight is not None:
+        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+    return grad_hidden, grad_weight
+
+
+def select_targets(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Hidden states [N, D] and targets [N] of the positions that have a target (``IGNORE`` dropped)."""
+    keep = targets.reshape(-1) != IGNORE
+    flat_targets = targets.reshape(-1)[keep]
+    return hidden.reshape(-1, hidden.shape[-1])[keep], flat_targets, int(flat_targets.shape[0])
 
 
 def linear_cross_entropy(
@@ -76,10 +105,7 @@ def linear_cross_entropy(
     that callers can divide by the token count of the whole global batch (gradient accumulation and
     data parallelism then give the exact token-weighted mean).
     """
-    keep = targets.reshape(-1) != IGNORE
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
-    flat_targets = targets.reshape(-1)[keep]
-    count = int(flat_targets.shape[0])
+    flat_hidden, flat_targets, count = select_targets(hidden, targets)
     if count == 0:
         return hidden.sum() * 0.0, 0
     return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk_size, softcap), count

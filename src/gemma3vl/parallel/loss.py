@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from gemma3vl.model.loss import IGNORE
+from gemma3vl.model.loss import chunk_gradients, scale_saved_gradients, select_targets
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -55,13 +55,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad_logits = (logits - log_z[:, None]).exp()  # this rank's slice of the softmax
             rows = torch.arange(h.shape[0], device=h.device)
             grad_logits[rows[owned], local_targets[owned]] -= 1.0
-            if softcap is not None:
-                grad_logits *= 1.0 - capped * capped
-            grad_logits = grad_logits.to(weight.dtype)
+            chunk_hidden_grad, chunk_weight_grad = chunk_gradients(
+                grad_logits, h, weight, capped if softcap is not None else None, need_hidden_grad, need_weight_grad
+            )
             if need_hidden_grad:
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight
+                grad_hidden[start:start + chunk_size] = chunk_hidden_grad
             if need_weight_grad:
-                grad_weight += (grad_logits.t() @ h).to(accumulate)
+                grad_weight += chunk_weight_grad.to(accumulate)
         if need_hidden_grad:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)  # every rank's vocabulary share
             grad_hidden = grad_hidden.to(hidden.dtype)
@@ -71,12 +71,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return (*scale_saved_gradients(ctx, grad_output), None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(
@@ -94,10 +89,7 @@ def vocab_parallel_cross_entropy(
     mesh = weight.device_mesh
     local = weight.to_local()  # its gradient comes back as this rank's rows of the DTensor's gradient
     vocab_start = mesh.get_local_rank() * local.shape[0]  # even shards: ParallelDims.validate checks V % tp
-    keep = targets.reshape(-1) != IGNORE
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
-    flat_targets = targets.reshape(-1)[keep]
-    count = int(flat_targets.shape[0])
+    flat_hidden, flat_targets, count = select_targets(hidden, targets)
     if count == 0:
         return hidden.sum() * 0.0 + local.sum() * 0.0, 0
     summed = _VocabParallelCrossEntropy.apply(flat_hidden, local, flat_targets, chunk_size, softcap,
