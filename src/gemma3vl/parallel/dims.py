@@ -1,9 +1,11 @@
 """How the ranks are arranged: the parallel degrees, checked against the world size and the model.
 
-The mesh has three dimensions, outermost first: ``dp_replicate`` (HSDP replicas), ``dp_shard`` (FSDP2
-sharding) and ``tp`` (tensor + sequence parallel). TP is innermost so that its collectives, the most
-frequent and the most latency-bound, stay between neighbouring ranks (on one node when ``tp`` divides the
-GPUs per node). Pipeline and context parallelism (``pp``, ``cp``) are validated but refused for now.
+The mesh has five dimensions, outermost first: ``pp`` (pipeline stages), ``dp_replicate`` (HSDP replicas),
+``dp_shard`` (FSDP2 sharding), ``cp`` (context parallel: each rank holds a slice of every sequence) and ``tp``
+(tensor + sequence parallel). TP is innermost so that its collectives, the most frequent and the most
+latency-bound, stay between neighbouring ranks (on one node when ``tp`` divides the GPUs per node); CP next,
+for its per-layer key/value exchange; pipeline stages outermost, as their point-to-point traffic is the
+lightest. Degrees of 1 cost nothing: every dimension is always in the mesh.
 
 A user writes the degrees as ``parallel.*`` settings; exactly one of them may be ``-1``, "whatever is
 left" of the world size once the others are placed.
@@ -17,7 +19,7 @@ from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
 
 DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "cp")
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,9 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp > 1
+        """FSDP shards over the data-parallel ranks and the context-parallel ones (which hold the same
+        parameters and must sum their gradients too)."""
+        return self.dp * self.cp > 1
 
     @property
     def tp_enabled(self) -> bool:

@@ -53,13 +53,16 @@ def init_distributed(*, use_gpu: bool = True, timeout_s: float = 1800.0) -> torc
 class ParallelContext:
     """The layout of the ranks and the few collective operations the trainer needs.
 
-    ``dp_*`` is the data-parallel group (replicas x FSDP shards): its ranks read different data, and the
-    step's loss and token counts are summed over it. TP ranks of one data-parallel rank read the same data.
+    ``dp_mesh`` is the data-parallel group (replicas x FSDP shards): its ranks read different data. The
+    ranks of one data-parallel rank along ``cp``, ``tp`` and ``pp`` read the same data. ``batch_mesh`` is
+    data parallel x context parallel: the ranks that together hold the step's tokens (each CP rank a slice of
+    every sequence), over which the step's loss and token counts are summed.
     """
 
     dims: ParallelDims
     mesh: DeviceMesh
-    dp_mesh: DeviceMesh  # dp_replicate x dp_shard flattened: one group for the data-parallel sums
+    dp_mesh: DeviceMesh  # dp_replicate x dp_shard flattened: the ranks that read different data
+    batch_mesh: DeviceMesh  # dp_replicate x dp_shard x cp flattened: the ranks that share the step's tokens
     device: torch.device
     sequence_parallel: bool = False  # on only with tp > 1
 
@@ -68,7 +71,9 @@ class ParallelContext:
         shape = tuple(getattr(dims, name) for name in MESH_DIMS)
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_DIMS)
         dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return cls(dims=dims, mesh=mesh, dp_mesh=dp_mesh, device=device,
+        batch_mesh = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP's shard dimension (see fsdp_mesh)
+        return cls(dims=dims, mesh=mesh, dp_mesh=dp_mesh, batch_mesh=batch_mesh, device=device,
                    sequence_parallel=sequence_parallel and dims.tp_enabled)
 
     # ------------------------------------------------------------------ meshes
@@ -81,17 +86,27 @@ class ParallelContext:
         return self.mesh["tp"]
 
     @property
+    def cp_mesh(self) -> DeviceMesh:
+        return self.mesh["cp"]
+
+    @property
+    def pp_mesh(self) -> DeviceMesh:
+        return self.mesh["pp"]
+
+    @property
     def fsdp_mesh(self) -> DeviceMesh:
-        """1-D for FSDP; 2-D (replicate, shard) for HSDP."""
+        """1-D for FSDP; 2-D (replicate, shard) for HSDP. The shard dimension is ``dp_shard x cp``: context-
+        parallel ranks hold the same parameters, so FSDP shards over them too and sums their gradients."""
         if self.dims.dp_replicate > 1:
-            return self.mesh["dp_replicate", "dp_shard"]
-        return self.mesh["dp_shard"]
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+        return self.mesh["dp_shard_cp"]
 
     # ------------------------------------------------------------------ collectives
-    def sum_over_dp(self, *values: float) -> list[float]:
-        """Sums over the data-parallel ranks (float64, so token counts stay exact)."""
+    def sum_over_batch(self, *values: float) -> list[float]:
+        """Sums over the ranks that share the step's tokens, data x context parallel (float64, so token
+        counts stay exact)."""
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, group=self.dp_mesh.get_group())
+        dist.all_reduce(tensor, group=self.batch_mesh.get_group())
         return tensor.tolist()
 
     def gather_over_dp(self, value: Any) -> list[Any]:

@@ -123,7 +123,7 @@ class Trainer:
         total_targets = sum(b.num_target_tokens for b in micro_batches)
         total_tokens = sum(b.num_tokens for b in micro_batches)
         if self.parallel is not None:
-            total_targets, total_tokens = (int(n) for n in self.parallel.sum_over_dp(total_targets, total_tokens))
+            total_targets, total_tokens = (int(n) for n in self.parallel.sum_over_batch(total_targets, total_tokens))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -133,7 +133,7 @@ class Trainer:
             loss_sum += float(summed.detach())
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.parallel is not None:
-            (loss_sum,) = self.parallel.sum_over_dp(loss_sum)
+            (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
             grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
