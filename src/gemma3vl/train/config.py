@@ -50,6 +50,8 @@ class TrainSettings:
     seq_length: int = 4096
     seed: int = 0
     grad_clip: float = 1.0
+    # A step whose loss or gradient norm is not finite is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 3
     freeze_vision: bool = False
     freeze_language: bool = False
     freeze_projector: bool = False
@@ -132,7 +134,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         t = self.train
-        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length"):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_length", "max_nonfinite_steps"):
             if getattr(t, name) < 1:
                 raise Gemma3VLError(f"train.{name}={getattr(t, name)} must be >= 1")
         if t.global_batch_size % t.micro_batch_size:

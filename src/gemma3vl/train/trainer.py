@@ -5,6 +5,10 @@ Each optimizer step takes ``train.global_batch_size`` rows, split into micro-bat
 summed loss is divided by the step's total number of target tokens), so accumulation gives exactly the
 gradient of one big batch. Gradients are clipped to ``train.grad_clip``; AdamW with warmup + cosine.
 
+A step whose loss or gradient norm is not finite (inf/NaN) changes no weight: the update is skipped, the
+step is logged with ``skipped: true`` and the source lines of its conversations, and the run stops with an
+error after ``train.max_nonfinite_steps`` such steps in a row — never a silently NaN model.
+
 Precision: on CUDA the parameters stay float32 (master weights) and the forward runs under bf16 autocast;
 ``model.dtype=bfloat16`` keeps the weights themselves in bf16 (half the memory, no fp32 master copy).
 On the CPU everything is float32.
@@ -17,6 +21,7 @@ whole global batch and the summed gradients are exactly one process's. Logged nu
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 from gemma3vl.data.batch import Batch
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel.distributed import ParallelContext, clip_grad_norm_
 from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -138,7 +144,11 @@ class Trainer:
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # the step's data is consumed; no weight changes
         self.scheduler.step()
         self.step += 1
         if self.device.type == "cuda":
@@ -154,6 +164,12 @@ class Trainer:
             "tokens": total_tokens,
             "step_time_s": elapsed,
         }
+        if not finite:
+            sources = [source for batch in micro_batches for row in batch.sources for source in row]
+            if self.parallel is not None:
+                sources = [source for part in self.parallel.gather_over_dp(sources) for source in part]
+            record["skipped"] = True
+            record["sources"] = sources
         flops = 6.0 * self.params * total_tokens  # dense estimate; attention FLOPs not counted
         record["mfu"] = flops / elapsed / (self.peak_flops * self.world_size) if self.peak_flops else None
         if self.device.type == "cuda":
@@ -178,12 +194,30 @@ class Trainer:
         last_loss = None
         if self.evaluator is not None and self.step == 0:
             self._evaluate(logger)
+        nonfinite_in_a_row = 0
         while self.step < cfg.train.steps:
             record = self.train_step()
             last_loss = record["loss"]
             logger.advance()
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            skipped = bool(record.get("skipped"))
+            if skipped or self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 logger.log(record)
+            if skipped:
+                nonfinite_in_a_row += 1
+                logger.note(
+                    f"step {self.step}: loss {record['loss']} / gradient norm {record['grad_norm']} is not finite; "
+                    f"update skipped ({nonfinite_in_a_row} in a row). The step's conversations: "
+                    + ", ".join(record["sources"][:20]) + (" ..." if len(record["sources"]) > 20 else "")
+                )
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise Gemma3VLError(
+                        f"stopping at step {self.step}: {nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); no weight was updated "
+                        f"by them. Lower optim.lr, check the data lines named above, or resume from the last "
+                        f"checkpoint in {self.checkpoint_root}"
+                    )
+            else:
+                nonfinite_in_a_row = 0
             evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
             if self.evaluator is not None and (evaluate_now or self.step == cfg.train.steps):
                 self._evaluate(logger)
