@@ -105,6 +105,13 @@ class WeightFiles:
     def read_into(self, key: str, out: torch.Tensor) -> None:
         self.files[self.where[key]].read_into(key, out)
 
+    def read_region(self, key: str, region: Sequence[slice], view_shape: Sequence[int] | None = None) -> torch.Tensor:
+        return self.files[self.where[key]].read_region(key, region, view_shape)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(handle.bytes_read for handle in self.files.values())
+
     def expected_path(self, key: str) -> Path:
         """Where a missing ``key`` should have been: its index entry, else the index, else the single file."""
         if self.weight_map is None:
@@ -213,6 +220,13 @@ class HFCheckpoint(_Checkpoint):
             self.files.read_into(key, slot)
         return out
 
+    def read_native_region(self, m: Mapping, region: Sequence[slice]) -> torch.Tensor:
+        """Only ``region`` of the native tensor (one rank's shard), reading only those bytes of the HF parts."""
+        out = torch.empty([r.stop - r.start for r in region], dtype=DTYPES[self.native_dtype(m)])
+        for read in m.op.region_reads(tuple(region), m.hf_shapes):
+            out[read.out_region] = self.files.read_region(m.hf[read.part], read.part_region, read.view_shape)
+        return out
+
 
 def write_index(directory: Path, shards: dict[str, Sequence[PlannedTensor]], metadata: dict[str, Any] | None) -> None:
     """transformers' ``model.safetensors.index.json`` (same JSON style as save_pretrained)."""
@@ -262,6 +276,9 @@ class NativeCheckpoint(_Checkpoint):
 
     def read_native(self, m: Mapping) -> torch.Tensor:
         return self.files.read(m.native)
+
+    def read_native_region(self, m: Mapping, region: Sequence[slice]) -> torch.Tensor:
+        return self.files.read_region(m.native, region)
 
 
 def open_checkpoint(directory: str | Path) -> HFCheckpoint | NativeCheckpoint:

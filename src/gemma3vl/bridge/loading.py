@@ -60,7 +60,7 @@ def load_weights(
         aliases.setdefault(id(tensor), []).append(name)
     with open_checkpoint(model_dir) as checkpoint:
         by_name = {m.native: m for m in checkpoint.mappings}
-        _check_names(model_dir, targets, aliases, by_name, checkpoint)
+        check_fits(model_dir, targets, by_name, checkpoint)
         if device is not None or dtype is not None:
             targets = _place_parameters(model, targets, aliases, device, dtype)
         with torch.no_grad():
@@ -71,7 +71,12 @@ def load_weights(
                 del source
 
 
-def _check_names(model_dir, targets, aliases, by_name, checkpoint) -> None:
+def check_fits(model_dir, targets: dict[str, torch.Tensor], by_name, checkpoint) -> None:
+    """Every checkpoint tensor has a place in ``targets`` (name -> tensor, global shapes), every target is
+    in the checkpoint (tied names: one of them), and the shapes agree; all problems in one error."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in targets.items():
+        aliases.setdefault(id(tensor), []).append(name)
     problems = []
     for name in sorted(set(by_name) - set(targets)):
         problems.append(f"checkpoint tensor {name!r} has no place in the model")

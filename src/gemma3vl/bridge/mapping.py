@@ -35,6 +35,28 @@ class Op(Protocol):
 
     def native_shape(self, shapes: Sequence[Shape]) -> Shape: ...
 
+    def region_reads(self, region: Region, shapes: Sequence[Shape]) -> list[RegionRead]:
+        """How to fill ``region`` of the native tensor from the HF parts (see :class:`RegionRead`)."""
+        ...
+
+
+Region = tuple[slice, ...]  # one slice(start, stop) per dim, both given
+
+
+@dataclass(frozen=True)
+class RegionRead:
+    """Read ``part_region`` of HF part ``part`` seen with shape ``view_shape`` (a reshape of its stored
+    shape) into ``out_region`` of the region's buffer. Sharded loading reads only a rank's own shard this way."""
+
+    part: int
+    view_shape: Shape
+    part_region: Region
+    out_region: Region
+
+
+def _whole(length: int) -> slice:
+    return slice(0, length)
+
 
 class Rename:
     """One HF tensor is one native tensor."""
@@ -53,6 +75,9 @@ class Rename:
         (shape,) = shapes
         return tuple(shape)
 
+    def region_reads(self, region: Region, shapes: Sequence[Shape]) -> list[RegionRead]:
+        return [RegionRead(0, tuple(shapes[0]), region, tuple(_whole(r.stop - r.start) for r in region))]
+
 
 class Stack:
     """Same-shaped HF tensors stacked on a new leading dim: gate/up ``[2, I, D]``, SigLIP q/k/v ``[3, Dv, ...]``.
@@ -69,6 +94,12 @@ class Stack:
 
     def native_shape(self, shapes: Sequence[Shape]) -> Shape:
         return (len(shapes), *shapes[0])
+
+    def region_reads(self, region: Region, shapes: Sequence[Shape]) -> list[RegionRead]:
+        rest = tuple(_whole(r.stop - r.start) for r in region[1:])
+        return [RegionRead(i, (1, *shapes[i]), (slice(0, 1), *region[1:]),
+                           (slice(i - region[0].start, i - region[0].start + 1), *rest))
+                for i in range(region[0].start, region[0].stop)]
 
 
 @dataclass(frozen=True)
@@ -99,6 +130,20 @@ class FuseQKV:
 
     def native_shape(self, shapes: Sequence[Shape]) -> Shape:
         return (self.kv_heads, (self.queries_per_kv + 2) * self.head_dim, shapes[0][-1])
+
+    def region_reads(self, region: Region, shapes: Sequence[Shape]) -> list[RegionRead]:
+        groups, rows, columns = region
+        reads, first = [], 0
+        for part, width in enumerate((self.queries_per_kv * self.head_dim, self.head_dim, self.head_dim)):
+            lo, hi = max(rows.start, first), min(rows.stop, first + width)
+            if lo < hi:  # this part's rows [first, first + width) of each group meet the region
+                reads.append(RegionRead(
+                    part, (self.kv_heads, width, shapes[part][-1]), (groups, slice(lo - first, hi - first), columns),
+                    (_whole(groups.stop - groups.start), slice(lo - rows.start, hi - rows.start),
+                     _whole(columns.stop - columns.start)),
+                ))
+            first += width
+        return reads
 
 
 # ------------------------------------------------------------------------------------------------ dims

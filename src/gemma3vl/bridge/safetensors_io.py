@@ -15,6 +15,7 @@ written in a given data order, which is how export reproduces a source file exac
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -92,6 +93,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] | None = None
         self._handle = None
+        self.bytes_read = 0  # tensor data read so far (sharded loading is tested on it)
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as handle:
@@ -192,15 +194,68 @@ class SafetensorsFile:
             )
         if self._handle is None:
             self._handle = open(self.path, "rb", buffering=0)
-        self._handle.seek(info.begin)
+        offset = info.begin
         for block in _contiguous_blocks(out):
             view = memoryview(block.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                got = self._handle.readinto(view[done:])
-                if not got:
-                    self._fail(f"file ended while reading tensor {name!r} (truncated while in use?)")
-                done += got
+            self._read_exactly(name, offset, view)
+            offset += len(view)
+
+    def read_region(self, name: str, region: Sequence[slice], view_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Only the elements of tensor ``name`` inside ``region`` (one ``slice(start, stop)`` per dim, of the
+        tensor seen with ``view_shape``, a reshape of the stored shape), as a new contiguous tensor.
+
+        Sharded loading reads this way, so a rank reads (and holds) only its own shard: the region is read
+        as runs of contiguous bytes, one per index of the dims before the last partial one (a ``Shard(0)``
+        slice is one run; a ``Shard(1)`` slice of a matrix is one run per row).
+        """
+        info = self.tensors[name]
+        shape = tuple(view_shape) if view_shape is not None else info.shape
+        numel = 1
+        for size in shape:
+            numel *= size
+        stored = 1
+        for size in info.shape:
+            stored *= size
+        if numel != stored or len(region) != len(shape):
+            raise Gemma3VLError(f"{self.path}: tensor {name!r} {list(info.shape)} cannot be read as {list(shape)} "
+                                f"over {len(region)} dims")
+        bounds = [(r.start or 0, size if r.stop is None else r.stop) for r, size in zip(region, shape)]
+        if any(not 0 <= lo <= hi <= size for (lo, hi), size in zip(bounds, shape)):
+            raise Gemma3VLError(f"{self.path}: region {bounds} is outside tensor {name!r} of shape {list(shape)}")
+        dtype = DTYPES[info.dtype]
+        out = torch.empty([hi - lo for lo, hi in bounds], dtype=dtype)
+        if out.numel() == 0:
+            return out
+        strides = [1] * len(shape)
+        for dim in range(len(shape) - 2, -1, -1):
+            strides[dim] = strides[dim + 1] * shape[dim + 1]
+        # The last dim whose range is partial: everything after it is whole, so each run is contiguous.
+        split = 0
+        for dim in range(len(shape) - 1, -1, -1):
+            if bounds[dim] != (0, shape[dim]):
+                split = dim
+                break
+        run = (bounds[split][1] - bounds[split][0]) * strides[split]
+        item = out.element_size()
+        flat = out.view(-1).view(torch.uint8).numpy()
+        if self._handle is None:
+            self._handle = open(self.path, "rb", buffering=0)
+        done = 0
+        for index in itertools.product(*(range(lo, hi) for lo, hi in bounds[:split])):
+            start = sum(i * strides[d] for d, i in enumerate(index)) + bounds[split][0] * strides[split]
+            self._read_exactly(name, info.begin + start * item, memoryview(flat[done:done + run * item]))
+            done += run * item
+        return out
+
+    def _read_exactly(self, name: str, offset: int, view: memoryview) -> None:
+        self._handle.seek(offset)
+        done = 0
+        while done < len(view):
+            got = self._handle.readinto(view[done:])
+            if not got:
+                self._fail(f"file ended while reading tensor {name!r} (truncated while in use?)")
+            done += got
+        self.bytes_read += len(view)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -115,7 +115,10 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, base_weight: torch.Tensor):
         super().__init__()
-        factory = dict(device=base_weight.device, dtype=base_weight.dtype)
+        # On a meta base (sharded loading builds the model there) the adapters are still made for real on the
+        # CPU, with the same random draws as a single process makes; sharded loading then keeps each rank's box.
+        device = base_weight.device if base_weight.device.type != "meta" else torch.device("cpu")
+        factory = dict(device=device, dtype=base_weight.dtype)
         self.scaling = config.scaling
         self.lora_A = nn.Linear(in_features, config.rank, bias=False, **factory)
         self.lora_B = nn.Linear(config.rank, out_features, bias=False, **factory)
