@@ -16,19 +16,37 @@ Method: random bf16 weights at the real shapes, built on the device (the same nu
 * decode: ``(N - 1)`` steps over the time from the first to the last new token; tokens/s per sequence and in
   total (x batch);
 * memory: ``torch.cuda.max_memory_allocated`` during the call (weights, KV cache, activations);
-* bandwidth: each decode step reads the text decoder's weights once (the tied embedding counted once, as the
-  output matrix) and the KV cache (global layers: the whole context; sliding layers: the window), so
-  ``steps/s x (weight bytes + mean KV bytes) / peak bandwidth`` is the fraction of the memory-bandwidth limit
-  reached. The peak is taken from the device name (H100 SXM 3.35 TB/s, H100 PCIe 2.0, H100 NVL 3.9, H200 4.8)
-  or ``--peak-bandwidth``; the table says which figure was assumed.
+* bandwidth: each decode step must at least read the text decoder's weights once (the tied embedding counted
+  once, as the output matrix) and the KV cache of the real context (global layers: every position so far;
+  sliding layers: at most the window), so
+
+      fraction of the bandwidth limit = steps/s x (W + KV) / peak
+      W  = text-decoder parameters x 2 bytes (bf16)
+      KV = batch x 2 (K and V) x kv_heads x head_dim x 2 bytes x sum over layers of the positions it attends,
+           averaged over the N - 1 decode steps (context P + 1 .. P + N - 1)
+
+  and ``peak / (W + KV)`` is the step rate the memory bandwidth allows (the limit in tokens/s per sequence).
+  The vision tower is not read during decoding. The peak is taken from the device name (H100 SXM 3.35 TB/s,
+  H100 PCIe 2.0, H100 NVL 3.9, H200 4.8) or ``--peak-bandwidth``; the table says which figure was assumed.
 
 One warmup call (``--warmup-tokens`` new tokens) precedes the ``--repeats`` timed calls of each row; the
 figures are medians. Our greedy tokens are compared with transformers' (reported, not asserted: bf16 kernels
 may round differently, and a near tie can then flip one token). When ``gemma3vl.infer.generate.generate``
 takes a ``compile`` argument, ours is also timed with ``compile=True`` (its warmup call, which compiles, is
 reported separately and given the full ``--new-tokens``), with one ``StaticKVCache`` reused by all calls of a row
-as ``generate`` asks, so that they replay the CUDA graph the warmup captured. Eager ours runs with ``generate``'s
-default cache.
+as ``generate`` asks, so that they replay the CUDA graph the warmup captured. Eager ours reuses a cache of the
+same size in the same way.
+
+Compiled against eager, bf16: both of ours run every call of a row on a cache of the same size (the compiled
+one's, so the attention kernels reduce over the same columns; cache length alone changes bf16 rounding), so
+their greedy tokens must be equal; the JSON's ``compiled_vs_eager`` and the summary give, per batch, whether they
+are and otherwise the first token index where a row differs.
+
+The server's engine (continuous batching, ``gemma3vl.infer.engine``), with the compiled model's weights: the
+``max(--batches)`` prompts join one by one, two decode steps apart, into that many slots, and each decodes
+``--new-tokens`` tokens. Reported under ``engine`` (eager and ``compile=True``): time to first token of each join
+(its prefill alone + the step that samples it), decode tokens/s while every slot is busy, and whether the
+compiled engine's greedy tokens equal the eager engine's (same schedule, same shapes). ``--engine off`` skips it.
 
 Writes ``generate-<model>.json`` under ``--out`` (rewritten after every row) and prints a table last.
 """
@@ -194,6 +212,67 @@ def transformers_call(model, ids, pixels, new_tokens: int, pad: int, image_token
     return Call(out[:, ids.shape[1]:].tolist(), stamps[0] - started, stamps[-1] - stamps[0], peak_gib(device))
 
 
+# ------------------------------------------------------------------------------------------------ engine
+class _NoText:
+    """A tokenizer stand-in for the engine's text bookkeeping: random weights have no tokenizer, and the
+    benchmark only needs token ids."""
+
+    all_special_ids: list[int] = []
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def engine_run(model, prompts: "Prompts", rows: int, new_tokens: int, compiled: bool, device) -> dict[str, Any]:
+    """Rows join ``ContinuousBatcher`` two steps apart; TTFT per join, decode tokens/s with all slots busy."""
+    from gemma3vl.infer.completion import Row as EngineRow
+    from gemma3vl.infer.conversation import EncodedPrompt
+    from gemma3vl.infer.engine import ContinuousBatcher
+
+    length = prompts.input_ids.shape[1] + new_tokens
+    engine = ContinuousBatcher(model, _NoText(), slots=rows, max_length=-(-length // 256) * 256, compile=compiled)
+    started = time.perf_counter()
+    engine.warm_up()
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
+    done: dict[int, list[int]] = {}
+    first_token: dict[int, float] = {}  # when each row's first token reached the host (its first is_cancelled call)
+    joined_at: dict[int, float] = {}
+    busy_steps, busy_s = 0, 0.0
+    waiting = list(range(rows))
+    while waiting or engine.active:
+        joined = None
+        if waiting and engine.steps >= 2 * (rows - len(waiting)):
+            joined = waiting.pop(0)
+            prompt = EncodedPrompt(prompts.input_ids[joined], prompts.pixel_values[joined:joined + 1])
+            row = EngineRow(prompt=prompt, max_new_tokens=new_tokens,
+                            on_finish=lambda c, n=joined: done.__setitem__(n, c.token_ids),
+                            is_cancelled=lambda n=joined: first_token.setdefault(n, time.perf_counter()) and False)
+            synchronize(device)
+            joined_at[joined] = time.perf_counter()
+            engine.add(row, Sampling(max_new_tokens=new_tokens), tag=joined)
+        full = engine.active == rows
+        step_began = time.perf_counter()
+        engine.step()  # its tokens reach the host inside (tolist)
+        if joined is None and full and engine.active == rows:
+            busy_steps += 1
+            busy_s += time.perf_counter() - step_began
+    ttft = [first_token[n] - joined_at[n] for n in range(rows)]
+    return {
+        "compiled": compiled and device.type == "cuda",
+        "slots": rows,
+        "warmup_s": warmup_s,
+        "ttft_ms_median": statistics.median(ttft) * 1e3,
+        "ttft_ms_all": [t * 1e3 for t in ttft],
+        "busy_steps": busy_steps,
+        "tokens_per_s_total_busy": rows * busy_steps / busy_s if busy_s else None,
+        "tokens": [done[n] for n in range(rows)],
+    }
+
+
 # ------------------------------------------------------------------------------------------------ rows
 @dataclass
 class Row:
@@ -264,6 +343,23 @@ def run_row(rows: list[Row], impl: str, batch: int, call, args, config, bandwidt
     return tokens
 
 
+def first_divergence(ours: list[list[int]] | None, theirs: list[list[int]] | None) -> dict[str, Any] | None:
+    """Whether two runs' greedy tokens are equal, and if not the first differing token index (and its row)."""
+    if ours is None or theirs is None:
+        return None
+    firsts = []
+    for row, (a, b) in enumerate(zip(ours, theirs)):
+        index = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if index is None and len(a) != len(b):
+            index = min(len(a), len(b))
+        if index is not None:
+            firsts.append((index, row))
+    if not firsts:
+        return {"equal": True, "first_divergence": None, "row": None, "rows": len(ours)}
+    index, row = min(firsts)
+    return {"equal": False, "first_divergence": index, "row": row, "rows": len(ours)}
+
+
 def agreement(ours: list[list[int]] | None, theirs: list[list[int]] | None) -> dict[str, Any] | None:
     """Whether the greedy tokens are equal, and the shortest common prefix over the rows."""
     if ours is None or theirs is None:
@@ -298,7 +394,7 @@ def table_row(r: Row) -> list[str]:
     ]
 
 
-def summary_rows(rows: list[Row], model: str) -> list[list[str]]:
+def summary_rows(rows: list[Row], model: str, compiled_vs_eager: dict[str, Any] | None = None) -> list[list[str]]:
     out = []
     for r in rows:
         if r.status == "ok" and r.tokens_per_s_total is not None:
@@ -308,7 +404,37 @@ def summary_rows(rows: list[Row], model: str) -> list[list[str]]:
                         bandwidth.lstrip(", ")])
         else:
             out.append([f"generate {model}", f"{r.impl}, batch {r.batch}", r.status, fmt_gib(r.peak_gib), ""])
+    for batch, match in (compiled_vs_eager or {}).items():
+        if match is not None:
+            out.append([f"generate {model}", f"greedy tokens ours compile=True vs eager (bf16), {batch}",
+                        describe_divergence(match), "", ""])
     return out
+
+
+def engine_rows(summary: dict[str, Any], model: str) -> list[list[str]]:
+    out = []
+    for label in ("eager", "compiled"):
+        result = summary.get(label)
+        if result is None:
+            continue
+        if "error" in result:
+            out.append([f"generate {model}", f"server engine ({label})", result["error"], "", ""])
+            continue
+        rate = result["tokens_per_s_total_busy"]
+        out.append([f"generate {model}", f"server engine ({label}), {result['slots']} rows joining",
+                    f"TTFT {result['ttft_ms_median']:,.0f} ms (median of joins), "
+                    + (f"{rate:,.1f} tok/s with every slot busy" if rate else "no step with every slot busy"), "", ""])
+    match = summary.get("compiled_vs_eager")
+    if match is not None:
+        out.append([f"generate {model}", "greedy tokens server engine compiled vs eager", describe_divergence(match),
+                    "", ""])
+    return out
+
+
+def describe_divergence(match: dict[str, Any]) -> str:
+    if match["equal"]:
+        return "equal"
+    return f"differ: first at token {match['first_divergence']} (row {match['row']})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", default="auto", choices=["auto", "off"],
                         help="auto: also time ours with compile=True when generate() takes that argument")
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="TB/s; default from the device name")
+    parser.add_argument("--engine", default="auto", choices=["auto", "off"],
+                        help="auto: also run the server's continuous-batching engine, eager and compiled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
@@ -352,6 +480,19 @@ def main(argv: list[str] | None = None) -> int:
     tokens: dict[tuple[str, int], list[list[int]] | None] = {}
     json_path = out / f"generate-{model_name}.json"
 
+    engine: dict[str, Any] = {}
+
+    def engine_summary() -> dict[str, Any]:
+        summary = {label: {k: v for k, v in result.items() if k != "tokens"} for label, result in engine.items()}
+        eager, compiled = engine.get("eager", {}), engine.get("compiled", {})
+        if "tokens" in eager and "tokens" in compiled:
+            summary["compiled_vs_eager"] = first_divergence(compiled["tokens"], eager["tokens"])
+        return summary
+
+    def compiled_vs_eager() -> dict[str, Any]:
+        return {f"batch {b}": first_divergence(tokens.get(("ours (compile=True)", b)), tokens.get(("ours", b)))
+                for b in batches if ("ours (compile=True)", b) in tokens}
+
     def save() -> None:
         payload = {
             "benchmark": "generate",
@@ -363,8 +504,11 @@ def main(argv: list[str] | None = None) -> int:
             "compile_available": can_compile,
             "greedy_agreement": {f"batch {b}": agreement(tokens.get(("ours", b)), tokens.get(("transformers", b)))
                                  for b in batches},
+            "compiled_vs_eager": compiled_vs_eager(),
+            "engine": engine_summary(),
             "rows": [asdict(r) for r in rows],
-            "summary_rows": summary_rows(rows, model_name),
+            "summary_rows": summary_rows(rows, model_name, compiled_vs_eager()) + engine_rows(engine_summary(),
+                                                                                              model_name),
         }
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -374,14 +518,26 @@ def main(argv: list[str] | None = None) -> int:
         model = build_ours(config, device, DTYPE, args.seed)
         say(f"[{impl}] weights {fmt_gib(allocated_gib(device))}")
         for batch in batches:
-            # Compiled: one cache for the warmup and the timed calls, so they replay the graph the warmup captured.
-            cache = reusable_cache(model, batch, args.prompt_len + args.new_tokens) if compiled else None
+            # One cache for the warmup and the timed calls: compiled, so they replay the graph the warmup captured;
+            # eager too, so that both reduce attention over the same columns and their tokens must agree.
+            cache = reusable_cache(model, batch, args.prompt_len + args.new_tokens)
             tokens[(impl, batch)] = run_row(
                 rows, impl, batch,
                 lambda b, n: ours_call(model, *prompts.take(b), n, pad, device, compiled, cache),
                 args, config, bandwidth, device, save, compiled,
             )
             del cache
+        if compiled and args.engine == "auto":
+            for engine_compiled in (False, True):
+                label = "compiled" if engine_compiled else "eager"
+                say(f"[engine, {label}] {max(batches)} rows joining two steps apart")
+                try:
+                    engine[label] = engine_run(model, prompts, max(batches), args.new_tokens, engine_compiled, device)
+                except Exception as exc:  # reported; the rows above are kept
+                    engine[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                    traceback.print_exc()
+                free_memory(device)
+                save()
         del model
         free_memory(device)
 
@@ -411,14 +567,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.vision.image_size} px image, greedy, {args.new_tokens} new tokens, median of {args.repeats}; "
           f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, "
           f"{env['date']}")
-    print(f"Peak bandwidth assumed: {bandwidth_note}. Bytes per decode step: text weights "
-          f"{text_weight_bytes(config) / 1e9:.2f} GB + KV cache.")
+    print(f"Peak bandwidth assumed: {bandwidth_note}. Fraction of the bandwidth limit = steps/s x (W + KV) / peak, "
+          f"W = text weights {text_weight_bytes(config) / 1e9:.2f} GB (bf16), KV = the real context's keys and values "
+          f"read per step (mean over the decode steps). TTFT = prefill (image + prompt) to the first token on the "
+          f"host.")
     for batch in batches:
         match = agreement(tokens.get(("ours", batch)), tokens.get(("transformers", batch)))
         if match is not None:
             verdict = ("equal" if match["equal"]
                        else f"differ (all rows agree on the first {match['min_common_prefix']})")
             print(f"Greedy tokens, batch {batch}, ours vs transformers: {verdict}")
+    for batch, match in compiled_vs_eager().items():
+        if match is not None:
+            print(f"Greedy tokens, {batch}, ours compile=True vs eager: {describe_divergence(match)}")
     print()
     print(markdown_table(TABLE_HEADERS, [table_row(r) for r in rows]))
     return 0 if all(r.status in ("ok", "OOM") for r in rows) else 1

@@ -18,9 +18,10 @@
 #   train_step 4b  ~70 s   imports ~10 s; six variants (ours bf16 sft/peft, transformers sft/peft, ours fp32-master
 #                          sft/peft; the fp32 SFT is expected to report OOM on 80 GB), each: model built on the GPU
 #                          in seconds + 2 warmup + 5 timed steps of ~0.5-1 s at 4,096 tokens.
-#   generate 4b    ~80 s   ours: 2 batches x (warmup + 2 x 128 tokens), ~15 s; transformers at ~13 tok/s (the
-#                          anchor): ~10 s a call, ~45 s; plus up to ~2 min more if generate(compile=True) exists
-#                          (it runs last, so a timeout only loses the compiled rows).
+#   generate 4b    ~4 min  ours: 2 batches x (warmup + 2 x 128 tokens), ~15 s; transformers at ~13 tok/s (the
+#                          anchor): ~10 s a call, ~45 s; then ours compiled (~1-2 min with its compilation), then the
+#                          server's engine, eager (~10 s) and compiled (one more compilation, ~1 min): each phase
+#                          writes the JSON, so a timeout only loses what came last (the compiled engine).
 #   27B LoRA       ~50 s   H200 only: 54 GB of bf16 weights built on the GPU (twice: at 2,048 and 4,096 tokens),
 #                          1 warmup + 2 steps each.
 #   gpu_verify 4b  ~150 s  writes 8.6 GB of random weights (~1 min), imports them (~20 s), loads both models,
@@ -93,7 +94,7 @@ echo "card memory: ${GPU_MIB} MiB; budget ${BUDGET_S} s; commit $(git describe -
 # Most wanted first: the budget cuts whatever comes last.
 step "train_step $NAME" 180 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" ${TRAIN_COUNTS[@]+"${TRAIN_COUNTS[@]}"} \
     --ours-weights bf16,fp32 --out "$OUT"
-step "generate $NAME" 240 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
+step "generate $NAME" 300 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
     --out "$OUT"
 if ((GPU_MIB > 100 * 1024)); then
     # 2,048 tokens first: if 4,096 (the recipe's length) does not fit, the shorter point still says what does.

@@ -447,3 +447,89 @@ def test_a_short_request_is_answered_while_its_batch_goes_on(runtime):
     for text, completion in (("Question number 0", short), ("Question number 1", long)):
         alone = reference_answer(runtime, [{"role": "user", "content": text}], completion.completion_tokens)
         assert completion.text == alone[0]
+
+
+# ---------------------------------------------------------------------------------------------- continuous batching
+def slowed(monkeypatch, server, seconds: float) -> None:
+    """Make each decode step of the server's engine take ``seconds`` more, so that arrival moments are certain."""
+    engine = server.scheduler.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
+
+def test_requests_join_a_running_batch_and_each_gets_its_solo_answer(server, runtime, monkeypatch):
+    """Greedy requests of different lengths, with and without images, each sent when the previous one has
+    streamed its first token: they join the running batch between decode steps (5 requests, 4 slots), and each
+    answer equals ``generate`` on that request alone."""
+    conversations = [
+        [{"role": "user", "content": "Question number 3"}],
+        image_messages("Describe it in detail please", "red circle"),
+        [{"role": "user", "content": "hi"}],
+        image_messages("What shape?", "blue square and green star"),
+        [{"role": "user", "content": "Tell me a long story about the sea and the sky, please"}],
+    ]
+    expected = [reference_answer(runtime, messages) for messages in conversations]
+    slowed(monkeypatch, server, 0.03)
+    before = server.scheduler.stats()["joined_running"]
+    answers: list = [None] * len(conversations)
+    started = [threading.Event() for _ in conversations]
+
+    def ask(index: int) -> None:
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as own:
+            stream = own.chat.completions.create(model=server.model_name, messages=conversations[index],
+                                                 temperature=0, max_tokens=MAX_TOKENS, stream=True)
+            chunks = []
+            for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 2:  # the role chunk, then the first token's: it is decoding now
+                    started[index].set()
+            started[index].set()
+            answers[index] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    threads = []
+    for index in range(len(conversations)):
+        threads.append(threading.Thread(target=ask, args=(index,)))
+        threads[-1].start()
+        assert started[index].wait(30)
+    for thread in threads:
+        thread.join(60)
+    assert answers == [text for text, _, _, _ in expected]
+    # each one joins while the one before it still decodes (if that one has more than a few tokens to go)
+    long_enough = sum(tokens > 3 for _, _, _, tokens in expected[:-1])
+    assert server.scheduler.stats()["joined_running"] - before >= long_enough
+
+
+def test_a_full_queue_answers_429_and_the_server_goes_on(runtime, monkeypatch):
+    settings = ServerSettings(port=0, max_batch_size=1, max_waiting=1, batch_wait_s=0, max_tokens=MAX_TOKENS)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        slowed(monkeypatch, live, 0.05)
+        body = {"messages": [{"role": "user", "content": "Question number 1"}], "temperature": 0,
+                "max_tokens": MAX_TOKENS}
+        replies: dict = {}
+
+        def send(name):
+            replies[name] = post_json(live, body)
+
+        def wait_for(key, value):
+            deadline = time.monotonic() + 30
+            while live.scheduler.stats()[key] != value and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert live.scheduler.stats()[key] == value
+
+        first = threading.Thread(target=send, args=("running",))
+        first.start()
+        wait_for("running", 1)
+        second = threading.Thread(target=send, args=("waiting",))
+        second.start()
+        wait_for("waiting", 1)
+        status, reply = post_json(live, body)
+        assert (status, reply["error"]["code"], reply["error"]["type"]) == (429, "server_busy", "rate_limit_error")
+        first.join(60)
+        second.join(60)
+        assert replies["running"][0] == replies["waiting"][0] == 200
+        assert replies["running"][1]["choices"][0]["message"] == replies["waiting"][1]["choices"][0]["message"]

@@ -77,6 +77,12 @@ class StaticKVCache:
     device, never on the host, so a decode step has fixed shapes and no host sync: what CUDA graphs need. On CUDA
     the buffers are marked as static addresses, the condition for ``torch.compile(mode="reduce-overhead")`` to
     capture a step that writes into them; reuse one cache across calls (``reset()``) to keep the captured graph.
+
+    Precision: in float64 the static and the dynamic cache give the same logits to the last bit (same keys, same
+    rule), but in bf16 they differ by ~1e-2, as much as two static caches of different lengths differ from each
+    other and as each differs from float64: the attention kernels reduce over a different number (and, in the
+    ring, order) of columns, masked ones included, so their bf16 rounding differs. Greedy decoding can then part
+    ways at a near tie; that is rounding, not a mask difference. Compare bf16 runs on caches of the same size.
     """
 
     def __init__(
@@ -161,3 +167,77 @@ class StaticKVCache:
     def filled(self, layer_type: str) -> torch.Tensor:
         """How many slots of each row hold a real token [B] (padding columns are not counted)."""
         return (self.slots[layer_type].segment_ids != 0).sum(dim=1)
+
+
+class SlotKVCache:
+    """A decode-only cache of ``slots`` independent rows, each with its own length: continuous batching.
+
+    The layout is ``StaticKVCache``'s (global layers ``[slots, K, max_length, hd]``, sliding layers a ring of
+    ``min(window, max_length)``), but ``index`` is per row [slots]: row ``r``'s column ``c`` lives in slot ``c`` (or
+    ``c % S``), so a request joins by having its prompt prefilled alone into a batch-1 ``StaticKVCache`` of the
+    same sizes and that row copied in (``load_row``), and leaves by being overwritten by the next. Rows are never
+    padded: a row decoded here sees exactly the keys it would see alone.
+
+    A decode step writes each row's new key at that row's own column (a scatter: fixed shapes, no host sync, so
+    the step still compiles to one CUDA graph for the life of the cache). Rows that hold no request still run
+    (fixed shapes); their index stops at the last column instead of running past the end.
+    """
+
+    def __init__(
+        self, config: TextConfig, slots: int, max_length: int, device: torch.device | str, dtype: torch.dtype
+    ):
+        self.config = config
+        self.rows = StaticKVCache(config, slots, max_length, device, dtype)  # the buffers (its index unused)
+        self.layer_types = config.layer_types
+        self.batch_size = slots
+        self.max_length = max_length
+        self.sizes = self.rows.sizes
+        self.keys, self.values, self.slots = self.rows.keys, self.rows.values, self.rows.slots
+        self.index = torch.zeros(slots, dtype=torch.long, device=self.rows.index.device)
+        if self.index.device.type == "cuda":
+            torch._dynamo.mark_static_address(self.index)
+
+    def prefill_cache(self) -> StaticKVCache:
+        """A batch-1 cache with this cache's sizes, for prefilling one joining row."""
+        return StaticKVCache(self.config, 1, self.max_length, self.keys[0].device, self.keys[0].dtype)
+
+    def load_row(self, slot: int, prefilled: StaticKVCache) -> None:
+        """Make row ``slot`` exactly ``prefilled``'s (batch 1, same sizes): keys, values, what each slot holds."""
+        for target, source in zip((*self.keys, *self.values), (*prefilled.keys, *prefilled.values)):
+            target[slot].copy_(source[0])
+        for kind, info in self.slots.items():
+            source = prefilled.slots[kind]
+            for target_tensor, source_tensor in zip(
+                (info.positions, info.segment_ids, info.image_block_ids),
+                (source.positions, source.segment_ids, source.image_block_ids),
+            ):
+                target_tensor[slot].copy_(source_tensor[0])
+        self.index[slot] = prefilled.index[0]
+
+    def _targets(self, layer_type: str) -> torch.Tensor:
+        """[slots, 1]: the slot each row's new column goes to."""
+        return (self.index % self.sizes[layer_type] if layer_type == SLIDING else self.index)[:, None]
+
+    def keys_info(self, layer_type: str, new: TokenInfo) -> TokenInfo:
+        if new.positions.shape[1] != 1:
+            raise ValueError("SlotKVCache takes one token per row; prefill a joining row into prefill_cache()")
+        slots = self.slots[layer_type]
+        targets = self._targets(layer_type)
+        for buffer, values in zip(
+            (slots.positions, slots.segment_ids, slots.image_block_ids),
+            (new.positions, new.segment_ids, new.image_block_ids),
+        ):
+            buffer.scatter_(1, targets, values)
+        return slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new key/value [slots, K, 1, hd] at its own column; attend over the whole row."""
+        targets = self._targets(self.layer_types[layer])[:, :, None, None].expand(-1, k.shape[1], 1, k.shape[3])
+        self.keys[layer].scatter_(2, targets, k)
+        self.values[layer].scatter_(2, targets, v)
+        return self.keys[layer], self.values[layer]
+
+    def end_step(self) -> None:
+        # a row that holds no request keeps decoding (fixed shapes): it must not run past the last column
+        self.index.add_(1).clamp_(max=self.max_length - 1)
+

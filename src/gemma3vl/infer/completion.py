@@ -4,7 +4,8 @@
 token. The front-ends need more per row: its own ``max_new_tokens`` (the batch runs to the largest and each
 row is cut at its own), stop strings, streamed text, and cancellation (a client that went away). The
 per-step callback does that bookkeeping, and ends the whole ``generate`` call early — by raising out of the
-callback — once every row is done by its own rules, so a batch never decodes for rows nobody waits for.
+callback — once every row is done by its own rules, so a batch never decodes for rows nobody waits for. The
+per-row bookkeeping (``RowState``) is also what the server's continuous-batching engine (``engine.py``) runs per slot.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class _EveryRowDone(Exception):
     """Raised out of ``on_step`` to end ``generate`` early; never escapes :func:`complete`."""
 
 
-class _RowState:
+class RowState:
+    """One row's progress: its streamed text, and its end (stop token, stop string, its own limit, or cancelled)."""
+
     def __init__(self, row: Row, tokenizer: Any):
         self.row = row
         self.text = IncrementalText(tokenizer, row.stop_strings)
@@ -123,7 +126,7 @@ def complete(
     if not rows:
         return []
     sampling = replace(sampling, max_new_tokens=max(row.max_new_tokens for row in rows))
-    states = [_RowState(row, tokenizer) for row in rows]
+    states = [RowState(row, tokenizer) for row in rows]
     stop_ids = set(sampling.stop_token_ids)
     batch = collate_left_padded([row.prompt for row in rows], sampling.pad_token_id)
 

@@ -4,7 +4,9 @@ Standard library only (``http.server`` with a thread per connection), so serving
 the official ``openai`` client works against it unchanged. Each handler thread validates its request
 (:mod:`openai_protocol`), fetches and checks its images (:mod:`image_sources`), encodes the conversation
 with the checkpoint's chat template, and queues it for the :class:`BatchScheduler`, the one thread that
-runs the model; answers come back whole or as server-sent events. Every limit is a setting, every refusal
+runs the model (continuous batching: a request joins the running batch at the next decode step); answers come
+back whole or as server-sent events. When ``max_waiting`` requests already wait for a slot, the next one gets
+429 at once rather than an unbounded wait; a stopping server answers 503. Every limit is a setting, every refusal
 is a JSON error in OpenAI's format, and the server keeps serving after any bad request. One line per
 request goes to standard error.
 """
@@ -37,7 +39,7 @@ from gemma3vl.infer.openai_protocol import (
     parse_chat_request,
     usage,
 )
-from gemma3vl.infer.scheduler import BatchScheduler, Job
+from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 DRAIN_SLACK_BYTES = 1 << 20
@@ -48,8 +50,11 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str | None = None  # default: the checkpoint directory's name
-    max_batch_size: int = 8
-    batch_wait_s: float = 0.005  # how long the oldest request waits for others to batch with
+    max_batch_size: int = 8  # rows decoded together (the engine's slots)
+    batch_wait_s: float = 0.005  # when idle, how long the first request waits for others to start with
+    max_waiting: int = 256  # requests waiting for a slot; more get 429
+    max_sequence_length: int = 4096  # prompt + answer per row (the KV cache holds max_batch_size such rows)
+    compile_decode: bool = False  # CUDA: decode steps as one compiled CUDA graph (compiled when the server starts)
     max_request_bytes: int = 64 * 2**20
     max_tokens: int = 2048  # the most a request may ask for, and what it gets when it asks for none
     images: ImageLimits = field(default_factory=ImageLimits)
@@ -78,7 +83,10 @@ class ChatCompletionServer:
         self.images = ImageFetcher(self.settings.images, local_dir=self.settings.allow_local_images,
                                    allow_remote=self.settings.allow_remote_images)
         self.scheduler = BatchScheduler(runtime, max_batch_size=self.settings.max_batch_size,
-                                        batch_wait_s=self.settings.batch_wait_s)
+                                        batch_wait_s=self.settings.batch_wait_s,
+                                        max_waiting=self.settings.max_waiting,
+                                        max_length=self.settings.max_sequence_length,
+                                        compile=self.settings.compile_decode)
         self._log_stream = log if log is not None else sys.stderr
         self._log_lock = threading.Lock()
         self._httpd = _HTTPServer((self.settings.host, self.settings.port), _Handler, self)
@@ -147,10 +155,11 @@ class ChatCompletionServer:
             prompt = self.runtime.encode_conversation(turns, pan_and_scan=settings.pan_and_scan)
         except Gemma3VLError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
-        room = self.runtime.context_length - prompt.length
+        context = self.scheduler.max_length
+        room = context - prompt.length
         max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)
         if max_tokens > room or room < 1:
-            raise ApiError(400, f"This model's maximum context length is {self.runtime.context_length} tokens; "
+            raise ApiError(400, f"This server's maximum context length is {context} tokens; "
                                 f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
                            param="messages", code="context_length_exceeded")
         greedy = request.temperature == 0 or request.top_p == 0
@@ -308,8 +317,10 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._route()
         app = self.app
         if path == "/health":
-            self._send_json(200, {"status": "stopping" if app.stopping else "ok", "model": app.model_name,
-                                  **app.scheduler.stats()})
+            health = {"status": "stopping" if app.stopping else "ok", "model": app.model_name, **app.scheduler.stats()}
+            if app.scheduler.compile_error:  # serving with the eager decode step instead
+                health["compile_error"] = app.scheduler.compile_error
+            self._send_json(200, health)
         elif path == "/v1/models":
             self._send_json(200, models_object(app.model_name, app.created))
         elif path.startswith("/v1/models/"):
@@ -333,7 +344,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(503, "the server is shutting down", code="unavailable")
         request = parse_chat_request(body)
         job = self.app.prepare(request)
-        self.app.scheduler.submit(job)
+        try:
+            self.app.scheduler.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
+                           type="rate_limit_error") from None
         if request.stream:
             self._stream(job, request, record)
         else:

@@ -1,0 +1,138 @@
+"""The model side of generation: prefill, one decode step, its compiled form, and the caches they fill.
+
+A run has gpt-fast's shape (reference §5.3 and §8 for what must match transformers):
+
+* ``prefill``: the whole prompt once, images bidirectional inside their blocks, vision tower once;
+* ``decode_step``: one text token per row against the cache, plain causal / sliding-window attention, fixed
+  shapes and no host sync inside, so that on CUDA it can be compiled with CUDA graphs (``compiled_decode_step``).
+
+Both ``generate`` (a left-padded batch, start to end) and the server's continuous batching (``engine.py``: rows
+join and leave between steps) are loops around these two functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from typing import Callable
+
+import torch
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.cache import KVCache, SlotKVCache, StaticKVCache
+from gemma3vl.model import Gemma3Model, TokenInfo
+
+
+def prefill(
+    model: Gemma3Model,
+    cache: StaticKVCache | KVCache,
+    input_ids: torch.Tensor,
+    info: TokenInfo,
+    pixel_values: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the prompt into the cache; float32 logits [B, V] of its last column.
+
+    NOTE(flex): this is the one place every prefill goes through (``generate``'s and the server engine's), so it
+    is where prefill selects the attention backend. The text decoder's ``attention_backend`` attribute (from
+    ``model/flex.py``, added beside this work; ``"auto"`` = FlexAttention on CUDA for multi-token forwards, SDPA
+    on the CPU) decides today; to force a backend for prefill only, set it here around this call. Decode steps
+    (one query row) always take SDPA, so the compiled decode graph is unaffected.
+    """
+    return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1)[:, -1].float()
+
+
+def decode_step(
+    model: Gemma3Model, cache: StaticKVCache | SlotKVCache | KVCache, tokens: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One token per row (tokens, positions: [B]) -> float32 logits [B, V].
+
+    The function ``torch.compile`` captures. New tokens are text (transformers passes no token_type_ids after
+    prefill), so it embeds them directly: ``model.embed``'s image checks would sync with the host.
+    """
+    info = TokenInfo(
+        positions=positions[:, None],
+        segment_ids=torch.ones_like(tokens)[:, None],
+        image_block_ids=torch.full_like(tokens, -1)[:, None],
+    )
+    hidden = model.text(model.text.embed_tokens(tokens[:, None]), info, cache)  # [B, 1, D]
+    return model.text.logits(hidden[:, -1]).float()
+
+
+def _compile_options() -> dict:
+    """``mode="reduce-overhead"`` (CUDA graphs), plus bf16 rounding where eager rounds: without it inductor keeps
+    fused intermediates in float32, so the compiled step's bf16 logits differ from eager ones in the last bits
+    and greedy decoding can part ways at a near tie (the benchmark reports the first differing token).
+    ``GEMMA3VL_EXACT_CASTS=0`` turns the emulation off (a way out should an inductor version mishandle it)."""
+    from torch._inductor import config as inductor_config
+
+    options = {"triton.cudagraphs": True}
+    if hasattr(inductor_config, "emulate_precision_casts") and os.environ.get("GEMMA3VL_EXACT_CASTS", "1") != "0":
+        options["emulate_precision_casts"] = True
+    return options
+
+
+@functools.cache
+def compiled_decode_step() -> Callable:
+    """``decode_step`` compiled once per process with CUDA graphs; shapes are specialised (one graph per batch
+    size and cache length: reuse one cache to keep hitting the same graph)."""
+    return torch.compile(decode_step, options=_compile_options(), fullgraph=True, dynamic=False)
+
+
+def run_decode_step(
+    step_fn: Callable, compiled: bool, model: Gemma3Model, cache, tokens: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One decode step through ``step_fn``; a compiled step's output is copied (the graph overwrites it next step)."""
+    if not compiled:
+        return step_fn(model, cache, tokens, positions)
+    torch.compiler.cudagraph_mark_step_begin()
+    return step_fn(model, cache, tokens, positions).clone()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# NOTE: a compiled step is a CUDA graph captured against the cache's buffer addresses. A call that brings the
+# same cache replays it; a new cache means capturing again (cheap: ~20 ms at 4B shapes on an H200), but every
+# capture stays in the CUDA-graph tree, which each step searches, so a server must not capture per request.
+# Compiled calls that bring no cache therefore borrow one kept per model and batch size (taken out while in use:
+# two calls at once never share one). It stays allocated between calls.
+_spare_caches: "weakref.WeakKeyDictionary[Gemma3Model, dict[int, StaticKVCache]]" = weakref.WeakKeyDictionary()
+
+
+def make_cache(
+    cache: str | StaticKVCache, model: Gemma3Model, batch: int, length: int, compiled: bool
+) -> StaticKVCache | KVCache:
+    """The cache a ``generate`` call of ``batch`` rows x ``length`` positions runs on (see ``generate``)."""
+    weight = model.text.embed.weight
+    if isinstance(cache, StaticKVCache):
+        if (cache.batch_size, cache.index.device, cache.keys[0].dtype) != (batch, weight.device, weight.dtype) \
+                or cache.max_length < length:
+            raise Gemma3VLError(
+                f"the given StaticKVCache holds {cache.batch_size} rows x {cache.max_length} positions "
+                f"({cache.keys[0].dtype}, {cache.index.device}); this call needs {batch} rows x {length} positions "
+                f"({weight.dtype}, {weight.device})"
+            )
+        cache.reset()
+        return cache
+    if cache == "static":
+        if not compiled:
+            return StaticKVCache(model.config.text, batch, length, weight.device, weight.dtype)
+        spare = _spare_caches.get(model, {}).pop(batch, None)
+        if spare is not None and spare.max_length >= length:
+            spare.reset()
+            return spare
+        # rounded up, so that calls of similar lengths share the cache and its graph
+        return StaticKVCache(model.config.text, batch, _round_up(length, 256), weight.device, weight.dtype)
+    if cache == "dynamic":
+        if compiled:
+            raise Gemma3VLError("compile=True needs the static cache (cache='static' or a StaticKVCache)")
+        return KVCache(model.config.text)
+    raise Gemma3VLError(f"cache={cache!r}: expected 'static', 'dynamic' or a StaticKVCache")
+
+
+def give_back(model: Gemma3Model, kv: StaticKVCache | KVCache) -> None:
+    """Return a borrowed compiled-call cache for the next call of the same batch size."""
+    if isinstance(kv, StaticKVCache):
+        _spare_caches.setdefault(model, {})[kv.batch_size] = kv

@@ -1,0 +1,180 @@
+"""Continuous batching: requests join a running batch between decode steps and leave it as soon as they end.
+
+The server's engine (``scheduler.py`` drives it from its one model thread). It holds ``slots`` rows in a
+``SlotKVCache``, each row its own request at its own length:
+
+* ``add``: a new request is prefilled *alone* (its prompt unpadded, images included) into a batch-1 cache of the
+  slot cache's sizes, and that row is copied into a free slot; its prefill logits wait there for the next step;
+* ``step``: every occupied row picks its next token (each with its own ``Sampling``, its own seeded generator and
+  its own repetition-penalty memory: greedy and sampled requests share a batch), the tokens go to each request
+  (streamed text, stop tokens and strings, its own token limit, cancellation: ``completion.RowState``), finished
+  rows free their slots, and one decode step runs for all slots (fixed shapes: on CUDA one compiled CUDA graph
+  for the engine's whole life; free slots compute too, and are ignored).
+
+Why a row's answer is the one it gets alone (``generate`` on the same prompt): its keys are exactly its own
+(no padding, positions from 0), its mask sees only them, and the way it samples depends on nothing else in the
+batch. Differences can only come from floating point (a matmul over 8 rows may round differently from one over
+1), which the tests check does not happen on the tiny fp32 model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.cache import SlotKVCache
+from gemma3vl.infer.completion import FINISH_CANCELLED, Row, RowState
+from gemma3vl.infer.decode import compiled_decode_step, decode_step, prefill, run_decode_step
+from gemma3vl.infer.sampling import RowSampling, Sampling, choose_tokens, process_logits, row_generator, seen_tokens
+from gemma3vl.model import Gemma3Model, TokenInfo
+
+
+class _Slot:
+    """What an occupied slot holds: the request's progress and how it samples."""
+
+    def __init__(self, row: Row, sampling: Sampling, tokenizer: Any, device: torch.device, tag: Any):
+        self.state = RowState(row, tokenizer)
+        self.sampling = sampling
+        self.generator = row_generator(sampling, device)
+        self.stop_ids = set(sampling.stop_token_ids)
+        self.tag = tag  # the caller's handle (the server's Job)
+
+
+class ContinuousBatcher:
+    """``slots`` rows of at most ``max_length`` positions each (prompt + new tokens); see the module docstring.
+
+    Not thread-safe: one thread calls ``add`` and ``step``. ``decode_lock`` guards the tokenizer while rows turn
+    tokens into text (the server's handler threads encode prompts with it at the same time).
+    """
+
+    def __init__(self, model: Gemma3Model, tokenizer: Any, *, slots: int = 8, max_length: int = 4096,
+                 compile: bool = False, decode_lock: Any = None):
+        if slots < 1 or max_length < 2:
+            raise Gemma3VLError(f"slots={slots} must be >= 1 and max_length={max_length} >= 2")
+        weight = model.text.embed.weight
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = weight.device
+        self.max_length = max_length
+        self.cache = SlotKVCache(model.config.text, slots, max_length, weight.device, weight.dtype)
+        self._prefill_cache = self.cache.prefill_cache()
+        self.compiled = compile and self.device.type == "cuda"
+        self._step_fn = compiled_decode_step() if self.compiled else decode_step
+        self._lock = decode_lock if decode_lock is not None else contextlib.nullcontext()
+        self.vocab = model.text.output_weight.shape[0]
+        self.slots: list[_Slot | None] = [None] * slots
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(slots, self.vocab, dtype=torch.float32, device=self.device)
+        self.seen: torch.Tensor | None = None  # [slots, V], once a row with a repetition penalty joins
+        self._rows: RowSampling | None = None  # rebuilt when a row joins or leaves
+        self.steps = 0
+
+    # ------------------------------------------------------------------------------------------ occupancy
+    @property
+    def free_slots(self) -> int:
+        return sum(slot is None for slot in self.slots)
+
+    @property
+    def active(self) -> int:
+        return len(self.slots) - self.free_slots
+
+    def tags(self) -> list[Any]:
+        return [slot.tag for slot in self.slots if slot is not None]
+
+    @torch.no_grad()
+    def add(self, row: Row, sampling: Sampling, tag: Any = None) -> None:
+        """Prefill ``row`` alone and put it in a free slot; its first token comes at the next ``step``."""
+        sampling.validate()
+        free = [index for index, slot in enumerate(self.slots) if slot is None]
+        if not free:
+            raise Gemma3VLError(f"all {len(self.slots)} slots are taken: add a row after one has finished")
+        length = row.prompt.length
+        if length + row.max_new_tokens > self.max_length:
+            raise Gemma3VLError(f"the prompt is {length} tokens; with max_new_tokens={row.max_new_tokens} that is over "
+                                f"the engine's {self.max_length} positions per row")
+        index = free[0]
+        ids = row.prompt.input_ids.to(self.device)[None]  # [1, L], no padding: positions 0 .. L-1
+        pixels = row.prompt.pixel_values
+        info = TokenInfo.for_tokens(ids, image_token_id=self.model.image_token_id)
+        self._prefill_cache.reset()
+        logits = prefill(self.model, self._prefill_cache, ids, info, None if pixels is None else pixels.to(self.device))
+        self.cache.load_row(index, self._prefill_cache)
+        self.logits[index] = logits[0]
+        self.positions[index] = length
+        if sampling.repetition_penalty != 1.0:
+            if self.seen is None:
+                self.seen = torch.zeros(len(self.slots), self.vocab, dtype=torch.bool, device=self.device)
+            self.seen[index] = seen_tokens(ids, torch.ones_like(ids), self.vocab)[0]
+        self.slots[index] = _Slot(row, sampling, self.tokenizer, self.device, tag)
+        self._rows = None
+
+    def _row_sampling(self) -> RowSampling:
+        if self._rows is None:
+            idle = Sampling()  # a free slot: greedy, nothing drawn
+            samplings = [idle if slot is None else slot.sampling for slot in self.slots]
+            generators = [None if slot is None else slot.generator for slot in self.slots]
+            self._rows = RowSampling.from_samplings(samplings, self.vocab, self.device, generators)
+        return self._rows
+
+    # ------------------------------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self) -> list[Any]:
+        """One token for every occupied row, then one decode step. Returns the tags of the rows that ended."""
+        occupied = [slot is not None for slot in self.slots]
+        if not any(occupied):
+            return []
+        rows = self._row_sampling()
+        penalty = self.seen is not None and rows.any_penalty
+        tokens = choose_tokens(process_logits(self.logits, rows, self.seen if penalty else None), rows, occupied)
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        ended = []
+        with self._lock:
+            for index, token in enumerate(tokens.tolist()):
+                slot = self.slots[index]
+                if slot is None:
+                    continue
+                slot.state.step(token, slot.stop_ids)
+                if slot.state.finish_reason is not None:
+                    ended.append(slot.tag)
+                    self.slots[index] = None
+                    self._rows = None
+        self.tokens = tokens
+        if self.active:
+            self.logits = run_decode_step(self._step_fn, self.compiled, self.model, self.cache, tokens, self.positions)
+            self.positions = self.positions + 1
+        self.steps += 1
+        return ended
+
+    def cancel_all(self) -> list[Any]:
+        """End every occupied row as cancelled (the server is stopping); returns their tags."""
+        with self._lock:
+            for slot in self.slots:
+                if slot is not None:
+                    slot.state.finish(FINISH_CANCELLED)
+        return self.drop_all()
+
+    def drop_all(self) -> list[Any]:
+        """Empty every slot without a word to the rows (after a failed step, whose caller tells them); their tags."""
+        tags = self.tags()
+        self.slots = [None] * len(self.slots)
+        self._rows = None
+        return tags
+
+    def use_eager(self) -> None:
+        """Decode without the compiled step from now on (its compilation failed)."""
+        self.compiled = False
+        self._step_fn = decode_step
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Compile and capture the decode step now (on CUDA with ``compile``), not at the first request: one step
+        over the empty slots, whose results nobody reads."""
+        if self.compiled:
+            for _ in range(2):  # the first call compiles, the second captures the CUDA graph
+                run_decode_step(self._step_fn, True, self.model, self.cache, self.tokens, self.positions)
+            self.cache.index.zero_()

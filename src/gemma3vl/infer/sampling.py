@@ -1,0 +1,159 @@
+"""How each row picks its next token: per-row settings, transformers' logits processors, a seeded draw.
+
+Logits are processed in float32 as transformers does: repetition penalty (greedy rows too), then temperature,
+top-k, top-p; then argmax for greedy rows and a seeded draw for the others. Every setting is per row, and each
+row draws from its own generator, so a row's tokens do not depend on the rest of the batch: ``generate`` and the
+server's continuous batching (``engine.py``) put unrelated requests in one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from gemma3vl.errors import Gemma3VLError
+
+
+@dataclass
+class Sampling:
+    """How to pick one row's tokens. ``seed`` seeds that row's own generator: the same prompt and settings give
+    the same tokens whatever else is in the batch (rows with equal seeds draw equal noise)."""
+
+    max_new_tokens: int = 64
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    repetition_penalty: float = 1.0  # transformers' semantics; 1.0 = off
+    stop_strings: tuple[str, ...] = ()  # checked on the decoded text; needs generate(tokenizer=...)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise Gemma3VLError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.greedy and self.temperature <= 0:
+            raise Gemma3VLError(f"temperature={self.temperature} must be > 0 (use greedy decoding for 0)")
+        if self.top_k is not None and self.top_k < 1:
+            raise Gemma3VLError(f"top_k={self.top_k} must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise Gemma3VLError(f"top_p={self.top_p} must be in (0, 1]")
+        if not self.repetition_penalty > 0:
+            raise Gemma3VLError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if any(not stop for stop in self.stop_strings):
+            raise Gemma3VLError(f"stop_strings={self.stop_strings!r} contains an empty string")
+
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+@dataclass
+class RowSampling:
+    """Per-row sampling settings as tensors [B], neutral values where a row does not use a setting (greedy rows:
+    temperature 1, no top-k / top-p), so one vectorised pass serves a mixed batch. The flags are plain Python
+    values: deciding what to compute never waits for the device."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32
+    top_k: torch.Tensor  # long, vocab size = off
+    top_p: torch.Tensor  # float32, 1.0 = off
+    repetition_penalty: torch.Tensor  # float32, 1.0 = off
+    generators: list[torch.Generator | None]  # per row; None: torch's global generator
+    sampled: list[bool]  # per row: not greedy
+    any_penalty: bool
+
+    @classmethod
+    def from_samplings(
+        cls,
+        samplings: Sequence[Sampling],
+        vocab_size: int,
+        device: torch.device,
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> "RowSampling":
+        """``generators``: each row's own (a server row keeps its generator while the batch around it changes);
+        by default new ones seeded from the settings."""
+        sampled = [not s.greedy for s in samplings]
+        if generators is None:
+            generators = [row_generator(s, device) for s in samplings]
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        def when_sampled(values, off):
+            return [value if on else off for value, on in zip(values, sampled)]
+
+        return cls(
+            greedy=column([s.greedy for s in samplings], torch.bool),
+            temperature=column(when_sampled([s.temperature for s in samplings], 1.0), torch.float32),
+            top_k=column(when_sampled([min(s.top_k or vocab_size, vocab_size) for s in samplings], vocab_size),
+                         torch.long),
+            top_p=column(when_sampled([s.top_p or 1.0 for s in samplings], 1.0), torch.float32),
+            repetition_penalty=column([s.repetition_penalty for s in samplings], torch.float32),
+            generators=when_sampled(list(generators), None),
+            sampled=sampled,
+            any_penalty=any(s.repetition_penalty != 1.0 for s in samplings),
+        )
+
+    @property
+    def any_sampled(self) -> bool:
+        return any(self.sampled)
+
+
+def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """The generator a seeded sampled row draws from (None: greedy, or unseeded: torch's global one)."""
+    if sampling.greedy or sampling.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(sampling.seed)
+
+
+def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] bool: which ids occur in each row's prompt (padding left out, so a row is penalised the same
+    alone or in a batch; transformers also penalises the pad id of left-padded rows)."""
+    batch = input_ids.shape[0]
+    seen = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    real = (attention_mask != 0) & (input_ids >= 0) & (input_ids < vocab_size)
+    seen.scatter_(1, torch.where(real, input_ids, vocab_size), True)  # padding lands in the extra column
+    return seen[:, :vocab_size]
+
+
+def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [B, V] logits -> scores: repetition penalty (transformers' RepetitionPenaltyLogitsProcessor:
+    positive logits of seen tokens divided by the penalty, negative ones multiplied), then for sampled rows
+    temperature, top-k (keep scores >= the k-th largest, ties kept), top-p (drop the low tail whose mass is
+    <= 1 - p, always keeping the top token), in transformers' order."""
+    scores = logits
+    if seen is not None:
+        penalty = rows.repetition_penalty[:, None]
+        scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if not rows.any_sampled:
+        return scores
+    scores = scores / rows.temperature[:, None]
+    vocab = scores.shape[-1]
+    ascending, order = scores.sort(dim=-1)
+    kth_largest = ascending.gather(1, (vocab - rows.top_k)[:, None])
+    ascending = ascending.masked_fill(ascending < kth_largest, float("-inf"))
+    tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = tail_mass <= (1 - rows.top_p)[:, None]
+    drop[:, -1] = False
+    ascending = ascending.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scores).scatter_(1, order, ascending)
+
+
+def choose_tokens(scores: torch.Tensor, rows: RowSampling, active: Sequence[bool] | None = None) -> torch.Tensor:
+    """[B] tokens: argmax for greedy rows; for sampled rows a draw from softmax(scores) by the exponential race
+    ``argmax(p / E)``, E ~ Exp(1) from the row's own generator (no host sync, and a row's draws do not depend on
+    the other rows). Rows not ``active`` (finished) draw nothing, as they would not if run alone."""
+    greedy = scores.argmax(dim=-1)
+    if not rows.any_sampled:
+        return greedy
+    probs = scores.softmax(dim=-1)
+    race = torch.ones_like(probs)
+    for row, generator in enumerate(rows.generators):
+        if rows.sampled[row] and (active is None or active[row]):
+            race[row].exponential_(generator=generator)
+    # an exact 0 from exponential_ would give inf (or NaN for a filtered token): clamp it away
+    race.clamp_min_(torch.finfo(race.dtype).tiny)
+    sampled = (probs / race).argmax(dim=-1)
+    return torch.where(rows.greedy, greedy, sampled)
