@@ -62,10 +62,11 @@ def test_layouts_the_model_cannot_take_are_refused(tiny):
     with pytest.raises(Gemma3VLError, match=r"parallel.tp=4 does not divide the model's key/value heads "
                                             r"\(num_key_value_heads\), 2: .* choose parallel.tp from 1, 2"):
         ParallelDims.resolve(degrees(tp=4), 4).validate(config)
-    with pytest.raises(Gemma3VLError, match="pipeline parallelism is not yet supported; set parallel.pp=1"):
-        ParallelDims.resolve(degrees(pp=2), 2).validate(config)
-    with pytest.raises(Gemma3VLError, match="context parallelism is not yet supported; set parallel.cp=1"):
-        ParallelDims.resolve(degrees(cp=2), 2).validate(config)
+    with pytest.raises(Gemma3VLError, match="8 stages, but the model has 4 decoder blocks"):
+        ParallelDims.resolve(degrees(pp=8), 8).validate(config)
+    ParallelDims.resolve(degrees(cp=2), 2).validate(config, seq_length=4)  # (more in test_parallel_context.py)
+    with pytest.raises(Gemma3VLError, match="raise train.seq_length to at least 4, or set parallel.cp to at most 1"):
+        ParallelDims.resolve(degrees(cp=2), 2).validate(config, seq_length=3)
     with pytest.raises(Gemma3VLError, match="LoRA/DoRA adapters are not tensor-parallel yet"):
         ParallelDims.resolve(degrees(tp=2), 2).validate(config, peft=True)
 

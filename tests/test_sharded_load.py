@@ -66,7 +66,7 @@ def _rank(rank: int, world: int, init_file: str, model_dir: str, dp_shard: int, 
         context = ParallelContext.create(dims, torch.device("cpu"), sequence_parallel=tp > 1)
         with torch.device("meta"):
             model = Gemma3Model(bridge.read_config(model_dir))
-        parallelize(model, context)
+        parallelize(model, context, activation_checkpoint="full")  # the wrapper must not change the names
         model.to_empty(device="cpu")
         read = load_sharded(model_dir, model)
         own = sum(p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()

@@ -3,9 +3,11 @@
 * ``full``: a block keeps only its input for backward and recomputes everything else; activation memory
   per block falls from ~a dozen ``[tokens, hidden]``-sized tensors (plus the MLP's ``[tokens, I]`` ones) to
   one, for about one extra forward of compute.
-* ``selective`` (per op): keep the outputs of the expensive ops (matmuls, attention, and the collectives of
-  tensor/sequence parallelism, which would otherwise be re-run) and recompute the cheap elementwise ones
-  (norms, rotary, GeGLU). Most of ``full``'s memory saving for a few percent of compute.
+* ``selective`` (per op): keep the outputs of the expensive ops (matmuls, attention — SDPA's kernels and
+  FlexAttention — and the collectives of tensor/sequence parallelism, which would otherwise be re-run) and
+  recompute the cheap elementwise ones (norms, rotary, GeGLU). Most of ``full``'s memory saving for a few
+  percent of compute. With FlexAttention, use it with ``compile`` (the policy then applies inside the compiled
+  block's graph, where FlexAttention is one operator).
 
 Blocks are wrapped with ``checkpoint_wrapper``; the wrapper's name never reaches a state dict (its hooks
 strip ``_checkpoint_wrapped_module``), so checkpoints and exports keep the plain names.
@@ -33,6 +35,10 @@ def _ops_to_save() -> set:
         op = getattr(aten, name, None)
         if op is not None:
             ops.add(op.default)
+    # FlexAttention is a higher-order operator: the policy sees it as one call, whatever its kernel.
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
     functional = getattr(torch.ops, "_c10d_functional", None)
     if functional is not None:
         for name in ("reduce_scatter_tensor", "all_gather_into_tensor", "all_reduce"):

@@ -93,18 +93,26 @@ class ParallelDims:
         return f"{self.world_size} rank(s): " + (", ".join(parts) if parts else "no parallelism")
 
     # ------------------------------------------------------------------ checks
-    def validate(self, config: Gemma3Config, *, peft: bool = False) -> None:
-        """Refuse layouts this model cannot take, saying which setting to change and to what."""
+    def validate(self, config: Gemma3Config, *, peft: bool = False, seq_length: int | None = None,
+                 sequence_parallel: bool = False, pp_schedule: str = "1f1b", pp_stages_per_rank: int = 2,
+                 pp_microbatches: int | None = None) -> None:
+        """Refuse layouts this model cannot take, saying which setting to change and to what.
+
+        ``seq_length`` (``train.seq_length``) and ``sequence_parallel`` are needed to check context parallelism;
+        ``pp_schedule``, ``pp_stages_per_rank`` and ``pp_microbatches`` (the micro-batches each data-parallel
+        rank runs per step, when known) to check pipeline parallelism.
+        """
         if self.pp > 1:
-            raise Gemma3VLError(
-                f"parallel.pp={self.pp}: pipeline parallelism is not yet supported; set parallel.pp=1 and give "
-                f"the ranks to parallel.dp_shard or parallel.tp"
-            )
+            from gemma3vl.parallel.pipeline import check_pipeline  # (imports torch.distributed.pipelining)
+
+            check_pipeline(self.pp, config.text.num_hidden_layers, pp_schedule, pp_stages_per_rank, pp_microbatches)
+            if peft:
+                raise Gemma3VLError(
+                    f"parallel.pp={self.pp} with peft.method: LoRA/DoRA adapters are not pipelined yet; use "
+                    f"parallel.pp=1 (FSDP alone shards a LoRA run well: parallel.dp_shard=-1)"
+                )
         if self.cp > 1:
-            raise Gemma3VLError(
-                f"parallel.cp={self.cp}: context parallelism is not yet supported; set parallel.cp=1 and give "
-                f"the ranks to parallel.dp_shard or parallel.tp"
-            )
+            self._check_context_parallel(seq_length, sequence_parallel)
         if self.tp > 1:
             text = config.text
             # A rank must hold whole KV groups (DESIGN.md: QKV is [K, (G+2)*hd, D], sharded on K) ...
@@ -117,6 +125,27 @@ class ParallelDims:
                     f"parallel.tp={self.tp} with peft.method: LoRA/DoRA adapters are not tensor-parallel yet; use "
                     f"parallel.tp=1 (FSDP alone shards a LoRA run well: parallel.dp_shard=-1)"
                 )
+
+    def _check_context_parallel(self, seq_length: int | None, sequence_parallel: bool) -> None:
+        """Context parallelism (``parallel/context.py``) cuts each row into ``2 x cp`` chunks (two per rank, for
+        balanced causal work), each a multiple of the TP degree under sequence parallelism; rows are padded to
+        that, but a row shorter than the chunk count leaves ranks without a single real token."""
+        if self.pp > 1:
+            raise Gemma3VLError(
+                f"parallel.cp={self.cp} with parallel.pp={self.pp}: context parallelism inside pipeline stages is not "
+                f"supported yet; set parallel.pp=1 (or parallel.cp=1)"
+            )
+        if seq_length is None:
+            return
+        per_chunk = self.tp if sequence_parallel and self.tp > 1 else 1  # tokens a chunk must split into
+        chunks = 2 * self.cp * per_chunk
+        if seq_length < chunks:
+            split = f" of {per_chunk} tokens or more (one per TP rank under sequence parallelism)" * (per_chunk > 1)
+            raise Gemma3VLError(
+                f"parallel.cp={self.cp} cuts each row into {2 * self.cp} chunks{split}, two per context-parallel "
+                f"rank, but train.seq_length={seq_length} is shorter than {chunks}: raise train.seq_length to at "
+                f"least {chunks}, or set parallel.cp to at most {max(seq_length // (2 * per_chunk), 1)}"
+            )
 
     def _check_divides(self, count: int, what: str) -> None:
         if count % self.tp:

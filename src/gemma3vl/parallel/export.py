@@ -6,6 +6,9 @@ no GPU ever holds more than its shard plus one whole tensor, and rank 0's host m
 in the training dtype (fp32 master weights: 4 bytes per parameter, 16 GB for the 4B, 108 GB for the 27B),
 which is what a single-process run holds too. The bridge then writes it exactly as it writes a
 single-process model, so the files are the same bit for bit.
+
+Pipeline stages hold different tensors: each stage gathers its own as above, and its first rank sends them on
+to rank 0 one at a time (``gather_pipeline_state``).
 """
 
 from __future__ import annotations
@@ -39,3 +42,41 @@ def plain_model(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) 
         model = build()
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
+
+
+def gather_pipeline_state(
+    model: nn.Module, context, skip: frozenset[str] = frozenset()
+) -> dict[str, torch.Tensor] | None:
+    """``gather_full_state`` for pipeline stages: rank 0's stages, then each later pipeline rank's (the
+    ranks of one stage gather its DTensors together, and that stage's first rank sends every whole tensor on
+    to rank 0, one at a time). ``skip``: names this rank holds that an earlier stage holds too (the last
+    stage's copy of the tied embedding). Collective; the full state on rank 0, ``None`` elsewhere."""
+    device = context.device
+    group = context.pp_mesh.get_group()
+    state = {name: tensor for name, tensor in model.state_dict().items() if name not in skip}
+    # The first rank of each stage along every other mesh dimension speaks for the stage.
+    coordinates = context.mesh.get_coordinate() or []
+    speaker = all(c == 0 for c in coordinates[1:])
+    listing = [(name, tuple(t.shape), t.dtype) for name, t in state.items()] if speaker else None
+    listings: list = [None] * context.dims.pp
+    dist.all_gather_object(listings, listing, group=group)
+    main = dist.get_rank() == 0
+    pp_rank = context.pp_mesh.get_local_rank()
+    gathered: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if isinstance(tensor, DTensor):
+            if tensor.device.type != device.type:  # FSDP CPU offload keeps shards on the host
+                tensor = tensor.to(device)
+            tensor = tensor.full_tensor()
+        if main:
+            gathered[name] = tensor.detach().to("cpu", copy=True)
+        elif speaker and pp_rank > 0:
+            dist.send(tensor.detach().to(device).contiguous(), group_dst=0, group=group)
+        del tensor
+    if main:
+        for source in range(1, context.dims.pp):
+            for name, shape, dtype in listings[source]:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(buffer, group_src=source, group=group)
+                gathered[name] = buffer.to("cpu", copy=True)
+    return gathered if main else None

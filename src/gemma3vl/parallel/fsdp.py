@@ -58,6 +58,8 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
     _use_image_parameters_always(model)
     register_fsdp_forward_method(model, "loss")
+    if hasattr(model, "context_parallel_loss"):  # parallel.cp > 1 (gemma3vl.parallel.context)
+        register_fsdp_forward_method(model, "context_parallel_loss")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -75,14 +77,22 @@ def _use_image_parameters_always(model: Gemma3Model) -> None:
     def loss(input_ids, targets, info, pixel_values=None):
         summed, count = loss_of(input_ids, targets, info, pixel_values)
         if pixel_values is None:
-            # Read the parameters now: inside FSDP's forward they are the gathered ones that get the gradient.
-            image_parameters = [p for part in (model.vision, model.projector) for p in part.parameters()
-                                if p.requires_grad]
-            if image_parameters:
-                summed = summed + 0.0 * sum(_local(p).sum() for p in image_parameters)
+            summed = summed + unused_image_parameters_term(model)
         return summed, count
 
     model.loss = loss
+
+
+def unused_image_parameters_term(model: Gemma3Model) -> torch.Tensor | float:
+    """``0 x`` the sum of the trainable vision and projector parameters, to add to a loss that did not run the
+    vision tower (so that this rank reduces a zero gradient for them like the ranks that did). Called inside
+    FSDP's forward, it reads the gathered parameters, the ones that get the gradient."""
+    if model.vision is None:
+        return 0.0
+    image_parameters = [p for part in (model.vision, model.projector) for p in part.parameters() if p.requires_grad]
+    if not image_parameters:
+        return 0.0
+    return 0.0 * sum(_local(p).sum() for p in image_parameters)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

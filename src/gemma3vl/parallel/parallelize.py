@@ -8,6 +8,9 @@ The order is torchtitan's and it matters:
 3. ``torch.compile`` per block, on the checkpoint-wrapped block, so the recomputation is compiled too.
 4. FSDP last, bottom-up: one unit per block, then the root, so the FSDP hooks sit between the compiled
    blocks instead of inside them.
+
+Context parallelism changes no parameter: it gives the model a ``context_parallel_loss`` (``parallel/context.py``)
+before FSDP, which registers it as a forward method, and shards over ``dp_shard x cp``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel.activation import apply_activation_checkpointing, apply_compile
+from gemma3vl.parallel.context import apply_context_parallel
 from gemma3vl.parallel.distributed import ParallelContext
 from gemma3vl.parallel.fsdp import apply_fsdp
 from gemma3vl.parallel.tensor import apply_tensor_parallel
@@ -39,6 +43,8 @@ def parallelize(
     apply_activation_checkpointing(model, activation_checkpoint)
     if compile:
         apply_compile(model)
+    if context is not None and context.dims.cp > 1:
+        apply_context_parallel(model)
     if context is not None and context.dims.fsdp_enabled:
         apply_fsdp(model, context.fsdp_mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
     return model

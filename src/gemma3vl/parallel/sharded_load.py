@@ -41,7 +41,8 @@ def load_sharded(model_dir: str | Path, model: nn.Module, *, extra: dict[str, to
     ``to_empty``) from ``model_dir``, or from ``extra`` for parameters the checkpoint does not have.
     Returns the bytes of tensor data this rank read from the checkpoint."""
     extra = extra or {}
-    targets = dict(model.named_parameters())
+    # The state dict's names, not named_parameters': checkpoint wrappers add a prefix only the latter shows.
+    targets = model.state_dict(keep_vars=True)
     with open_checkpoint(model_dir) as checkpoint:
         by_name = {m.native: m for m in checkpoint.mappings}
         check_fits(model_dir, {k: v for k, v in targets.items() if k not in extra}, by_name, checkpoint)

@@ -4,7 +4,9 @@ A checkpoint directory ``OUT/checkpoints/step-00000010/`` holds the DCP files of
 (frozen ones come from the base model and are not repeated), the optimizer state keyed by parameter name,
 the RNG states, and ``trainer_state.json`` (step, scheduler, data position). It is written under a
 temporary name and renamed only when complete; ``COMPLETE`` inside marks it, and loading refuses a
-directory without it. The last ``keep_last`` complete checkpoints are kept.
+directory without it. The last ``keep_last`` complete checkpoints are kept; older ones are renamed to a
+hidden temporary name before they are deleted, so a process killed at any moment (tests kill it with SIGKILL
+mid-save) leaves complete checkpoints and hidden leftovers, never a ``COMPLETE`` directory with files missing.
 
 Under ``torchrun`` every rank writes its own shards into the same staging directory (DCP collects them into
 one checkpoint that loads into any other layout: DTensors are resharded on load); rank 0 alone writes
@@ -32,7 +34,10 @@ from gemma3vl.train.safe_metadata import check_metadata
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 PREFIX = "step-"
-_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# The optimizer state flattened to one entry per parameter name ("state.text.layers.3.attn.o.weight.exp_avg",
+# "param_groups.<name>.lr"): pipeline stages each hold some of the parameters, and a nested state dict (one
+# param_groups list per rank) would keep only one rank's list. Flat, every layout writes and reads the same keys.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -73,11 +78,23 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _retire(checkpoint: Path) -> None:
+    """Delete a checkpoint so that a kill part-way never leaves a ``COMPLETE`` directory with files missing:
+    it is first renamed to a hidden temporary name (one atomic step; the next prune removes what is left)."""
+    hidden = checkpoint.parent / f".{checkpoint.name}.tmp-retired-{os.getpid()}"
+    os.replace(checkpoint, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -116,9 +133,10 @@ def save_checkpoint(
             f"{root}: cannot write the checkpoint of step {step} ({exc}); earlier checkpoints are untouched"
         ) from None
     if _is_main():
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # e.g. resumed from an earlier step: retire the old one before it is deleted
+            _retire(final)
         os.replace(staging, final)
+        _fsync_dir(root)
         _prune(root, keep_last)
     _barrier()  # the checkpoint is complete for every rank before any goes on (or resumes from it)
     return final
@@ -139,7 +157,7 @@ def _tupled(value: Any) -> Any:
 def _prune(root: Path, keep_last: int) -> None:
     complete = list_checkpoints(root)
     for old in complete[: max(len(complete) - max(keep_last, 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old)
     for stale in root.glob(f".{PREFIX}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -178,7 +196,7 @@ def load_checkpoint(
             raise Gemma3VLError(f"{path}: cannot load the checkpoint into this model/optimizer ({exc})") from None
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        options=StateDictOptions(ignore_frozen_params=True, strict=False, flatten_optimizer_state_dict=True),
     )
     scheduler.load_state_dict(trainer_state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])

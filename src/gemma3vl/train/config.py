@@ -24,6 +24,7 @@ class ModelSettings:
     path: str | None = None  # HF or native directory; None in tiny recipes = a tiny random model
     dtype: str = "auto"  # auto: bf16 compute with fp32 master weights on CUDA, fp32 on CPU
     device: str = "auto"
+    attention: str = "auto"  # auto: FlexAttention (block-sparse) on CUDA, SDPA on CPU | sdpa | flex
 
 
 @dataclass
@@ -40,6 +41,15 @@ class DataSettings:
     shuffle: bool = True
     eval_accuracy_samples: int = 32  # held-out conversations answered by greedy generation at each eval
     eval_max_new_tokens: int = 32
+    # conversation | auto | cord | vqa | caption: read the field's dataset layouts (gemma3vl.evaluation.layouts)
+    layout: str = "conversation"
+    # metrics of gemma3vl.evaluation.metrics (comma-separated) scored on those answers, logged as eval_<name>
+    eval_metric: str = ""
+
+    def eval_metrics(self) -> list[str]:
+        given = self.eval_metric or ""
+        names = given if isinstance(given, list) else str(given).split(",")  # a YAML list, or "a,b"
+        return [str(name).strip() for name in names if str(name).strip()]
 
 
 @dataclass
@@ -69,6 +79,9 @@ class OptimSettings:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
     fused: str = "auto"  # auto: fused AdamW on CUDA
+    # One process: AdamW's moments and an fp32 master copy of the weights live in host memory and the step runs
+    # on the CPU (gemma3vl.train.schedule.HostOffloadAdamW); frees 12 bytes per trained parameter on the GPU.
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -108,8 +121,13 @@ class ParallelSettings:
     dp_replicate: int = 1  # data-parallel replicas (HSDP: FSDP within a replica, plain replication across)
     dp_shard: int = -1  # FSDP2 degree: parameters, gradients and optimizer states sharded over these ranks
     tp: int = 1  # tensor parallel degree; must divide the KV-head count (4B: 4, 12B: 8, 27B: 16)
-    pp: int = 1  # pipeline stages: not yet supported
-    cp: int = 1  # context parallel degree: not yet supported
+    pp: int = 1  # pipeline-parallel ranks: the decoder blocks cut into stages (docs/distributed.md)
+    # Pipeline schedule: 1f1b (one stage per rank) | interleaved (Interleaved1F1B, pp_stages_per_rank stages
+    # per rank: a smaller bubble for more point-to-point traffic). The pipeline's micro-batches are the step's:
+    # global_batch_size / (micro_batch_size x data-parallel ranks), at least pp of them (interleaved: a multiple).
+    pp_schedule: str = "1f1b"
+    pp_stages_per_rank: int = 2  # virtual stages per pipeline rank, for pp_schedule=interleaved only
+    cp: int = 1  # context parallel degree: each sequence sliced over cp ranks, keys/values all-gathered per layer
     sequence_parallel: bool = True  # with tp > 1: norms and the residual stream sharded over the sequence
     activation_checkpoint: str = "none"  # none | full | selective (per op: keep matmul/attention outputs)
     compile: bool = False  # torch.compile each decoder block
@@ -146,17 +164,29 @@ class TrainConfig:
             "data.truncation": (self.data.truncation, ("turns", "skip")),
             "data.on_bad_record": (self.data.on_bad_record, ("skip", "error")),
             "data.format": (self.data.format, ("auto", "messages", "llava", "hf")),
+            "data.layout": (self.data.layout, ("conversation", "auto", "cord", "vqa", "caption")),
             "peft.method": (self.peft.method, ("none", "lora", "dora")),
             "model.dtype": (self.model.dtype, ("auto", "float32", "bfloat16")),
+            "model.attention": (self.model.attention, ("auto", "sdpa", "flex")),
             "parallel.activation_checkpoint": (self.parallel.activation_checkpoint, ("none", "full", "selective")),
+            "parallel.pp_schedule": (self.parallel.pp_schedule, ("1f1b", "interleaved")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise Gemma3VLError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        if self.data.eval_metrics():
+            from gemma3vl.evaluation.metrics import check_metrics
+
+            try:
+                check_metrics(self.data.eval_metrics())
+            except Gemma3VLError as exc:
+                raise Gemma3VLError(f"data.eval_metric: {exc}") from None
         if self.optim.lr <= 0:
             raise Gemma3VLError(f"optim.lr={self.optim.lr} must be > 0")
         if self.peft.method != "none" and self.peft.rank < 1:
             raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
+        if self.parallel.pp_stages_per_rank < 1:
+            raise Gemma3VLError(f"parallel.pp_stages_per_rank={self.parallel.pp_stages_per_rank} must be >= 1")
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
             value = getattr(self.parallel, name)
             if value == 0 or value < -1:

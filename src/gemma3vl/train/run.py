@@ -15,6 +15,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,9 @@ from gemma3vl.infer.loading import load_model, resolve_device
 from gemma3vl.infer.prompt import load_processor
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel import ParallelContext, ParallelDims, init_distributed, launched_by_torchrun, parallelize
-from gemma3vl.parallel.export import gather_full_state, plain_model
+from gemma3vl.parallel.context import ContextParallelFeed
+from gemma3vl.parallel.export import gather_full_state, gather_pipeline_state, plain_model
+from gemma3vl.parallel.sharded_load import load_sharded
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.evaluate import Evaluator
 from gemma3vl.train.lora import LoraConfig, apply_lora, merge_lora, parameter_summary
@@ -96,7 +99,7 @@ def data_config(cfg: TrainConfig, path: str, *, shuffle: bool) -> DataConfig:
         path=path, format=d.format, seq_length=cfg.train.seq_length, packing=d.packing, truncation=d.truncation,
         on_bad_record=d.on_bad_record, pan_and_scan=d.pan_and_scan or None,
         allow_remote_images=d.allow_remote_images, allow_outside_paths=d.allow_outside_paths,
-        shuffle=shuffle and d.shuffle, seed=cfg.train.seed,
+        shuffle=shuffle and d.shuffle, seed=cfg.train.seed, layout=d.layout,
     )
 
 
@@ -112,8 +115,13 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
     One process (no torchrun): the degrees must all come out as 1, and nothing is set up."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     dims = ParallelDims.resolve(cfg.parallel_degrees(), world_size)
-    dims.validate(bridge.read_config(cfg.model.path), peft=cfg.peft.method != "none")
     per_step = cfg.train.micro_batch_size * dims.dp
+    # (pipeline parallelism) the pipeline's micro-batches are the step's, per data-parallel rank
+    pp_microbatches = None if cfg.train.global_batch_size % per_step else cfg.train.global_batch_size // per_step
+    dims.validate(bridge.read_config(cfg.model.path), peft=cfg.peft.method != "none",
+                  seq_length=cfg.train.seq_length, sequence_parallel=cfg.parallel.sequence_parallel,  # (for cp)
+                  pp_schedule=cfg.parallel.pp_schedule, pp_stages_per_rank=cfg.parallel.pp_stages_per_rank,
+                  pp_microbatches=pp_microbatches)
     if cfg.train.global_batch_size % per_step:
         raise Gemma3VLError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of train.micro_batch_size="
@@ -128,6 +136,54 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
     context = ParallelContext.create(dims, device, sequence_parallel=cfg.parallel.sequence_parallel)
     say(f"parallel: {dims.describe()} on {device.type} ({dist.get_backend()})")
     return context
+
+
+def loads_sharded(cfg: TrainConfig, parallel: ParallelContext | None) -> bool:
+    """Whether each rank reads only its own shards of the checkpoint (parallel/sharded_load.py). Not yet for
+    pipeline stages (built from a whole model) nor DoRA (its magnitudes start from whole base rows)."""
+    return (parallel is not None and parallel.dims.world_size > 1 and parallel.dims.pp == 1
+            and cfg.peft.method != "dora")
+
+
+def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: torch.device,
+                        weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> tuple[Gemma3Model, Any]:
+    """The model built on the meta device, parallelized there, then each rank's shards read from the checkpoint."""
+    model_config = bridge.read_config(cfg.model.path)
+    with torch.device("meta"):
+        model = Gemma3Model(model_config)
+        if bridge.has_untied_head(cfg.model.path):
+            model.text.add_untied_head()
+    model = model.to(weight_dtype)
+    freeze(model, cfg)
+    extra: dict[str, torch.Tensor] = {}
+    if cfg.peft.method != "none":
+        apply_lora(model, lora_config(cfg))  # adapters made on the CPU, as one process makes them
+        extra = {name: param.detach().clone() for name, param in model.named_parameters() if not param.is_meta}
+        model = model.to("meta")
+    p = cfg.parallel
+    parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
+                param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
+    model.to_empty(device="cpu" if p.cpu_offload else device)
+    read = load_sharded(cfg.model.path, model, extra=extra)
+    say(f"sharded loading: this rank read {read / 2**20:.1f} MiB of the checkpoint")
+    return model, model_config
+
+
+# ---------------------------------------------------------------------------------------------- pipeline parallelism
+def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: ParallelContext,
+                          compute_dtype: torch.dtype | None) -> Gemma3Model:
+    """``parallel.pp > 1``: this rank's stages of the (whole, host-resident) model, each parallelized like a
+    whole model, and the schedule (``gemma3vl.parallel.pipeline``). Returns the view the trainer uses."""
+    from gemma3vl.parallel.pipeline import build_pipeline  # (imports torch.distributed.pipelining)
+
+    p, t = cfg.parallel, cfg.train
+    micro_batches = t.global_batch_size // (t.micro_batch_size * parallel.dims.dp)
+    return build_pipeline(
+        model, parallel, schedule=p.pp_schedule, stages_per_rank_setting=p.pp_stages_per_rank,
+        micro_batches=micro_batches, micro_batch_size=t.micro_batch_size, seq_length=t.seq_length,
+        activation_checkpoint=p.activation_checkpoint, compile=p.compile, param_dtype=compute_dtype,
+        cpu_offload=p.cpu_offload,
+    )
 
 
 def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDataset]:
@@ -150,19 +206,26 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         raise Gemma3VLError("data.path is not set: pass --data PATH (a JSONL of conversations)")
     parallel = setup_parallel(cfg, device)
     weight_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    # A sharded layout loads the whole model into every rank's host memory and moves only its shards to the GPU.
-    sharded = parallel is not None and parallel.dims.world_size > 1
-    model, model_config = load_model(cfg.model.path, device="cpu" if sharded else device, dtype=weight_dtype)
-    freeze(model, cfg)
-    if cfg.peft.method != "none":
-        apply_lora(model, lora_config(cfg))
-    say(f"model: {cfg.model.path} on {device} ({weight_dtype}); {parameter_summary(model)}")
     p = cfg.parallel
+    # FSDP's compute dtype: bf16 where the single-process run would autocast to bf16.
+    compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype == "auto" else None
+    if loads_sharded(cfg, parallel):
+        model, model_config = build_sharded_model(cfg, parallel, device, weight_dtype, compute_dtype)
+    else:
+        # One process, or a layout that cannot load shard by shard yet (see loads_sharded): the whole model in
+        # this rank's host memory, of which parallelize moves only the rank's shards to its device.
+        sharded = parallel is not None and parallel.dims.world_size > 1
+        model, model_config = load_model(cfg.model.path, device="cpu" if sharded else device, dtype=weight_dtype)
+        freeze(model, cfg)
+        if cfg.peft.method != "none":
+            apply_lora(model, lora_config(cfg))
+        if parallel is not None and parallel.dims.pp > 1:
+            model = build_pipelined_model(model, cfg, parallel, compute_dtype)
+        elif parallel is not None or p.activation_checkpoint != "none" or p.compile:
+            parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
+                        param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
+    say(f"model: {cfg.model.path} on {device} ({weight_dtype}); {parameter_summary(model)}")
     if parallel is not None or p.activation_checkpoint != "none" or p.compile:
-        # FSDP's compute dtype: bf16 where the single-process run would autocast to bf16.
-        compute_dtype = torch.bfloat16 if device.type == "cuda" and cfg.model.dtype == "auto" else None
-        parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
-                    param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
         misplaced = [name for name, param in model.named_parameters() if param.device.type != device.type]
         if misplaced and not p.cpu_offload:
             raise RuntimeError(f"parallelize left {len(misplaced)} parameter(s) off {device}, e.g. {misplaced[0]}")
@@ -172,6 +235,11 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         train_data.shard(parallel.dp_rank, parallel.dims.dp)
     per_rank = cfg.train.global_batch_size // (parallel.dims.dp if parallel else 1)
     feed = StepFeed(BatchLoader(train_data, cfg.train.micro_batch_size), per_rank // cfg.train.micro_batch_size)
+    if parallel is not None and parallel.dims.cp > 1:
+        # Context parallelism: the cp ranks of a data-parallel rank read the same batches; each computes its slice.
+        sequence_shards = parallel.dims.tp if parallel.sequence_parallel else 1
+        feed = ContextParallelFeed(feed, parallel.dims.cp, parallel.cp_mesh.get_local_rank(),
+                                   parallel.cp_mesh.get_group(), sequence_shards=sequence_shards)
     evaluator = None
     if cfg.data.eval_path:
         accuracy_samples = cfg.data.eval_accuracy_samples
@@ -182,7 +250,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         evaluator = Evaluator(
             eval_data, micro_batch_size=cfg.train.micro_batch_size,
             accuracy_samples=accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
-            stop_token_ids=model_config.stop_token_ids, device=device,
+            stop_token_ids=model_config.stop_token_ids, device=device, metrics=cfg.data.eval_metrics(),
         )
     return Trainer(cfg, model, feed, out, device, evaluator, parallel=parallel), train_data
 
@@ -191,7 +259,10 @@ def export_results(trainer: Trainer, cfg: TrainConfig, out: Path) -> None:
     model = trainer.model
     if trainer.parallel is not None:
         # Every rank gathers tensor by tensor; rank 0 then holds one plain model and writes it as one process would.
-        state = gather_full_state(model, trainer.device)
+        if trainer.parallel.dims.pp > 1:  # (pipeline parallelism) each stage's tensors, sent on to rank 0
+            state = gather_pipeline_state(model, trainer.parallel, skip=model.pipeline.duplicate_names)
+        else:
+            state = gather_full_state(model, trainer.device)
         if not is_main_process():
             return
         model = plain_model(lambda: _plain_like(cfg), state)

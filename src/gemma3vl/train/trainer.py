@@ -33,6 +33,7 @@ import torch
 from gemma3vl.data.batch import Batch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model
+from gemma3vl.parallel.context import ContextParallelBatch
 from gemma3vl.parallel.distributed import ParallelContext, clip_grad_norm_
 from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gemma3vl.train.config import TrainConfig
@@ -67,9 +68,12 @@ def autocast_for(model: Gemma3Model, device: torch.device):
     return nullcontext()
 
 
-def step_loss(model: Gemma3Model, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+def step_loss(model: Gemma3Model, batch: Batch | ContextParallelBatch, device: torch.device
+              ) -> tuple[torch.Tensor, int]:
     batch = batch.to(device)
     with autocast_for(model, device):
+        if isinstance(batch, ContextParallelBatch):  # parallel.cp > 1: this rank's slice of every row
+            return batch.loss(model)
         return model.loss(batch.input_ids, batch.targets, batch.info, batch.pixel_values)
 
 
@@ -96,6 +100,9 @@ class Trainer:
         self.step = 0
         self.last_eval: dict[str, Any] = {}
         self.params = sum(p.numel() for p in model.parameters())  # DTensors count their global size
+        self.pipeline = getattr(model, "pipeline", None)  # parallel.pp > 1: gemma3vl.parallel.pipeline.Pipeline
+        if self.pipeline is not None:
+            self.params = self.pipeline.parameter_count()  # the whole model's, not this rank's stages'
         self.world_size = parallel.dims.world_size if parallel is not None else 1
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
@@ -132,17 +139,25 @@ class Trainer:
             total_targets, total_tokens = (int(n) for n in self.parallel.sum_over_batch(total_targets, total_tokens))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for batch in micro_batches:
-            summed, _ = step_loss(self.model, batch, self.device)
-            (summed / max(total_targets, 1)).backward()
-            loss_sum += float(summed.detach())
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if self.parallel is not None:
+        if self.pipeline is not None:
+            # The step's micro-batches go through the schedule in one call (forward and backward interleaved
+            # across the stages); the tied embedding's two copies sum their gradients, and the gradient norm is
+            # the whole model's (gemma3vl.parallel.pipeline).
+            loss_sum = self.pipeline.train_step(micro_batches, total_targets)
             (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
-            grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+            grad_norm = self.pipeline.clip_grad_norm_(self.cfg.train.grad_clip)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+            loss_sum = 0.0
+            for batch in micro_batches:
+                summed, _ = step_loss(self.model, batch, self.device)
+                (summed / max(total_targets, 1)).backward()
+                loss_sum += float(summed.detach())
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if self.parallel is not None:
+                (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
+                grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
         if finite:

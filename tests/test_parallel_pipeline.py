@@ -1,0 +1,144 @@
+"""Pipeline parallelism under torchrun (CPU, gloo): PP2 with the 1F1B and the interleaved schedule, and PP2 x TP2,
+each compute what one process computes; a PP2 checkpoint continues in one process and a single-process one under
+PP2; the export from the stages is the single-process export bit for bit; a layout the pipeline cannot take
+is refused saying what to change (``ParallelDims.validate``, which ``gemma3vl train`` runs before loading anything).
+
+Every run is the real command (``torchrun --nproc-per-node N -m gemma3vl train ...``) on the tiny model (4 decoder
+blocks: 2 per stage, or 1 per stage with 2 stages per rank interleaved) for 3 optimizer steps of 4 micro-batches,
+against one single-process run. The settings and helpers are ``test_parallel_layouts``'s (``data.packing=false``
+and ``optim.eps=1`` are explained there); its data has conversations without images, so some micro-batches never
+run the vision tower on stage 0.
+"""
+
+import pytest
+
+from gemma3vl.config import Gemma3Config
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.parallel.dims import ParallelDims
+from gemma3vl.parallel.pipeline import bubble_fraction, split_layers
+from gemma3vl.tiny import write_tiny_checkpoint
+from gemma3vl.bridge import read_config
+from gemma3vl.cli import main
+
+from test_parallel_layouts import (  # noqa: F401 (fixtures)
+    COMMON,
+    assert_losses_match,
+    assert_weights_match,
+    checked,
+    continue_from,
+    data,
+    exported,
+    inputs,
+    losses,
+    reference,
+    torchrun,
+    workdir,
+)
+
+PIPELINE_LAYOUTS = {
+    "pp2_1f1b": (2, ["parallel.pp=2", "parallel.dp_shard=1"]),
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=interleaved"]),
+    "pp2_tp2": (4, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.tp=2"]),  # with sequence parallelism
+}
+
+_RUNS: dict = {}
+
+
+def pipeline_run(name: str, workdir):
+    """The 3-step run in layout ``name``, once per session. The 1F1B run also evaluates (the held-out loss
+    goes through the stages without a schedule)."""
+    if name not in _RUNS:
+        nproc, settings = PIPELINE_LAYOUTS[name]
+        out = workdir / name
+        checked(torchrun(nproc, out, *inputs(workdir, evaluate=name == "pp2_1f1b"), *COMMON, *settings))
+        _RUNS[name] = out
+    return _RUNS[name]
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_LAYOUTS))
+def test_pipeline_computes_what_one_process_computes(name, reference, workdir):
+    out = pipeline_run(name, workdir)
+    assert_losses_match(losses(out), losses(reference))
+    assert_losses_match(losses(out, "grad_norm"), losses(reference, "grad_norm"))  # the tied matrix counted once
+    assert_weights_match(exported(out), exported(reference))  # the tied embedding: both copies trained as one
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    if name == "pp2_1f1b":
+        assert_losses_match(losses(out, "eval_loss"), losses(reference, "eval_loss"))
+
+
+def test_pp2_checkpoint_continues_in_one_process(reference, workdir):
+    """The checkpoint holds one copy of the tied embedding (two stages had it) and the optimizer state of
+    every stage, under the plain model's names."""
+    sharded = pipeline_run("pp2_1f1b", workdir)
+    out = continue_from(sharded / "checkpoints" / "step-00000002", workdir / "pp2_to_single")
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", *inputs(workdir), *COMMON]) == 0
+    assert sorted(losses(out)) == [3]
+    assert losses(out)[3] == pytest.approx(losses(sharded)[3], rel=1e-5)
+    assert_weights_match(exported(out), exported(sharded))
+
+
+def test_single_process_checkpoint_continues_under_interleaved_pp2(reference, workdir):
+    """Both copies of the tied embedding load the one saved matrix (else step 3 would differ)."""
+    out = continue_from(reference / "checkpoints" / "step-00000002", workdir / "single_to_pp2")
+    checked(torchrun(2, out, "--resume", *inputs(workdir), *COMMON, *PIPELINE_LAYOUTS["pp2_interleaved"][1]))
+    assert sorted(losses(out)) == [3]
+    assert losses(out)[3] == pytest.approx(losses(reference)[3], rel=1e-5)
+    assert_weights_match(exported(out), exported(reference))
+
+
+def test_export_from_pipeline_stages_is_the_single_process_export_bit_for_bit(reference, workdir):
+    sharded = pipeline_run("pp2_tp2", workdir)
+    out = continue_from(sharded / "checkpoints" / "step-00000003", workdir / "pp2_tp2_export")
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", *inputs(workdir), *COMMON]) == 0
+    files = sorted(p.name for p in (sharded / "hf").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (out / "hf").glob("*.safetensors"))
+    for name in files:
+        assert (out / "hf" / name).read_bytes() == (sharded / "hf" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------- the cut and the checks
+def test_blocks_are_cut_into_even_consecutive_runs_the_middle_stages_taking_the_extra():
+    assert split_layers(4, 2) == [[0, 1], [2, 3]]
+    assert split_layers(4, 4) == [[0], [1], [2], [3]]
+    assert split_layers(34, 4) == [list(range(0, 8)), list(range(8, 17)), list(range(17, 26)), list(range(26, 34))]
+    assert split_layers(7, 3) == [[0, 1], [2, 3, 4], [5, 6]]
+    for layers, stages in ((34, 4), (62, 8), (48, 6), (5, 5)):
+        runs = split_layers(layers, stages)
+        assert sum(runs, []) == list(range(layers)) and max(map(len, runs)) - min(map(len, runs)) <= 1
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11) and bubble_fraction(4, 8, per_rank=2) == pytest.approx(3 / 19)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Gemma3Config:
+    path = tmp_path_factory.mktemp("pp_config")
+    write_tiny_checkpoint(path)
+    return read_config(path)  # 4 decoder blocks
+
+
+@pytest.mark.parametrize("degrees, settings, expected", [
+    ({"pp": 8}, {}, ["parallel.pp=8", "4 decoder blocks", "parallel.pp of at most 4"]),
+    ({"pp": 2}, {"pp_schedule": "interleaved", "pp_stages_per_rank": 4},
+     ["8 stages", "4 decoder blocks", "parallel.pp_stages_per_rank to at most 2"]),
+    ({"pp": 2}, {"pp_schedule": "interleaved", "pp_stages_per_rank": 1}, ["at least 2 stages per rank"]),
+    ({"pp": 2}, {"pp_schedule": "zero_bubble"}, ["parallel.pp_schedule='zero_bubble'", "1f1b, interleaved"]),
+    ({"pp": 4}, {"pp_microbatches": 3}, ["at least 4 micro-batches", "raise train.global_batch_size"]),
+    ({"pp": 2}, {"pp_schedule": "interleaved", "pp_microbatches": 3}, ["a multiple of parallel.pp=2", "1f1b"]),
+    ({"pp": 2}, {"peft": True}, ["LoRA/DoRA adapters are not pipelined"]),
+])
+def test_a_layout_the_pipeline_cannot_take_is_refused_saying_what_to_change(tiny_config, degrees, settings, expected):
+    world = 1
+    for value in degrees.values():
+        world *= value
+    dims = ParallelDims.resolve({"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": 1, "cp": 1, **degrees}, world)
+    with pytest.raises(Gemma3VLError) as error:
+        dims.validate(tiny_config, **settings)
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_pipeline_layouts_that_can_run_pass_the_checks(tiny_config):
+    for pp, settings in ((2, {"pp_microbatches": 2}), (4, {"pp_microbatches": 4}),
+                         (2, {"pp_schedule": "interleaved", "pp_stages_per_rank": 2, "pp_microbatches": 4})):
+        dims = ParallelDims.resolve({"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": pp, "cp": 1}, pp)
+        dims.validate(tiny_config, **settings)
+
