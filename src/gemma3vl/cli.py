@@ -1,4 +1,4 @@
-"""The ``gemma3vl`` command line: convert, generate, chat, serve, verify, train, demo.
+"""The ``gemma3vl`` command line: convert, generate, chat, serve, verify, train, eval, demo.
 
 Standard output carries only results (generated text, or the verify table); progress and diagnostics go
 to standard error. A bad input ends in one ``error: ...`` line naming the file/key/shape and exit code 2.
@@ -196,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
 
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-tokens", args.max_tokens),
-                        ("--max-images", args.max_images), ("--max-image-pixels", args.max_image_pixels)):
+                        ("--max-images", args.max_images), ("--max-image-pixels", args.max_image_pixels),
+                        ("--max-waiting", args.max_waiting), ("--max-sequence-length", args.max_sequence_length)):
         if value < 1:
             raise Gemma3VLError(f"{flag} {value} must be >= 1")
     if args.batch_wait_ms < 0:
@@ -211,7 +212,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         images=ImageLimits(max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                            max_images=args.max_images),
         allow_local_images=args.allow_local_images, allow_remote_images=args.allow_remote_images,
-        pan_and_scan=True if args.pan_and_scan else None,
+        pan_and_scan=True if args.pan_and_scan else None, max_waiting=args.max_waiting,
+        max_sequence_length=args.max_sequence_length, compile_decode=args.compile,
     )
     try:
         server = ChatCompletionServer(runtime, settings)
@@ -288,6 +290,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(f"{name:20s} {adapter:18s} steps {t.steps:<5d} global batch {t.global_batch_size:<3d} "
               f"micro {t.micro_batch_size:<2d} seq {t.seq_length:<5d} lr {o.lr:g} warmup {o.warmup_steps}  "
               f"{RECIPE_NOTES.get(name, '')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``gemma3vl eval``: score a checkpoint on a local dataset (gemma3vl.evaluation; docs/evaluation.md)."""
+    from gemma3vl.evaluation.report import format_table
+    from gemma3vl.evaluation.runner import run_eval
+
+    metrics = [name.strip() for item in args.metric for name in item.split(",") if name.strip()]
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise Gemma3VLError(f"{flag} {value} must be >= 1")
+    report = run_eval(args.model_dir, args.data, out=args.out, layout=args.layout, metrics=metrics or None,
+                      adapter=args.adapter, compare=args.compare, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, split=args.split, device=args.device, dtype=args.dtype)
+    print(format_table(report))
+    log(f"predictions and report.json in {args.out}")
     return 0
 
 
@@ -402,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let image_url name files, confined to DIR (default: data: URLs only)")
     serve.add_argument("--allow-remote-images", action="store_true", help="let image_url be an http(s) URL")
     serve.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
+    serve.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                       help="requests that may wait for a free batch slot; more are answered 429 (256)")
+    serve.add_argument("--max-sequence-length", type=int, default=4096, metavar="N",
+                       help="prompt + answer tokens per request; the KV cache holds --max-batch-size of them (4096)")
+    serve.add_argument("--compile", action="store_true",
+                       help="CUDA: run decode steps as one compiled CUDA graph (compiled when the server starts)")
     serve.set_defaults(func=cmd_serve)
 
     ver = commands.add_parser("verify", help="compare our model with transformers on a synthetic batch")
@@ -424,6 +451,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in OUT/checkpoints, or from PATH")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 optim.lr=1e-4")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint on a local dataset with the field's metrics")
+    evaluate.add_argument("model_dir", help="HF checkpoint directory or native directory")
+    evaluate.add_argument("--data", required=True, metavar="PATH",
+                          help="parquet file, directory of parquet files, or JSONL")
+    evaluate.add_argument("--layout", choices=["auto", "cord", "vqa", "caption", "conversation"], default="auto",
+                          help="dataset layout (default: told from the columns)")
+    evaluate.add_argument("--metric", action="append", default=[], metavar="NAME",
+                          help="a metric (repeatable or comma-separated; default: the layout's own): exact_match, "
+                               "token_f1, vqa_accuracy, anls, field_f1, field_precision, field_recall, "
+                               "ted_accuracy, bleu4")
+    evaluate.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA/DoRA adapter for MODEL_DIR")
+    evaluate.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per batch (8)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                          help="answer length limit (default: cord 512, vqa 32, caption 64, conversation 128)")
+    evaluate.add_argument("--split", default=None, metavar="NAME",
+                          help="with a directory of parquet files: only the files of this split (e.g. test)")
+    evaluate.add_argument("--out", default="gemma3vl-eval", metavar="DIR",
+                          help="where predictions.jsonl and report.json go (default: ./gemma3vl-eval)")
+    evaluate.add_argument("--compare", default=None, metavar="OTHER_MODEL_DIR",
+                          help="also score this checkpoint; prints both, the difference and a 95%% interval")
+    add_model_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     recipes = commands.add_parser("recipes", help="list the training recipes and their defaults")
     recipes.set_defaults(func=cmd_recipes)

@@ -97,7 +97,8 @@ class ConversationDataset:
     def __init__(self, config: DataConfig, processor: Any):
         self.config = config
         self.records = open_records(
-            config.path, source_format=config.source_format, split=config.split, columns=config.columns
+            config.path, source_format=config.source_format, split=config.split, columns=config.columns,
+            layout=config.layout,
         )
         self.encoder = ConversationEncoder(
             processor,

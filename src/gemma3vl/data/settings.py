@@ -12,6 +12,7 @@ from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS
 
 FORMATS = ("auto", "messages", "llava", "hf")
 ON_BAD_RECORD = ("skip", "error")
+LAYOUTS = ("conversation", "auto", "cord", "vqa", "caption")  # as gemma3vl.evaluation.layouts.LAYOUTS
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class DataConfig:
     ``pan_and_scan``: ``None`` follows the checkpoint's ``preprocessor_config.json`` (as inference does).
     ``columns``: for HF datasets, record key -> column name, e.g. ``{"messages": "chat", "images": "pictures"}``.
     ``shuffle`` / ``seed``: each epoch visits the records in an order fixed by ``(seed, epoch)``.
+    ``layout``: ``conversation`` reads conversation records as above; ``cord``, ``vqa``, ``caption`` (or
+    ``auto``, told from the columns) read the field's dataset layouts from parquet or JSONL and turn each row
+    into a conversation (``gemma3vl.evaluation.layouts``).
     """
 
     path: str | Path
@@ -44,12 +48,14 @@ class DataConfig:
     seed: int = 0
     columns: dict[str, str] | None = None
     split: str = "train"
+    layout: str = "conversation"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("format", self.format, FORMATS),
             ("truncation", self.truncation, TRUNCATIONS),
             ("on_bad_record", self.on_bad_record, ON_BAD_RECORD),
+            ("layout", self.layout, LAYOUTS),
         ):
             if value not in allowed:
                 raise Gemma3VLError(f"data {name} must be one of {', '.join(allowed)}, got {value!r}")

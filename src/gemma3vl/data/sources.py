@@ -139,13 +139,27 @@ class HFDatasetSource:
 
 
 def open_records(
-    path: str | Path, *, source_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None
+    path: str | Path, *, source_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None,
+    layout: str = "conversation",
 ) -> RecordSource:
     """The source for ``path``: directories and ``.parquet`` files (or ``source_format="hf"``) are HF
-    datasets; a file whose first character is ``[`` is a JSON array; any other file is JSONL."""
+    datasets; a file whose first character is ``[`` is a JSON array; any other file is JSONL.
+
+    A ``layout`` other than ``conversation`` reads the rows of a CORD-v2 / VQA / caption dataset (parquet or
+    JSONL) as conversations (``gemma3vl.evaluation.layouts``)."""
     path = Path(path)
     if not path.exists():
         raise Gemma3VLError(f"{path}: no such dataset file or directory")
+    if layout != "conversation":
+        from gemma3vl.evaluation.layouts import LayoutSource
+
+        if columns:
+            raise Gemma3VLError("columns do not apply with a dataset layout (the layout names the columns)")
+        # A directory of parquet files keeps the split's files where they are named by split (HF's
+        # data/<split>-*.parquet), and is read whole otherwise.
+        named = path.is_dir() and any(f.name.startswith(f"{split}-") or f.stem == split
+                                      for f in path.rglob("*.parquet"))
+        return LayoutSource(path, layout, split=split if named else None)
     if source_format == "hf" or path.is_dir() or path.suffix == ".parquet":
         return HFDatasetSource(path, split=split, columns=columns)
     if columns:

@@ -1,7 +1,9 @@
 """Held-out evaluation: the loss over the eval set, and answer accuracy by greedy generation.
 
 Accuracy asks the model each held-out conversation without its last assistant turn and compares the
-greedy answer with that turn (case, surrounding whitespace and final punctuation ignored).
+greedy answer with that turn (case, surrounding whitespace and final punctuation ignored). ``metrics``
+(names from ``gemma3vl.evaluation.metrics``) score the same answers, against every reference a dataset
+layout gives (VQA's ten answers), and are logged as ``eval_<name>``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Evaluator:
         max_new_tokens: int,
         stop_token_ids: tuple[int, ...],
         device: torch.device,
+        metrics: list[str] | None = None,
     ):
         self.dataset = dataset
         self.loader = BatchLoader(dataset, micro_batch_size)
@@ -40,6 +43,8 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = stop_token_ids
         self.device = device
+        self.metrics = list(metrics or [])
+        self.references: list[list[str]] = []  # per question: what the metrics score against
         self.questions = self._questions()
 
     def _questions(self) -> list[tuple[dict[str, Any], str]]:
@@ -63,6 +68,8 @@ class Evaluator:
                 continue  # already reported by the dataset's own pass
             questions.append(({k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in inputs},
                               answer))
+            layout_references = getattr(self.dataset.records, "references", None)
+            self.references.append(layout_references(index) if layout_references else [answer])
         return questions
 
     @torch.no_grad()
@@ -99,8 +106,13 @@ class Evaluator:
         model.eval()
         try:
             result: dict[str, Any] = {"eval_loss": self.loss(model)}
-            accuracy, _ = self.accuracy(model)
+            accuracy, answers = self.accuracy(model)
             result["eval_accuracy"] = accuracy
+            if self.metrics and answers:
+                from gemma3vl.evaluation.metrics import METRICS, compute_stats
+
+                stats = compute_stats(self.metrics, answers, self.references)
+                result.update({f"eval_{name}": METRICS[name].score(stats[name]) for name in self.metrics})
         finally:
             model.train(was_training)
         return result

@@ -1,0 +1,334 @@
+"""The dataset layouts the field publishes, read from local parquet or JSONL files, as examples.
+
+An example is a prompt (user turns with images), the answer to train on, and the references to score
+against. Every layout becomes the same conversation records ``gemma3vl train`` reads (``data.layout``), and
+the same prompts ``gemma3vl eval`` asks, so a model is scored on exactly the question it was trained on.
+
+Layouts (detected from the columns, or named):
+
+* ``cord``: receipts as CORD-v2 publishes them: ``image`` and ``ground_truth``, a JSON string whose
+  ``gt_parse`` is the target. The prompt asks for the fields as JSON; the answer is ``gt_parse`` as compact
+  JSON with sorted keys (one stable spelling, so training does not chase key order).
+* ``vqa``: VQAv2 / DocVQA / ChartQA / TextVQA: ``image``, ``question``, and ``answers`` (a list of strings,
+  or of ``{"answer": ...}`` objects as VQAv2 stores them) or ``answer``. The references are all the answers;
+  the answer trained on is the most frequent one (the first of the most frequent).
+* ``caption``: ``image`` and ``caption`` or ``captions``; the first caption is trained on.
+* ``conversation``: the repository's own records (``messages`` or LLaVA ``conversations``); the last
+  assistant turn is the answer and the only reference.
+
+Images are what Hugging Face datasets store: ``{"bytes": ..., "path": ...}`` objects, raw bytes, or paths
+(relative to the data file). In JSONL, bytes are base64 text, or a ``data:image/...;base64,`` URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gemma3vl.data.records import INVALID_SCHEMA, BadRecord, Conversation, ImageRef, Turn, parse_record
+from gemma3vl.errors import Gemma3VLError
+
+LAYOUTS = ("auto", "conversation", "cord", "vqa", "caption")
+CORD_PROMPT = "Read this receipt and give its fields as JSON."
+VQA_SUFFIX = "Answer the question using a single word or phrase."
+CAPTION_PROMPT = "Describe this image in one sentence."
+ID_COLUMNS = ("id", "question_id", "questionId", "image_id")
+
+# The metrics each layout reports unless --metric says otherwise.
+DEFAULT_METRICS = {
+    "cord": ("field_f1", "ted_accuracy"),
+    "vqa": ("vqa_accuracy", "anls", "exact_match"),
+    "caption": ("bleu4", "token_f1"),
+    "conversation": ("exact_match", "token_f1"),
+}
+# The longest answer each layout needs (a receipt's JSON is long).
+DEFAULT_MAX_NEW_TOKENS = {"cord": 512, "vqa": 32, "caption": 64, "conversation": 128}
+
+
+@dataclass
+class Example:
+    """One prompt to answer. ``turns`` are the prompt's turns (ending with the user's); images are
+    :class:`ImageRef` s, opened relative to ``base_dir`` when asked."""
+
+    id: Any
+    source: str  # file:line or file:row N
+    turns: list[Turn]
+    target: str  # the answer to train on
+    references: list[str]  # the answers to score against
+    base_dir: Path
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as text, an ``<image>`` marker where each image goes (for predictions.jsonl)."""
+        lines = []
+        for turn in self.turns:
+            parts = [turn.content] if isinstance(turn.content, str) else turn.content
+            text = "".join("<image>" if isinstance(part, ImageRef) else part for part in parts)
+            lines.append(text if len(self.turns) == 1 else f"{turn.role}: {text}")
+        return "\n".join(lines)
+
+    def conversation_record(self) -> dict[str, Any]:
+        """The example as a ``{"messages": [...], "images": [...]}`` record (the TRL / HF datasets form)."""
+        images: list[Any] = []
+        messages = []
+        for turn in self.turns:
+            if isinstance(turn.content, str):
+                messages.append({"role": turn.role, "content": turn.content})
+                continue
+            content = []
+            for part in turn.content:
+                if isinstance(part, ImageRef):
+                    images.append(part.source)
+                    content.append({"type": "image"})
+                else:
+                    content.append({"type": "text", "text": part})
+            messages.append({"role": turn.role, "content": content})
+        messages.append({"role": "assistant", "content": self.target})
+        record: dict[str, Any] = {"messages": messages}
+        if images:
+            record["images"] = images
+        return record
+
+
+# -------------------------------------------------------------------------------------------- rows
+class RowFile:
+    """Rows of a parquet file, a directory of parquet files, or a JSONL / JSON array file, by index."""
+
+    def __init__(self, path: str | Path, split: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise Gemma3VLError(f"{self.path}: no such dataset file or directory")
+        self.base_dir = self.path if self.path.is_dir() else self.path.parent
+        self.table = None
+        self.json_source = None
+        if self.path.is_dir() or self.path.suffix == ".parquet":
+            self.table, self.files = _read_parquet(self.path, split)
+            self.columns = list(self.table.column_names)
+        else:
+            from gemma3vl.data.sources import JsonArraySource, JsonlSource
+
+            with self.path.open("rb") as handle:
+                head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            self.json_source = JsonArraySource(self.path) if head[:1] == b"[" else JsonlSource(self.path)
+            self.columns = self._json_columns()
+
+    def _json_columns(self) -> list[str]:
+        for index in range(min(len(self.json_source), 8)):
+            try:
+                row, _ = self.json_source.record(index)
+            except BadRecord:
+                continue
+            if isinstance(row, dict):
+                return list(row)
+        return []
+
+    def __len__(self) -> int:
+        return self.table.num_rows if self.table is not None else len(self.json_source)
+
+    def row(self, index: int) -> tuple[Any, str]:
+        """The row (a dict, or what a JSON line holds) and its ``file:line`` / ``file:row N`` label."""
+        if self.table is not None:
+            return self.table.slice(index, 1).to_pylist()[0], f"{self.path}:row {index}"
+        return self.json_source.record(index)
+
+
+def _read_parquet(path: Path, split: str | None) -> tuple[Any, list[Path]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise Gemma3VLError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    if path.is_dir():
+        every = sorted(path.rglob("*.parquet"))
+        if not every:
+            raise Gemma3VLError(f"{path}: no parquet files in this directory")
+        files = every
+        if split is not None:
+            # HF's naming: data/<split>-00000-of-00001.parquet, <split>.parquet, or <split>/ directories.
+            files = [f for f in every if f.name.startswith(f"{split}-") or f.stem == split
+                     or split in f.relative_to(path).parts[:-1]]
+            if not files:
+                names = ", ".join(str(f.relative_to(path)) for f in every[:8])
+                raise Gemma3VLError(f"{path}: no parquet file of split {split!r} among {names}")
+    else:
+        files = [path]
+    try:
+        tables = [pq.read_table(str(file), memory_map=True) for file in files]
+        table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise Gemma3VLError(f"{path}: cannot read the parquet data: {exc}") from None
+    return table, files
+
+
+# -------------------------------------------------------------------------------------------- layouts
+def detect_layout(columns: list[str], where: str | Path) -> str:
+    names = set(columns)
+    if "messages" in names or "conversations" in names:
+        return "conversation"
+    if "ground_truth" in names:
+        return "cord"
+    if "question" in names and ("answers" in names or "answer" in names):
+        return "vqa"
+    if "caption" in names or "captions" in names:
+        return "caption"
+    raise Gemma3VLError(
+        f"{where}: cannot tell the dataset layout from its columns {sorted(names)}; expected CORD-v2 "
+        "(image, ground_truth), VQA (image, question, answers or answer), captions (image, caption or "
+        "captions) or conversations (messages); name it with --layout (data.layout when training)"
+    )
+
+
+REQUIRED_COLUMNS = {
+    "cord": (("image",), ("ground_truth",)),
+    "vqa": (("image",), ("question",), ("answers", "answer")),
+    "caption": (("image",), ("caption", "captions")),
+    "conversation": (("messages", "conversations"),),
+}
+
+
+def check_columns(layout: str, columns: list[str], where: str | Path) -> None:
+    missing = [" or ".join(group) for group in REQUIRED_COLUMNS[layout] if not set(group) & set(columns)]
+    if missing:
+        raise Gemma3VLError(
+            f"{where}: the {layout} layout needs column(s) {', '.join(missing)}; the data has {sorted(columns)}"
+        )
+
+
+class ExampleFile:
+    """A dataset file read as examples of one layout (``auto``: detected from the columns)."""
+
+    def __init__(self, path: str | Path, layout: str = "auto", split: str | None = None):
+        if layout not in LAYOUTS:
+            raise Gemma3VLError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        self.rows = RowFile(path, split)
+        self.path = self.rows.path
+        self.base_dir = self.rows.base_dir
+        if not len(self.rows):
+            raise Gemma3VLError(f"{self.path}: the dataset has no rows")
+        self.layout = detect_layout(self.rows.columns, self.path) if layout == "auto" else layout
+        check_columns(self.layout, self.rows.columns, self.path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, index: int) -> Example:
+        """Row ``index`` as an :class:`Example` (raises :class:`BadRecord` naming the row when it is bad)."""
+        row, source = self.rows.row(index)
+        if not isinstance(row, dict):
+            raise BadRecord(source, INVALID_SCHEMA, f"a row must be an object, got {type(row).__name__}")
+        return to_example(row, self.layout, source, index, self.base_dir)
+
+
+def to_example(row: dict, layout: str, source: str, index: int, base_dir: Path) -> Example:
+    identifier = next((row[key] for key in ID_COLUMNS if row.get(key) is not None), index)
+    if layout == "conversation":
+        conversation = parse_record(row, source, base_dir)
+        answer = conversation.turns[-1]
+        target = " ".join(answer.texts())
+        return Example(identifier, source, conversation.turns[:-1], target, [target], base_dir)
+    image = ImageRef(_image_value(row.get("image"), source))
+    if layout == "cord":
+        target = _cord_target(row.get("ground_truth"), source)
+        prompt, references = CORD_PROMPT, [target]
+    elif layout == "vqa":
+        question = row.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise BadRecord(source, INVALID_SCHEMA, f"'question' must be a non-empty string, got {question!r}")
+        references = _answers(row, source)
+        target = Counter(references).most_common(1)[0][0]
+        prompt = f"{question.strip()}\n{VQA_SUFFIX}"
+    elif layout == "caption":
+        references = _strings(row.get("captions") if row.get("captions") is not None else row.get("caption"),
+                              "captions" if row.get("captions") is not None else "caption", source)
+        target, prompt = references[0], CAPTION_PROMPT
+    else:
+        raise Gemma3VLError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    return Example(identifier, source, [Turn("user", [image, prompt])], target, references, base_dir)
+
+
+def _cord_target(ground_truth: Any, source: str) -> str:
+    parsed = ground_truth
+    if isinstance(ground_truth, str):
+        try:
+            parsed = json.loads(ground_truth)
+        except (ValueError, RecursionError) as exc:
+            raise BadRecord(source, INVALID_SCHEMA, f"'ground_truth' is not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict) or "gt_parse" not in parsed:
+        keys = sorted(parsed) if isinstance(parsed, dict) else type(parsed).__name__
+        raise BadRecord(source, INVALID_SCHEMA, f"'ground_truth' must be a JSON object with 'gt_parse' (got {keys})")
+    return json.dumps(parsed["gt_parse"], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def _answers(row: dict, source: str) -> list[str]:
+    if row.get("answers") is not None:
+        value, key = row["answers"], "answers"
+    else:
+        value, key = row.get("answer"), "answer"
+    if isinstance(value, list):  # VQAv2 keeps {"answer", "answer_confidence", "answer_id"} objects
+        value = [item.get("answer") if isinstance(item, dict) else item for item in value]
+    return _strings(value, key, source)
+
+
+def _strings(value: Any, key: str, source: str) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    texts = [str(v) for v in values if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+    if not texts or len(texts) != len(values):
+        raise BadRecord(source, INVALID_SCHEMA, f"{key!r} must be a string or a non-empty list of strings, "
+                                                f"got {value!r}"[:300])
+    return texts
+
+
+def _image_value(value: Any, source: str) -> Any:
+    """What :class:`gemma3vl.data.images.ImageLoader` opens: bytes, a path / data: URL, or a bytes+path dict."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, str):  # JSONL cannot hold bytes: base64 text
+            data = _base64(data, source)
+        if isinstance(data, (bytes, bytearray)):
+            return {"bytes": bytes(data), "path": path}
+        if isinstance(path, str) and path:
+            return path
+        raise BadRecord(source, INVALID_SCHEMA, "'image' holds neither bytes nor a path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        return value
+    raise BadRecord(source, INVALID_SCHEMA, f"'image' must be a path, bytes or {{'bytes', 'path'}}, got "
+                                            f"{type(value).__name__}")
+
+
+def _base64(text: str, source: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRecord(source, INVALID_SCHEMA, f"'image' bytes are not base64 ({exc})") from None
+
+
+# --------------------------------------------------------------------------------- training from layouts
+class LayoutSource:
+    """A :class:`gemma3vl.data.sources.RecordSource` over a layout file: rows become conversation records,
+    so ``gemma3vl train`` (``data.layout``) trains on exactly the prompts ``gemma3vl eval`` asks."""
+
+    def __init__(self, path: str | Path, layout: str = "auto", split: str | None = None):
+        self.examples = ExampleFile(path, layout, split)
+        self.path = self.examples.path
+        self.base_dir = self.examples.base_dir
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def record(self, index: int) -> tuple[Any, str]:
+        example = self.examples.example(index)
+        return example.conversation_record(), example.source
+
+    def references(self, index: int) -> list[str]:
+        return self.examples.example(index).references
+
+
+def prompt_conversation(example: Example) -> Conversation:
+    return Conversation(example.turns, example.source, example.base_dir)

@@ -1,0 +1,127 @@
+"""The model ``gemma3vl eval`` scores: an HF or native checkpoint, optionally with a PEFT LoRA/DoRA adapter.
+
+An adapter directory is what ``gemma3vl train`` writes to ``OUT/adapter`` (and what
+``PeftModel.save_pretrained`` writes for transformers' Gemma 3): ``adapter_config.json`` and
+``adapter_model.safetensors``. It is the inverse of ``gemma3vl.train.peft_export``: the config says which
+projections carry adapters, ``apply_lora`` puts ours there, and every tensor is copied onto the parameter
+that export would have written under the same key, every key consumed and every shape checked. The adapter
+is then merged, so generation runs the plain model at full speed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.train.lora import LoraConfig, adaptable_sites, apply_lora, merge_lora
+from gemma3vl.train.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, peft_named_parameters
+
+# Module names of transformers 4.x models in memory, which adapters trained with it carry (the bridge's
+# "hub" layout), and what transformers 5 calls the same modules.
+_LEGACY_PREFIXES = (
+    (PEFT_PREFIX + "language_model.model.", PEFT_PREFIX + "model.language_model."),
+    (PEFT_PREFIX + "vision_tower.vision_model.", PEFT_PREFIX + "model.vision_tower."),
+)
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise Gemma3VLError(f"{adapter_dir}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise Gemma3VLError(f"{path}: cannot read ({exc})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise Gemma3VLError(f"{path}: peft_type {config.get('peft_type')!r}; only LoRA / DoRA adapters load")
+    unsupported = {
+        "use_rslora": config.get("use_rslora"), "rank_pattern": config.get("rank_pattern"),
+        "alpha_pattern": config.get("alpha_pattern"), "layers_to_transform": config.get("layers_to_transform"),
+        "modules_to_save": config.get("modules_to_save"),
+    }
+    given = {key: value for key, value in unsupported.items() if value}
+    if given:
+        raise Gemma3VLError(f"{path}: {', '.join(f'{k}={v!r}' for k, v in given.items())} is not supported "
+                            "(one rank and alpha for every adapted projection of every layer)")
+    if config.get("bias", "none") != "none":
+        raise Gemma3VLError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    return config
+
+
+def _targeted(module: str, targets: Any) -> bool:
+    """PEFT's rule: a string is a regex matched against the whole name; a list holds name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == target or module.endswith("." + target) for target in targets or ())
+
+
+def adapter_lora_config(model: torch.nn.Module, config: dict[str, Any], where: Path) -> LoraConfig:
+    """Our :class:`LoraConfig` for the projections the PEFT config targets."""
+    chosen: dict[str, set[str]] = {"text": set(), "vision": set()}
+    for site in adaptable_sites(model.config):
+        for projection, module in zip(site.projections, site.hf_modules):
+            if _targeted(module, config.get("target_modules")):
+                chosen[site.component].add(projection)
+    if not chosen["text"] and not chosen["vision"]:
+        raise Gemma3VLError(f"{where}: target_modules {config.get('target_modules')!r} matches no projection of "
+                            "this model")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise Gemma3VLError(f"{where}: r={rank!r} must be a positive integer")
+    return LoraConfig(
+        rank=rank,
+        alpha=float(config.get("lora_alpha", rank)),
+        use_dora=bool(config.get("use_dora", False)),
+        targets=tuple(sorted(chosen["text"])),
+        include_vision=bool(chosen["vision"]),
+        vision_targets=tuple(sorted(chosen["vision"])) or LoraConfig.vision_targets,
+    )
+
+
+def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge: bool = True) -> LoraConfig:
+    """Put the adapter of ``adapter_dir`` on ``model`` (in place) and, with ``merge``, fold it in."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise Gemma3VLError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise Gemma3VLError(f"{weights_path}: cannot read ({exc})") from None
+    tensors = {_modern_key(key): value for key, value in tensors.items()}
+    lora = adapter_lora_config(model, config, adapter_dir)
+    apply_lora(model, lora)
+    params = peft_named_parameters(model)
+    missing = sorted(params.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - params.keys())
+    if missing or unexpected:
+        detail = (f"missing {len(missing)} (e.g. {missing[0]})" if missing else "") + \
+                 ("; " if missing and unexpected else "") + \
+                 (f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
+        raise Gemma3VLError(f"{weights_path}: the tensors do not match the adapters its config describes: {detail}")
+    with torch.no_grad():
+        for key, param in params.items():
+            value = tensors[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise Gemma3VLError(f"{weights_path}: {key} has shape {tuple(value.shape)}, expected "
+                                    f"{tuple(param.shape)}")
+            param.copy_(value.to(param.dtype))
+    if merge:
+        merge_lora(model)
+    return lora
+
+
+def _modern_key(key: str) -> str:
+    for old, new in _LEGACY_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key

@@ -1,0 +1,299 @@
+"""The metrics each field reports, from their published definitions.
+
+Every metric turns each (prediction, references) pair into a small vector of statistics, and a score from
+the sum of those vectors over any set of samples. A mean metric's vector is the sample's score; corpus
+metrics keep what their corpus formula sums: field F1 (micro, as Donut's evaluator computes it) keeps
+(matched, predicted, expected) counts, BLEU its n-gram counts and lengths. So one sample's score, the whole
+set's, and a bootstrap resample's all come from the same function, exactly.
+
+* ``exact_match``: SQuAD's normalisation (lower case, punctuation and articles removed, whitespace
+  collapsed); 1 if the prediction equals any reference.
+* ``token_f1``: SQuAD's token-overlap F1 after that normalisation, best over the references.
+* ``vqa_accuracy``: the official VQA evaluation (Antol et al. 2015; ``vqaEval.py``): answers normalised
+  (punctuation, periods, number words, articles, contractions), then ``min(#matching humans / 3, 1)``
+  averaged over the leave-one-out subsets of the references (10 choose 9 for VQAv2's ten answers). The
+  official script skips normalisation when all references agree; we always normalise, so ``"Yes."`` scores
+  against ``["yes"] * 10`` as it does against mixed references. With a single reference there is no subset
+  to leave one out of: the score is then the normalised exact match.
+* ``anls``: Average Normalised Levenshtein Similarity (Biten et al. 2019, ST-VQA / DocVQA): answers lower
+  cased, stripped, inner whitespace collapsed; ``1 - NL`` when the normalised distance ``NL < 0.5``, else 0;
+  best over the references.
+* ``field_f1`` / ``field_precision`` / ``field_recall`` and ``ted_accuracy``: receipts (CORD) as Donut
+  scores them (see ``tree_edit``); predictions are parsed as JSON, and one that is not JSON is empty.
+* ``bleu4``: corpus BLEU-4 by sacrebleu (``pip install 'gemma3vl[eval]'``), lower-cased, 13a tokenisation,
+  every reference of a sample used, on a 0-1 scale. It is sacrebleu's BLEU, not coco-caption's
+  (PTB-tokenised) one: compare numbers only with numbers computed the same way (the signature is reported).
+
+CIDEr-D is not provided: its one packaged implementation (pycocoevalcap 1.2, from 2020, a 104 MB wheel
+with Java jars for its tokeniser) is not a well-kept library; ``predictions.jsonl`` holds what it needs.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.evaluation.tree_edit import edit_distance, field_counts, parse_json_answer, ted_accuracy
+
+EVAL_EXTRA = "pip install 'gemma3vl[eval]'  (or: pip install sacrebleu)"
+
+
+# ------------------------------------------------------------------------------- SQuAD-style text answers
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalise_text(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    wanted = normalise_text(prediction)
+    return float(any(wanted == normalise_text(reference) for reference in references))
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    """SQuAD's F1 over normalised tokens; when either side has no tokens, 1 only if both have none."""
+    predicted = normalise_text(prediction).split()
+    best = 0.0
+    for reference in references:
+        expected = normalise_text(reference).split()
+        if not predicted or not expected:
+            best = max(best, float(predicted == expected))
+            continue
+        common = sum((Counter(predicted) & Counter(expected)).values())
+        if common:
+            precision, recall = common / len(predicted), common / len(expected)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+# ---------------------------------------------------------------------------------------- VQA accuracy
+_VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                    ",", "?", "!")
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+_PERIOD_NOT_IN_NUMBER = re.compile(r"\.(?!\d)")
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = {"a", "an", "the"}
+# Contractions people type without their apostrophes ("dont") map to the apostrophe form, as the official
+# script's table does. Forms whose apostrophe-less spelling is an ordinary word (its, well, were, ill,
+# hell, shell, wed, shed, id) are left out, as they are there; "cant" and "wont" are in, as they are there.
+_CONTRACTIONS = (
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd've", "i'm",
+    "i've", "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've",
+    "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd've",
+    "she's", "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've", "somebody'll",
+    "somebody's", "someone'd", "someone'd've", "someone'll", "someone's", "something'd", "something'd've",
+    "something'll", "that's", "there'd", "there'd've", "there're", "there's", "they'd", "they'd've",
+    "they'll", "they're", "they've", "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're",
+    "what's", "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who're",
+    "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all",
+    "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've",
+)
+
+
+def _apostrophe_variants(word: str) -> set[str]:
+    """``word`` with any non-empty subset of its apostrophes left out ("couldn't've" -> "couldntve", ...)."""
+    pieces = word.split("'")
+    variants = {pieces[0]}
+    for piece in pieces[1:]:
+        variants = {v + "'" + piece for v in variants} | {v + piece for v in variants}
+    return variants - {word}
+
+
+_CONTRACTION_MAP = {variant: word for word in _CONTRACTIONS for variant in _apostrophe_variants(word)}
+
+
+def normalise_vqa_answer(answer: str) -> str:
+    """The official script's answer processing: punctuation, then number words, articles, contractions."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    glued = bool(_DIGIT_COMMA_DIGIT.search(text))
+    out = text
+    for mark in _VQA_PUNCTUATION:
+        # Marks next to a space, or any mark in a text with "1,000"-like numbers, are dropped; others split.
+        if mark + " " in text or " " + mark in text or glued:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _PERIOD_NOT_IN_NUMBER.sub("", out)
+    words = [_NUMBER_WORDS.get(word, word) for word in out.lower().split()]
+    words = [_CONTRACTION_MAP.get(word, word) for word in words if word not in _VQA_ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
+    if not references:
+        return 0.0
+    answer = normalise_vqa_answer(prediction)
+    humans = [normalise_vqa_answer(reference) for reference in references]
+    if len(humans) == 1:
+        return float(answer == humans[0])
+    scores = []
+    for left_out in range(len(humans)):
+        matches = sum(answer == human for index, human in enumerate(humans) if index != left_out)
+        scores.append(min(1.0, matches / 3))
+    return sum(scores) / len(scores)
+
+
+# ------------------------------------------------------------------------------------------------ ANLS
+ANLS_THRESHOLD = 0.5
+
+
+def anls(prediction: str, references: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
+    answer = " ".join(prediction.strip().lower().split())
+    best = 0.0
+    for reference in references:
+        truth = " ".join(reference.strip().lower().split())
+        longest = max(len(answer), len(truth))
+        distance = edit_distance(answer, truth) / longest if longest else 0.0
+        if distance < threshold:
+            best = max(best, 1.0 - distance)
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ the set
+@dataclass(frozen=True)
+class Metric:
+    """``stats(predictions, references) -> [n, k]`` and ``aggregate(sums [..., k], count) -> [...]``."""
+
+    name: str
+    description: str
+    stats: Callable[[Sequence[str], Sequence[Sequence[str]]], np.ndarray]
+    aggregate: Callable[[np.ndarray, int], np.ndarray]
+    needs: str | None = None  # a module the metric imports (an optional extra)
+
+    def sample_scores(self, stats: np.ndarray) -> list[float]:
+        return [float(self.aggregate(row, 1)) for row in stats]
+
+    def score(self, stats: np.ndarray) -> float:
+        return float(self.aggregate(stats.sum(axis=0), len(stats)))
+
+
+def _per_sample(function: Callable[[str, Sequence[str]], float]) -> Callable:
+    def stats(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+        return np.array([[function(p, r)] for p, r in zip(predictions, references)], dtype=np.float64).reshape(-1, 1)
+
+    return stats
+
+
+def _mean(sums: np.ndarray, count: int) -> np.ndarray:
+    return sums[..., 0] / max(count, 1)
+
+
+def _field_stats(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+    rows = []
+    for prediction, refs in zip(predictions, references):
+        rows.append(field_counts(parse_json_answer(prediction), parse_json_answer(refs[0]) if refs else None))
+    return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 1 where both are 0 (nothing to find and nothing claimed: nothing wrong)."""
+    numerator, denominator = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    safe = np.where(denominator == 0, 1.0, denominator)
+    return np.where(denominator == 0, np.where(numerator == 0, 1.0, 0.0), numerator / safe)
+
+
+def _ted(prediction: str, references: Sequence[str]) -> float:
+    parsed = parse_json_answer(prediction)
+    return max((ted_accuracy(parsed, parse_json_answer(reference)) for reference in references), default=0.0)
+
+
+def _bleu():
+    try:
+        from sacrebleu.metrics import BLEU
+    except ImportError:
+        raise Gemma3VLError(f"the bleu4 metric needs sacrebleu: {EVAL_EXTRA}") from None
+    return BLEU(lowercase=True, tokenize="13a", smooth_method="exp")
+
+
+def bleu_signature() -> str:
+    return str(_bleu().get_signature())
+
+
+def _bleu_stats(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per sample: matching n-gram counts (4), n-gram totals (4), hypothesis length, closest reference
+    length; their sums are exactly what sacrebleu's corpus_score sums."""
+    bleu = _bleu()
+    rows = []
+    for prediction, refs in zip(predictions, references):
+        one = bleu.corpus_score([prediction], [[reference] for reference in refs] or [[""]])
+        rows.append([*one.counts, *one.totals, one.sys_len, one.ref_len])
+    return np.array(rows, dtype=np.float64).reshape(-1, 10)
+
+
+def _bleu_aggregate(sums: np.ndarray, count: int) -> np.ndarray:
+    from sacrebleu.metrics import BLEU
+
+    flat = np.asarray(sums, dtype=np.float64).reshape(-1, 10)
+    scores = [
+        BLEU.compute_bleu([int(v) for v in row[0:4]], [int(v) for v in row[4:8]], int(row[8]), int(row[9]),
+                          smooth_method="exp").score / 100.0
+        for row in flat
+    ]
+    return np.array(scores).reshape(np.asarray(sums).shape[:-1])
+
+
+METRICS: dict[str, Metric] = {
+    metric.name: metric
+    for metric in (
+        Metric("exact_match", "normalised exact match (SQuAD normalisation), best over references",
+               _per_sample(exact_match), _mean),
+        Metric("token_f1", "token-overlap F1 (SQuAD), best over references", _per_sample(token_f1), _mean),
+        Metric("vqa_accuracy", "VQA accuracy: min(#matches/3, 1) over leave-one-out reference subsets",
+               _per_sample(vqa_accuracy), _mean),
+        Metric("anls", "ANLS (threshold 0.5), best over references", _per_sample(anls), _mean),
+        Metric("field_f1", "field-level F1 over flattened (key path, value) pairs (micro, as Donut)",
+               _field_stats, lambda s, n: _ratio(2 * s[..., 0], s[..., 1] + s[..., 2])),
+        Metric("field_precision", "field-level precision (micro)", _field_stats,
+               lambda s, n: _ratio(s[..., 0], s[..., 1])),
+        Metric("field_recall", "field-level recall (micro)", _field_stats, lambda s, n: _ratio(s[..., 0], s[..., 2])),
+        Metric("ted_accuracy", "normalised tree-edit-distance accuracy (Donut)", _per_sample(_ted), _mean),
+        Metric("bleu4", "corpus BLEU-4 (sacrebleu, lower-cased, 13a), 0-1", _bleu_stats, _bleu_aggregate,
+               needs="sacrebleu"),
+    )
+}
+
+
+def check_metrics(names: Sequence[str]) -> list[str]:
+    """The names, checked: known, and their optional packages installed (else a message with the pip line)."""
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise Gemma3VLError(f"unknown metric(s) {', '.join(unknown)}; the metrics are {', '.join(METRICS)} "
+                            "(CIDEr-D is not provided: see docs/evaluation.md)")
+    for name in names:
+        if METRICS[name].needs and not metric_available(name):
+            raise Gemma3VLError(f"the {name} metric needs {METRICS[name].needs}: {EVAL_EXTRA}")
+    return list(dict.fromkeys(names))
+
+
+def metric_available(name: str) -> bool:
+    needs = METRICS[name].needs
+    if needs is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(needs) is not None
+
+
+def compute_stats(names: Sequence[str], predictions: Sequence[str],
+                  references: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+    """name -> [n, k] statistics of every sample (``Metric.score`` / ``sample_scores`` read them)."""
+    if len(predictions) != len(references):
+        raise Gemma3VLError(f"{len(predictions)} predictions for {len(references)} reference lists")
+    return {name: METRICS[name].stats(predictions, references) for name in names}
+
+
+def score(name: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """One metric over a whole set (the convenience the trainer and tests use)."""
+    check_metrics([name])
+    return METRICS[name].score(METRICS[name].stats(predictions, references))

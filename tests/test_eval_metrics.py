@@ -1,0 +1,234 @@
+"""Evaluation metrics on hand-worked examples, with the edge cases the official scripts handle (empty
+answers, case and punctuation, several references). BLEU's oracle is sacrebleu's own corpus_bleu; the tree
+edit distance's oracle is the recursive definition of forest edit distance, computed independently."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.evaluation.metrics import (
+    METRICS, anls, check_metrics, compute_stats, exact_match, normalise_vqa_answer, score, token_f1, vqa_accuracy,
+)
+from gemma3vl.evaluation.report import paired_bootstrap
+from gemma3vl.evaluation.tree_edit import (
+    Node, document_distance, document_tree, edit_distance, field_counts, flatten, normalise, parse_json_answer,
+    ted_accuracy, tree_edit_distance,
+)
+
+
+# ------------------------------------------------------------------------------------- text answers
+def test_exact_match_normalises_case_punctuation_articles_and_takes_any_reference():
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    assert exact_match("  a   dog. ", ["cat", "Dog"]) == 1.0
+    assert exact_match("dogs", ["dog"]) == 0.0
+    assert exact_match("", [""]) == 1.0 and exact_match("", ["x"]) == 0.0
+
+
+def test_token_f1_by_hand():
+    # pred tokens: big red car; ref: red car parked -> common 2, P = 2/3, R = 2/3, F1 = 2/3
+    assert token_f1("the big red car", ["a red car parked"]) == pytest.approx(2 / 3)
+    # best over references; repeated tokens count as often as both sides have them
+    assert token_f1("red red", ["red", "blue"]) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert token_f1("", [""]) == 1.0 and token_f1("", ["something"]) == 0.0 and token_f1("x", [""]) == 0.0
+
+
+# ------------------------------------------------------------------------------------- VQA accuracy
+def test_vqa_answer_normalisation_follows_the_official_script():
+    assert normalise_vqa_answer("Two dogs.") == "2 dogs"  # number words, final period
+    assert normalise_vqa_answer("The dog, isnt it?") == "dog isn't it"  # articles, contractions, marks
+    assert normalise_vqa_answer("1,000 dollars") == "1000 dollars"  # a digit comma digit: marks are dropped
+    assert normalise_vqa_answer("black/white") == "black white"  # a mark not next to a space splits
+    assert normalise_vqa_answer("3.5 kg") == "3.5 kg"  # a period inside a number stays
+    assert normalise_vqa_answer("\tYES\n") == "yes"
+
+
+def test_vqa_accuracy_is_the_leave_one_out_average():
+    ten = ["2"] * 2 + ["3"] * 8
+    # "two" -> "2" matches 2 humans: leaving out one of them (2 of 10 subsets) leaves 1 match -> 1/3,
+    # leaving out a "3" (8 subsets) leaves 2 -> 2/3: (2/3 + 16/3) / 10 = 0.6
+    assert vqa_accuracy("two", ten) == pytest.approx(0.6)
+    # three humans: 3 subsets keep 2 matches (2/3), 7 keep 3 (capped at 1): (2 + 7) / 10
+    assert vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0  # 3 matches in every subset
+    assert vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("", ["yes"] * 10) == 0.0
+    assert vqa_accuracy("no", ["yes"] * 10) == 0.0
+    assert vqa_accuracy("Yes", ["yes"]) == 1.0  # one reference: normalised exact match
+    assert vqa_accuracy("yes", []) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- ANLS
+def test_anls_by_hand():
+    assert anls("Dear dr. Lobo", ["Dear Dr. Lobo", "Dr. Lobo"]) == 1.0  # case ignored
+    assert anls("12/15/89", ["12/15/88"]) == pytest.approx(1 - 1 / 8)
+    assert anls("abcd", ["abxy"]) == 0.0  # NL = 0.5 is not below the threshold
+    assert anls("abcde", ["abxye"]) == pytest.approx(0.6)  # NL = 0.4
+    assert anls("  Denver   Broncos ", ["denver broncos"]) == 1.0  # stripped, whitespace collapsed
+    assert anls("", ["x"]) == 0.0 and anls("", [""]) == 1.0
+    assert anls("cat", ["dog", "cats"]) == pytest.approx(0.75)  # best reference
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+
+
+# ---------------------------------------------------------------------------------- CORD / Donut
+def test_document_normal_form_and_flattening():
+    gt = {"total": {"total_price": "10", "cash": ""}, "menu": [{"nm": " A ", "cnt": 1}, {"nm": "B"}], "x": None}
+    assert normalise(gt) == {"menu": [{"nm": ["A"], "cnt": ["1"]}, {"nm": ["B"]}],
+                             "total": [{"total_price": ["10"]}]}
+    assert sorted(flatten(gt)) == [("menu.cnt", "1"), ("menu.nm", "A"), ("menu.nm", "B"),
+                                   ("total.total_price", "10")]
+
+
+def test_field_f1_is_micro_over_the_set():
+    gt = {"menu": [{"nm": "x", "price": "1"}], "total": {"t": "1"}}
+    pred = {"menu": [{"nm": "x", "price": "2"}], "total": {"t": "1"}}
+    assert field_counts(pred, gt) == (2, 3, 3)
+    assert field_counts({"a": ["1", "1"]}, {"a": ["1"]}) == (1, 2, 1)  # a reference pair matches once
+    # two samples: (2 of 3 predicted, 3 expected) and (0 of 1, 2): micro F1 = 2*2 / (4 + 5)
+    predictions = ['{"menu":[{"nm":"x","price":"2"}],"total":{"t":"1"}}', '{"a":"9"}']
+    references = [['{"menu":[{"nm":"x","price":"1"}],"total":{"t":"1"}}'], ['{"a":"1","b":"2"}']]
+    assert score("field_f1", predictions, references) == pytest.approx(4 / 9)
+    assert score("field_precision", predictions, references) == pytest.approx(2 / 4)
+    assert score("field_recall", predictions, references) == pytest.approx(2 / 5)
+    # not JSON: an empty prediction (no pairs), every reference pair missed
+    assert score("field_f1", ["I cannot read this"], [['{"a":"1"}']]) == 0.0
+
+
+def test_ted_accuracy_by_hand():
+    # root -> a -> leaf "12": building it from the empty tree costs 1 (key) + 2 (leaf text) = 3
+    assert ted_accuracy({"a": "13"}, {"a": "12"}) == pytest.approx(1 - 1 / 3)  # one character
+    assert ted_accuracy({"a": "12"}, {"a": "12"}) == 1.0
+    assert ted_accuracy({}, {"a": "12"}) == 0.0
+    assert ted_accuracy({"b": "12"}, {"a": "12"}) == pytest.approx(1 - 1 / 3)  # relabel the key
+    assert ted_accuracy({"a": "12", "zzz": "a long wrong value"}, {"a": "12"}) == 0.0  # clipped at 0
+    assert ted_accuracy({}, {}) == 1.0 and ted_accuracy({"a": "1"}, {}) == 0.0
+    # key order does not matter (normalised), list order does
+    assert ted_accuracy({"b": "1", "a": "2"}, {"a": "2", "b": "1"}) == 1.0
+    assert ted_accuracy({"a": ["x", "y"]}, {"a": ["y", "x"]}) < 1.0
+
+
+def test_json_answers_are_parsed_leniently():
+    assert parse_json_answer('```json\n{"a": 1}\n```') == {"a": 1}
+    assert parse_json_answer('Here it is: {"a": {"b": "c"}} hope it helps') == {"a": {"b": "c"}}
+    assert parse_json_answer("no json") is None and parse_json_answer("") is None
+
+
+def _forest_distance(first: tuple, second: tuple, costs) -> float:
+    """The recursive definition (Zhang & Shasha's eq. 1), memoised: an oracle independent of keyroots."""
+    insert, remove, update = costs
+
+    @functools.lru_cache(maxsize=None)
+    def distance(f: tuple, g: tuple) -> float:
+        if not f and not g:
+            return 0.0
+        if not g:
+            return distance(f[:-1] + tuple(f[-1].children), g) + remove(f[-1])
+        if not f:
+            return distance(f, g[:-1] + tuple(g[-1].children)) + insert(g[-1])
+        v, w = f[-1], g[-1]
+        return min(
+            distance(f[:-1] + tuple(v.children), g) + remove(v),
+            distance(f, g[:-1] + tuple(w.children)) + insert(w),
+            distance(tuple(v.children), tuple(w.children)) + distance(f[:-1], g[:-1]) + update(v, w),
+        )
+
+    return distance(first, second)
+
+
+class _Tree(Node):
+    __hash__ = object.__hash__  # identity, for the oracle's memo
+
+    def __eq__(self, other):
+        return self is other
+
+
+@st.composite
+def trees(draw, depth=3):
+    label = draw(st.sampled_from("abc"))
+    children = draw(st.lists(trees(depth=depth - 1), max_size=3)) if depth > 0 else []
+    return _Tree(label, children)
+
+
+@settings(max_examples=60, deadline=None)
+@given(trees(), trees())
+def test_zhang_shasha_equals_the_recursive_definition(first, second):
+    costs = (lambda n: 1.0, lambda n: 2.0, lambda a, b: 0.0 if a.label == b.label else 1.5)
+    expected = _forest_distance((first,), (second,), costs)
+    got = tree_edit_distance(first, second, insert_cost=costs[0], remove_cost=costs[1], update_cost=costs[2])
+    assert got == pytest.approx(expected)
+
+
+def test_tree_edit_distance_by_hand():
+    unit = dict(insert_cost=lambda n: 1, remove_cost=lambda n: 1, update_cost=lambda a, b: int(a.label != b.label))
+    # Zhang & Shasha's example: f(d(a c(b)) e) -> f(c(d(a b)) e) costs 2
+    first = Node("f", [Node("d", [Node("a"), Node("c", [Node("b")])]), Node("e")])
+    second = Node("f", [Node("c", [Node("d", [Node("a"), Node("b")])]), Node("e")])
+    assert tree_edit_distance(first, second, **unit) == 2
+    assert tree_edit_distance(first, first, **unit) == 0
+    # Donut's costs: a leaf costs its length to insert
+    assert document_distance(Node("<root>"), document_tree({"k": "abc"})) == 1 + 3
+
+
+# ----------------------------------------------------------------------------------------------- BLEU
+def test_bleu4_equals_sacrebleu_on_the_corpus_and_sums_per_sample():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hypotheses = ["a man rides a horse on the beach", "two dogs play in the snow", "a red bus", ""]
+    references = [["a man is riding a horse on a beach", "someone rides a horse by the sea"],
+                  ["two dogs are playing in snow", "dogs playing in the snow"],
+                  ["a red double decker bus", "the bus is red"],
+                  ["a cat", "a small cat"]]
+    expected = sacrebleu.corpus_bleu(hypotheses, [list(r) for r in zip(*references)], lowercase=True).score / 100
+    assert score("bleu4", hypotheses, references) == pytest.approx(expected, abs=1e-9)
+    assert 0 < expected < 1
+    # upper case is ignored, and a perfect answer scores 1
+    assert score("bleu4", ["A MAN RIDES A HORSE ON THE BEACH"], [["a man rides a horse on the beach"]]) == \
+        pytest.approx(1.0)
+    # resamples recompute corpus BLEU from summed counts: against itself, every difference is 0
+    stats = compute_stats(["bleu4"], hypotheses, references)["bleu4"]
+    assert paired_bootstrap("bleu4", stats, stats, resamples=50) == (0.0, 0.0)
+
+
+def test_unknown_or_missing_metrics_are_clear_errors(monkeypatch):
+    with pytest.raises(Gemma3VLError, match="unknown metric.*cider.*the metrics are"):
+        check_metrics(["cider"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else real(name, *a))
+    with pytest.raises(Gemma3VLError, match=r"pip install 'gemma3vl\[eval\]'"):
+        check_metrics(["bleu4"])
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 2, size=(200, 1)).astype(float)
+    # identical models: every resample differs by exactly 0
+    assert paired_bootstrap("exact_match", first, first) == (0.0, 0.0)
+    second = first.copy()
+    second[:40] = 0.0  # the second model misses some the first got: a clearly positive difference
+    low, high = paired_bootstrap("exact_match", first, second)
+    difference = float(first.mean() - second.mean())
+    assert 0 < low <= difference <= high
+    assert paired_bootstrap("exact_match", first, second) == (low, high)  # seeded
+    # the interval's half-width is about 1.96 standard errors of the paired difference (normal approximation)
+    half_width = 1.96 * float((first - second).std()) / math.sqrt(len(first))
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.25)
+
+
+def test_bootstrap_recomputes_corpus_metrics_from_their_sums():
+    predictions = ['{"a":"1","b":"2"}', '{"a":"1"}', '{}']
+    references = [['{"a":"1","b":"2"}'], ['{"a":"1","b":"2","c":"3"}'], ['{"a":"1"}']]
+    stats = compute_stats(["field_f1"], predictions, references)["field_f1"]
+    empty = compute_stats(["field_f1"], ["{}"] * 3, references)["field_f1"]
+    low, high = paired_bootstrap("field_f1", stats, empty, resamples=200)
+    # any resample's F1 lies between the worst and best per-sample F1 -> so does the difference (empty = 0)
+    per_sample = METRICS["field_f1"].sample_scores(stats)
+    assert per_sample == pytest.approx([1.0, 2 * 1 / (1 + 3), 0.0])
+    assert 0 <= low <= high <= 1 and not math.isnan(low)

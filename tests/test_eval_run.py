@@ -1,0 +1,185 @@
+"""`gemma3vl eval` end to end on tiny random models: a model fine-tuned (with `gemma3vl train`, reading the VQA
+layout) to answer a synthetic set perfectly scores 1.0 where the untouched one scores nothing; PEFT adapter
+directories load back onto the base model; the files and the errors. The adapter oracle is our own export
+(tests/test_lora_peft.py checks that export against peft itself)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gemma3vl import verify
+from gemma3vl.cli import main
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.evaluation.loading import load_peft_adapter
+from gemma3vl.infer.loading import load_model
+from gemma3vl.pictures import draw_picture
+from gemma3vl.tiny import write_tiny_checkpoint
+from gemma3vl.train.lora import LoraConfig, apply_lora, lora_modules
+from gemma3vl.train.metrics import read_metrics
+from gemma3vl.train.peft_export import ADAPTER_WEIGHTS, write_peft_adapter
+
+# Four questions whose answers the model must learn (the pictures vary, the answers do not).
+QUESTIONS = {"What colour is the sky?": "blue", "How many legs has a cat?": "four",
+             "What shape is a ball?": "round", "Is fire hot?": "yes"}
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    draw_picture("red circle", size=(56, 56), seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_vqa(path, count: int, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        question = list(QUESTIONS)[index % len(QUESTIONS)]
+        answers = [QUESTIONS[question]] * 9 + ["no idea"]
+        rows.append({"question_id": f"q{seed}-{index}", "image": {"bytes": png(rng.randrange(1 << 20)), "path": None},
+                     "question": question, "answers": answers})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("eval-base") / "base", seed=0)
+
+
+def test_fine_tuned_model_scores_perfectly_and_the_untouched_one_does_not(base, tmp_path, capsys):
+    train = write_vqa(tmp_path / "train.parquet", 64, seed=1)
+    held_out = write_vqa(tmp_path / "eval.parquet", 8, seed=2)
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--recipe", "tiny_sft", "--model", str(base), "--data", str(train),
+                 "--eval-data", str(held_out), "--out", str(tuned), "data.layout=vqa",
+                 "data.eval_metric=vqa_accuracy,anls", "train.steps=30", "train.seq_length=128",
+                 "train.global_batch_size=8", "train.micro_batch_size=8", "train.eval_every=0", "checkpoint.every=0",
+                 "data.eval_accuracy_samples=8", "data.eval_max_new_tokens=4", "logging.progress=false",
+                 "logging.tensorboard=false"]) == 0
+    # the trainer's periodic evaluation logged the layout's metrics like the loss
+    evals = [r for r in read_metrics(tuned / "metrics.jsonl") if "eval_loss" in r]
+    assert evals[0]["eval_vqa_accuracy"] < 0.5 and evals[-1]["eval_vqa_accuracy"] == 1.0
+    assert evals[-1]["eval_anls"] == 1.0
+    capsys.readouterr()
+
+    out = tmp_path / "report"
+    assert main(["eval", str(tuned / "hf"), "--data", str(held_out), "--compare", str(base), "--out", str(out),
+                 "--batch-size", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["layout"] == "vqa" and report["examples_scored"] == 8
+    assert report["metrics"] == ["vqa_accuracy", "anls", "exact_match"]
+    # nine of ten humans said the answer: every leave-one-out subset still holds >= 3 matches
+    assert report["model"]["scores"] == {"vqa_accuracy": 1.0, "anls": 1.0, "exact_match": 1.0}
+    untouched = report["compare"]["scores"]
+    assert all(value <= 0.25 for value in untouched.values())  # a random model: at most chance
+    difference = report["difference"]["vqa_accuracy"]
+    assert difference["value"] == pytest.approx(1.0 - untouched["vqa_accuracy"])
+    low, high = difference["ci95"]
+    assert 0 < low <= difference["value"] <= high
+    assert report["bootstrap"]["resamples"] == 1000 and report["bootstrap"]["seed"] == 0
+    assert "vqa_accuracy" in printed and "95% interval" in printed and "tuned/hf" in printed
+
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"q2-{i}" for i in range(8)]
+    first = lines[0]
+    assert first["prompt"].startswith("<image>What colour is the sky?") and first["reference"] == "blue"
+    assert first["prediction"] == "blue" and first["scores"] == {"vqa_accuracy": 1.0, "anls": 1.0, "exact_match": 1.0}
+    assert len(first["references"]) == 10
+    other = [json.loads(line) for line in (out / "compare_predictions.jsonl").read_text().splitlines()]
+    assert len(other) == 8 and all(line["prediction"] != "blue" for line in other[:1])
+
+
+def test_cord_layout_runs_with_receipt_metrics(base, tmp_path, capsys):
+    rows = [{"image": {"bytes": png(i), "path": None},
+             "ground_truth": json.dumps({"gt_parse": {"total": {"total_price": str(i)}}})} for i in range(3)]
+    rows.append({"image": {"bytes": b"not an image", "path": None}, "ground_truth": rows[0]["ground_truth"]})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cord.parquet")
+    out = tmp_path / "out"
+    assert main(["eval", str(base), "--data", str(tmp_path / "cord.parquet"), "--out", str(out),
+                 "--max-new-tokens", "6", "--metric", "field_f1,ted_accuracy", "--metric", "field_recall"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["layout"] == "cord" and report["metrics"] == ["field_f1", "ted_accuracy", "field_recall"]
+    # a random model writes no JSON: nothing found, and the unreadable image is reported, not scored
+    assert report["model"]["scores"] == {"field_f1": 0.0, "ted_accuracy": 0.0, "field_recall": 0.0}
+    assert report["examples_scored"] == 3 and "row 3" in report["model"]["failures"][0]
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert lines[3]["prediction"] is None and "scores" not in lines[3]
+    assert lines[0]["reference"] == '{"total":{"total_price":"0"}}'
+    assert "row 3" in capsys.readouterr().err
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(batch["input_ids"], batch.get("pixel_values"), attention_mask=batch["attention_mask"])
+
+
+def test_peft_adapter_directory_loads_back_onto_the_base(base, tmp_path):
+    adapted, config = load_model(base, device="cpu", dtype=torch.float32)
+    lora = LoraConfig(rank=4, alpha=8, use_dora=True, targets=("q_proj", "v_proj", "down_proj"), include_vision=True,
+                      vision_targets=("fc1",))
+    apply_lora(adapted, lora)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, module in lora_modules(adapted):
+            for adapter in module.adapters.values():
+                adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=generator) * 0.1)
+                adapter.magnitude.mul_(1 + 0.2 * torch.randn(adapter.magnitude.shape, generator=generator))
+    adapter_dir = write_peft_adapter(adapted, lora, tmp_path / "adapter", str(base))
+    batch = verify.synthetic_batch(config)
+    expected = _logits(adapted.eval(), batch)
+
+    loaded, _ = load_model(base, device="cpu", dtype=torch.float32)
+    untouched = _logits(loaded, batch)
+    got_config = load_peft_adapter(loaded, adapter_dir)
+    assert (got_config.rank, got_config.scaling, got_config.use_dora) == (4, 2.0, True)
+    assert set(got_config.targets) == {"q_proj", "v_proj", "down_proj"} and got_config.vision_targets == ("fc1",)
+    assert not lora_modules(loaded)  # merged
+    got = _logits(loaded, batch)
+    valid = batch["attention_mask"].bool()
+    scale = expected[valid].abs().max()
+    assert (expected - got)[valid].abs().max() <= 1e-5 * scale
+    assert (expected - untouched)[valid].abs().max() > 1e-3 * scale
+
+    # a file that does not hold what its config describes is refused, naming a missing key
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, str(adapter_dir / ADAPTER_WEIGHTS))
+    with pytest.raises(Gemma3VLError, match=f"missing 1 \\(e.g. {dropped}"):
+        load_peft_adapter(load_model(base, device="cpu", dtype=torch.float32)[0], adapter_dir)
+    with pytest.raises(Gemma3VLError, match="not a PEFT adapter directory"):
+        load_peft_adapter(loaded, tmp_path)
+
+
+def test_eval_errors_are_one_clear_line(base, tmp_path, capsys):
+    data = write_vqa(tmp_path / "eval.parquet", 2, seed=0)
+    assert main(["eval", str(base), "--data", str(data), "--metric", "cider", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown metric(s) cider" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere"), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "MODEL_DIR" in capsys.readouterr().err
+    pq.write_table(pa.Table.from_pylist([{"picture": b"x", "label": "y"}]), tmp_path / "odd.parquet")
+    assert main(["eval", str(base), "--data", str(tmp_path / "odd.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert "columns ['label', 'picture']" in capsys.readouterr().err
+    assert main(["eval", str(base), "--data", str(data), "--batch-size", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--batch-size 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_training_settings_for_layouts_and_metrics_are_checked():
+    from gemma3vl.train.config import build_config
+
+    cfg = build_config("tiny_sft", overrides=["data.layout=cord", "data.eval_metric=field_f1, ted_accuracy"])
+    assert cfg.data.layout == "cord" and cfg.data.eval_metrics() == ["field_f1", "ted_accuracy"]
+    with pytest.raises(Gemma3VLError, match="data.eval_metric: unknown metric.*cider"):
+        build_config("tiny_sft", overrides=["data.eval_metric=cider"])
+    with pytest.raises(Gemma3VLError, match="data.layout='receipts' is not one of"):
+        build_config("tiny_sft", overrides=["data.layout=receipts"])
