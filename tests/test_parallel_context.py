@@ -23,7 +23,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -40,6 +39,7 @@ from gemma3vl.parallel.tensor import apply_tensor_parallel
 from gemma3vl.shapes import write_shapes_dataset
 from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.train.metrics import read_metrics
+from test_parallel_layouts import assert_losses_match, assert_weights_match, exported, losses
 
 RTOL = 1e-5
 IMAGE, BOI, EOI = 9, 7, 8  # the tiny tokenizer's <image_soft_token>, <start_of_image>, <end_of_image>
@@ -197,30 +197,6 @@ def continue_from(checkpoint: Path, out: Path) -> Path:
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
     return out
-
-
-def losses(out: Path, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(out / "metrics.jsonl") if r.get(key) is not None}
-
-
-def exported(out: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted((out / "hf").glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
-
-
-def assert_losses_match(got: dict[int, float], expected: dict[int, float]) -> None:
-    assert sorted(got) == sorted(expected)
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=RTOL), f"step {step}"
-
-
-def assert_weights_match(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(expected)
-    for name, tensor in expected.items():
-        difference = (got[name] - tensor).abs().max()
-        assert difference <= RTOL * tensor.abs().max(), f"{name}: max difference {difference:.3e}"
 
 
 def test_context_parallel_training_with_packing_is_one_process_training(data):

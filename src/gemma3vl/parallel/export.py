@@ -26,14 +26,20 @@ def gather_full_state(model: nn.Module, device: torch.device) -> dict[str, torch
     main = dist.get_rank() == 0
     gathered: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if isinstance(tensor, DTensor):
-            if tensor.device.type != device.type:  # FSDP CPU offload keeps shards on the host
-                tensor = tensor.to(device)
-            tensor = tensor.full_tensor()
+        tensor = _whole(tensor, device)
         if main:
             gathered[name] = tensor.detach().to("cpu", copy=True)
         del tensor
     return gathered if main else None
+
+
+def _whole(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A DTensor all-gathered into one whole tensor (collective over its mesh); a plain tensor as it is."""
+    if isinstance(tensor, DTensor):
+        if tensor.device.type != device.type:  # FSDP CPU offload keeps shards on the host
+            tensor = tensor.to(device)
+        tensor = tensor.full_tensor()
+    return tensor
 
 
 def plain_model(build: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module:
@@ -64,10 +70,7 @@ def gather_pipeline_state(
     pp_rank = context.pp_mesh.get_local_rank()
     gathered: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if isinstance(tensor, DTensor):
-            if tensor.device.type != device.type:  # FSDP CPU offload keeps shards on the host
-                tensor = tensor.to(device)
-            tensor = tensor.full_tensor()
+        tensor = _whole(tensor, device)
         if main:
             gathered[name] = tensor.detach().to("cpu", copy=True)
         elif speaker and pp_rank > 0:
