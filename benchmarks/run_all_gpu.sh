@@ -6,34 +6,36 @@
 #   TINY=1 OUT=/tmp/rehearsal bash benchmarks/run_all_gpu.sh     # CPU rehearsal: tiny models, same steps
 #
 # Environment: OUT (results folder; default bench-out); BUDGET_S (overall wall-clock budget in seconds, default
-# 480 = 8 minutes, leaving room for the machine's start in a 10-minute lease; each step's timeout is cut to what
+# 540 = 9 minutes, leaving room for the machine's start in a 15-minute lease; each step's timeout is cut to what
 # is left); PYTHON (default python3); TINY=1 (rehearsal: tiny models on the CPU with fewer steps and calls, the
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
 #
-# What lands in $OUT (7 files, within what the device tool brings back): run_all.log (every step's output),
-# steps.tsv (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, generate-4b.json,
-# train_step-27b.json (cards over 100 GB only), verify-4b.json.
+# What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
+# (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-long.json,
+# train_step-27b.json (cards over 100 GB only), generate-4b.json, verify-4b.json.
 #
-# Estimated time on an H100 (80 GB), machine start not included:
-#   train_step 4b  ~70 s   imports ~10 s; six variants (ours bf16 sft/peft, transformers sft/peft, ours fp32-master
-#                          sft/peft; the fp32 SFT is expected to report OOM on 80 GB), each: model built on the GPU
-#                          in seconds + 2 warmup + 5 timed steps of ~0.5-1 s at 4,096 tokens.
-#   generate 4b    ~4 min  ours: 2 batches x (warmup + 2 x 128 tokens), ~15 s; transformers at ~13 tok/s (the
-#                          anchor): ~10 s a call, ~45 s; then ours compiled (~1-2 min with its compilation), then the
-#                          server's engine, eager (~10 s) and compiled (one more compilation, ~1 min): each phase
-#                          writes the JSON, so a timeout only loses what came last (the compiled engine).
-#   27B LoRA       ~50 s   H200 only: 54 GB of bf16 weights built on the GPU (twice: at 2,048 and 4,096 tokens),
-#                          1 warmup + 2 steps each.
-#   gpu_verify 4b  ~150 s  writes 8.6 GB of random weights (~1 min), imports them (~20 s), loads both models,
-#                          compares logits and 16 greedy tokens.
-#   total          ~5 min on an H100 (~7 min with a compiled generate), capped at BUDGET_S (gpu_verify, last, is
-#                  what a slow run loses).
+# Estimated time on an H200, machine start not included (compilation dominates the first steps; inductor's
+# on-disk cache makes later compilations of the same graphs cheaper):
+#   train_step 4b       ~4 min  FlexAttention vs SDPA check at 4,096 tokens (bf16 forward + backward, ~40 s of
+#                               compiling); then SFT and LoRA at 4,096 tokens: ours fast (flex, compiled blocks; the
+#                               first step compiles, ~1 min), ours plain (SDPA, eager), transformers (sdpa), each
+#                               2 warmup + 3 timed steps of ~0.3-1 s.
+#   train_step 4b long  ~3 min  full fine-tuning with AdamW at 16,384 / 32,768 / 65,536 / 131,072 tokens: ours
+#                               fast (checkpointing selective at 16k, full beyond; 1 warmup + 1 timed step, ~1-20 s
+#                               each) and transformers sdpa with gradient checkpointing (expected OOM from 32,768
+#                               on: longer lengths are then reported as skipped, not run).
+#   27B LoRA            ~2 min  H200 only: LoRA at 4,096 tokens, ours fast and transformers + peft (54 GB of bf16
+#                               weights built on the GPU for each), 1 warmup + 2 steps.
+#   generate 4b         ~4 min  and gpu_verify 4b ~150 s: run if the budget leaves time (it usually does not with
+#                               the training steps above: give them a session of their own with PARTS=).
+# PARTS (default: train,long,27b,generate,verify) picks and orders the steps, e.g. PARTS=generate,verify.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-540}
+PARTS=${PARTS:-train,long,27b,generate,verify}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -73,15 +75,20 @@ skip() {
 }
 
 if [[ -n "$TINY" ]]; then
-    # Rehearsal: tiny sizes on the CPU, and fewer steps/calls; everything else as on the GPU.
+    # Rehearsal: tiny sizes on the CPU, and fewer steps/calls; everything else as on the GPU. Checkpointing is forced
+    # to selective so that the rehearsal runs it (on the GPU the length decides); nothing compiles on a CPU.
     SIZE=(--tiny --device cpu)
-    TRAIN_COUNTS=(--warmup 1 --steps 1)
+    TRAIN_COUNTS=(--warmup 1 --steps 1 --ac selective)
+    LONG_COUNTS=(--warmup 1 --steps 1 --seqs 96,128)
+    FLEX_CHECK=(--flex-check 96)
     GENERATE_COUNTS=(--repeats 1 --new-tokens 8 --warmup-tokens 2)
     NAME=tiny
     GPU_MIB=0
 else
     SIZE=(--model 4b)
-    TRAIN_COUNTS=()
+    TRAIN_COUNTS=(--warmup 2 --steps 3)
+    LONG_COUNTS=(--warmup 1 --steps 1 --seqs 16384,32768,65536,131072)
+    FLEX_CHECK=(--flex-check 4096)
     GENERATE_COUNTS=()
     NAME=4b
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
@@ -89,26 +96,47 @@ else
         "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**20 if torch.cuda.is_available() else 0)")
     nvidia-smi 2>&1 | tee -a "$LOG"
 fi
-echo "card memory: ${GPU_MIB} MiB; budget ${BUDGET_S} s; commit $(git describe --always --dirty 2>/dev/null || echo unknown)" | tee -a "$LOG"
+echo "card memory: ${GPU_MIB} MiB; budget ${BUDGET_S} s; parts ${PARTS}; commit $(git describe --always --dirty 2>/dev/null || echo unknown)" | tee -a "$LOG"
 
 # Most wanted first: the budget cuts whatever comes last.
-step "train_step $NAME" 180 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" ${TRAIN_COUNTS[@]+"${TRAIN_COUNTS[@]}"} \
-    --ours-weights bf16,fp32 --out "$OUT"
-step "generate $NAME" 300 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
-    --out "$OUT"
-if ((GPU_MIB > 100 * 1024)); then
-    # 2,048 tokens first: if 4,096 (the recipe's length) does not fit, the shorter point still says what does.
-    step "train_step 27b LoRA memory" 120 "$PYTHON" benchmarks/train_step.py --model 27b --mode peft --only ours \
-        --seqs 2048,4096 --warmup 1 --steps 2 --out "$OUT"
-else
-    skip "train_step 27b LoRA memory" "needs a card with more than 100 GB (54 GB of bf16 weights)"
-fi
-if [[ -n "$TINY" ]]; then
-    skip "gpu_verify $NAME" "needs CUDA"
-else
-    step "gpu_verify 4b" 240 "$PYTHON" benchmarks/gpu_verify.py --model 4b --work /tmp/gemma3vl-gpu-verify --out "$OUT"
-    rm -rf /tmp/gemma3vl-gpu-verify
-fi
+IFS=, read -r -a PART_LIST <<<"$PARTS"
+for part in "${PART_LIST[@]}"; do
+    case "$part" in
+    train)
+        # SFT and LoRA at 4,096 tokens: ours fast and plain, transformers; the flex-vs-sdpa check first.
+        step "train_step $NAME" 270 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${TRAIN_COUNTS[@]}" \
+            "${FLEX_CHECK[@]}" --ours-paths fast,plain --out "$OUT"
+        ;;
+    long)
+        # Long context, full fine-tuning with the optimizer step: ours fast against transformers (OOM reported).
+        step "train_step $NAME long" 240 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${LONG_COUNTS[@]}" \
+            --mode sft --ours-paths fast --tag=-long --out "$OUT"
+        ;;
+    27b)
+        if ((GPU_MIB > 100 * 1024)); then
+            step "train_step 27b LoRA" 150 "$PYTHON" benchmarks/train_step.py --model 27b --mode peft --ours-paths fast \
+                --seqs 4096 --warmup 1 --steps 2 --out "$OUT"
+        else
+            skip "train_step 27b LoRA" "needs a card with more than 100 GB (54 GB of bf16 weights)"
+        fi
+        ;;
+    generate)
+        step "generate $NAME" 240 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
+            --out "$OUT"
+        ;;
+    verify)
+        if [[ -n "$TINY" ]]; then
+            skip "gpu_verify $NAME" "needs CUDA"
+        else
+            step "gpu_verify 4b" 240 "$PYTHON" benchmarks/gpu_verify.py --model 4b --work /tmp/gemma3vl-gpu-verify --out "$OUT"
+            rm -rf /tmp/gemma3vl-gpu-verify
+        fi
+        ;;
+    *)
+        skip "$part" "unknown part (PARTS takes train, long, 27b, generate, verify)"
+        ;;
+    esac
+done
 
 # The combined table, from the JSON files the steps wrote (also whatever a timed-out step wrote before it stopped).
 "$PYTHON" - "$OUT" "$STEPS" "$((SECONDS - START))" <<'PY' | tee "$OUT/summary.md"

@@ -1,35 +1,55 @@
-"""Training-step throughput and memory: our trainer against transformers (sdpa), same weights, same batch.
+"""Training-step throughput, MFU and memory: our trainer against transformers (sdpa), same weights, same batch.
 
 Run from the repository root (no install needed, no network):
 
-    PYTHONPATH=src python benchmarks/train_step.py --model 4b --out "$OUT"                  # GPU, 4B, 4,096 tokens
-    PYTHONPATH=src python benchmarks/train_step.py --model 4b --seqs 4096,16384,32768 --out "$OUT"
-    PYTHONPATH=src python benchmarks/train_step.py --model 27b --mode peft --only ours --steps 2 --out "$OUT"
+    PYTHONPATH=src python benchmarks/train_step.py --model 4b --flex-check 4096 --out "$OUT"   # GPU, 4B, 4,096 tokens
+    PYTHONPATH=src python benchmarks/train_step.py --model 4b --mode sft --ours-paths fast \
+        --seqs 16384,32768,65536,131072 --warmup 1 --steps 1 --tag=-long --out "$OUT"        # long context
+    PYTHONPATH=src python benchmarks/train_step.py --model 27b --mode peft --ours-paths fast --steps 2 --out "$OUT"
     PYTHONPATH=src python benchmarks/train_step.py --tiny --device cpu --out /tmp/bench     # seconds, on a CPU
 
 Method (as ``hf_anchor.py`` took the transformers figures, but a whole optimizer step): random weights at the
 real shapes, built on the device (nothing written to disk), one sequence of ``--seq`` tokens per step with one
 896 px image (its soft tokens in a ``<start_of_image>``..``<end_of_image>`` block near the start) and labels on
-all the text after the image. Each variant runs ``--warmup`` steps, then ``--steps`` timed steps, each between
-two ``synchronize`` calls; the figure is the median. Peak memory is ``torch.cuda.max_memory_allocated`` since
-the model was built (weights, gradients, optimizer state and activations); an out-of-memory error is caught and
-reported as ``OOM``. Variants run one after the other in this process, everything freed in between.
+all the text after the image. Each variant runs ``--warmup`` steps (the first compiles, for ``ours fast``), then
+``--steps`` timed steps, each between two ``synchronize`` calls; the figure is the median. Peak memory is
+``torch.cuda.max_memory_allocated`` since the model was built (weights, gradients, optimizer state and
+activations); an out-of-memory error is caught and reported as ``OOM``, and that variant is then not tried at
+longer lengths (``skipped: OOM at N tokens``). Variants run one after the other in this process, everything freed
+in between.
 
 Variants, each with the ``gemma3_vl_<size>_sft`` / ``_peft`` recipe's optimizer settings (AdamW, fused on CUDA,
 grad clip 1.0) at one row per step (``global_batch_size = micro_batch_size = 1``):
 
-* ``ours``: ``gemma3vl.train.trainer.Trainer.train_step``, the step ``gemma3vl train`` runs, with the model
-  weights in bf16 (``model.dtype=bfloat16``: what transformers runs below) or fp32 (``--ours-weights fp32``,
-  the recipe default on CUDA: fp32 master weights, forward under bf16 autocast). PEFT: LoRA r16 on the text
-  projections (``gemma3vl.train.lora``).
+* ``ours fast``: ``gemma3vl.train.trainer.Trainer.train_step`` with the speed settings: ``model.attention=auto``
+  (FlexAttention with a block-sparse mask on CUDA), ``parallel.compile=true`` (every decoder block compiled, on
+  CUDA), activation checkpointing by length (``--ac``; auto: none up to 8,192 tokens, selective up to 16,384,
+  full beyond), and the chunked loss (always on: full logits are never built);
+* ``ours plain``: the same step with SDPA and a dense mask, eager, no checkpointing: the reference the fast path's
+  first-step loss is compared with (same weights, same batch; the bf16 difference is reported);
+* weights in bf16 (``model.dtype=bfloat16``: what transformers runs) or fp32 (``--ours-weights fp32``, the recipe
+  default on CUDA: fp32 master weights, forward under bf16 autocast); ``--cpu-offload``: AdamW state on the host
+  (``optim.cpu_offload``). PEFT: LoRA r16 on the text projections (``gemma3vl.train.lora``);
 * ``transformers``: ``Gemma3ForConditionalGeneration`` (sdpa) in bf16, ``loss.backward()``, clip, AdamW step;
-  PEFT through ``peft.get_peft_model`` with the same LoRA settings and target modules.
+  gradient checkpointing above 4,096 tokens (``--hf-checkpointing``; the anchor needed it to reach 16,384 at
+  all); PEFT through ``peft.get_peft_model`` with the same LoRA settings and target modules.
 
 Both models get the same random weights (drawn per tensor from a seed, written through the bridge's name
 mapping), so the first step's loss must agree up to bf16 rounding: the table shows it as a check.
 
-Writes ``train_step-<model>.json`` under ``--out`` (rewritten after every variant) and prints a table last.
-``generate.py`` imports the model-building helpers from here.
+MFU = model FLOPs of the step / step time / the card's dense bf16 peak (``gemma3vl.train.metrics``: 989 TFLOP/s
+for H100 SXM and H200). Model FLOPs (``forward_flops``, ``step_flops``): 2 per multiply-add of every matmul of
+the text decoder and LM head, attention as 4 x heads x head_dim per (query, key) pair actually attended (causal:
+(T + 1) / 2 keys per query on global layers, at most the window on sliding ones), the SigLIP tower and projector
+per image; x3 for full fine-tuning (forward + backward), x2 for the LoRA'd decoder and x1 for a frozen vision
+tower; recomputation by checkpointing is not counted.
+
+``--flex-check SEQ`` first compares FlexAttention with SDPA at the model's head shapes on a packed row with
+images, both layer types: bf16 forward and backward on CUDA, each against an fp32 reference.
+
+Writes ``train_step-<model><tag>.json`` under ``--out`` (rewritten after every variant) and prints the
+comparisons (ours fast / transformers tokens/s; fast vs plain first-step loss) and a table last. ``generate.py``
+imports the model-building helpers from here.
 """
 
 from __future__ import annotations
@@ -57,11 +77,12 @@ import torch
 from gemma3vl.bridge.layouts import detect_layout, get_layout
 from gemma3vl.bridge.mapping import Mapping, build_mappings, stores_untied_head
 from gemma3vl.bridge.random_checkpoint import LAYER_NORM_STD, NORM_STD
-from gemma3vl.config import Gemma3Config, preset_path
+from gemma3vl.config import SLIDING, Gemma3Config, preset_path
 from gemma3vl.data.batch import IGNORE, Batch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model, TokenInfo
 from gemma3vl.tiny import tiny_hf_config
+from gemma3vl.train.metrics import peak_flops_per_second
 
 WEIGHT_STD = 0.02  # as write_random_hf_checkpoint
 DRAW_DTYPE = torch.bfloat16  # weights are drawn in bf16 (like a hub checkpoint), then cast to the model's dtype
@@ -276,10 +297,16 @@ class Variant:
     impl: str  # ours | transformers
     mode: str  # sft | peft
     weights: str  # bf16 | fp32 (ours only: fp32 master weights under bf16 autocast)
+    path: str = "plain"  # ours: plain (SDPA, eager) | fast (FlexAttention, compiled blocks, checkpointing by length)
 
     @property
     def label(self) -> str:
-        return f"{self.impl} {self.mode} {self.weights}"
+        return f"{self.impl}{' ' + self.path if self.impl == 'ours' else ''} {self.mode} {self.weights}"
+
+    @property
+    def family(self) -> str:
+        """The variant apart from its length: one that ran out of memory is not tried at longer lengths."""
+        return self.label
 
 
 @dataclass
@@ -289,7 +316,9 @@ class Result:
     weights: str  # bf16 | fp32 + bf16 autocast (fp32 on a CPU)
     recipe: str
     seq: int
-    status: str = "ok"  # ok | OOM | error: ...
+    path: str = ""  # ours: plain | fast; transformers: ""
+    settings: str = ""  # attention kernel, compile, activation checkpointing, optimizer as run
+    status: str = "ok"  # ok | OOM | skipped: OOM at N tokens | error: ...
     step_s: float | None = None
     steps_per_s: float | None = None
     tokens_per_s: float | None = None
@@ -301,6 +330,8 @@ class Result:
     trainable_dtypes: list[str] = field(default_factory=list)  # peft keeps adapters in fp32 on a bf16 model
     step_times_s: list[float] = field(default_factory=list)
     leftover_gib: float | None = None  # still allocated after the variant was freed
+    flops_per_step: float | None = None  # model FLOPs of one step (see step_flops)
+    mfu: float | None = None  # flops_per_step / step_s / the card's dense bf16 peak
 
 
 class RepeatBatch:
@@ -314,6 +345,68 @@ class RepeatBatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def keys_per_query(seq: int, window: int | None) -> float:
+    """Mean number of keys a causal query attends to in a sequence of ``seq`` tokens (window: at most ``window``).
+    The image block's few bidirectional pairs are ignored (256 of 4,096+ tokens, ~1e-3 of the total)."""
+    if window is None or window >= seq:
+        return (seq + 1) / 2
+    # positions 0..window-1 see i + 1 keys, the rest see window
+    return (window * (window + 1) / 2 + (seq - window) * window) / seq
+
+
+def forward_flops(config: Gemma3Config, seq: int, images: int) -> dict[str, float]:
+    """Forward FLOPs of one sequence of ``seq`` tokens with ``images`` images, by part (2 FLOPs per multiply-add).
+
+    text matmuls:   2 T [L (D (H + 2K) hd + H hd D + 3 D I) + D V]       (QKV, output, gate/up/down, LM head)
+    text attention: 4 T H hd sum over layers of keys_per_query(T, window) (QK^T and PV; sliding layers: window)
+    vision:         per image, P = (S / patch)^2 patches: 2 P [L_v (4 d^2 + 2 d i) + 3 patch^2 d]
+                    + 4 P^2 d L_v (bidirectional attention), plus the projector 2 m d D (m soft tokens)
+    """
+    text = config.text
+    hd, heads, kv = text.head_dim, text.num_attention_heads, text.num_key_value_heads
+    d, inter = text.hidden_size, text.intermediate_size
+    per_layer = d * (heads + 2 * kv) * hd + heads * hd * d + 3 * d * inter
+    text_matmul = 2 * seq * (text.num_hidden_layers * per_layer + d * text.vocab_size)
+    attention = 0.0
+    for layer_type in text.layer_types:
+        window = text.sliding_window if layer_type == SLIDING else None
+        attention += 4 * seq * heads * hd * keys_per_query(seq, window)
+    vision = 0.0
+    if images and config.vision is not None:
+        v = config.vision
+        patches = (v.image_size // v.patch_size) ** 2
+        width = v.hidden_size
+        per_image = 2 * patches * (v.num_hidden_layers * (4 * width**2 + 2 * width * v.intermediate_size)
+                                   + 3 * v.patch_size**2 * width)
+        per_image += 4 * patches**2 * width * v.num_hidden_layers
+        per_image += 2 * config.mm_tokens_per_image * width * d
+        vision = images * per_image
+    return {"text_matmul": text_matmul, "text_attention": attention, "vision": vision}
+
+
+def step_flops(config: Gemma3Config, seq: int, images: int, mode: str) -> float:
+    """Model FLOPs of one training step (recomputation by activation checkpointing not counted, as usual for MFU).
+
+    Full fine-tuning (sft): forward + backward = 3 x forward everywhere (backward: activation and weight
+    gradients). LoRA (peft): the text decoder's backward computes activation gradients only (2 x forward; the
+    adapters' own FLOPs are < 1% and ignored) and the frozen vision tower runs forward only (1 x)."""
+    parts = forward_flops(config, seq, images)
+    text = parts["text_matmul"] + parts["text_attention"]
+    if mode == "sft":
+        return 3 * (text + parts["vision"])
+    return 2 * text + parts["vision"]
+
+
+def fast_settings(seq: int, device: torch.device, ac: str) -> dict[str, Any]:
+    """What ``ours fast`` runs: FlexAttention (``model.attention=auto``: flex on CUDA), every block compiled on CUDA,
+    and activation checkpointing by length unless ``--ac`` says otherwise: none up to 8,192 tokens (it fits, and
+    recomputing costs time), selective up to 16,384, full beyond (activation memory grows with the length)."""
+    if ac == "auto":
+        ac = "none" if seq <= 8192 else "selective" if seq <= 16384 else "full"
+    return {"attention": "auto", "compile": device.type == "cuda", "activation_checkpoint": ac}
 
 
 def recipe_config(model: str, mode: str, seq: int, weights: str):
@@ -369,6 +462,7 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int, device: torch
 
 
 def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result):
+    from gemma3vl.parallel import parallelize
     from gemma3vl.train.lora import apply_lora
     from gemma3vl.train.run import lora_config
     from gemma3vl.train.trainer import Trainer, freeze
@@ -379,6 +473,24 @@ def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, d
     if variant.mode == "peft":
         torch.manual_seed(args.seed)
         apply_lora(model, lora_config(cfg))
+    if variant.path == "fast":
+        chosen = fast_settings(inputs.tokens, device, args.ac)
+        cfg.model.attention = chosen["attention"]
+        cfg.parallel.compile = chosen["compile"]
+        cfg.parallel.activation_checkpoint = chosen["activation_checkpoint"]
+    else:
+        cfg.model.attention = "sdpa"
+    cfg.optim.cpu_offload = bool(args.cpu_offload)
+    model.text.attention_backend = cfg.model.attention
+    if cfg.parallel.compile or cfg.parallel.activation_checkpoint != "none":
+        parallelize(model, None, activation_checkpoint=cfg.parallel.activation_checkpoint,
+                    compile=cfg.parallel.compile)
+    from gemma3vl.model.flex import use_flex
+
+    kernel = "flex" if use_flex(cfg.model.attention, device, inputs.tokens) else "sdpa"
+    result.settings = ", ".join([kernel, "compiled blocks" if cfg.parallel.compile else "eager",
+                                 f"AC {cfg.parallel.activation_checkpoint}",
+                                 "AdamW on host" if cfg.optim.cpu_offload else "AdamW"])
     describe_params(model, result)
     result.model_gib = allocated_gib(device)
     trainer = Trainer(cfg, model, RepeatBatch(inputs.ours(dtype)), Path(args.out), device)
@@ -398,6 +510,11 @@ def run_transformers(
         torch.manual_seed(args.seed)
         model = peft.get_peft_model(model, peft_config_for(config, cfg))
     model.train()
+    checkpointing = args.hf_checkpointing == "on" or (args.hf_checkpointing == "auto" and inputs.tokens > 4096)
+    if checkpointing:  # what the anchor needed to reach 16,384 tokens at all
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    result.settings = "sdpa" + (", gradient checkpointing" if checkpointing else "") + ", AdamW"
     describe_params(model, result)
     result.model_gib = allocated_gib(device)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -420,7 +537,8 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
     cfg = recipe_config(args.model_name, variant.mode, seq, variant.weights)
     # The trainer autocasts fp32 weights to bf16 on CUDA only (gemma3vl.train.trainer.autocast_for).
     weights = "fp32 + bf16 autocast" if variant.weights == "fp32" and device.type == "cuda" else variant.weights
-    result = Result(variant.impl, variant.mode, weights, cfg.recipe, seq)
+    result = Result(variant.impl, variant.mode, weights, cfg.recipe, seq,
+                    path=variant.path if variant.impl == "ours" else "")
     say(f"[{variant.label} seq {seq}] building")
     try:
         inputs = TrainInputs.make(config, seq, device, args.seed)
@@ -435,6 +553,9 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
         result.tokens_per_s = seq / step_s
         result.first_loss = first_loss
         result.peak_gib = peak_gib(device)
+        result.flops_per_step = step_flops(config, seq, 1, variant.mode)
+        peak = peak_flops_per_second(device_name(device))
+        result.mfu = result.flops_per_step / step_s / peak if peak else None
     except torch.OutOfMemoryError:
         result.status = "OOM"
         result.peak_gib = peak_gib(device)
@@ -449,16 +570,32 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
     return result
 
 
+def skipped(variant: Variant, config: Gemma3Config, seq: int, args, shorter: int) -> Result:
+    """The row of a variant not run at ``seq`` because it already ran out of memory at a shorter length."""
+    cfg = recipe_config(args.model_name, variant.mode, seq, variant.weights)
+    return Result(variant.impl, variant.mode, variant.weights, cfg.recipe, seq,
+                  path=variant.path if variant.impl == "ours" else "", status=f"skipped: OOM at {shorter:,} tokens")
+
+
 def variants(args) -> list[Variant]:
     modes = ["sft", "peft"] if args.mode == "both" else [args.mode]
     weights = [w.strip() for w in args.ours_weights.split(",") if w.strip()]
     if not weights or any(w not in ("bf16", "fp32") for w in weights):
         raise Gemma3VLError(f"--ours-weights {args.ours_weights!r}: expected bf16, fp32 or bf16,fp32")
-    ours = [Variant("ours", mode, w) for w in weights for mode in modes] if args.only in ("ours", "both") else []
-    theirs = [Variant("transformers", mode, "bf16") for mode in modes] if args.only in ("hf", "both") else []
-    # Like for like first (ours in the first --ours-weights, then transformers), then ours in the other weights:
-    # fp32 master weights take the most memory, and an OOM there should not disturb the comparison.
-    return ours[: len(modes)] + theirs + ours[len(modes):]
+    paths = [p.strip() for p in args.ours_paths.split(",") if p.strip()]
+    if not paths or any(p not in ("fast", "plain") for p in paths):
+        raise Gemma3VLError(f"--ours-paths {args.ours_paths!r}: expected fast, plain or fast,plain")
+    chosen = []
+    for mode in modes:
+        # Per mode, like for like first: ours in each path (first weights), then transformers.
+        if args.only in ("ours", "both"):
+            chosen += [Variant("ours", mode, weights[0], path) for path in paths]
+        if args.only in ("hf", "both"):
+            chosen.append(Variant("transformers", mode, "bf16"))
+    # Then ours in the other weights (fp32 master weights take the most memory: an OOM there comes last).
+    if args.only in ("ours", "both"):
+        chosen += [Variant("ours", mode, w, paths[0]) for w in weights[1:] for mode in modes]
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -473,45 +610,174 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 TABLE_HEADERS = [
-    "impl", "recipe", "weights", "seq", "steps/s", "tokens/s", "peak mem", "loss step 1", "trainable", "status",
+    "impl", "path", "recipe", "weights", "seq", "steps/s", "tokens/s", "MFU", "peak mem", "loss step 1", "trainable",
+    "settings", "status",
 ]
+
+
+def fmt_mfu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def table_row(r: Result) -> list[str]:
     ok = r.status == "ok"
     return [
-        r.impl, r.recipe, r.weights, f"{r.seq:,}",
+        r.impl, r.path or "-", r.recipe, r.weights, f"{r.seq:,}",
         f"{r.steps_per_s:.3f}" if ok else "-",
         f"{r.tokens_per_s:,.0f}" if ok else "-",
+        fmt_mfu(r.mfu) if ok else "-",
         fmt_gib(r.peak_gib) if ok else (f"≥ {fmt_gib(r.peak_gib)}" if r.peak_gib else "-"),
         f"{r.first_loss:.4f}" if ok else "-",
         f"{r.trainable_params / 1e6:,.1f} M ({'/'.join(r.trainable_dtypes)})" if r.trainable_params else "-",
+        r.settings or "-",
         r.status,
     ]
 
 
-def summary_rows(results: list[Result], model: str) -> list[list[str]]:
+def comparisons(results: list[Result]) -> list[dict[str, Any]]:
+    """Per (mode, weights, seq): ours fast against transformers (tokens/s ratio) and against ours plain (the bf16
+    difference of the first step's loss, same weights and batch: the fast path must track the plain one)."""
+    found = []
+    keys = sorted({(r.mode, r.weights, r.seq) for r in results}, key=lambda k: (k[2], k[0], k[1]))
+    for mode, weights, seq in keys:
+        def pick(impl: str, path: str = "") -> Result | None:
+            for r in results:
+                if (r.impl, r.path, r.mode, r.weights, r.seq) == (impl, path, mode, weights, seq) and r.status == "ok":
+                    return r
+            return None
+
+        fast, plain, theirs = pick("ours", "fast"), pick("ours", "plain"), pick("transformers")
+        if fast is None:
+            continue
+        entry: dict[str, Any] = {"mode": mode, "weights": weights, "seq": seq}
+        if theirs is not None:
+            entry["speedup_vs_transformers"] = fast.tokens_per_s / theirs.tokens_per_s
+        if plain is not None:
+            entry["speedup_vs_plain"] = fast.tokens_per_s / plain.tokens_per_s
+            entry["loss_fast"], entry["loss_plain"] = fast.first_loss, plain.first_loss
+            entry["loss_difference"] = fast.first_loss - plain.first_loss
+        if len(entry) > 3:
+            found.append(entry)
+    return found
+
+
+def comparison_lines(entries: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for e in entries:
+        parts = [f"{e['mode']} {e['weights']} seq {e['seq']:,}:"]
+        if "speedup_vs_transformers" in e:
+            parts.append(f"ours fast = {e['speedup_vs_transformers']:.2f}x transformers tokens/s;")
+        if "speedup_vs_plain" in e:
+            parts.append(f"{e['speedup_vs_plain']:.2f}x ours plain; first-step loss fast {e['loss_fast']:.5f} vs "
+                         f"plain {e['loss_plain']:.5f} (difference {e['loss_difference']:+.2e})")
+        lines.append(" ".join(parts))
+    return lines
+
+
+def summary_rows(results: list[Result], model: str, flex: dict[str, Any] | None = None) -> list[list[str]]:
     """Rows for run_all_gpu.sh's combined table: benchmark, variant, throughput, memory, note."""
     rows = []
     for r in results:
-        variant = f"{r.impl} {r.recipe} ({r.weights}), seq {r.seq:,}"
-        throughput = f"{r.steps_per_s:.2f} steps/s, {r.tokens_per_s:,.0f} tok/s" if r.status == "ok" else r.status
+        path = f" {r.path}" if r.path else ""
+        variant = f"{r.impl}{path} {r.recipe} ({r.weights}), seq {r.seq:,}"
+        throughput = (f"{r.steps_per_s:.2f} steps/s, {r.tokens_per_s:,.0f} tok/s, MFU {fmt_mfu(r.mfu)}"
+                      if r.status == "ok" else r.status)
         memory = fmt_gib(r.peak_gib) if r.status == "ok" or r.peak_gib is None else f"≥ {fmt_gib(r.peak_gib)}"
-        note = f"loss@1 {r.first_loss:.3f}" if r.first_loss is not None else ""
+        note = "; ".join(x for x in (f"loss@1 {r.first_loss:.3f}" if r.first_loss is not None else "", r.settings) if x)
         rows.append([f"train step {model}", variant, throughput, memory, note])
+    for line in comparison_lines(comparisons(results)):
+        rows.append([f"train step {model}", "comparison", line, "", ""])
+    if flex is not None:
+        rows.append([f"flex check {model}", flex.get("what", ""), flex.get("verdict", ""), "", flex.get("detail", "")])
     return rows
 
 
-def write_json(path: Path, env: dict, args, results: list[Result]) -> None:
+def write_json(path: Path, env: dict, args, results: list[Result], flex: dict[str, Any] | None = None) -> None:
     payload = {
         "benchmark": "train_step",
         "model": args.model_name,
         "settings": {k: v for k, v in vars(args).items() if k != "model_name"},
         **env,
+        "peak_flops_per_s": peak_flops_per_second(env["device"]),
+        "flops_formula": forward_flops.__doc__.strip() + "\n" + step_flops.__doc__.strip(),
         "results": [asdict(r) for r in results],
-        "summary_rows": summary_rows(results, args.model_name),
+        "comparisons": comparisons(results),
+        "flex_check": flex,
+        "summary_rows": summary_rows(results, args.model_name, flex),
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ flex check
+def check_row_info(config: Gemma3Config, seq: int) -> TokenInfo:
+    """One packed row of ``seq`` tokens: three conversations, the first two with an image block each, and 5%
+    padding at the end."""
+    image = config.mm_tokens_per_image
+    used = seq - seq // 20
+    bounds = [0, used // 3, (2 * used) // 3, used]
+    positions = torch.zeros(1, seq, dtype=torch.long)
+    segments = torch.zeros(1, seq, dtype=torch.long)
+    blocks = torch.full((1, seq), -1, dtype=torch.long)
+    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        positions[0, start:end] = torch.arange(end - start)
+        segments[0, start:end] = index + 1
+        if index < 2 and end - start > image + 8:
+            blocks[0, start + 5:start + 5 + image] = index
+    return TokenInfo(positions, segments, blocks)
+
+
+def flex_check(config: Gemma3Config, seq: int, device: torch.device, seed: int) -> dict[str, Any]:
+    """FlexAttention against SDPA with the dense mask, at the model's head shapes (GQA) on a packed row with images,
+    for both layer types: forward and backward in bf16 (CUDA; compiled flex), each measured against an fp32 SDPA
+    reference. Agreement: flex's error is within 2x SDPA's own bf16 error (+1e-3). On a CPU: forward only, fp32
+    (FlexAttention has no CPU backward)."""
+    from gemma3vl.model.attention import attend, dense_mask
+    from gemma3vl.model.flex import attend_flex, block_mask
+
+    text = config.text
+    info = check_row_info(config, seq)
+    info = TokenInfo(*(t.to(device) for t in (info.positions, info.segment_ids, info.image_block_ids)))
+    live = (info.segment_ids != 0)[0]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    shape_q = (1, text.num_attention_heads, seq, text.head_dim)
+    shape_kv = (1, text.num_key_value_heads, seq, text.head_dim)
+    base = [torch.randn(shape, generator=generator, device=device) for shape in (shape_q, shape_kv, shape_kv)]
+    grad_out = torch.randn(shape_q, generator=generator, device=device)
+    backward = device.type == "cuda"
+    low = torch.bfloat16 if backward else torch.float32
+    report: dict[str, Any] = {"seq": seq, "dtype": str(low).removeprefix("torch."), "backward": backward, "layers": {}}
+    agree = True
+    for layer_type in (SLIDING, "full_attention"):
+        window = text.sliding_window if layer_type == SLIDING else None
+        dense = dense_mask(info, info, window)
+        outputs = {}
+        for name, dtype in (("reference", torch.float32), ("sdpa", low), ("flex", low)):
+            q, k, v = (t.to(dtype).requires_grad_(backward) for t in base)
+            if name == "flex":
+                out = attend_flex(q, k, v, block_mask(info, info, window), text.attention_scale)
+            else:
+                out = attend(q, k, v, dense, text.attention_scale)
+            grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype)) if backward else ()
+            outputs[name] = [out[:, :, live].float(), *(g.float() for g in grads)]
+        errors = {}
+        for index, tensor_name in enumerate(("out", "dq", "dk", "dv")[: len(outputs["flex"])]):
+            ref = outputs["reference"][index]
+            scale = float(ref.abs().max()) or 1.0
+            flex_err = float((outputs["flex"][index] - ref).abs().max()) / scale
+            sdpa_err = float((outputs["sdpa"][index] - ref).abs().max()) / scale
+            ok = flex_err <= 2 * sdpa_err + 1e-3
+            agree &= ok
+            errors[tensor_name] = {"flex_vs_fp32": flex_err, "sdpa_vs_fp32": sdpa_err, "ok": ok}
+        report["layers"][layer_type] = errors
+        del outputs
+    report["agree"] = agree
+    report["what"] = (f"flex vs sdpa, {report['dtype']} {'forward+backward' if backward else 'forward'}, "
+                      f"seq {seq:,}, packed row with images, both layer types")
+    worst = max(e["flex_vs_fp32"] for layer in report["layers"].values() for e in layer.values())
+    worst_sdpa = max(e["sdpa_vs_fp32"] for layer in report["layers"].values() for e in layer.values())
+    report["verdict"] = "agree" if agree else "DISAGREE"
+    report["detail"] = f"max error / max |ref|: flex {worst:.2e}, sdpa {worst_sdpa:.2e} (vs fp32 sdpa)"
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,6 +792,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-weights", default="bf16",
                         help="bf16 (model.dtype=bfloat16), fp32 (the recipe default on CUDA: fp32 master weights "
                              "under bf16 autocast), or both: bf16,fp32")
+    parser.add_argument("--ours-paths", default="fast,plain",
+                        help="fast (FlexAttention, compiled blocks, checkpointing by length), plain (SDPA, eager), "
+                             "or both (fast,plain: the first-step loss of each is compared)")
+    parser.add_argument("--ac", default="auto", choices=["auto", "none", "full", "selective"],
+                        help="activation checkpointing of ours fast (auto: none <= 8,192 tokens, selective <= 16,384, "
+                             "full beyond)")
+    parser.add_argument("--hf-checkpointing", default="auto", choices=["auto", "on", "off"],
+                        help="transformers' gradient checkpointing (auto: on above 4,096 tokens, as the anchor)")
+    parser.add_argument("--cpu-offload", action="store_true", help="ours: AdamW state on the host (optim.cpu_offload)")
+    parser.add_argument("--flex-check", type=int, default=0, metavar="SEQ",
+                        help="first compare FlexAttention with SDPA at SEQ tokens (model head shapes; 0: skip)")
+    parser.add_argument("--tag", default="", help="appended to the JSON file name (train_step-<model><tag>.json)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--seed", type=int, default=0)
@@ -549,18 +827,46 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     say(f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"commit {env['commit']}")
-    json_path = out / f"train_step-{args.model_name}.json"
+    json_path = out / f"train_step-{args.model_name}{args.tag}.json"
     results: list[Result] = []
+    flex = None
+    if args.flex_check:
+        try:
+            flex = flex_check(config, args.flex_check, device, args.seed)
+        except Exception as exc:  # reported; the timings still run
+            traceback.print_exc()
+            flex = {"what": f"flex vs sdpa, seq {args.flex_check:,}", "agree": False,
+                    "verdict": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        free_memory(device)
+        say(f"[flex check] {flex.get('verdict')}; {flex.get('detail', '')}")
+        write_json(json_path, env, args, results, flex)
+    ran_out: dict[str, int] = {}  # variant family -> the length it ran out of memory at
     for seq in seqs:
         for variant in chosen:
-            results.append(run_variant(variant, raw, config, seq, device, args))
-            write_json(json_path, env, args, results)
+            if variant.family in ran_out:
+                results.append(skipped(variant, config, seq, args, ran_out[variant.family]))
+            else:
+                results.append(run_variant(variant, raw, config, seq, device, args))
+                if results[-1].status == "OOM":
+                    ran_out[variant.family] = seq
+            write_json(json_path, env, args, results, flex)
 
+    peak = peak_flops_per_second(env["device"])
     print(f"\nTraining step, Gemma 3 {args.model_name} shapes, random weights, one {config.vision.image_size} px image "
           f"per sequence, batch 1; median of {args.steps} steps after {args.warmup} warmup; {env['device']}, "
-          f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, {env['date']}\n")
+          f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, {env['date']}. "
+          f"MFU: model FLOPs of the step (attention with its causal/sliding extent, the vision tower included; "
+          f"see step_flops) / step time / "
+          + (f"{peak / 1e12:.0f} TFLOP/s dense bf16 peak.\n" if peak else "the card's peak (unknown here: no MFU).\n"))
+    for line in comparison_lines(comparisons(results)):
+        print(line)
+    if flex is not None:
+        print(f"FlexAttention check: {flex.get('what')}: {flex.get('verdict')}; {flex.get('detail', '')}")
+    print()
     print(markdown_table(TABLE_HEADERS, [table_row(r) for r in results]))
-    return 0 if all(r.status in ("ok", "OOM") for r in results) else 1
+    settled = ("ok", "OOM")
+    return 0 if all(r.status in settled or r.status.startswith("skipped") for r in results) and (
+        flex is None or flex.get("agree")) else 1
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
     assert steps["train_step tiny"] == "ok", steps
+    assert steps["train_step tiny long"] == "ok", steps
+    assert steps["train_step 27b LoRA"].startswith("skipped")
     assert steps["generate tiny"] == "ok", steps
     assert steps["gpu_verify tiny"].startswith("skipped")
     tail = proc.stdout[proc.stdout.rindex("## Results"):]
@@ -72,10 +74,12 @@ def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
 def test_each_script_prints_its_table_last(rehearsal):
     _, out = rehearsal
     log = (out / "run_all.log").read_text()
-    train_part = log[log.index("=== train_step tiny"):log.index("=== generate tiny")]
-    generate_part = log[log.index("=== generate tiny"):log.index("=== train_step 27b")]
-    assert "| impl | recipe | weights | seq | steps/s |" in train_part
-    assert last_line(train_part).startswith("| ours | gemma3_vl_4b_peft | fp32 |")
+    train_part = log[log.index("=== train_step tiny"):log.index("=== train_step tiny long")]
+    long_part = log[log.index("=== train_step tiny long"):log.index("=== train_step 27b")]
+    generate_part = log[log.index("=== generate tiny"):log.index("=== gpu_verify tiny")]
+    assert "| impl | path | recipe | weights | seq | steps/s | tokens/s | MFU |" in train_part
+    assert last_line(train_part).startswith("| transformers | - | gemma3_vl_4b_peft | bf16 |")
+    assert last_line(long_part).startswith("| transformers | - | gemma3_vl_4b_sft | bf16 | 128 |")
     assert "| impl | batch | TTFT | decode ms/step |" in generate_part
     compiled = json.loads((out / "generate-tiny.json").read_text())["compile_available"]
     assert last_line(generate_part).startswith("| ours (compile=True) | 8 |" if compiled else "| transformers | 8 |")
@@ -85,19 +89,35 @@ def test_train_step_runs_every_variant_on_the_same_weights(rehearsal):
     _, out = rehearsal
     data = json.loads((out / "train_step-tiny.json").read_text())
     results = data["results"]
-    labels = [(r["impl"], r["mode"], r["weights"]) for r in results]
-    assert labels == [("ours", "sft", "bf16"), ("ours", "peft", "bf16"), ("transformers", "sft", "bf16"),
-                      ("transformers", "peft", "bf16"), ("ours", "sft", "fp32"), ("ours", "peft", "fp32")]
+    labels = [(r["impl"], r["path"], r["mode"], r["weights"]) for r in results]
+    assert labels == [("ours", "fast", "sft", "bf16"), ("ours", "plain", "sft", "bf16"),
+                      ("transformers", "", "sft", "bf16"), ("ours", "fast", "peft", "bf16"),
+                      ("ours", "plain", "peft", "bf16"), ("transformers", "", "peft", "bf16")]
     for r in results:
         assert r["status"] == "ok", r
         assert r["steps_per_s"] > 0 and r["tokens_per_s"] > 0 and len(r["step_times_s"]) == 1
+        assert r["flops_per_step"] > 0 and r["mfu"] is None  # no peak FLOP/s known for a CPU
     # Same random weights and batch: the first step's loss agrees (bf16 rounding aside), and the LoRA targets too.
     first = [r["first_loss"] for r in results]
     assert max(first) - min(first) < 0.02 * abs(first[0]), first
-    by = {(r["impl"], r["mode"], r["weights"]): r for r in results}
+    by = {(r["impl"], r["path"], r["mode"]): r for r in results}
     for mode in ("sft", "peft"):
-        assert by[("ours", mode, "bf16")]["trainable_params"] == by[("transformers", mode, "bf16")]["trainable_params"]
-    assert len(data["summary_rows"]) == len(results)
+        assert by[("ours", "fast", mode)]["trainable_params"] == by[("transformers", "", mode)]["trainable_params"]
+        assert "AC selective" in by[("ours", "fast", mode)]["settings"]  # the rehearsal forces checkpointing on
+    comparisons = {(c["mode"], c["seq"]): c for c in data["comparisons"]}
+    for mode in ("sft", "peft"):
+        entry = comparisons[(mode, 64)]
+        assert entry["speedup_vs_transformers"] > 0 and abs(entry["loss_difference"]) < 1e-3 * entry["loss_plain"]
+    flex = data["flex_check"]
+    assert flex["agree"] is True and set(flex["layers"]) == {"sliding_attention", "full_attention"}
+    assert not flex["backward"]  # on a CPU FlexAttention runs forward only
+    assert len(data["summary_rows"]) == len(results) + len(data["comparisons"]) + 1
+
+    long = json.loads((out / "train_step-tiny-long.json").read_text())
+    assert [(r["impl"], r["mode"], r["seq"], r["status"]) for r in long["results"]] == [
+        ("ours", "sft", 96, "ok"), ("transformers", "sft", 96, "ok"), ("ours", "sft", 128, "ok"),
+        ("transformers", "sft", 128, "ok")]
+    assert all("gradient checkpointing" not in r["settings"] for r in long["results"] if r["impl"] == "transformers")
 
 
 def test_generate_gives_exactly_n_tokens_on_both_sides(rehearsal):
@@ -131,13 +151,49 @@ def test_out_of_memory_is_reported_not_raised(monkeypatch, tmp_path):
 
 
 def test_sweep_and_filters(tmp_path, capsys):
-    code = train_step.main(["--tiny", "--device", "cpu", "--only", "ours", "--mode", "peft", "--seqs", "48,64",
-                            "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    code = train_step.main(["--tiny", "--device", "cpu", "--only", "ours", "--mode", "peft", "--ours-paths", "plain",
+                            "--seqs", "48,64", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "train_step-tiny.json").read_text())["results"]
     assert [(r["impl"], r["mode"], r["seq"], r["status"]) for r in results] == [
         ("ours", "peft", 48, "ok"), ("ours", "peft", 64, "ok")]
-    assert last_line(capsys.readouterr().out).startswith("| ours | gemma3_vl_4b_peft | bf16 | 64 |")
+    assert last_line(capsys.readouterr().out).startswith("| ours | plain | gemma3_vl_4b_peft | bf16 | 64 |")
+
+
+def test_a_variant_out_of_memory_is_not_tried_at_longer_lengths(monkeypatch, tmp_path):
+    calls = []
+
+    def out_of_memory(variant, config, inputs, *args):
+        calls.append(inputs.tokens)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(train_step, "run_ours", out_of_memory)
+    code = train_step.main(["--tiny", "--device", "cpu", "--only", "ours", "--mode", "sft", "--ours-paths", "fast",
+                            "--seqs", "48,64,80", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    assert code == 0 and calls == [48]
+    results = json.loads((tmp_path / "train_step-tiny.json").read_text())["results"]
+    assert [r["status"] for r in results] == ["OOM", "skipped: OOM at 48 tokens", "skipped: OOM at 48 tokens"]
+
+
+def test_step_flops_against_the_anchor_formula():
+    """The text part of our FLOP count against ``shared/bench/hf_anchor.py``'s own formula (6 x dense matmul FLOPs +
+    12 x q_dim x mean keys, global layers seeing seq/2 keys): the same up to that +1/2 key."""
+    config = train_step.Gemma3Config.from_hf_dict(train_step.hf_config_dict("4b", tiny=False))
+    text, seq = config.text, 4096
+    q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+    per_layer = text.hidden_size * (q + 2 * kv) + q * text.hidden_size + 3 * text.hidden_size * text.intermediate_size
+    dense = per_layer * text.num_hidden_layers + text.hidden_size * text.vocab_size
+    globals_ = sum(1 for t in text.layer_types if t == "full_attention")
+    local = len(text.layer_types) - globals_
+    window = text.sliding_window
+    local_keys = sum(min(i + 1, window) for i in range(seq)) / seq
+    anchor = seq * (6 * dense + 12 * q * (globals_ * seq / 2 + local * local_keys))
+    parts = train_step.forward_flops(config, seq, images=1)
+    ours_text = 3 * (parts["text_matmul"] + parts["text_attention"])
+    assert abs(ours_text / anchor - 1) < 1e-3
+    total = train_step.step_flops(config, seq, 1, "sft")
+    assert 0.05 < 3 * parts["vision"] / total < 0.25  # one 896 px image: SigLIP's 4,096 patches, 27 layers
+    assert train_step.step_flops(config, seq, 1, "peft") < 0.7 * total
 
 
 def test_bandwidth_figures():

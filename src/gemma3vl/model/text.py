@@ -11,9 +11,11 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from gemma3vl.config import FULL, SLIDING, TextConfig
 from gemma3vl.model.attention import TokenInfo, attend, dense_mask
+from gemma3vl.model.flex import DEFAULT_BLOCK_SIZE, attend_flex, block_mask, use_flex
 from gemma3vl.model.layers import FusedLinear, GemmaRMSNorm, Rotary, apply_rotary, gelu_tanh
 
 
@@ -44,7 +46,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | BlockMask,
         cache: Cache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -57,7 +59,10 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = attend(q, k, v, mask, self.scale)
+        if isinstance(mask, BlockMask):
+            out = attend_flex(q, k, v, mask, self.scale)
+        else:
+            out = attend(q, k, v, mask, self.scale)
         return self.o(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -93,9 +98,20 @@ class DecoderBlock(nn.Module):
 
 
 class TextDecoder(nn.Module):
+    """Embedding, blocks, final norm and head.
+
+    ``attention_backend`` picks the attention kernel for every forward (a plain attribute, set from outside):
+    ``sdpa`` (dense boolean mask; the default, the reference the parity tests pin), ``flex`` (FlexAttention with
+    a block-sparse ``BlockMask``; ``gemma3vl.model.flex``), or ``auto`` (flex on CUDA, sdpa on the CPU). Training
+    sets it from ``model.attention`` (default auto); generation may set it for its prefill. Single-token decode
+    steps always take sdpa. The masks are built once per forward, one per layer type, whatever the backend.
+    """
+
     def __init__(self, config: TextConfig, softcap_logits: bool = False):
         super().__init__()
         self.config = config
+        self.attention_backend = "sdpa"
+        self.flex_block_size = DEFAULT_BLOCK_SIZE
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -130,12 +146,14 @@ class TextDecoder(nn.Module):
     ) -> torch.Tensor:
         """Run the blocks over ``inputs_embeds`` [B, T, D]; returns final-normed hidden states."""
         x = inputs_embeds
+        flex = use_flex(self.attention_backend, x.device, x.shape[1])
         tables = {}
         for layer_type, rotary in self.rotary.items():
             keys = cache.keys_info(layer_type, info) if cache is not None else info
             window = self.config.sliding_window if layer_type == SLIDING else None
             cos, sin = rotary.cos_sin(info.positions, x.dtype)
-            tables[layer_type] = (cos, sin, dense_mask(info, keys, window))
+            mask = block_mask(info, keys, window, self.flex_block_size) if flex else dense_mask(info, keys, window)
+            tables[layer_type] = (cos, sin, mask)
         for block in self.layers:
             cos, sin, mask = tables[block.layer_type]
             x = block(x, cos, sin, mask, cache)

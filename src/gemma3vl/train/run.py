@@ -145,6 +145,15 @@ def loads_sharded(cfg: TrainConfig, parallel: ParallelContext | None) -> bool:
             and cfg.peft.method != "dora")
 
 
+def set_attention(model: Gemma3Model, cfg: TrainConfig, device: torch.device) -> None:
+    """``model.attention``: the decoder's attention kernel (gemma3vl.model.flex.use_flex). FlexAttention has no
+    backward on the CPU, so ``flex`` there is refused here rather than at the first backward."""
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise Gemma3VLError(f"model.attention=flex trains on CUDA only (FlexAttention has no backward on {device.type}); "
+                            "use model.attention=auto or sdpa")
+    model.text.attention_backend = cfg.model.attention
+
+
 def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: torch.device,
                         weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> tuple[Gemma3Model, Any]:
     """The model built on the meta device, parallelized there, then each rank's shards read from the checkpoint."""
@@ -155,6 +164,7 @@ def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: tor
             model.text.add_untied_head()
     model = model.to(weight_dtype)
     freeze(model, cfg)
+    set_attention(model, cfg, device)
     extra: dict[str, torch.Tensor] = {}
     if cfg.peft.method != "none":
         apply_lora(model, lora_config(cfg))  # adapters made on the CPU, as one process makes them
@@ -217,6 +227,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         sharded = parallel is not None and parallel.dims.world_size > 1
         model, model_config = load_model(cfg.model.path, device="cpu" if sharded else device, dtype=weight_dtype)
         freeze(model, cfg)
+        set_attention(model, cfg, device)
         if cfg.peft.method != "none":
             apply_lora(model, lora_config(cfg))
         if parallel is not None and parallel.dims.pp > 1:

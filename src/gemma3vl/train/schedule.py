@@ -1,11 +1,17 @@
-"""Optimizer and learning-rate schedule: AdamW (fused on CUDA), linear warmup then cosine decay."""
+"""Optimizer and learning-rate schedule: AdamW (fused on CUDA), linear warmup then cosine decay.
+
+``optim.cpu_offload`` swaps AdamW for :class:`HostOffloadAdamW`, which keeps the optimizer's state on the host.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch.optim.adam import adam
 
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.train.config import OptimSettings
 
 
@@ -18,18 +24,116 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, settings: OptimSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on norms, biases and 1-D parameters."""
+class HostOffloadAdamW(torch.optim.Optimizer):
+    """AdamW whose state lives in host memory: per trained parameter an fp32 master copy and the two moments
+    (12 bytes, vs 4 to 12 on the GPU for plain AdamW), with the update computed by the CPU.
+
+    For full fine-tuning where weights + gradients fit on one GPU but the optimizer does not (the 27B: 54 GB of
+    bf16 weights, 54 GB of gradients, 216 GB of fp32 AdamW state). Each ``step`` copies the gradients to the host,
+    runs torch's AdamW kernel (``decoupled_weight_decay``, the same arithmetic as ``torch.optim.AdamW``) on the
+    fp32 masters, and copies the masters back into the parameters (rounded to their dtype): bf16 weights then train
+    as if with fp32 master weights. The cost is the transfers and a CPU pass over the state every step: worth it
+    when the step is long (large models, long sequences), not for short steps of small models.
+
+    The parameter groups hold the model's own parameters, so gradient clipping, the LR scheduler and DCP
+    checkpoints (state keyed by parameter name) see an ordinary optimizer; the state tensors stay on the host
+    through ``load_state_dict`` (``torch.optim.Optimizer`` would move them to the parameters' device and dtype).
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(param, DTensor) for group in self.param_groups for param in group["params"]):
+            raise Gemma3VLError("optim.cpu_offload keeps whole parameters' state on the host of one process; under "
+                                "FSDP use parallel.cpu_offload instead")
+
+    def _host_state(self, param: torch.Tensor) -> dict[str, Any]:
+        state = self.state[param]
+        if not state:
+            master = torch.empty(param.shape, dtype=torch.float32, device="cpu", pin_memory=_can_pin(param))
+            master.copy_(param.detach())
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["master"] = master
+            state["exp_avg"] = torch.zeros_like(master)
+            state["exp_avg_sq"] = torch.zeros_like(master)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, masters, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], [], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self._host_state(param)
+                params.append(param)
+                masters.append(state["master"])
+                grads.append(param.grad.to("cpu", torch.float32))
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adam(
+                masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, decoupled_weight_decay=True,
+                amsgrad=False, beta1=beta1, beta2=beta2, lr=float(group["lr"]), weight_decay=group["weight_decay"],
+                eps=group["eps"], maximize=False,
+            )
+            for param, master in zip(params, masters):
+                param.copy_(master, non_blocking=master.is_pinned())
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters and state (saved ids matched to parameters by order, as torch does), keeping
+        every state tensor on the host in fp32."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            raise Gemma3VLError("the saved optimizer state has other parameter groups than this model's trainable "
+                                "parameters (different peft/freeze settings?)")
+        by_id = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            by_id.update(zip(saved["params"], group["params"]))
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        self.state.clear()
+        for saved_id, saved_state in state_dict["state"].items():
+            param = by_id[saved_id]
+            self.state[param] = {
+                key: value.detach().to("cpu", torch.float32).clone() if torch.is_tensor(value) else value
+                for key, value in saved_state.items()
+            }
+
+
+def _can_pin(param: torch.Tensor) -> bool:
+    """Pinned host memory makes the copy back to a GPU asynchronous; it exists only beside CUDA."""
+    return param.device.type == "cuda"
+
+
+def build_optimizer(
+    model: torch.nn.Module, settings: OptimSettings, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on norms, biases and 1-D parameters.
+
+    ``settings.cpu_offload``: :class:`HostOffloadAdamW` (state on the host) instead of ``torch.optim.AdamW``."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     if not decay and not no_decay:
-        from gemma3vl.errors import Gemma3VLError
-
         raise Gemma3VLError("nothing to train: every parameter is frozen (check train.freeze_* and peft.*)")
     fused = device.type == "cuda" if settings.fused == "auto" else settings.fused in ("true", "1", True)
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if settings.cpu_offload:
+        return HostOffloadAdamW([g for g in groups if g["params"]], lr=settings.lr,
+                                betas=(settings.beta1, settings.beta2), eps=settings.eps)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=settings.lr,
