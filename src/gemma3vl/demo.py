@@ -5,7 +5,7 @@
 bitwise identical; 4. compare our model with transformers on a synthetic batch (several images, padding);
 5. draw a picture and answer a question about it, checking the tokens against transformers' ``generate``
 (the weights are random, so the answer is noise — but it must be transformers' noise, token for token);
-6. fine-tune the tiny model on pictures it draws (shapes, colours, counts) and measure held-out accuracy
+6. fine-tune the tiny model on pictures it draws (shapes, colours, counts, a written word) and measure held-out accuracy
 before and after; 7. load the exported fine-tuned checkpoint in transformers and check it gives the same
 answers. The last line is ``demo: held-out accuracy BEFORE -> AFTER``.
 """
@@ -148,7 +148,7 @@ def fine_tune(out: Path, base_dir: Path, seed: int) -> tuple[float, float, int, 
     cfg.model.path, cfg.data.path, cfg.data.eval_path = str(base_dir), str(train_path), str(eval_path)
     cfg.out = str(out / "finetune")
     cfg.train.seed = seed
-    say(f"[6/7] fine-tuning on {DEMO_TRAIN_RECORDS} drawn pictures (colour, shape, count questions): "
+    say(f"[6/7] fine-tuning on {DEMO_TRAIN_RECORDS} drawn pictures (colour, shape, count and written-word questions): "
         f"{cfg.train.steps} steps of {cfg.train.global_batch_size} packed rows; {DEMO_EVAL_RECORDS} held out")
     trainer_result = run_training(cfg)
     evals = [r for r in trainer_result.history if r.get("eval_accuracy") is not None]

@@ -2,7 +2,8 @@
 
 The demo and the tests need images without downloading any: ``draw_picture("red circle")`` gives the same
 pixels on every machine (no fonts, no antialiasing, no randomness beyond a seeded ``random.Random``), so
-processor outputs and model logits computed from it are reproducible.
+processor outputs and model logits computed from it are reproducible. Words are written with a built-in
+5-row pixel font (``GLYPHS``), not a system font, for the same reason.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "cyan": (30, 200, 210),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross")
+# A 3x5 pixel font for the letters the demo's words use: each glyph is 5 rows of 3 pixels ("#" = ink).
+GLYPHS: dict[str, tuple[str, ...]] = {
+    "a": (".#.", "#.#", "###", "#.#", "#.#"), "b": ("##.", "#.#", "##.", "#.#", "##."),
+    "c": (".##", "#..", "#..", "#..", ".##"), "d": ("##.", "#.#", "#.#", "#.#", "##."),
+    "e": ("###", "#..", "##.", "#..", "###"), "g": (".##", "#..", "#.#", "#.#", ".##"),
+    "i": ("###", ".#.", ".#.", ".#.", "###"), "k": ("#.#", "#.#", "##.", "#.#", "#.#"),
+    "l": ("#..", "#..", "#..", "#..", "###"), "n": ("#.#", "###", "###", "#.#", "#.#"),
+    "o": (".#.", "#.#", "#.#", "#.#", ".#."), "p": ("##.", "#.#", "##.", "#..", "#.."),
+    "s": (".##", "#..", ".#.", "..#", "##."), "t": ("###", ".#.", ".#.", ".#.", ".#."),
+    "u": ("#.#", "#.#", "#.#", "#.#", "###"), "x": ("#.#", "#.#", ".#.", "#.#", "#.#"),
+    "y": ("#.#", "#.#", ".#.", ".#.", ".#."),
+}
 
 
 def _parse(kind: str) -> list[tuple[str, str]]:
@@ -97,6 +110,24 @@ def draw_picture(kind: str = "red circle", size: tuple[int, int] = (96, 64), see
         cy = height / 2 + rng.uniform(-0.1, 0.1) * (height - side)
         box = (round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2))
         _draw_shape(draw, shape, box, COLOURS[colour])
+    return img
+
+
+def write_word(img: Image.Image, word: str, *, scale: int = 2, colour: tuple[int, int, int] = (10, 10, 10)) -> Image.Image:
+    """Write ``word`` (letters of ``GLYPHS``) in ``img``'s bottom band, centred, ``scale`` pixels per font pixel."""
+    unknown = sorted(set(word) - set(GLYPHS))
+    if unknown:
+        raise ValueError(f"word {word!r}: no glyph for {''.join(unknown)!r} (letters: {''.join(sorted(GLYPHS))})")
+    draw = ImageDraw.Draw(img)
+    width = (4 * len(word) - 1) * scale
+    x0 = (img.width - width) // 2
+    y0 = img.height - 6 * scale
+    for index, letter in enumerate(word):
+        for row, line in enumerate(GLYPHS[letter]):
+            for col, pixel in enumerate(line):
+                if pixel == "#":
+                    x, y = x0 + (4 * index + col) * scale, y0 + row * scale
+                    draw.rectangle((x, y, x + scale - 1, y + scale - 1), fill=colour)
     return img
 
 

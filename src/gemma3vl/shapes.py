@@ -1,4 +1,4 @@
-"""A small synthetic image-question-answer set, drawn on the spot: shapes, colours and counts.
+"""A small synthetic image-question-answer set, drawn on the spot: shapes, colours, counts and a word.
 
 Used by the tiny recipes and ``gemma3vl demo`` so fine-tuning can be shown end to end with no network:
 a model at chance answers ~1 in 4 of these; after a short fine-tune it should answer most.
@@ -12,7 +12,9 @@ import json
 import random
 from pathlib import Path
 
-from gemma3vl.pictures import draw_picture
+from PIL import Image
+
+from gemma3vl.pictures import draw_picture, write_word
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -20,7 +22,9 @@ QUESTIONS = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",
     "count": "How many shapes are there?",
+    "word": "What word is written under the shape?",
 }
+WORDS = ("sun", "box", "cat", "dog")  # four answers, like the other questions: chance is one in four
 COUNT_WORDS = {1: "one", 2: "two"}
 
 
@@ -28,9 +32,19 @@ def make_record(rng: random.Random, image_name: str, directory: Path, size: tupl
     kind = rng.choice(tuple(QUESTIONS))
     colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
     count = rng.choice((1, 2)) if kind == "count" else 1
+    word = rng.choice(WORDS)
     objects = " and ".join([f"{colour} {shape}"] * count)
-    draw_picture(objects, size=size, seed=rng.randrange(1 << 30)).save(directory / image_name)
-    answer = {"colour": colour, "shape": shape, "count": COUNT_WORDS[count]}[kind]
+    seed = rng.randrange(1 << 30)
+    if kind == "word":  # the shape above, the word in a band of its own below
+        band = 14
+        shape_part = draw_picture(objects, size=(size[0], size[1] - band), seed=seed)
+        picture = Image.new("RGB", size, shape_part.getpixel((0, 0)))
+        picture.paste(shape_part, (0, 0))
+        write_word(picture, word)
+    else:
+        picture = draw_picture(objects, size=size, seed=seed)
+    picture.save(directory / image_name)
+    answer = {"colour": colour, "shape": shape, "count": COUNT_WORDS[count], "word": word}[kind]
     return {
         "messages": [
             {"role": "user", "content": [{"type": "image", "image": image_name},
