@@ -16,7 +16,7 @@ from torch import nn
 
 from gemma3vl.bridge.checkpoint import MANIFEST, NativeCheckpoint, open_checkpoint, write_index
 from gemma3vl.bridge.convert import SIDE_DIR, _manifest, export_checkpoint
-from gemma3vl.bridge.fsutil import copy_file_durable, side_files, staged_output, write_text_durable
+from gemma3vl.bridge.fsutil import OutputNotWritten, copy_file_durable, side_files, staged_output, write_text_durable
 from gemma3vl.bridge.safetensors_io import DTYPES, PlannedTensor, plan_shards, shard_file_name, write_in_canonical_order
 from gemma3vl.errors import Gemma3VLError
 
@@ -79,7 +79,10 @@ def export_model(
     native = out_dir.parent / f".{out_dir.name}.native-tmp"
     shutil.rmtree(native, ignore_errors=True)
     try:
-        save_native(model, base_dir, native)
+        try:
+            save_native(model, base_dir, native)
+        except OutputNotWritten as exc:  # the hidden directory is ours: name the output the caller asked for
+            raise OutputNotWritten(out_dir, exc.reason, out_dir.is_dir() and any(out_dir.iterdir())) from None
         return export_checkpoint(native, out_dir, layout=layout, overwrite=overwrite, progress=False)
     finally:
         shutil.rmtree(native, ignore_errors=True)

@@ -2,18 +2,29 @@
 
 A conversion writes into a hidden sibling ``.NAME.tmp-<pid>`` and renames it into place only once every
 file is complete and fsynced, so ``NAME`` is either absent, the old contents, or the whole new checkpoint:
-never half of one. Any failure removes the temporary directory.
+never half of one. Replacing a non-empty ``NAME`` (``overwrite``) swaps the two directories in one atomic
+``renameat2(RENAME_EXCHANGE)`` where the filesystem has it; elsewhere the old one is first renamed aside to
+``.NAME.old-<pid>``, and a run killed between the two renames has it put back by the next run. Any error
+removes the temporary directory (an ``OSError`` such as a full disk becomes a :class:`Gemma3VLError` naming
+the output). A process killed with SIGKILL cannot clean up: its ``.NAME.tmp-<pid>`` stays until the next
+write to ``NAME``, which removes the leftovers of processes that are no longer running, and says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from gemma3vl.errors import Gemma3VLError
+
+logger = logging.getLogger("gemma3vl.bridge")
 
 # Files that are weights (ours to convert or not ours to carry); everything else in an HF dir is a side file.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
@@ -78,30 +89,98 @@ def check_output_dir(out_dir: Path, overwrite: bool, *inputs: Path) -> None:
         raise Gemma3VLError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
 
+class OutputNotWritten(Gemma3VLError):
+    """An output directory could not be written (a full disk, ...); nothing of the attempt is left."""
+
+    def __init__(self, out_dir: Path, reason: str, replaced: bool):
+        kept = "its previous contents are untouched" if replaced else "nothing was left behind"
+        super().__init__(f"{out_dir}: cannot write the output ({reason}); {kept}")
+        self.reason = reason
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out_dir`` when the block finishes without error."""
+    _recover_leftovers(out_dir)  # first: an output put back must not then be replaced without overwrite
     check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if staging.exists():  # left by a crashed run that had our pid
         shutil.rmtree(staging)
     staging.mkdir()
+    replaced = out_dir.exists() and not _is_empty_dir(out_dir)
     try:
         yield staging
         for root, _, _ in os.walk(staging):  # file contents are fsynced as written; now their names
             fsync_dir(Path(root))
-        retired = None
-        if out_dir.exists():
-            if _is_empty_dir(out_dir):
-                out_dir.rmdir()
-            else:
-                retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-                os.rename(out_dir, retired)
-        os.rename(staging, out_dir)
-        fsync_dir(out_dir.parent)
-        if retired is not None:
-            shutil.rmtree(retired)
+        _move_into_place(staging, out_dir)
+    except OSError as exc:  # a full disk, a read-only or vanished directory: the output and the reason
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc.strerror or str(exc)
+        raise OutputNotWritten(out_dir, reason, replaced) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """``staging`` becomes ``out_dir``; at no instant is ``out_dir`` a mixture of the two, or (where the
+    filesystem can swap atomically) missing."""
+    if out_dir.exists() and _is_empty_dir(out_dir):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        fsync_dir(out_dir.parent)
+        return
+    if _exchange(staging, out_dir):  # staging now holds the old output
+        fsync_dir(out_dir.parent)
+        shutil.rmtree(staging)
+        return
+    retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    os.rename(out_dir, retired)
+    os.rename(staging, out_dir)  # a kill before this line leaves retired for _recover_leftovers to restore
+    fsync_dir(out_dir.parent)
+    shutil.rmtree(retired)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the filesystem (or kernel) cannot swap: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _recover_leftovers(out_dir: Path) -> None:
+    """Tidy what killed writers to ``out_dir`` left: an old output renamed aside while ``out_dir`` is
+    missing is put back (it was the last complete one); other temporary directories of processes that are
+    no longer running are removed. Directories of running processes are left alone."""
+    for leftover in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*")):
+        kind, _, pid = leftover.name[len(out_dir.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _pid_running(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            os.rename(leftover, out_dir)
+            logger.warning("%s: restored the previous output from %s (a run was killed while replacing it)",
+                           out_dir, leftover.name)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.warning("%s: removed %s, left by process %s, which was killed while writing", out_dir,
+                           leftover.name, pid)

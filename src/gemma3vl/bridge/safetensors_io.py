@@ -84,8 +84,10 @@ def canonical_order(entries: Iterable[tuple[str, str]]) -> list[str]:
 class SafetensorsFile:
     """A safetensors file whose header has been checked against the file itself before any data is read.
 
-    Every problem (truncated file, header length past the end, garbage header, overlapping or missing data
-    ranges, unknown dtype) raises Gemma3VLError naming the file. The file handle stays open until close().
+    Every problem (truncated file, header length past the end or over 100 MB, garbage header, a name given twice,
+    overlapping, missing or out-of-file data ranges, shapes that do not match their bytes, unknown dtype) raises
+    Gemma3VLError naming the file (and the tensor), before any tensor data is read: the only allocation is the
+    header itself, at most what the file holds and never over 100 MB. The file handle stays open until close().
     """
 
     def __init__(self, path: str | Path):
@@ -126,7 +128,7 @@ class SafetensorsFile:
 
     def _parse_header(self, raw: bytes, data_start: int, size: int) -> None:
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=self._refuse_twice_named)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             self._fail(f"corrupt safetensors header (not JSON: {exc})")
         if not isinstance(header, dict):
@@ -140,8 +142,16 @@ class SafetensorsFile:
         for name, entry in header.items():
             self.tensors[name] = self._parse_entry(name, entry, data_start)
         # Data ranges must tile [0, data_len) exactly, as safetensors requires; the file must end there.
+        # Only the last range may reach past the end (the file is then truncated); any other is a lie, named.
+        ordered = sorted(self.tensors.values(), key=lambda t: (t.begin, t.end))
+        for info in ordered[:-1]:
+            if info.end > size:
+                self._fail(
+                    f"corrupt safetensors header: tensor {info.name!r} ({info.dtype} {list(info.shape)}) ends at "
+                    f"data offset {info.end - data_start}, past the end of the file's {size - data_start} data bytes"
+                )
         expected = 0
-        for info in sorted(self.tensors.values(), key=lambda t: (t.begin, t.end)):
+        for info in ordered:
             if info.begin - data_start != expected:
                 self._fail(
                     f"corrupt safetensors header: tensor {info.name!r} starts at data offset "
@@ -155,15 +165,25 @@ class SafetensorsFile:
         if data_start + expected < size:
             self._fail(f"file has {size - data_start - expected} unexpected trailing bytes after its data")
 
+    def _refuse_twice_named(self, pairs: list[tuple[str, object]]) -> dict[str, object]:
+        """JSON parsers keep the last of two equal keys, which would hide the first entry's bytes."""
+        seen: dict[str, object] = {}
+        for key, value in pairs:
+            if key in seen:
+                self._fail(f"corrupt safetensors header: tensor {key!r} appears twice")
+            seen[key] = value
+        return seen
+
     def _parse_entry(self, name: str, entry: object, data_start: int) -> TensorInfo:
         if not isinstance(entry, dict):
             self._fail(f"corrupt safetensors header: entry for {name!r} is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPES:
             self._fail(f"tensor {name!r} has unsupported or corrupt dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        # type() is int, not isinstance: JSON true/false parse as bool, a subclass of int.
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
             self._fail(f"corrupt safetensors header: tensor {name!r} has shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             self._fail(f"corrupt safetensors header: tensor {name!r} has data_offsets {offsets!r}")
         begin, end = offsets
         if end - begin != tensor_nbytes(dtype, shape) or begin < 0:

@@ -4,6 +4,18 @@ A training set is data from elsewhere; a record must not be able to make the tra
 ``../../etc/passwd``, follow a symlink out of the dataset directory, or fetch from the network, unless the
 user said so. Files go through :func:`gemma3vl.infer.prompt.load_image` (same pixel limit and errors as
 inference); in-memory images (``data:`` URLs, downloads, HF dataset bytes) get the same checks here.
+
+Hostile or broken files (tests/test_reliability_images.py tries each): zero-byte, truncated and corrupt files
+are refused with the record's ``file:line``, as is any image over ``max_image_pixels``, checked from the
+header before a pixel is decoded (PIL itself refuses claims over twice its ``MAX_IMAGE_PIXELS``, 179 M pixels,
+at open: that refusal is named the same way). Every PIL mode is handed to the processor as it is, so it is
+converted exactly as transformers' Gemma 3 image processor converts it (``convert_to_rgb``: alpha and
+palette transparency composited onto white; 16-bit, 32-bit and float modes through PIL's ``convert("RGB")``).
+
+Orientation: an image decoded here from bytes (a file, ``data:`` URL, download or dataset bytes) is turned
+upright by its EXIF orientation tag, as transformers' ``load_image`` does for a path or URL and as the
+``datasets`` library does when it decodes an ``Image`` feature; a ``PIL.Image`` already in a record is used as
+it is (whoever decoded it chose). So a rotated phone JPEG trains as the picture its owner saw.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gemma3vl.data.records import (
     IMAGE_OUTSIDE_DATASET,
@@ -75,9 +87,10 @@ class ImageLoader:
                 "(set allow_outside_paths to permit it)",
             )
         try:
-            return load_image(path, self.max_image_pixels)
+            image = load_image(path, self.max_image_pixels)
         except Gemma3VLError as exc:
             raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: {exc}") from None
+        return _upright(image, f"image {value!r}", source)
 
     def _fetch(self, url: str, source: str) -> Image.Image:
         if not self.allow_remote_images:
@@ -109,9 +122,21 @@ class ImageLoader:
             with Image.open(io.BytesIO(data)) as probe:
                 self._check_size(probe.size, label, source)
                 probe.load()  # decode now, so a truncated image fails here with its record
-                return probe.copy()
+                image = probe.copy()
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
             raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: not a readable image ({exc})") from None
+        return _upright(image, label, source)
+
+
+def _upright(image: Image.Image, label: str, source: str) -> Image.Image:
+    """``image`` turned by its EXIF orientation tag (in place: it is our own decoded copy)."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as exc:  # noqa: BLE001 - PIL's EXIF reader and writer raise many types on a corrupt block
+        # (a fuzz test found struct.error from rewriting a tag whose type byte was changed)
+        why = f"{type(exc).__name__}: {exc}"
+        raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: corrupt EXIF block ({why})") from None
+    return image
 
 
 def _data_url_bytes(url: str, source: str) -> bytes:

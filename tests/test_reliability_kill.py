@@ -1,0 +1,333 @@
+"""SIGKILL at random moments during an export and during a training-checkpoint save.
+
+The real work runs in a child process (``gemma3vl.cli.main``: the code ``python -m gemma3vl`` runs) that is
+killed with SIGKILL after a seeded random delay. The child slows its own writes down with sleeps (hooks
+installed in the child only; the code under test is unchanged), so that the kills land mid-write without the
+tests being slow. Forking each run from one process that has already imported torch and gemma3vl keeps the
+import time out of every run.
+
+What must hold after each kill: what a reader finds under the output's name is complete (the previous export
+or the new one, file for file; complete training checkpoints only), a rerun cleans up after the killed one
+and succeeds, and training resumed after a kill mid-save gives the per-step losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gemma3vl import bridge
+from gemma3vl.bridge.checkpoint import HFCheckpoint
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.train.metrics import read_metrics
+
+# The child: imports once, then forks one grandchild per job read from stdin and reports its pid and status.
+# A job's hooks slow the grandchild's writes and append the phases it reaches to an events file.
+FORK_SERVER = r'''
+import json, os, sys, time
+import gemma3vl.cli
+
+def install_hooks(kind, events, pause):
+    import shutil
+    def note(what):
+        with open(events, "a") as handle:
+            handle.write(what + "\n")
+    def slowed(function, before, after=None, pause=pause):
+        def wrapper(*args, **kwargs):
+            note(before(*args, **kwargs) if callable(before) else before)
+            time.sleep(pause)
+            result = function(*args, **kwargs)
+            if after:
+                note(after)
+                time.sleep(pause)
+            return result
+        return wrapper
+    if kind.startswith("export"):
+        import gemma3vl.bridge.convert as convert, gemma3vl.bridge.fsutil as fsutil
+        real_write = convert.write_safetensors
+        def write(path, tensors, produce, metadata=None):
+            note("write " + path.name)
+            def produce_slowly(name):
+                time.sleep(pause)
+                return produce(name)
+            return real_write(path, tensors, produce_slowly, metadata)
+        convert.write_safetensors = write
+        fsutil.fsync_dir = slowed(fsutil.fsync_dir, "fsync-dir")
+        if kind == "export-two-renames":
+            fsutil._exchange = lambda a, b: False  # as on a filesystem without RENAME_EXCHANGE
+        else:
+            fsutil._exchange = slowed(fsutil._exchange, "swap", "swapped", pause=20 * pause)
+        os.rename = slowed(os.rename, lambda a, b, **kw: "rename " + os.path.basename(a), "renamed", pause=20 * pause)
+        shutil.rmtree = slowed(shutil.rmtree, lambda path, *a, **kw: "rmtree " + os.path.basename(path))
+    elif kind == "train":
+        import torch.distributed.checkpoint as dcp
+        import gemma3vl.train.checkpoint as checkpoint
+        dcp.save = slowed(dcp.save, lambda state, **kw: "save " + os.path.basename(kw["checkpoint_id"]), "saved")
+        writer = dcp.FileSystemWriter
+        writer.finish = slowed(writer.finish, "metadata")
+        checkpoint._fsync_tree = slowed(checkpoint._fsync_tree, "fsync", "fsynced")
+        os.replace = slowed(os.replace, lambda a, b, **kw: "replace " + os.path.basename(a), "replaced")
+        checkpoint._prune = slowed(checkpoint._prune, "prune", "pruned")
+        def remove_slowly(path, ignore_errors=False):  # file by file, the COMPLETE marker among the last
+            if not os.path.isdir(path):
+                if ignore_errors:
+                    return
+                raise FileNotFoundError(path)
+            note("rmtree " + os.path.basename(path))
+            for root, dirs, files in os.walk(path, topdown=False):
+                for name in sorted(files, reverse=True):
+                    time.sleep(pause)
+                    os.unlink(os.path.join(root, name))
+                for name in dirs:
+                    os.rmdir(os.path.join(root, name))
+            os.rmdir(path)
+        shutil.rmtree = remove_slowly
+
+for line in sys.stdin:
+    job = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        code = 70
+        try:
+            if job["hooks"]:
+                install_hooks(job["hooks"], job["events"], job["pause"])
+            code = gemma3vl.cli.main(job["argv"])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"status": status}), flush=True)
+'''
+
+
+class ForkServer:
+    """Runs ``gemma3vl`` commands in forked children that a test can kill at a moment of its choosing."""
+
+    def __init__(self, directory: Path, preload: str):
+        self.directory = directory
+        env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen([sys.executable, "-c", f"import {preload}\n{FORK_SERVER}"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        self.jobs = 0
+
+    def start(self, argv: list[str], hooks: str | None = None, pause: float = 0.0) -> tuple[int, Path]:
+        self.jobs += 1
+        events = self.directory / f"events-{self.jobs}.txt"
+        job = {"argv": [str(a) for a in argv], "hooks": hooks, "pause": pause, "events": str(events),
+               "log": str(self.directory / f"log-{self.jobs}.txt")}
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["pid"], events
+
+    def wait(self) -> int:
+        """The child's wait status (see os.waitstatus_to_exitcode)."""
+        return json.loads(self.process.stdout.readline())["status"]
+
+    def log(self) -> str:
+        return (self.directory / f"log-{self.jobs}.txt").read_text()
+
+    def run(self, argv: list[str], hooks: str | None = None, pause: float = 0.0) -> int:
+        self.start(argv, hooks, pause)
+        code = os.waitstatus_to_exitcode(self.wait())
+        assert code == 0, self.log()[-3000:]
+        return code
+
+    def kill_after(self, argv: list[str], hooks: str, pause: float, event: str, delay: float) -> list[str]:
+        """Start ``argv``, SIGKILL it ``delay`` seconds after it reaches a phase starting with ``event``;
+        returns the phases it reached (the last ones tell where the kill landed)."""
+        pid, events = self.start(argv, hooks, pause)
+        deadline = time.monotonic() + 120
+        while not any(line.startswith(event) for line in _lines(events)):
+            assert time.monotonic() < deadline and _running(pid), f"never reached {event!r}: {self.log()[-3000:]}"
+            time.sleep(0.002)
+        time.sleep(delay)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it had finished: a kill "after the end" is a valid moment too
+        status = self.wait()
+        if not os.WIFSIGNALED(status):
+            assert os.waitstatus_to_exitcode(status) == 0, self.log()[-3000:]
+        return _lines(events) + (["killed"] if os.WIFSIGNALED(status) else ["finished"])
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # the fork server reaps its children at once: an ended one is gone
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def fork_server(tmp_path):
+    """A factory: ``fork_server(modules)`` preloads what the test's commands import, once."""
+    servers = []
+    yield lambda preload: servers.append(ForkServer(tmp_path, preload)) or servers[-1]
+    for server in servers:
+        server.close()
+
+
+def digest(directory: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under ``directory``."""
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_path, fork_server):
+    """Each kill leaves OUT exactly the previous export or exactly the new one (never missing where the
+    filesystem can swap directories, never a mixture); a rerun of the real CLI removes the leftovers, says
+    so, and writes the same files as an export that was never interrupted; the input is never touched."""
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    fork_server = fork_server("gemma3vl.bridge")
+    hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
+    native = bridge.import_checkpoint(hf, tmp_path / "native", progress=False)
+    native_digest = digest(native)
+    out = tmp_path / "out"
+    # The previous output differs from the new one in every file, so a mixture of the two would show.
+    bridge.export_checkpoint(native, tmp_path / "previous", layout="transformers5", progress=False)
+    previous = digest(tmp_path / "previous")
+    fork_server.run(["convert", "export", native, tmp_path / "reference"])
+    new = digest(tmp_path / "reference")
+    assert set(previous.values()).isdisjoint(new.values()) or previous.keys() != new.keys()
+    argv = ["convert", "export", native, out, "--overwrite"]
+    # With a 3 ms sleep before each of the 93 tensors, the writes alone last 0.28 s after the first "write"
+    # phase, and more under load: delays below that land before the end, wherever the machine's speed puts them.
+    duration = 0.28
+    rng = random.Random(0)
+    trials = [("export-two-renames", "renamed", 0.01),  # between the two renames: OUT is missing
+              ("export", "swapped", 0.01)]  # after the atomic swap, before the old output is deleted
+    trials += [("export-two-renames", "write", rng.uniform(0, duration)) for _ in range(2)]
+    trials += [("export", "write", rng.uniform(0, duration)) for _ in range(5)]
+    landed = []
+    for hooks, event, delay in trials:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp_path / "previous", out)
+        phases = fork_server.kill_after(argv, hooks, 0.003, event, delay)
+        landed.append(phases[-2] if phases[-1] == "killed" else "after the end")
+        if out.exists():
+            assert digest(out) in (previous, new), (phases[-3:], sorted(digest(out)))
+        else:  # killed between "OUT aside" and "new into place": the previous output is kept aside...
+            assert hooks == "export-two-renames", phases[-3:]
+            (aside,) = [p for p in out.parent.glob(f".{out.name}.old-*")]
+            assert digest(aside) == previous
+            # ...and the next write to OUT puts it back first (here one that refuses to overwrite it)
+            with pytest.raises(Gemma3VLError, match="exists and is not empty"):
+                bridge.export_checkpoint(native, out, progress=False)
+            assert digest(out) == previous and not list(out.parent.glob(f".{out.name}.old-*"))
+    assert "after the end" not in landed and sum(name.startswith("write") for name in landed) >= 3, landed
+    assert "renamed" in landed and "swapped" in landed, landed
+
+    left = leftovers(out)
+    fork_server.run(argv)  # the rerun, undisturbed
+    for name in left:
+        assert f"removed {name}, left by process" in fork_server.log()
+    logs = "".join(p.read_text() for p in tmp_path.glob("log-*.txt"))
+    assert logs.count(", which was killed while writing") >= len(trials) - 1, landed
+    assert digest(out) == new and leftovers(out) == []
+    assert digest(native) == native_digest
+    with HFCheckpoint(out) as checkpoint:  # and it opens as a checkpoint, every header checked
+        assert len(checkpoint.planned_native()) > 0
+
+
+# ------------------------------------------------------------------------------------------------ training
+FAST = ["train.seq_length=128", "train.global_batch_size=2", "train.micro_batch_size=1", "train.eval_every=0",
+        "data.eval_accuracy_samples=0", "logging.progress=false", "checkpoint.every=1", "checkpoint.keep_last=1"]
+
+
+def train_argv(out: Path, *extra: str) -> list:
+    return ["train", "--recipe", "tiny_sft", "--out", out, "train.steps=3", *FAST, *extra]
+
+
+def assert_complete_checkpoints_are_whole(root: Path) -> list[str]:
+    """Every directory that looks like a checkpoint (``step-N`` with ``COMPLETE``) has all its files: its
+    trainer state for step N, metadata that passes the pickle allow-list, and every byte range the DCP
+    metadata points at. Returns their names."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from gemma3vl.train.checkpoint import list_checkpoints
+    from gemma3vl.train.safe_metadata import check_metadata
+
+    names = []
+    for path in list_checkpoints(root):
+        assert json.loads((path / "trainer_state.json").read_text())["step"] == int(path.name.split("-")[1])
+        check_metadata(path)
+        for info in FileSystemReader(str(path)).read_metadata().storage_data.values():
+            assert (path / info.relative_path).stat().st_size >= info.offset + info.length, (path, info)
+        names.append(path.name)
+    return names
+
+
+def test_training_killed_mid_save_resumes_to_the_same_losses(tmp_path, fork_server):
+    """Kills land in checkpoint saves (seeded delays across a slowed save: in DCP's write, before its
+    metadata, before the marker's fsync, around the rename, in the pruning of the previous checkpoint) and in
+    the final export. After each kill every complete-looking checkpoint is whole, and ``--resume`` goes on from
+    the newest; the per-step losses and gradient norms of the killed-and-resumed run equal an uninterrupted
+    run's, bit for bit on the CPU, and the final export is complete."""
+    fork_server = fork_server("gemma3vl.train.run, gemma3vl.train.checkpoint, gemma3vl.bridge")
+    whole = tmp_path / "whole"
+    fork_server.run(train_argv(whole))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    for name in ("base", "data"):  # both runs read the same model and data bytes
+        os.symlink(whole / name, killed / name)
+    root = killed / "checkpoints"
+    rng = random.Random(1)
+    landed = []
+    # A slowed save lasts > 0.5 s (0.05 s sleeps around each phase): the sleeps alone put each kill inside it.
+    # Step 2's kill lands between the start of DCP's write and the rename; step 3's in the pruning of step 2
+    # that follows its rename into place (keep_last=1), while step 2's files are deleted one by one.
+    for step, event, window in ((2, "save .step-00000002", (0, 0.35)), (3, "replace .step-00000003", (0.2, 0.28))):
+        phases = fork_server.kill_after(train_argv(killed, "--resume"), "train", 0.05, event, rng.uniform(*window))
+        assert phases[-1] == "killed", phases
+        landed.append(phases[-2])
+        complete = assert_complete_checkpoints_are_whole(root)
+        assert complete and complete[-1] in (f"step-{step - 1:08d}", f"step-{step:08d}"), (complete, phases)
+        assert not (killed / "hf").exists()
+    # the last save is done; now kill the final export of OUT/hf part-way through its files
+    phases = fork_server.kill_after(train_argv(killed, "--resume"), "export", 0.003, "write", 0.02)
+    assert phases[-1] == "killed" and not (killed / "hf").exists(), phases
+    assert assert_complete_checkpoints_are_whole(root) == ["step-00000003"]
+
+    fork_server.run(train_argv(killed, "--resume"))
+    expected = read_metrics(whole / "metrics.jsonl")
+    got = read_metrics(killed / "metrics.jsonl")
+    for key in ("loss", "grad_norm"):
+        want = {r["step"]: r[key] for r in expected if r.get(key) is not None}
+        have = {r["step"]: r[key] for r in got if r.get(key) is not None}
+        assert sorted(want) == [1, 2, 3] and have == want, (key, landed)
+    assert digest(killed / "hf") == digest(whole / "hf")
+    assert leftovers(killed / "hf") == []
+    # what killed saves left is hidden (the next save's prune removes it), never taken for a checkpoint
+    assert all(p.name.startswith(".step-") and ".tmp-" in p.name for p in root.iterdir() if p.name[0] == "."), landed
