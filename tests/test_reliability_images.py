@@ -336,3 +336,25 @@ def test_random_conversations_with_random_images_encode_or_raise_bad_record(proc
         assert sample.pixel_values.shape[1:] == (3, processor.image_processor.size["height"],
                                                  processor.image_processor.size["width"])
         assert torch.isfinite(sample.pixel_values).all()
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_inference_turns_exif_rotated_images_upright_too(tmp_path, suffix):
+    """`generate`/`chat` (files) and `serve` (data: URLs) see the same upright picture as training and as
+    transformers' `load_image` (which applies `exif_transpose` to every source)."""
+    from PIL import ImageOps
+
+    from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
+    from gemma3vl.infer.prompt import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"rotated{suffix}"
+    _rgb().save(path, exif=exif.tobytes())
+    expected = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    assert expected.size != Image.open(path).size  # the tag does turn it
+    from_file = load_image(path).convert("RGB")
+    data_url = f"data:image/{suffix[1:]};base64," + base64.b64encode(path.read_bytes()).decode()
+    from_url = ImageFetcher(ImageLimits()).fetch(data_url, "messages[0].content[0]").convert("RGB")
+    for got in (from_file, from_url):
+        assert got.size == expected.size and got.tobytes() == expected.tobytes()

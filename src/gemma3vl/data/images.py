@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from gemma3vl.data.records import (
     IMAGE_OUTSIDE_DATASET,
@@ -38,7 +38,7 @@ from gemma3vl.data.records import (
     ImageRef,
 )
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image, upright
 
 DEFAULT_MAX_REMOTE_BYTES = 32 * 1024 * 1024
 REMOTE_TIMEOUT_S = 30.0
@@ -87,10 +87,9 @@ class ImageLoader:
                 "(set allow_outside_paths to permit it)",
             )
         try:
-            image = load_image(path, self.max_image_pixels)
+            return load_image(path, self.max_image_pixels)  # decoded, size-checked, turned upright
         except Gemma3VLError as exc:
             raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: {exc}") from None
-        return _upright(image, f"image {value!r}", source)
 
     def _fetch(self, url: str, source: str) -> Image.Image:
         if not self.allow_remote_images:
@@ -129,14 +128,11 @@ class ImageLoader:
 
 
 def _upright(image: Image.Image, label: str, source: str) -> Image.Image:
-    """``image`` turned by its EXIF orientation tag (in place: it is our own decoded copy)."""
+    """``image`` turned by its EXIF orientation tag; a corrupt EXIF block is a bad record."""
     try:
-        ImageOps.exif_transpose(image, in_place=True)
-    except Exception as exc:  # noqa: BLE001 - PIL's EXIF reader and writer raise many types on a corrupt block
-        # (a fuzz test found struct.error from rewriting a tag whose type byte was changed)
-        why = f"{type(exc).__name__}: {exc}"
-        raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: corrupt EXIF block ({why})") from None
-    return image
+        return upright(image, label)
+    except Gemma3VLError as exc:
+        raise BadRecord(source, UNREADABLE_IMAGE, str(exc)) from None
 
 
 def _data_url_bytes(url: str, source: str) -> bytes:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.openai_protocol import ApiError
+from gemma3vl.infer.prompt import upright
 
 
 @dataclass
@@ -118,8 +120,12 @@ class ImageFetcher:
                                         f"the limit of {self.limits.max_image_pixels}", param=param,
                                    code="image_too_large")
                 probe.load()
-                return probe.copy()
+                image = probe.copy()
         except ApiError:
             raise
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
             raise ApiError(400, f"'{param}': not a readable image ({exc})", param=param, code="invalid_image") from None
+        try:
+            return upright(image, f"'{param}'")  # EXIF orientation, as transformers' load_image
+        except Gemma3VLError as exc:
+            raise ApiError(400, str(exc), param=param, code="invalid_image") from None

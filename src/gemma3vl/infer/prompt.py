@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
@@ -64,6 +64,17 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise Gemma3VLError(f"{path}: not a readable image ({exc})") from None
+    return upright(image, str(path))
+
+
+def upright(image: Image.Image, label: str) -> Image.Image:
+    """``image`` turned by its EXIF orientation tag, in place (it is a decoded copy), as transformers'
+    ``load_image`` does for every source; a corrupt EXIF block is an error naming ``label``."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception as exc:  # noqa: BLE001 - PIL's EXIF reader and writer raise many types on a corrupt block
+        # (a fuzz test found struct.error from rewriting a tag whose type byte was changed)
+        raise Gemma3VLError(f"{label}: corrupt EXIF block ({type(exc).__name__}: {exc})") from None
     return image
 
 

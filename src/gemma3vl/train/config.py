@@ -38,6 +38,7 @@ class DataSettings:
     pan_and_scan: bool = False
     allow_remote_images: bool = False
     allow_outside_paths: bool = False
+    max_image_pixels: int = 64_000_000  # width x height above which an image is a bad record (decompression bombs)
     shuffle: bool = True
     eval_accuracy_samples: int = 32  # held-out conversations answered by greedy generation at each eval
     eval_max_new_tokens: int = 32

@@ -99,7 +99,7 @@ def data_config(cfg: TrainConfig, path: str, *, shuffle: bool) -> DataConfig:
         path=path, format=d.format, seq_length=cfg.train.seq_length, packing=d.packing, truncation=d.truncation,
         on_bad_record=d.on_bad_record, pan_and_scan=d.pan_and_scan or None,
         allow_remote_images=d.allow_remote_images, allow_outside_paths=d.allow_outside_paths,
-        shuffle=shuffle and d.shuffle, seed=cfg.train.seed, layout=d.layout,
+        shuffle=shuffle and d.shuffle, seed=cfg.train.seed, layout=d.layout, max_image_pixels=d.max_image_pixels,
     )
 
 
