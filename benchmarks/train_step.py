@@ -38,11 +38,11 @@ Both models get the same random weights (drawn per tensor from a seed, written t
 mapping), so the first step's loss must agree up to bf16 rounding: the table shows it as a check.
 
 MFU = model FLOPs of the step / step time / the card's dense bf16 peak (``gemma3vl.train.metrics``: 989 TFLOP/s
-for H100 SXM and H200). Model FLOPs (``forward_flops``, ``step_flops``): 2 per multiply-add of every matmul of
-the text decoder and LM head, attention as 4 x heads x head_dim per (query, key) pair actually attended (causal:
-(T + 1) / 2 keys per query on global layers, at most the window on sliding ones), the SigLIP tower and projector
-per image; x3 for full fine-tuning (forward + backward), x2 for the LoRA'd decoder and x1 for a frozen vision
-tower; recomputation by checkpointing is not counted.
+for H100 SXM and H200). Model FLOPs (``gemma3vl.train.flops``, the count the trainer's logged MFU uses too): 2 per
+multiply-add of every matmul of the text decoder and LM head, attention as 4 x heads x head_dim per (query, key)
+pair actually attended (causal: (T + 1) / 2 keys per query on global layers, at most the window on sliding ones),
+the SigLIP tower and projector per image; x3 for full fine-tuning (forward + backward), x2 for the LoRA'd decoder
+and x1 for a frozen vision tower; recomputation by checkpointing is not counted.
 
 ``--flex-check SEQ`` first compares FlexAttention with SDPA at the model's head shapes on a packed row with
 images, both layer types: bf16 forward and backward on CUDA, each against an fp32 reference.
@@ -82,6 +82,7 @@ from gemma3vl.data.batch import IGNORE, Batch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model, TokenInfo
 from gemma3vl.tiny import tiny_hf_config
+from gemma3vl.train.flops import forward_flops, keys_per_query, step_flops  # noqa: F401  (the one FLOP count)
 from gemma3vl.train.metrics import peak_flops_per_second
 
 WEIGHT_STD = 0.02  # as write_random_hf_checkpoint
@@ -345,59 +346,6 @@ class RepeatBatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {}
-
-
-# ------------------------------------------------------------------------------------------------ FLOPs
-def keys_per_query(seq: int, window: int | None) -> float:
-    """Mean number of keys a causal query attends to in a sequence of ``seq`` tokens (window: at most ``window``).
-    The image block's few bidirectional pairs are ignored (256 of 4,096+ tokens, ~1e-3 of the total)."""
-    if window is None or window >= seq:
-        return (seq + 1) / 2
-    # positions 0..window-1 see i + 1 keys, the rest see window
-    return (window * (window + 1) / 2 + (seq - window) * window) / seq
-
-
-def forward_flops(config: Gemma3Config, seq: int, images: int) -> dict[str, float]:
-    """Forward FLOPs of one sequence of ``seq`` tokens with ``images`` images, by part (2 FLOPs per multiply-add).
-
-    text matmuls:   2 T [L (D (H + 2K) hd + H hd D + 3 D I) + D V]       (QKV, output, gate/up/down, LM head)
-    text attention: 4 T H hd sum over layers of keys_per_query(T, window) (QK^T and PV; sliding layers: window)
-    vision:         per image, P = (S / patch)^2 patches: 2 P [L_v (4 d^2 + 2 d i) + 3 patch^2 d]
-                    + 4 P^2 d L_v (bidirectional attention), plus the projector 2 m d D (m soft tokens)
-    """
-    text = config.text
-    hd, heads, kv = text.head_dim, text.num_attention_heads, text.num_key_value_heads
-    d, inter = text.hidden_size, text.intermediate_size
-    per_layer = d * (heads + 2 * kv) * hd + heads * hd * d + 3 * d * inter
-    text_matmul = 2 * seq * (text.num_hidden_layers * per_layer + d * text.vocab_size)
-    attention = 0.0
-    for layer_type in text.layer_types:
-        window = text.sliding_window if layer_type == SLIDING else None
-        attention += 4 * seq * heads * hd * keys_per_query(seq, window)
-    vision = 0.0
-    if images and config.vision is not None:
-        v = config.vision
-        patches = (v.image_size // v.patch_size) ** 2
-        width = v.hidden_size
-        per_image = 2 * patches * (v.num_hidden_layers * (4 * width**2 + 2 * width * v.intermediate_size)
-                                   + 3 * v.patch_size**2 * width)
-        per_image += 4 * patches**2 * width * v.num_hidden_layers
-        per_image += 2 * config.mm_tokens_per_image * width * d
-        vision = images * per_image
-    return {"text_matmul": text_matmul, "text_attention": attention, "vision": vision}
-
-
-def step_flops(config: Gemma3Config, seq: int, images: int, mode: str) -> float:
-    """Model FLOPs of one training step (recomputation by activation checkpointing not counted, as usual for MFU).
-
-    Full fine-tuning (sft): forward + backward = 3 x forward everywhere (backward: activation and weight
-    gradients). LoRA (peft): the text decoder's backward computes activation gradients only (2 x forward; the
-    adapters' own FLOPs are < 1% and ignored) and the frozen vision tower runs forward only (1 x)."""
-    parts = forward_flops(config, seq, images)
-    text = parts["text_matmul"] + parts["text_attention"]
-    if mode == "sft":
-        return 3 * (text + parts["vision"])
-    return 2 * text + parts["vision"]
 
 
 def fast_settings(seq: int, device: torch.device, ac: str) -> dict[str, Any]:

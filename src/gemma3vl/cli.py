@@ -316,12 +316,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from gemma3vl.parallel import plan
 
+    if not 1 <= args.seq <= plan.MAX_SEQ:
+        raise Gemma3VLError(f"--seq {args.seq}: expected 1 to {plan.MAX_SEQ:,} tokens")
+    if args.gpus < 1 or args.gpu_memory <= 0 or args.micro_batch_size < 1:
+        raise Gemma3VLError("--gpus, --gpu-memory and --micro-batch-size must be positive")
     counts = plan.count_parameters(plan.load_config(args.model))
     options = plan.candidates(counts, args.gpus, seq=args.seq, micro_batch=args.micro_batch_size, mode=args.mode,
-                              images=args.images, bf16_weights=args.bf16_weights)
+                              images=args.images, bf16_weights=args.bf16_weights, attention=args.attention,
+                              global_batch_size=args.global_batch_size)
     choice = plan.recommend(options, args.gpu_memory * 1e9)
     print(plan.format_plan(counts, options, choice, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, seq=args.seq,
-                           mode=args.mode))
+                           mode=args.mode, micro_batch=args.micro_batch_size, bf16_weights=args.bf16_weights,
+                           attention=args.attention, show_all=args.all))
     return 0 if choice is not None else EXIT_VERIFY_FAILED
 
 
@@ -488,11 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--model", required=True, help="4b, 12b, 27b, or a checkpoint directory")
     planner.add_argument("--gpus", type=int, required=True, help="GPUs in total (all nodes)")
     planner.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory of one GPU (e.g. 80)")
-    planner.add_argument("--seq", type=int, default=4096, help="train.seq_length (default 4096)")
+    planner.add_argument("--seq", type=int, default=4096, help="train.seq_length, up to 131072 (default 4096)")
     planner.add_argument("--mode", choices=["sft", "peft"], default="sft", help="full SFT or LoRA r16 (default sft)")
     planner.add_argument("--micro-batch-size", type=int, default=1, help="train.micro_batch_size (default 1)")
     planner.add_argument("--images", type=int, default=1, help="images per sequence (default 1)")
     planner.add_argument("--bf16-weights", action="store_true", help="model.dtype=bfloat16 (no fp32 master copy)")
+    planner.add_argument("--attention", choices=["flex", "sdpa"], default="flex",
+                         help="flex: model.attention=auto on CUDA, no [T, T] mask (default); sdpa: dense masks")
+    planner.add_argument("--global-batch-size", type=int, default=None,
+                         help="train.global_batch_size: sets the pipeline's micro-batches (default: 4 x pp of them)")
+    planner.add_argument("--all", action="store_true",
+                         help="show every checkpointing mode of the context- and pipeline-parallel layouts too")
     planner.set_defaults(func=cmd_plan)
     return parser
 

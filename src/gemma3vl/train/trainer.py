@@ -37,6 +37,7 @@ from gemma3vl.parallel.context import ContextParallelBatch
 from gemma3vl.parallel.distributed import ParallelContext, clip_grad_norm_
 from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gemma3vl.train.config import TrainConfig
+from gemma3vl.train.flops import batch_step_flops
 from gemma3vl.train.metrics import MetricsLogger, peak_flops_per_second
 from gemma3vl.train.schedule import build_optimizer, build_scheduler
 from gemma3vl.train.steps import StepFeed
@@ -106,6 +107,11 @@ class Trainer:
         self.world_size = parallel.dims.world_size if parallel is not None else 1
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
+        # MFU counts the benchmark's model FLOPs (gemma3vl.train.flops): a LoRA'd or frozen decoder backpropagates
+        # activations only (2 x forward), a frozen vision tower runs forward only.
+        trains_base = cfg.peft.method == "none"
+        self.flops_mode = "sft" if trains_base and not cfg.train.freeze_language else "peft"
+        self.vision_trained = trains_base and not cfg.train.freeze_vision
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -135,8 +141,10 @@ class Trainer:
         micro_batches = self.batcher.next_step()
         total_targets = sum(b.num_target_tokens for b in micro_batches)
         total_tokens = sum(b.num_tokens for b in micro_batches)
+        flops = batch_step_flops(self.model.config, micro_batches, self.flops_mode, vision_trained=self.vision_trained)
         if self.parallel is not None:
-            total_targets, total_tokens = (int(n) for n in self.parallel.sum_over_batch(total_targets, total_tokens))
+            total_targets, total_tokens, flops = self.parallel.sum_over_batch(total_targets, total_tokens, flops)
+            total_targets, total_tokens = int(total_targets), int(total_tokens)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.pipeline is not None:
@@ -185,7 +193,6 @@ class Trainer:
                 sources = [source for part in self.parallel.gather_over_dp(sources) for source in part]
             record["skipped"] = True
             record["sources"] = sources
-        flops = 6.0 * self.params * total_tokens  # dense estimate; attention FLOPs not counted
         record["mfu"] = flops / elapsed / (self.peak_flops * self.world_size) if self.peak_flops else None
         if self.device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -1,0 +1,143 @@
+"""The planner (``gemma3vl.parallel.plan``, ``gemma3vl plan``) on hand-worked cases: the 4B at 131,072 tokens on one
+141 GB GPU, context and pipeline parallelism term by term, the order it recommends layouts in, and settings that the
+trainer's config accepts as they are printed. The arithmetic below is written out from docs/distributed.md's
+formulas with the 4B's shapes, not taken from the module."""
+
+import pytest
+
+from gemma3vl.cli import main
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.parallel import plan
+from gemma3vl.train.config import build_config
+
+GIB = 2**30
+T = 131_072
+
+
+@pytest.fixture(scope="module")
+def four_b():
+    counts = plan.count_parameters(plan.load_config("4b"))
+    text, vision = counts.config.text, counts.config.vision
+    shapes = (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads,
+              text.head_dim, text.vocab_size, counts.layers)
+    assert shapes == (2560, 10240, 8, 4, 256, 262208, 34)
+    assert (vision.num_patches, vision.num_hidden_layers, vision.hidden_size, vision.intermediate_size) == (
+        4096, 27, 1152, 4304)
+    return counts
+
+
+# the 4B's terms, bytes per token (D 2560, I 10240, H 8, K 4, hd 256, 34 blocks)
+WHOLE = 40 * 2560 + 4 * (8 + 2 * 4) * 256 + 14 * (8 + 4) * 256 + 4 * 8 * 256 + 8 * 10240  # one block, everything
+assert WHOLE == 251_904
+FULL_KEPT = 2 * 2560 * 34 + 4 * 2560  # full checkpointing: each block's input, + embeddings and final hidden states
+VISION = 4096 * 27 * (32 * 1152 + 6 * 4304)  # one 896 px image through SigLIP, never checkpointed
+CHUNK_LOGITS = 8 * 4096 * 262208  # fp32 logits of one 4,096-token chunk and their gradient
+
+
+def loss_bytes(tokens):
+    return CHUNK_LOGITS + 4 * 262208 * 2560 + 4 * tokens * 2560  # + the output matrix's fp32 gradient
+
+
+def total(peak):
+    return 1.05 * peak + 1.5 * GIB
+
+
+def test_4b_at_131072_tokens_on_one_141_gb_gpu(four_b, capsys):
+    """Full checkpointing keeps T (2 D L + 4 D) = 24 GB of block inputs and one block's T W = 33 GB; with the
+    loss and one image that is 77 GB of activations. fp32 weights + gradients + AdamW (16 N = 69 GB) and the
+    autocast copy (2 N) then overflow 141 GB by a few GB; the optimizer on the host (8 N on the GPU) fits."""
+    n = four_b.total
+    activations = T * (FULL_KEPT + WHOLE) + VISION
+    plain = plan.estimate(four_b, gpus=1, tp=1, activation_checkpoint="full", seq=T)
+    assert plain.activations == pytest.approx(activations, rel=1e-12)
+    assert plain.loss == pytest.approx(loss_bytes(T), rel=1e-12)
+    # end of forward: 16 N of states less the 4 N of gradients not made yet, + 2 N of bf16 copies
+    assert plain.total == pytest.approx(total(14 * n + activations + loss_bytes(T)), rel=1e-12)
+    assert plain.total > 141e9
+    offload = plan.estimate(four_b, gpus=1, tp=1, activation_checkpoint="full", seq=T, cpu_offload=True)
+    assert offload.states == pytest.approx(8 * n) and offload.host == pytest.approx(12 * n)
+    assert offload.total == pytest.approx(total(6 * n + activations + loss_bytes(T)), rel=1e-12)
+    assert offload.total < 141e9
+    # SDPA's dense masks: 4 bytes per (query, key) pair, 69 GB more: nothing fits
+    sdpa = plan.estimate(four_b, gpus=1, tp=1, activation_checkpoint="full", seq=T, cpu_offload=True,
+                         attention="sdpa")
+    assert sdpa.activations - offload.activations == pytest.approx(4 * T * T, rel=1e-12)
+    assert sdpa.total > 141e9
+
+    assert main(["plan", "--model", "4b", "--gpus", "1", "--gpu-memory", "141", "--seq", str(T)]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("recommended: "))
+    assert line.split("   ")[0] == ("recommended: train.seq_length=131072 parallel.activation_checkpoint=full "
+                                    "optim.cpu_offload=true")
+    assert "of host memory" in printed
+    assert main(["plan", "--model", "4b", "--gpus", "1", "--gpu-memory", "141", "--seq", str(T),
+                 "--attention", "sdpa"]) == 1
+    assert "nothing fits" in capsys.readouterr().out
+
+
+def test_context_parallel_terms(four_b):
+    """CP2 on 2 GPUs: each rank T/2 tokens; FSDP shards over dp x cp = 2 (the same states as FSDP over 2); with
+    full checkpointing one layer's keys and values from the other rank (2 bytes x 2 K hd x T/2) and their
+    gradient, once."""
+    n = four_b.total
+    est = plan.estimate(four_b, gpus=2, tp=1, cp=2, activation_checkpoint="full", seq=T)
+    fsdp = plan.estimate(four_b, gpus=2, tp=1, activation_checkpoint="full", seq=T)
+    assert est.dp == 1 and est.states == pytest.approx(fsdp.states) == pytest.approx(16 * n / 2)
+    half = T // 2
+    gathered = 2 * 2 * 4 * 256 * half
+    activations = half * (FULL_KEPT + WHOLE) + 2 * gathered + VISION
+    assert est.activations == pytest.approx(activations, rel=1e-12)
+    assert est.loss == pytest.approx(loss_bytes(half), rel=1e-12)
+    working = 2 * (four_b.embed + four_b.vision) + 4 * four_b.block + 6 * four_b.block  # FSDP's gathered copies
+    assert est.working == pytest.approx(working, rel=1e-12)
+    assert est.total == pytest.approx(total(16 * n / 2 - 4 * n / 2 + working + activations + loss_bytes(half)),
+                                      rel=1e-12)
+
+
+def test_pipeline_terms(four_b):
+    """PP2 (1F1B) on 2 GPUs, 4 micro-batches: 17 blocks a stage; the first stage holds the embedding and the vision
+    tower, and two micro-batches in flight; gradients live with the activations; the bubble is 1/5."""
+    assert plan.pipeline_stage_blocks(34, 4) == [8, 9, 9, 8]  # docs/distributed.md's example
+    seq = 4096
+    est = plan.estimate(four_b, gpus=2, tp=1, pp=2, micro_batches=4, activation_checkpoint="full", seq=seq)
+    assert est.bubble == pytest.approx(1 / 5) and est.micro_batches == 4
+    first_params = 17 * four_b.block + four_b.embed + four_b.vision
+    last_params = 17 * four_b.block + four_b.embed + four_b.other
+    first = 16 * first_params + 2 * first_params + 2 * seq * (2 * 2560 * 17 + 2 * 2560) + 2 * VISION + seq * WHOLE
+    last = (16 * last_params + 2 * last_params + seq * (2 * 2560 * 17 + 2 * 2560) + seq * WHOLE
+            + loss_bytes(seq))
+    assert est.stage == (0 if first > last else 1)
+    assert est.total == pytest.approx(total(max(first, last)), rel=1e-12)
+    with pytest.raises(Gemma3VLError, match="1F1B needs at least 2"):
+        plan.estimate(four_b, gpus=2, tp=1, pp=2, micro_batches=1, activation_checkpoint="full", seq=seq)
+    with pytest.raises(Gemma3VLError, match="does not divide 6 GPUs"):
+        plan.estimate(four_b, gpus=6, tp=4, activation_checkpoint="full", seq=seq)
+
+
+def test_the_simplest_layout_that_fits_comes_first(four_b, capsys):
+    """FSDP/TP before CP before PP, whatever their speed estimate; printed settings are valid overrides."""
+    options = plan.candidates(four_b, 8, seq=T)
+    assert {(o.cp > 1, o.pp > 1) for o in options} == {(False, False), (True, False), (False, True)}
+    choice = plan.recommend(options, 80e9)
+    assert choice.cp == choice.pp == 1  # an FSDP/TP layout fits at 80 GB: no CP, no PP
+    context = [o for o in options if o.pp == 1]
+    fitting_cp = [o for o in context if o.cp > 1 and o.total <= 40e9]
+    assert fitting_cp and plan.recommend(context, 40e9).cp > 1  # at 40 GB only context parallelism fits
+    pipelined = [o for o in options if o.pp > 1]
+    choice = plan.recommend(pipelined + [o for o in context if o.cp > 1], 1e15)
+    assert choice.pp == 1  # CP before PP
+    choice = plan.recommend(pipelined, 1e15)
+    settings = plan.settings_of(choice, seq=T)
+    assert f"parallel.pp={choice.pp}" in settings and "train.global_batch_size=" in settings
+    cfg = build_config("gemma3_vl_4b_sft", overrides=settings.split())  # copy-pasteable as printed
+    assert cfg.parallel.pp == choice.pp and cfg.train.seq_length == T
+
+    assert main(["plan", "--model", "4b", "--gpus", "8", "--gpu-memory", "40", "--seq", str(T)]) == 0
+    printed = capsys.readouterr().out
+    settings = next(line for line in printed.splitlines() if line.startswith("recommended: "))
+    settings = settings.removeprefix("recommended: ").split("   ")[0]
+    assert "parallel.cp=" in settings
+    cfg = build_config("gemma3_vl_4b_sft", overrides=settings.split())
+    assert cfg.parallel.cp > 1 and cfg.parallel.activation_checkpoint in plan.AC_MODES
+    assert main(["plan", "--model", "4b", "--gpus", "1", "--gpu-memory", "141", "--seq", "262144"]) != 0
+    assert "--seq 262144: expected 1 to 131,072 tokens" in capsys.readouterr().err
