@@ -1,7 +1,9 @@
-"""Pipeline parallelism under torchrun (CPU, gloo): PP2 with the 1F1B and the interleaved schedule, and PP2 x TP2,
-each compute what one process computes; a PP2 checkpoint continues in one process and a single-process one under
-PP2; the export from the stages is the single-process export bit for bit; a layout the pipeline cannot take
-is refused saying what to change (``ParallelDims.validate``, which ``gemma3vl train`` runs before loading anything).
+"""Pipeline parallelism under torchrun (CPU, gloo): PP2 with the 1F1B and the interleaved schedule, PP2 x TP2 and
+PP2 x FSDP2, each compute what one process computes; so does LoRA under PP2, whose PEFT adapter is the
+single-process one; a PP2 checkpoint continues in one process and a single-process one under PP2; the export
+from the stages is the single-process export bit for bit; each rank of PP2 x TP2 reads from the checkpoint only
+its own stage's shards (sharded loading); a layout the pipeline cannot take is refused saying what to change
+(``ParallelDims.validate``, which ``gemma3vl train`` runs before loading anything).
 
 Every run is the real command (``torchrun --nproc-per-node N -m gemma3vl train ...``) on the tiny model (4 decoder
 blocks: 2 per stage, or 1 per stage with 2 stages per rank interleaved) for 3 optimizer steps of 4 micro-batches,
@@ -11,6 +13,8 @@ run the vision tower on stage 0.
 """
 
 import pytest
+import torch
+import torch.multiprocessing as mp
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
@@ -19,6 +23,9 @@ from gemma3vl.parallel.pipeline import bubble_fraction, split_layers
 from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.bridge import read_config
 from gemma3vl.cli import main
+from gemma3vl.infer.loading import load_model
+
+from pipeline_workers import load_stages  # (a light module: each spawned rank imports it)
 
 from test_parallel_layouts import (  # noqa: F401 (fixtures)
     COMMON,
@@ -39,6 +46,7 @@ PIPELINE_LAYOUTS = {
     "pp2_1f1b": (2, ["parallel.pp=2", "parallel.dp_shard=1"]),
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=interleaved"]),
     "pp2_tp2": (4, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.tp=2"]),  # with sequence parallelism
+    "pp2_fsdp2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),  # 2 micro-batches per data-parallel rank
 }
 
 _RUNS: dict = {}
@@ -50,7 +58,8 @@ def pipeline_run(name: str, workdir):
     if name not in _RUNS:
         nproc, settings = PIPELINE_LAYOUTS[name]
         out = workdir / name
-        checked(torchrun(nproc, out, *inputs(workdir, evaluate=name == "pp2_1f1b"), *COMMON, *settings))
+        result = checked(torchrun(nproc, out, *inputs(workdir, evaluate=name == "pp2_1f1b"), *COMMON, *settings))
+        assert "sharded loading: this rank read" in result.stderr  # the stages were built on meta and read shards
         _RUNS[name] = out
     return _RUNS[name]
 
@@ -96,6 +105,70 @@ def test_export_from_pipeline_stages_is_the_single_process_export_bit_for_bit(re
         assert (out / "hf" / name).read_bytes() == (sharded / "hf" / name).read_bytes(), name
 
 
+def test_lora_under_pp2_computes_what_one_process_computes(workdir):
+    """The adapters train in the stage that holds their block (the tied embedding is frozen: no copy to sync);
+    the PEFT adapter and the merged model are gathered from both stages."""
+    single, pipelined = workdir / "lora_single", workdir / "lora_pp2"
+    assert main(["train", "--recipe", "tiny_peft", "--out", str(single), *inputs(workdir), *COMMON]) == 0
+    result = checked(torchrun(2, pipelined, *inputs(workdir), *COMMON, *PIPELINE_LAYOUTS["pp2_1f1b"][1],
+                              recipe="tiny_peft"))
+    assert "sharded loading: this rank read" in result.stderr  # the adapters too: made as one process makes them
+    assert_losses_match(losses(pipelined), losses(single))
+    assert_losses_match(losses(pipelined, "grad_norm"), losses(single, "grad_norm"))
+    adapter = exported(single, "adapter")
+    assert any("layers.3." in key for key in adapter) and any("layers.0." in key for key in adapter)  # both stages
+    assert_weights_match(exported(pipelined, "adapter"), adapter)
+    assert_weights_match(exported(pipelined), exported(single))
+
+
+def test_a_dora_export_skeleton_builds_on_meta_and_takes_the_gathered_tensors(tiny_config):
+    """The export from stages (or any torchrun layout) puts the gathered state into a DoRA model built on meta:
+    its magnitudes have no base rows to start from there, and must come from the state."""
+    from gemma3vl.model import Gemma3Model
+    from gemma3vl.parallel.export import plain_model
+    from gemma3vl.train.lora import LoraConfig, apply_lora
+
+    config = LoraConfig(rank=2, alpha=4, use_dora=True)
+    base = Gemma3Model(tiny_config)
+    with torch.no_grad():
+        for param in base.parameters():
+            param.normal_()  # (the constructor leaves fused weights to the loader)
+    trained = apply_lora(base, config)
+    with torch.no_grad():
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))  # as if trained: magnitudes and B no longer their start
+    state = {name: tensor.clone() for name, tensor in trained.state_dict().items()}
+    rebuilt = plain_model(lambda: apply_lora(Gemma3Model(tiny_config), config), state)
+    assert set(rebuilt.state_dict()) == set(state)
+    for name, tensor in rebuilt.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+# ---------------------------------------------------------------------------------------------- sharded loading
+def test_each_pipeline_rank_reads_only_its_own_stage_shards(tmp_path):
+    """PP2 x TP2 built on meta: every rank reads exactly the bytes of its stage's local shards (the last stage's
+    copy of the tied embedding included: the same checkpoint tensor), never the other stage's blocks; the
+    stages gathered are the checkpoint bit for bit."""
+    model_dir = tmp_path / "base"
+    write_tiny_checkpoint(model_dir)
+    mp.spawn(load_stages, args=(4, str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=4)
+    reference, _ = load_model(model_dir, device="cpu", dtype=torch.float32)
+    expected = reference.state_dict()
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    total = sum(t.numel() * t.element_size() for t in expected.values())
+    for rank in range(4):
+        read, own, held = torch.load(tmp_path / f"read{rank}.pt", weights_only=True)
+        assert read == own, f"rank {rank} read {read} bytes of the checkpoint for {own} bytes of shards"
+        blocks = {name.split(".")[2] for name in held if name.startswith("text.layers.")}
+        assert blocks == ({"0", "1"} if rank < 2 else {"2", "3"}), (rank, blocks)  # pp is the outer dimension
+        assert "text.embed.weight" in held  # the first stage's embedding, the last stage's output matrix
+        assert 0 < read < 0.5 * total, f"rank {rank} read {read} of {total} bytes"
+
+
 # ---------------------------------------------------------------------------------------------- the cut and the checks
 def test_blocks_are_cut_into_even_consecutive_runs_the_middle_stages_taking_the_extra():
     assert split_layers(4, 2) == [[0, 1], [2, 3]]
@@ -123,7 +196,6 @@ def tiny_config(tmp_path_factory) -> Gemma3Config:
     ({"pp": 2}, {"pp_schedule": "zero_bubble"}, ["parallel.pp_schedule='zero_bubble'", "1f1b, interleaved"]),
     ({"pp": 4}, {"pp_microbatches": 3}, ["at least 4 micro-batches", "raise train.global_batch_size"]),
     ({"pp": 2}, {"pp_schedule": "interleaved", "pp_microbatches": 3}, ["a multiple of parallel.pp=2", "1f1b"]),
-    ({"pp": 2}, {"peft": True}, ["LoRA/DoRA adapters are not pipelined"]),
 ])
 def test_a_layout_the_pipeline_cannot_take_is_refused_saying_what_to_change(tiny_config, degrees, settings, expected):
     world = 1
@@ -137,7 +209,7 @@ def test_a_layout_the_pipeline_cannot_take_is_refused_saying_what_to_change(tiny
 
 
 def test_pipeline_layouts_that_can_run_pass_the_checks(tiny_config):
-    for pp, settings in ((2, {"pp_microbatches": 2}), (4, {"pp_microbatches": 4}),
+    for pp, settings in ((2, {"pp_microbatches": 2}), (4, {"pp_microbatches": 4}), (2, {"peft": True}),
                          (2, {"pp_schedule": "interleaved", "pp_stages_per_rank": 2, "pp_microbatches": 4})):
         dims = ParallelDims.resolve({"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": pp, "cp": 1}, pp)
         dims.validate(tiny_config, **settings)

@@ -67,8 +67,7 @@ def test_layouts_the_model_cannot_take_are_refused(tiny):
     ParallelDims.resolve(degrees(cp=2), 2).validate(config, seq_length=4)  # (more in test_parallel_context.py)
     with pytest.raises(Gemma3VLError, match="raise train.seq_length to at least 4, or set parallel.cp to at most 1"):
         ParallelDims.resolve(degrees(cp=2), 2).validate(config, seq_length=3)
-    with pytest.raises(Gemma3VLError, match="LoRA/DoRA adapters are not tensor-parallel yet"):
-        ParallelDims.resolve(degrees(tp=2), 2).validate(config, peft=True)
+    ParallelDims.resolve(degrees(tp=2), 2).validate(config, peft=True)  # LoRA/DoRA: test_parallel_lora_tp.py
 
 
 def test_a_parallel_layout_without_torchrun_fails_before_loading(tiny, tmp_path, capsys):

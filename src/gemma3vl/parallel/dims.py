@@ -106,11 +106,7 @@ class ParallelDims:
             from gemma3vl.parallel.pipeline import check_pipeline  # (imports torch.distributed.pipelining)
 
             check_pipeline(self.pp, config.text.num_hidden_layers, pp_schedule, pp_stages_per_rank, pp_microbatches)
-            if peft:
-                raise Gemma3VLError(
-                    f"parallel.pp={self.pp} with peft.method: LoRA/DoRA adapters are not pipelined yet; use "
-                    f"parallel.pp=1 (FSDP alone shards a LoRA run well: parallel.dp_shard=-1)"
-                )
+            # LoRA/DoRA: the adapters live in the stage that holds their block (parallel/pipeline.py).
         if self.cp > 1:
             self._check_context_parallel(seq_length, sequence_parallel)
         if self.tp > 1:
@@ -120,11 +116,7 @@ class ParallelDims:
             # ... whole rows of the MLP and of the vocabulary (even shards keep the vocab offsets simple).
             self._check_divides(text.intermediate_size, "the MLP width (intermediate_size)")
             self._check_divides(text.vocab_size, "the vocabulary (vocab_size)")
-            if peft:
-                raise Gemma3VLError(
-                    f"parallel.tp={self.tp} with peft.method: LoRA/DoRA adapters are not tensor-parallel yet; use "
-                    f"parallel.tp=1 (FSDP alone shards a LoRA run well: parallel.dp_shard=-1)"
-                )
+            # LoRA/DoRA adapters follow their projection's sharding (parallel/tensor.py): nothing more to check.
 
     def _check_context_parallel(self, seq_length: int | None, sequence_parallel: bool) -> None:
         """Context parallelism (``parallel/context.py``) cuts each row into ``2 x cp`` chunks (two per rank, for

@@ -8,7 +8,7 @@ embedding and vision tower, and the loss). Stage 0 also holds the vision tower, 
 embedding; the last stage the final norm and the loss (the chunked linear cross-entropy over the output
 matrix, vocab-parallel under TP).
 
-Each stage is a plain ``Gemma3Model`` built on the meta device and given the real modules it owns, with the
+Each stage is a plain ``Gemma3Model`` built on the meta device and given the modules it owns, with the
 same attribute paths: its blocks sit in a :class:`StageLayers` keyed by their global index, so a stage's
 parameters are named ``text.layers.3.attn...`` exactly as in the whole model. The stage is then parallelized
 like a whole model (TP -> checkpointing -> compile -> FSDP, ``parallelize``), and its class swapped for one
@@ -17,12 +17,20 @@ checkpoints and exports see is :class:`PipelinedGemma3Model`, another meta-built
 modules under their usual names: so DCP checkpoints are layout-independent (a PP2 checkpoint loads in one
 process, and the reverse).
 
+Where the stages come from. Usually from a whole model built on the meta device (no memory): each stage is
+parallelized there, given empty storage (``to_empty``) and filled by ``load`` — sharded loading
+(``parallel/sharded_load.py``), which reads from the checkpoint exactly the boxes of this rank's stages, by
+their (the whole model's) names. So a rank never holds more of the model than its stages' shards. Otherwise
+(DoRA, whose magnitudes start from whole base rows) from a whole model loaded into host memory, of which each
+stage keeps its modules. LoRA adapters live in the blocks they adapt, so they go with their block's stage.
+
 The tied embedding. Gemma 3 ties the output matrix to the embedding, and the first and the last stage both
-need it. The last stage gets its own copy (same name ``text.embed.weight``, same values); before clipping,
-the two copies' gradients are all-reduced over the pair of ranks that hold them (Megatron's "embedding
-group"), so the copies get the same update and stay identical. The gradient norm counts the matrix once.
-A checkpoint holds one copy (DCP writes one of two identical entries) and both copies load it; the export
-takes stage 0's.
+need it. The last stage gets its own copy (same name ``text.embed.weight``, same values: sharded loading reads
+it from the same checkpoint tensor); before clipping, the two copies' gradients are all-reduced over the pair
+of ranks that hold them (Megatron's "embedding group"), so the copies get the same update and stay
+identical. The gradient norm counts the matrix once. A checkpoint holds one copy (DCP writes one of two
+identical entries) and both copies load it; the export takes stage 0's. Under LoRA the embedding is frozen:
+nothing to sync.
 
 What passes between stages: the hidden states ``[B, T, D]``, whole (under sequence parallelism the text
 decoder's own TP hooks shard them on entry to each stage and gather them on exit). The pipelining API passes
@@ -46,7 +54,7 @@ import copy
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -224,7 +232,8 @@ def _copy_settings(model: Gemma3Model, skeleton: Gemma3Model) -> None:
 
 def _stage_model(model: Gemma3Model, blocks: list[int], first: bool, last: bool) -> Gemma3Model:
     """The stage's modules (shared with ``model``, except the last stage's copy of a tied embedding) under
-    the whole model's names."""
+    the whole model's names. On a meta ``model`` the copy is on the meta device too, and loads like the
+    original from ``text.embed.weight``."""
     stage = _skeleton(model.config)
     _copy_settings(model, stage)
     text = stage.text
@@ -275,6 +284,7 @@ class Pipeline:
     tied_group: dist.ProcessGroup | None  # the pair of ranks that hold the two copies
     duplicate_names: frozenset[str]  # names this rank holds that stage 0 holds too (not counted, not exported)
     view: PipelinedGemma3Model = None  # set once built
+    bytes_read: int | None = None  # what sharded loading read from the checkpoint for this rank's stages
 
     @property
     def group(self) -> dist.ProcessGroup:
@@ -436,10 +446,17 @@ def build_pipeline(
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
+    load: Callable[[nn.Module], int] | None = None,
 ) -> PipelinedGemma3Model:
-    """Cut ``model`` (plain, loaded whole on the host) into this rank's stages, parallelize each (TP,
-    checkpointing, compile, FSDP over the stage's data-parallel ranks) and build the schedule. Returns the
-    view of this rank's modules that the trainer uses; its ``pipeline`` attribute runs the steps."""
+    """Cut ``model`` into this rank's stages, parallelize each (TP, checkpointing, compile, FSDP over the
+    stage's data-parallel ranks) and build the schedule. Returns the view of this rank's modules that the
+    trainer uses; its ``pipeline`` attribute runs the steps.
+
+    ``model`` is either built on the meta device, and then ``load(stage)`` fills each parallelized stage once
+    it has storage (``load_sharded``: returns the bytes it read), or plain and loaded whole on the host."""
+    on_meta = any(param.is_meta for param in model.parameters())
+    if on_meta and load is None:
+        raise RuntimeError("build_pipeline: a model on the meta device needs a load(stage) to fill its stages")
     pp, pp_rank, device = context.dims.pp, context.pp_mesh.get_local_rank(), context.device
     per_rank = stages_per_rank(schedule, stages_per_rank_setting)
     num_stages = pp * per_rank
@@ -451,16 +468,21 @@ def build_pipeline(
     inputs = StepInputs()
     sharded = context.dims.tp_enabled or context.dims.fsdp_enabled
     modules: list[nn.Module] = []
+    bytes_read = 0
     for index in local_indices:
         first, last = index == 0, index == num_stages - 1
         stage = _stage_model(model, runs[index], first, last)
-        if not sharded:
+        if not sharded and not on_meta:
             stage.to(device)
         with warnings.catch_warnings():
             # The TP plan names modules a stage may not hold (text.embed, vision): parallelize_module warns.
             warnings.filterwarnings("ignore", message=".*could not be resolved.*")
             parallelize(stage, context, activation_checkpoint=activation_checkpoint, compile=compile,
                         param_dtype=param_dtype, cpu_offload=cpu_offload)
+        if on_meta:
+            # Storage for this stage's shards only, then its boxes of the checkpoint (the whole model's names).
+            stage.to_empty(device="cpu" if cpu_offload else device)
+            bytes_read += load(stage)
         _become_stage(stage)
         stage.stage_index, stage.is_first, stage.is_last = index, first, last
         stage.inputs, stage.boundary_dtype, stage.autocast = inputs, boundary_dtype, autocast
@@ -500,6 +522,7 @@ def build_pipeline(
         context=context, stage_modules=modules, stages=stages, schedule=runner, inputs=inputs,
         num_stages=num_stages, micro_batches=micro_batches, seq_length=seq_length,
         tied_parameter=tied_parameter, tied_group=tied_group, duplicate_names=duplicates, view=view,
+        bytes_read=bytes_read if on_meta else None,
     )
     return view
 

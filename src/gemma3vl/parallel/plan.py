@@ -289,7 +289,7 @@ def _divisors(n: int, limit: int) -> list[int]:
 
 def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None = None, **kwargs) -> list[Estimate]:
     """Every layout worth considering, each with each checkpointing mode: TP degrees that divide the KV heads
-    and the GPUs (within a node; only 1 for LoRA), FSDP over the rest; on one GPU for full fine-tuning, also the
+    and the GPUs (within a node), FSDP over the rest; on one GPU for full fine-tuning, also the
     optimizer on the host; on several, context-parallel degrees (powers of two) and pipeline stages (1F1B) —
     never both together (the trainer refuses CP with PP).
 
@@ -298,8 +298,6 @@ def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None 
     micro_batch = kwargs.get("micro_batch", 1)
     kv = counts.config.text.num_key_value_heads
     degrees = [tp for tp in _divisors(gpus, GPUS_PER_NODE) if kv % tp == 0]
-    if mode == "peft":
-        degrees = [1]  # adapters are not tensor-parallel yet (ParallelDims.validate refuses it)
     powers = [2**k for k in range(1, gpus.bit_length()) if gpus % 2**k == 0]
     layouts: list[tuple[int, int, int, bool]] = [(tp, 1, 1, False) for tp in degrees]  # tp, cp, pp, offload
     if gpus == 1 and mode == "sft":

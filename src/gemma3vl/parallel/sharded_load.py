@@ -36,16 +36,20 @@ def local_region(param: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
 
 
-def load_sharded(model_dir: str | Path, model: nn.Module, *, extra: dict[str, torch.Tensor] | None = None) -> int:
+def load_sharded(model_dir: str | Path, model: nn.Module, *, extra: dict[str, torch.Tensor] | None = None,
+                 part_of: nn.Module | None = None) -> int:
     """Fill every parameter's local shard of an already parallelized ``model`` (storage allocated, e.g. by
     ``to_empty``) from ``model_dir``, or from ``extra`` for parameters the checkpoint does not have.
-    Returns the bytes of tensor data this rank read from the checkpoint."""
+    ``part_of``: the whole model ``model`` is a part of, under the same names (a pipeline stage of it): the
+    checkpoint must fit that, and ``model`` reads only its own tensors. Returns the bytes of tensor data this
+    rank read from the checkpoint."""
     extra = extra or {}
     # The state dict's names, not named_parameters': checkpoint wrappers add a prefix only the latter shows.
     targets = model.state_dict(keep_vars=True)
+    whole = targets if part_of is None else part_of.state_dict(keep_vars=True)
     with open_checkpoint(model_dir) as checkpoint:
         by_name = {m.native: m for m in checkpoint.mappings}
-        check_fits(model_dir, {k: v for k, v in targets.items() if k not in extra}, by_name, checkpoint)
+        check_fits(model_dir, {k: v for k, v in whole.items() if k not in extra}, by_name, checkpoint)
         with torch.no_grad():
             for name, param in targets.items():
                 region = local_region(param)

@@ -129,8 +129,11 @@ class LoraAdapter(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.magnitude: nn.Parameter | None = None
         if config.use_dora:
-            # DoRA starts with m = ||W + s·BA|| row-wise (= ||W|| while B is zero): again the base model.
-            self.magnitude = nn.Parameter(self.weight_norm(base_weight))
+            # DoRA starts with m = ||W + s·BA|| row-wise (= ||W|| while B is zero): again the base model. A meta
+            # base has no rows to measure: an empty magnitude there (the export's skeleton, given its tensors).
+            self.magnitude = nn.Parameter(
+                torch.empty(out_features, device="meta", dtype=base_weight.dtype) if base_weight.is_meta
+                else self.weight_norm(base_weight))
 
     @property
     def reuses_base_result(self) -> bool:

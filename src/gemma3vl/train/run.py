@@ -139,10 +139,9 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
 
 
 def loads_sharded(cfg: TrainConfig, parallel: ParallelContext | None) -> bool:
-    """Whether each rank reads only its own shards of the checkpoint (parallel/sharded_load.py). Not yet for
-    pipeline stages (built from a whole model) nor DoRA (its magnitudes start from whole base rows)."""
-    return (parallel is not None and parallel.dims.world_size > 1 and parallel.dims.pp == 1
-            and cfg.peft.method != "dora")
+    """Whether each rank reads only its own shards of the checkpoint (parallel/sharded_load.py): every
+    layout, pipeline stages included, except DoRA (its magnitudes start from whole base rows)."""
+    return parallel is not None and parallel.dims.world_size > 1 and cfg.peft.method != "dora"
 
 
 def set_attention(model: Gemma3Model, cfg: TrainConfig, device: torch.device) -> None:
@@ -171,19 +170,27 @@ def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: tor
         extra = {name: param.detach().clone() for name, param in model.named_parameters() if not param.is_meta}
         model = model.to("meta")
     p = cfg.parallel
-    parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
-                param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
-    model.to_empty(device="cpu" if p.cpu_offload else device)
-    read = load_sharded(cfg.model.path, model, extra=extra)
+    if parallel.dims.pp > 1:  # (pipeline parallelism) each stage parallelized on meta, then its shards read
+        whole = model  # the checkpoint must fit the whole model; each stage reads its own tensors
+        model = build_pipelined_model(
+            model, cfg, parallel, compute_dtype,
+            load=lambda stage: load_sharded(cfg.model.path, stage, extra=extra, part_of=whole))
+        read = model.pipeline.bytes_read
+    else:
+        parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
+                    param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
+        model.to_empty(device="cpu" if p.cpu_offload else device)
+        read = load_sharded(cfg.model.path, model, extra=extra)
     say(f"sharded loading: this rank read {read / 2**20:.1f} MiB of the checkpoint")
     return model, model_config
 
 
 # ---------------------------------------------------------------------------------------------- pipeline parallelism
 def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: ParallelContext,
-                          compute_dtype: torch.dtype | None) -> Gemma3Model:
-    """``parallel.pp > 1``: this rank's stages of the (whole, host-resident) model, each parallelized like a
-    whole model, and the schedule (``gemma3vl.parallel.pipeline``). Returns the view the trainer uses."""
+                          compute_dtype: torch.dtype | None, load=None) -> Gemma3Model:
+    """``parallel.pp > 1``: this rank's stages of the model, each parallelized like a whole model, and the
+    schedule (``gemma3vl.parallel.pipeline``). Returns the view the trainer uses. ``model`` is built on the
+    meta device with ``load(stage)`` filling each stage (sharded loading), or whole in host memory (DoRA)."""
     from gemma3vl.parallel.pipeline import build_pipeline  # (imports torch.distributed.pipelining)
 
     p, t = cfg.parallel, cfg.train
@@ -192,7 +199,7 @@ def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: Parall
         model, parallel, schedule=p.pp_schedule, stages_per_rank_setting=p.pp_stages_per_rank,
         micro_batches=micro_batches, micro_batch_size=t.micro_batch_size, seq_length=t.seq_length,
         activation_checkpoint=p.activation_checkpoint, compile=p.compile, param_dtype=compute_dtype,
-        cpu_offload=p.cpu_offload,
+        cpu_offload=p.cpu_offload, load=load,
     )
 
 
