@@ -23,9 +23,9 @@ from gemma3vl.parallel.pipeline import bubble_fraction, split_layers
 from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.bridge import read_config
 from gemma3vl.cli import main
-from gemma3vl.infer.loading import load_model
 
 from pipeline_workers import load_stages  # (a light module: each spawned rank imports it)
+from test_sharded_load import assert_gathered_state_is_the_checkpoint
 
 from test_parallel_layouts import (  # noqa: F401 (fixtures)
     COMMON,
@@ -153,13 +153,7 @@ def test_each_pipeline_rank_reads_only_its_own_stage_shards(tmp_path):
     model_dir = tmp_path / "base"
     write_tiny_checkpoint(model_dir)
     mp.spawn(load_stages, args=(4, str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=4)
-    reference, _ = load_model(model_dir, device="cpu", dtype=torch.float32)
-    expected = reference.state_dict()
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert set(state) == set(expected)
-    for name, tensor in expected.items():
-        assert torch.equal(state[name], tensor), name
-    total = sum(t.numel() * t.element_size() for t in expected.values())
+    total = assert_gathered_state_is_the_checkpoint(model_dir, tmp_path / "state.pt")
     for rank in range(4):
         read, own, held = torch.load(tmp_path / f"read{rank}.pt", weights_only=True)
         assert read == own, f"rank {rank} read {read} bytes of the checkpoint for {own} bytes of shards"

@@ -79,18 +79,24 @@ def _rank(rank: int, world: int, init_file: str, model_dir: str, dp_shard: int, 
         dist.destroy_process_group()
 
 
+def assert_gathered_state_is_the_checkpoint(model_dir: Path, state_file: Path) -> int:
+    """The state gathered from the ranks (saved by rank 0) equals a single-process load bit for bit; returns the
+    checkpoint's size in bytes."""
+    reference, _ = load_model(model_dir, device="cpu", dtype=torch.float32)
+    expected = reference.state_dict()
+    state = torch.load(state_file, weights_only=True)
+    assert set(state) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    return sum(t.numel() * t.element_size() for t in expected.values())
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sharded_load_reads_only_its_share_and_gives_the_checkpoint(checkpoints, tmp_path, layout):
     world, dp_shard, tp, share = LAYOUTS[layout]
     model_dir = checkpoints / ("native" if layout == "fsdp2" else "hf")
     mp.spawn(_rank, args=(world, str(tmp_path / "init"), str(model_dir), dp_shard, tp, str(tmp_path)), nprocs=world)
-    reference, _ = load_model(model_dir, device="cpu", dtype=torch.float32)
-    expected = reference.state_dict()
-    state = torch.load(tmp_path / "state.pt", weights_only=True)
-    assert set(state) == set(expected)
-    for name, tensor in expected.items():
-        assert torch.equal(state[name], tensor), name
-    total = sum(t.numel() * t.element_size() for t in expected.values())
+    total = assert_gathered_state_is_the_checkpoint(model_dir, tmp_path / "state.pt")
     for rank in range(world):
         read, own = torch.load(tmp_path / f"read{rank}.pt", weights_only=True)
         assert read == own, f"rank {rank} read {read} bytes of the checkpoint for {own} bytes of shards"
