@@ -1,13 +1,21 @@
 """``gemma3vl generate --batch``: JSONL prompts in, JSONL answers out, each answer equal to ``generate`` on
-its prompt alone; bad lines reported as FILE:LINE and skipped."""
+its prompt alone; bad lines reported as FILE:LINE and skipped. The lines run on the continuous-batching engine
+(``infer/engine.py``): they join as slots free, whatever their sampling settings.
+
+The oracle is our ``generate`` on one unpadded prompt (itself checked against transformers' ``generate`` in
+``test_generate_engine.py``), on the tiny fp32 model."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from gemma3vl.cli import main
+from gemma3vl.infer import batch as batch_module
+from gemma3vl.infer.completion import Row
+from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.infer.prompt import build_inputs, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
@@ -69,6 +77,7 @@ def test_batch_answers_equal_generate_and_bad_lines_are_skipped(model_dir, runti
         {"prompt": "Tell me a story", "temperature": 0.9, "seed": 3},
         {"prompt": "x", "images": ["pics/broken.png"]},
         {"prompt": "x", "top_p": 2},
+        {"id": "unseeded", "prompt": "Any story", "temperature": 0.7},
     ]
     prompts, answers = workdir / "prompts.jsonl", workdir / "out" / "answers.jsonl"
     write_jsonl(prompts, lines)
@@ -81,7 +90,7 @@ def test_batch_answers_equal_generate_and_bad_lines_are_skipped(model_dir, runti
                            (12, "broken.png: not a readable image"), (13, "'top_p' must be a number in (0, 1]")]:
         reported = [line for line in err.splitlines() if line.startswith(f"{prompts}:{number}: ")]
         assert len(reported) == 1 and reason in reported[0], (number, err)
-    assert "answered 6 prompt(s), skipped 6 bad line(s)" in err
+    assert "answered 7 prompt(s), skipped 6 bad line(s)" in err
     assert "generate" in err and "prompt" in err and "100%" in err  # the progress bar
 
     sampled = Sampling(max_new_tokens=MAX_NEW_TOKENS, greedy=False, temperature=0.9,
@@ -97,6 +106,8 @@ def test_batch_answers_equal_generate_and_bad_lines_are_skipped(model_dir, runti
         ({"index": 10}, "Tell me a story", single(runtime, "Tell me a story", sampling=sampled)),
     ]
     records = [json.loads(line) for line in answers.read_text().splitlines()]
+    unseeded = records.pop()  # sampled from torch's global generator: no solo answer to compare with
+    assert unseeded["id"] == "unseeded" and 1 <= unseeded["tokens"] <= MAX_NEW_TOKENS
     assert len(records) == len(expected)
     for record, (key, prompt, (answer, tokens, finish)) in zip(records, expected):
         assert set(record) == {*key, "prompt", "answer", "tokens", "finish_reason"}
@@ -113,15 +124,14 @@ def test_an_interrupted_run_keeps_the_answers_so_far(runtime, workdir, monkeypat
 
     prompts, answers = workdir / "prompts.jsonl", workdir / "answers.jsonl"
     write_jsonl(prompts, [{"prompt": f"Question number {i}"} for i in range(3)])
-    complete, calls = runtime.complete, []
+    step = ContinuousBatcher.step
 
-    def fail_on_second_batch(rows, sampling):
-        calls.append(len(rows))
-        if len(calls) == 2:
+    def interrupt_once_line_3_runs(engine):
+        if any(item.line == 3 for item in engine.tags()):  # lines 1 and 2 have left their slots
             raise KeyboardInterrupt
-        return complete(rows, sampling)
+        return step(engine)
 
-    monkeypatch.setattr(runtime, "complete", fail_on_second_batch)
+    monkeypatch.setattr(ContinuousBatcher, "step", interrupt_once_line_3_runs)
     messages: list[str] = []
     with pytest.raises(KeyboardInterrupt):
         run_batch_file(runtime, prompts, answers, defaults=BatchDefaults(max_new_tokens=3, greedy=True), batch_size=2,
@@ -131,6 +141,86 @@ def test_an_interrupted_run_keeps_the_answers_so_far(runtime, workdir, monkeypat
     assert [record["index"] for record in kept] == [0, 1]
     assert kept[0]["answer"] == single(runtime, "Question number 0", max_new_tokens=3)[0]
     assert messages == [f"stopped early: the answers so far are in {workdir / 'answers.jsonl.partial'}"]
+
+
+def test_lines_join_as_slots_free_and_mixed_settings_share_the_engine(model_dir, runtime, workdir, monkeypatch):
+    """``--batch-size 2`` over lines of different lengths, with images, greedy / seeded / unseeded sampling: lines
+    join the running engine (and grow its rows: ROW_LENGTH_STEP is 1 here) next to rows with other settings, and
+    each greedy or seeded answer is still its solo ``generate``."""
+    pics = workdir / "pics"
+    monkeypatch.setattr(batch_module, "ROW_LENGTH_STEP", 1)
+    seen: dict[str, list] = {"joined": [], "grew": []}
+    add, grow = ContinuousBatcher.add, ContinuousBatcher.grow
+
+    def spy_add(engine, row, sampling, tag=None):
+        seen["joined"].append((tag.line, [other.line for other in engine.tags()], sampling.greedy))
+        return add(engine, row, sampling, tag)
+
+    def spy_grow(engine, max_length):
+        seen["grew"].append((engine.max_length, max_length, engine.active))
+        return grow(engine, max_length)
+
+    monkeypatch.setattr(ContinuousBatcher, "add", spy_add)
+    monkeypatch.setattr(ContinuousBatcher, "grow", spy_grow)
+    lines = [
+        {"prompt": "hi", "max_new_tokens": 2},
+        {"prompt": "Tell me a long story about a blue square", "temperature": 1.2, "top_k": 20, "seed": 5,
+         "max_new_tokens": 14},
+        {"prompt": "What is in this picture?", "images": ["pics/circle.png"], "max_new_tokens": 9},
+        {"prompt": "Describe both pictures in detail", "images": ["pics/circle.png", "pics/square.png"],
+         "greedy": True, "max_new_tokens": 12},
+        {"prompt": "Any story", "temperature": 0.8, "max_new_tokens": 4},
+        {"prompt": "Question number 3", "seed": 9, "top_p": 0.9, "max_new_tokens": 7},
+    ]
+    prompts, answers = workdir / "prompts.jsonl", workdir / "answers.jsonl"
+    write_jsonl(prompts, lines)
+    assert main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(answers), "--batch-size", "2",
+                 "--greedy", "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [record["index"] for record in records] == list(range(len(lines)))
+
+    for number, (line, record) in enumerate(zip(lines, records)):
+        if "temperature" in line and "seed" not in line:  # unseeded: its draws depend on the run; only sanity
+            assert 1 <= record["tokens"] <= line["max_new_tokens"] and record["finish_reason"] in ("stop", "length")
+            continue
+        sampled = "seed" in line
+        sampling = runtime.sampling(max_new_tokens=line["max_new_tokens"], greedy=not sampled,
+                                    temperature=line.get("temperature"), top_k=line.get("top_k"),
+                                    top_p=line.get("top_p"), seed=line.get("seed"))
+        assert sampling.greedy != sampled
+        expected = single(runtime, line["prompt"], [pics / p.split("/")[1] for p in line.get("images", [])],
+                          sampling=sampling)
+        assert (record["answer"], record["tokens"], record["finish_reason"]) == expected, number
+
+    joined_running = [(line, others) for line, others, _ in seen["joined"] if others]
+    assert len(joined_running) >= 3, seen  # lines took slots others had left, while those others ran
+    greedy_of = {line: greedy for line, _, greedy in seen["joined"]}
+    assert any(greedy_of[other] != greedy for _, others, greedy in seen["joined"] for other in others), seen
+    assert any(active for _, _, active in seen["grew"]), seen  # grew with rows in progress
+
+
+def test_growing_the_engine_keeps_rows_in_progress(runtime):
+    """``ContinuousBatcher.grow`` from rows shorter than the sliding window (8 on the tiny model: the ring was
+    ``max_length`` long) to rows longer than it: the row in progress ends with its solo answer, and a longer row
+    that joins after the growth gets its own."""
+    greedy = runtime.sampling(max_new_tokens=1, greedy=True)
+    short = runtime.encode_prompt("a b", [], raw=True)  # its answer depends on every earlier token
+    long = runtime.encode_prompt("What is in this picture, please tell me", [draw_picture("red circle")])
+    assert short.length + 4 < 8 and long.length > 8
+    engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=2, max_length=short.length + 4)
+    done = {}
+    engine.add(Row(prompt=short, max_new_tokens=4, on_finish=lambda c: done.__setitem__("short", c)), greedy)
+    engine.step()
+    engine.step()
+    engine.grow(long.length + 10)
+    assert engine.max_length == long.length + 10 and engine.active == 1
+    engine.add(Row(prompt=long, max_new_tokens=10, on_finish=lambda c: done.__setitem__("long", c)), greedy)
+    while engine.active:
+        engine.step()
+    for name, prompt, limit in (("short", short, 4), ("long", long, 10)):
+        tokens = generate(runtime.model, prompt.input_ids[None], pixel_values=prompt.pixel_values,
+                          sampling=replace(greedy, max_new_tokens=limit))[0]
+        assert done[name].token_ids == tokens, name
 
 
 def test_a_clean_file_exits_0_and_batch_size_does_not_change_answers(model_dir, workdir, capsys):

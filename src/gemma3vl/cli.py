@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", default=None, metavar="PROMPTS.jsonl",
                      help="answer every line of this JSONL file instead of --prompt (see the README)")
     gen.add_argument("--output", default=None, metavar="ANSWERS.jsonl", help="where --batch writes its answers")
-    gen.add_argument("--batch-size", type=int, default=None, metavar="N", help="prompts per batch with --batch (8)")
+    gen.add_argument("--batch-size", type=int, default=None, metavar="N", help="prompts decoded together with --batch: the engine's slots (8)")
     gen.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="multi-turn terminal chat with images, streaming the answers")

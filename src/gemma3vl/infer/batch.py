@@ -2,11 +2,18 @@
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
 per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop}``; each prompt is built exactly as
-``gemma3vl generate --prompt`` builds it. Lines whose sampling settings match run together in batches of
-``--batch-size`` (``generate`` samples every row of a batch the same way); each row keeps its own token
-limit and stop strings. A bad line is reported as ``FILE:LINE: reason`` and skipped, and counted. Answers
-are written in input order, each as soon as every line before it is done, to ``OUTPUT.partial``, which is
-renamed to ``OUTPUT`` at the end.
+``gemma3vl generate --prompt`` builds it. The lines run on the server's continuous-batching engine
+(``engine.ContinuousBatcher``) with ``--batch-size`` slots: the next line is encoded and joins the running batch
+as soon as a slot frees, so a short answer never waits for a long one, and lines with any mix of sampling
+settings share the batch (every row samples with its own settings and seeded generator, so each greedy or
+seeded answer is the one ``gemma3vl generate`` gives that line alone). A bad line is reported as
+``FILE:LINE: reason`` and skipped, and counted. Answers are written in input order, each as soon as every line
+before it is done, to ``OUTPUT.partial``, which is renamed to ``OUTPUT`` at the end.
+
+The engine's rows are sized for the longest line seen so far (prompt + max_new_tokens, rounded up to
+``ROW_LENGTH_STEP``), not for the whole context, and grow when a longer line comes (``ContinuousBatcher.grow``):
+a file's lengths are only known once its prompts are encoded, and encoding them all first would hold every
+image in memory or process it twice.
 """
 
 from __future__ import annotations
@@ -14,19 +21,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt
+from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.prompt import load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop")
+ROW_LENGTH_STEP = 256  # the engine's positions per row grow in steps of this many (capped at the context)
 
 
 @dataclass
@@ -52,12 +62,6 @@ class BatchItem:
     stop: tuple[str, ...] = ()
     id: Any = None
     has_id: bool = False
-
-    def batch_key(self) -> Hashable:
-        s = self.sampling
-        if s.greedy:
-            return ("greedy",)
-        return ("sample", s.temperature, s.top_k, s.top_p, s.seed)
 
     def record(self, completion: Completion) -> dict[str, Any]:
         key = {"id": self.id} if self.has_id else {"index": self.line - 1}
@@ -182,25 +186,40 @@ def _encode(item: BatchItem, runtime: InferenceRuntime, defaults: BatchDefaults)
     return prompt
 
 
-def _answer_chunk(runtime: InferenceRuntime, chunk: list[BatchItem], defaults: BatchDefaults,
-                  writer: _OrderedWriter, summary: BatchSummary, bad: Callable[[str], None], source: Path) -> None:
-    """Encode one batch's prompts (skipping the ones that fail), generate, and hand the answers to ``writer``."""
-    items, prompts = [], []
-    for item in chunk:
-        try:
-            prompts.append(_encode(item, runtime, defaults))
-            items.append(item)
-        except Gemma3VLError as exc:
-            bad(f"{source}:{item.line}: {exc}")
-            summary.skipped += 1
-            writer.put(item.line, None)
-    if not items:
-        return
-    rows = [Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop)
-            for item, prompt in zip(items, prompts)]
-    for item, completion in zip(items, runtime.complete(rows, items[0].sampling)):
-        writer.put(item.line, item.record(completion))
-        summary.answered += 1
+def _row_length(needed: int, context_length: int) -> int:
+    """Positions per engine row for a line that needs ``needed`` (its prompt fits the context: ``_encode``)."""
+    return min(context_length, -(-needed // ROW_LENGTH_STEP) * ROW_LENGTH_STEP)
+
+
+def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: BatchDefaults, slots: int,
+                finished: Callable[[BatchItem, Completion | None], None],
+                bad: Callable[[BatchItem, str], None]) -> None:
+    """Run ``items`` through a ``ContinuousBatcher`` of ``slots`` rows, in file order: between two decode steps
+    every free slot takes the next line (encoded then, so only the running lines' images are in memory).
+    ``finished(item, completion)`` hears each line once it ends; a line that fails to encode goes to ``bad``
+    and then to ``finished`` with None."""
+    waiting = deque(items)
+    engine: ContinuousBatcher | None = None
+    while waiting or (engine is not None and engine.active):
+        while waiting and (engine is None or engine.free_slots):
+            item = waiting.popleft()
+            try:
+                prompt = _encode(item, runtime, defaults)
+            except Gemma3VLError as exc:
+                bad(item, str(exc))
+                finished(item, None)
+                continue
+            length = _row_length(prompt.length + item.sampling.max_new_tokens, runtime.context_length)
+            if engine is None:
+                engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots, max_length=length,
+                                           decode_lock=runtime.lock)
+            elif length > engine.max_length:
+                engine.grow(length)
+            row = Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop,
+                      on_finish=lambda completion, item=item: finished(item, completion))
+            engine.add(row, item.sampling, tag=item)
+        if engine is not None and engine.active:
+            engine.step()
 
 
 def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_path: str | Path, *,
@@ -225,9 +244,6 @@ def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_pat
         say(message)
 
     items, summary.skipped = read_batch_file(input_path, defaults, runtime, bad)
-    groups: dict[Hashable, list[BatchItem]] = {}
-    for item in items:
-        groups.setdefault(item.batch_key(), []).append(item)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(output_path.name + ".partial")
     done = False
@@ -236,11 +252,19 @@ def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_pat
         try:
             with open(partial, "w", encoding="utf-8") as stream:
                 writer = _OrderedWriter(stream, [item.line for item in items])
-                for group in groups.values():
-                    for start in range(0, len(group), batch_size):
-                        chunk = group[start:start + batch_size]
-                        _answer_chunk(runtime, chunk, defaults, writer, summary, bad, input_path)
-                        bar.update(len(chunk))
+
+                def finished(item: BatchItem, completion: Completion | None) -> None:
+                    if completion is None:
+                        summary.skipped += 1
+                    else:
+                        summary.answered += 1
+                    writer.put(item.line, None if completion is None else item.record(completion))
+                    bar.update(1)
+
+                def bad_line(item: BatchItem, reason: str) -> None:
+                    bad(f"{input_path}:{item.line}: {reason}")
+
+                _answer_all(runtime, items, defaults, min(batch_size, max(len(items), 1)), finished, bad_line)
             os.replace(partial, output_path)
             done = True
         finally:

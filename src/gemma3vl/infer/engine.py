@@ -150,6 +150,38 @@ class ContinuousBatcher:
         self.steps += 1
         return ended
 
+    @torch.no_grad()
+    def grow(self, max_length: int) -> None:
+        """Give every row ``max_length`` positions (more than now), keeping the rows in progress as they are.
+
+        For a caller that cannot know its longest request up front (``generate --batch`` reads a file line by
+        line): it sizes the engine for what it has seen and grows it when a longer request comes, instead of
+        reserving the whole context for every slot. A row's column ``c`` stays at slot ``c`` of the global layers
+        and ``c % S`` of the sliding ring: where the ring was shorter than the window it was ``max_length`` long
+        and never wrapped, so ``c`` is below both sizes. With ``compile`` the next step captures a new graph (the
+        buffers are new).
+        """
+        if max_length <= self.max_length:
+            return
+        old = self.cache
+        new = SlotKVCache(self.model.config.text, len(self.slots), max_length, self.device, old.keys[0].dtype)
+        for layer, kind in enumerate(old.layer_types):
+            size = old.sizes[kind]
+            new.keys[layer][:, :, :size].copy_(old.keys[layer])
+            new.values[layer][:, :, :size].copy_(old.values[layer])
+        for kind, info in old.slots.items():
+            size = old.sizes[kind]
+            target = new.slots[kind]
+            for target_tensor, source_tensor in zip(
+                (target.positions, target.segment_ids, target.image_block_ids),
+                (info.positions, info.segment_ids, info.image_block_ids),
+            ):
+                target_tensor[:, :size].copy_(source_tensor)
+        new.index.copy_(old.index)
+        self.cache = new
+        self._prefill_cache = new.prefill_cache()
+        self.max_length = max_length
+
     def cancel_all(self) -> list[Any]:
         """End every occupied row as cancelled (the server is stopping); returns their tags."""
         with self._lock:
