@@ -409,11 +409,6 @@ class Pipeline:
             self.inputs.batches, self.inputs.total_targets, self.inputs.losses = saved
         return result[0], int(result[1].item())
 
-    def parameter_count(self) -> int:
-        """The whole model's parameter count (the tied copy counted once)."""
-        local = sum(p.numel() for name, p in self.view.named_parameters() if name not in self.duplicate_names)
-        return int(self.sum_over_pipeline(float(local)))
-
 
 # ---------------------------------------------------------------------------------------------- building it
 def _tied_group(context: ParallelContext, first_rank: int, last_rank: int) -> dist.ProcessGroup | None:

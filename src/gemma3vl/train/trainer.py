@@ -100,10 +100,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = 0
         self.last_eval: dict[str, Any] = {}
-        self.params = sum(p.numel() for p in model.parameters())  # DTensors count their global size
         self.pipeline = getattr(model, "pipeline", None)  # parallel.pp > 1: gemma3vl.parallel.pipeline.Pipeline
-        if self.pipeline is not None:
-            self.params = self.pipeline.parameter_count()  # the whole model's, not this rank's stages'
         self.world_size = parallel.dims.world_size if parallel is not None else 1
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
