@@ -11,8 +11,8 @@
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
 #
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
-# (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-long.json,
-# train_step-27b.json (cards over 100 GB only), generate-4b.json, verify-4b.json.
+# (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, packing_gain-4b.json,
+# train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json, verify-4b.json.
 #
 # Estimated time on an H200, machine start not included (compilation dominates the first steps; inductor's
 # on-disk cache makes later compilations of the same graphs cheaper):
@@ -20,6 +20,10 @@
 #                               compiling); then SFT and LoRA at 4,096 tokens: ours fast (flex, compiled blocks; the
 #                               first step compiles, ~1 min), ours plain (SDPA, eager), transformers (sdpa), each
 #                               2 warmup + 3 timed steps of ~0.3-1 s.
+#   packing gain 4b     ~1.5 min one optimizer step = 48 synthetic conversations of 300-2,000 tokens (one image
+#                               each), packed into rows of 4,096 vs padded (2 rows per micro-batch): ours fast on
+#                               both, then transformers sdpa on the padded ones; 1 warmup (compiling) + 1 timed
+#                               step each (a few seconds per step). Timeout 90 s: transformers is cut first.
 #   train_step 4b long  ~3 min  full fine-tuning with AdamW at 16,384 / 32,768 / 65,536 / 131,072 tokens: ours
 #                               fast (checkpointing selective at 16k, full beyond; 1 warmup + 1 timed step, ~1-20 s
 #                               each) and transformers sdpa with gradient checkpointing (expected OOM from 32,768
@@ -28,14 +32,14 @@
 #                               weights built on the GPU for each), 1 warmup + 2 steps.
 #   generate 4b         ~4 min  and gpu_verify 4b ~150 s: run if the budget leaves time (it usually does not with
 #                               the training steps above: give them a session of their own with PARTS=).
-# PARTS (default: train,long,27b,generate,verify) picks and orders the steps, e.g. PARTS=generate,verify.
+# PARTS (default: train,packing,long,27b,generate,verify) picks and orders the steps, e.g. PARTS=generate,verify.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-train,long,27b,generate,verify}
+PARTS=${PARTS:-train,packing,long,27b,generate,verify}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -80,6 +84,7 @@ if [[ -n "$TINY" ]]; then
     SIZE=(--tiny --device cpu)
     TRAIN_COUNTS=(--warmup 1 --steps 1 --ac selective)
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs 96,128)
+    PACKING_COUNTS=(--warmup 1 --steps 1)
     FLEX_CHECK=(--flex-check 96)
     GENERATE_COUNTS=(--repeats 1 --new-tokens 8 --warmup-tokens 2)
     NAME=tiny
@@ -88,6 +93,7 @@ else
     SIZE=(--model 4b)
     TRAIN_COUNTS=(--warmup 2 --steps 3)
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs 16384,32768,65536,131072)
+    PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)
     GENERATE_COUNTS=()
     NAME=4b
@@ -106,6 +112,11 @@ for part in "${PART_LIST[@]}"; do
         # SFT and LoRA at 4,096 tokens: ours fast and plain, transformers; the flex-vs-sdpa check first.
         step "train_step $NAME" 270 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${TRAIN_COUNTS[@]}" \
             "${FLEX_CHECK[@]}" --ours-paths fast,plain --out "$OUT"
+        ;;
+    packing)
+        # Useful tokens/s of whole steps over one set of conversations: packed rows vs padded ones (issue 5).
+        step "packing gain $NAME" 90 "$PYTHON" benchmarks/packing_gain.py "${SIZE[@]}" "${PACKING_COUNTS[@]}" \
+            --out "$OUT"
         ;;
     long)
         # Long context, full fine-tuning with the optimizer step: ours fast against transformers (OOM reported).
@@ -133,7 +144,7 @@ for part in "${PART_LIST[@]}"; do
         fi
         ;;
     *)
-        skip "$part" "unknown part (PARTS takes train, long, 27b, generate, verify)"
+        skip "$part" "unknown part (PARTS takes train, packing, long, 27b, generate, verify)"
         ;;
     esac
 done
@@ -157,7 +168,7 @@ def load(pattern):
 
 
 rows, context = [], None
-for data in load("train_step-*.json") + load("generate-*.json"):
+for data in load("train_step-*.json") + load("packing_gain-*.json") + load("generate-*.json"):
     if "unreadable" in data:
         rows.append(["?", data["unreadable"], "", "", ""])
         continue

@@ -336,13 +336,14 @@ class Result:
 
 
 class RepeatBatch:
-    """Stands in for ``StepFeed``: every optimizer step gets the same one-row batch."""
+    """Stands in for ``StepFeed``: every optimizer step gets the same micro-batches (one one-row batch here;
+    ``packing_gain.py`` hands a whole set of packed or padded micro-batches)."""
 
-    def __init__(self, batch: Batch):
-        self.batch = batch
+    def __init__(self, batch: Batch | list[Batch]):
+        self.batches = batch if isinstance(batch, list) else [batch]
 
     def next_step(self) -> list[Batch]:
-        return [self.batch]
+        return list(self.batches)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -409,20 +410,25 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int, device: torch
     return times, first_loss
 
 
-def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result):
+def weights_dtype(variant: Variant) -> torch.dtype:
+    return torch.bfloat16 if variant.weights == "bf16" else torch.float32
+
+
+def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, device, args, result) -> Gemma3Model:
+    """Our model with ``variant``'s settings applied to it and to ``cfg`` (attention kernel, compiled blocks,
+    checkpointing chosen for rows of ``row_tokens``; LoRA); ``result.settings`` and its parameter counts filled."""
     from gemma3vl.parallel import parallelize
     from gemma3vl.train.lora import apply_lora
     from gemma3vl.train.run import lora_config
-    from gemma3vl.train.trainer import Trainer, freeze
+    from gemma3vl.train.trainer import freeze
 
-    dtype = torch.bfloat16 if variant.weights == "bf16" else torch.float32
-    model = build_ours(config, device, dtype, args.seed)
+    model = build_ours(config, device, weights_dtype(variant), args.seed)
     freeze(model, cfg)
     if variant.mode == "peft":
         torch.manual_seed(args.seed)
         apply_lora(model, lora_config(cfg))
     if variant.path == "fast":
-        chosen = fast_settings(inputs.tokens, device, args.ac)
+        chosen = fast_settings(row_tokens, device, args.ac)
         cfg.model.attention = chosen["attention"]
         cfg.parallel.compile = chosen["compile"]
         cfg.parallel.activation_checkpoint = chosen["activation_checkpoint"]
@@ -435,20 +441,27 @@ def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, d
                     compile=cfg.parallel.compile)
     from gemma3vl.model.flex import use_flex
 
-    kernel = "flex" if use_flex(cfg.model.attention, device, inputs.tokens) else "sdpa"
+    kernel = "flex" if use_flex(cfg.model.attention, device, row_tokens) else "sdpa"
     result.settings = ", ".join([kernel, "compiled blocks" if cfg.parallel.compile else "eager",
                                  f"AC {cfg.parallel.activation_checkpoint}",
                                  "AdamW on host" if cfg.optim.cpu_offload else "AdamW"])
     describe_params(model, result)
     result.model_gib = allocated_gib(device)
-    trainer = Trainer(cfg, model, RepeatBatch(inputs.ours(dtype)), Path(args.out), device)
+    return model
+
+
+def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result):
+    from gemma3vl.train.trainer import Trainer
+
+    model = prepare_ours(variant, config, inputs.tokens, cfg, device, args, result)
+    trainer = Trainer(cfg, model, RepeatBatch(inputs.ours(weights_dtype(variant))), Path(args.out), device)
     reset_peak(device)
     return time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
 
 
-def run_transformers(
-    variant: Variant, raw, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result
-):
+def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens: int, cfg, device, args, result):
+    """transformers' model (bf16, sdpa; peft for LoRA) and its optimizer, gradient checkpointing chosen for rows
+    of ``row_tokens``; returns the step function for batches of transformers' keyword arguments."""
     from gemma3vl.train.schedule import build_optimizer
 
     model = build_reference(raw, config, device, torch.bfloat16, args.seed)
@@ -458,7 +471,7 @@ def run_transformers(
         torch.manual_seed(args.seed)
         model = peft.get_peft_model(model, peft_config_for(config, cfg))
     model.train()
-    checkpointing = args.hf_checkpointing == "on" or (args.hf_checkpointing == "auto" and inputs.tokens > 4096)
+    checkpointing = args.hf_checkpointing == "on" or (args.hf_checkpointing == "auto" and row_tokens > 4096)
     if checkpointing:  # what the anchor needed to reach 16,384 tokens at all
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -467,18 +480,30 @@ def run_transformers(
     result.model_gib = allocated_gib(device)
     optimizer = build_optimizer(model, cfg.optim, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    batch = inputs.transformers(torch.bfloat16)
 
-    def step() -> float:
+    def step(batches: list[dict[str, torch.Tensor]], weights: list[float]) -> float:
+        """One optimizer step over micro-batches: each one's mean loss times its weight (its share of the step's
+        target tokens: the token-weighted mean over the step, as our trainer), one clip, one AdamW step."""
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
+        total = 0.0
+        for batch, weight in zip(batches, weights):
+            loss = model(**batch).loss * weight
+            loss.backward()
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
         optimizer.step()
-        return float(loss.detach())
+        return total
 
+    return step
+
+
+def run_transformers(
+    variant: Variant, raw, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result
+):
+    step = prepare_transformers(variant, raw, config, inputs.tokens, cfg, device, args, result)
+    batch = inputs.transformers(torch.bfloat16)
     reset_peak(device)
-    return time_steps(step, args.warmup, args.steps, device)
+    return time_steps(lambda: step([batch], [1.0]), args.warmup, args.steps, device)
 
 
 def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: torch.device, args) -> Result:

@@ -1,9 +1,9 @@
 """The GPU benchmark scripts, rehearsed on the CPU with tiny models.
 
-``benchmarks/run_all_gpu.sh`` with ``TINY=1`` runs ``train_step.py --tiny`` and ``generate.py --tiny`` in their
-own processes exactly as a GPU session runs them (sizes and step counts aside), then the combined table. Here:
-they exit 0, each prints its table last, the JSON they write is complete, and both sides of each comparison
-got the same weights. Timings are never asserted.
+``benchmarks/run_all_gpu.sh`` with ``TINY=1`` runs ``train_step.py --tiny``, ``packing_gain.py --tiny`` and
+``generate.py --tiny`` in their own processes exactly as a GPU session runs them (sizes and step counts aside),
+then the combined table. Here: they exit 0, each prints its table last, the JSON they write is complete, and both
+sides of each comparison got the same weights. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def load_benchmark(name: str, module_name: str):
 # generate.py does ``from train_step import ...``: it finds this very module.
 train_step = load_benchmark("train_step", "train_step")
 generate_bench = load_benchmark("generate", "benchmark_generate")
+packing_gain = load_benchmark("packing_gain", "benchmark_packing_gain")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,7 @@ def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
     assert steps["train_step tiny"] == "ok", steps
+    assert steps["packing gain tiny"] == "ok", steps
     assert steps["train_step tiny long"] == "ok", steps
     assert steps["train_step 27b LoRA"].startswith("skipped")
     assert steps["generate tiny"] == "ok", steps
@@ -74,11 +76,14 @@ def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
 def test_each_script_prints_its_table_last(rehearsal):
     _, out = rehearsal
     log = (out / "run_all.log").read_text()
-    train_part = log[log.index("=== train_step tiny"):log.index("=== train_step tiny long")]
+    train_part = log[log.index("=== train_step tiny"):log.index("=== packing gain tiny")]
+    packing_part = log[log.index("=== packing gain tiny"):log.index("=== train_step tiny long")]
     long_part = log[log.index("=== train_step tiny long"):log.index("=== train_step 27b")]
     generate_part = log[log.index("=== generate tiny"):log.index("=== gpu_verify tiny")]
     assert "| impl | path | recipe | weights | seq | steps/s | tokens/s | MFU |" in train_part
     assert last_line(train_part).startswith("| transformers | - | gemma3_vl_4b_peft | bf16 |")
+    assert "| layout | impl | rows | micro-batches | padding | useful tok/s | target tok/s |" in packing_part
+    assert last_line(packing_part).startswith("| padded | transformers | 12 | 6 |")
     assert last_line(long_part).startswith("| transformers | - | gemma3_vl_4b_sft | bf16 | 128 |")
     assert "| impl | batch | TTFT | decode ms/step |" in generate_part
     compiled = json.loads((out / "generate-tiny.json").read_text())["compile_available"]
@@ -118,6 +123,93 @@ def test_train_step_runs_every_variant_on_the_same_weights(rehearsal):
         ("ours", "sft", 96, "ok"), ("transformers", "sft", 96, "ok"), ("ours", "sft", 128, "ok"),
         ("transformers", "sft", 128, "ok")]
     assert all("gradient checkpointing" not in r["settings"] for r in long["results"] if r["impl"] == "transformers")
+
+
+def test_packing_gain_times_the_same_conversations_in_each_layout(rehearsal):
+    _, out = rehearsal
+    data = json.loads((out / "packing_gain-tiny.json").read_text())
+    results = data["results"]
+    assert [(r["layout"], r["impl"], r["path"], r["status"]) for r in results] == [
+        ("packed", "ours", "fast", "ok"), ("padded", "ours", "fast", "ok"), ("transformers", "transformers", "", "ok")]
+    lengths = data["conversation_lengths"]
+    assert len(lengths) == 12 and all(16 <= n <= 64 for n in lengths)
+    packed, padded = data["layouts"]
+    assert packed["row_shapes"] == [[1, 128]] and all(shape[0] == 2 for shape in padded["row_shapes"])
+    for r in results:
+        assert r["useful_tokens"] == sum(lengths) and r["target_tokens"] == packed["target_tokens"] > 0
+        assert r["padding_fraction"] == pytest.approx(1 - r["useful_tokens"] / r["slots"])
+        assert r["tokens_per_s"] == pytest.approx(r["useful_tokens"] / r["step_s"])
+        assert r["target_tokens_per_s"] == pytest.approx(r["target_tokens"] / r["step_s"])
+        assert len(r["step_times_s"]) == 1 and r["flops_per_step"] > 0
+    # Same weights, same conversations: packed rows (segment mask) and padded rows, ours and transformers, give
+    # the same first-step loss up to bf16 rounding.
+    first = [r["first_loss"] for r in results]
+    assert max(first) - min(first) < 1e-3 * abs(first[0]), first
+    assert set(data["gains"]) == {"packed_vs_padded", "packed_vs_transformers", "first_loss_spread"}
+    assert len(data["summary_rows"]) == len(results) + 3
+
+
+def test_packing_gain_layouts_hold_the_same_conversations():
+    config = train_step.Gemma3Config.from_hf_dict(train_step.hf_config_dict("4b", tiny=True))
+    lengths = packing_gain.conversation_lengths(9, 16, 64, seed=3)
+    assert lengths == packing_gain.conversation_lengths(9, 16, 64, seed=3)
+    assert lengths != packing_gain.conversation_lengths(9, 16, 64, seed=4)
+    samples = packing_gain.conversations(config, lengths, seed=3)
+    assert [len(s) for s in samples] == lengths
+    for s in samples:  # labels on the answer only: never on <bos>, the prompt or the image block
+        answer = (s.labels != -100).nonzero().flatten()
+        assert len(answer) > 0 and int(answer[0]) > int((s.input_ids == config.eoi_token_id).nonzero()[0])
+        assert torch.equal(s.labels[answer], s.input_ids[answer])
+    packed = packing_gain.packed_layout(samples, config, 128)
+    padded = packing_gain.padded_layout(samples, config, 2)
+    rounded = packing_gain.padded_layout(samples, config, 2, multiple=16)
+    assert all(tuple(b.input_ids.shape) == (1, 128) for b in packed.batches)
+    assert [tuple(b.input_ids.shape) for b in padded.batches] == [
+        (len(lengths[i:i + 2]), max(lengths[i:i + 2])) for i in range(0, 9, 2)]
+    assert all(b.input_ids.shape[1] % 16 == 0 for b in rounded.batches) and rounded.slots >= padded.slots
+    expected_targets = sum(int((s.labels[1:] != -100).sum()) for s in samples)
+
+    def conversations_of(layout):
+        found = []
+        for batch in layout.batches:
+            for row in range(batch.input_ids.shape[0]):
+                segments = batch.info.segment_ids[row]
+                for segment in segments.unique().tolist():
+                    if segment:
+                        found.append(tuple(batch.input_ids[row, segments == segment].tolist()))
+        return sorted(found)
+
+    for layout in (packed, padded, rounded):
+        assert layout.useful_tokens == sum(lengths) and layout.target_tokens == expected_targets
+        assert layout.slots == sum(b.input_ids.numel() for b in layout.batches)
+        assert conversations_of(layout) == sorted(tuple(s.input_ids.tolist()) for s in samples)
+        assert sum(int(b.pixel_values.shape[0]) for b in layout.batches) == len(samples)
+    assert packed.rows < padded.rows == len(samples)
+
+
+def test_packing_gain_transformers_inputs_unshift_the_labels():
+    """transformers shifts labels itself: the padded micro-batch must give it each conversation's own labels."""
+    config = train_step.Gemma3Config.from_hf_dict(train_step.hf_config_dict("4b", tiny=True))
+    samples = packing_gain.conversations(config, [20, 33, 27], seed=0)
+    batch = packing_gain.padded_layout(samples, config, 3).batches[0]
+    inputs = packing_gain.transformers_inputs(batch, config.image_token_id, torch.bfloat16, torch.device("cpu"))
+    for row, s in enumerate(samples):
+        n = len(s)
+        assert torch.equal(inputs["labels"][row, :n], s.labels)
+        assert bool((inputs["labels"][row, n:] == -100).all()) and int(inputs["attention_mask"][row].sum()) == n
+        assert int(inputs["token_type_ids"][row].sum()) == config.mm_tokens_per_image
+    packed = packing_gain.packed_layout(samples, config, 128).batches[0]
+    with pytest.raises(packing_gain.Gemma3VLError, match="padded batches"):
+        packing_gain.transformers_inputs(packed, config.image_token_id, torch.bfloat16, torch.device("cpu"))
+
+
+def test_packing_gain_rejects_conversations_longer_than_a_row(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        packing_gain.main(["--tiny", "--device", "cpu", "--max-len", "200", "--out", str(tmp_path)])
+    assert "every conversation must fit in a packed row" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        packing_gain.main(["--tiny", "--device", "cpu", "--layouts", "packed,sorted", "--out", str(tmp_path)])
+    assert "--layouts" in capsys.readouterr().err
 
 
 def test_generate_gives_exactly_n_tokens_on_both_sides(rehearsal):
