@@ -9,7 +9,7 @@ layout gives (VQA's ten answers), and are logged as ``eval_<name>``.
 from __future__ import annotations
 
 import string
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,7 +36,14 @@ class Evaluator:
         stop_token_ids: tuple[int, ...],
         device: torch.device,
         metrics: list[str] | None = None,
+        slice_batch: Callable[[Any], Any] | None = None,
+        sum_slices: Callable[[float, float], tuple[float, float]] | None = None,
     ):
+        """``slice_batch`` / ``sum_slices``: under context parallelism, each batch becomes this rank's slice of
+        every row (``parallel.context.shard_batch``) and the slices' summed losses and target counts are added
+        over the context-parallel ranks, so a long held-out row is never held whole on one rank."""
+        self.slice_batch = slice_batch
+        self.sum_slices = sum_slices
         self.dataset = dataset
         self.loader = BatchLoader(dataset, micro_batch_size)
         self.accuracy_samples = accuracy_samples
@@ -77,9 +84,13 @@ class Evaluator:
         self.loader.load_state_dict({**self.dataset.state_dict(), "epoch": 0, "position": 0, "epoch_samples": 0})
         total, count = 0.0, 0
         for batch in self.loader:
+            if self.slice_batch is not None:
+                batch = self.slice_batch(batch)
             summed, targets = step_loss(model, batch, self.device)
             total += float(summed)
             count += targets
+        if self.sum_slices is not None:
+            total, count = self.sum_slices(total, count)
         return total / count if count else None
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from gemma3vl.infer.loading import load_model, resolve_device
 from gemma3vl.infer.prompt import load_processor
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel import ParallelContext, ParallelDims, init_distributed, launched_by_torchrun, parallelize
-from gemma3vl.parallel.context import ContextParallelFeed
+from gemma3vl.parallel.context import ContextParallelFeed, shard_batch
 from gemma3vl.parallel.export import gather_full_state, gather_pipeline_state, plain_model
 from gemma3vl.parallel.sharded_load import load_sharded
 from gemma3vl.train.config import TrainConfig
@@ -203,6 +204,12 @@ def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: Parall
     )
 
 
+def _sum_over_group(*values: float, group, device: torch.device) -> tuple[float, ...]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, group=group)
+    return tuple(tensor.tolist())
+
+
 def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDataset]:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -253,11 +260,16 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         train_data.shard(parallel.dp_rank, parallel.dims.dp)
     per_rank = cfg.train.global_batch_size // (parallel.dims.dp if parallel else 1)
     feed = StepFeed(BatchLoader(train_data, cfg.train.micro_batch_size), per_rank // cfg.train.micro_batch_size)
+    slice_batch = sum_slices = None
     if parallel is not None and parallel.dims.cp > 1:
-        # Context parallelism: the cp ranks of a data-parallel rank read the same batches; each computes its slice.
+        # Context parallelism: the cp ranks of a data-parallel rank read the same batches; each computes its slice
+        # (in training and in the held-out loss, whose slices are summed over the cp ranks).
         sequence_shards = parallel.dims.tp if parallel.sequence_parallel else 1
-        feed = ContextParallelFeed(feed, parallel.dims.cp, parallel.cp_mesh.get_local_rank(),
-                                   parallel.cp_mesh.get_group(), sequence_shards=sequence_shards)
+        cp_rank, cp_group = parallel.cp_mesh.get_local_rank(), parallel.cp_mesh.get_group()
+        feed = ContextParallelFeed(feed, parallel.dims.cp, cp_rank, cp_group, sequence_shards=sequence_shards)
+        slice_batch = partial(shard_batch, degree=parallel.dims.cp, rank=cp_rank, group=cp_group,
+                              sequence_shards=sequence_shards)
+        sum_slices = partial(_sum_over_group, group=cp_group, device=device)
     evaluator = None
     if cfg.data.eval_path:
         accuracy_samples = cfg.data.eval_accuracy_samples
@@ -269,6 +281,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
             eval_data, micro_batch_size=cfg.train.micro_batch_size,
             accuracy_samples=accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
             stop_token_ids=model_config.stop_token_ids, device=device, metrics=cfg.data.eval_metrics(),
+            slice_batch=slice_batch, sum_slices=sum_slices,
         )
     return Trainer(cfg, model, feed, out, device, evaluator, parallel=parallel), train_data
 
