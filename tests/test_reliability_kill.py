@@ -62,6 +62,14 @@ def install_hooks(kind, events, pause):
                 return produce(name)
             return real_write(path, tensors, produce_slowly, metadata)
         convert.write_safetensors = write
+        real_canonical = convert.write_in_canonical_order  # what import writes with
+        def write_canonical(path, tensors, produce):
+            note("write " + path.name)
+            def produce_slowly(name):
+                time.sleep(pause)
+                return produce(name)
+            return real_canonical(path, tensors, produce_slowly)
+        convert.write_in_canonical_order = write_canonical
         fsutil.fsync_dir = slowed(fsutil.fsync_dir, "fsync-dir")
         if kind == "export-two-renames":
             fsutil._exchange = lambda a, b: False  # as on a filesystem without RENAME_EXCHANGE
@@ -259,6 +267,37 @@ def test_export_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_pa
     assert digest(native) == native_digest
     with HFCheckpoint(out) as checkpoint:  # and it opens as a checkpoint, every header checked
         assert len(checkpoint.planned_native()) > 0
+
+
+def test_import_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_path, fork_server):
+    """`convert import` shares the staged write with export: each kill leaves OUT the previous import or the
+    new one, and the undisturbed rerun cleans up and writes what an uninterrupted import writes."""
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    fork_server = fork_server("gemma3vl.bridge")
+    hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
+    hf_digest = digest(hf)
+    fork_server.run(["convert", "import", hf, tmp_path / "reference"])
+    new = digest(tmp_path / "reference")
+    # The previous output: an import with another shard size, so every weight file differs.
+    fork_server.run(["convert", "import", hf, tmp_path / "previous", "--max-shard-size", "200KB"])
+    previous = digest(tmp_path / "previous")
+    assert previous != new
+    out = tmp_path / "out"
+    argv = ["convert", "import", hf, out, "--overwrite"]
+    rng = random.Random(1)
+    trials = [("export", "swapped", 0.01)] + [("export", "write", rng.uniform(0, 0.28)) for _ in range(3)]
+    landed = []
+    for hooks, event, delay in trials:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp_path / "previous", out)
+        phases = fork_server.kill_after(argv, hooks, 0.003, event, delay)
+        landed.append(phases[-2] if phases[-1] == "killed" else "after the end")
+        assert digest(out) in (previous, new), (phases[-3:], sorted(digest(out)))
+    assert "after the end" not in landed and "swapped" in landed, landed
+    fork_server.run(argv)
+    assert digest(out) == new and leftovers(out) == []
+    assert digest(hf) == hf_digest
 
 
 # ------------------------------------------------------------------------------------------------ training
