@@ -70,7 +70,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the shared model-building helpers live in train_step.py)
     allocated_gib, build_ours, build_reference, environment, fmt_gib, free_memory, hf_config_dict, image_sequence,
-    markdown_table, peak_gib, random_pixels, reset_peak, resolve_device, say, synchronize,
+    markdown_table, peak_gib, random_pixels, reset_peak, resolve_device, row_guard, say, synchronize,
 )
 
 from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
@@ -327,14 +327,8 @@ def run_row(rows: list[Row], impl: str, batch: int, call, args, config, bandwidt
     row = Row(impl, batch, compiled)
     say(f"[{impl} batch {batch}] generating {args.new_tokens} tokens x {args.repeats} (+ warmup)")
     tokens = None
-    try:
+    with row_guard(row, device):
         tokens = measure(row, lambda n: call(batch, n), args, config, bandwidth)
-    except torch.OutOfMemoryError:
-        row.status = "OOM"
-        row.peak_gib = peak_gib(device)
-    except Exception as exc:  # reported, and the other rows still run
-        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        traceback.print_exc()
     free_memory(device)
     rows.append(row)
     save()

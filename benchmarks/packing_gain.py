@@ -48,7 +48,6 @@ import json
 import math
 import statistics
 import sys
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +76,7 @@ from train_step import (  # noqa: E402  (the shared model-building and timing he
     recipe_config,
     reset_peak,
     resolve_device,
+    row_guard,
     say,
     time_steps,
 )
@@ -226,7 +226,7 @@ def run_layout(name: str, layout: Layout, raw, config: Gemma3Config, device: tor
                           target_tokens=layout.target_tokens, padding_fraction=layout.padding_fraction)
     say(f"[{name}: {variant.label}, {layout.rows} rows in {len(layout.batches)} micro-batches] building")
     graphs_before = compiled_graph_count()
-    try:
+    with row_guard(result, device):
         if variant.impl == "ours":
             model = prepare_ours(variant, config, layout.longest_row, cfg, device, args, result)
             trainer = Trainer(cfg, model, RepeatBatch(layout.batches), Path(args.out), device)
@@ -248,12 +248,6 @@ def run_layout(name: str, layout: Layout, raw, config: Gemma3Config, device: tor
         peak = peak_flops_per_second(device_name(device))
         result.mfu = result.flops_per_step / step_s / peak if peak else None
         result.compiled_graphs = compiled_graph_count() - graphs_before
-    except torch.OutOfMemoryError:
-        result.status = "OOM"
-        result.peak_gib = peak_gib(device)
-    except Exception as exc:  # reported, and the other layouts still run
-        result.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        traceback.print_exc()
     free_memory(device)
     result.leftover_gib = allocated_gib(device)
     say(f"[{name}] {result.status}" + (f": {result.tokens_per_s:,.0f} useful tok/s, peak {fmt_gib(result.peak_gib)}"

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from contextlib import contextmanager
 import json
 import os
 import statistics
@@ -136,6 +137,20 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@contextmanager
+def row_guard(row: Any, device: torch.device):
+    """Run one benchmark row: running out of memory, or any other error, becomes the row's ``status`` (printed
+    with its traceback) and the other rows still run."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        row.status = "OOM"
+        row.peak_gib = peak_gib(device)
+    except Exception as exc:  # reported, and the other rows still run
+        row.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        traceback.print_exc()
 
 
 def device_name(device: torch.device) -> str:
@@ -513,7 +528,7 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
     result = Result(variant.impl, variant.mode, weights, cfg.recipe, seq,
                     path=variant.path if variant.impl == "ours" else "")
     say(f"[{variant.label} seq {seq}] building")
-    try:
+    with row_guard(result, device):
         inputs = TrainInputs.make(config, seq, device, args.seed)
         if variant.impl == "ours":
             times, first_loss = run_ours(variant, config, inputs, cfg, device, args, result)
@@ -529,12 +544,6 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
         result.flops_per_step = step_flops(config, seq, 1, variant.mode)
         peak = peak_flops_per_second(device_name(device))
         result.mfu = result.flops_per_step / step_s / peak if peak else None
-    except torch.OutOfMemoryError:
-        result.status = "OOM"
-        result.peak_gib = peak_gib(device)
-    except Exception as exc:  # reported, and the other variants still run
-        result.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        traceback.print_exc()
     # Everything the variant built was local to the runner: gone once its frames (and any traceback) are.
     free_memory(device)
     result.leftover_gib = allocated_gib(device)

@@ -212,6 +212,15 @@ def leftovers(out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ export
+def killed_runs(fork_server, argv, trials, previous: Path, out: Path):
+    """For each (hooks, event, delay) trial: OUT reset to a copy of ``previous``, then ``argv`` run and killed
+    ``delay`` seconds after the child reaches ``event``; yields the trial and the phases the child reached."""
+    for hooks, event, delay in trials:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(previous, out)
+        yield hooks, event, delay, fork_server.kill_after(argv, hooks, 0.003, event, delay)
+
+
 def test_export_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_path, fork_server):
     """Each kill leaves OUT exactly the previous export or exactly the new one (never missing where the
     filesystem can swap directories, never a mixture); a rerun of the real CLI removes the leftovers, says
@@ -239,10 +248,7 @@ def test_export_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_pa
     trials += [("export-two-renames", "write", rng.uniform(0, duration)) for _ in range(2)]
     trials += [("export", "write", rng.uniform(0, duration)) for _ in range(5)]
     landed = []
-    for hooks, event, delay in trials:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(tmp_path / "previous", out)
-        phases = fork_server.kill_after(argv, hooks, 0.003, event, delay)
+    for hooks, event, delay, phases in killed_runs(fork_server, argv, trials, tmp_path / "previous", out):
         landed.append(phases[-2] if phases[-1] == "killed" else "after the end")
         if out.exists():
             assert digest(out) in (previous, new), (phases[-3:], sorted(digest(out)))
@@ -288,10 +294,7 @@ def test_import_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_pa
     rng = random.Random(1)
     trials = [("export", "swapped", 0.01)] + [("export", "write", rng.uniform(0, 0.28)) for _ in range(3)]
     landed = []
-    for hooks, event, delay in trials:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(tmp_path / "previous", out)
-        phases = fork_server.kill_after(argv, hooks, 0.003, event, delay)
+    for _, _, _, phases in killed_runs(fork_server, argv, trials, tmp_path / "previous", out):
         landed.append(phases[-2] if phases[-1] == "killed" else "after the end")
         assert digest(out) in (previous, new), (phases[-3:], sorted(digest(out)))
     assert "after the end" not in landed and "swapped" in landed, landed
