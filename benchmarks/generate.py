@@ -53,7 +53,6 @@ Writes ``generate-<model>.json`` under ``--out`` (rewritten after every row) and
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import statistics
@@ -69,8 +68,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the shared model-building helpers live in train_step.py)
-    allocated_gib, build_ours, build_reference, environment, fmt_gib, free_memory, hf_config_dict, image_sequence,
-    markdown_table, peak_gib, random_pixels, reset_peak, resolve_device, row_guard, say, synchronize,
+    allocated_gib, benchmark_parser, benchmark_setup, build_ours, build_reference, fmt_gib, free_memory,
+    image_sequence, markdown_table, peak_gib, random_pixels, reset_peak, row_guard, say, synchronize,
 )
 
 from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
@@ -432,10 +431,7 @@ def describe_divergence(match: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="4b", choices=["4b", "12b", "27b"])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test); sizes only")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per row (default 128; tiny 16)")
     parser.add_argument("--prompt-len", type=int, default=None,
                         help="prompt tokens, image included (default 300; tiny 32)")
@@ -458,12 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     model_name = "tiny" if args.tiny else args.model
     batches = [int(b) for b in args.batches.split(",")]
 
-    device = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = hf_config_dict(args.model, args.tiny)
-    config = Gemma3Config.from_hf_dict(raw)
-    env = environment(device)
+    device, out, raw, config, env = benchmark_setup(args)
     bandwidth, bandwidth_note = peak_bandwidth(env["device"], args.peak_bandwidth)
     can_compile = "compile" in inspect.signature(generate).parameters
     say(f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}; "

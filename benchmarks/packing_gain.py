@@ -43,7 +43,6 @@ An out-of-memory error is caught and reported as ``OOM``; the JSON (``packing_ga
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -61,12 +60,12 @@ from train_step import (  # noqa: E402  (the shared model-building and timing he
     Result,
     Variant,
     allocated_gib,
+    benchmark_parser,
+    benchmark_setup,
     device_name,
-    environment,
     fmt_gib,
     fmt_mfu,
     free_memory,
-    hf_config_dict,
     image_sequence,
     markdown_table,
     peak_gib,
@@ -75,7 +74,6 @@ from train_step import (  # noqa: E402  (the shared model-building and timing he
     random_pixels,
     recipe_config,
     reset_peak,
-    resolve_device,
     row_guard,
     say,
     time_steps,
@@ -337,10 +335,7 @@ def write_json(path: Path, env: dict, args, layouts: list[Layout], results: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="4b", choices=["4b", "12b", "27b"])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--conversations", type=int, default=None, help="how many (default 48; tiny: 12)")
     parser.add_argument("--min-len", type=int, default=None, help="shortest conversation, image included (300)")
     parser.add_argument("--max-len", type=int, default=None, help="longest conversation, image included (2000)")
@@ -375,12 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cpu_offload = False  # what prepare_ours reads; the recipe's AdamW on the device
     args.model_name = "tiny" if args.tiny else args.model
 
-    device = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = hf_config_dict(args.model, args.tiny)
-    config = Gemma3Config.from_hf_dict(raw)
-    env = environment(device)
+    device, out, raw, config, env = benchmark_setup(args)
     args.lengths = conversation_lengths(args.conversations, args.min_len, args.max_len, args.seed)
     try:
         samples = conversations(config, args.lengths, args.seed)

@@ -139,6 +139,25 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: the model size, the tiny CPU smoke mode, the device."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", default="4b", choices=["4b", "12b", "27b"])
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test); sizes only")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    return parser
+
+
+def benchmark_setup(args) -> tuple[torch.device, Path, dict[str, Any], Gemma3Config, dict[str, Any]]:
+    """The device, the output folder (made), the HF config dict and our config of ``--model``/``--tiny``, and
+    the environment every JSON records."""
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = hf_config_dict(args.model, args.tiny)
+    return device, out, raw, Gemma3Config.from_hf_dict(raw), environment(device)
+
+
 @contextmanager
 def row_guard(row: Any, device: torch.device):
     """Run one benchmark row: running out of memory, or any other error, becomes the row's ``status`` (printed
@@ -763,10 +782,7 @@ def flex_check(config: Gemma3Config, seq: int, device: torch.device, seed: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="4b", choices=["4b", "12b", "27b"])
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU smoke test); sizes only")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--seq", type=int, default=None, help="tokens per step (default 4096; tiny: 64)")
     parser.add_argument("--seqs", default=None, help="comma-separated sweep, e.g. 4096,16384,32768")
     parser.add_argument("--only", default="both", choices=["ours", "hf", "both"])
@@ -801,12 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     except Gemma3VLError as exc:
         parser.error(str(exc))
 
-    device = resolve_device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = hf_config_dict(args.model, args.tiny)
-    config = Gemma3Config.from_hf_dict(raw)
-    env = environment(device)
+    device, out, raw, config, env = benchmark_setup(args)
     say(f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"commit {env['commit']}")
     json_path = out / f"train_step-{args.model_name}{args.tag}.json"

@@ -16,7 +16,7 @@ from PIL import Image
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import pan_and_scan_settings, tokenizer_of
+from gemma3vl.infer.prompt import apply_chat_template, pan_and_scan_settings, tokenizer_of
 
 ROLES = ("system", "user", "assistant")
 
@@ -88,20 +88,15 @@ def encode_conversation(
     """Token ids (and pixel values) of ``turns`` through the chat template, ending with the model's turn."""
     tokenizer = tokenizer_of(processor)
     check_turns(turns, config, getattr(tokenizer, "boi_token", None) or "<start_of_image>")
-    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None) is None:
-        raise Gemma3VLError("the checkpoint has no chat template, so it cannot hold a conversation")
     has_images = any(turn.images for turn in turns)
     image_kwargs = pan_and_scan_settings(processor, pan_and_scan) if has_images else {}
     messages = [_template_message(turn, config.is_vision_language) for turn in turns]
     try:
-        encoded = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
-        )
+        encoded = apply_chat_template(processor, messages, image_kwargs,
+                                      no_template="the checkpoint has no chat template, so it cannot hold a "
+                                                  "conversation")
+    except Gemma3VLError:
+        raise
     except Exception as exc:  # jinja's TemplateError (roles must alternate), processor errors
         raise Gemma3VLError(f"the chat template refused the conversation: {exc}") from None
     pixel_values = encoded.get("pixel_values") if has_images else None

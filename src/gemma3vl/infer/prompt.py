@@ -67,6 +67,19 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     return upright(image, str(path))
 
 
+def apply_chat_template(processor: Any, messages: list[dict[str, Any]], image_kwargs: dict[str, Any], *,
+                        no_template: str) -> Any:
+    """``messages`` through the checkpoint's chat template, ending with the model's turn (ids, mask and pixel
+    values as tensors); ``no_template`` is the error when the checkpoint has none."""
+    tokenizer = tokenizer_of(processor)
+    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None) is None:
+        raise Gemma3VLError(no_template)
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
+    )
+
+
 def upright(image: Image.Image, label: str) -> Image.Image:
     """``image`` turned by its EXIF orientation tag, in place (it is a decoded copy), as transformers'
     ``load_image`` does for every source; a corrupt EXIF block is an error naming ``label``."""
@@ -148,17 +161,9 @@ def build_inputs(
         content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "user", "content": content if config.is_vision_language else prompt}]
-        template_owner = processor
-        if getattr(template_owner, "chat_template", None) is None and getattr(tokenizer, "chat_template", None) is None:
-            raise Gemma3VLError("the checkpoint has no chat template; use --raw to feed the prompt as it is")
-        encoded = template_owner.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
-        )
+        encoded = apply_chat_template(processor, messages, image_kwargs,
+                                      no_template="the checkpoint has no chat template; use --raw to feed the "
+                                                  "prompt as it is")
     out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     if images:
         out["pixel_values"] = encoded["pixel_values"]

@@ -105,8 +105,15 @@ class ParallelContext:
     def sum_over_batch(self, *values: float) -> list[float]:
         """Sums over the ranks that share the step's tokens, data x context parallel (float64, so token
         counts stay exact)."""
+        return self._sum(values, self.batch_mesh)
+
+    def sum_over_cp(self, *values: float) -> list[float]:
+        """Sums over the context-parallel ranks of this data-parallel rank (the slices of the same rows)."""
+        return self._sum(values, self.cp_mesh)
+
+    def _sum(self, values, mesh: DeviceMesh) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, group=self.batch_mesh.get_group())
+        dist.all_reduce(tensor, group=mesh.get_group())
         return tensor.tolist()
 
     def gather_over_dp(self, value: Any) -> list[Any]:

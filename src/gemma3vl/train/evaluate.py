@@ -37,7 +37,7 @@ class Evaluator:
         device: torch.device,
         metrics: list[str] | None = None,
         slice_batch: Callable[[Any], Any] | None = None,
-        sum_slices: Callable[[float, float], tuple[float, float]] | None = None,
+        sum_slices: Callable[[float, float], list[float]] | None = None,
     ):
         """``slice_batch`` / ``sum_slices``: under context parallelism, each batch becomes this rank's slice of
         every row (``parallel.context.shard_batch``) and the slices' summed losses and target counts are added

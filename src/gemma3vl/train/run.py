@@ -204,12 +204,6 @@ def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: Parall
     )
 
 
-def _sum_over_group(*values: float, group, device: torch.device) -> tuple[float, ...]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, group=group)
-    return tuple(tensor.tolist())
-
-
 def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDataset]:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -269,7 +263,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         feed = ContextParallelFeed(feed, parallel.dims.cp, cp_rank, cp_group, sequence_shards=sequence_shards)
         slice_batch = partial(shard_batch, degree=parallel.dims.cp, rank=cp_rank, group=cp_group,
                               sequence_shards=sequence_shards)
-        sum_slices = partial(_sum_over_group, group=cp_group, device=device)
+        sum_slices = parallel.sum_over_cp
     evaluator = None
     if cfg.data.eval_path:
         accuracy_samples = cfg.data.eval_accuracy_samples
