@@ -444,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-bandwidth", type=float, default=None, help="TB/s; default from the device name")
     parser.add_argument("--engine", default="auto", choices=["auto", "off"],
                         help="auto: also run the server's continuous-batching engine, eager and compiled")
+    parser.add_argument("--order", default="eager,transformers,compiled,engine",
+                        help="which parts run, in this order (a timeout cuts the last): eager (ours), transformers, "
+                             "compiled (ours, compile=True), engine (the server's, eager and compiled)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
@@ -453,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--new-tokens must be >= 2, --repeats and --warmup-tokens >= 1")
     model_name = "tiny" if args.tiny else args.model
     batches = [int(b) for b in args.batches.split(",")]
+    order = [part.strip() for part in args.order.split(",") if part.strip()]
+    unknown = sorted(set(order) - {"eager", "transformers", "compiled", "engine"})
+    if unknown or len(set(order)) != len(order):
+        parser.error(f"--order {args.order!r}: each of eager, transformers, compiled, engine at most once")
 
     device, out, raw, config, env = benchmark_setup(args)
     bandwidth, bandwidth_note = peak_bandwidth(env["device"], args.peak_bandwidth)
@@ -512,17 +519,21 @@ def main(argv: list[str] | None = None) -> int:
                 args, config, bandwidth, device, save, compiled,
             )
             del cache
-        if compiled and args.engine == "auto":
-            for engine_compiled in (False, True):
-                label = "compiled" if engine_compiled else "eager"
-                say(f"[engine, {label}] {max(batches)} rows joining two steps apart")
-                try:
-                    engine[label] = engine_run(model, prompts, max(batches), args.new_tokens, engine_compiled, device)
-                except Exception as exc:  # reported; the rows above are kept
-                    engine[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                    traceback.print_exc()
-                free_memory(device)
-                save()
+        del model
+        free_memory(device)
+
+    def engine_rows_run() -> None:
+        model = build_ours(config, device, DTYPE, args.seed)
+        for engine_compiled in (False, True):
+            label = "compiled" if engine_compiled else "eager"
+            say(f"[engine, {label}] {max(batches)} rows joining two steps apart")
+            try:
+                engine[label] = engine_run(model, prompts, max(batches), args.new_tokens, engine_compiled, device)
+            except Exception as exc:  # reported; the rows above are kept
+                engine[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                traceback.print_exc()
+            free_memory(device)
+            save()
         del model
         free_memory(device)
 
@@ -538,14 +549,19 @@ def main(argv: list[str] | None = None) -> int:
         del model
         free_memory(device)
 
-    # Eager ours, then transformers, then the compiled ours last: compiling may take long, and a timeout
-    # then still leaves the other rows in the JSON.
-    if args.only in ("ours", "both"):
-        ours_rows(compiled=False)
-    if args.only in ("hf", "both"):
-        transformers_rows()
-    if args.only in ("ours", "both") and can_compile and args.compile == "auto":
-        ours_rows(compiled=True)
+    # Default order: eager ours, then transformers, then the compiled ours and the engine last: compiling may take
+    # long, and a timeout then still leaves the other rows in the JSON.
+    ours_wanted, hf_wanted = args.only in ("ours", "both"), args.only in ("hf", "both")
+    parts = {
+        "eager": (ours_wanted, lambda: ours_rows(compiled=False)),
+        "transformers": (hf_wanted, transformers_rows),
+        "compiled": (ours_wanted and can_compile and args.compile == "auto", lambda: ours_rows(compiled=True)),
+        "engine": (ours_wanted and can_compile and args.compile == "auto" and args.engine == "auto", engine_rows_run),
+    }
+    for part in order:
+        wanted, run = parts[part]
+        if wanted:
+            run()
     save()
 
     print(f"\nGeneration, Gemma 3 {model_name} shapes, random bf16 weights, prompt {args.prompt_len} tokens with one "

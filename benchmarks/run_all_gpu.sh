@@ -9,30 +9,34 @@
 # 540 = 9 minutes, leaving room for the machine's start in a 15-minute lease; each step's timeout is cut to what
 # is left); PYTHON (default python3); TINY=1 (rehearsal: tiny models on the CPU with fewer steps and calls, the
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
+# LONG_SEQS (the long-context lengths, default 16384,32768,65536,131072); GENERATE_ARGS (more arguments for
+# benchmarks/generate.py, e.g. '--order compiled,transformers,eager --engine off --repeats 1').
 #
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
-# (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, packing_gain-4b.json,
-# train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json, verify-4b.json.
+# (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-peft.json,
+# packing_gain-4b.json, train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json,
+# verify-4b.json.
 #
 # Estimated time on an H200, machine start not included (compilation dominates the first steps; inductor's
 # on-disk cache makes later compilations of the same graphs cheaper):
 #   train_step 4b       ~4 min  FlexAttention vs SDPA check at 4,096 tokens (bf16 forward + backward, ~40 s of
-#                               compiling); then SFT and LoRA at 4,096 tokens: ours fast (flex, compiled blocks; the
-#                               first step compiles, ~1 min), ours plain (SDPA, eager), transformers (sdpa), each
-#                               2 warmup + 3 timed steps of ~0.3-1 s.
+#                               compiling); then SFT at 4,096 tokens: ours fast (flex, compiled blocks; the first
+#                               step compiles, ~1 min), ours plain (SDPA, eager), transformers (sdpa); then LoRA:
+#                               ours fast and transformers + peft; each 2 warmup + 3 timed steps of ~0.3-1 s.
 #   packing gain 4b     ~1.5 min one optimizer step = 48 synthetic conversations of 300-2,000 tokens (one image
 #                               each), packed into rows of 4,096 vs padded (2 rows per micro-batch): ours fast on
 #                               both, then transformers sdpa on the padded ones; 1 warmup (compiling) + 1 timed
 #                               step each (a few seconds per step). Timeout 90 s: transformers is cut first.
 #   train_step 4b long  ~3 min  full fine-tuning with AdamW at 16,384 / 32,768 / 65,536 / 131,072 tokens: ours
-#                               fast (checkpointing selective at 16k, full beyond; 1 warmup + 1 timed step, ~1-20 s
+#                               fast (checkpointing: the least the planner says fits; 1 warmup + 1 timed step, ~1-20 s
 #                               each) and transformers sdpa with gradient checkpointing (expected OOM from 32,768
 #                               on: longer lengths are then reported as skipped, not run).
 #   27B LoRA            ~2 min  H200 only: LoRA at 4,096 tokens, ours fast and transformers + peft (54 GB of bf16
 #                               weights built on the GPU for each), 1 warmup + 2 steps.
 #   generate 4b         ~4 min  and gpu_verify 4b ~150 s: run if the budget leaves time (it usually does not with
 #                               the training steps above: give them a session of their own with PARTS=).
-# PARTS (default: train,packing,long,27b,generate,verify) picks and orders the steps, e.g. PARTS=generate,verify.
+# PARTS (default: train,packing,long,27b,generate,verify; train = sft,lora) picks and orders the steps, e.g.
+# PARTS=generate,verify.
 
 set -u
 cd "$(dirname "$0")/.."
@@ -83,19 +87,19 @@ if [[ -n "$TINY" ]]; then
     # to selective so that the rehearsal runs it (on the GPU the length decides); nothing compiles on a CPU.
     SIZE=(--tiny --device cpu)
     TRAIN_COUNTS=(--warmup 1 --steps 1 --ac selective)
-    LONG_COUNTS=(--warmup 1 --steps 1 --seqs 96,128)
+    LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-96,128}")
     PACKING_COUNTS=(--warmup 1 --steps 1)
     FLEX_CHECK=(--flex-check 96)
-    GENERATE_COUNTS=(--repeats 1 --new-tokens 8 --warmup-tokens 2)
+    GENERATE_COUNTS=(--repeats 1 --new-tokens 8 --warmup-tokens 2 ${GENERATE_ARGS:-})
     NAME=tiny
     GPU_MIB=0
 else
     SIZE=(--model 4b)
     TRAIN_COUNTS=(--warmup 2 --steps 3)
-    LONG_COUNTS=(--warmup 1 --steps 1 --seqs 16384,32768,65536,131072)
+    LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-16384,32768,65536,131072}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)
-    GENERATE_COUNTS=()
+    GENERATE_COUNTS=(${GENERATE_ARGS:-})
     NAME=4b
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     [[ "$GPU_MIB" =~ ^[0-9]+$ ]] || GPU_MIB=$("$PYTHON" -c \
@@ -105,13 +109,19 @@ fi
 echo "card memory: ${GPU_MIB} MiB; budget ${BUDGET_S} s; parts ${PARTS}; commit $(git describe --always --dirty 2>/dev/null || echo unknown)" | tee -a "$LOG"
 
 # Most wanted first: the budget cuts whatever comes last.
-IFS=, read -r -a PART_LIST <<<"$PARTS"
+IFS=, read -r -a PART_LIST <<<"${PARTS//train/sft,lora}"
 for part in "${PART_LIST[@]}"; do
     case "$part" in
-    train)
-        # SFT and LoRA at 4,096 tokens: ours fast and plain, transformers; the flex-vs-sdpa check first.
-        step "train_step $NAME" 270 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${TRAIN_COUNTS[@]}" \
-            "${FLEX_CHECK[@]}" --ours-paths fast,plain --out "$OUT"
+    sft)
+        # SFT at 4,096 tokens: ours fast and plain (their first-step losses compared), transformers; the
+        # flex-vs-sdpa check first.
+        step "train_step $NAME SFT" 200 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${TRAIN_COUNTS[@]}" \
+            "${FLEX_CHECK[@]}" --mode sft --ours-paths fast,plain --out "$OUT"
+        ;;
+    lora)
+        # LoRA at 4,096 tokens: ours fast and transformers + peft.
+        step "train_step $NAME LoRA" 150 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${TRAIN_COUNTS[@]}" \
+            --mode peft --ours-paths fast --tag=-peft --out "$OUT"
         ;;
     packing)
         # Useful tokens/s of whole steps over one set of conversations: packed rows vs padded ones (issue 5).
@@ -125,8 +135,9 @@ for part in "${PART_LIST[@]}"; do
         ;;
     27b)
         if ((GPU_MIB > 100 * 1024)); then
+            # transformers with gradient checkpointing: without it the 27B's activations at 4,096 tokens do not fit.
             step "train_step 27b LoRA" 150 "$PYTHON" benchmarks/train_step.py --model 27b --mode peft --ours-paths fast \
-                --seqs 4096 --warmup 1 --steps 2 --out "$OUT"
+                --seqs 4096 --warmup 1 --steps 2 --hf-checkpointing on --out "$OUT"
         else
             skip "train_step 27b LoRA" "needs a card with more than 100 GB (54 GB of bf16 weights)"
         fi
@@ -144,7 +155,7 @@ for part in "${PART_LIST[@]}"; do
         fi
         ;;
     *)
-        skip "$part" "unknown part (PARTS takes train, packing, long, 27b, generate, verify)"
+        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, generate, verify)"
         ;;
     esac
 done

@@ -383,10 +383,29 @@ class RepeatBatch:
         return {}
 
 
-def fast_settings(seq: int, device: torch.device, ac: str) -> dict[str, Any]:
+def card_bytes(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def fast_settings(seq: int, device: torch.device, ac: str, *, config: Gemma3Config | None = None,
+                  card: int | None = None, mode: str = "sft", bf16_weights: bool = True,
+                  cpu_offload: bool = False) -> dict[str, Any]:
     """What ``ours fast`` runs: FlexAttention (``model.attention=auto``: flex on CUDA), every block compiled on CUDA,
-    and activation checkpointing by length unless ``--ac`` says otherwise: none up to 8,192 tokens (it fits, and
-    recomputing costs time), selective up to 16,384, full beyond (activation memory grows with the length)."""
+    and activation checkpointing chosen unless ``--ac`` says otherwise. With the card's memory (``card`` bytes),
+    ``auto`` asks the planner (``gemma3vl plan``'s estimate for one GPU) for the least recomputation whose estimate
+    fits in 90% of the card; without it: none up to 8,192 tokens, selective up to 16,384, full beyond."""
+    if ac == "auto" and config is not None and card:
+        from gemma3vl.parallel.plan import AC_MODES, count_parameters, estimate
+
+        counts = count_parameters(config)
+        for mode_ac in AC_MODES:
+            guess = estimate(counts, gpus=1, tp=1, activation_checkpoint=mode_ac, seq=seq, mode=mode,
+                             bf16_weights=bf16_weights, cpu_offload=cpu_offload)
+            if guess.total <= 0.90 * card:
+                ac = mode_ac
+                break
+        else:
+            ac = "full"  # nothing fits by the estimate: the least memory, and the run reports what happens
     if ac == "auto":
         ac = "none" if seq <= 8192 else "selective" if seq <= 16384 else "full"
     return {"attention": "auto", "compile": device.type == "cuda", "activation_checkpoint": ac}
@@ -462,7 +481,9 @@ def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, d
         torch.manual_seed(args.seed)
         apply_lora(model, lora_config(cfg))
     if variant.path == "fast":
-        chosen = fast_settings(row_tokens, device, args.ac)
+        chosen = fast_settings(row_tokens, device, args.ac, config=config, card=card_bytes(device),
+                               mode=variant.mode, bf16_weights=variant.weights == "bf16",
+                               cpu_offload=bool(args.cpu_offload))
         cfg.model.attention = chosen["attention"]
         cfg.parallel.compile = chosen["compile"]
         cfg.parallel.activation_checkpoint = chosen["activation_checkpoint"]
@@ -794,8 +815,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fast (FlexAttention, compiled blocks, checkpointing by length), plain (SDPA, eager), "
                              "or both (fast,plain: the first-step loss of each is compared)")
     parser.add_argument("--ac", default="auto", choices=["auto", "none", "full", "selective"],
-                        help="activation checkpointing of ours fast (auto: none <= 8,192 tokens, selective <= 16,384, "
-                             "full beyond)")
+                        help="activation checkpointing of ours fast (auto: on a GPU the least the planner says fits the card; "
+                             "elsewhere none <= 8,192 tokens, selective <= 16,384, full beyond)")
     parser.add_argument("--hf-checkpointing", default="auto", choices=["auto", "on", "off"],
                         help="transformers' gradient checkpointing (auto: on above 4,096 tokens, as the anchor)")
     parser.add_argument("--cpu-offload", action="store_true", help="ours: AdamW state on the host (optim.cpu_offload)")

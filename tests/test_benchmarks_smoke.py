@@ -61,7 +61,8 @@ def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
     proc, out = rehearsal
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines())
-    assert steps["train_step tiny"] == "ok", steps
+    assert steps["train_step tiny SFT"] == "ok", steps
+    assert steps["train_step tiny LoRA"] == "ok", steps
     assert steps["packing gain tiny"] == "ok", steps
     assert steps["train_step tiny long"] == "ok", steps
     assert steps["train_step 27b LoRA"].startswith("skipped")
@@ -76,12 +77,16 @@ def test_rehearsal_exits_zero_and_prints_the_combined_table_last(rehearsal):
 def test_each_script_prints_its_table_last(rehearsal):
     _, out = rehearsal
     log = (out / "run_all.log").read_text()
-    train_part = log[log.index("=== train_step tiny"):log.index("=== packing gain tiny")]
+    train_part = log[log.index("=== train_step tiny SFT"):log.index("=== train_step tiny LoRA")]
+    lora_part = log[log.index("=== train_step tiny LoRA"):log.index("=== packing gain tiny")]
     packing_part = log[log.index("=== packing gain tiny"):log.index("=== train_step tiny long")]
     long_part = log[log.index("=== train_step tiny long"):log.index("=== train_step 27b")]
     generate_part = log[log.index("=== generate tiny"):log.index("=== gpu_verify tiny")]
     assert "| impl | path | recipe | weights | seq | steps/s | tokens/s | MFU |" in train_part
-    assert last_line(train_part).startswith("| transformers | - | gemma3_vl_4b_peft | bf16 |")
+    assert last_line(train_part).startswith("| transformers | - | gemma3_vl_4b_sft | bf16 |")
+    assert "| ours | plain | gemma3_vl_4b_sft |" in train_part
+    assert last_line(lora_part).startswith("| transformers | - | gemma3_vl_4b_peft | bf16 |")
+    assert "| ours | plain |" not in lora_part
     assert "| layout | impl | rows | micro-batches | padding | useful tok/s | target tok/s |" in packing_part
     assert last_line(packing_part).startswith("| padded | transformers | 12 | 6 |")
     assert last_line(long_part).startswith("| transformers | - | gemma3_vl_4b_sft | bf16 | 128 |")
@@ -93,11 +98,12 @@ def test_each_script_prints_its_table_last(rehearsal):
 def test_train_step_runs_every_variant_on_the_same_weights(rehearsal):
     _, out = rehearsal
     data = json.loads((out / "train_step-tiny.json").read_text())
-    results = data["results"]
+    lora = json.loads((out / "train_step-tiny-peft.json").read_text())
+    results = data["results"] + lora["results"]
     labels = [(r["impl"], r["path"], r["mode"], r["weights"]) for r in results]
     assert labels == [("ours", "fast", "sft", "bf16"), ("ours", "plain", "sft", "bf16"),
                       ("transformers", "", "sft", "bf16"), ("ours", "fast", "peft", "bf16"),
-                      ("ours", "plain", "peft", "bf16"), ("transformers", "", "peft", "bf16")]
+                      ("transformers", "", "peft", "bf16")]
     for r in results:
         assert r["status"] == "ok", r
         assert r["steps_per_s"] > 0 and r["tokens_per_s"] > 0 and len(r["step_times_s"]) == 1
@@ -109,14 +115,15 @@ def test_train_step_runs_every_variant_on_the_same_weights(rehearsal):
     for mode in ("sft", "peft"):
         assert by[("ours", "fast", mode)]["trainable_params"] == by[("transformers", "", mode)]["trainable_params"]
         assert "AC selective" in by[("ours", "fast", mode)]["settings"]  # the rehearsal forces checkpointing on
-    comparisons = {(c["mode"], c["seq"]): c for c in data["comparisons"]}
-    for mode in ("sft", "peft"):
-        entry = comparisons[(mode, 64)]
-        assert entry["speedup_vs_transformers"] > 0 and abs(entry["loss_difference"]) < 1e-3 * entry["loss_plain"]
+    sft = {(c["mode"], c["seq"]): c for c in data["comparisons"]}[("sft", 64)]
+    assert sft["speedup_vs_transformers"] > 0 and abs(sft["loss_difference"]) < 1e-3 * sft["loss_plain"]
+    peft = {(c["mode"], c["seq"]): c for c in lora["comparisons"]}[("peft", 64)]
+    assert peft["speedup_vs_transformers"] > 0 and peft.get("loss_difference") is None  # no plain path run
     flex = data["flex_check"]
     assert flex["agree"] is True and set(flex["layers"]) == {"sliding_attention", "full_attention"}
     assert not flex["backward"]  # on a CPU FlexAttention runs forward only
-    assert len(data["summary_rows"]) == len(results) + len(data["comparisons"]) + 1
+    assert len(data["summary_rows"]) == len(data["results"]) + len(data["comparisons"]) + 1
+    assert "flex_check" not in lora or lora["flex_check"] is None
 
     long = json.loads((out / "train_step-tiny-long.json").read_text())
     assert [(r["impl"], r["mode"], r["seq"], r["status"]) for r in long["results"]] == [
@@ -210,6 +217,46 @@ def test_packing_gain_rejects_conversations_longer_than_a_row(tmp_path, capsys):
     with pytest.raises(SystemExit):
         packing_gain.main(["--tiny", "--device", "cpu", "--layouts", "packed,sorted", "--out", str(tmp_path)])
     assert "--layouts" in capsys.readouterr().err
+
+
+def test_generate_runs_its_parts_in_the_order_asked(tmp_path):
+    code = generate_bench.main(["--tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "3",
+                                "--warmup-tokens", "1", "--batches", "1", "--order", "compiled,transformers,eager",
+                                "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "generate-tiny.json").read_text())
+    impls = [r["impl"] for r in data["rows"]]
+    if data["compile_available"]:
+        assert impls == ["ours (compile=True)", "transformers", "ours"]
+        assert data["compiled_vs_eager"]["batch 1"] is not None
+    else:
+        assert impls == ["transformers", "ours"]
+    assert data["engine"] == {}  # not in --order
+    with pytest.raises(SystemExit):
+        generate_bench.main(["--tiny", "--device", "cpu", "--order", "eager,eager", "--out", str(tmp_path)])
+
+
+def test_checkpointing_auto_asks_the_planner_for_the_card():
+    """On a GPU, ``--ac auto`` takes the least recomputation the planner says fits 90% of the card."""
+    from gemma3vl.parallel.plan import load_config
+
+    cuda = torch.device("cuda")
+    four, big = load_config("4b"), load_config("27b")
+    h200 = 143_771 * 2**20
+
+    def chosen(seq, config=four, card=h200, mode="sft"):
+        return train_step.fast_settings(seq, cuda, "auto", config=config, card=card, mode=mode)["activation_checkpoint"]
+
+    assert chosen(4096) == "none"
+    assert chosen(16384) == "selective"
+    assert chosen(131072) == "full"
+    assert chosen(4096, config=big, mode="peft") == "selective"  # 27B LoRA: no checkpointing needs ~200 GiB
+    assert chosen(4096, card=64 * 2**30) == "selective"  # a smaller card needs more recomputation
+    assert chosen(4096, card=40 * 2**30) == "full"
+    # Without the card's size: by length; an explicit --ac always wins.
+    assert train_step.fast_settings(4096, cuda, "auto")["activation_checkpoint"] == "none"
+    assert train_step.fast_settings(131072, cuda, "auto")["activation_checkpoint"] == "full"
+    assert train_step.fast_settings(4096, cuda, "full", config=four, card=h200)["activation_checkpoint"] == "full"
 
 
 def test_generate_gives_exactly_n_tokens_on_both_sides(rehearsal):
