@@ -17,24 +17,17 @@
 # packing_gain-4b.json, train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json,
 # verify-4b.json.
 #
-# Estimated time on an H200, machine start not included (compilation dominates the first steps; inductor's
-# on-disk cache makes later compilations of the same graphs cheaper):
-#   train_step 4b       ~4 min  FlexAttention vs SDPA check at 4,096 tokens (bf16 forward + backward, ~40 s of
-#                               compiling); then SFT at 4,096 tokens: ours fast (flex, compiled blocks; the first
-#                               step compiles, ~1 min), ours plain (SDPA, eager), transformers (sdpa); then LoRA:
-#                               ours fast and transformers + peft; each 2 warmup + 3 timed steps of ~0.3-1 s.
-#   packing gain 4b     ~1.5 min one optimizer step = 48 synthetic conversations of 300-2,000 tokens (one image
-#                               each), packed into rows of 4,096 vs padded (2 rows per micro-batch): ours fast on
-#                               both, then transformers sdpa on the padded ones; 1 warmup (compiling) + 1 timed
-#                               step each (a few seconds per step). Timeout 90 s: transformers is cut first.
-#   train_step 4b long  ~3 min  full fine-tuning with AdamW at 16,384 / 32,768 / 65,536 / 131,072 tokens: ours
-#                               fast (checkpointing: the least the planner says fits; 1 warmup + 1 timed step, ~1-20 s
-#                               each) and transformers sdpa with gradient checkpointing (expected OOM from 32,768
-#                               on: longer lengths are then reported as skipped, not run).
-#   27B LoRA            ~2 min  H200 only: LoRA at 4,096 tokens, ours fast and transformers + peft (54 GB of bf16
-#                               weights built on the GPU for each), 1 warmup + 2 steps.
-#   generate 4b         ~4 min  and gpu_verify 4b ~150 s: run if the budget leaves time (it usually does not with
-#                               the training steps above: give them a session of their own with PARTS=).
+# Time on an H200 (measured 2026-11-28 where said; machine start not included; compiling dominates first steps):
+#   sft 4b              110 s measured: flex check, then ours fast (first step compiles: 30 s), ours plain,
+#                       transformers, 2 warmup + 3 timed steps each.
+#   lora 4b             70 s measured: ours fast (first step 44 s) and transformers + peft.
+#   packing gain 4b     ~120 s: the packed step measured 13 s (compiling) + 4.8 s; then the padded one (24
+#                       micro-batches of 24 shapes) and transformers on it. Timeout 130 s.
+#   long 4b             unknown: the 16,384-token row stalled for 200 s before compiling (docs/benchmarks.md);
+#                       the stack dump 25 s before the timeout should say where.
+#   27B LoRA            85 s measured (H200 only): ours fast (first step 47 s) and transformers + peft.
+#   generate 4b         190 s measured with GENERATE_ARGS="--order compiled,transformers,eager --engine off
+#                       --repeats 1" (decode compiles in ~57 s per batch size); gpu_verify 4b ~150 s.
 # PARTS (default: train,packing,long,27b,generate,verify; train = sft,lora) picks and orders the steps, e.g.
 # PARTS=generate,verify.
 
@@ -67,7 +60,8 @@ step() {
     ((limit > left)) && limit=$left
     echo "=== $name (timeout ${limit} s): $*" | tee -a "$LOG"
     local began=$SECONDS
-    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    # A Python stack dump of every thread 25 s before the timeout (train_step.benchmark_setup): a hang says where.
+    BENCH_STACKS_AFTER_S=$((limit > 60 ? limit - 25 : 0)) timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]} verdict=ok
     if ((rc == 124 || rc == 137)); then
         verdict="timed out after ${limit} s"
@@ -125,7 +119,7 @@ for part in "${PART_LIST[@]}"; do
         ;;
     packing)
         # Useful tokens/s of whole steps over one set of conversations: packed rows vs padded ones (issue 5).
-        step "packing gain $NAME" 90 "$PYTHON" benchmarks/packing_gain.py "${SIZE[@]}" "${PACKING_COUNTS[@]}" \
+        step "packing gain $NAME" 130 "$PYTHON" benchmarks/packing_gain.py "${SIZE[@]}" "${PACKING_COUNTS[@]}" \
             --out "$OUT"
         ;;
     long)

@@ -148,9 +148,38 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def start_stack_watchdog(interval_s: float) -> None:
+    """A daemon thread that prints every other thread's Python stack to stderr each ``interval_s`` seconds.
+    Pure Python (``sys._current_frames``): faulthandler's own timer reads frames without the GIL and was seen to
+    crash a process in the middle of an import."""
+    import threading
+
+    def watch() -> None:
+        me = threading.get_ident()
+        names = {}
+        while True:
+            time.sleep(interval_s)
+            names.update((t.ident, t.name) for t in threading.enumerate())
+            lines = [f"--- stacks after {interval_s:.0f} s more (BENCH_STACKS_AFTER_S) ---"]
+            for ident, frame in sys._current_frames().items():
+                if ident != me:
+                    lines.append(f"thread {names.get(ident, ident)} (most recent call last):")
+                    lines += [line.rstrip() for line in traceback.format_stack(frame)]
+            print("\n".join(lines), file=sys.stderr, flush=True)
+
+    threading.Thread(target=watch, name="stack-watchdog", daemon=True).start()
+
+
 def benchmark_setup(args) -> tuple[torch.device, Path, dict[str, Any], Gemma3Config, dict[str, Any]]:
     """The device, the output folder (made), the HF config dict and our config of ``--model``/``--tiny``, and
-    the environment every JSON records."""
+    the environment every JSON records.
+
+    With ``BENCH_STACKS_AFTER_S`` set (run_all_gpu.sh sets it to a little under each step's timeout), every
+    thread's Python stack is printed to stderr after that many seconds (and again each time as long again
+    passes): a step that hangs or crawls then says where, instead of only timing out."""
+    stacks_after = float(os.environ.get("BENCH_STACKS_AFTER_S") or 0)
+    if stacks_after > 0:
+        start_stack_watchdog(stacks_after)
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -508,8 +537,11 @@ def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, d
 def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result):
     from gemma3vl.train.trainer import Trainer
 
+    began = time.perf_counter()
     model = prepare_ours(variant, config, inputs.tokens, cfg, device, args, result)
     trainer = Trainer(cfg, model, RepeatBatch(inputs.ours(weights_dtype(variant))), Path(args.out), device)
+    say(f"    built in {time.perf_counter() - began:.1f} s ({result.settings})"
+        + ("; step 1 builds the masks and compiles the blocks" if cfg.parallel.compile else ""))
     reset_peak(device)
     return time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
 
@@ -517,7 +549,7 @@ def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, d
 def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens: int, cfg, device, args, result):
     """transformers' model (bf16, sdpa; peft for LoRA) and its optimizer, gradient checkpointing chosen for rows
     of ``row_tokens``; returns the step function for batches of transformers' keyword arguments."""
-    from gemma3vl.train.schedule import build_optimizer
+    from gemma3vl.train.schedule import build_optimizer, build_scheduler
 
     model = build_reference(raw, config, device, torch.bfloat16, args.seed)
     if variant.mode == "peft":
@@ -534,11 +566,13 @@ def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens
     describe_params(model, result)
     result.model_gib = allocated_gib(device)
     optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # our trainer's warmup + cosine: like losses
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(batches: list[dict[str, torch.Tensor]], weights: list[float]) -> float:
         """One optimizer step over micro-batches: each one's mean loss times its weight (its share of the step's
-        target tokens: the token-weighted mean over the step, as our trainer), one clip, one AdamW step."""
+        target tokens: the token-weighted mean over the step, as our trainer), one clip, one AdamW step and
+        the learning-rate schedule of our trainer (so both sides' losses can be compared step by step)."""
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for batch, weight in zip(batches, weights):
@@ -547,6 +581,7 @@ def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
         optimizer.step()
+        scheduler.step()
         return total
 
     return step
@@ -748,13 +783,28 @@ def check_row_info(config: Gemma3Config, seq: int) -> TokenInfo:
     return TokenInfo(positions, segments, blocks)
 
 
-def flex_check(config: Gemma3Config, seq: int, device: torch.device, seed: int) -> dict[str, Any]:
+def flex_attend(q, k, v, info: TokenInfo, window: int | None, scale: float) -> torch.Tensor:
+    from gemma3vl.model.flex import attend_flex, block_mask
+
+    return attend_flex(q, k, v, block_mask(info, info, window), scale)
+
+
+def flex_check(config: Gemma3Config, seq: int, device: torch.device, seed: int, *, backward: bool | None = None,
+               low: torch.dtype | None = None, candidate: Callable = flex_attend) -> dict[str, Any]:
     """FlexAttention against SDPA with the dense mask, at the model's head shapes (GQA) on a packed row with images,
     for both layer types: forward and backward in bf16 (CUDA; compiled flex), each measured against an fp32 SDPA
     reference. Agreement: flex's error is within 2x SDPA's own bf16 error (+1e-3). On a CPU: forward only, fp32
-    (FlexAttention has no CPU backward)."""
+    (FlexAttention has no CPU backward).
+
+    Padding rows (no key allowed) are outside the comparison, as they are outside the model's loss: flex gives them
+    0 while the dense mask opens them to keep the softmax finite, so the incoming gradient is zero there (as in
+    training, where no target sits on padding) and ``out``/``dq`` are compared on the live rows. (The H200 run of
+    2026-11-28 drew the gradient on every row: the padding rows' own dq and their share of dk/dv in the reference
+    showed up as a 5% "disagreement" that was the check's, not flex's.)
+
+    ``backward``, ``low`` and ``candidate`` (the kernel under test, flex by default) let a CPU test run the
+    backward comparison with a stand-in."""
     from gemma3vl.model.attention import attend, dense_mask
-    from gemma3vl.model.flex import attend_flex, block_mask
 
     text = config.text
     info = check_row_info(config, seq)
@@ -764,9 +814,9 @@ def flex_check(config: Gemma3Config, seq: int, device: torch.device, seed: int) 
     shape_q = (1, text.num_attention_heads, seq, text.head_dim)
     shape_kv = (1, text.num_key_value_heads, seq, text.head_dim)
     base = [torch.randn(shape, generator=generator, device=device) for shape in (shape_q, shape_kv, shape_kv)]
-    grad_out = torch.randn(shape_q, generator=generator, device=device)
-    backward = device.type == "cuda"
-    low = torch.bfloat16 if backward else torch.float32
+    grad_out = torch.randn(shape_q, generator=generator, device=device) * live[None, None, :, None]
+    backward = device.type == "cuda" if backward is None else backward
+    low = low or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     report: dict[str, Any] = {"seq": seq, "dtype": str(low).removeprefix("torch."), "backward": backward, "layers": {}}
     agree = True
     for layer_type in (SLIDING, "full_attention"):
@@ -776,10 +826,12 @@ def flex_check(config: Gemma3Config, seq: int, device: torch.device, seed: int) 
         for name, dtype in (("reference", torch.float32), ("sdpa", low), ("flex", low)):
             q, k, v = (t.to(dtype).requires_grad_(backward) for t in base)
             if name == "flex":
-                out = attend_flex(q, k, v, block_mask(info, info, window), text.attention_scale)
+                out = candidate(q, k, v, info, window, text.attention_scale)
             else:
                 out = attend(q, k, v, dense, text.attention_scale)
             grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype)) if backward else ()
+            if grads:  # queries on live rows only; keys/values get nothing from padding rows on either side
+                grads = (grads[0][:, :, live], *grads[1:])
             outputs[name] = [out[:, :, live].float(), *(g.float() for g in grads)]
         errors = {}
         for index, tensor_name in enumerate(("out", "dq", "dk", "dv")[: len(outputs["flex"])]):

@@ -219,6 +219,48 @@ def test_packing_gain_rejects_conversations_longer_than_a_row(tmp_path, capsys):
     assert "--layouts" in capsys.readouterr().err
 
 
+def test_flex_check_compares_gradients_where_the_model_has_them():
+    """The backward half of the GPU flex check, on the CPU with a stand-in for flex: SDPA with the dense mask, but
+    padding rows (no key allowed) giving 0, as FlexAttention does. The check must call that agreement: padding rows
+    carry no loss in training, so their gradients are outside the comparison (the H200 run of 2026-11-28 compared
+    them and reported a 5% 'disagreement' that was the check's own)."""
+    from gemma3vl.model.attention import attend, dense_mask
+
+    def padding_rows_zero(q, k, v, info, window, scale):
+        live = (info.segment_ids != 0)[:, None, :, None]
+        return attend(q, k, v, dense_mask(info, info, window), scale) * live
+
+    raw = train_step.hf_config_dict("4b", tiny=True)
+    config = train_step.Gemma3Config.from_hf_dict(raw)
+    report = train_step.flex_check(config, 256, torch.device("cpu"), 0, backward=True, low=torch.bfloat16,
+                                   candidate=padding_rows_zero)
+    assert report["backward"] and report["agree"], report
+    for layer in report["layers"].values():
+        assert set(layer) == {"out", "dq", "dk", "dv"}
+        assert layer["dq"]["flex_vs_fp32"] <= 2 * layer["dq"]["sdpa_vs_fp32"] + 1e-3
+
+    def wrong_window(q, k, v, info, window, scale):  # a real mistake must still be caught
+        return attend(q, k, v, dense_mask(info, info, None if window else 8), scale)
+
+    report = train_step.flex_check(config, 256, torch.device("cpu"), 0, backward=True, low=torch.bfloat16,
+                                   candidate=wrong_window)
+    assert not report["agree"]
+
+
+def test_a_slow_step_prints_where_it_is(tmp_path):
+    """BENCH_STACKS_AFTER_S (set by run_all_gpu.sh a little under each step's timeout) makes a benchmark print
+    every thread's Python stack once that many seconds have passed, so a hang on the GPU says where it hangs."""
+    env = dict(os.environ, BENCH_STACKS_AFTER_S="0.5")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_step.py"), "--tiny", "--device", "cpu", "--only", "ours",
+         "--mode", "sft", "--ours-paths", "plain", "--seq", "64", "--warmup", "0", "--steps", "1",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-1000:], proc.stderr[:3000])
+    assert "most recent call last" in proc.stderr and "train_step.py" in proc.stderr
+    assert "built in" in proc.stderr  # progress lines (say) go to stderr
+
+
 def test_generate_runs_its_parts_in_the_order_asked(tmp_path):
     code = generate_bench.main(["--tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "3",
                                 "--warmup-tokens", "1", "--batches", "1", "--order", "compiled,transformers,eager",

@@ -64,6 +64,34 @@ class GenerationResult:
     texts: list[str] | None = None
 
 
+def to_device_async(values: list[bool], device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the GPU's queued work (pinned memory, async copy; a plain
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory and so waits for the stream)."""
+    host = torch.tensor(values)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A device tensor's values on the host, copied in stream order without waiting for work queued after it:
+    ``tolist()`` waits only for the copy (an event), not for the steps launched since."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            self.host, self.ready = tensor, None
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record(torch.cuda.current_stream(tensor.device))
+
+    def tolist(self) -> list:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+
 @dataclass
 class _Step:
     tokens: torch.Tensor  # [B], pad for rows that had finished before this step
@@ -132,23 +160,30 @@ def _steps(
         texts = [None if tokenizer is None else IncrementalText(tokenizer, s.stop_strings) for s in samplings]
         reasons: list[str | None] = [None] * batch
         counts = [0] * batch
-        for _ in range(steps):
+        for index in range(steps):
             active = [reason is None for reason in reasons]
             tokens = choose_tokens(process_logits(logits, rows, seen), rows, active)
-            tokens = torch.where(torch.tensor(active, device=device), tokens, pads)
+            tokens = torch.where(to_device_async(active, device), tokens, pads)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
+            chosen = HostCopy(tokens)
+            # The next step goes to the GPU before this one's tokens are read on the host: the reading, the stop
+            # checks and the caller's handling of the events overlap the step instead of leaving the GPU idle.
+            # It feeds every row's token, as the step after it always did (finished rows get pads from then on);
+            # if this turns out to be the last step for every row, its result is simply dropped.
+            if index + 1 < steps:
+                next_logits = run_decode_step(step_fn, compiled, model, kv, tokens, positions)
+                positions = positions + 1
             events = []
-            for row, token in enumerate(tokens.tolist()):
+            for row, token in enumerate(chosen.tolist()):
                 if reasons[row] is None:
                     counts[row] += 1
                     events.append(row_event(row, token, counts[row], samplings[row], texts[row]))
                     reasons[row] = events[-1].finish_reason
-            yield _Step(tokens, torch.tensor([r is not None for r in reasons], device=device), events)
-            if all(reason is not None for reason in reasons):
+            yield _Step(tokens, to_device_async([r is not None for r in reasons], device), events)
+            if all(reason is not None for reason in reasons) or index + 1 == steps:
                 break
-            logits = run_decode_step(step_fn, compiled, model, kv, tokens, positions)
-            positions = positions + 1
+            logits = next_logits
     finally:
         if borrowed:
             give_back(model, kv)
