@@ -224,18 +224,24 @@ def run_layout(name: str, layout: Layout, raw, config: Gemma3Config, device: tor
                           target_tokens=layout.target_tokens, padding_fraction=layout.padding_fraction)
     say(f"[{name}: {variant.label}, {layout.rows} rows in {len(layout.batches)} micro-batches] building")
     graphs_before = compiled_graph_count()
-    with row_guard(result, device):
+
+    def measure() -> tuple[list[float], float]:
+        # Its own frame: the model, optimizer and batches it builds are gone once it returns, before the
+        # ``free_memory`` below (held by this function's locals, 32 GiB of the 4B stayed allocated into the next
+        # layout's run on the H200 of 2026-11-28).
         if variant.impl == "ours":
             model = prepare_ours(variant, config, layout.longest_row, cfg, device, args, result)
             trainer = Trainer(cfg, model, RepeatBatch(layout.batches), Path(args.out), device)
             reset_peak(device)
-            times, first_loss = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
-        else:
-            step = prepare_transformers(variant, raw, config, layout.longest_row, cfg, device, args, result)
-            batches = [transformers_inputs(b, config.image_token_id, torch.bfloat16, device) for b in layout.batches]
-            weights = [b.num_target_tokens / max(layout.target_tokens, 1) for b in layout.batches]
-            reset_peak(device)
-            times, first_loss = time_steps(lambda: step(batches, weights), args.warmup, args.steps, device)
+            return time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
+        step = prepare_transformers(variant, raw, config, layout.longest_row, cfg, device, args, result)
+        batches = [transformers_inputs(b, config.image_token_id, torch.bfloat16, device) for b in layout.batches]
+        weights = [b.num_target_tokens / max(layout.target_tokens, 1) for b in layout.batches]
+        reset_peak(device)
+        return time_steps(lambda: step(batches, weights), args.warmup, args.steps, device)
+
+    with row_guard(result, device):
+        times, first_loss = measure()
         step_s = statistics.median(times)
         result.step_times_s, result.step_s, result.steps_per_s = times, step_s, 1.0 / step_s
         result.tokens_per_s = layout.useful_tokens / step_s

@@ -80,7 +80,7 @@ if [[ -n "$TINY" ]]; then
     # Rehearsal: tiny sizes on the CPU, and fewer steps/calls; everything else as on the GPU. Checkpointing is forced
     # to selective so that the rehearsal runs it (on the GPU the length decides); nothing compiles on a CPU.
     SIZE=(--tiny --device cpu)
-    TRAIN_COUNTS=(--warmup 1 --steps 1 --ac selective)
+    TRAIN_COUNTS=(--warmup 1 --steps 1 --ac selective --profile)
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-96,128}")
     PACKING_COUNTS=(--warmup 1 --steps 1)
     FLEX_CHECK=(--flex-check 96)
@@ -89,7 +89,7 @@ if [[ -n "$TINY" ]]; then
     GPU_MIB=0
 else
     SIZE=(--model 4b)
-    TRAIN_COUNTS=(--warmup 2 --steps 3)
+    TRAIN_COUNTS=(--warmup 2 --steps 3 --profile)
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-16384,32768,65536,131072}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)

@@ -396,6 +396,7 @@ class Result:
     leftover_gib: float | None = None  # still allocated after the variant was freed
     flops_per_step: float | None = None  # model FLOPs of one step (see step_flops)
     mfu: float | None = None  # flops_per_step / step_s / the card's dense bf16 peak
+    profile: list[dict[str, Any]] = field(default_factory=list)  # --profile: one more step's top operators
 
 
 class RepeatBatch:
@@ -492,6 +493,36 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int, device: torch
     return times, first_loss
 
 
+def profile_step(step: Callable[[], float], device: torch.device, top: int = 30) -> list[dict[str, Any]]:
+    """One more step under ``torch.profiler``: the ``top`` operators by device time (CPU time on a CPU), each with
+    its calls, total device and CPU milliseconds and share of the step's device time. Printed as a table too: where
+    a step's time goes, for the next optimisation (issue 5's 2x and 50% MFU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+
+    def device_us(event) -> float:
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0)
+
+    events = list(prof.key_averages())
+    on_device = device.type == "cuda"
+    key = device_us if on_device else (lambda e: float(e.self_cpu_time_total))
+    total = sum(key(e) for e in events) or 1.0
+    rows = [{"name": e.key, "calls": int(e.count), "device_ms": device_us(e) / 1e3,
+             "cpu_ms": float(e.self_cpu_time_total) / 1e3, "share": key(e) / total}
+            for e in sorted(events, key=key, reverse=True)[:top]]
+    say(f"    profile of one step: top {len(rows)} operators by self {'device' if on_device else 'CPU'} time "
+        f"(total {total / 1e3:.1f} ms)")
+    for row in rows:
+        say(f"      {row['share']:6.1%}  {row['device_ms'] if on_device else row['cpu_ms']:9.2f} ms  "
+            f"{row['calls']:6d}x  {row['name'][:110]}")
+    return rows
+
+
 def weights_dtype(variant: Variant) -> torch.dtype:
     return torch.bfloat16 if variant.weights == "bf16" else torch.float32
 
@@ -543,7 +574,10 @@ def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, d
     say(f"    built in {time.perf_counter() - began:.1f} s ({result.settings})"
         + ("; step 1 builds the masks and compiles the blocks" if cfg.parallel.compile else ""))
     reset_peak(device)
-    return time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
+    timed = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
+    if getattr(args, "profile", False):
+        result.profile = profile_step(lambda: trainer.train_step()["loss"], device)
+    return timed
 
 
 def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens: int, cfg, device, args, result):
@@ -872,6 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-checkpointing", default="auto", choices=["auto", "on", "off"],
                         help="transformers' gradient checkpointing (auto: on above 4,096 tokens, as the anchor)")
     parser.add_argument("--cpu-offload", action="store_true", help="ours: AdamW state on the host (optim.cpu_offload)")
+    parser.add_argument("--profile", action="store_true",
+                        help="ours: after the timed steps, one more step under torch.profiler; its top operators by "
+                             "device time are printed and kept in the JSON (not part of the timings)")
     parser.add_argument("--flex-check", type=int, default=0, metavar="SEQ",
                         help="first compare FlexAttention with SDPA at SEQ tokens (model head shapes; 0: skip)")
     parser.add_argument("--tag", default="", help="appended to the JSON file name (train_step-<model><tag>.json)")

@@ -119,6 +119,12 @@ def test_train_step_runs_every_variant_on_the_same_weights(rehearsal):
     assert sft["speedup_vs_transformers"] > 0 and abs(sft["loss_difference"]) < 1e-3 * sft["loss_plain"]
     peft = {(c["mode"], c["seq"]): c for c in lora["comparisons"]}[("peft", 64)]
     assert peft["speedup_vs_transformers"] > 0 and peft.get("loss_difference") is None  # no plain path run
+    for r in results:  # --profile: ours' extra step's top operators (the transformers rows are not profiled)
+        if r["impl"] == "ours":
+            assert r["profile"] and all(row["calls"] > 0 and row["cpu_ms"] >= 0 for row in r["profile"])
+            assert any("mm" in row["name"] or "linear" in row["name"] for row in r["profile"])
+        else:
+            assert r["profile"] == []
     flex = data["flex_check"]
     assert flex["agree"] is True and set(flex["layers"]) == {"sliding_attention", "full_attention"}
     assert not flex["backward"]  # on a CPU FlexAttention runs forward only
@@ -208,6 +214,38 @@ def test_packing_gain_transformers_inputs_unshift_the_labels():
     packed = packing_gain.packed_layout(samples, config, 128).batches[0]
     with pytest.raises(packing_gain.Gemma3VLError, match="padded batches"):
         packing_gain.transformers_inputs(packed, config.image_token_id, torch.bfloat16, torch.device("cpu"))
+
+
+def test_packing_gain_frees_each_layouts_model_before_the_next(monkeypatch, tmp_path):
+    """A layout's model, optimizer and batches are gone when ``run_layout`` returns (on the H200 of 2026-11-28 the
+    packed layout's 32 GiB stayed allocated through the padded one's run)."""
+    import gc
+    import weakref
+
+    built = []
+    real_prepare = packing_gain.prepare_ours
+
+    def tracking_prepare(*args, **kwargs):
+        model = real_prepare(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(packing_gain, "prepare_ours", tracking_prepare)
+    alive_at_free = []
+
+    def checking_free(device):  # what run_layout calls before it measures the memory left over
+        gc.collect()
+        alive_at_free.append([ref() is not None for ref in built])
+
+    monkeypatch.setattr(packing_gain, "free_memory", checking_free)
+    raw = train_step.hf_config_dict("4b", tiny=True)
+    config = train_step.Gemma3Config.from_hf_dict(raw)
+    samples = packing_gain.conversations(config, [40, 60, 50], seed=0)
+    layout = packing_gain.packed_layout(samples, config, 128)
+    args = Namespace(model_name="tiny", seed=0, out=str(tmp_path), warmup=0, steps=1, ac="auto", cpu_offload=False)
+    result = packing_gain.run_layout("packed", layout, raw, config, torch.device("cpu"), args)
+    assert result.status == "ok", result.status
+    assert len(built) == 1 and alive_at_free == [[False]]
 
 
 def test_packing_gain_rejects_conversations_longer_than_a_row(tmp_path, capsys):
