@@ -27,7 +27,7 @@ import torch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import SlotKVCache
 from gemma3vl.infer.completion import FINISH_CANCELLED, Row, RowState
-from gemma3vl.infer.decode import compiled_decode_step, decode_step, prefill, run_decode_step
+from gemma3vl.infer.decode import HostCopy, compiled_decode_step, decode_step, prefill, run_decode_step
 from gemma3vl.infer.sampling import RowSampling, Sampling, choose_tokens, process_logits, row_generator, seen_tokens
 from gemma3vl.model import Gemma3Model, TokenInfo
 
@@ -132,9 +132,16 @@ class ContinuousBatcher:
         tokens = choose_tokens(process_logits(self.logits, rows, self.seen if penalty else None), rows, occupied)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
+        chosen = HostCopy(tokens)
+        # The next decode step goes to the GPU before the tokens are read on the host (as in ``generate``): the
+        # reading and the stop checks overlap it. If every row ends with these tokens its result goes unused; a row
+        # added to a freed slot later overwrites that slot's logits, position and cache row, in stream order.
+        self.tokens = tokens
+        self.logits = run_decode_step(self._step_fn, self.compiled, self.model, self.cache, tokens, self.positions)
+        self.positions = self.positions + 1
         ended = []
         with self._lock:
-            for index, token in enumerate(tokens.tolist()):
+            for index, token in enumerate(chosen.tolist()):
                 slot = self.slots[index]
                 if slot is None:
                     continue
@@ -143,10 +150,6 @@ class ContinuousBatcher:
                     ended.append(slot.tag)
                     self.slots[index] = None
                     self._rows = None
-        self.tokens = tokens
-        if self.active:
-            self.logits = run_decode_step(self._step_fn, self.compiled, self.model, self.cache, tokens, self.positions)
-            self.positions = self.positions + 1
         self.steps += 1
         return ended
 

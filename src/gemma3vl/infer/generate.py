@@ -18,6 +18,7 @@ import torch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import StaticKVCache
 from gemma3vl.infer.decode import (  # noqa: F401  (re-exported: generate's public surface)
+    HostCopy,
     _spare_caches,
     compiled_decode_step,
     decode_step,
@@ -25,6 +26,7 @@ from gemma3vl.infer.decode import (  # noqa: F401  (re-exported: generate's publ
     make_cache,
     prefill,
     run_decode_step,
+    to_device_async,
 )
 from gemma3vl.infer.detokenize import IncrementalText
 from gemma3vl.infer.sampling import (  # noqa: F401  (re-exported)
@@ -62,34 +64,6 @@ class GenerationResult:
     tokens: list[list[int]]
     finish_reasons: list[str]
     texts: list[str] | None = None
-
-
-def to_device_async(values: list[bool], device: torch.device) -> torch.Tensor:
-    """A small host list on ``device`` without waiting for the GPU's queued work (pinned memory, async copy; a plain
-    ``torch.tensor(values, device=cuda)`` copies from pageable memory and so waits for the stream)."""
-    host = torch.tensor(values)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-class HostCopy:
-    """A device tensor's values on the host, copied in stream order without waiting for work queued after it:
-    ``tolist()`` waits only for the copy (an event), not for the steps launched since."""
-
-    def __init__(self, tensor: torch.Tensor):
-        if tensor.device.type != "cuda":
-            self.host, self.ready = tensor, None
-            return
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self.host.copy_(tensor, non_blocking=True)
-        self.ready = torch.cuda.Event()
-        self.ready.record(torch.cuda.current_stream(tensor.device))
-
-    def tolist(self) -> list:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.tolist()
 
 
 @dataclass
