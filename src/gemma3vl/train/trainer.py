@@ -152,11 +152,14 @@ class Trainer:
             (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
             grad_norm = self.pipeline.clip_grad_norm_(self.cfg.train.grad_clip)
         else:
-            loss_sum = 0.0
+            # Summed on the device in float64 (what adding Python floats did), read once: a read per micro-batch
+            # would make the host wait for each backward before it could queue the next micro-batch's forward.
+            loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in micro_batches:
                 summed, _ = step_loss(self.model, batch, self.device)
                 (summed / max(total_targets, 1)).backward()
-                loss_sum += float(summed.detach())
+                loss_total += summed.detach().double()
+            loss_sum = float(loss_total)
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             if self.parallel is not None:
                 (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
