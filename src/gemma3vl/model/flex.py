@@ -5,7 +5,9 @@ SDPA with a dense mask reads every (query, key) pair and holds a ``[B, 1, Tq, Tk
 131,072 tokens. FlexAttention instead takes the rule itself as a ``mask_mod`` and a ``BlockMask`` saying, per
 tile of ``block_size`` x ``block_size``, whether the tile is empty (skipped), full (no mask evaluated) or partial.
 Sliding layers then touch ``window / T`` of the tiles and global layers half of them; nothing ``Tq x Tk`` is ever
-materialised (``create_block_mask`` is compiled on CUDA so it never builds the dense mask either).
+materialised: the tiles are classified from per-tile ranges of the token tensors (``tile_classes``), a few
+``[B, Tq/128, Tk/128]`` comparisons with no compilation (torch's ``create_block_mask``, which evaluates the rule on
+every pair, stays as the reference and a way out: ``GEMMA3VL_BLOCK_MASK=torch``).
 
 The ``mask_mod`` reads the per-token tensors of both sides and decides everything from them, never from the
 index order: the keys may be a KV cache's ring buffer (prefill after a cache), or, under context parallelism, the
@@ -19,6 +21,7 @@ softmax finite; either way their outputs are never used (no key is padding, no t
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -84,18 +87,115 @@ def token_mask_mod(queries: TokenInfo, keys: TokenInfo, window: int | None):
 def block_mask(
     queries: TokenInfo, keys: TokenInfo, window: int | None, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> BlockMask:
-    """One ``BlockMask`` for a layer type: queries ``[B, Tq]`` against keys ``[B, Tk]`` (any lengths, any order)."""
+    """One ``BlockMask`` for a layer type: queries ``[B, Tq]`` against keys ``[B, Tk]`` (any lengths, any order).
+
+    The tiles are classified from per-tile summaries of the token tensors (``tile_classes``): a few
+    ``[B, Tq/bs, Tk/bs]`` comparisons, no compilation and nothing ``Tq x Tk``, on any device.
+    ``GEMMA3VL_BLOCK_MASK=torch`` builds it with torch's ``create_block_mask`` instead (compiled on CUDA), which
+    evaluates the rule on every pair: the reference the tests compare with, and a way out."""
     batch, query_length = queries.positions.shape
     key_batch, key_length = keys.positions.shape
     if key_batch != batch:
         raise Gemma3VLError(f"queries describe {batch} rows but keys describe {key_batch}")
-    device = queries.positions.device
-    compiled = device.type == "cuda" and not torch.compiler.is_compiling()
-    build = compiled_create_block_mask() if compiled else create_block_mask
-    return build(
-        token_mask_mod(queries, keys, window), batch, None, query_length, key_length, device=device,
-        BLOCK_SIZE=block_size,
+    mask_mod = token_mask_mod(queries, keys, window)
+    if os.environ.get("GEMMA3VL_BLOCK_MASK", "tiles") == "torch":
+        device = queries.positions.device
+        compiled = device.type == "cuda" and not torch.compiler.is_compiling()
+        build = compiled_create_block_mask() if compiled else create_block_mask
+        return build(mask_mod, batch, None, query_length, key_length, device=device, BLOCK_SIZE=block_size)
+    present, full = tile_classes(queries, keys, window, block_size)
+    partial = present & ~full
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+        seq_lengths=(query_length, key_length),
     )
+
+
+def _tile_summary(info: TokenInfo, block_size: int) -> dict[str, torch.Tensor]:
+    """Per tile of ``block_size`` tokens: the range of segment ids and of positions ([B, tiles]), and the image
+    block ids ([B, tiles, block_size], -1 for other tokens). A ragged last tile is padded with padding tokens
+    (segment 0), so it is never classified full: the kernels mask its out-of-range pairs themselves."""
+    batch, length = info.positions.shape
+    tiles = -(-length // block_size)
+    pad = tiles * block_size - length
+
+    def tiled(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        if pad:
+            tensor = torch.nn.functional.pad(tensor, (0, pad), value=value)
+        return tensor.reshape(batch, tiles, block_size)
+
+    segments, positions = tiled(info.segment_ids, 0), tiled(info.positions, 0)
+    # (segment, position) as one number: for two tokens of one conversation it orders them as their positions
+    # do, and pairs of different conversations are never allowed, so its range per tile (padding left out) lets a
+    # tile that straddles two conversations still be found entirely before or after another one.
+    live = segments > 0
+    order = segments.to(torch.int64) * 2**32 + positions.to(torch.int64)
+    return {
+        "seg_lo": segments.amin(-1), "seg_hi": segments.amax(-1),  # padding (0) included: full tiles have none
+        "live_lo": torch.where(live, segments, torch.iinfo(segments.dtype).max).amin(-1),  # padding left out
+        "pos_lo": positions.amin(-1), "pos_hi": positions.amax(-1),
+        "order_lo": torch.where(live, order, torch.iinfo(torch.int64).max).amin(-1),
+        "order_hi": torch.where(live, order, -1).amax(-1),
+        "images": tiled(info.image_block_ids, -1),
+    }
+
+
+def _share_image(query_images: torch.Tensor, key_images: torch.Tensor) -> torch.Tensor:
+    """[B, query tiles, key tiles]: whether the two tiles hold a token of one same image block (ids >= 0), from
+    each tile's set of image ids as a one-hot row (ids are few: the images of the batch)."""
+    count = int(max(query_images.max(), key_images.max())) + 1 if query_images.numel() else 0
+    if count <= 0:
+        return torch.zeros(query_images.shape[0], query_images.shape[1], key_images.shape[1], dtype=torch.bool,
+                           device=query_images.device)
+
+    def one_hot(images: torch.Tensor) -> torch.Tensor:  # [B, tiles, block] -> [B, tiles, count] in {0, 1}
+        hot = torch.zeros(*images.shape[:2], count + 1, dtype=torch.float32, device=images.device)
+        hot.scatter_(2, (images + 1).clamp_min(0), 1.0)  # column 0 collects the non-image tokens
+        return hot[:, :, 1:]
+
+    return torch.bmm(one_hot(query_images), one_hot(key_images).transpose(1, 2)) > 0
+
+
+def tile_classes(
+    queries: TokenInfo, keys: TokenInfo, window: int | None, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(present, full), each ``[B, query tiles, key tiles]`` bool: a tile is left out only when no pair in it can
+    be allowed, and is full only when every pair is; everything else is partial (the kernels then evaluate the
+    rule per pair), so the classification is safe whatever the order of the tokens. From per-tile ranges:
+
+    * empty: the two tiles share no segment id (or the keys are all padding); or every key comes after every
+      query (by position, or by (segment, position) order: pairs of different conversations never count) and
+      no image block has tokens in both (no bidirectional exception); or, with a window, every key is at least
+      ``window`` before every query (again by either);
+    * full: both tiles lie in one and the same conversation (no padding), every key at or before every query,
+      and, with a window, every key within it of every query (an image block only adds pairs)."""
+    q, k = _tile_summary(queries, block_size), _tile_summary(keys, block_size)
+
+    def rows(name: str) -> torch.Tensor:  # query tiles along dim 1
+        return q[name][:, :, None]
+
+    def cols(name: str) -> torch.Tensor:  # key tiles along dim 2
+        return k[name][:, None, :]
+
+    share_segment = (rows("live_lo") <= cols("seg_hi")) & (cols("live_lo") <= rows("seg_hi"))
+    share_image = _share_image(q["images"], k["images"])
+    keys_after = (cols("pos_lo") > rows("pos_hi")) | (cols("order_lo") > rows("order_hi"))
+    one_conversation = ((rows("seg_lo") == rows("seg_hi")) & (cols("seg_lo") == cols("seg_hi"))
+                        & (rows("seg_lo") == cols("seg_lo")) & (cols("seg_lo") > 0))
+    present = share_segment & ~(keys_after & ~share_image)
+    full = one_conversation & (cols("pos_hi") <= rows("pos_lo"))
+    if window is not None:
+        present &= ~((cols("pos_hi") <= rows("pos_lo") - window) | (cols("order_hi") <= rows("order_lo") - window))
+        full &= cols("pos_lo") > rows("pos_hi") - window
+    return present, full & present
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, query tiles, key tiles]`` bool as a BlockMask's (count ``[B, 1, qt]``, indices ``[B, 1, qt, kt]``):
+    per query tile, how many key tiles are set and their indices first (in ascending order)."""
+    counts = tiles.sum(-1, dtype=torch.int32)
+    indices = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts[:, None], indices[:, None]
 
 
 def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float) -> torch.Tensor:
