@@ -309,6 +309,64 @@ def test_prefill_after_a_cache_matches_one_pass(tiny_model):
     torch.testing.assert_close(torch.cat((first, second), 1), whole, rtol=1e-4, atol=1e-4)
 
 
+def test_long_prompts_prefill_with_flex_on_a_gpu(monkeypatch):
+    """Prefill picks FlexAttention for prompts from GEMMA3VL_FLEX_PREFILL_MIN_TOKENS tokens on (default 32,768) on
+    CUDA, where SDPA's dense mask would take gigabytes; shorter prompts and the CPU keep the decoder's setting."""
+    from gemma3vl.infer.decode import FLEX_PREFILL_MIN_TOKENS, prefill_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert FLEX_PREFILL_MIN_TOKENS == 32768
+    assert prefill_backend(None, 32768, cuda) == "flex" and prefill_backend(None, 131072, cuda) == "flex"
+    assert prefill_backend(None, 32767, cuda) is None and prefill_backend(None, 131072, cpu) is None
+    monkeypatch.setenv("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", "100")
+    assert prefill_backend(None, 100, cuda) == "flex"
+    monkeypatch.setenv("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", "0")
+    assert prefill_backend(None, 131072, cuda) is None
+
+
+def test_generate_with_a_flex_prefill_gives_the_sdpa_tokens(tiny_model, monkeypatch):
+    """The per-call backend reaches the decoder: generation whose prefill runs FlexAttention (forced here on the
+    CPU, where its forward runs) gives the same greedy tokens and prefill logits as the SDPA prefill, with images
+    and a prompt past the sliding window."""
+    import gemma3vl.infer.decode as decode
+    from gemma3vl.infer.generate import generate
+    from gemma3vl.infer.sampling import Sampling
+
+    model, config = tiny_model
+    generator = torch.Generator().manual_seed(4)
+    sample = image_sample(config, generator, 3, 12, 2)
+    ids, pixels = sample.input_ids[None], sample.pixel_values
+    assert ids.shape[1] > config.text.sliding_window
+    sampling = Sampling(max_new_tokens=6)
+    plain = generate(model, ids, pixel_values=pixels, sampling=sampling)
+    chosen = []
+
+    def flex_always(model_, length, device):
+        chosen.append(length)
+        return "flex"
+
+    monkeypatch.setattr(decode, "prefill_backend", flex_always)
+    import gemma3vl.model.text as text_module
+
+    flex_calls = []
+
+    def counting_attend_flex(*args, **kwargs):
+        flex_calls.append(1)
+        return attend_flex(*args, **kwargs)
+
+    monkeypatch.setattr(text_module, "attend_flex", counting_attend_flex)
+    model.text.flex_block_size = BLOCK
+    with torch.no_grad():
+        flex_logits = model(ids, pixels, logits_to_keep=1, attention_backend="flex")
+        sdpa_logits = model(ids, pixels, logits_to_keep=1)
+    flexed = generate(model, ids, pixel_values=pixels, sampling=sampling)
+    assert chosen == [ids.shape[1]] and model.text.attention_backend == "sdpa"  # per call, not left behind
+    layers = config.text.num_hidden_layers
+    assert len(flex_calls) == 2 * layers  # the direct forward and generate's prefill; decode steps take SDPA
+    torch.testing.assert_close(flex_logits, sdpa_logits, rtol=1e-4, atol=1e-4)
+    assert flexed == plain and len(plain[0]) == 6
+
+
 def test_per_block_compile_with_flex_matches_eager_sdpa(tmp_path):
     """``parallel.apply_compile`` (each block compiled, fullgraph) with FlexAttention traced into the blocks gives
     the eager SDPA hidden states. This caught inductor mis-reading q/k/v as strided views of the fused QKV

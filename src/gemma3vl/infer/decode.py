@@ -33,13 +33,29 @@ def prefill(
 ) -> torch.Tensor:
     """Run the prompt into the cache; float32 logits [B, V] of its last column.
 
-    NOTE(flex): this is the one place every prefill goes through (``generate``'s and the server engine's), so it
-    is where prefill selects the attention backend. The text decoder's ``attention_backend`` attribute (from
-    ``model/flex.py``, added beside this work; ``"auto"`` = FlexAttention on CUDA for multi-token forwards, SDPA
-    on the CPU) decides today; to force a backend for prefill only, set it here around this call. Decode steps
-    (one query row) always take SDPA, so the compiled decode graph is unaffected.
+    This is the one place every prefill goes through (``generate``'s and the server engine's), so it is where
+    prefill picks its attention kernel (``prefill_backend``): a long prompt on a GPU takes block-sparse
+    FlexAttention, whatever the decoder's own setting; decode steps (one query row) always take SDPA, so the
+    compiled decode graph is unaffected.
     """
-    return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1)[:, -1].float()
+    backend = prefill_backend(model, input_ids.shape[1], input_ids.device)
+    return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1,
+                 attention_backend=backend)[:, -1].float()
+
+
+FLEX_PREFILL_MIN_TOKENS = 32768
+
+
+def prefill_backend(model: Gemma3Model, length: int, device: torch.device) -> str | None:
+    """The attention kernel for a prefill of ``length`` tokens: ``flex`` on CUDA from
+    ``GEMMA3VL_FLEX_PREFILL_MIN_TOKENS`` tokens on (default 32,768; 0 = never), where SDPA's dense mask (and the
+    bias it becomes) would take gigabytes (2 x 17 G entries at 131,072 tokens); below that, or on the CPU, the
+    decoder's own ``attention_backend`` (``None``: unchanged). Short prompts keep SDPA, which needs no compiling:
+    FlexAttention compiles once per new prompt shape, seconds that only a long prefill hides."""
+    threshold = int(os.environ.get("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", FLEX_PREFILL_MIN_TOKENS))
+    if device.type == "cuda" and threshold > 0 and length >= threshold:
+        return "flex"
+    return None
 
 
 def decode_step(

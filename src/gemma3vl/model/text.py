@@ -143,10 +143,13 @@ class TextDecoder(nn.Module):
         inputs_embeds: torch.Tensor,
         info: TokenInfo,
         cache: Cache | None = None,
+        *,
+        attention_backend: str | None = None,
     ) -> torch.Tensor:
-        """Run the blocks over ``inputs_embeds`` [B, T, D]; returns final-normed hidden states."""
+        """Run the blocks over ``inputs_embeds`` [B, T, D]; returns final-normed hidden states.
+        ``attention_backend`` (sdpa, flex, auto) overrides ``self.attention_backend`` for this call."""
         x = inputs_embeds
-        flex = use_flex(self.attention_backend, x.device, x.shape[1])
+        flex = use_flex(attention_backend or self.attention_backend, x.device, x.shape[1])
         tables = {}
         for layer_type, rotary in self.rotary.items():
             keys = cache.keys_info(layer_type, info) if cache is not None else info

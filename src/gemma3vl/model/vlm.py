@@ -73,13 +73,16 @@ class Gemma3Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         logits_to_keep: int = 0,
+        attention_backend: str | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] (or the last ``logits_to_keep`` positions).
 
         ``info`` is the mask description; by default it is derived from ``attention_mask`` (1 = real token)
         with images bidirectional inside their blocks, as transformers does with ``token_type_ids``.
+        ``attention_backend`` overrides the decoder's ``attention_backend`` for this call only.
         """
-        hidden = self.hidden_states(input_ids, pixel_values, info=info, attention_mask=attention_mask, cache=cache)
+        hidden = self.hidden_states(input_ids, pixel_values, info=info, attention_mask=attention_mask, cache=cache,
+                                    attention_backend=attention_backend)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.text.logits(hidden)
@@ -92,11 +95,12 @@ class Gemma3Model(nn.Module):
         info: TokenInfo | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        attention_backend: str | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]: what the training loss projects chunk by chunk."""
         if info is None:
             info = TokenInfo.for_tokens(input_ids, attention_mask=attention_mask, image_token_id=self.image_token_id)
-        return self.text(self.embed(input_ids, pixel_values), info, cache)
+        return self.text(self.embed(input_ids, pixel_values), info, cache, attention_backend=attention_backend)
 
     def loss(
         self, input_ids: torch.Tensor, targets: torch.Tensor, info: TokenInfo, pixel_values: torch.Tensor | None = None
