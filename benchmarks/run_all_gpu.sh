@@ -9,8 +9,8 @@
 # 540 = 9 minutes, leaving room for the machine's start in a 15-minute lease; each step's timeout is cut to what
 # is left); PYTHON (default python3); TINY=1 (rehearsal: tiny models on the CPU with fewer steps and calls, the
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
-# LONG_SEQS (the long-context lengths, default 16384,32768,65536,131072); GENERATE_ARGS (more arguments for
-# benchmarks/generate.py, e.g. '--order compiled,transformers,eager --engine off --repeats 1').
+# LONG_SEQS (the long-context lengths, default 131072,16384,32768,65536: the most wanted first); GENERATE_ARGS
+# (more arguments for benchmarks/generate.py, e.g. '--order compiled,transformers,eager --engine off --repeats 1').
 #
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
 # (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-peft.json,
@@ -28,15 +28,15 @@
 #   27B LoRA            85 s measured (H200 only): ours fast (first step 47 s) and transformers + peft.
 #   generate 4b         190 s measured with GENERATE_ARGS="--order compiled,transformers,eager --engine off
 #                       --repeats 1" (decode compiles in ~57 s per batch size); gpu_verify 4b ~150 s.
-# PARTS (default: train,packing,long,27b,generate,verify; train = sft,lora) picks and orders the steps, e.g.
-# PARTS=generate,verify.
+# PARTS picks and orders the steps (train = sft,lora). Default: long,sft,generate,packing,verify,lora,27b: what the
+# H200 run of 2026-11-28 left unmeasured first (lora and 27b were measured then); the budget cuts the last.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-train,packing,long,27b,generate,verify}
+PARTS=${PARTS:-long,sft,generate,packing,verify,lora,27b}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -90,7 +90,7 @@ if [[ -n "$TINY" ]]; then
 else
     SIZE=(--model 4b)
     TRAIN_COUNTS=(--warmup 2 --steps 3 --profile)
-    LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-16384,32768,65536,131072}")
+    LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-131072,16384,32768,65536}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)
     GENERATE_COUNTS=(${GENERATE_ARGS:-})
@@ -124,7 +124,7 @@ for part in "${PART_LIST[@]}"; do
         ;;
     long)
         # Long context, full fine-tuning with the optimizer step: ours fast against transformers (OOM reported).
-        step "train_step $NAME long" 240 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${LONG_COUNTS[@]}" \
+        step "train_step $NAME long" 300 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" "${LONG_COUNTS[@]}" \
             --mode sft --ours-paths fast --tag=-long --out "$OUT"
         ;;
     27b)

@@ -943,15 +943,15 @@ def main(argv: list[str] | None = None) -> int:
         free_memory(device)
         say(f"[flex check] {flex.get('verdict')}; {flex.get('detail', '')}")
         write_json(json_path, env, args, results, flex)
-    ran_out: dict[str, int] = {}  # variant family -> the length it ran out of memory at
-    for seq in seqs:
+    ran_out: dict[str, int] = {}  # variant family -> the shortest length it ran out of memory at
+    for seq in seqs:  # any order: the longest first gets the most wanted row in before a timeout
         for variant in chosen:
-            if variant.family in ran_out:
+            if variant.family in ran_out and seq > ran_out[variant.family]:
                 results.append(skipped(variant, config, seq, args, ran_out[variant.family]))
             else:
                 results.append(run_variant(variant, raw, config, seq, device, args))
                 if results[-1].status == "OOM":
-                    ran_out[variant.family] = seq
+                    ran_out[variant.family] = min(seq, ran_out.get(variant.family, seq))
             write_json(json_path, env, args, results, flex)
 
     peak = peak_flops_per_second(env["device"])

@@ -47,7 +47,8 @@ def rehearsal(tmp_path_factory):
     if not (shutil.which("bash") and shutil.which("timeout")):
         pytest.skip("run_all_gpu.sh needs bash and coreutils' timeout")
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, TINY="1", OUT=str(out), PYTHON=sys.executable)
+    env = dict(os.environ, TINY="1", OUT=str(out), PYTHON=sys.executable,
+               PARTS="train,packing,long,27b,generate,verify")  # the order the log slicing below expects
     proc = subprocess.run(["bash", str(BENCHMARKS / "run_all_gpu.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     return proc, out
@@ -392,6 +393,26 @@ def test_a_variant_out_of_memory_is_not_tried_at_longer_lengths(monkeypatch, tmp
     assert code == 0 and calls == [48]
     results = json.loads((tmp_path / "train_step-tiny.json").read_text())["results"]
     assert [r["status"] for r in results] == ["OOM", "skipped: OOM at 48 tokens", "skipped: OOM at 48 tokens"]
+
+
+def test_out_of_memory_skips_only_longer_lengths_in_any_order(monkeypatch, tmp_path):
+    """Lengths may come longest first (run_all_gpu.sh's long step does, so the most wanted row runs before a
+    timeout): an OOM then skips only lengths longer than the shortest that ran out, never shorter ones."""
+    calls = []
+
+    def out_of_memory_above_60(variant, config, inputs, *args):
+        calls.append(inputs.tokens)
+        if inputs.tokens > 60:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [0.01], 1.0
+
+    monkeypatch.setattr(train_step, "run_ours", out_of_memory_above_60)
+    code = train_step.main(["--tiny", "--device", "cpu", "--only", "ours", "--mode", "sft", "--ours-paths", "fast",
+                            "--seqs", "96,48,64,80", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    assert code == 0 and calls == [96, 48, 64]
+    results = json.loads((tmp_path / "train_step-tiny.json").read_text())["results"]
+    assert [(r["seq"], r["status"]) for r in results] == [
+        (96, "OOM"), (48, "ok"), (64, "OOM"), (80, "skipped: OOM at 64 tokens")]
 
 
 def test_step_flops_against_the_anchor_formula():
