@@ -183,6 +183,43 @@ def test_activation_checkpointing_recomputes_the_same_step(tiny, tmp_path, mode)
         torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_selective_checkpointing_of_adapters_recomputes_the_same_step(tiny, tmp_path, method):
+    """LoRA/DoRA under selective checkpointing, whose policy recomputes the adapters' low-rank matmuls instead of
+    keeping their [T, d_out] outputs: the same step as without checkpointing."""
+    adapter = [f"peft.method={method}", "peft.rank=4"]
+    plain, plain_weights = one_step(tiny, tmp_path / "plain", *adapter)
+    record, weights = one_step(tiny, tmp_path / "selective", *adapter, "parallel.activation_checkpoint=selective")
+    assert record["loss"] == plain["loss"] and record["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-6)
+    for name, tensor in plain_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_selective_policy_keeps_full_matmuls_and_recomputes_low_rank_ones():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from gemma3vl.parallel.activation import LOW_RANK, _ops_to_save, _selective_policy
+
+    aten, ops = torch.ops.aten, _ops_to_save()
+    tokens, hidden, rank = 32, 256, 16
+    x, w = torch.zeros(tokens, hidden), torch.zeros(hidden, hidden)
+    lora_in, a, b = torch.zeros(tokens, rank), torch.zeros(hidden, rank), torch.zeros(rank, hidden)
+
+    def policy(func, *args):
+        return _selective_policy(ops, None, func, *args)
+
+    assert policy(aten.mm.default, x, w) == CheckpointPolicy.MUST_SAVE  # a projection: kept
+    assert policy(aten.mm.default, x, a) == CheckpointPolicy.PREFER_RECOMPUTE  # x A^T: [T, r] out
+    assert policy(aten.mm.default, lora_in, b) == CheckpointPolicy.PREFER_RECOMPUTE  # (x A^T) B^T: r inner
+    assert policy(aten.linear.default, x, w) == CheckpointPolicy.MUST_SAVE
+    assert policy(aten.linear.default, x, torch.zeros(rank, hidden)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(aten.addmm.default, torch.zeros(hidden), x, w) == CheckpointPolicy.MUST_SAVE
+    assert policy(aten.addmm.default, torch.zeros(hidden), lora_in, b) == CheckpointPolicy.PREFER_RECOMPUTE
+    wide = torch.zeros(LOW_RANK + 1, hidden)
+    assert policy(aten.mm.default, x, wide.T) == CheckpointPolicy.MUST_SAVE  # above LOW_RANK: kept
+    assert policy(aten.mul.Tensor, x, x) == CheckpointPolicy.PREFER_RECOMPUTE  # elementwise: recomputed
+
+
 def test_per_block_compile_computes_the_same_step(tiny, tmp_path):
     # aot_eager traces and runs the same graphs as inductor would compile, without the C++ build on CPU
     plain, _ = one_step(tiny, tmp_path / "plain")
