@@ -53,8 +53,10 @@ Writes ``generate-<model>.json`` under ``--out`` (rewritten after every row) and
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,6 +76,7 @@ from train_step import (  # noqa: E402  (the shared model-building helpers live 
 
 from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
 from gemma3vl.config import SLIDING, Gemma3Config  # noqa: E402
+from gemma3vl.infer.decode import prefill_backend  # noqa: E402
 from gemma3vl.infer.generate import Sampling, generate  # noqa: E402
 
 DTYPE = torch.bfloat16
@@ -446,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: also run the server's continuous-batching engine, eager and compiled")
     parser.add_argument("--order", default="eager,transformers,compiled,engine",
                         help="which parts run, in this order (a timeout cuts the last): eager (ours), transformers, "
-                             "compiled (ours, compile=True), engine (the server's, eager and compiled)")
+                             "compiled (ours, compile=True), engine (the server's, eager and compiled), long (a "
+                             "--long-prompt prefill, FlexAttention against SDPA)")
+    parser.add_argument("--long-prompt", type=int, default=None,
+                        help="tokens of the 'long' part's prompt (default 32768, where generate's prefill turns to "
+                             "FlexAttention on CUDA; tiny 48)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
@@ -457,9 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     model_name = "tiny" if args.tiny else args.model
     batches = [int(b) for b in args.batches.split(",")]
     order = [part.strip() for part in args.order.split(",") if part.strip()]
-    unknown = sorted(set(order) - {"eager", "transformers", "compiled", "engine"})
+    unknown = sorted(set(order) - {"eager", "transformers", "compiled", "engine", "long"})
     if unknown or len(set(order)) != len(order):
-        parser.error(f"--order {args.order!r}: each of eager, transformers, compiled, engine at most once")
+        parser.error(f"--order {args.order!r}: each of eager, transformers, compiled, engine, long at most once")
+    args.long_prompt = args.long_prompt or (48 if args.tiny else 32768)
 
     device, out, raw, config, env = benchmark_setup(args)
     bandwidth, bandwidth_note = peak_bandwidth(env["device"], args.peak_bandwidth)
@@ -497,10 +505,13 @@ def main(argv: list[str] | None = None) -> int:
             "greedy_agreement": {f"batch {b}": agreement(tokens.get(("ours", b)), tokens.get(("transformers", b)))
                                  for b in batches},
             "compiled_vs_eager": compiled_vs_eager(),
+            "long_prefill_flex_vs_sdpa": (first_divergence(long_tokens.get("flex"), long_tokens.get("sdpa"))
+                                          if long_tokens.get("flex") and long_tokens.get("sdpa") else None),
             "engine": engine_summary(),
             "rows": [asdict(r) for r in rows],
             "summary_rows": summary_rows(rows, model_name, compiled_vs_eager()) + engine_rows(engine_summary(),
-                                                                                              model_name),
+                                                                                              model_name)
+                            + long_prefill_rows_summary(),
         }
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -537,6 +548,44 @@ def main(argv: list[str] | None = None) -> int:
         del model
         free_memory(device)
 
+    long_tokens: dict[str, list[list[int]] | None] = {}
+
+    def long_prefill_rows_summary() -> list[list[str]]:
+        if not (long_tokens.get("flex") and long_tokens.get("sdpa")):
+            return []
+        match = first_divergence(long_tokens["flex"], long_tokens["sdpa"])
+        first = "flex" if prefill_backend(None, args.long_prompt, device) else "sdpa (as chosen here)"
+        return [[f"generate {model_name}", f"greedy tokens, {args.long_prompt:,}-token prompt, {first} vs sdpa prefill",
+                 "equal" if match["equal"] else describe_divergence(match), "", ""]]
+
+    def long_prefill_rows() -> None:
+        """One prompt of ``--long-prompt`` tokens (one image), 8 greedy tokens, eager: generate's prefill as it
+        chooses (FlexAttention on CUDA from GEMMA3VL_FLEX_PREFILL_MIN_TOKENS tokens), then forced to SDPA with the
+        dense mask; TTFT, peak memory and whether their tokens agree."""
+        long_args = argparse.Namespace(**{**vars(args), "new_tokens": 8, "repeats": 1, "warmup_tokens": 2,
+                                          "prompt_len": args.long_prompt})
+        model = build_ours(config, device, DTYPE, args.seed)
+        long_prompts = Prompts.make(config, 1, args.long_prompt, device, args.seed + 1)
+        saved = os.environ.get("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS")
+        try:
+            for label, threshold in (("flex", saved), ("sdpa", "0")):
+                if threshold is None:
+                    os.environ.pop("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", None)
+                else:
+                    os.environ["GEMMA3VL_FLEX_PREFILL_MIN_TOKENS"] = threshold
+                chosen = prefill_backend(model, args.long_prompt, device) or model.text.attention_backend
+                impl = f"ours, {args.long_prompt:,}-token prompt, prefill {chosen}"
+                long_tokens[label] = run_row(
+                    rows, impl, 1, lambda b, n: ours_call(model, *long_prompts.take(b), n, pad, device, False),
+                    long_args, config, bandwidth, device, save)
+        finally:
+            if saved is None:
+                os.environ.pop("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", None)
+            else:
+                os.environ["GEMMA3VL_FLEX_PREFILL_MIN_TOKENS"] = saved
+        del model
+        free_memory(device)
+
     def transformers_rows() -> None:
         say("[transformers] building transformers' model (same weights)")
         model = build_reference(raw, config, device, DTYPE, args.seed)
@@ -557,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": (hf_wanted, transformers_rows),
         "compiled": (ours_wanted and can_compile and args.compile == "auto", lambda: ours_rows(compiled=True)),
         "engine": (ours_wanted and can_compile and args.compile == "auto" and args.engine == "auto", engine_rows_run),
+        "long": (ours_wanted, long_prefill_rows),
     }
     for part in order:
         wanted, run = parts[part]

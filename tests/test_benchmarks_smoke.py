@@ -302,16 +302,19 @@ def test_a_slow_step_prints_where_it_is(tmp_path):
 
 def test_generate_runs_its_parts_in_the_order_asked(tmp_path):
     code = generate_bench.main(["--tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "3",
-                                "--warmup-tokens", "1", "--batches", "1", "--order", "compiled,transformers,eager",
+                                "--warmup-tokens", "1", "--batches", "1", "--order", "compiled,transformers,eager,long",
                                 "--out", str(tmp_path)])
     assert code == 0
     data = json.loads((tmp_path / "generate-tiny.json").read_text())
     impls = [r["impl"] for r in data["rows"]]
+    long_rows = ["ours, 48-token prompt, prefill sdpa"] * 2  # on a CPU both prefills are SDPA's
     if data["compile_available"]:
-        assert impls == ["ours (compile=True)", "transformers", "ours"]
+        assert impls == ["ours (compile=True)", "transformers", "ours", *long_rows]
         assert data["compiled_vs_eager"]["batch 1"] is not None
     else:
-        assert impls == ["transformers", "ours"]
+        assert impls == ["transformers", "ours", *long_rows]
+    assert data["long_prefill_flex_vs_sdpa"]["equal"] is True
+    assert [r["new_tokens"] for r in data["rows"][-2:]] == [8, 8]
     assert data["engine"] == {}  # not in --order
     with pytest.raises(SystemExit):
         generate_bench.main(["--tiny", "--device", "cpu", "--order", "eager,eager", "--out", str(tmp_path)])
