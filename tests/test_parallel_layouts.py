@@ -200,15 +200,21 @@ def test_fsdp2_checkpoint_continues_under_tp2_with_sequence_parallel(reference, 
     assert_weights_match(exported(out), exported(sharded))
 
 
-def test_export_from_a_sharded_model_is_the_single_process_export_bit_for_bit(reference, workdir):
-    """The same weights (the TP2 x FSDP2 run's last checkpoint), exported by 4 ranks and by one process."""
-    sharded = layout_run("tp2_fsdp2", reference, workdir)
-    out = continue_from(sharded / "checkpoints" / "step-00000003", workdir / "tp2_fsdp2_export")
+def assert_single_process_export_is_the_same(sharded: Path, out: Path, workdir: Path) -> None:
+    """Resume ``sharded``'s last checkpoint in one process (nothing left to train: it only exports) into ``out``;
+    its ``hf/`` files must be those the sharded run exported, byte for byte."""
+    out = continue_from(sharded / "checkpoints" / "step-00000003", out)
     assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", *inputs(workdir), *COMMON]) == 0
     files = sorted(p.name for p in (sharded / "hf").glob("*.safetensors"))
     assert files and files == sorted(p.name for p in (out / "hf").glob("*.safetensors"))
     for name in files:
         assert (out / "hf" / name).read_bytes() == (sharded / "hf" / name).read_bytes(), name
+
+
+def test_export_from_a_sharded_model_is_the_single_process_export_bit_for_bit(reference, workdir):
+    """The same weights (the TP2 x FSDP2 run's last checkpoint), exported by 4 ranks and by one process."""
+    sharded = layout_run("tp2_fsdp2", reference, workdir)
+    assert_single_process_export_is_the_same(sharded, workdir / "tp2_fsdp2_export", workdir)
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -30,6 +30,7 @@ from test_sharded_load import assert_gathered_state_is_the_checkpoint
 from test_parallel_layouts import (  # noqa: F401 (fixtures)
     COMMON,
     assert_losses_match,
+    assert_single_process_export_is_the_same,
     assert_weights_match,
     checked,
     continue_from,
@@ -97,12 +98,7 @@ def test_single_process_checkpoint_continues_under_interleaved_pp2(reference, wo
 
 def test_export_from_pipeline_stages_is_the_single_process_export_bit_for_bit(reference, workdir):
     sharded = pipeline_run("pp2_tp2", workdir)
-    out = continue_from(sharded / "checkpoints" / "step-00000003", workdir / "pp2_tp2_export")
-    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", *inputs(workdir), *COMMON]) == 0
-    files = sorted(p.name for p in (sharded / "hf").glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in (out / "hf").glob("*.safetensors"))
-    for name in files:
-        assert (out / "hf" / name).read_bytes() == (sharded / "hf" / name).read_bytes(), name
+    assert_single_process_export_is_the_same(sharded, workdir / "pp2_tp2_export", workdir)
 
 
 def test_lora_under_pp2_computes_what_one_process_computes(workdir):
