@@ -65,6 +65,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -554,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (long_tokens.get("flex") and long_tokens.get("sdpa")):
             return []
         match = first_divergence(long_tokens["flex"], long_tokens["sdpa"])
-        first = "flex" if prefill_backend(None, args.long_prompt, device) else "sdpa (as chosen here)"
+        first = "flex" if prefill_backend(args.long_prompt, device) else "sdpa (as chosen here)"
         return [[f"generate {model_name}", f"greedy tokens, {args.long_prompt:,}-token prompt, {first} vs sdpa prefill",
                  "equal" if match["equal"] else describe_divergence(match), "", ""]]
 
@@ -566,23 +567,13 @@ def main(argv: list[str] | None = None) -> int:
                                           "prompt_len": args.long_prompt})
         model = build_ours(config, device, DTYPE, args.seed)
         long_prompts = Prompts.make(config, 1, args.long_prompt, device, args.seed + 1)
-        saved = os.environ.get("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS")
-        try:
-            for label, threshold in (("flex", saved), ("sdpa", "0")):
-                if threshold is None:
-                    os.environ.pop("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", None)
-                else:
-                    os.environ["GEMMA3VL_FLEX_PREFILL_MIN_TOKENS"] = threshold
-                chosen = prefill_backend(model, args.long_prompt, device) or model.text.attention_backend
+        for label, forced in (("flex", {}), ("sdpa", {"GEMMA3VL_FLEX_PREFILL_MIN_TOKENS": "0"})):
+            with patch.dict(os.environ, forced):  # the first as generate chooses, the second SDPA always
+                chosen = prefill_backend(args.long_prompt, device) or model.text.attention_backend
                 impl = f"ours, {args.long_prompt:,}-token prompt, prefill {chosen}"
                 long_tokens[label] = run_row(
                     rows, impl, 1, lambda b, n: ours_call(model, *long_prompts.take(b), n, pad, device, False),
                     long_args, config, bandwidth, device, save)
-        finally:
-            if saved is None:
-                os.environ.pop("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", None)
-            else:
-                os.environ["GEMMA3VL_FLEX_PREFILL_MIN_TOKENS"] = saved
         del model
         free_memory(device)
 

@@ -316,12 +316,12 @@ def test_long_prompts_prefill_with_flex_on_a_gpu(monkeypatch):
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert FLEX_PREFILL_MIN_TOKENS == 32768
-    assert prefill_backend(None, 32768, cuda) == "flex" and prefill_backend(None, 131072, cuda) == "flex"
-    assert prefill_backend(None, 32767, cuda) is None and prefill_backend(None, 131072, cpu) is None
+    assert prefill_backend(32768, cuda) == "flex" and prefill_backend(131072, cuda) == "flex"
+    assert prefill_backend(32767, cuda) is None and prefill_backend(131072, cpu) is None
     monkeypatch.setenv("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", "100")
-    assert prefill_backend(None, 100, cuda) == "flex"
+    assert prefill_backend(100, cuda) == "flex"
     monkeypatch.setenv("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", "0")
-    assert prefill_backend(None, 131072, cuda) is None
+    assert prefill_backend(131072, cuda) is None
 
 
 def test_generate_with_a_flex_prefill_gives_the_sdpa_tokens(tiny_model, monkeypatch):
@@ -341,7 +341,7 @@ def test_generate_with_a_flex_prefill_gives_the_sdpa_tokens(tiny_model, monkeypa
     plain = generate(model, ids, pixel_values=pixels, sampling=sampling)
     chosen = []
 
-    def flex_always(model_, length, device):
+    def flex_always(length, device):
         chosen.append(length)
         return "flex"
 

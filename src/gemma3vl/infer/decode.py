@@ -38,7 +38,7 @@ def prefill(
     FlexAttention, whatever the decoder's own setting; decode steps (one query row) always take SDPA, so the
     compiled decode graph is unaffected.
     """
-    backend = prefill_backend(model, input_ids.shape[1], input_ids.device)
+    backend = prefill_backend(input_ids.shape[1], input_ids.device)
     return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1,
                  attention_backend=backend)[:, -1].float()
 
@@ -46,7 +46,7 @@ def prefill(
 FLEX_PREFILL_MIN_TOKENS = 32768
 
 
-def prefill_backend(model: Gemma3Model, length: int, device: torch.device) -> str | None:
+def prefill_backend(length: int, device: torch.device) -> str | None:
     """The attention kernel for a prefill of ``length`` tokens: ``flex`` on CUDA from
     ``GEMMA3VL_FLEX_PREFILL_MIN_TOKENS`` tokens on (default 32,768; 0 = never), where SDPA's dense mask (and the
     bias it becomes) would take gigabytes (2 x 17 G entries at 131,072 tokens); below that, or on the CPU, the

@@ -169,7 +169,8 @@ def tile_classes(
       ``window`` before every query (again by either);
     * full: both tiles lie in one and the same conversation (no padding), every key at or before every query,
       and, with a window, every key within it of every query (an image block only adds pairs)."""
-    q, k = _tile_summary(queries, block_size), _tile_summary(keys, block_size)
+    q = _tile_summary(queries, block_size)
+    k = q if keys is queries else _tile_summary(keys, block_size)  # training: the row against itself
 
     def rows(name: str) -> torch.Tensor:  # query tiles along dim 1
         return q[name][:, :, None]
