@@ -72,7 +72,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import (  # noqa: E402  (the shared model-building helpers live in train_step.py)
     allocated_gib, benchmark_parser, benchmark_setup, build_ours, build_reference, fmt_gib, free_memory,
-    image_sequence, markdown_table, peak_gib, random_pixels, reset_peak, row_guard, say, synchronize,
+    image_sequence, markdown_table, peak_gib, profile_step, random_pixels, reset_peak, row_guard, say, synchronize,
 )
 
 from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
@@ -340,6 +340,24 @@ def run_row(rows: list[Row], impl: str, batch: int, call, args, config, bandwidt
     return tokens
 
 
+def profile_call(call, device: torch.device) -> dict[str, Any]:
+    """One generate call under ``torch.profiler`` (``train_step.profile_step``): its top operators by device time,
+    and how much of the call's wall time the device was busy. A decode step well under the bandwidth limit with a
+    low busy share waits on the host; with a high one, its kernels are slow (their names say which)."""
+    calls: list[Call] = []
+    started = time.perf_counter()
+    top, total_ms = profile_step(lambda: calls.append(call()), device)
+    wall_s = time.perf_counter() - started
+    summary = {"wall_ms": wall_s * 1e3, "ttft_ms": calls[0].ttft_s * 1e3, "decode_ms": calls[0].decode_s * 1e3,
+               "steps": len(calls[0].tokens[0]), "top": top}
+    if device.type == "cuda":
+        summary["device_ms"] = total_ms
+        summary["device_share_of_wall"] = total_ms / (wall_s * 1e3)
+        say(f"    profiled call: wall {wall_s * 1e3:.1f} ms (profiler overhead included), decode "
+            f"{calls[0].decode_s * 1e3:.1f} ms over {summary['steps']} tokens; device busy {total_ms:.1f} ms")
+    return summary
+
+
 def first_divergence(ours: list[list[int]] | None, theirs: list[list[int]] | None) -> dict[str, Any] | None:
     """Whether two runs' greedy tokens are equal, and if not the first differing token index (and its row)."""
     if ours is None or theirs is None:
@@ -455,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-prompt", type=int, default=None,
                         help="tokens of the 'long' part's prompt (default 32768, where generate's prefill turns to "
                              "FlexAttention on CUDA; tiny 48)")
+    parser.add_argument("--profile", action="store_true",
+                        help="ours: after each implementation's first batch size, one more call under torch.profiler: "
+                             "its top operators by device time and the device-busy share of its wall time (in the "
+                             "JSON's 'profiles')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
@@ -482,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"generate-{model_name}.json"
 
     engine: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
 
     def engine_summary() -> dict[str, Any]:
         summary = {label: {k: v for k, v in result.items() if k != "tokens"} for label, result in engine.items()}
@@ -509,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "long_prefill_flex_vs_sdpa": (first_divergence(long_tokens.get("flex"), long_tokens.get("sdpa"))
                                           if long_tokens.get("flex") and long_tokens.get("sdpa") else None),
             "engine": engine_summary(),
+            "profiles": profiles,
             "rows": [asdict(r) for r in rows],
             "summary_rows": summary_rows(rows, model_name, compiled_vs_eager()) + engine_rows(engine_summary(),
                                                                                               model_name)
@@ -530,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
                 lambda b, n: ours_call(model, *prompts.take(b), n, pad, device, compiled, cache),
                 args, config, bandwidth, device, save, compiled,
             )
+            if args.profile and batch == batches[0] and tokens[(impl, batch)] is not None:
+                profiles[f"{impl}, batch {batch}"] = profile_call(
+                    lambda: ours_call(model, *prompts.take(batch), args.new_tokens, pad, device, compiled, cache),
+                    device)
+                save()
             del cache
         del model
         free_memory(device)

@@ -493,10 +493,10 @@ def time_steps(step: Callable[[], float], warmup: int, steps: int, device: torch
     return times, first_loss
 
 
-def profile_step(step: Callable[[], float], device: torch.device, top: int = 30) -> list[dict[str, Any]]:
+def profile_step(step: Callable[[], Any], device: torch.device, top: int = 30) -> tuple[list[dict[str, Any]], float]:
     """One more step under ``torch.profiler``: the ``top`` operators by device time (CPU time on a CPU), each with
-    its calls, total device and CPU milliseconds and share of the step's device time. Printed as a table too: where
-    a step's time goes, for the next optimisation (issue 5's 2x and 50% MFU)."""
+    its calls, total device and CPU milliseconds and share of the step's device time; and that total in ms. Printed
+    as a table too: where a step's time goes, for the next optimisation (issue 5's 2x and 50% MFU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -520,7 +520,7 @@ def profile_step(step: Callable[[], float], device: torch.device, top: int = 30)
     for row in rows:
         say(f"      {row['share']:6.1%}  {row['device_ms'] if on_device else row['cpu_ms']:9.2f} ms  "
             f"{row['calls']:6d}x  {row['name'][:110]}")
-    return rows
+    return rows, total / 1e3
 
 
 def weights_dtype(variant: Variant) -> torch.dtype:
@@ -576,7 +576,7 @@ def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, d
     reset_peak(device)
     timed = time_steps(lambda: trainer.train_step()["loss"], args.warmup, args.steps, device)
     if getattr(args, "profile", False):
-        result.profile = profile_step(lambda: trainer.train_step()["loss"], device)
+        result.profile = profile_step(lambda: trainer.train_step()["loss"], device)[0]
     return timed
 
 
