@@ -603,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                 long_tokens[label] = run_row(
                     rows, impl, 1, lambda b, n: ours_call(model, *long_prompts.take(b), n, pad, device, False),
                     long_args, config, bandwidth, device, save)
+        save()  # run_row saved before its tokens were stored: the flex-vs-sdpa comparison needs both
         del model
         free_memory(device)
 
