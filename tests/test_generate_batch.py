@@ -257,3 +257,47 @@ def test_generate_needs_a_prompt_or_a_batch(model_dir, workdir, capsys):
     assert "none.jsonl: no such prompts file" in capsys.readouterr().err
     assert main(["generate", str(model_dir), "--prompt", "hi", "--output", "o.jsonl"]) == 2
     assert "--output and --batch-size go with --batch" in capsys.readouterr().err
+
+
+def test_batch_compile_reaches_the_engine(model_dir, workdir, capsys, monkeypatch):
+    import gemma3vl.infer.batch as batch_module
+
+    seen = []
+    real = batch_module.ContinuousBatcher
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "ContinuousBatcher", recording)
+    prompts = workdir / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "hello"}, {"prompt": "What is in this picture?", "images": ["pics/circle.png"]}])
+    outputs = []
+    for extra in ([], ["--compile"]):
+        out = workdir / f"answers{len(extra)}.jsonl"
+        assert main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(out), "--greedy",
+                     "--max-new-tokens", "4", "--device", "cpu", *extra]) == 0
+        outputs.append(out.read_text())
+    assert seen == [False, True]
+    assert outputs[0] == outputs[1]  # on the CPU --compile changes nothing but the note
+    assert "--compile: ignored on cpu" in capsys.readouterr().err
+
+
+def test_batch_compile_failure_decodes_eagerly(model_dir, workdir, capsys, monkeypatch):
+    from gemma3vl.infer.engine import ContinuousBatcher
+
+    def broken(self):
+        raise RuntimeError("no triton")
+
+    prompts = workdir / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "hello"}, {"prompt": "Which colour?"}])
+    outputs = []
+    for extra in ([], ["--compile"]):
+        if extra:
+            monkeypatch.setattr(ContinuousBatcher, "warm_up", broken)
+        out = workdir / f"answers{len(extra)}.jsonl"
+        assert main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(out), "--greedy",
+                     "--max-new-tokens", "4", "--device", "cpu", *extra]) == 0
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1]
+    assert "compiling the decode step failed (RuntimeError: no triton); decoding eagerly" in capsys.readouterr().err

@@ -84,6 +84,16 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
     )
 
 
+def note_compile(wanted: bool, device) -> None:
+    """Say what ``--compile`` will do here: compile (and that the first step takes a while) or nothing."""
+    if not wanted:
+        return
+    if device.type == "cuda":
+        log("--compile: the first decode step compiles and captures a CUDA graph (about a minute for the 4B)")
+    else:
+        log(f"--compile: ignored on {device} (compiled decoding needs CUDA); decoding eagerly")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -109,6 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = model.text.embed.weight.device
     log(f"loaded {model_dir} ({config.text.num_hidden_layers} layers, {next(model.parameters()).dtype}, {device}) "
         f"in {time.perf_counter() - started:.1f}s; prompt: {inputs['input_ids'].shape[1]} tokens")
+    note_compile(args.compile, device)
     sampling = sampling_from(args, model_dir, config)
     stop_ids = set(sampling.stop_token_ids)
     answer = IncrementalText(tokenizer_of(processor))
@@ -126,14 +137,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
-    generate(
-        model,
-        inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
-        pixel_values=pixel_values,
-        sampling=sampling,
-        on_step=stream,
-    )
+    def run(compile: bool) -> None:
+        generate(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pixel_values,
+                 sampling=sampling, on_step=stream, compile=compile)
+
+    try:
+        run(args.compile)
+    except Exception as exc:
+        # The step compiles before the first token is handed out, so a failure there has printed nothing yet.
+        if not args.compile or answer.token_ids:
+            raise
+        log(f"--compile: compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); decoding eagerly")
+        run(False)
     elapsed = time.perf_counter() - started
     sys.stdout.write(answer.delta(final=True) + "\n")
     sys.stdout.flush()
@@ -160,12 +175,14 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"{output_path}: the output would overwrite the prompts file")
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
     log(runtime.describe())
+    note_compile(args.compile, runtime.device)
     defaults = BatchDefaults(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw,
                              pan_and_scan=True if args.pan_and_scan else None)
     started = time.perf_counter()
     summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
-                             batch_size=args.batch_size if args.batch_size is not None else 8)
+                             batch_size=args.batch_size if args.batch_size is not None else 8,
+                             compile=args.compile)
     log(describe_summary(summary, output_path, time.perf_counter() - started))
     return EXIT_LINES_SKIPPED if summary.skipped else 0
 
@@ -396,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="answer every line of this JSONL file instead of --prompt (see the README)")
     gen.add_argument("--output", default=None, metavar="ANSWERS.jsonl", help="where --batch writes its answers")
     gen.add_argument("--batch-size", type=int, default=None, metavar="N", help="prompts decoded together with --batch: the engine's slots (8)")
+    gen.add_argument("--compile", action="store_true",
+                     help="CUDA: decode steps as one compiled CUDA graph (torch.compile): compiling takes about a "
+                          "minute once, then each token is ~20x faster than eager (4B on an H200: 309 vs 15 tok/s); "
+                          "worth it for long answers and --batch files. Ignored on the CPU")
     gen.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="multi-turn terminal chat with images, streaming the answers")

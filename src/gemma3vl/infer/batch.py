@@ -193,11 +193,13 @@ def _row_length(needed: int, context_length: int) -> int:
 
 def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: BatchDefaults, slots: int,
                 finished: Callable[[BatchItem, Completion | None], None],
-                bad: Callable[[BatchItem, str], None]) -> None:
+                bad: Callable[[BatchItem, str], None], compile: bool = False,
+                report: Callable[[str], None] = print) -> None:
     """Run ``items`` through a ``ContinuousBatcher`` of ``slots`` rows, in file order: between two decode steps
     every free slot takes the next line (encoded then, so only the running lines' images are in memory).
     ``finished(item, completion)`` hears each line once it ends; a line that fails to encode goes to ``bad``
-    and then to ``finished`` with None."""
+    and then to ``finished`` with None. ``compile``: the engine's decode step as one compiled CUDA graph (CUDA
+    only; recompiled when a longer line grows the rows)."""
     waiting = deque(items)
     engine: ContinuousBatcher | None = None
     while waiting or (engine is not None and engine.active):
@@ -212,7 +214,10 @@ def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: Bat
             length = _row_length(prompt.length + item.sampling.max_new_tokens, runtime.context_length)
             if engine is None:
                 engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots, max_length=length,
-                                           decode_lock=runtime.lock)
+                                           decode_lock=runtime.lock, compile=compile)
+                failure = engine.warm_up_or_eager()
+                if failure is not None:
+                    report(f"--compile: compiling the decode step failed ({failure[:300]}); decoding eagerly")
             elif length > engine.max_length:
                 engine.grow(length)
             row = Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop,
@@ -224,7 +229,7 @@ def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: Bat
 
 def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_path: str | Path, *,
                    defaults: BatchDefaults, batch_size: int = 8, progress: bool = True,
-                   report: Callable[[str], None] | None = None) -> BatchSummary:
+                   report: Callable[[str], None] | None = None, compile: bool = False) -> BatchSummary:
     """Answer every valid line of ``input_path`` into ``output_path`` (JSONL).
 
     Answers go to ``OUTPUT.partial`` first, renamed to ``OUTPUT`` when every line is done; a run that fails or
@@ -264,7 +269,8 @@ def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_pat
                 def bad_line(item: BatchItem, reason: str) -> None:
                     bad(f"{input_path}:{item.line}: {reason}")
 
-                _answer_all(runtime, items, defaults, min(batch_size, max(len(items), 1)), finished, bad_line)
+                _answer_all(runtime, items, defaults, min(batch_size, max(len(items), 1)), finished, bad_line,
+                            compile=compile, report=say)
             os.replace(partial, output_path)
             done = True
         finally:

@@ -213,3 +213,12 @@ class ContinuousBatcher:
             for _ in range(2):  # the first call compiles, the second captures the CUDA graph
                 run_decode_step(self._step_fn, True, self.model, self.cache, self.tokens, self.positions)
             self.cache.index.zero_()
+
+    def warm_up_or_eager(self) -> str | None:
+        """``warm_up``; should compiling fail, decode eagerly from now on and return why (else None)."""
+        try:
+            self.warm_up()
+        except Exception as exc:  # the eager step still works
+            self.use_eager()
+            return f"{type(exc).__name__}: {exc}"
+        return None

@@ -68,8 +68,8 @@ class GenerationResult:
 
 @dataclass
 class _Step:
-    tokens: torch.Tensor  # [B], pad for rows that had finished before this step
-    finished: torch.Tensor  # [B] bool, rows finished now included
+    tokens: torch.Tensor  # [B] on the host, pad for rows that had finished before this step
+    finished: torch.Tensor  # [B] bool on the host, rows finished now included
     events: list[StepEvent]
 
 
@@ -149,12 +149,14 @@ def _steps(
                 next_logits = run_decode_step(step_fn, compiled, model, kv, tokens, positions)
                 positions = positions + 1
             events = []
-            for row, token in enumerate(chosen.tolist()):
+            chosen_tokens = chosen.tolist()
+            for row, token in enumerate(chosen_tokens):
                 if reasons[row] is None:
                     counts[row] += 1
                     events.append(row_event(row, token, counts[row], samplings[row], texts[row]))
                     reasons[row] = events[-1].finish_reason
-            yield _Step(tokens, to_device_async([r is not None for r in reasons], device), events)
+            # Host tensors: a caller reading them must not wait for the step launched above.
+            yield _Step(torch.tensor(chosen_tokens), torch.tensor([r is not None for r in reasons]), events)
             if all(reason is not None for reason in reasons) or index + 1 == steps:
                 break
             logits = next_logits
@@ -225,7 +227,8 @@ def generate(
     """Generate for a left-padded batch; returns the new token ids per row, stop token included.
 
     ``sampling``: one ``Sampling`` for every row, or one per row. ``on_step(tokens [B], finished [B])`` is
-    called after every step (streaming); rows that have already finished report their ``pad_token_id``.
+    called after every step (streaming) with CPU tensors (reading them never waits for the GPU's next step); rows
+    that have already finished report their ``pad_token_id``.
     ``tokenizer``: the checkpoint's tokenizer, which turns each row's tokens (stop token ids left out) into
     stream-safe text (``detokenize.IncrementalText``); ``stop_strings`` need it.
     ``cache``: ``"static"`` (preallocated, the default), ``"dynamic"`` (the concatenating reference cache), or a

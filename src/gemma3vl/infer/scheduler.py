@@ -150,11 +150,7 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         engine = self.engine
-        try:
-            engine.warm_up()
-        except Exception as exc:  # the eager step still works: serve with it, and say why in /health
-            self.compile_error = f"{type(exc).__name__}: {exc}"
-            engine.use_eager()
+        self.compile_error = engine.warm_up_or_eager()  # failed: serve eagerly, and say why in /health
         while True:
             admitted = self._admissions(engine)
             if admitted is None:

@@ -120,28 +120,23 @@ def attend_one_query(
     """Attention of a single query row ([B, H, 1, hd]) over [B, K, Tk, hd] keys/values, in float32 (float64 stays).
 
     A decode step's attention is a pair of matrix-vector products per head over a cache that is mostly short: a
-    fused attention kernel (cuDNN's flash kernel under ``torch.compile``) spends about 18 us a layer on it at 4B
-    shapes on an H200, a fixed cost that was a sixth of the whole step. Written out, ``torch.compile`` turns it
-    into a few fused reductions that read each cached key and value once. Compiled, the products are written as
-    reductions (``(q * k).sum``), which inductor fuses and accumulates in float32 without a float32 copy of the
-    cache; eager, as float32 matmuls. Numerics: scores, softmax and the weighted sum in float32, rounded to the
-    input dtype once at the end (SDPA's flash kernels also round the probabilities to bf16 before the second
-    product).
+    fused attention kernel (cuDNN's flash kernel under ``torch.compile``) spent about 18 us a layer on it at 4B
+    shapes on an H200, a fixed cost that was a sixth of the whole step. Compiled, the products are written as
+    reductions (``(q * k).sum``), which inductor fuses into a few kernels that read each cached key and value once
+    and accumulate in float32. Eager, where every operator costs a launch, one SDPA call in float32 with each
+    KV head's G query heads as G query rows (no GQA expansion). Both keep scores, probabilities and the weighted
+    sum in float32 and round to the input dtype once at the end.
     """
     batch, heads, _, dim = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     wide = torch.promote_types(q.dtype, torch.float32)
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim).to(wide)  # [B, K, G, hd]: head h reads kv h // G
+    allowed = None if mask is None else mask.reshape(mask.shape[0], 1, 1, length)
     if torch.compiler.is_compiling():
-        scores = (grouped[:, :, :, None, :] * k[:, :, None].to(wide)).sum(-1)  # [B, K, G, Tk]
+        scores = (grouped[:, :, :, None, :] * k[:, :, None].to(wide)).sum(-1) * scale  # [B, K, G, Tk]
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        out = (scores.softmax(-1)[..., None] * v[:, :, None].to(wide)).sum(-2)  # [B, K, G, hd]
     else:
-        scores = grouped @ k.to(wide).transpose(-1, -2)
-    scores = scores * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, length), float("-inf"))
-    probs = scores.softmax(-1)
-    if torch.compiler.is_compiling():
-        out = (probs[..., None] * v[:, :, None].to(wide)).sum(-2)  # [B, K, G, hd]
-    else:
-        out = probs @ v.to(wide)
+        out = F.scaled_dot_product_attention(grouped, k.to(wide), v.to(wide), attn_mask=allowed, scale=scale)
     return out.to(q.dtype).reshape(batch, heads, 1, dim)
