@@ -10,7 +10,7 @@
 # is left); PYTHON (default python3); TINY=1 (rehearsal: tiny models on the CPU with fewer steps and calls, the
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
 # LONG_SEQS (the long-context lengths, default 131072,16384,32768,65536: the most wanted first); GENERATE_ARGS
-# (benchmarks/generate.py's arguments on a GPU; default '--order compiled,long,transformers,eager --repeats 1
+# (benchmarks/generate.py's arguments on a GPU; default '--order compiled,eager,transformers,long --repeats 1
 # --profile').
 #
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
@@ -18,26 +18,27 @@
 # packing_gain-4b.json, train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json,
 # verify-4b.json.
 #
-# Time on an H200 (measured 2026-11-28 where said; machine start not included; compiling dominates first steps):
-#   sft 4b              110 s measured: flex check, then ours fast (first step compiles: 30 s), ours plain,
-#                       transformers, 2 warmup + 3 timed steps each.
-#   lora 4b             70 s measured: ours fast (first step 44 s) and transformers + peft.
+# Time on an H200 (measured 2026-11-28; machine start not included; compiling dominates first steps):
+#   sft 4b              92-110 s: flex check, then ours fast (first step compiles: 30 s), ours plain,
+#                       transformers, 2 warmup + 3 timed steps each, one profiled step.
+#   lora 4b             70 s: ours fast (first step 44 s) and transformers + peft.
 #   packing gain 4b     ~120 s: the packed step measured 13 s (compiling) + 4.8 s; then the padded one (24
 #                       micro-batches of 24 shapes) and transformers on it. Timeout 130 s.
-#   long 4b             unknown: the 16,384-token row stalled for 200 s before compiling (docs/benchmarks.md);
-#                       the stack dump 25 s before the timeout should say where.
-#   27B LoRA            85 s measured (H200 only): ours fast (first step 47 s) and transformers + peft.
-#   generate 4b         190 s measured with GENERATE_ARGS="--order compiled,transformers,eager --engine off
-#                       --repeats 1" (decode compiles in ~57 s per batch size); gpu_verify 4b ~150 s.
-# PARTS picks and orders the steps (train = sft,lora). Default: long,sft,generate,packing,verify,lora,27b: what the
-# H200 run of 2026-11-28 left unmeasured first (lora and 27b were measured then); the budget cuts the last.
+#   long 4b             286 s: 131,072 (first step 63 s, then 17 s), 16,384, 32,768, 65,536, transformers' rows
+#                       (its 65,536 and 131,072 rows run out of memory).
+#   27B LoRA            85 s (H200 only): ours fast (first step 47 s) and transformers + peft.
+#   generate 4b         ~250 s with the default GENERATE_ARGS: the compiled step compiles in ~60 s per batch
+#                       size; eager batch 8 and transformers ~60 s; the long part ~60 s. gpu_verify 4b ~150 s.
+# PARTS picks and orders the steps (train = sft,lora). Default: generate,packing,27b,verify,sft,lora,long: what the
+# H200 runs of 2026-11-28 left unmeasured first (generate's compiled-vs-eager tokens after the decode-attention
+# change, the padded packing baseline, the 27B LoRA memory under the low-rank policy); the budget cuts the last.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-long,sft,generate,packing,verify,lora,27b}
+PARTS=${PARTS:-generate,packing,27b,verify,sft,lora,long}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -94,7 +95,7 @@ else
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-131072,16384,32768,65536}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)
-    GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,long,transformers,eager --repeats 1 --profile})
+    GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,eager,transformers,long --repeats 1 --profile})
     NAME=4b
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     [[ "$GPU_MIB" =~ ^[0-9]+$ ]] || GPU_MIB=$("$PYTHON" -c \
