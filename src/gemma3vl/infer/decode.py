@@ -35,8 +35,8 @@ def prefill(
 
     This is the one place every prefill goes through (``generate``'s and the server engine's), so it is where
     prefill picks its attention kernel (``prefill_backend``): a long prompt on a GPU takes block-sparse
-    FlexAttention, whatever the decoder's own setting; decode steps (one query row) always take SDPA, so the
-    compiled decode graph is unaffected.
+    FlexAttention, whatever the decoder's own setting; decode steps (one query row) always take the dense
+    mask and ``attention.attend_one_query``, so the compiled decode graph is unaffected.
     """
     backend = prefill_backend(input_ids.shape[1], input_ids.device)
     return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1,
