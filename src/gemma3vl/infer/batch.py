@@ -194,7 +194,7 @@ def _row_length(needed: int, context_length: int) -> int:
 def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: BatchDefaults, slots: int,
                 finished: Callable[[BatchItem, Completion | None], None],
                 bad: Callable[[BatchItem, str], None], compile: bool = False,
-                report: Callable[[str], None] = print) -> None:
+                report: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> None:
     """Run ``items`` through a ``ContinuousBatcher`` of ``slots`` rows, in file order: between two decode steps
     every free slot takes the next line (encoded then, so only the running lines' images are in memory).
     ``finished(item, completion)`` hears each line once it ends; a line that fails to encode goes to ``bad``
