@@ -8,6 +8,7 @@ import io
 import pytest
 
 from gemma3vl.cli import main
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.chat import ChatSession, run_chat
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.infer.prompt import build_inputs
@@ -138,3 +139,56 @@ def test_text_only_checkpoint_chats_but_refuses_images(tmp_path, picture):
                     notes) == 0
     assert "text-only" in notes.getvalue()
     assert out.getvalue() == reference(text_runtime, [{"role": "user", "content": "hi"}]) + "\n"
+
+
+def test_compiled_chat_runs_every_turn_on_one_fixed_cache(runtime, picture, monkeypatch):
+    """compile=True (on the CPU generate runs it eagerly): every turn reuses one StaticKVCache of max_length
+    positions, so a GPU compiles and captures the decode step once; the answers equal the plain session's."""
+    import gemma3vl.infer.generate as generation
+
+    caches = []
+    real = generation.generate_result
+
+    def recording(*args, **kwargs):
+        caches.append(kwargs["cache"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_result", recording)
+    script = f"/image {picture}\nWhat is it?\nAnd the colour?\n"
+    answers = []
+    for compiled in (False, True):
+        session = ChatSession(runtime, greedy(runtime), compile=compiled, max_length=512)
+        out = io.StringIO()
+        assert run_chat(session, io.StringIO(script), out, io.StringIO()) == 0
+        answers.append(out.getvalue())
+    assert answers[0] == answers[1] and len(answers[0].splitlines()) == 2
+    assert caches[:2] == ["static", "static"]
+    assert caches[2] is caches[3] and caches[2].max_length == 512
+
+
+def test_compiled_chat_too_long_says_reset_and_a_compile_failure_decodes_eagerly(runtime, monkeypatch):
+    import gemma3vl.infer.generate as generation
+
+    notes: list[str] = []
+    session = ChatSession(runtime, greedy(runtime), compile=True, max_length=40, notes=notes.append)
+    with pytest.raises(Gemma3VLError, match=r"the compiled chat holds 40 \(--max-sequence-length\); /reset"):
+        session.ask("a question long enough to fill forty positions of the cache " * 2)
+    real = generation.generate_result
+
+    def failing(*args, **kwargs):
+        if kwargs["compile"]:
+            raise RuntimeError("no triton")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_result", failing)
+    answer = session.ask("Hello there").text
+    assert answer == reference(runtime, [user("Hello there")])  # short: the whole MAX_NEW_TOKENS fit in 40
+    assert notes == ["(--compile: compiling the decode step failed (RuntimeError: no triton); decoding eagerly "
+                     "from now on)"]
+    assert session.compile is False
+
+
+def test_chat_command_compile_flag_is_noted_on_cpu(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    assert main(["chat", str(model_dir), "--greedy", "--max-new-tokens", "3", "--device", "cpu", "--compile"]) == 0
+    assert "--compile: ignored on cpu" in capsys.readouterr().err

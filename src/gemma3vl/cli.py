@@ -199,7 +199,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         log("type a message; /image PATH attaches a picture to the next one, /reset, /exit, /help")
-    session = ChatSession(runtime, sampling, system=args.system, pan_and_scan=True if args.pan_and_scan else None)
+    note_compile(args.compile, runtime.device)
+    session = ChatSession(runtime, sampling, system=args.system, pan_and_scan=True if args.pan_and_scan else None,
+                          compile=args.compile and runtime.device.type == "cuda",
+                          max_length=args.max_sequence_length, notes=log)
     return run_chat(session, sys.stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
 
 
@@ -424,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the conversation")
     add_sampling_options(chat, max_new_tokens=512)
     chat.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
+    chat.add_argument("--compile", action="store_true",
+                      help="CUDA: decode through one compiled CUDA graph, compiled at the first answer (about a "
+                           "minute for the 4B), then ~20x faster than eager. Ignored on the CPU")
+    chat.add_argument("--max-sequence-length", type=int, default=8192, metavar="N",
+                      help="with --compile: the positions (conversation + answer) its one KV cache holds (8192); a "
+                           "longer conversation needs /reset")
     add_model_options(chat)
     chat.set_defaults(func=cmd_chat)
 

@@ -16,11 +16,14 @@ from typing import Callable, TextIO
 from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.cache import StaticKVCache
 from gemma3vl.infer.completion import Completion, Row
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.prompt import load_image
 from gemma3vl.infer.runtime import InferenceRuntime
+
+DEFAULT_COMPILED_LENGTH = 8192  # positions of a compiled chat's one cache (prompt + answer), unless told
 
 HELP = """commands:
   /image PATH   attach an image to your next message (repeatable)
@@ -31,16 +34,55 @@ a line starting with // sends the rest of it starting with /"""
 
 
 class ChatSession:
-    """The conversation so far and the images waiting for the next user message."""
+    """The conversation so far and the images waiting for the next user message.
+
+    ``compile`` (CUDA): decode through the compiled CUDA graph. Every turn then runs on one ``StaticKVCache`` of
+    ``max_length`` positions (prompt + answer), made at the first turn and reused, so the graph is compiled and
+    captured once for the whole conversation, not once per history length; a conversation that outgrows it must
+    be ``/reset``. Should compiling fail, the session says so through ``notes`` and decodes eagerly from then on.
+    """
 
     def __init__(self, runtime: InferenceRuntime, sampling: Sampling, *, system: str | None = None,
-                 pan_and_scan: bool | None = None):
+                 pan_and_scan: bool | None = None, compile: bool = False, max_length: int | None = None,
+                 notes: Callable[[str], None] | None = None):
         self.runtime = runtime
         self.sampling = sampling
         self.system = system
         self.pan_and_scan = pan_and_scan
         self.turns: list[Turn] = []
         self.pending_images: list[Image.Image] = []
+        self.compile = compile
+        self.max_length = min(max_length or DEFAULT_COMPILED_LENGTH, runtime.context_length)
+        if self.max_length < 2:
+            raise Gemma3VLError(f"--max-sequence-length {max_length} must be >= 2")
+        self.notes = notes or (lambda message: None)
+        self._cache: StaticKVCache | None = None
+
+    def _answer(self, prompt, max_new_tokens: int, on_text: Callable[[str], None] | None) -> Completion:
+        if not self.compile:
+            return self.runtime.complete([Row(prompt=prompt, max_new_tokens=max_new_tokens, on_text=on_text)],
+                                         self.sampling)[0]
+        if self._cache is None:
+            weight = self.runtime.model.text.embed.weight
+            self._cache = StaticKVCache(self.runtime.config.text, 1, self.max_length, weight.device, weight.dtype)
+        streamed = []
+
+        def relay(delta: str) -> None:
+            streamed.append(delta)
+            if on_text is not None:
+                on_text(delta)
+
+        row = Row(prompt=prompt, max_new_tokens=max_new_tokens, on_text=relay)
+        try:
+            return self.runtime.complete([row], self.sampling, compile=True, cache=self._cache)[0]
+        except Exception as exc:
+            # The decode step compiles before the first token is handed out: nothing was shown yet.
+            if streamed or isinstance(exc, (Gemma3VLError, KeyboardInterrupt)):
+                raise
+            self.notes(f"(--compile: compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                       f"decoding eagerly from now on)")
+            self.compile, self._cache = False, None
+            return self._answer(prompt, max_new_tokens, on_text)
 
     def reset(self) -> None:
         self.turns = []
@@ -64,9 +106,13 @@ class ChatSession:
         if room < 1:
             raise Gemma3VLError(f"the conversation is {prompt.length} tokens, the model's whole context "
                                 f"({self.runtime.context_length}); /reset to start again")
+        if self.compile:
+            room = self.max_length - prompt.length
+            if room < 1:
+                raise Gemma3VLError(f"the conversation is {prompt.length} tokens and the compiled chat holds "
+                                    f"{self.max_length} (--max-sequence-length); /reset to start again")
         max_new_tokens = min(self.sampling.max_new_tokens, room)
-        row = Row(prompt=prompt, max_new_tokens=max_new_tokens, on_text=on_text)
-        completion = self.runtime.complete([row], self.sampling)[0]
+        completion = self._answer(prompt, max_new_tokens, on_text)
         self.turns = [*self.turns, turns[-1], Turn("assistant", [completion.text])]
         self.pending_images = []
         return completion

@@ -118,10 +118,13 @@ def complete(
     sampling: Sampling,
     *,
     decode_lock: Any = None,
+    compile: bool = False,
+    cache: Any = "static",
 ) -> list[Completion]:
     """Run ``rows`` as one batch with ``sampling`` (its max_new_tokens is replaced by the rows' largest).
 
     ``decode_lock`` (a context manager) guards the tokenizer when other threads use it at the same time.
+    ``compile`` and ``cache`` go to ``generate`` (a reused ``StaticKVCache`` keeps one compiled graph).
     """
     if not rows:
         return []
@@ -149,6 +152,8 @@ def complete(
             pixel_values=None if pixel_values is None else pixel_values.to(device),
             sampling=sampling,
             on_step=on_step,
+            compile=compile,
+            cache=cache,
         )
     except _EveryRowDone:
         pass

@@ -78,5 +78,7 @@ class InferenceRuntime:
             inputs = build_inputs(self.processor, self.config, prompt, images, raw=raw, pan_and_scan=pan_and_scan)
         return EncodedPrompt(input_ids=inputs["input_ids"][0], pixel_values=inputs.get("pixel_values"))
 
-    def complete(self, rows: list[Row], sampling: Sampling) -> list[Completion]:
-        return complete(self.model, self.tokenizer, rows, sampling, decode_lock=self.lock)
+    def complete(self, rows: list[Row], sampling: Sampling, *, compile: bool = False,
+                 cache: Any = "static") -> list[Completion]:
+        return complete(self.model, self.tokenizer, rows, sampling, decode_lock=self.lock, compile=compile,
+                        cache=cache)
