@@ -77,7 +77,7 @@ class ChatSession:
             return self.runtime.complete([row], self.sampling, compile=True, cache=self._cache)[0]
         except Exception as exc:
             # The decode step compiles before the first token is handed out: nothing was shown yet.
-            if streamed or isinstance(exc, (Gemma3VLError, KeyboardInterrupt)):
+            if streamed or isinstance(exc, Gemma3VLError):
                 raise
             self.notes(f"(--compile: compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
                        f"decoding eagerly from now on)")
