@@ -149,16 +149,19 @@ def benchmark_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def start_stack_watchdog(interval_s: float) -> None:
-    """A daemon thread that prints every other thread's Python stack to stderr each ``interval_s`` seconds.
+    """A thread that prints every other thread's Python stack to stderr each ``interval_s`` seconds.
     Pure Python (``sys._current_frames``): faulthandler's own timer reads frames without the GIL and was seen to
-    crash a process in the middle of an import."""
+    crash a process in the middle of an import. Stopped and joined at exit: a daemon thread still running while
+    the interpreter finalizes was seen to abort the process ("terminate called without an active exception")."""
+    import atexit
     import threading
+
+    stop = threading.Event()
 
     def watch() -> None:
         me = threading.get_ident()
         names = {}
-        while True:
-            time.sleep(interval_s)
+        while not stop.wait(interval_s):
             names.update((t.ident, t.name) for t in threading.enumerate())
             lines = [f"--- stacks after {interval_s:.0f} s more (BENCH_STACKS_AFTER_S) ---"]
             for ident, frame in sys._current_frames().items():
@@ -167,7 +170,14 @@ def start_stack_watchdog(interval_s: float) -> None:
                     lines += [line.rstrip() for line in traceback.format_stack(frame)]
             print("\n".join(lines), file=sys.stderr, flush=True)
 
-    threading.Thread(target=watch, name="stack-watchdog", daemon=True).start()
+    thread = threading.Thread(target=watch, name="stack-watchdog", daemon=True)
+    thread.start()
+
+    def finish() -> None:
+        stop.set()
+        thread.join(timeout=10)
+
+    atexit.register(finish)
 
 
 def benchmark_setup(args) -> tuple[torch.device, Path, dict[str, Any], Gemma3Config, dict[str, Any]]:
