@@ -16,7 +16,7 @@
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
 # (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-peft.json,
 # packing_gain-4b.json, train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json,
-# verify-4b.json.
+# flex_tune-4b.json, verify-4b.json (more than the device tool's 8 files: tar them, or split the parts).
 #
 # Time on an H200 (measured 2026-11-28; machine start not included; compiling dominates first steps):
 #   sft 4b              92-110 s: flex check, then ours fast (first step compiles: 30 s), ours plain,
@@ -29,16 +29,18 @@
 #   27B LoRA            85 s (H200 only): ours fast (first step 47 s) and transformers + peft.
 #   generate 4b         ~250 s with the default GENERATE_ARGS: the compiled step compiles in ~60 s per batch
 #                       size; eager batch 8 and transformers ~60 s; the long part ~60 s. gpu_verify 4b ~150 s.
-# PARTS picks and orders the steps (train = sft,lora). Default: generate,packing,27b,verify,sft,lora,long: what the
-# H200 runs of 2026-11-28 left unmeasured first (generate's compiled-vs-eager tokens after the decode-attention
-# change, the padded packing baseline, the 27B LoRA memory under the low-rank policy); the budget cuts the last.
+#   flex_tune 4b        unmeasured; ~6 candidates x (compile ~15 s + timing): ~100 s.
+# PARTS picks and orders the steps (train = sft,lora). Default: generate,flex,packing,27b,verify,sft,lora,long: what
+# the H200 runs of 2026-11-28 left unmeasured first (generate's compiled-vs-eager tokens after the decode-attention
+# change, flex kernel options, the padded packing baseline, the 27B LoRA memory under the low-rank policy); the
+# budget cuts the last.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-generate,packing,27b,verify,sft,lora,long}
+PARTS=${PARTS:-generate,flex,packing,27b,verify,sft,lora,long}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -138,6 +140,14 @@ for part in "${PART_LIST[@]}"; do
             skip "train_step 27b LoRA" "needs a card with more than 100 GB (54 GB of bf16 weights)"
         fi
         ;;
+    flex)
+        if [[ -n "$TINY" ]]; then
+            skip "flex_tune $NAME" "needs CUDA (Triton kernel options)"
+        else
+            # FlexAttention kernel options at the 4B head shapes: the winner goes into GEMMA3VL_FLEX_KERNEL_OPTIONS.
+            step "flex_tune 4b" 150 "$PYTHON" benchmarks/flex_tune.py --model 4b --seq 4096 --out "$OUT"
+        fi
+        ;;
     generate)
         step "generate $NAME" 300 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
             --out "$OUT"
@@ -151,7 +161,7 @@ for part in "${PART_LIST[@]}"; do
         fi
         ;;
     *)
-        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, generate, verify)"
+        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, generate, flex, verify)"
         ;;
     esac
 done
@@ -185,6 +195,19 @@ for data in load("train_step-*.json") + load("packing_gain-*.json") + load("gene
         if match is not None:
             verdict = "equal" if match["equal"] else f"differ (common prefix {match['min_common_prefix']} tokens)"
             rows.append([f"generate {data['model']}", f"greedy tokens ours vs transformers, {batch}", verdict, "", ""])
+for data in load("flex_tune-*.json"):
+    if "unreadable" in data:
+        rows.append(["?", data["unreadable"], "", "", ""])
+        continue
+    context = context or data
+    timed = [r for r in data.get("rows", []) if "total_ms" in r]
+    best = min((r for r in timed if r["status"] == "ok"), key=lambda r: r["total_ms"], default=None)
+    if best is not None and timed and timed[0]["options"] == {}:
+        verdict = (f"GEMMA3VL_FLEX_KERNEL_OPTIONS='{json.dumps(best['options'])}': {best['total_ms']:.1f} ms per step "
+                   f"vs {timed[0]['total_ms']:.1f} default")
+    else:
+        verdict = "no candidate finished"
+    rows.append([f"flex_tune {data.get('model')}", f"fwd+bwd, seq {data.get('seq')}", verdict, "", ""])
 for data in load("verify-*.json"):
     if "unreadable" in data:
         rows.append(["?", data["unreadable"], "", "", ""])

@@ -460,3 +460,69 @@ def test_greedy_agreement():
     assert generate_bench.agreement([[1, 2, 3]], [[1, 2, 3]]) == {"equal": True, "min_common_prefix": 3, "rows": 1}
     assert generate_bench.agreement([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 5]])["min_common_prefix"] == 1
     assert generate_bench.agreement(None, [[1]]) is None
+
+
+def test_flex_tune_candidates_and_its_cpu_refusal(tmp_path, capsys):
+    """benchmarks/flex_tune.py (CUDA only) checks every candidate against inductor's defaults, so the default
+    always comes first; on a CPU it says it needs CUDA and exits 2 instead of timing nothing."""
+    flex_tune = load_benchmark("flex_tune", "flex_tune_under_test")
+
+    assert flex_tune.parse_candidates(None)[0] == {} and len(flex_tune.parse_candidates(None)) > 1
+    assert flex_tune.parse_candidates('[{"bwd_BLOCK_M1": 32}]') == [{}, {"bwd_BLOCK_M1": 32}]
+    assert flex_tune.parse_candidates('[{}, {"USE_TMA": true}]') == [{}, {"USE_TMA": True}]
+    with pytest.raises(flex_tune.Gemma3VLError, match="--candidates"):
+        flex_tune.parse_candidates('{"bwd_BLOCK_M1": 32}')
+    assert flex_tune.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
+    """The script's timing, checking and choosing, with SDPA standing in for compiled flex and a wall clock for
+    CUDA events: a candidate that fails to compile is reported and skipped, one that computes something else is
+    never chosen, and the fastest agreeing one is printed as the environment variable to set."""
+    import time
+
+    from gemma3vl.model.attention import attend, dense_mask
+
+    flex_tune = load_benchmark("flex_tune", "flex_tune_bookkeeping")
+
+    def stand_in(q, k, v, block_mask=None, scale=None, enable_gqa=True, kernel_options=None):
+        options = kernel_options or {}
+        if options.get("too_big"):
+            raise RuntimeError("out of resource: shared memory")
+        out = attend(q, k, v, block_mask, scale)
+        if options.get("wrong"):
+            out = out * 1.5
+        if options.get("slow"):
+            time.sleep(0.02)
+        return out
+
+    class WallEvent:
+        def __init__(self, enable_timing=True):
+            self.at = None
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+    monkeypatch.setattr(flex_tune, "REQUIRE_CUDA", False)
+    monkeypatch.setattr(flex_tune, "compiled_flex_attention", lambda: stand_in)
+    monkeypatch.setattr(flex_tune, "block_mask", lambda info, keys, window: dense_mask(info, keys, window))
+    monkeypatch.setattr(torch.cuda, "Event", WallEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    candidates = '[{"slow": 1}, {"too_big": 1}, {"wrong": 1}]'
+    assert flex_tune.main(["--tiny", "--device", "cpu", "--seq", "96", "--repeats", "2", "--out", str(tmp_path),
+                           "--candidates", candidates]) == 0
+    report = json.loads((tmp_path / "flex_tune-tiny.json").read_text())
+    statuses = [row["status"] for row in report["rows"]]
+    assert statuses[0] == "ok" and statuses[1] == "ok"
+    assert statuses[2].startswith("failed: RuntimeError: out of resource")
+    assert statuses[3] == "DIFFERS from the default"
+    assert report["best"] == {}  # the slow one agrees but loses; the wrong one is never chosen
+    assert "GEMMA3VL_FLEX_KERNEL_OPTIONS='{}'" in capsys.readouterr().out

@@ -390,3 +390,16 @@ def test_per_block_compile_with_flex_matches_eager_sdpa(tmp_path):
         model.text.flex_block_size = BLOCK
         got = model.hidden_states(batch.input_ids, batch.pixel_values, info=batch.info)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_options_come_from_the_environment_and_bad_ones_are_named(monkeypatch):
+    from gemma3vl.model.flex import KERNEL_OPTIONS_ENV, kernel_options
+
+    monkeypatch.delenv(KERNEL_OPTIONS_ENV, raising=False)
+    assert kernel_options() is None
+    monkeypatch.setenv(KERNEL_OPTIONS_ENV, '{"bwd_BLOCK_M1": 32, "bwd_num_warps": 4}')
+    assert kernel_options() == {"bwd_BLOCK_M1": 32, "bwd_num_warps": 4}
+    for bad, message in (("{bwd_BLOCK_M1: 32}", "not JSON"), ("[32]", "expected a JSON object")):
+        monkeypatch.setenv(KERNEL_OPTIONS_ENV, bad)
+        with pytest.raises(Gemma3VLError, match=f"{KERNEL_OPTIONS_ENV}=.*{message}"):
+            kernel_options()

@@ -199,6 +199,31 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts[:, None], indices[:, None]
 
 
+KERNEL_OPTIONS_ENV = "GEMMA3VL_FLEX_KERNEL_OPTIONS"
+
+
+def kernel_options() -> dict | None:
+    """FlexAttention's Triton ``kernel_options`` on CUDA, from ``GEMMA3VL_FLEX_KERNEL_OPTIONS`` (a JSON object such
+    as ``{"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 2}``);
+    None (inductor's defaults) when unset. ``benchmarks/flex_tune.py`` times candidates at the model's shapes."""
+    return _parse_kernel_options(os.environ.get(KERNEL_OPTIONS_ENV, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_kernel_options(text: str) -> dict | None:
+    import json
+
+    if not text.strip():
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Gemma3VLError(f"{KERNEL_OPTIONS_ENV}={text!r}: not JSON ({exc})") from None
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise Gemma3VLError(f"{KERNEL_OPTIONS_ENV}={text!r}: expected a JSON object of option names to values")
+    return options
+
+
 def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float) -> torch.Tensor:
     """FlexAttention over [B, H, Tq, hd] queries and [B, K, Tk, hd] keys/values (GQA: H a multiple of K).
 
@@ -222,4 +247,6 @@ def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
         attention = flex_attention  # already inside a compiled graph (per-block compile): traced into it
     else:
         attention = compiled_flex_attention()
-    return attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    options = kernel_options() if device_type == "cuda" else None
+    extra = {"kernel_options": options} if options else {}
+    return attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
