@@ -149,14 +149,13 @@ def _steps(
                 next_logits = run_decode_step(step_fn, compiled, model, kv, tokens, positions)
                 positions = positions + 1
             events = []
-            chosen_tokens = chosen.tolist()
-            for row, token in enumerate(chosen_tokens):
+            for row, token in enumerate(chosen.tolist()):
                 if reasons[row] is None:
                     counts[row] += 1
                     events.append(row_event(row, token, counts[row], samplings[row], texts[row]))
                     reasons[row] = events[-1].finish_reason
             # Host tensors: a caller reading them must not wait for the step launched above.
-            yield _Step(torch.tensor(chosen_tokens), torch.tensor([r is not None for r in reasons]), events)
+            yield _Step(chosen.host, torch.tensor([r is not None for r in reasons]), events)
             if all(reason is not None for reason in reasons) or index + 1 == steps:
                 break
             logits = next_logits

@@ -21,6 +21,7 @@ softmax finite; either way their outputs are never used (no key is padding, no t
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -211,8 +212,6 @@ def kernel_options() -> dict | None:
 
 @functools.lru_cache(maxsize=8)
 def _parse_kernel_options(text: str) -> dict | None:
-    import json
-
     if not text.strip():
         return None
     try:
@@ -247,6 +246,5 @@ def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMa
         attention = flex_attention  # already inside a compiled graph (per-block compile): traced into it
     else:
         attention = compiled_flex_attention()
-    options = kernel_options() if device_type == "cuda" else None
-    extra = {"kernel_options": options} if options else {}
-    return attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **extra)
+    return attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                     kernel_options=kernel_options() if device_type == "cuda" else None)

@@ -104,7 +104,8 @@ class TextDecoder(nn.Module):
     ``sdpa`` (dense boolean mask; the default, the reference the parity tests pin), ``flex`` (FlexAttention with
     a block-sparse ``BlockMask``; ``gemma3vl.model.flex``), or ``auto`` (flex on CUDA, sdpa on the CPU). Training
     sets it from ``model.attention`` (default auto); generation may set it for its prefill. Single-token decode
-    steps always take the dense path (``attention.attend_one_query``). The masks are built once per forward, one per layer type, whatever the backend.
+    steps always take the dense path (``attention.attend_one_query``). The masks are built once per forward, one
+    per layer type, whatever the backend.
     """
 
     def __init__(self, config: TextConfig, softcap_logits: bool = False):
