@@ -8,6 +8,7 @@ JSON error and leave the server serving.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import http.client
 import http.server
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 
@@ -25,7 +27,8 @@ from PIL import Image
 
 from gemma3vl.infer.completion import Row
 from gemma3vl.infer.generate import Sampling, generate
-from gemma3vl.infer.image_sources import ImageLimits
+from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
+from gemma3vl.infer.openai_protocol import ApiError
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.scheduler import BatchScheduler, Job
 from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
@@ -311,6 +314,14 @@ BAD_REQUESTS = {
                                                  "remote_images_not_allowed"),
     "request body over the limit": ({"messages": [{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]}, 413,
                                     "request_too_large"),
+    # each of these was a 500 (or, for the vLLM field, silently ignored) before the compatibility bug hunt
+    "seed past 64 bits": ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64, "temperature": 1}, 400,
+                          "invalid_value"),
+    "JSON nested too deep": (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    "an integer of 5000 digits": (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", 400, "invalid_json"),
+    "vLLM's repetition_penalty": ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1.2}, 400,
+                                  "unsupported_parameter"),
+    "image URL that does not parse": (_with_image("http://[::1/cat.png"), 400, "invalid_image_url"),
 }
 
 
@@ -533,3 +544,80 @@ def test_a_full_queue_answers_429_and_the_server_goes_on(runtime, monkeypatch):
         second.join(60)
         assert replies["running"][0] == replies["waiting"][0] == 200
         assert replies["running"][1]["choices"][0]["message"] == replies["waiting"][1]["choices"][0]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- client compatibility
+def test_harmless_fields_are_accepted_and_the_limit_names_the_field_sent(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": "u-1", "store": False,
+            "metadata": {"k": "v"}, "parallel_tool_calls": False, "seed": -(2**63), "temperature": 1,
+            "repetition_penalty": 1.0, "stream": True, "stream_options": {"include_usage": None}}
+    status, content_type, raw = post_raw(server, json.dumps(body).encode())
+    assert status == 200 and content_type.startswith("text/event-stream"), raw
+    status, reply = post_json(server, {"messages": [{"role": "user", "content": "hi"}],
+                                       "max_completion_tokens": MAX_TOKENS + 1})
+    assert (status, reply["error"]["param"]) == (400, "max_completion_tokens")
+    assert reply["error"]["message"].startswith("max_completion_tokens=")
+
+
+def test_head_options_and_bad_headers_get_json_not_the_stdlib_html_page(server):
+    status, content_type, raw = post_raw(server, None, path="/health", method="HEAD")
+    assert (status, content_type, raw) == (200, "application/json", b"")
+    status, content_type, raw = post_raw(server, None, path="/v1/chat/completions", method="OPTIONS")
+    assert (status, content_type, json.loads(raw)["error"]["code"]) == (405, "application/json",
+                                                                         "method_not_allowed")
+    status, content_type, raw = post_raw(server, None, headers={"Content-Length": "-1"})
+    assert (status, content_type, json.loads(raw)["error"]["code"]) == (400, "application/json", "invalid_request")
+
+
+def test_an_error_echoing_a_lone_surrogate_is_still_answered(server):
+    """The unknown model's name is echoed in the 404; "\\ud800" cannot be encoded as UTF-8, which used to fail
+    the response and drop the connection without an answer."""
+    status, reply = post_json(server, {"model": "m\ud800", "messages": [{"role": "user", "content": "hi"}]})
+    assert (status, reply["error"]["code"]) == (404, "model_not_found")
+    assert "m\ud800" in reply["error"]["message"]
+
+
+def test_models_retrieve_finds_a_served_name_with_a_slash(runtime):
+    """The openai client percent-encodes the id in GET /v1/models/{model} ("google/x" -> "google%2Fx")."""
+    settings = ServerSettings(port=0, model_name="google/tiny gemma3", max_tokens=2)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        with openai.OpenAI(base_url=live.url + "/v1", api_key="unused", timeout=60, max_retries=0) as own:
+            assert own.models.retrieve("google/tiny gemma3").id == "google/tiny gemma3"
+            with pytest.raises(openai.NotFoundError):
+                own.models.retrieve("google/other")
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(runtime, monkeypatch):
+    """Without stop tokens the answer runs to max_tokens (about 8 s here); the client leaves after a moment, and
+    its slot must be free within a second or so, not after the whole answer nobody will read."""
+    settings = ServerSettings(port=0, max_batch_size=1, batch_wait_s=0, max_tokens=800)
+    sampling = runtime.sampling
+    monkeypatch.setattr(runtime, "sampling", lambda **kw: dataclasses.replace(sampling(**kw), stop_token_ids=()))
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        slowed(monkeypatch, live, 0.01)
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 800})
+        client = socket.create_connection(live.address, timeout=10)
+        client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 10
+        while live.scheduler.stats()["running"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert live.scheduler.stats()["running"] == 1
+        client.close()
+        left = time.monotonic()
+        while live.scheduler.stats()["running"] and time.monotonic() - left < 3:
+            time.sleep(0.02)
+        assert live.scheduler.stats()["running"] == 0, "the hung-up client's answer is still being decoded"
+        assert live.scheduler.stats()["steps"] < 400
+        status, reply = post_json(live, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert status == 200 and reply["usage"]["completion_tokens"] == 2
+
+
+def test_image_sources_refuse_odd_urls_with_4xx_and_accept_an_upper_case_data_scheme(tmp_path):
+    fetcher = ImageFetcher(LIMITS, local_dir=tmp_path, allow_remote=True)
+    url = data_url(draw_picture())
+    assert fetcher.fetch("DATA:" + url.removeprefix("data:"), "p").size == draw_picture().size
+    for bad in ("a\x00b.png", "x" * 5000 + ".png", "http://127.0.0.1:notaport/cat.png", "http://a b.example/c.png"):
+        with pytest.raises(ApiError) as refused:
+            fetcher.fetch(bad, "p")
+        assert refused.value.status == 400 and refused.value.param == "p", bad

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
 import urllib.error
@@ -42,8 +43,11 @@ class ImageFetcher:
 
     def fetch(self, url: str, param: str) -> Image.Image:
         """The decoded image at ``url``; an :class:`ApiError` naming ``param`` when refused or unreadable."""
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
-        if url.startswith("data:"):
+        try:
+            scheme = urllib.parse.urlsplit(url).scheme.lower()
+        except ValueError as exc:  # "http://[::1/x.png": Invalid IPv6 URL
+            raise ApiError(400, f"'{param}': not a valid URL ({exc})", param=param, code="invalid_image_url") from None
+        if scheme == "data":  # schemes are case-insensitive (RFC 3986): DATA:image/png;base64,... too
             data = self._data_url_bytes(url, param)
         elif scheme in ("http", "https"):
             data = self._remote_bytes(url, param)
@@ -83,18 +87,22 @@ class ImageFetcher:
         if self.local_dir is None:
             raise ApiError(403, f"'{param}': local image files are not allowed by this server (start it with "
                                 "--allow-local-images DIR)", param=param, code="local_images_not_allowed")
-        path_text = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url.startswith("file:") else url
-        path = Path(os.path.realpath(self.local_dir / path_text))  # absolute paths replace local_dir here
-        if not path.is_relative_to(self.local_dir):
-            raise ApiError(403, f"'{param}': {url!r} is outside the allowed image directory", param=param,
-                           code="path_not_allowed")
-        if not path.is_file():
-            raise ApiError(400, f"'{param}': no such image file {url!r} in the allowed directory", param=param,
-                           code="image_not_found")
-        size = path.stat().st_size
-        if size > self.limits.max_image_bytes:
-            raise self._too_big(size, param)
-        return path.read_bytes()
+        path_text = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if url[:5].lower() == "file:" else url
+        try:
+            path = Path(os.path.realpath(self.local_dir / path_text))  # absolute paths replace local_dir here
+            if not path.is_relative_to(self.local_dir):
+                raise ApiError(403, f"'{param}': {url!r} is outside the allowed image directory", param=param,
+                               code="path_not_allowed")
+            if not path.is_file():
+                raise ApiError(400, f"'{param}': no such image file {url!r} in the allowed directory", param=param,
+                               code="image_not_found")
+            size = path.stat().st_size
+            if size > self.limits.max_image_bytes:
+                raise self._too_big(size, param)
+            return path.read_bytes()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, unreadable
+            raise ApiError(400, f"'{param}': cannot read the image file {url!r} ({exc})", param=param,
+                           code="image_not_found") from None
 
     def _remote_bytes(self, url: str, param: str) -> bytes:
         if not self.allow_remote:
@@ -104,7 +112,8 @@ class ImageFetcher:
         try:
             with urllib.request.urlopen(url, timeout=self.remote_timeout_s) as response:
                 data = response.read(self.limits.max_image_bytes + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:  # InvalidURL,
+            # IncompleteRead and BadStatusLine are HTTPExceptions
             raise ApiError(400, f"'{param}': could not download {url!r} ({exc})", param=param,
                            code="image_download_failed") from None
         if len(data) > self.limits.max_image_bytes:

@@ -48,7 +48,22 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
+    # them would change the answer without a word
+    "repetition_penalty": lambda v: v in (None, 1, 1.0),
+    "min_p": lambda v: v in (None, 0, 0.0),
+    "min_tokens": lambda v: v in (None, 0),
+    "ignore_eos": lambda v: v in (None, False),
+    "stop_token_ids": lambda v: v in (None, []),
+    "best_of": lambda v: v in (None, 1),
+    "use_beam_search": lambda v: v in (None, False),
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
 }
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit integer
 
 
 class ApiError(Exception):
@@ -86,6 +101,7 @@ class ChatRequest:
     messages: list[RequestMessage]
     model: str | None = None
     max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # the field it came from (errors name it)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -178,7 +194,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     """Validate a request body's syntax and field types (limits and image fetching come later)."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -198,19 +214,19 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _invalid("'model' must be a string", "model")
-    max_tokens = None
+    max_tokens, max_tokens_param = None, "max_tokens"
     for key in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given
         value = body.get(key)
         if value is not None:
             if not _is_int(value) or value < 1:
                 raise _invalid(f"'{key}' must be an integer >= 1, got {value!r}", key)
-            max_tokens = value
+            max_tokens, max_tokens_param = value, key
     top_k = body.get("top_k")
     if top_k is not None and not _is_int(top_k):
         raise _invalid(f"'top_k' must be an integer, got {top_k!r}", "top_k")
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _invalid(f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise _invalid(f"'seed' must be a 64-bit integer, got {seed!r}", "seed")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid("'stream' must be a boolean", "stream")
@@ -219,13 +235,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if options is not None:
         if not stream:
             raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
             raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-        include_usage = bool(options.get("include_usage", False))
+        include_usage = bool(options.get("include_usage"))
     return ChatRequest(
         messages=[_parse_message(message, i) for i, message in enumerate(messages)],
         model=model,
         max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0),
         top_k=top_k if top_k is not None and top_k > 0 else None,  # 0 / -1: no top-k (vLLM's convention)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +45,7 @@ from gemma3vl.infer.openai_protocol import (
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
+CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
 DRAIN_SLACK_BYTES = 1 << 20
 
 
@@ -144,8 +148,8 @@ class ChatCompletionServer:
             raise ApiError(422, "this is a text-only Gemma 3 checkpoint: it cannot take images",
                            param="messages", code="images_not_supported")
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
-            raise ApiError(400, f"max_tokens={request.max_tokens} is over this server's limit of "
-                                f"{settings.max_tokens}", param="max_tokens", code="invalid_value")
+            raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
+                                f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
         turns = [
             Turn(message.role, [self.images.fetch(p.url, p.param) if isinstance(p, ImagePart) else p
                                 for p in message.parts])
@@ -173,8 +177,11 @@ class ChatCompletionServer:
             raise ApiError(400, str(exc), code="invalid_value") from None
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop)
 
-    def events(self, job: Job):
-        """The job's events; a scheduler that died turns into an error instead of a hang."""
+    def events(self, job: Job, client_gone: Callable[[], bool] | None = None):
+        """The job's events; a scheduler that died turns into an error instead of a hang. While the answer is
+        not done, ``client_gone`` is asked every ``CLIENT_CHECK_S``: a client that hung up cancels the job (its slot
+        is free at the next step, not after max_tokens more) and raises ConnectionResetError."""
+        checked = time.monotonic()
         while True:
             try:
                 event = job.events.get(timeout=EVENT_POLL_S)
@@ -182,6 +189,14 @@ class ChatCompletionServer:
                 if not self.scheduler_alive():
                     yield ("error", "the scheduler stopped")
                     return
+                event = None
+            if (client_gone is not None and (event is None or event[0] == "text")
+                    and time.monotonic() - checked >= CLIENT_CHECK_S):
+                checked = time.monotonic()
+                if client_gone():
+                    job.cancel()
+                    raise ConnectionResetError("the client disconnected")
+            if event is None:
                 continue
             yield event
             if event[0] != "text":
@@ -204,8 +219,14 @@ class _HTTPServer(ThreadingHTTPServer):
         super().__init__(address, handler)
 
 
+def _json_bytes(obj: Any) -> bytes:
+    # A lone surrogate (a client may send "\ud800", echoed in an error) cannot be encoded as UTF-8: written as the
+    # JSON escape \ud800 instead of failing the response
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def _sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    return b"data: " + _json_bytes(obj) + b"\n\n"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -229,14 +250,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------ plumbing
     def _send_json(self, status: int, obj: Any) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode()
+        body = _json_bytes(obj)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _send_error(self, error: ApiError, record: RequestRecord) -> None:
         record.status = error.status
@@ -277,6 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "send the request body with a Content-Length header", code="length_required")
         try:
             size = int(length)
+            if size < 0:
+                raise ValueError(size)
         except ValueError:
             self.close_connection = True
             raise ApiError(400, f"bad Content-Length {length!r}", code="invalid_request") from None
@@ -300,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
         self._logged(self._get)
 
+    do_HEAD = do_GET  # the same status and headers, no body (_send_json)
+
     def do_POST(self) -> None:  # noqa: N802
         self._logged(self._post)
 
@@ -311,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:  # noqa: N802
         self._logged(self._not_allowed)
 
-    do_DELETE = do_PATCH = do_PUT
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT  # not the stdlib's 501 HTML page
 
     def _route(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -327,7 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/v1/models":
             self._send_json(200, models_object(app.model_name, app.created))
         elif path.startswith("/v1/models/"):
-            name = path[len("/v1/models/"):]
+            name = urllib.parse.unquote(path[len("/v1/models/"):])  # the openai client sends a/b as a%2Fb
             if name != app.model_name:
                 raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
             self._send_json(200, models_object(app.model_name, app.created)["data"][0])
@@ -352,17 +378,31 @@ class _Handler(BaseHTTPRequestHandler):
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
                            type="rate_limit_error") from None
-        if request.stream:
-            self._stream(job, request, record)
-        else:
-            self._complete(job, record)
+        try:
+            if request.stream:
+                self._stream(job, request, record)
+            else:
+                self._complete(job, record)
+        except BaseException:  # the client went away, a write timed out, a bug: nobody will read the rest
+            job.cancel()
+            raise
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed the connection (readable, and at its end: nothing more will come).
+        ``poll``, not ``select``: select fails on descriptors past 1024, and a busy server has those."""
+        try:
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN)
+            return bool(poller.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset by the peer
+            return True
 
     def _finished(self, job: Job, completion: Completion, record: RequestRecord, stream: bool) -> None:
         record.detail = (f"prompt={completion.prompt_tokens} completion={completion.completion_tokens} "
                          f"finish={completion.finish_reason} batch={job.batch_size} stream={'yes' if stream else 'no'}")
 
     def _complete(self, job: Job, record: RequestRecord) -> None:
-        for kind, value in self.app.events(job):
+        for kind, value in self.app.events(job, self._client_gone):
             if kind == "error":
                 raise ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
             if kind == "done":
@@ -387,27 +427,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        try:
-            self._write_chunk(chunk({"role": "assistant", "content": ""}))
-            for kind, value in self.app.events(job):
-                if kind == "text":
-                    self._write_chunk(chunk({"content": value}))
-                elif kind == "error":
-                    error = ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
-                    record.status, record.detail = error.status, f"error in stream: {value}"
-                    self._write_chunk(_sse(error.body()))
-                elif value.finish_reason == FINISH_CANCELLED:
-                    error = ApiError(503, "the server is shutting down", code="unavailable")
-                    record.status, record.detail = 503, "cancelled"
-                    self._write_chunk(_sse(error.body()))
-                else:
-                    self._finished(job, value, record, stream=True)
-                    self._write_chunk(chunk({}, value.finish_reason))
-                    if include_usage:
-                        self._write_chunk(chunk(None, counts=usage(value.prompt_tokens, value.completion_tokens)))
-            self._write_chunk(b"data: [DONE]\n\n")
-            self._write_chunk(b"")  # end of the chunked body
-        except (BrokenPipeError, ConnectionResetError):
-            job.cancel()
-            raise
+        self._write_chunk(chunk({"role": "assistant", "content": ""}))
+        for kind, value in self.app.events(job, self._client_gone):
+            if kind == "text":
+                self._write_chunk(chunk({"content": value}))
+            elif kind == "error":
+                error = ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
+                record.status, record.detail = error.status, f"error in stream: {value}"
+                self._write_chunk(_sse(error.body()))
+            elif value.finish_reason == FINISH_CANCELLED:
+                error = ApiError(503, "the server is shutting down", code="unavailable")
+                record.status, record.detail = 503, "cancelled"
+                self._write_chunk(_sse(error.body()))
+            else:
+                self._finished(job, value, record, stream=True)
+                self._write_chunk(chunk({}, value.finish_reason))
+                if include_usage:
+                    self._write_chunk(chunk(None, counts=usage(value.prompt_tokens, value.completion_tokens)))
+        self._write_chunk(b"data: [DONE]\n\n")
+        self._write_chunk(b"")  # end of the chunked body
 
