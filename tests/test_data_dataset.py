@@ -106,6 +106,15 @@ def test_an_epoch_without_usable_records_fails_clearly(processor, tmp_path):
         list(ConversationDataset(DataConfig(path), processor))
 
 
+@pytest.mark.parametrize("text", ["", "\n \r\n\n", "\ufeff\n", "[]", "\ufeff[ ]\n"])
+def test_a_file_without_records_is_refused_when_opened(processor, tmp_path, text):
+    """An empty training file must be a clear error, not a loader that never yields a batch."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(Gemma3VLError, match="empty.jsonl: the dataset holds no records"):
+        ConversationDataset(DataConfig(path), processor)
+
+
 def sources(samples):
     return [s.source for s in samples]
 

@@ -33,6 +33,11 @@ BAD = [  # (record, reason, words the message must contain)
     ({"messages": [user([{"type": "text", "text": 1}]), assistant("x")]}, "invalid_schema", "'text' is"),
     ({"messages": [user([{"type": "video"}]), assistant("x")]}, "invalid_schema", "'video'"),
     ({"messages": [user([{"type": "image", "image": 5}]), assistant("x")]}, "invalid_schema", "path or URL"),
+    ({"messages": [user([{"type": "text", "content": "x"}]), assistant("x")]}, "invalid_schema", "keys: content, type"),
+    ({"messages": [user([{"type": "image_url", "image_url": {}}]), assistant("x")]}, "invalid_schema",
+     "'image_url.url' must be a path or URL"),
+    ({"messages": [user([{"type": "image_url"}]), assistant("x")], "images": ["a.png"]}, "invalid_schema",
+     "'image_url' must be a path or URL"),
     ({"messages": [{"role": "bot", "content": "x"}, assistant("x")]}, "unknown_role", "'bot'"),
     ({"messages": [{"role": ["user"], "content": "x"}, assistant("x")]}, "unknown_role", "role"),
     ({"messages": [assistant("x"), user("y")]}, "role_order", "alternate"),
@@ -87,6 +92,35 @@ def test_shared_images_fill_image_parts_in_order():
     }
     conversation = parse_record(record, "r:1")
     assert conversation.images == [ImageRef("a.png"), ImageRef("data:image/png;base64,AAAA")]
+
+
+def test_image_parts_in_transformers_and_openai_spellings():
+    """transformers' chat format names an image part's source "image", "url" or "path"; OpenAI's is an
+    "image_url" part. All are the same image part (not a part with no image, nor an unknown type)."""
+    text = {"type": "text", "text": "What is it?"}
+    expected = parse_record({"messages": [user([{"type": "image", "image": "a.png"}, text]), assistant("y")]}, "r:1")
+    for part in ({"type": "image", "url": "a.png"}, {"type": "image", "path": "a.png"},
+                 {"type": "image", "image": None, "url": "a.png"},
+                 {"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "image_url", "image_url": "a.png"}):
+        conversation = parse_record({"messages": [user([part, text]), assistant("y")]}, "r:1")
+        assert conversation.turns == expected.turns, part
+
+
+def test_images_under_either_top_level_key_are_used_never_dropped():
+    """LLaMA-Factory's ShareGPT records keep LLaVA's images under "images"; HF datasets often have one "image"
+    column beside "messages". Either key supplies the images (they used to be dropped without a word, or
+    refused as a count mismatch); both at once is refused."""
+    llava = {"images": ["a.png"], "conversations": [{"from": "human", "value": "What is it?"},
+                                                    {"from": "gpt", "value": "A cat."}]}
+    assert parse_record(llava, "r:1").turns[0].content == [ImageRef("a.png"), "What is it?"]
+    marked = {**llava, "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "y"}]}
+    assert parse_record(marked, "r:1").images == [ImageRef("a.png")]
+    messages = {"image": "a.png", "messages": [user([{"type": "image"}, {"type": "text", "text": "x"}]), assistant("y")]}
+    assert parse_record(messages, "r:1").images == [ImageRef("a.png")]
+    unused = {"image": "a.png", "messages": [user("x"), assistant("y")]}
+    for record in (unused, {**llava, "image": "b.png"}):
+        with pytest.raises(BadRecord):
+            parse_record(record, "r:1")
 
 
 def test_llava_without_markers_puts_images_first_in_the_first_human_turn():

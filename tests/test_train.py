@@ -51,6 +51,87 @@ def test_recipe_overrides_and_files(tmp_path):
     assert cfg.train.steps == 7 and cfg.peft.method == "lora" and cfg.train.global_batch_size == 32
 
 
+@pytest.mark.parametrize("yaml_text,message", [
+    ("train:\n  steps: [1]\n", "train.steps=[1]: expected an integer"),
+    ("train:\n  steps: 1.5\n", "train.steps=1.5: expected an integer"),
+    ("optim:\n  lr: null\n", "optim.lr=None: expected a number"),
+    ("optim:\n  lr: true\n", "optim.lr=True: expected a number"),
+    ("parallel:\n  tp: null\n", "parallel.tp=None: expected an integer"),
+    ("data:\n  packing: 1\n", "data.packing=1: expected true or false"),
+    ("data:\n  path: [a.jsonl, b.jsonl]\n", "data.path=['a.jsonl', 'b.jsonl']: expected a string"),
+    ("model:\n  path: 123\n", "model.path=123: expected a string"),
+    ("out: null\n", "out=None: expected a string"),
+    ("peft:\n  targets: [q_proj, 3]\n", "peft.targets=['q_proj', 3]: expected a list of strings"),
+])
+def test_config_file_values_of_the_wrong_type_name_the_key(tmp_path, yaml_text, message):
+    """YAML gives typed values: one of the wrong type is refused naming its key, not a TypeError in
+    validate() (lists, null) nor a float step count or a boolean learning rate trained on silently."""
+    settings = tmp_path / "run.yaml"
+    settings.write_text("recipe: tiny_sft\n" + yaml_text)
+    with pytest.raises(Gemma3VLError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build_config(None, str(settings))
+
+
+def test_config_file_values_of_the_right_type(tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("recipe: tiny_sft\noptim:\n  lr: 1e-4\n  weight_decay: 0\ntrain:\n  steps: '7'\n"
+                        "data:\n  eval_metric: [exact_match, token_f1]\n  path: null\n  packing: 'no'\n"
+                        "model:\n  path: base\npeft:\n  targets: q_proj\n")
+    cfg = build_config(None, str(settings), ["model.path=other"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps) == (1e-4, 0.0, 7)
+    settings.write_text("recipe: tiny_sft\noptim:\n  fused: false\n")  # YAML's boolean for auto | true | false
+    assert build_config(None, str(settings), []).optim.fused == "false"
+    assert build_config(None, str(settings), ["optim.fused=true"]).optim.fused == "true"
+    with pytest.raises(Gemma3VLError, match="optim.fused='yes' is not one of auto, true, false"):
+        build_config(None, str(settings), ["optim.fused=yes"])
+    assert cfg.data.eval_metrics() == ["exact_match", "token_f1"] and cfg.data.packing is False
+    assert cfg.model.path == "other" and cfg.peft.targets == ["q_proj"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=1e-4", r"unknown setting 'train.lr' \(did you mean optim.lr\?\)"),
+    ("optim.seq_length=64", r"did you mean train.seq_length\?"),
+    ("recipe=tiny_peft", "--recipe"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("train.grad_clip=0", "train.grad_clip=0.0 must be > 0"),
+    ("train.log_every=0", "train.log_every=0 must be >= 1"),
+    ("train.eval_every=-1", "train.eval_every=-1 must be >= 0"),
+    ("checkpoint.every=-5", "checkpoint.every=-5 must be >= 0"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps=-3 must be >= 0"),
+    ("data.max_image_pixels=0", "data.max_image_pixels=0 must be >= 1"),
+    ("data.eval_max_new_tokens=0", "data.eval_max_new_tokens=0 must be >= 1"),
+    ("out=none", None),
+])
+def test_bad_overrides_are_refused_before_anything_loads(override, message):
+    """Each of these used to reach training (a ZeroDivisionError at the first log for log_every=0, gradients
+    clipped to zero for grad_clip=0, a NaN learning rate) or was ignored (recipe=...)."""
+    if message is None:
+        assert build_config("tiny_sft", overrides=[override]).out == "none"
+        return
+    with pytest.raises(Gemma3VLError, match=message):
+        build_config("tiny_sft", overrides=[override])
+
+
+def test_hf_dataset_columns_and_split_are_settings(tmp_path):
+    """docs/data.md maps a HF dataset's columns and picks its split; `gemma3vl train` had no setting for
+    either, so a dataset whose conversations are in a column named otherwise could not be trained on."""
+    from gemma3vl.train.run import data_config
+
+    cfg = build_config("tiny_sft", overrides=["data.columns=messages=chat, images=pictures",
+                                              "data.split=train", "data.eval_split=validation"])
+    train = data_config(cfg, str(tmp_path / "data.parquet"), shuffle=True)
+    held_out = data_config(cfg, str(tmp_path), shuffle=False, held_out=True)
+    assert train.columns == held_out.columns == {"messages": "chat", "images": "pictures"}
+    assert (train.split, held_out.split) == ("train", "validation")
+    assert data_config(cfg, str(tmp_path / "eval.jsonl"), shuffle=False).columns is None  # JSON has no columns
+    settings = tmp_path / "run.yaml"
+    settings.write_text("recipe: tiny_sft\ndata:\n  columns:\n    messages: chat\n")
+    assert build_config(None, str(settings)).data.column_map() == {"messages": "chat"}
+    with pytest.raises(Gemma3VLError, match="data.columns='chat': expected key=column pairs"):
+        build_config("tiny_sft", overrides=["data.columns=chat"])
+
+
 def test_accumulation_equals_one_big_batch(tmp_path):
     """4 micro-batches of 1 row give the same loss and gradient norm as 1 micro-batch of 4 rows."""
     records = {}

@@ -100,6 +100,8 @@ class ConversationDataset:
             config.path, source_format=config.source_format, split=config.split, columns=config.columns,
             layout=config.layout,
         )
+        if not len(self.records):
+            raise Gemma3VLError(f"{config.path}: the dataset holds no records")
         self.encoder = ConversationEncoder(
             processor,
             seq_length=config.seq_length,

@@ -9,8 +9,10 @@ Two record shapes are accepted (one JSON object each)::
      "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}]}
 
 An image is a path relative to the record's file, a ``data:image/...;base64,`` URL, or an ``http(s)`` URL
-(fetched only when allowed). Image parts may instead leave out ``"image"`` and take their images, in order,
-from a top-level ``"images": [...]`` list (the TRL / Hugging Face datasets layout) — all of them or none.
+(fetched only when allowed). An image part may name it under ``"url"`` or ``"path"`` instead (transformers'
+chat format), or be OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``. Image parts may instead
+leave out ``"image"`` and take their images, in order, from a top-level ``"images": [...]`` list (the TRL /
+Hugging Face datasets layout; ``"image"`` is accepted too, never both) — all of them or none.
 LLaVA ``<image>`` markers place the images; without markers the images open the first human turn.
 
 Everything the Gemma chat template would choke on, or silently render differently from what the record
@@ -155,7 +157,7 @@ def _messages_turns(record: dict, source: str) -> list[Turn]:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise BadRecord(source, INVALID_SCHEMA, f"'messages' must be a non-empty list, got {_kind(messages)}")
-    shared_images = _image_list(record.get("images"), source, "images")
+    shared_images = _record_images(record, source)
     turns = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -187,19 +189,41 @@ def _content(content: Any, source: str, where: str) -> str | list[Part]:
         if kind == "text":
             text = item.get("text")
             if not isinstance(text, str):
-                raise BadRecord(source, INVALID_SCHEMA, f"{at} is a text part whose 'text' is {_kind(text)}")
-            parts.append(text)
-        elif kind == "image":
-            image = item.get("image")
-            # None: the image comes from the record's "images" list (TRL / HF datasets convention).
-            if image is not None and not _is_image_source(image):
+                keys = ", ".join(sorted(map(str, item)))
                 raise BadRecord(
-                    source, INVALID_SCHEMA, f"{at}: 'image' must be a path or URL string, got {_kind(image)}"
+                    source,
+                    INVALID_SCHEMA,
+                    f"{at} is a text part whose 'text' is {_kind(text)} (its keys: {keys}); a text part is "
+                    '{"type": "text", "text": "..."}',
+                )
+            parts.append(text)
+        elif kind in ("image", "image_url"):
+            image, key = _part_image(item, kind)
+            # None: the image comes from the record's "images" list (TRL / HF datasets convention).
+            if (image is None and kind == "image_url") or (image is not None and not _is_image_source(image)):
+                raise BadRecord(
+                    source, INVALID_SCHEMA, f"{at}: {key} must be a path or URL string, got {_kind(image)}"
                 )
             parts.append(ImageRef(image))
         else:
-            raise BadRecord(source, INVALID_SCHEMA, f"{at} has type {kind!r}; parts are 'text' or 'image'")
+            raise BadRecord(
+                source, INVALID_SCHEMA, f"{at} has type {kind!r}; parts are 'text', 'image' (or 'image_url')"
+            )
     return parts
+
+
+def _part_image(item: dict, kind: str) -> tuple[Any, str]:
+    """An image part's source and the key it came from: ``{"type": "image", "image" | "url" | "path": ...}``
+    (transformers' chat format) or OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``."""
+    if kind == "image_url":
+        value = item.get("image_url")
+        if isinstance(value, dict):
+            return value.get("url"), "'image_url.url'"
+        return value, "'image_url'"
+    for key in ("image", "url", "path"):
+        if item.get(key) is not None:
+            return item[key], repr(key)
+    return None, "'image'"
 
 
 def _is_image_source(value: Any) -> bool:
@@ -209,6 +233,15 @@ def _is_image_source(value: Any) -> bool:
     if isinstance(value, dict):
         return isinstance(value.get("bytes"), bytes) or isinstance(value.get("path"), str)
     return type(value).__module__.startswith("PIL.")
+
+
+def _record_images(record: dict, source: str) -> list[Any] | None:
+    """The record's top-level images: ``"images"`` (TRL, LLaMA-Factory) or ``"image"`` (LLaVA, HF datasets
+    with one image column), a list or one value; never both, so no image is silently left out."""
+    given = [key for key in ("image", "images") if record.get(key) is not None]
+    if len(given) > 1:
+        raise BadRecord(source, INVALID_SCHEMA, "the record has both 'image' and 'images'; give one list of images")
+    return _image_list(record[given[0]], source, given[0]) if given else None
 
 
 def _image_list(value: Any, source: str, key: str) -> list[Any] | None:
@@ -259,7 +292,7 @@ def _llava_turns(record: dict, source: str) -> list[Turn]:
         raise BadRecord(
             source, INVALID_SCHEMA, f"'conversations' must be a non-empty list, got {_kind(conversations)}"
         )
-    images = _image_list(record.get("image"), source, "image") or []
+    images = _record_images(record, source) or []
     turns: list[Turn] = []
     markers = 0
     for index, message in enumerate(conversations):
@@ -292,7 +325,8 @@ def _llava_turns(record: dict, source: str) -> list[Turn]:
         raise BadRecord(
             source,
             IMAGE_COUNT_MISMATCH,
-            f"the conversation has {markers} {LLAVA_IMAGE_MARKER} marker(s) but 'image' names {len(images)} image(s)",
+            f"the conversation has {markers} {LLAVA_IMAGE_MARKER} marker(s) but 'image' names {len(images)} image(s)"
+            + ("" if images else " (give them in 'image' or 'images')"),
         )
     if images and not markers:
         # No markers: the images open the first human turn.

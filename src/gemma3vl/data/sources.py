@@ -40,7 +40,7 @@ class JsonlSource:
         offset = 0
         with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
-                if line.strip():
+                if line.removeprefix(b"\xef\xbb\xbf").strip():  # a byte-order mark alone is a blank line
                     self.offsets.append(offset)
                     self.line_numbers.append(number)
                 offset += len(line)

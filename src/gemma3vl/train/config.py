@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,23 @@ class DataSettings:
     layout: str = "conversation"
     # metrics of gemma3vl.evaluation.metrics (comma-separated) scored on those answers, logged as eval_<name>
     eval_metric: str = ""
+    # Local HF datasets: record key -> column, "messages=chat,images=pictures" (or a YAML mapping), and the split
+    # of a save_to_disk DatasetDict or a data directory (eval_split: the held-out set's; "" = split)
+    columns: str = ""
+    split: str = "train"
+    eval_split: str = ""
+
+    def column_map(self) -> dict[str, str] | None:
+        given = self.columns or ""
+        if isinstance(given, dict):
+            return dict(given) or None
+        mapping = {}
+        for item in filter(None, (part.strip() for part in str(given).split(","))):
+            key, equals, column = (text.strip() for text in item.partition("="))
+            if not equals or not key or not column:
+                raise Gemma3VLError(f"data.columns={given!r}: expected key=column pairs, e.g. messages=chat,images=pictures")
+            mapping[key] = column
+        return mapping or None
 
     def eval_metrics(self) -> list[str]:
         given = self.eval_metric or ""
@@ -171,10 +189,12 @@ class TrainConfig:
             "model.attention": (self.model.attention, ("auto", "sdpa", "flex")),
             "parallel.activation_checkpoint": (self.parallel.activation_checkpoint, ("none", "full", "selective")),
             "parallel.pp_schedule": (self.parallel.pp_schedule, ("1f1b", "interleaved")),
+            "optim.fused": (self.optim.fused, ("auto", "true", "false")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise Gemma3VLError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        self.data.column_map()  # malformed pairs fail here
         if self.data.eval_metrics():
             from gemma3vl.evaluation.metrics import check_metrics
 
@@ -182,8 +202,19 @@ class TrainConfig:
                 check_metrics(self.data.eval_metrics())
             except Gemma3VLError as exc:
                 raise Gemma3VLError(f"data.eval_metric: {exc}") from None
-        if self.optim.lr <= 0:
-            raise Gemma3VLError(f"optim.lr={self.optim.lr} must be > 0")
+        if not 0 < self.optim.lr < math.inf:
+            raise Gemma3VLError(f"optim.lr={self.optim.lr} must be a finite number > 0")
+        if not 0 < t.grad_clip:  # clip_grad_norm_ to 0 zeroes every gradient: a run that learns nothing
+            raise Gemma3VLError(f"train.grad_clip={t.grad_clip} must be > 0 (inf: no clipping)")
+        at_least = {"train.log_every": (t.log_every, 1), "train.eval_every": (t.eval_every, 0),
+                    "checkpoint.every": (self.checkpoint.every, 0),
+                    "optim.warmup_steps": (self.optim.warmup_steps, 0),
+                    "data.max_image_pixels": (self.data.max_image_pixels, 1),
+                    "data.eval_accuracy_samples": (self.data.eval_accuracy_samples, 0),
+                    "data.eval_max_new_tokens": (self.data.eval_max_new_tokens, 1)}
+        for key, (value, low) in at_least.items():
+            if value < low:
+                raise Gemma3VLError(f"{key}={value} must be >= {low}")
         if self.peft.method != "none" and self.peft.rank < 1:
             raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
         if self.parallel.pp_stages_per_rank < 1:
@@ -268,22 +299,72 @@ def _convert(text: str, current: Any, key: str) -> Any:
     return text
 
 
+def _default(field_: dataclasses.Field) -> Any:
+    if field_.default_factory is not dataclasses.MISSING:
+        return field_.default_factory()
+    return field_.default
+
+
+def _check_type(value: Any, default: Any, key: str) -> Any:
+    """A typed value (from YAML / JSON) checked against the setting's kind, so ``steps: [1]`` or ``lr: null``
+    fails here, naming the key, rather than deep in training (or not at all)."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok, kind = isinstance(value, list) and all(isinstance(item, str) for item in value), "a list of strings"
+    elif key == "data.columns":  # "messages=chat,images=pictures", or a YAML mapping
+        ok = isinstance(value, str) or (isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()))
+        kind = "key=column pairs or a mapping of record keys to column names"
+    elif key == "data.eval_metric":  # a comma list, or a YAML list of names
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+        kind = "a string or a list of strings"
+    elif default is None:  # paths not set by default
+        ok, kind = value is None or isinstance(value, str), "a string"
+    else:
+        if isinstance(value, bool) and key == "optim.fused":  # auto | true | false, and YAML's true / false
+            value = str(value).lower()
+        ok, kind = isinstance(value, str), "a string"
+    if not ok:
+        raise Gemma3VLError(f"{key}={value!r}: expected {kind}")
+    return value
+
+
+def _suggest(cfg: TrainConfig, name: str) -> str:
+    """`` (did you mean optim.lr?)`` when another section has a setting of that name."""
+    found = [f"{section.name}.{name}" for section in dataclasses.fields(cfg)
+             if dataclasses.is_dataclass(getattr(cfg, section.name))
+             and name in {f.name for f in dataclasses.fields(getattr(cfg, section.name))}]
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
+
+
 def set_value(cfg: TrainConfig, key: str, value: Any) -> None:
     """Set ``section.name`` (or top-level ``out``) from a string or an already typed value."""
     parts = key.split(".")
+    if key == "recipe":
+        raise Gemma3VLError("the recipe is chosen with --recipe NAME (or 'recipe:' in the --config file)")
     target: Any = cfg
     for part in parts[:-1]:
         if not dataclasses.is_dataclass(target) or not hasattr(target, part):
             raise Gemma3VLError(f"unknown setting {key!r}")
         target = getattr(target, part)
     name = parts[-1]
-    if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-        raise Gemma3VLError(f"unknown setting {key!r}")
+    fields = {f.name: f for f in dataclasses.fields(target)} if dataclasses.is_dataclass(target) else {}
+    if name not in fields:
+        raise Gemma3VLError(f"unknown setting {key!r}" + (_suggest(cfg, name) if len(parts) == 2 else ""))
     current = getattr(target, name)
     if dataclasses.is_dataclass(current):
         raise Gemma3VLError(f"{key!r} is a section; set one of its fields, e.g. {key}.{dataclasses.fields(current)[0].name}")
-    if isinstance(value, str):
-        value = _convert(value, current, key)
+    # The setting's kind is that of its default (a path set earlier to a string is still a path).
+    default = _default(fields[name])
+    if isinstance(value, str) and not (key == "data.eval_metric" or isinstance(default, str)):
+        value = _convert(value, default, key)
+    value = _check_type(value, default, key)
     setattr(target, name, value)
 
 
@@ -300,7 +381,7 @@ def apply_mapping(cfg: TrainConfig, mapping: dict[str, Any], prefix: str = "", w
     """Nested dict (from YAML/JSON) onto the config; unknown keys are errors."""
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and dotted != "data.columns":  # the one setting that is itself a mapping
             apply_mapping(cfg, value, prefix=dotted + ".", where=where)
         else:
             try:

@@ -94,13 +94,17 @@ def prepare_tiny_inputs(cfg: TrainConfig, out: Path) -> None:
         cfg.data.eval_path = cfg.data.eval_path or str(data / "eval.jsonl")
 
 
-def data_config(cfg: TrainConfig, path: str, *, shuffle: bool) -> DataConfig:
+def data_config(cfg: TrainConfig, path: str, *, shuffle: bool, held_out: bool = False) -> DataConfig:
     d = cfg.data
+    # data.columns maps the columns of Hugging Face datasets (directories, parquet); JSON records have no columns.
+    hf = d.format == "hf" or Path(path).is_dir() or Path(path).suffix == ".parquet"
     return DataConfig(
         path=path, format=d.format, seq_length=cfg.train.seq_length, packing=d.packing, truncation=d.truncation,
         on_bad_record=d.on_bad_record, pan_and_scan=d.pan_and_scan or None,
         allow_remote_images=d.allow_remote_images, allow_outside_paths=d.allow_outside_paths,
         shuffle=shuffle and d.shuffle, seed=cfg.train.seed, layout=d.layout, max_image_pixels=d.max_image_pixels,
+        columns=d.column_map() if hf and d.layout == "conversation" else None,
+        split=(d.eval_split or d.split) if held_out else d.split,
     )
 
 
@@ -270,7 +274,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         if parallel is not None and accuracy_samples:
             say("eval: answer accuracy by generation runs in one process only; under torchrun only the eval loss")
             accuracy_samples = 0
-        eval_data = ConversationDataset(data_config(cfg, cfg.data.eval_path, shuffle=False), processor)
+        eval_data = ConversationDataset(data_config(cfg, cfg.data.eval_path, shuffle=False, held_out=True), processor)
         evaluator = Evaluator(
             eval_data, micro_batch_size=cfg.train.micro_batch_size,
             accuracy_samples=accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,

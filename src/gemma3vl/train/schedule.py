@@ -129,7 +129,7 @@ def build_optimizer(
             (decay if param.ndim >= 2 else no_decay).append(param)
     if not decay and not no_decay:
         raise Gemma3VLError("nothing to train: every parameter is frozen (check train.freeze_* and peft.*)")
-    fused = device.type == "cuda" if settings.fused == "auto" else settings.fused in ("true", "1", True)
+    fused = device.type == "cuda" if settings.fused == "auto" else settings.fused == "true"
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if settings.cpu_offload:
         return HostOffloadAdamW([g for g in groups if g["params"]], lr=settings.lr,

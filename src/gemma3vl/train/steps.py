@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from gemma3vl.data.batch import Batch
 from gemma3vl.data.loader import BatchLoader
+from gemma3vl.errors import Gemma3VLError
 
 
 class StepFeed:
@@ -26,7 +27,8 @@ class StepFeed:
                 return next(self._batches)
             except StopIteration:
                 self._batches = iter(self.loader)
-        raise RuntimeError("the data loader gave no batch in a whole epoch")
+        raise Gemma3VLError(f"{self.loader.dataset.config.path}: this process read no batch in a whole epoch "
+                            "(fewer records than data-parallel ranks?)")
 
     def next_step(self) -> list[Batch]:
         return [self._next_batch() for _ in range(self.micro_batches_per_step)]
