@@ -89,6 +89,11 @@ def test_text_only_config():
         (lambda c: c.update(mm_tokens_per_image=5), "mm_tokens_per_image=5"),
         (lambda c: c["text_config"].update(layer_types=["full_attention"]), "layer_types has 1"),
         (lambda c: c["vision_config"].update(patch_size=15), "patch_size=15"),
+        (lambda c: c["text_config"].update(sliding_window=None), "text_config: sliding_window is null; expected an int"),
+        (lambda c: c["text_config"].update(rms_norm_eps=None), "text_config: rms_norm_eps is null; expected a number"),
+        (lambda c: c["text_config"].update(hidden_size="wide"), "text_config: hidden_size='wide' is not an integer"),
+        (lambda c: c["vision_config"].update(image_size=None), "vision_config: image_size is null"),
+        (lambda c: c.update(image_token_index=True), "image_token_index=True is not an integer"),
     ],
 )
 def test_bad_configs_are_clear_errors(mutate, message):
@@ -104,3 +109,16 @@ def test_missing_and_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(Gemma3VLError, match="not valid JSON"):
         Gemma3Config.from_file(tmp_path)
+
+
+def test_null_token_ids_mean_unset_as_in_transformers():
+    """transformers loads ``"bos_token_id": null`` (and pad, eos) as unset; so do we: the defaults apply."""
+    raw = tiny_hf_config()
+    raw["eos_token_id"] = None
+    raw["text_config"].update(bos_token_id=None, pad_token_id=None, eos_token_id=None)
+    HFGemma3Config(**raw)  # the oracle accepts it
+    ours = Gemma3Config.from_hf_dict(raw)
+    plain = Gemma3Config.from_hf_dict(tiny_hf_config())
+    assert ours.text.pad_token_id == 0 and ours.text.bos_token_id == 2
+    assert ours.stop_token_ids == (1, 106)
+    assert ours.text.hidden_size == plain.text.hidden_size

@@ -405,3 +405,37 @@ def test_static_and_dynamic_caches_agree_to_float64_precision(tiny):
                 positions = positions + 1
         runs.append(torch.stack(logits))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("given", [
+    {},
+    {"do_sample": True},
+    {"do_sample": True, "temperature": None, "top_k": None, "top_p": None, "eos_token_id": None},
+    {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9},
+    {"do_sample": True, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]},  # the hub's
+], ids=["empty", "sampling-only", "nulls", "top-k-0", "hub"])
+def test_generation_config_defaults_are_transformers_own(given):
+    """The oracle is transformers: the values its ``generate`` takes from a checkpoint's generation config
+    (unset or null ones filled with its global defaults: top-k 50, top-p 1.0, temperature 1.0; top-k 0 = no
+    top-k filter) are those our sampling uses."""
+    from gemma3vl.config import Gemma3Config
+    from gemma3vl.infer.sampling_defaults import resolve_sampling
+    from gemma3vl.tiny import tiny_hf_config
+
+    config = Gemma3Config.from_hf_dict(tiny_hf_config())
+    theirs = GenerationConfig(**given)
+    theirs.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    ours = resolve_sampling(given, config, max_new_tokens=4)
+    assert ours.greedy == (not theirs.do_sample)
+    assert (ours.temperature, ours.top_k or 0, ours.top_p) == (theirs.temperature, theirs.top_k, theirs.top_p)
+    assert set(config.stop_token_ids) <= set(ours.stop_token_ids)
+
+
+def test_a_generation_config_value_that_is_not_a_number_is_named():
+    from gemma3vl.config import Gemma3Config
+    from gemma3vl.infer.sampling_defaults import resolve_sampling
+    from gemma3vl.tiny import tiny_hf_config
+
+    config = Gemma3Config.from_hf_dict(tiny_hf_config())
+    with pytest.raises(Gemma3VLError, match=r"generation_config.json: top_p='0.9' is not a number"):
+        resolve_sampling({"do_sample": True, "top_p": "0.9"}, config, max_new_tokens=4)

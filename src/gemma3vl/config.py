@@ -227,11 +227,11 @@ class Gemma3Config:
             cfg = cls(
                 text=text,
                 vision=vision,
-                mm_tokens_per_image=int(raw.get("mm_tokens_per_image", 256)),
-                boi_token_id=int(raw.get("boi_token_index", raw.get("boi_token_id", 255999))),
-                eoi_token_id=int(raw.get("eoi_token_index", raw.get("eoi_token_id", 256000))),
-                image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 262144))),
-                eos_token_id=_ids(raw.get("eos_token_id", (1, 106))),
+                mm_tokens_per_image=_number(raw, "mm_tokens_per_image", 256, where),
+                boi_token_id=_number(raw, "boi_token_index", 255999, where, int, "boi_token_id"),
+                eoi_token_id=_number(raw, "eoi_token_index", 256000, where, int, "eoi_token_id"),
+                image_token_id=_number(raw, "image_token_index", 262144, where, int, "image_token_id"),
+                eos_token_id=_ids((1, 106) if raw.get("eos_token_id") is None else raw["eos_token_id"]),
                 torch_dtype=raw.get("torch_dtype", raw.get("dtype")),
                 source_form=text_form,
                 extra={k: v for k, v in raw.items() if k not in known},
@@ -315,6 +315,32 @@ _TEXT_KEYS = (
 )
 
 
+def _number(raw: dict[str, Any], key: str, default: Any, where: str, kind: type = int, *alternatives: str) -> Any:
+    """``raw[key]`` (or the first of ``alternatives`` present) as ``kind``; absent: ``default``. ``null`` means
+    unset for token ids (transformers leaves them None and uses them only to tokenize and generate) and is an
+    error naming the key for a shape or a constant, as is a value that is not a number."""
+    value = default
+    for name in (key, *alternatives):
+        if name in raw:
+            key, value = name, raw[name]
+            break
+    if value is None:
+        if key in _NULL_IS_UNSET:
+            return default
+        raise Gemma3VLError(f"{where}: {key} is null; expected {'an integer' if kind is int else 'a number'}")
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise Gemma3VLError(
+            f"{where}: {key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
+
+
+_NULL_IS_UNSET = {"bos_token_id", "pad_token_id", "eos_token_id"}
+
+
 def _ids(value: Any) -> int | tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
@@ -345,7 +371,7 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
         raise Gemma3VLError(f"{where}: attention_bias=true is not supported (Gemma 3 has no attention biases)")
     defaults = TextConfig()
     form = "v5" if ("rope_parameters" in raw or "layer_types" in raw) else "legacy"
-    layers = int(raw.get("num_hidden_layers", defaults.num_hidden_layers))
+    layers = _number(raw, "num_hidden_layers", defaults.num_hidden_layers, where)
 
     layer_types = raw.get("layer_types")
     if layer_types is None:
@@ -370,26 +396,27 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
 
     activation = raw.get("hidden_activation", raw.get("hidden_act", defaults.hidden_activation))
     softcap = raw.get("final_logit_softcapping")
-    eos = raw.get("eos_token_id", defaults.eos_token_id)
+    eos = raw.get("eos_token_id")
+    eos = defaults.eos_token_id if eos is None else eos
     text = TextConfig(
-        vocab_size=int(raw.get("vocab_size", defaults.vocab_size)),
-        hidden_size=int(raw.get("hidden_size", defaults.hidden_size)),
-        intermediate_size=int(raw.get("intermediate_size", defaults.intermediate_size)),
+        vocab_size=_number(raw, "vocab_size", defaults.vocab_size, where),
+        hidden_size=_number(raw, "hidden_size", defaults.hidden_size, where),
+        intermediate_size=_number(raw, "intermediate_size", defaults.intermediate_size, where),
         num_hidden_layers=layers,
-        num_attention_heads=int(raw.get("num_attention_heads", defaults.num_attention_heads)),
-        num_key_value_heads=int(raw.get("num_key_value_heads", defaults.num_key_value_heads)),
-        head_dim=int(raw.get("head_dim", defaults.head_dim)),
+        num_attention_heads=_number(raw, "num_attention_heads", defaults.num_attention_heads, where),
+        num_key_value_heads=_number(raw, "num_key_value_heads", defaults.num_key_value_heads, where),
+        head_dim=_number(raw, "head_dim", defaults.head_dim, where),
         query_pre_attn_scalar=raw.get("query_pre_attn_scalar", defaults.query_pre_attn_scalar),
-        sliding_window=int(raw.get("sliding_window", defaults.sliding_window)),
+        sliding_window=_number(raw, "sliding_window", defaults.sliding_window, where),
         layer_types=tuple(layer_types),
         rope_local=rope_local,
         rope_global=rope_global,
-        rms_norm_eps=float(raw.get("rms_norm_eps", defaults.rms_norm_eps)),
-        max_position_embeddings=int(raw.get("max_position_embeddings", defaults.max_position_embeddings)),
+        rms_norm_eps=_number(raw, "rms_norm_eps", defaults.rms_norm_eps, where, float),
+        max_position_embeddings=_number(raw, "max_position_embeddings", defaults.max_position_embeddings, where),
         final_logit_softcapping=None if softcap is None else float(softcap),
         hidden_activation=activation,
-        pad_token_id=int(raw.get("pad_token_id", defaults.pad_token_id) or 0),
-        bos_token_id=int(raw.get("bos_token_id", defaults.bos_token_id)),
+        pad_token_id=_number(raw, "pad_token_id", defaults.pad_token_id or 0, where),
+        bos_token_id=_number(raw, "bos_token_id", defaults.bos_token_id, where),
         eos_token_id=_ids(eos),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
     )
@@ -455,14 +482,14 @@ def _vision_from_hf(raw: dict[str, Any], where: str) -> VisionConfig:
         )
     d = VisionConfig()
     vision = VisionConfig(
-        hidden_size=int(raw.get("hidden_size", d.hidden_size)),
-        intermediate_size=int(raw.get("intermediate_size", d.intermediate_size)),
-        num_hidden_layers=int(raw.get("num_hidden_layers", d.num_hidden_layers)),
-        num_attention_heads=int(raw.get("num_attention_heads", d.num_attention_heads)),
-        num_channels=int(raw.get("num_channels", d.num_channels)),
-        image_size=int(raw.get("image_size", d.image_size)),
-        patch_size=int(raw.get("patch_size", d.patch_size)),
-        layer_norm_eps=float(raw.get("layer_norm_eps", d.layer_norm_eps)),
+        hidden_size=_number(raw, "hidden_size", d.hidden_size, where),
+        intermediate_size=_number(raw, "intermediate_size", d.intermediate_size, where),
+        num_hidden_layers=_number(raw, "num_hidden_layers", d.num_hidden_layers, where),
+        num_attention_heads=_number(raw, "num_attention_heads", d.num_attention_heads, where),
+        num_channels=_number(raw, "num_channels", d.num_channels, where),
+        image_size=_number(raw, "image_size", d.image_size, where),
+        patch_size=_number(raw, "patch_size", d.patch_size, where),
+        layer_norm_eps=_number(raw, "layer_norm_eps", d.layer_norm_eps, where, float),
         hidden_act=raw.get("hidden_act", d.hidden_act),
     )
     vision.validate(where)

@@ -43,8 +43,14 @@ def resolve_sampling(
     top_p: float | None = None,
     seed: int | None = None,
 ) -> Sampling:
-    """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given)."""
-    stop = defaults.get("eos_token_id", list(config.stop_token_ids))
+    """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given).
+
+    As transformers' ``generate``: a generation-config value that is absent or ``null`` takes transformers' global
+    default (temperature 1.0, top-k 50, top-p 1.0), so sampling from a checkpoint whose config names no top-k still
+    keeps the 50 most likely tokens, as it would there."""
+    stop = defaults.get("eos_token_id")
+    if stop is None:
+        stop = list(config.stop_token_ids)
     stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
     stop_ids = tuple(sorted(set(stop_ids) | set(config.stop_token_ids)))
     sample = bool(defaults.get("do_sample", False)) and not greedy
@@ -55,10 +61,26 @@ def resolve_sampling(
     return Sampling(
         max_new_tokens=max_new_tokens,
         greedy=not sample,
-        temperature=temperature if temperature is not None else float(defaults.get("temperature", 1.0)),
-        top_k=top_k if top_k is not None else defaults.get("top_k"),
-        top_p=top_p if top_p is not None else defaults.get("top_p"),
+        temperature=temperature if temperature is not None else _default(defaults, "temperature", float),
+        top_k=top_k if top_k is not None else _default(defaults, "top_k", int),
+        top_p=top_p if top_p is not None else _default(defaults, "top_p", float),
         seed=seed,
         stop_token_ids=stop_ids,
         pad_token_id=config.text.pad_token_id,
     )
+
+
+# transformers' GenerationConfig._get_default_generation_params: what generate uses for a value left unset
+TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def _default(defaults: dict[str, Any], key: str, kind: type) -> Any:
+    """The generation config's ``key`` (absent or null: transformers' global default), checked to be a number."""
+    value = defaults.get(key)
+    if value is None:
+        return TRANSFORMERS_DEFAULTS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise Gemma3VLError(f"the checkpoint's generation_config.json: {key}={value!r} is not a number")
+    if key == "top_k" and value == 0:
+        return None  # transformers: top_k=0 adds no top-k filter
+    return kind(value)
