@@ -50,3 +50,20 @@ def hf_checkpoint(tmp_path):
         return directory, reference
 
     return make
+
+
+@pytest.fixture
+def failing_compiler(monkeypatch):
+    """Pretend the device compiles decode steps (a CPU never does) and make every compiled call fail as a broken
+    inductor would: ``RuntimeError: no triton``. Returns the list of compiled calls attempted."""
+    import gemma3vl.infer.decode as decode
+
+    calls = []
+
+    def compiled(model, cache, tokens, positions):
+        calls.append(tokens.shape[0])
+        raise RuntimeError("no triton")
+
+    monkeypatch.setattr(decode, "compiles_on", lambda device: True)
+    monkeypatch.setattr(decode, "compiled_decode_step", lambda: compiled)
+    return calls

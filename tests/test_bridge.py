@@ -493,3 +493,27 @@ def test_ops_are_exact_inverses_and_slots_agree(dtype):
         assert all(bitwise_equal(s.reshape(p.shape), p) for s, p in zip(slots, parts))
         assert all(s.data_ptr() >= native.data_ptr() for s in slots)  # views, not copies
         assert bitwise_equal(op.to_native(op.to_hf(native)), native)
+
+
+def test_round_trip_gives_back_config_and_index_text_byte_for_byte(tmp_path):
+    # A config.json with Windows line endings (a Windows checkout, Notepad) and an index in another tool's JSON
+    # style (huggingface_hub's save_torch_state_dict: indent 2, unsorted, no final newline; mergekit: one line)
+    # come back as they were, not re-serialised.
+    source = tmp_path / "hf"
+    bridge.write_random_hf_checkpoint(tiny_hf_config(), source, dtype=torch.float32, max_shard_bytes=300_000)
+    config = (source / "config.json").read_bytes().replace(b"\n", b"\r\n")
+    (source / "config.json").write_bytes(config)
+    index_path = source / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = dict(reversed(list(index["weight_map"].items())))
+    index_text = json.dumps({"weight_map": weight_map, "metadata": {"total_size": index["metadata"]["total_size"],
+                                                                    "mergekit_version": "0.1.0"}}, indent=4)
+    index_path.write_bytes(index_text.encode())
+    native = bridge.import_checkpoint(source, tmp_path / "native", progress=False)
+    exported = bridge.export_checkpoint(native, tmp_path / "exported", progress=False)
+    assert (exported / "config.json").read_bytes() == config
+    assert (exported / index_path.name).read_bytes() == index_text.encode()
+    assert_same_checkpoint(source, exported)
+    # resharded, the index is ours (the source's no longer describes the files)
+    resharded = bridge.export_checkpoint(native, tmp_path / "resharded", max_shard_bytes=200_000, progress=False)
+    assert (resharded / index_path.name).read_text().endswith("}\n")

@@ -236,3 +236,34 @@ def test_overwrite_never_deletes_the_input(single, tmp_path):
     with pytest.raises(Gemma3VLError, match="cannot contain the input directory"):
         bridge.import_checkpoint(single, tmp_path, progress=False, overwrite=True)
     assert (single / "model.safetensors").is_file()
+
+
+def test_an_unwritable_output_location_is_a_clear_error(single, tmp_path, capsys):
+    # A file where a parent directory of OUT_DIR should be (as a read-only location): one error naming both.
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a directory")
+    out = blocker / "sub" / "native"
+    with pytest.raises(Gemma3VLError, match=re.escape(f"{out}: cannot write the output ({blocker} is a file, "
+                                                      "not a directory)")):
+        bridge.import_checkpoint(single, out, progress=False)
+    native = bridge.import_checkpoint(single, tmp_path / "native", progress=False)
+    from gemma3vl.cli import main
+
+    assert main(["convert", "export", str(native), str(blocker / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the output" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a directory" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a file", "native", "single"]
+
+
+def test_cli_exports_the_memory_layout(single, tmp_path):
+    # The API writes the memory layout on request; the command line must be able to ask for it too.
+    from safetensors import safe_open
+
+    from gemma3vl.cli import main
+
+    native = bridge.import_checkpoint(single, tmp_path / "native", progress=False)
+    assert main(["convert", "export", str(native), str(tmp_path / "memory"), "--layout", "memory"]) == 0
+    with safe_open(str(tmp_path / "memory" / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert "model.language_model.embed_tokens.weight" in keys and "model.vision_tower.post_layernorm.bias" in keys

@@ -166,26 +166,21 @@ def test_compiled_chat_runs_every_turn_on_one_fixed_cache(runtime, picture, monk
     assert caches[2] is caches[3] and caches[2].max_length == 512
 
 
-def test_compiled_chat_too_long_says_reset_and_a_compile_failure_decodes_eagerly(runtime, monkeypatch):
-    import gemma3vl.infer.generate as generation
-
+def test_compiled_chat_too_long_says_reset_and_a_compile_failure_decodes_eagerly(runtime, failing_compiler):
     notes: list[str] = []
     session = ChatSession(runtime, greedy(runtime), compile=True, max_length=40, notes=notes.append)
     with pytest.raises(Gemma3VLError, match=r"the compiled chat holds 40 \(--max-sequence-length\); /reset"):
         session.ask("a question long enough to fill forty positions of the cache " * 2)
-    real = generation.generate_result
-
-    def failing(*args, **kwargs):
-        if kwargs["compile"]:
-            raise RuntimeError("no triton")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "generate_result", failing)
-    answer = session.ask("Hello there").text
+    streamed: list[str] = []
+    answer = session.ask("Hello there", on_text=streamed.append).text
     assert answer == reference(runtime, [user("Hello there")])  # short: the whole MAX_NEW_TOKENS fit in 40
+    assert "".join(streamed) == answer
     assert notes == ["(--compile: compiling the decode step failed (RuntimeError: no triton); decoding eagerly "
                      "from now on)"]
     assert session.compile is False
+    assert session.ask("And now?").text == reference(
+        runtime, [user("Hello there"), assistant(answer), user("And now?")])
+    assert failing_compiler == [1]  # the later turn never tried to compile
 
 
 def test_chat_command_compile_flag_is_noted_on_cpu(model_dir, monkeypatch, capsys):

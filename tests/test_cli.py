@@ -126,9 +126,9 @@ def test_demo_reuses_only_its_own_directory(tmp_path):
 
 
 @pytest.mark.parametrize("compiling_fails", [False, True], ids=["noted-no-op-on-cpu", "falls-back-to-eager"])
-def test_generate_compile(vl_dir, capsys, monkeypatch, compiling_fails):
-    """--compile reaches generate(); on the CPU it changes nothing but a note; a compile failure (faked here: a
-    CPU never compiles) decodes eagerly with the same text."""
+def test_generate_compile(vl_dir, capsys, monkeypatch, request, compiling_fails):
+    """--compile reaches generate(); on the CPU it changes nothing but a note; a compile failure (faked by the
+    ``failing_compiler`` fixture: a CPU never compiles) is said once and decoding goes on eagerly, same text."""
     import gemma3vl.infer.generate as generation
 
     directory, picture = vl_dir
@@ -141,18 +141,46 @@ def test_generate_compile(vl_dir, capsys, monkeypatch, compiling_fails):
 
     def recording(*args, **kwargs):
         seen.append(kwargs["compile"])
-        if kwargs["compile"] and compiling_fails:
-            raise RuntimeError("inductor: no working C compiler")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(generation, "generate_result", recording)
+    attempts = request.getfixturevalue("failing_compiler") if compiling_fails else None
     assert main(["generate", *common, "--compile"]) == 0
     out, err = capsys.readouterr()
     assert out == plain
     assert "--compile: ignored on cpu" in err
+    assert seen == [True]
     if compiling_fails:
-        assert seen == [True, False]
-        assert "compiling the decode step failed (RuntimeError: inductor: no working C compiler); decoding " \
-               "eagerly" in err
-    else:
-        assert seen == [True]
+        assert attempts == [1]  # one compiled call, then eager for good
+        assert err.count("--compile: compiling the decode step failed (RuntimeError: no triton); decoding "
+                         "eagerly") == 1
+
+
+def test_generate_refuses_more_tokens_than_the_context(vl_dir, capsys):
+    # as --batch refuses such a line: the KV cache would be sized for all of them, past max_position_embeddings
+    directory, _ = vl_dir
+    assert main(["generate", str(directory), "--prompt", "hi", "--greedy", "--max-new-tokens", "5000",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "with --max-new-tokens 5000 that is over the model's context of 2048" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{model}", "--prompt", "hi", "--temperature", "-1"], "temperature=-1.0 must be > 0"),
+    (["generate", "{model}", "--prompt", "hi", "--temperature", "nan"], "--temperature nan must be a finite number"),
+    (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
+    (["verify", "{model}", "--greedy-tokens", "-1"], "--greedy-tokens -1 must be >= 0"),
+])
+def test_bad_flags_fail_before_any_model_loads(vl_dir, capsys, monkeypatch, argv, message):
+    import gemma3vl.infer.loading
+    import gemma3vl.verify
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("no model may be loaded")
+
+    monkeypatch.setattr(gemma3vl.infer.loading, "load_model", no_loading)
+    monkeypatch.setattr(gemma3vl.verify, "load_reference", no_loading)
+    directory, _ = vl_dir
+    assert main([arg.format(model=directory) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

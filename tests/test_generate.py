@@ -119,3 +119,23 @@ def test_sliding_layers_keep_window_minus_one_keys(vl_checkpoint):
     window = config.text.sliding_window
     lengths = [cache.cached_length(i) for i in range(config.text.num_hidden_layers)]
     assert lengths == [window - 1 if config.text.is_sliding(i) else 20 for i in range(len(lengths))]
+
+
+def test_a_failing_compiled_step_decodes_eagerly_said_once(vl_checkpoint, failing_compiler):
+    """``generate(compile=True)`` whose compiled step fails (faked: a CPU never compiles) gives the eager tokens,
+    tells ``on_compile_failure`` once and never tries the compiled step again; without a listener it warns."""
+    _, _, model, config = vl_checkpoint
+    batch = verify.synthetic_batch(config)
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    sampling = Sampling(max_new_tokens=6)
+
+    def run(**kwargs):
+        return generate(model, ids, attention_mask=mask, pixel_values=pixels, sampling=sampling, **kwargs)
+
+    eager = run()
+    heard: list[str] = []
+    assert run(compile=True, on_compile_failure=heard.append) == eager
+    assert heard == ["RuntimeError: no triton"] and failing_compiler == [3]  # one call, three rows
+    with pytest.warns(RuntimeWarning, match=r"compiling the decode step failed \(RuntimeError: no triton\); "
+                                            r"decoding eagerly"):
+        assert run(compile=True) == eager

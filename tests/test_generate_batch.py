@@ -283,21 +283,67 @@ def test_batch_compile_reaches_the_engine(model_dir, workdir, capsys, monkeypatc
     assert "--compile: ignored on cpu" in capsys.readouterr().err
 
 
-def test_batch_compile_failure_decodes_eagerly(model_dir, workdir, capsys, monkeypatch):
-    from gemma3vl.infer.engine import ContinuousBatcher
-
-    def broken(self):
-        raise RuntimeError("no triton")
-
+def test_batch_compile_failure_decodes_eagerly(model_dir, workdir, capsys, request):
     prompts = workdir / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "hello"}, {"prompt": "Which colour?"}])
     outputs = []
     for extra in ([], ["--compile"]):
         if extra:
-            monkeypatch.setattr(ContinuousBatcher, "warm_up", broken)
+            attempts = request.getfixturevalue("failing_compiler")
         out = workdir / f"answers{len(extra)}.jsonl"
         assert main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(out), "--greedy",
                      "--max-new-tokens", "4", "--device", "cpu", *extra]) == 0
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1]
-    assert "compiling the decode step failed (RuntimeError: no triton); decoding eagerly" in capsys.readouterr().err
+    assert attempts == [2]  # the engine's warm-up (a slot per line) tried once, then eager for good
+    assert capsys.readouterr().err.count("compiling the decode step failed (RuntimeError: no triton); decoding "
+                                         "eagerly") == 1
+
+
+def test_a_byte_order_mark_and_unicode_line_separators_keep_every_line(runtime, workdir):
+    # Windows editors write a BOM; a JSON string may hold U+2028 / U+0085 as is (json.dumps(ensure_ascii=False)),
+    # and only "\n" ends a JSONL line (str.splitlines would split there and shift every later line number).
+    prompts = workdir / "prompts.jsonl"
+    lines = [json.dumps({"prompt": "first"}), json.dumps({"prompt": "a\u2028b\x85c", "id": "sep"}, ensure_ascii=False),
+             "{bad", json.dumps({"prompt": "last"})]
+    prompts.write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    errors = []
+    items, bad = batch_module.read_batch_file(prompts, batch_module.BatchDefaults(), runtime, errors.append)
+    assert [(item.line, item.prompt) for item in items] == [(1, "first"), (2, "a\u2028b\x85c"), (4, "last")]
+    assert bad == 1 and len(errors) == 1 and errors[0].startswith(f"{prompts}:3: not valid JSON")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_sampling_values_are_bad_lines(runtime, workdir, value):
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text(f'{{"prompt": "hi", "temperature": {value}}}\n{{"prompt": "hi", "top_p": {value}}}\n')
+    errors = []
+    items, bad = batch_module.read_batch_file(prompts, batch_module.BatchDefaults(), runtime, errors.append)
+    assert items == [] and bad == 2, errors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
+    (["--temperature", "-1"], "temperature=-1.0 must be > 0"),
+    (["--temperature", "nan"], "--temperature nan must be a finite number"),
+    (["--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
+    (["--top-k", "0"], "top_k=0 must be >= 1"),
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--output", "{workdir}"], "is a directory (--output names the answers file"),
+    (["--output", "{workdir}/prompts.jsonl/answers.jsonl"], "prompts.jsonl is a file, not a directory"),
+])
+def test_bad_flags_and_outputs_are_one_error_before_loading(model_dir, workdir, capsys, monkeypatch, flags, message):
+    # Not every line skipped as bad (exit 1) or a traceback once every line is answered: one error, exit 2,
+    # before the model is loaded.
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(InferenceRuntime, "load", no_loading)
+    prompts = workdir / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": "hi"}, {"prompt": "there"}])
+    flags = [flag.format(workdir=workdir) for flag in flags]
+    output = [] if "--output" in flags else ["--output", str(workdir / "answers.jsonl")]
+    assert main(["generate", str(model_dir), "--batch", str(prompts), *output, *flags, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(workdir.glob("answers.jsonl*"))

@@ -106,20 +106,34 @@ def test_limits_are_clear_errors(runtime):
         engine.add(Row(prompt=prompt, max_new_tokens=2), runtime.sampling(max_new_tokens=1, greedy=True))
 
 
-def test_slot_decode_step_traces_as_one_graph(runtime):
+def test_slot_decode_step_traces_as_one_graph(runtime, monkeypatch):
     """On CUDA the engine's decode step over the slot cache is compiled with CUDA graphs; here dynamo must trace it
     whole (fullgraph: no break, no host sync: the per-row scatter and the index clamp included), and the traced
-    engine must give the eager engine's tokens. Inductor and CUDA graphs are GPU-only (benchmarks/generate.py)."""
-    from gemma3vl.infer.decode import decode_step
+    engine must give the eager engine's tokens. Inductor and CUDA graphs are GPU-only (benchmarks/generate.py), so
+    the engine's compiled path runs here with dynamo's eager backend standing in for inductor."""
+    import gemma3vl.infer.decode as decode
+
+    traced_calls = []
+
+    def traced_step():
+        traced = torch.compile(decode.decode_step, backend="eager", fullgraph=True, dynamic=False)
+
+        def step(*args):
+            traced_calls.append(1)
+            return traced(*args)
+
+        return step
+
+    monkeypatch.setattr(decode, "compiles_on", lambda device: True)
+    monkeypatch.setattr(decode, "compiled_decode_step", traced_step)
 
     prompts = [runtime.encode_prompt(text, images) for text, images in
                [("What is in the picture?", [draw_picture("red circle")]), ("hi", []), ("Question number 2", [])]]
     greedy = runtime.sampling(max_new_tokens=1, greedy=True)
     runs = []
     for traced in (False, True):
-        engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=2, max_length=300)
-        if traced:
-            engine._step_fn = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
+        engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=2, max_length=300, compile=traced)
+        assert engine.compiled == traced
         done = {}
         pending = list(enumerate(prompts))
         while pending or engine.active:
@@ -130,8 +144,27 @@ def test_slot_decode_step_traces_as_one_graph(runtime):
             engine.step()
         runs.append([done[n].token_ids for n in range(len(prompts))])
     torch._dynamo.reset()
+    assert traced_calls and engine.compile_failure is None  # every traced step went through, none fell back
     assert runs[0] == runs[1]
     assert runs[0][1] == alone(runtime, prompts[1], greedy, 6)[0]
+
+
+def test_engine_whose_compiling_fails_reports_once_and_serves_eagerly(runtime, failing_compiler):
+    """A compiled engine whose step fails to compile (faked) says why through ``report`` at warm-up, keeps it in
+    ``compile_failure`` (the server's /health shows it) and gives each row its solo answer, eagerly."""
+    heard: list[str] = []
+    engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=2, max_length=300, compile=True,
+                               report=heard.append)
+    engine.warm_up()
+    assert heard == ["RuntimeError: no triton"] and engine.compile_failure == heard[0] and not engine.compiled
+    greedy = runtime.sampling(max_new_tokens=1, greedy=True)
+    prompt = runtime.encode_prompt("Question number 2", [])
+    done = {}
+    engine.add(Row(prompt=prompt, max_new_tokens=5, on_finish=lambda c: done.setdefault(0, c)), greedy)
+    while engine.active:
+        engine.step()
+    assert done[0].token_ids == alone(runtime, prompt, greedy, 5)[0]
+    assert failing_compiler == [2] and len(heard) == 1  # the warm-up's one try; never again
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

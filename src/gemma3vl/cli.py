@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -84,6 +85,19 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
     )
 
 
+def check_generate_flags(args: argparse.Namespace) -> None:
+    """``generate``'s sampling flags (and ``--batch-size``), checked before the model loads: a bad flag is one
+    error, not a failure after loading (nor, with ``--batch``, every line skipped as bad)."""
+    from gemma3vl import bridge
+
+    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
+        if value is not None and not math.isfinite(value):
+            raise Gemma3VLError(f"{flag} {value} must be a finite number")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
+    sampling_from(args, Path(args.model_dir), bridge.read_config(args.model_dir)).validate()
+
+
 def note_compile(wanted: bool, device) -> None:
     """Say what ``--compile`` will do here: compile (and that the first step takes a while) or nothing."""
     if not wanted:
@@ -108,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise Gemma3VLError("--output and --batch-size go with --batch FILE.jsonl")
     if args.prompt is None:
         raise Gemma3VLError("give --prompt TEXT (or --batch FILE.jsonl --output FILE.jsonl)")
+    check_generate_flags(args)
     model_dir = Path(args.model_dir)
     images = [load_image(path) for path in args.image]
     started = time.perf_counter()
@@ -121,6 +136,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"in {time.perf_counter() - started:.1f}s; prompt: {inputs['input_ids'].shape[1]} tokens")
     note_compile(args.compile, device)
     sampling = sampling_from(args, model_dir, config)
+    length, context = inputs["input_ids"].shape[1], config.text.max_position_embeddings
+    if length + sampling.max_new_tokens > context:  # as --batch refuses such a line
+        raise Gemma3VLError(f"the prompt is {length} tokens; with --max-new-tokens {sampling.max_new_tokens} that "
+                            f"is over the model's context of {context} (max_position_embeddings)")
     stop_ids = set(sampling.stop_token_ids)
     answer = IncrementalText(tokenizer_of(processor))
 
@@ -137,18 +156,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
-    def run(compile: bool) -> None:
-        generate(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pixel_values,
-                 sampling=sampling, on_step=stream, compile=compile)
-
-    try:
-        run(args.compile)
-    except Exception as exc:
-        # The step compiles before the first token is handed out, so a failure there has printed nothing yet.
-        if not args.compile or answer.token_ids:
-            raise
-        log(f"--compile: compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); decoding eagerly")
-        run(False)
+    generate(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pixel_values,
+             sampling=sampling, on_step=stream, compile=args.compile,
+             on_compile_failure=lambda why: log(f"--compile: compiling the decode step failed ({why[:300]}); "
+                                                f"decoding eagerly"))
     elapsed = time.perf_counter() - started
     sys.stdout.write(answer.delta(final=True) + "\n")
     sys.stdout.flush()
@@ -159,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_generate_batch(args: argparse.Namespace) -> int:
     """``generate --batch``: JSONL prompts in, JSONL answers out (format in gemma3vl.infer.batch)."""
-    from gemma3vl.infer.batch import BatchDefaults, describe_summary, run_batch_file
+    from gemma3vl.infer.batch import BatchDefaults, check_output_path, describe_summary, run_batch_file
     from gemma3vl.infer.runtime import InferenceRuntime
 
     if args.prompt is not None or args.image:
@@ -171,8 +182,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     batch_path, output_path = Path(args.batch), Path(args.output)
     if not batch_path.is_file():
         raise Gemma3VLError(f"{batch_path}: no such prompts file")
-    if output_path.exists() and output_path.resolve() == batch_path.resolve():
-        raise Gemma3VLError(f"{output_path}: the output would overwrite the prompts file")
+    check_output_path(output_path, batch_path)
+    check_generate_flags(args)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
     log(runtime.describe())
     note_compile(args.compile, runtime.device)
@@ -265,6 +276,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from gemma3vl import bridge, verify
     from gemma3vl.infer.loading import load_model, resolve_device, resolve_dtype
 
+    if args.greedy_tokens < 0:
+        raise Gemma3VLError(f"--greedy-tokens {args.greedy_tokens} must be >= 0 (0 skips the greedy comparison)")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     hf_dir = Path(args.model_dir)
@@ -390,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = direction.add_parser("export", help="native directory -> complete HF checkpoint directory")
     exp.add_argument("native_dir")
     exp.add_argument("out_dir")
-    exp.add_argument("--layout", choices=["source", "hub", "transformers5", "text"], default="source",
+    exp.add_argument("--layout", choices=["source", "hub", "transformers5", "memory", "text"], default="source",
                      help="key layout to write (default: the one the checkpoint was imported from)")
     exp.add_argument("--max-shard-size", type=parse_size, default=None,
                      help="reshard to this size (default: the source's own file split)")

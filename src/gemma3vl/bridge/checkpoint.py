@@ -37,6 +37,7 @@ class WeightFiles:
         self.files: dict[str, SafetensorsFile] = {}
         self.weight_map: dict[str, str] | None = None  # from the index, when sharded
         self.index_metadata: dict[str, Any] | None = None
+        self.index_text: str | None = None  # the index file as it is (export gives it back verbatim)
         try:
             self._open()
         except BaseException:
@@ -61,7 +62,8 @@ class WeightFiles:
             hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
             raise Gemma3VLError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
         try:
-            raw = json.loads(index.read_text())
+            text = index.read_bytes().decode("utf-8")  # bytes: read_text would turn "\r\n" into "\n"
+            raw = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise Gemma3VLError(f"{index}: not valid JSON ({exc})") from None
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
@@ -69,6 +71,7 @@ class WeightFiles:
             raise Gemma3VLError(f"{index}: no 'weight_map' object mapping tensor names to file names")
         self.weight_map = weight_map
         self.index_metadata = raw.get("metadata")
+        self.index_text = text
         for name in sorted(set(weight_map.values())):
             path = self.directory / name
             if Path(name).name != name:
@@ -190,7 +193,8 @@ class HFCheckpoint(_Checkpoint):
             raise Gemma3VLError(f"{self.directory}: this is a native gemma3vl checkpoint, not an HF one")
         self.config_path = self.directory / "config.json"
         self.config = Gemma3Config.from_file(self.config_path)
-        self.config_text = self.config_path.read_text(encoding="utf-8")
+        # Bytes, decoded: read_text would turn "\r\n" into "\n", and export gives this text back verbatim.
+        self.config_text = self.config_path.read_bytes().decode("utf-8")
         self.files = WeightFiles(self.directory)
         try:
             self.layout = detect_layout(self.files.keys(), self.config.is_vision_language, str(self.directory))
@@ -228,11 +232,22 @@ class HFCheckpoint(_Checkpoint):
         return out
 
 
-def write_index(directory: Path, shards: dict[str, Sequence[PlannedTensor]], metadata: dict[str, Any] | None) -> None:
-    """transformers' ``model.safetensors.index.json`` (same JSON style as save_pretrained)."""
+def write_index(directory: Path, shards: dict[str, Sequence[PlannedTensor]], metadata: dict[str, Any] | None,
+                source_text: str | None = None) -> None:
+    """transformers' ``model.safetensors.index.json`` (same JSON style as save_pretrained), or ``source_text``
+    as it is when that says the same (a source index written by another tool: other indentation, key order)."""
     weight_map = {t.name: name for name, shard in shards.items() for t in shard}
     index = {"metadata": metadata or {}, "weight_map": weight_map}
-    write_text_durable(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    if source_text is not None:
+        try:
+            source = json.loads(source_text)
+        except json.JSONDecodeError:
+            source = None
+        if (isinstance(source, dict) and source.get("weight_map") == weight_map
+                and (source.get("metadata") or {}) == index["metadata"]):
+            text = source_text
+    write_text_durable(directory / INDEX_FILE, text)
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

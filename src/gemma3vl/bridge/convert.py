@@ -7,8 +7,9 @@ Native directory::
     gemma3vl.json                          the manifest (below)
     hf/                                    every non-weight file of the HF directory, verbatim
 
-The manifest records what export needs to give back the source exactly: its config.json text, its layout,
-and per source file the metadata and the keys in data order (so each key's file and dtype too).
+The manifest records what export needs to give back the source exactly: its config.json text and index text
+(byte for byte: line endings, another tool's JSON style), its layout, and per source file the metadata and the
+keys in data order (so each key's file and dtype too).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def export_checkpoint(
                 write_safetensors(staging / name, tensors, lambda key: split.part(*parts[key]), metadata)
                 report.file_done(name, tensors)
             if index is not None:
-                write_index(staging, {n: t for n, (t, _) in files.items()}, index)
+                source_text = source.get("index_json") if keep_source and max_shard_bytes is None else None
+                write_index(staging, {n: t for n, (t, _) in files.items()}, index, source_text)
             write_text_durable(staging / "config.json", _config_text(native, keep_source, target_name))
             side = native_dir / SIDE_DIR
             if side.is_dir():
@@ -221,6 +223,7 @@ def _manifest(source: HFCheckpoint, carried: list[str]) -> dict[str, Any]:
             "layout": source.layout.name,
             "sharded": files.weight_map is not None,
             "index_metadata": files.index_metadata,
+            "index_json": files.index_text,
             "files": [
                 {"name": name, "metadata": handle.metadata, "tensors": handle.keys_in_data_order()}
                 for name, handle in files.files.items()

@@ -101,13 +101,18 @@ class OutputNotWritten(Gemma3VLError):
 @contextlib.contextmanager
 def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out_dir`` when the block finishes without error."""
-    _recover_leftovers(out_dir)  # first: an output put back must not then be replaced without overwrite
-    check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if staging.exists():  # left by a crashed run that had our pid
-        shutil.rmtree(staging)
-    staging.mkdir()
+    try:
+        _recover_leftovers(out_dir)  # first: an output put back must not then be replaced without overwrite
+        check_output_dir(out_dir, overwrite)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():  # left by a crashed run that had our pid
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as exc:  # a read-only location, a file where a parent directory should be, ...
+        blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file, not a directory" if blocking is not None else _reason(exc)
+        raise OutputNotWritten(out_dir, reason, False) from None
     replaced = out_dir.exists() and not _is_empty_dir(out_dir)
     try:
         yield staging
@@ -116,11 +121,14 @@ def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         _move_into_place(staging, out_dir)
     except OSError as exc:  # a full disk, a read-only or vanished directory: the output and the reason
         shutil.rmtree(staging, ignore_errors=True)
-        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc.strerror or str(exc)
-        raise OutputNotWritten(out_dir, reason, replaced) from None
+        raise OutputNotWritten(out_dir, _reason(exc), replaced) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _reason(exc: OSError) -> str:
+    return f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else exc.strerror or str(exc)
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

@@ -19,6 +19,7 @@ image in memory or process it twice.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import deque
@@ -86,7 +87,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (Python's json reads NaN, Infinity and 1e400 = inf too)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_stop(value: Any) -> bool:
@@ -110,7 +112,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
                 "a list of file paths")
     _check_type(obj, "id", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or integer")
     _check_type(obj, "max_new_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check_type(obj, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    _check_type(obj, "temperature", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
     _check_type(obj, "top_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check_type(obj, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
     _check_type(obj, "seed", _is_int, "an integer")
@@ -142,7 +144,9 @@ def read_batch_file(path: Path, defaults: BatchDefaults, runtime: InferenceRunti
                     report: Callable[[str], None]) -> tuple[list[BatchItem], int]:
     """The valid items of ``path`` and the number of bad lines (each reported as ``FILE:LINE: reason``)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not part of line 1. JSONL lines end at
+        # "\n" only: str.splitlines would also split at U+2028, U+0085, ... which JSON strings may hold as is.
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except (OSError, UnicodeDecodeError) as exc:
         raise Gemma3VLError(f"{path}: cannot read the prompts file ({exc})") from None
     items: list[BatchItem] = []
@@ -213,11 +217,13 @@ def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: Bat
                 continue
             length = _row_length(prompt.length + item.sampling.max_new_tokens, runtime.context_length)
             if engine is None:
-                engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots, max_length=length,
-                                           decode_lock=runtime.lock, compile=compile)
-                failure = engine.warm_up_or_eager()
-                if failure is not None:
-                    report(f"--compile: compiling the decode step failed ({failure[:300]}); decoding eagerly")
+                engine = ContinuousBatcher(
+                    runtime.model, runtime.tokenizer, slots=slots, max_length=length, decode_lock=runtime.lock,
+                    compile=compile,
+                    report=lambda why: report(f"--compile: compiling the decode step failed ({why[:300]}); "
+                                              f"decoding eagerly"),
+                )
+                engine.warm_up()
             elif length > engine.max_length:
                 engine.grow(length)
             row = Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop,
@@ -225,6 +231,18 @@ def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: Bat
             engine.add(row, item.sampling, tag=item)
         if engine is not None and engine.active:
             engine.step()
+
+
+def check_output_path(output_path: str | Path, input_path: str | Path) -> None:
+    """Refuse an answers file that cannot be written, before any model is loaded or line answered."""
+    output_path, input_path = Path(output_path), Path(input_path)
+    if output_path.is_dir():
+        raise Gemma3VLError(f"{output_path}: is a directory (--output names the answers file, e.g. answers.jsonl)")
+    blocking = next((p for p in output_path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise Gemma3VLError(f"{output_path}: cannot be written ({blocking} is a file, not a directory)")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise Gemma3VLError(f"{output_path}: the output would overwrite the prompts file")
 
 
 def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_path: str | Path, *,
@@ -248,14 +266,19 @@ def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_pat
         summary.errors.append(message)
         say(message)
 
+    check_output_path(output_path, input_path)
     items, summary.skipped = read_batch_file(input_path, defaults, runtime, bad)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     partial = output_path.with_name(output_path.name + ".partial")
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(partial, "w", encoding="utf-8")
+    except OSError as exc:
+        raise Gemma3VLError(f"{output_path}: cannot write the answers ({exc.strerror or exc})") from None
     done = False
     with tqdm(total=len(items), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
         try:
-            with open(partial, "w", encoding="utf-8") as stream:
+            with stream:
                 writer = _OrderedWriter(stream, [item.line for item in items])
 
                 def finished(item: BatchItem, completion: Completion | None) -> None:

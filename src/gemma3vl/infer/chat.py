@@ -59,30 +59,19 @@ class ChatSession:
         self._cache: StaticKVCache | None = None
 
     def _answer(self, prompt, max_new_tokens: int, on_text: Callable[[str], None] | None) -> Completion:
+        row = Row(prompt=prompt, max_new_tokens=max_new_tokens, on_text=on_text)
         if not self.compile:
-            return self.runtime.complete([Row(prompt=prompt, max_new_tokens=max_new_tokens, on_text=on_text)],
-                                         self.sampling)[0]
+            return self.runtime.complete([row], self.sampling)[0]
         if self._cache is None:
             weight = self.runtime.model.text.embed.weight
             self._cache = StaticKVCache(self.runtime.config.text, 1, self.max_length, weight.device, weight.dtype)
-        streamed = []
+        return self.runtime.complete([row], self.sampling, compile=True, cache=self._cache,
+                                     on_compile_failure=self._compile_failed)[0]
 
-        def relay(delta: str) -> None:
-            streamed.append(delta)
-            if on_text is not None:
-                on_text(delta)
-
-        row = Row(prompt=prompt, max_new_tokens=max_new_tokens, on_text=relay)
-        try:
-            return self.runtime.complete([row], self.sampling, compile=True, cache=self._cache)[0]
-        except Exception as exc:
-            # The decode step compiles before the first token is handed out: nothing was shown yet.
-            if streamed or isinstance(exc, Gemma3VLError):
-                raise
-            self.notes(f"(--compile: compiling the decode step failed ({type(exc).__name__}: {str(exc)[:300]}); "
-                       f"decoding eagerly from now on)")
-            self.compile, self._cache = False, None
-            return self._answer(prompt, max_new_tokens, on_text)
+    def _compile_failed(self, why: str) -> None:
+        """The turn in progress goes on eagerly (``generate`` saw to it); so do the later ones."""
+        self.notes(f"(--compile: compiling the decode step failed ({why[:300]}); decoding eagerly from now on)")
+        self.compile, self._cache = False, None
 
     def reset(self) -> None:
         self.turns = []

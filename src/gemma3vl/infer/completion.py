@@ -120,11 +120,13 @@ def complete(
     decode_lock: Any = None,
     compile: bool = False,
     cache: Any = "static",
+    on_compile_failure: Callable[[str], None] | None = None,
 ) -> list[Completion]:
     """Run ``rows`` as one batch with ``sampling`` (its max_new_tokens is replaced by the rows' largest).
 
     ``decode_lock`` (a context manager) guards the tokenizer when other threads use it at the same time.
-    ``compile`` and ``cache`` go to ``generate`` (a reused ``StaticKVCache`` keeps one compiled graph).
+    ``compile``, ``cache`` and ``on_compile_failure`` go to ``generate`` (a reused ``StaticKVCache`` keeps one
+    compiled graph).
     """
     if not rows:
         return []
@@ -154,6 +156,7 @@ def complete(
             on_step=on_step,
             compile=compile,
             cache=cache,
+            on_compile_failure=on_compile_failure,
         )
     except _EveryRowDone:
         pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 from typing import Callable
 
@@ -95,14 +96,46 @@ def compiled_decode_step() -> Callable:
     return torch.compile(decode_step, options=_compile_options(), fullgraph=True, dynamic=False)
 
 
-def run_decode_step(
-    step_fn: Callable, compiled: bool, model: Gemma3Model, cache, tokens: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """One decode step through ``step_fn``; a compiled step's output is copied (the graph overwrites it next step)."""
-    if not compiled:
-        return step_fn(model, cache, tokens, positions)
-    torch.compiler.cudagraph_mark_step_begin()
-    return step_fn(model, cache, tokens, positions).clone()
+def compiles_on(device: torch.device) -> bool:
+    """Whether ``compile=True`` compiles the decode step on ``device``: CUDA graphs need CUDA; elsewhere the same
+    step runs eagerly."""
+    return device.type == "cuda"
+
+
+class DecodeStep:
+    """The decode step a generation loop calls (``generate``'s and the server engine's): compiled with CUDA graphs
+    when asked for on CUDA, eager otherwise.
+
+    Should a compiled call fail (compiling, or capturing the graph), the step says why through ``report``
+    (``warnings.warn`` without one), runs the eager step for that call instead, and stays eager from then on:
+    the eager step computes the same tokens, and it rewrites whatever cache positions the failed call reached.
+    ``failure`` keeps the reason. An error that is not the compiler's raises again from the eager step.
+    """
+
+    def __init__(self, compile: bool, device: torch.device, report: Callable[[str], None] | None = None):
+        self.compiled = compile and compiles_on(device)
+        self.failure: str | None = None
+        self._report = report
+        self._compiled_fn = compiled_decode_step() if self.compiled else None
+
+    def __call__(self, model: Gemma3Model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.compiled:
+            try:
+                torch.compiler.cudagraph_mark_step_begin()
+                # a copy: the graph overwrites its output at the next replay
+                return self._compiled_fn(model, cache, tokens, positions).clone()
+            except Exception as exc:  # noqa: BLE001  (whatever the compiler raised; the eager step decides)
+                self.use_eager(f"{type(exc).__name__}: {exc}")
+        return decode_step(model, cache, tokens, positions)
+
+    def use_eager(self, why: str) -> None:
+        """Decode eagerly from now on, saying ``why`` the compiled step was given up."""
+        self.compiled, self._compiled_fn, self.failure = False, None, why
+        if self._report is not None:
+            self._report(why)
+        else:
+            warnings.warn(f"compiling the decode step failed ({why[:300]}); decoding eagerly", RuntimeWarning,
+                          stacklevel=3)
 
 
 def to_device_async(values: list[bool], device: torch.device) -> torch.Tensor:

@@ -20,14 +20,14 @@ batch. Differences can only come from floating point (a matmul over 8 rows may r
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import SlotKVCache
 from gemma3vl.infer.completion import FINISH_CANCELLED, Row, RowState
-from gemma3vl.infer.decode import HostCopy, compiled_decode_step, decode_step, prefill, run_decode_step
+from gemma3vl.infer.decode import DecodeStep, HostCopy, prefill
 from gemma3vl.infer.sampling import RowSampling, Sampling, choose_tokens, process_logits, row_generator, seen_tokens
 from gemma3vl.model import Gemma3Model, TokenInfo
 
@@ -47,11 +47,13 @@ class ContinuousBatcher:
     """``slots`` rows of at most ``max_length`` positions each (prompt + new tokens); see the module docstring.
 
     Not thread-safe: one thread calls ``add`` and ``step``. ``decode_lock`` guards the tokenizer while rows turn
-    tokens into text (the server's handler threads encode prompts with it at the same time).
+    tokens into text (the server's handler threads encode prompts with it at the same time). ``compile``: decode
+    steps as one compiled CUDA graph (CUDA only); should compiling fail, ``report(reason)`` hears why (without it:
+    a ``RuntimeWarning``) and the steps run eagerly.
     """
 
     def __init__(self, model: Gemma3Model, tokenizer: Any, *, slots: int = 8, max_length: int = 4096,
-                 compile: bool = False, decode_lock: Any = None):
+                 compile: bool = False, decode_lock: Any = None, report: Callable[[str], None] | None = None):
         if slots < 1 or max_length < 2:
             raise Gemma3VLError(f"slots={slots} must be >= 1 and max_length={max_length} >= 2")
         weight = model.text.embed.weight
@@ -61,8 +63,7 @@ class ContinuousBatcher:
         self.max_length = max_length
         self.cache = SlotKVCache(model.config.text, slots, max_length, weight.device, weight.dtype)
         self._prefill_cache = self.cache.prefill_cache()
-        self.compiled = compile and self.device.type == "cuda"
-        self._step_fn = compiled_decode_step() if self.compiled else decode_step
+        self._step = DecodeStep(compile, self.device, report=report)  # compiled: should that fail, eager + report
         self._lock = decode_lock if decode_lock is not None else contextlib.nullcontext()
         self.vocab = model.text.output_weight.shape[0]
         self.slots: list[_Slot | None] = [None] * slots
@@ -137,7 +138,7 @@ class ContinuousBatcher:
         # reading and the stop checks overlap it. If every row ends with these tokens its result goes unused; a row
         # added to a freed slot later overwrites that slot's logits, position and cache row, in stream order.
         self.tokens = tokens
-        self.logits = run_decode_step(self._step_fn, self.compiled, self.model, self.cache, tokens, self.positions)
+        self.logits = self._step(self.model, self.cache, tokens, self.positions)
         self.positions = self.positions + 1
         ended = []
         with self._lock:
@@ -200,25 +201,22 @@ class ContinuousBatcher:
         self._rows = None
         return tags
 
-    def use_eager(self) -> None:
-        """Decode without the compiled step from now on (its compilation failed)."""
-        self.compiled = False
-        self._step_fn = decode_step
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run compiled (False from the moment compiling failed)."""
+        return self._step.compiled
+
+    @property
+    def compile_failure(self) -> str | None:
+        """Why compiling the decode step failed (then steps run eagerly), else None."""
+        return self._step.failure
 
     @torch.no_grad()
     def warm_up(self) -> None:
         """Compile and capture the decode step now (on CUDA with ``compile``), not at the first request: one step
-        over the empty slots, whose results nobody reads."""
+        over the empty slots, whose results nobody reads. Should compiling fail, the engine decodes eagerly from
+        then on (``compile_failure`` says why, and the ``report`` given to the engine heard it)."""
         if self.compiled:
             for _ in range(2):  # the first call compiles, the second captures the CUDA graph
-                run_decode_step(self._step_fn, True, self.model, self.cache, self.tokens, self.positions)
+                self._step(self.model, self.cache, self.tokens, self.positions)
             self.cache.index.zero_()
-
-    def warm_up_or_eager(self) -> str | None:
-        """``warm_up``; should compiling fail, decode eagerly from now on and return why (else None)."""
-        try:
-            self.warm_up()
-        except Exception as exc:  # the eager step still works
-            self.use_eager()
-            return f"{type(exc).__name__}: {exc}"
-        return None

@@ -18,6 +18,7 @@ import torch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import StaticKVCache
 from gemma3vl.infer.decode import (  # noqa: F401  (re-exported: generate's public surface)
+    DecodeStep,
     HostCopy,
     _spare_caches,
     compiled_decode_step,
@@ -25,7 +26,6 @@ from gemma3vl.infer.decode import (  # noqa: F401  (re-exported: generate's publ
     give_back,
     make_cache,
     prefill,
-    run_decode_step,
     to_device_async,
 )
 from gemma3vl.infer.detokenize import IncrementalText
@@ -109,6 +109,7 @@ def _steps(
     tokenizer: Any,
     cache: str | StaticKVCache,
     compile: bool,
+    on_compile_failure: Callable[[str], None] | None,
 ) -> Iterator[_Step]:
     device = model.text.embed.weight.device
     batch = input_ids.shape[0]
@@ -119,12 +120,11 @@ def _steps(
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     vocab = model.text.output_weight.shape[0]
     rows = RowSampling.from_samplings(samplings, vocab, device)
-    compiled = compile and device.type == "cuda"
+    step_fn = DecodeStep(compile, device, report=on_compile_failure)
     steps = max(s.max_new_tokens for s in samplings)
-    kv = make_cache(cache, model, batch, input_ids.shape[1] + steps, compiled)
-    step_fn = compiled_decode_step() if compiled else decode_step
+    kv = make_cache(cache, model, batch, input_ids.shape[1] + steps, step_fn.compiled)
 
-    borrowed = compiled and isinstance(cache, str) and cache == "static"
+    borrowed = step_fn.compiled and isinstance(cache, str) and cache == "static"
     try:
         info = TokenInfo.for_tokens(input_ids, attention_mask=attention_mask, image_token_id=model.image_token_id)
         logits = prefill(model, kv, input_ids, info, pixel_values)
@@ -146,7 +146,7 @@ def _steps(
             # It feeds every row's token, as the step after it always did (finished rows get pads from then on);
             # if this turns out to be the last step for every row, its result is simply dropped.
             if index + 1 < steps:
-                next_logits = run_decode_step(step_fn, compiled, model, kv, tokens, positions)
+                next_logits = step_fn(model, kv, tokens, positions)
                 positions = positions + 1
             events = []
             for row, token in enumerate(chosen.tolist()):
@@ -174,12 +174,14 @@ def stream_generate(
     tokenizer: Any = None,
     cache: str | StaticKVCache = "static",
     compile: bool = False,
+    on_compile_failure: Callable[[str], None] | None = None,
 ) -> Iterator[StepEvent]:
     """Yield a ``StepEvent`` per new token of each unfinished row, step by step (arguments as ``generate``).
 
     Stopping the iteration early (``break``) abandons the generation cleanly.
     """
-    for step in _steps(model, input_ids, attention_mask, pixel_values, sampling, tokenizer, cache, compile):
+    for step in _steps(model, input_ids, attention_mask, pixel_values, sampling, tokenizer, cache, compile,
+                      on_compile_failure):
         yield from step.events
 
 
@@ -194,13 +196,15 @@ def generate_result(
     tokenizer: Any = None,
     cache: str | StaticKVCache = "static",
     compile: bool = False,
+    on_compile_failure: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """``generate`` that also says why each row ended and, given ``tokenizer``, its text."""
     batch = input_ids.shape[0]
     tokens: list[list[int]] = [[] for _ in range(batch)]
     reasons = [FINISH_LENGTH] * batch
     texts = [""] * batch
-    for step in _steps(model, input_ids, attention_mask, pixel_values, sampling, tokenizer, cache, compile):
+    for step in _steps(model, input_ids, attention_mask, pixel_values, sampling, tokenizer, cache, compile,
+                      on_compile_failure):
         for event in step.events:
             tokens[event.row].append(event.token)
             texts[event.row] += event.text_delta or ""
@@ -222,6 +226,7 @@ def generate(
     tokenizer: Any = None,
     cache: str | StaticKVCache = "static",
     compile: bool = False,
+    on_compile_failure: Callable[[str], None] | None = None,
 ) -> list[list[int]]:
     """Generate for a left-padded batch; returns the new token ids per row, stop token included.
 
@@ -233,9 +238,11 @@ def generate(
     ``cache``: ``"static"`` (preallocated, the default), ``"dynamic"`` (the concatenating reference cache), or a
     ``StaticKVCache`` to reuse (reset here; with ``compile`` this keeps the captured CUDA graph across calls).
     ``compile``: on CUDA, run decode steps through ``torch.compile`` with CUDA graphs (the first call compiles);
-    ignored on other devices, where the same function runs eagerly.
+    ignored on other devices, where the same function runs eagerly. Should compiling fail, the steps run eagerly
+    (same tokens) and ``on_compile_failure(reason)`` hears why (without it: a ``RuntimeWarning``).
     """
     return generate_result(
         model, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, sampling=sampling,
         on_step=on_step, tokenizer=tokenizer, cache=cache, compile=compile,
+        on_compile_failure=on_compile_failure,
     ).tokens

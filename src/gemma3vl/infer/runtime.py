@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,7 +78,7 @@ class InferenceRuntime:
             inputs = build_inputs(self.processor, self.config, prompt, images, raw=raw, pan_and_scan=pan_and_scan)
         return EncodedPrompt(input_ids=inputs["input_ids"][0], pixel_values=inputs.get("pixel_values"))
 
-    def complete(self, rows: list[Row], sampling: Sampling, *, compile: bool = False,
-                 cache: Any = "static") -> list[Completion]:
+    def complete(self, rows: list[Row], sampling: Sampling, *, compile: bool = False, cache: Any = "static",
+                 on_compile_failure: Callable[[str], None] | None = None) -> list[Completion]:
         return complete(self.model, self.tokenizer, rows, sampling, decode_lock=self.lock, compile=compile,
-                        cache=cache)
+                        cache=cache, on_compile_failure=on_compile_failure)

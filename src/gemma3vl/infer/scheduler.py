@@ -90,9 +90,12 @@ class BatchScheduler:
     def start(self) -> None:
         self.engine = ContinuousBatcher(self.runtime.model, self.runtime.tokenizer, slots=self.max_batch_size,
                                         max_length=self.max_length, compile=self.compile,
-                                        decode_lock=self.runtime.lock)
+                                        decode_lock=self.runtime.lock, report=self._compile_failed)
         self._thread = threading.Thread(target=self._loop, name="gemma3vl-scheduler", daemon=True)
         self._thread.start()
+
+    def _compile_failed(self, why: str) -> None:
+        self.compile_error = why
 
     def submit(self, job: Job) -> Job:
         """Queue ``job`` (:class:`QueueFull` when ``max_waiting`` jobs already wait). A stopping scheduler answers
@@ -150,7 +153,7 @@ class BatchScheduler:
 
     def _loop(self) -> None:
         engine = self.engine
-        self.compile_error = engine.warm_up_or_eager()  # failed: serve eagerly, and say why in /health
+        engine.warm_up()  # should compiling fail: serve eagerly, and say why in /health
         while True:
             admitted = self._admissions(engine)
             if admitted is None:
