@@ -182,9 +182,17 @@ def reusable_cache(model, batch: int, length: int):
     return StaticKVCache(model.config.text, batch, -(-length // 256) * 256, weight.device, weight.dtype)
 
 
+def compile_failed(why: str) -> None:
+    """generate's and the engine's compile-failure listener here: the row fails, naming why (decoding would
+    otherwise go on eagerly and be timed as the compiled row)."""
+    raise RuntimeError(f"compiling the decode step failed: {why}")
+
+
 def ours_call(model, ids, pixels, new_tokens: int, pad: int, device, compiled: bool, cache=None) -> Call:
     stamps: list[float] = []
     extra = {"compile": True} if compiled else {}
+    if compiled and "on_compile_failure" in inspect.signature(generate).parameters:
+        extra["on_compile_failure"] = compile_failed  # a compiled row that decoded eagerly would time eager
     if cache is not None:
         extra["cache"] = cache
     reset_peak(device)
@@ -236,7 +244,9 @@ def engine_run(model, prompts: "Prompts", rows: int, new_tokens: int, compiled: 
     from gemma3vl.infer.engine import ContinuousBatcher
 
     length = prompts.input_ids.shape[1] + new_tokens
-    engine = ContinuousBatcher(model, _NoText(), slots=rows, max_length=-(-length // 256) * 256, compile=compiled)
+    engine = ContinuousBatcher(model, _NoText(), slots=rows, max_length=-(-length // 256) * 256, compile=compiled,
+                               **({"report": compile_failed}
+                                  if "report" in inspect.signature(ContinuousBatcher).parameters else {}))
     started = time.perf_counter()
     engine.warm_up()
     synchronize(device)
@@ -265,7 +275,7 @@ def engine_run(model, prompts: "Prompts", rows: int, new_tokens: int, compiled: 
             busy_s += time.perf_counter() - step_began
     ttft = [first_token[n] - joined_at[n] for n in range(rows)]
     return {
-        "compiled": compiled and device.type == "cuda",
+        "compiled": engine.compiled,
         "slots": rows,
         "warmup_s": warmup_s,
         "ttft_ms_median": statistics.median(ttft) * 1e3,

@@ -526,3 +526,17 @@ def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys)
     assert statuses[3] == "DIFFERS from the default"
     assert report["best"] == {}  # the slow one agrees but loses; the wrong one is never chosen
     assert "GEMMA3VL_FLEX_KERNEL_OPTIONS='{}'" in capsys.readouterr().out
+
+
+def test_a_compiled_row_whose_compiling_fails_is_reported_not_timed_as_eager(failing_compiler, tmp_path):
+    """generate() would go on eagerly after a compile failure; the benchmark must not time that as the compiled
+    row (nor the compiled engine as compiled): both say why they failed."""
+    code = generate_bench.main(["--tiny", "--device", "cpu", "--repeats", "1", "--new-tokens", "3",
+                                "--warmup-tokens", "1", "--batches", "1", "--order", "compiled,engine",
+                                "--out", str(tmp_path)])
+    assert code == 1  # a failed row fails the run
+    data = json.loads((tmp_path / "generate-tiny.json").read_text())
+    compiled = [r for r in data["rows"] if r["impl"] == "ours (compile=True)"]
+    assert compiled and all("compiling the decode step failed: RuntimeError: no triton" in r["status"]
+                            for r in compiled)
+    assert "compiling the decode step failed" in json.dumps(data["engine"].get("compiled"))
