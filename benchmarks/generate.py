@@ -40,7 +40,10 @@ same size in the same way.
 Compiled against eager, bf16: both of ours run every call of a row on a cache of the same size (the compiled
 one's, so the attention kernels reduce over the same columns; cache length alone changes bf16 rounding), so
 their greedy tokens must be equal; the JSON's ``compiled_vs_eager`` and the summary give, per batch, whether they
-are and otherwise the first token index where a row differs.
+are and otherwise the first token index where a row differs, with ``near_tie``: the eager model's top two logits
+at that step (one full forward over the prompt and the eager tokens before it) and their gap in bf16 spacings of
+the top logit, which tells a last-bit tie-break from a different computation. A compiled row whose compiling
+fails is reported as failed, never timed eagerly.
 
 The server's engine (continuous batching, ``gemma3vl.infer.engine``), with the compiled model's weights: the
 ``max(--batches)`` prompts join one by one, two decode steps apart, into that many slots, and each decodes
@@ -79,6 +82,7 @@ from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
 from gemma3vl.config import SLIDING, Gemma3Config  # noqa: E402
 from gemma3vl.infer.decode import prefill_backend  # noqa: E402
 from gemma3vl.infer.generate import Sampling, generate  # noqa: E402
+from gemma3vl.model import TokenInfo  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -457,7 +461,33 @@ def engine_rows(summary: dict[str, Any], model: str) -> list[list[str]]:
 def describe_divergence(match: dict[str, Any]) -> str:
     if match["equal"]:
         return "equal"
-    return f"differ: first at token {match['first_divergence']} (row {match['row']})"
+    text = f"differ: first at token {match['first_divergence']} (row {match['row']})"
+    tie = match.get("near_tie")
+    if tie and "error" in tie:
+        text += f"; near-tie check failed ({tie['error']})"
+    elif tie:
+        text += (f"; eager's top-2 logit gap there {tie['top2_gap']:.3g} = {tie['gap_in_bf16_spacings']:.2g} bf16 "
+                 f"spacings of the top logit")
+    return text
+
+
+@torch.no_grad()
+def near_tie(model, prompts: "Prompts", row: int, index: int, eager_tokens: list[list[int]]) -> dict[str, Any]:
+    """Where two greedy runs part ways: the top two logits there, from one full forward (no cache) over the row's
+    prompt and the eager run's tokens before the divergence. A gap of about one bf16 spacing of the top logit (the
+    logits are bf16 matmul outputs) says the runs parted at a near-tie, where a last-bit difference in any
+    reduction picks the other token; a gap of many spacings would mean they computed different things."""
+    ids = prompts.input_ids[row]
+    ids = torch.cat([ids, torch.tensor(eager_tokens[row][:index], dtype=ids.dtype, device=ids.device)])[None]
+    info = TokenInfo.for_tokens(ids, attention_mask=torch.ones_like(ids), image_token_id=prompts.image_token_id)
+    logits = model(ids, prompts.pixel_values[row:row + 1], info=info, logits_to_keep=1)[0, -1].float()
+    top = logits.topk(2)
+    first = top.values[0].to(torch.bfloat16)
+    spacing = float(torch.nextafter(first, torch.tensor(float("inf"), dtype=torch.bfloat16, device=first.device))
+                    - first)
+    gap = float(top.values[0] - top.values[1])
+    return {"top2_tokens": top.indices.tolist(), "top2_logits": top.values.tolist(), "top2_gap": gap,
+            "bf16_spacing": spacing, "gap_in_bf16_spacings": gap / spacing if spacing else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,9 +551,18 @@ def main(argv: list[str] | None = None) -> int:
             summary["compiled_vs_eager"] = first_divergence(compiled["tokens"], eager["tokens"])
         return summary
 
+    ties: dict[int, dict[str, Any]] = {}  # batch -> near_tie at the compiled-vs-eager divergence
+
     def compiled_vs_eager() -> dict[str, Any]:
-        return {f"batch {b}": first_divergence(tokens.get(("ours (compile=True)", b)), tokens.get(("ours", b)))
-                for b in batches if ("ours (compile=True)", b) in tokens}
+        out = {}
+        for b in batches:
+            if ("ours (compile=True)", b) not in tokens:
+                continue
+            match = first_divergence(tokens.get(("ours (compile=True)", b)), tokens.get(("ours", b)))
+            if match is not None and b in ties:
+                match["near_tie"] = ties[b]
+            out[f"batch {b}"] = match
+        return out
 
     def save() -> None:
         payload = {
@@ -563,6 +602,14 @@ def main(argv: list[str] | None = None) -> int:
                 args, config, bandwidth, device, save, compiled,
             )
             save()  # with its tokens: the compiled-vs-eager comparison survives a timeout in a later part
+            match = first_divergence(tokens.get(("ours (compile=True)", batch)), tokens.get(("ours", batch)))
+            if not compiled and match is not None and not match["equal"]:
+                try:  # how close a call the divergence was, with this (eager) model while it is here
+                    ties[batch] = near_tie(model, prompts, match["row"], match["first_divergence"],
+                                           tokens[("ours", batch)])
+                except Exception as exc:  # a diagnostic: the rows stand without it
+                    ties[batch] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                save()
             if args.profile and batch == batches[0] and tokens[(impl, batch)] is not None:
                 profiles[f"{impl}, batch {batch}"] = profile_call(
                     lambda: ours_call(model, *prompts.take(batch), args.new_tokens, pad, device, compiled, cache),

@@ -540,3 +540,24 @@ def test_a_compiled_row_whose_compiling_fails_is_reported_not_timed_as_eager(fai
     assert compiled and all("compiling the decode step failed: RuntimeError: no triton" in r["status"]
                             for r in compiled)
     assert "compiling the decode step failed" in json.dumps(data["engine"].get("compiled"))
+
+
+def test_near_tie_looks_at_the_step_where_two_runs_part():
+    """The diagnostic for a compiled-vs-eager divergence: a full forward over prompt + the eager tokens before
+    index k must put the eager run's own token k on top (same model, fp32), and report the gap to the runner-up in
+    bf16 spacings; describe_divergence says it."""
+    from gemma3vl.tiny import tiny_hf_config
+
+    config = generate_bench.Gemma3Config.from_hf_dict(tiny_hf_config())
+    cpu = torch.device("cpu")
+    model = train_step.build_ours(config, cpu, torch.float32, 0)
+    prompts = generate_bench.Prompts.make(config, 2, 24, cpu, 0)
+    prompts.pixel_values = prompts.pixel_values.float()
+    ids, pixels = prompts.take(2)
+    eager = generate_bench.generate(model, ids, pixel_values=pixels,
+                                    sampling=generate_bench.Sampling(max_new_tokens=6, pad_token_id=0))
+    tie = generate_bench.near_tie(model, prompts, 1, 4, eager)
+    assert tie["top2_tokens"][0] == eager[1][4]
+    assert tie["top2_gap"] >= 0 and tie["bf16_spacing"] > 0
+    match = {"equal": False, "first_divergence": 4, "row": 1, "rows": 2, "near_tie": tie}
+    assert "bf16 spacings of the top logit" in generate_bench.describe_divergence(match)
