@@ -1,6 +1,8 @@
 """Generation through the checkpoint's own processor and chat template, against transformers' generate
 (the oracle) on tiny random models with every weight random."""
 
+import os
+
 import pytest
 import torch
 
@@ -139,3 +141,77 @@ def test_a_failing_compiled_step_decodes_eagerly_said_once(vl_checkpoint, failin
     with pytest.warns(RuntimeWarning, match=r"compiling the decode step failed \(RuntimeError: no triton\); "
                                             r"decoding eagerly"):
         assert run(compile=True) == eager
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 11])
+def test_chunked_prefill_matches_transformers(vl_checkpoint, monkeypatch, chunk):
+    """A prompt prefilled in chunks (GEMMA3VL_PREFILL_CHUNK; 3 is shorter than an image block, which then stays
+    whole) gives transformers' greedy tokens (the oracle: its generate on the same fp32 weights), for three
+    left-padded rows with 2, 1 and 0 images crossing the sliding window (8), on both cache kinds."""
+    _, reference, ours, config = vl_checkpoint
+    batch = verify.synthetic_batch(config)
+    expected = reference_tokens(reference, batch, config, 6)
+    monkeypatch.setenv("GEMMA3VL_PREFILL_CHUNK", str(chunk))
+    for cache in ("static", "dynamic"):
+        out = generate(ours, batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"], sampling=Sampling(max_new_tokens=6), cache=cache)
+        assert out == expected, cache
+
+
+def test_chunked_prefill_logits_equal_the_whole_prompts_in_float64(vl_checkpoint, monkeypatch):
+    """Same keys, same masks: chunked and whole prefill agree to float64 rounding, and so do the caches they
+    leave (the next decode step's logits)."""
+    from gemma3vl.infer.cache import StaticKVCache
+    from gemma3vl.infer.decode import decode_step, prefill
+
+    _, _, ours, config = vl_checkpoint
+    model = ours.to(torch.float64)
+    batch = verify.synthetic_batch(config)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pixels = batch["pixel_values"].double()
+    info = TokenInfo.for_tokens(ids, attention_mask=mask, image_token_id=config.image_token_id)
+    results = []
+    for chunk in ("0", "4"):
+        monkeypatch.setenv("GEMMA3VL_PREFILL_CHUNK", chunk)
+        for make in (lambda: StaticKVCache(config.text, 3, ids.shape[1] + 2, CPU, torch.float64),
+                     lambda: KVCache(config.text)):
+            cache = make()
+            with torch.no_grad():
+                first = prefill(model, cache, ids, info, pixels)
+                second = decode_step(model, cache, first.argmax(-1), info.positions[:, -1] + 1)
+            results.append((first, second))
+    for first, second in results[1:]:
+        torch.testing.assert_close(first, results[0][0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(second, results[0][1], rtol=0, atol=1e-10)
+
+
+def test_chunk_bounds_never_cut_an_image_block():
+    from gemma3vl.infer.decode import chunk_bounds, prefill_chunk_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        length, chunk = int(torch.randint(1, 60, (1,), generator=generator)), int(torch.randint(1, 12, (1,), generator=generator))
+        blocks = torch.full((2, length), -1)
+        for row in range(2):
+            column, number = 0, 0
+            while column < length:
+                size = int(torch.randint(1, 9, (1,), generator=generator))
+                if torch.rand(1, generator=generator) < 0.4:
+                    blocks[row, column:column + size] = number
+                    number += 1
+                column += size + 1
+        bounds = chunk_bounds(blocks, chunk)
+        assert bounds[0][0] == 0 and bounds[-1][1] == length
+        assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+        for _, cut in bounds[:-1]:
+            inside = (blocks[:, cut - 1] == blocks[:, cut]) & (blocks[:, cut] >= 0)
+            assert not inside.any(), (blocks, bounds)
+        for a, b in bounds:  # longer than a chunk only when a block forced it
+            if b - a > chunk:
+                assert ((blocks[:, a:b - 1] == blocks[:, a + 1:b]) & (blocks[:, a + 1:b] >= 0)).any()
+    os.environ["GEMMA3VL_PREFILL_CHUNK"] = "many"
+    try:
+        with pytest.raises(Gemma3VLError, match="GEMMA3VL_PREFILL_CHUNK='many'"):
+            prefill_chunk_tokens()
+    finally:
+        del os.environ["GEMMA3VL_PREFILL_CHUNK"]

@@ -40,8 +40,57 @@ def prefill(
     mask and ``attention.attend_one_query``, so the compiled decode graph is unaffected.
     """
     backend = prefill_backend(input_ids.shape[1], input_ids.device)
-    return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1,
-                 attention_backend=backend)[:, -1].float()
+    chunk = prefill_chunk_tokens()
+    if not chunk or input_ids.shape[1] <= chunk:
+        return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1,
+                     attention_backend=backend)[:, -1].float()
+    # A long prompt goes through the decoder chunk by chunk, each chunk attending to the cache the earlier ones
+    # filled (as a one-token decode step does): the transient activations (the MLP's [T, 2I] above all) are a
+    # chunk's, not the whole prompt's. The vision tower runs once, over every image, before the first chunk.
+    embeds = model.embed(input_ids, pixel_values)
+    hidden = None
+    for start, stop in chunk_bounds(info.image_block_ids, chunk):
+        hidden = model.text(embeds[:, start:stop], info.columns(start, stop), cache, attention_backend=backend)
+    return model.text.logits(hidden[:, -1]).float()
+
+
+PREFILL_CHUNK_TOKENS = 32768
+
+
+def prefill_chunk_tokens() -> int:
+    """Longest prefill run through the decoder at once: ``GEMMA3VL_PREFILL_CHUNK`` tokens (default 32,768; 0 = the
+    whole prompt at once). Longer prompts are prefilled in chunks of about that many tokens."""
+    raw = os.environ.get("GEMMA3VL_PREFILL_CHUNK", str(PREFILL_CHUNK_TOKENS))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise Gemma3VLError(f"GEMMA3VL_PREFILL_CHUNK={raw!r}: expected a number of tokens >= 0 (0: no chunking)")
+    return value
+
+
+def chunk_bounds(image_block_ids: torch.Tensor, chunk: int) -> list[tuple[int, int]]:
+    """Column ranges of at most ``chunk`` columns covering ``[0, T)``, never cutting an image block of any row (its
+    tokens attend to each other both ways, so they must be in one forward); an image block longer than a chunk
+    makes its chunk end where the block ends."""
+    length = image_block_ids.shape[1]
+    same_block = (image_block_ids[:, 1:] == image_block_ids[:, :-1]) & (image_block_ids[:, 1:] >= 0)
+    forbidden = set((same_block.any(dim=0).nonzero().flatten() + 1).tolist())  # cuts before these columns
+    bounds, start = [], 0
+    while length - start > chunk:
+        stop = start + chunk
+        while stop > start and stop in forbidden:
+            stop -= 1
+        if stop == start:  # the block starting here is longer than a chunk: end at its end
+            stop = start + chunk
+            while stop < length and stop in forbidden:
+                stop += 1
+        bounds.append((start, stop))
+        start = stop
+    if start < length:  # (a block running to the end may have taken the last columns already)
+        bounds.append((start, length))
+    return bounds
 
 
 FLEX_PREFILL_MIN_TOKENS = 32768

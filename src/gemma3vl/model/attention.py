@@ -65,6 +65,14 @@ class TokenInfo:
             image_block_ids=torch.cat((self.image_block_ids, other.image_block_ids), dim=1),
         )
 
+    def columns(self, start: int, stop: int) -> "TokenInfo":
+        """The description of columns ``start:stop`` (a chunk of the prompt)."""
+        return TokenInfo(
+            positions=self.positions[:, start:stop],
+            segment_ids=self.segment_ids[:, start:stop],
+            image_block_ids=self.image_block_ids[:, start:stop],
+        )
+
     def last(self, count: int) -> "TokenInfo":
         start = max(self.positions.shape[1] - count, 0)
         return TokenInfo(
