@@ -80,7 +80,7 @@ from train_step import (  # noqa: E402  (the shared model-building helpers live 
 
 from gemma3vl.bridge.mapping import native_tensor_specs  # noqa: E402
 from gemma3vl.config import SLIDING, Gemma3Config  # noqa: E402
-from gemma3vl.infer.decode import prefill_backend  # noqa: E402
+from gemma3vl.infer.decode import prefill_backend, prefill_chunk_tokens  # noqa: E402
 from gemma3vl.infer.generate import Sampling, generate  # noqa: E402
 from gemma3vl.model import TokenInfo  # noqa: E402
 
@@ -576,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             "greedy_agreement": {f"batch {b}": agreement(tokens.get(("ours", b)), tokens.get(("transformers", b)))
                                  for b in batches},
             "compiled_vs_eager": compiled_vs_eager(),
+            "long_prefill_chunked_vs_whole": (first_divergence(long_tokens.get("flex"), long_tokens.get("whole"))
+                                              if long_tokens.get("flex") and long_tokens.get("whole") else None),
             "long_prefill_flex_vs_sdpa": (first_divergence(long_tokens.get("flex"), long_tokens.get("sdpa"))
                                           if long_tokens.get("flex") and long_tokens.get("sdpa") else None),
             "engine": engine_summary(),
@@ -641,21 +643,33 @@ def main(argv: list[str] | None = None) -> int:
             return []
         match = first_divergence(long_tokens["flex"], long_tokens["sdpa"])
         first = "flex" if prefill_backend(args.long_prompt, device) else "sdpa (as chosen here)"
-        return [[f"generate {model_name}", f"greedy tokens, {args.long_prompt:,}-token prompt, {first} vs sdpa prefill",
-                 "equal" if match["equal"] else describe_divergence(match), "", ""]]
+        out = [[f"generate {model_name}", f"greedy tokens, {args.long_prompt:,}-token prompt, {first} vs sdpa prefill",
+                "equal" if match["equal"] else describe_divergence(match), "", ""]]
+        if long_tokens.get("whole"):
+            match = first_divergence(long_tokens["flex"], long_tokens["whole"])
+            out.append([f"generate {model_name}", f"greedy tokens, {args.long_prompt:,}-token prompt, chunked vs "
+                        "whole prefill", "equal" if match["equal"] else describe_divergence(match), "", ""])
+        return out
 
     def long_prefill_rows() -> None:
         """One prompt of ``--long-prompt`` tokens (one image), 8 greedy tokens, eager: generate's prefill as it
-        chooses (FlexAttention on CUDA from GEMMA3VL_FLEX_PREFILL_MIN_TOKENS tokens), then forced to SDPA with the
-        dense mask; TTFT, peak memory and whether their tokens agree."""
+        chooses (FlexAttention on CUDA from GEMMA3VL_FLEX_PREFILL_MIN_TOKENS tokens; in chunks past
+        GEMMA3VL_PREFILL_CHUNK tokens), then forced to SDPA with the dense mask, and for a prompt longer than a
+        chunk also the whole prompt at once; TTFT, peak memory and whether their tokens agree."""
         long_args = argparse.Namespace(**{**vars(args), "new_tokens": 8, "repeats": 1, "warmup_tokens": 2,
                                           "prompt_len": args.long_prompt})
         model = build_ours(config, device, DTYPE, args.seed)
         long_prompts = Prompts.make(config, 1, args.long_prompt, device, args.seed + 1)
-        for label, forced in (("flex", {}), ("sdpa", {"GEMMA3VL_FLEX_PREFILL_MIN_TOKENS": "0"})):
+        variants = [("flex", {}), ("sdpa", {"GEMMA3VL_FLEX_PREFILL_MIN_TOKENS": "0"})]
+        chunk = prefill_chunk_tokens()
+        if chunk and args.long_prompt > chunk:  # chunked above: the whole prompt at once beside it
+            variants.insert(1, ("whole", {"GEMMA3VL_PREFILL_CHUNK": "0"}))
+        for label, forced in variants:
             with patch.dict(os.environ, forced):  # the first as generate chooses, the second SDPA always
                 chosen = prefill_backend(args.long_prompt, device) or model.text.attention_backend
-                impl = f"ours, {args.long_prompt:,}-token prompt, prefill {chosen}"
+                chunks = prefill_chunk_tokens()
+                chunked = f", in chunks of {chunks:,}" if chunks and args.long_prompt > chunks else ", at once"
+                impl = f"ours, {args.long_prompt:,}-token prompt, prefill {chosen}{chunked}"
                 long_tokens[label] = run_row(
                     rows, impl, 1, lambda b, n: ours_call(model, *long_prompts.take(b), n, pad, device, False),
                     long_args, config, bandwidth, device, save)

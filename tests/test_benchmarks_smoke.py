@@ -307,7 +307,7 @@ def test_generate_runs_its_parts_in_the_order_asked(tmp_path):
     assert code == 0
     data = json.loads((tmp_path / "generate-tiny.json").read_text())
     impls = [r["impl"] for r in data["rows"]]
-    long_rows = ["ours, 48-token prompt, prefill sdpa"] * 2  # on a CPU both prefills are SDPA's
+    long_rows = ["ours, 48-token prompt, prefill sdpa, at once"] * 2  # on a CPU both prefills are SDPA's
     if data["compile_available"]:
         assert impls == ["ours (compile=True)", "transformers", "ours", *long_rows]
         assert data["compiled_vs_eager"]["batch 1"] is not None
@@ -561,3 +561,16 @@ def test_near_tie_looks_at_the_step_where_two_runs_part():
     assert tie["top2_gap"] >= 0 and tie["bf16_spacing"] > 0
     match = {"equal": False, "first_divergence": 4, "row": 1, "rows": 2, "near_tie": tie}
     assert "bf16 spacings of the top logit" in generate_bench.describe_divergence(match)
+
+
+def test_generate_long_part_compares_chunked_and_whole_prefill(tmp_path, monkeypatch):
+    """A long prompt past GEMMA3VL_PREFILL_CHUNK: the long part times the chunked prefill, the whole prompt at
+    once and SDPA's, and their greedy tokens agree (fp32 tiny model: exactly)."""
+    monkeypatch.setenv("GEMMA3VL_PREFILL_CHUNK", "16")
+    code = generate_bench.main(["--tiny", "--device", "cpu", "--order", "long", "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "generate-tiny.json").read_text())
+    assert [r["impl"] for r in data["rows"]] == ["ours, 48-token prompt, prefill sdpa, in chunks of 16",
+                                                 "ours, 48-token prompt, prefill sdpa, at once",
+                                                 "ours, 48-token prompt, prefill sdpa, in chunks of 16"]
+    assert data["long_prefill_chunked_vs_whole"]["equal"] is True
