@@ -11,7 +11,8 @@
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
 # LONG_SEQS (the long-context lengths, default 131072,16384,32768,65536: the most wanted first); GENERATE_ARGS
 # (benchmarks/generate.py's arguments on a GPU; default '--order compiled,eager,transformers,long --repeats 1
-# --profile').
+# --profile --long-prompt 131072': the long part at the full context, chunked prefill against the whole prompt at
+# once; the 32,768-token rows were measured on 2026-11-28).
 #
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
 # (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-peft.json,
@@ -28,7 +29,7 @@
 #                       (its 65,536 and 131,072 rows run out of memory).
 #   27B LoRA            85 s (H200 only): ours fast (first step 47 s) and transformers + peft.
 #   generate 4b         ~250 s with the default GENERATE_ARGS: the compiled step compiles in ~60 s per batch
-#                       size; eager batch 8 and transformers ~60 s; the long part ~60 s. gpu_verify 4b ~150 s.
+#                       size; eager batch 8 and transformers ~60 s; the long part ~60 s at 32,768 tokens (at 131,072, the default now: unmeasured). gpu_verify 4b ~150 s.
 #   flex_tune 4b        unmeasured; ~6 candidates x (compile ~15 s + timing): ~100 s.
 # PARTS picks and orders the steps (train = sft,lora). Default: generate,flex,packing,27b,verify,sft,lora,long: what
 # the H200 runs of 2026-11-28 left unmeasured first (generate's compiled-vs-eager tokens after the decode-attention
@@ -97,7 +98,7 @@ else
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-131072,16384,32768,65536}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)
-    GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,eager,transformers,long --repeats 1 --profile})
+    GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,eager,transformers,long --repeats 1 --profile --long-prompt 131072})
     NAME=4b
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     [[ "$GPU_MIB" =~ ^[0-9]+$ ]] || GPU_MIB=$("$PYTHON" -c \
@@ -149,7 +150,7 @@ for part in "${PART_LIST[@]}"; do
         fi
         ;;
     generate)
-        step "generate $NAME" 300 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
+        step "generate $NAME" 360 "$PYTHON" benchmarks/generate.py "${SIZE[@]}" ${GENERATE_COUNTS[@]+"${GENERATE_COUNTS[@]}"} \
             --out "$OUT"
         ;;
     verify)
