@@ -277,3 +277,71 @@ def _with_pictures(messages):
         ]}
         for m in messages
     ]
+
+
+def test_sharegpt_spellings_encode_as_the_processor_renders_their_messages(processor, tmp_path):
+    """ShareGPT role/content entries, user/assistant/model speakers and an empty "image" give exactly the ids
+    transformers' apply_chat_template gives for the equivalent messages (they used to be bad records)."""
+    write_pictures(tmp_path)
+    records = [
+        {"image": "a.png", "conversations": [{"role": "user", "content": "<image>\nWhat is in this picture?"},
+                                             {"role": "assistant", "content": "A red circle."}]},
+        {"image": ["a.png", "b.png"], "conversations": [
+            {"from": "system", "value": "Be brief."}, {"from": "user", "value": "Compare <image> and <image>."},
+            {"from": "model", "value": "Red, blue."}, {"from": "user", "value": "Sure?"},
+            {"from": "assistant", "value": "Yes."}]},
+        {"conversations": [user("What is in this picture?", "b.png"), {"role": "model", "content": "A square."}]},
+        {"image": "", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"images": [], "messages": [user("Hi"), {"role": "model", "content": "Hello"}]},
+    ]
+    equivalent = [
+        [user("What is in this picture?", "a.png"), assistant("A red circle.")],
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image", "image": "a.png"},
+                                      {"type": "text", "text": " and "}, {"type": "image", "image": "b.png"},
+                                      {"type": "text", "text": "."}]},
+         {"role": "model", "content": "Red, blue."}, {"role": "user", "content": "Sure?"}, assistant("Yes.")],
+        [user("What is in this picture?", "b.png"), {"role": "model", "content": "A square."}],
+        [{"role": "user", "content": "Hi"}, assistant("Hello")],
+        [user("Hi"), assistant("Hello")],
+    ]
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", records)
+    dataset = ConversationDataset(DataConfig(path, shuffle=False, on_bad_record="error"), processor)
+    samples = list(dataset)
+    assert sources(samples) == [f"{path}:{line}" for line in range(1, len(records) + 1)]
+    for sample, messages in zip(samples, equivalent):
+        expected = processor.apply_chat_template(opened(messages, tmp_path), tokenize=True, return_dict=True,
+                                                 return_tensors="pt")
+        assert sample.input_ids.tolist() == expected["input_ids"][0].tolist(), messages
+        if "pixel_values" in expected:
+            assert torch.equal(sample.pixel_values, expected["pixel_values"])
+
+
+def test_pretty_printed_jsonl_is_read_whole(processor, tmp_path):
+    """`jq .` output or json.dump(indent=2) saved as .jsonl: every line used to be invalid_json and the run ended
+    with "no usable record". It is read as the JSON objects it holds (each labelled with the line it starts on),
+    and a syntax error in it is fatal and says what the file looks like."""
+    write_pictures(tmp_path)
+    records = [{"messages": CONVERSATIONS[name]} for name in ("text", "system_one_image")]
+    path = tmp_path / "pretty.jsonl"
+    path.write_text("\ufeff" + "\n".join(json.dumps(r, indent=2) for r in records) + "\n", encoding="utf-8")
+    lines = [i + 1 for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()) if line == "{"]
+    samples = list(ConversationDataset(DataConfig(path, shuffle=False, on_bad_record="error"), processor))
+    assert sources(samples) == [f"{path}:{line}" for line in lines]
+    for sample, record in zip(samples, records):
+        expected = processor.apply_chat_template(opened(record["messages"], tmp_path), tokenize=True,
+                                                 return_dict=True)["input_ids"][0]
+        assert sample.input_ids.tolist() == expected
+    one = tmp_path / "one.json"  # a single pretty-printed object, whatever the file's name
+    one.write_text(json.dumps(records[0], indent=4))
+    assert sources(ConversationDataset(DataConfig(one), processor)) == [f"{one}:1"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(records[0], indent=2).replace('"Hello, world!"', '"Hello, world!",'))
+    with pytest.raises(Gemma3VLError, match=r"broken\.jsonl:6: this file looks like pretty-printed JSON.*not valid"):
+        ConversationDataset(DataConfig(broken), processor)
+    # one multi-line record in the middle of a JSONL file: its lines are bad records that say why
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [good(0), json.dumps(good(1), indent=2), good(2)])
+    dataset = ConversationDataset(DataConfig(mixed, shuffle=False), processor)
+    assert sources(dataset) == [f"{mixed}:1", f"{mixed}:{len(mixed.read_text().splitlines())}"]
+    assert "the line ends before its JSON value does" in dataset.summary().examples["invalid_json"]
+    assert dataset.summary().examples["invalid_json"].startswith(f"{mixed}:2: ")

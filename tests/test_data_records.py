@@ -186,3 +186,77 @@ def test_random_lines_raise_only_bad_records(text):
         parse_record(parse_json_line(text, "f:1"), "f:1")
     except Gemma3VLError as error:
         assert str(error).startswith("f:1: ")
+
+
+def test_sharegpt_role_content_entries_and_gemma_role_names():
+    """ShareGPT exports spell LLaVA's entries role/content, and speakers user/assistant (or Gemma's "model"):
+    string contents are the LLaVA shape (<image> markers place the images), content parts the messages shape.
+    They used to be refused as invalid_schema / unknown_role."""
+    llava = {"image": "a.png", "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]}
+    expected = parse_record(llava, "r:1").turns
+    for system, human, gpt in (("system", "user", "assistant"), ("system", "user", "model")):
+        for keys in (("from", "value"), ("role", "content")):
+            record = {"image": "a.png", "conversations": [
+                {keys[0]: system, keys[1]: "Be brief."},
+                {keys[0]: human, keys[1]: "<image>\nWhat?"}, {keys[0]: gpt, keys[1]: "A cat."}]}
+            assert parse_record(record, "r:1").turns == expected, (human, gpt, keys)
+    parts = {"conversations": [user([{"type": "image", "image": "a.png"}, {"type": "text", "text": "What?"}]),
+                               {"role": "model", "content": [{"type": "text", "text": "A cat."}]}]}
+    messages = {"messages": [user([{"type": "image", "image": "a.png"}, {"type": "text", "text": "What?"}]),
+                             assistant([{"type": "text", "text": "A cat."}])]}
+    assert parse_record(parts, "r:1").turns == parse_record(messages, "r:1").turns
+    model = {"messages": [user("x"), {"role": "model", "content": "y"}]}
+    assert parse_record(model, "r:1").turns[1].role == "assistant"
+    shared = {"images": ["a.png"], "conversations": [user([{"type": "image"}, {"type": "text", "text": "What?"}]),
+                                                      {"role": "gpt", "content": "A cat."}]}
+    assert parse_record(shared, "r:1").images == [ImageRef("a.png")]
+
+
+SHAREGPT_BAD = [  # the new spellings keep refusing what cannot be trained on, with the same reasons
+    ({"conversations": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "unknown_role", "has role 'bot'"),
+    ({"conversations": [{"role": "bot", "content": [{"type": "text", "text": "x"}]}, assistant("y")]},
+     "unknown_role", "conversations[0] has role 'bot'"),
+    ({"messages": [user("x"), {"role": "gpt", "content": "y"}]}, "unknown_role", "'gpt'"),
+    ({"conversations": [{"role": "user", "content": "x", "from": "human", "value": "x"}, assistant("y")]},
+     "invalid_schema", "both 'from'/'value' and 'role'/'content'"),
+    ({"conversations": [{"role": "user"}, assistant("y")]}, "invalid_schema", "'from' and 'value' (or 'role'"),
+    ({"conversations": [{"role": "user", "content": None}, assistant("y")]}, "invalid_schema", "content must be"),
+    ({"conversations": [{"role": "user", "content": "<image>x"}, assistant("y")]}, "image_count_mismatch",
+     "1 <image> marker(s)"),
+    ({"image": "a.png", "conversations": [user([{"type": "image"}]), user("<image>"), assistant("y")]},
+     "invalid_schema", "content parts and <image> markers"),
+    ({"conversations": [{"role": "model", "content": "y"}, user("x")]}, "role_order", "alternate"),
+]
+
+
+@pytest.mark.parametrize("record,reason,words", SHAREGPT_BAD)
+def test_sharegpt_spellings_still_refuse_bad_records(record, reason, words):
+    with pytest.raises(BadRecord) as caught:
+        parse_record(record, "data.jsonl:12")
+    assert caught.value.reason == reason and str(caught.value).startswith("data.jsonl:12: ")
+    assert words in str(caught.value)
+
+
+def test_an_empty_top_level_image_is_no_image():
+    """LLaVA exports write "image": "" (or null, or "images": []) on text-only records: that is no image. It used
+    to be an image named "" (an unreadable_image, or an image_count_mismatch on a messages record); with
+    <image> markers it is a count mismatch, and "" inside a list of images is refused."""
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    text_only = parse_record({"conversations": turns}, "r:1")
+    for empty in ({"image": ""}, {"image": None}, {"images": []}, {"image": []}, {"images": ""},
+                  {"image": "", "images": []}):
+        assert parse_record({**empty, "conversations": turns}, "r:1").turns == text_only.turns, empty
+        record = {**empty, "messages": [user("Hi"), assistant("Hello")]}
+        assert parse_record(record, "r:1").images == [], empty
+        marked = {**empty, "conversations": [{"from": "human", "value": "<image>\nHi"}, turns[1]]}
+        with pytest.raises(BadRecord) as caught:
+            parse_record(marked, "r:1")
+        assert caught.value.reason == "image_count_mismatch", empty
+    one = {"image": "", "images": ["a.png"], "conversations": turns}
+    assert parse_record(one, "r:1").images == [ImageRef("a.png")]
+    with pytest.raises(BadRecord, match=r"'images'\[1\] is an empty string") as caught:
+        parse_record({"images": ["a.png", ""], "conversations": turns}, "r:1")
+    assert caught.value.reason == "invalid_schema"

@@ -8,6 +8,12 @@ Two record shapes are accepted (one JSON object each)::
     {"image": "a.jpg" | ["a.jpg", "b.jpg"],               # LLaVA
      "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}]}
 
+LLaVA speakers may also be ``user`` / ``assistant`` / ``model`` (Gemma's name for the assistant; a
+``messages`` role may be ``model`` too). ShareGPT records whose ``conversations`` entries say ``role`` /
+``content`` are LLaVA records when every content is a string (``<image>`` markers place the images) and
+``messages`` records when a content is a list of parts. A top-level image that is ``null``, ``""`` or ``[]``
+is no image.
+
 An image is a path relative to the record's file, a ``data:image/...;base64,`` URL, or an ``http(s)`` URL
 (fetched only when allowed). An image part may name it under ``"url"`` or ``"path"`` instead (transformers'
 chat format), or be OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``. Image parts may instead
@@ -33,7 +39,10 @@ from typing import Any, Union
 from gemma3vl.errors import Gemma3VLError
 
 ROLES = ("system", "user", "assistant")
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# "model" is Gemma's own name for the assistant; its chat template renders "model" and "assistant" alike.
+ROLE_ALIASES = {"model": "assistant"}
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+               "model": "assistant"}
 LLAVA_IMAGE_MARKER = "<image>"
 
 
@@ -151,24 +160,29 @@ def _kind(value: Any) -> str:
     )
 
 
-def _messages_turns(record: dict, source: str) -> list[Turn]:
+def _messages_turns(
+    record: dict, source: str, *, key: str = "messages", aliases: dict[str, str] = ROLE_ALIASES
+) -> list[Turn]:
+    """``record["messages"]`` as turns; ``key`` names the list in error messages (ShareGPT records keep it under
+    "conversations"), ``aliases`` maps other role names onto :data:`ROLES`."""
     if "messages" not in record:
         raise BadRecord(source, INVALID_SCHEMA, "a messages record needs 'messages'")
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise BadRecord(source, INVALID_SCHEMA, f"'messages' must be a non-empty list, got {_kind(messages)}")
     shared_images = _record_images(record, source)
+    known = list(dict.fromkeys([*ROLES, *aliases]))
     turns = []
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
+        where = f"{key}[{index}]"
         if not isinstance(message, dict):
             raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
         if "role" not in message or "content" not in message:
             raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'role' and 'content'")
         role = message["role"]
-        if not isinstance(role, str) or role not in ROLES:
-            raise BadRecord(source, UNKNOWN_ROLE, f"{where} has role {role!r}; roles are {', '.join(ROLES)}")
-        turns.append(Turn(role, _content(message["content"], source, where)))
+        if not isinstance(role, str) or (role not in ROLES and role not in aliases):
+            raise BadRecord(source, UNKNOWN_ROLE, f"{where} has role {role!r}; roles are {', '.join(known)}")
+        turns.append(Turn(aliases.get(role, role), _content(message["content"], source, where)))
     _fill_shared_images(turns, shared_images, source)
     return turns
 
@@ -238,10 +252,15 @@ def _is_image_source(value: Any) -> bool:
 def _record_images(record: dict, source: str) -> list[Any] | None:
     """The record's top-level images: ``"images"`` (TRL, LLaMA-Factory) or ``"image"`` (LLaVA, HF datasets
     with one image column), a list or one value; never both, so no image is silently left out."""
-    given = [key for key in ("image", "images") if record.get(key) is not None]
+    # null, "" and [] hold no image (LLaVA exports write "image": "" on text-only records).
+    given = [key for key in ("image", "images") if not _no_image(record.get(key))]
     if len(given) > 1:
         raise BadRecord(source, INVALID_SCHEMA, "the record has both 'image' and 'images'; give one list of images")
     return _image_list(record[given[0]], source, given[0]) if given else None
+
+
+def _no_image(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list)) and not value)
 
 
 def _image_list(value: Any, source: str, key: str) -> list[Any] | None:
@@ -249,6 +268,10 @@ def _image_list(value: Any, source: str, key: str) -> list[Any] | None:
         return None
     values = value if isinstance(value, list) else [value]
     for index, item in enumerate(values):
+        if isinstance(item, str) and not item and isinstance(value, list):
+            raise BadRecord(
+                source, INVALID_SCHEMA, f"'{key}'[{index}] is an empty string; leave it out of the list"
+            )
         if not _is_image_source(item):
             raise BadRecord(
                 source, INVALID_SCHEMA, f"'{key}'[{index}] must be an image path or URL string, got {_kind(item)}"
@@ -265,7 +288,7 @@ def _fill_shared_images(turns: list[Turn], shared: list[Any] | None, source: str
             raise BadRecord(
                 source,
                 IMAGE_COUNT_MISMATCH,
-                f"{open_slots} image part(s) name no image and the record has no 'images' list",
+                f"{open_slots} image part(s) name no image and the record has no 'images' list (or an empty one)",
             )
         return
     if open_slots != len(refs):
@@ -292,22 +315,29 @@ def _llava_turns(record: dict, source: str) -> list[Turn]:
         raise BadRecord(
             source, INVALID_SCHEMA, f"'conversations' must be a non-empty list, got {_kind(conversations)}"
         )
+    entries = [_llava_entry(message, source, f"conversations[{index}]") for index, message in enumerate(conversations)]
+    if any(isinstance(content, list) for _, content, _ in entries):
+        # ShareGPT entries with content parts: the messages shape under another key (images are parts).
+        if any(isinstance(content, str) and LLAVA_IMAGE_MARKER in content for _, content, _ in entries):
+            raise BadRecord(
+                source, INVALID_SCHEMA, f"'conversations' has both content parts and {LLAVA_IMAGE_MARKER} markers; "
+                "give the images as image parts"
+            )
+        messages = [{"role": speaker, "content": content} for speaker, content, _ in entries]
+        return _messages_turns({**record, "messages": messages}, source, key="conversations", aliases=LLAVA_ROLES)
     images = _record_images(record, source) or []
     turns: list[Turn] = []
     markers = 0
-    for index, message in enumerate(conversations):
+    for index, (speaker, value, keys) in enumerate(entries):
         where = f"conversations[{index}]"
-        if not isinstance(message, dict):
-            raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
-        if "from" not in message or "value" not in message:
-            raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'from' and 'value'")
-        speaker, value = message["from"], message["value"]
         if not isinstance(speaker, str) or speaker not in LLAVA_ROLES:
             raise BadRecord(
-                source, UNKNOWN_ROLE, f"{where} is from {speaker!r}; LLaVA speakers are {', '.join(LLAVA_ROLES)}"
+                source, UNKNOWN_ROLE,
+                f"{where} {'is from' if keys[0] == 'from' else 'has role'} {speaker!r}; LLaVA speakers are "
+                f"{', '.join(LLAVA_ROLES)}",
             )
         if not isinstance(value, str):
-            raise BadRecord(source, INVALID_SCHEMA, f"{where}.value must be a string, got {_kind(value)}")
+            raise BadRecord(source, INVALID_SCHEMA, f"{where}.{keys[1]} must be a string, got {_kind(value)}")
         pieces = value.split(LLAVA_IMAGE_MARKER)
         if len(pieces) == 1:
             turns.append(Turn(LLAVA_ROLES[speaker], value))
@@ -336,6 +366,22 @@ def _llava_turns(record: dict, source: str) -> list[Turn]:
         text = first_user.content
         first_user.content = [ImageRef(image) for image in images] + ([text] if text.strip() else [])
     return turns
+
+
+def _llava_entry(message: Any, source: str, where: str) -> tuple[Any, Any, tuple[str, str]]:
+    """One ``conversations`` entry as (speaker, text or parts, the keys it used): LLaVA's ``from``/``value`` or
+    ShareGPT's ``role``/``content``."""
+    if not isinstance(message, dict):
+        raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
+    spellings = [keys for keys in (("from", "value"), ("role", "content")) if keys[0] in message or keys[1] in message]
+    if len(spellings) > 1:
+        raise BadRecord(
+            source, INVALID_SCHEMA, f"{where} has both 'from'/'value' and 'role'/'content' keys; give one pair"
+        )
+    if not spellings or not all(key in message for key in spellings[0]):
+        raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'from' and 'value' (or 'role' and 'content')")
+    keys = spellings[0]
+    return message[keys[0]], message[keys[1]], keys
 
 
 def _check_roles(turns: list[Turn], source: str) -> None:

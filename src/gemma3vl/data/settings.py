@@ -20,7 +20,8 @@ class DataConfig:
     """Where the conversations are and how to turn them into training samples.
 
     ``format``: ``auto`` tells the file kind from the path (directory / ``.parquet`` -> HF dataset, a file
-    starting with ``[`` -> JSON array, else JSONL) and the schema per record (``messages`` or LLaVA
+    starting with ``[`` -> JSON array, else JSONL, read whole when it turns out to be pretty-printed JSON) and the
+    schema per record (``messages`` or LLaVA
     ``conversations``); ``messages`` / ``llava`` insist on one schema; ``hf`` forces a HF dataset.
     ``truncation``: ``turns`` drops whole trailing user+assistant pairs until the sample fits ``seq_length``
     (skipping it when even the first pair does not), ``skip`` skips any sample over ``seq_length``.

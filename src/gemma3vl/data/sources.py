@@ -30,13 +30,20 @@ class RecordSource(Protocol):
 
 
 class JsonlSource:
-    """One JSON object per line; blank lines are not records. Indexing stores one byte offset per record."""
+    """One JSON object per line; blank lines are not records. Indexing stores one byte offset per record.
+
+    Pretty-printed JSON named ``.jsonl`` (``jq .`` output, ``json.dump(..., indent=2)``: one or more objects,
+    each spanning several lines) is told by its first record line, which is not JSON by itself while the next
+    one is not either. Such a file is read whole as a sequence of JSON values, each a record labelled with the
+    line it starts on; a syntax error in it is fatal (with its line), as in a JSON array file.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.base_dir = path.parent
         self.offsets: list[int] = []
         self.line_numbers: list[int] = []
+        self.records: list[Any] | None = None  # the values of a pretty-printed file, read whole
         offset = 0
         with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
@@ -44,20 +51,69 @@ class JsonlSource:
                     self.offsets.append(offset)
                     self.line_numbers.append(number)
                 offset += len(line)
+        if self._looks_pretty_printed():
+            self._read_json_values()
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return len(self.records) if self.records is not None else len(self.offsets)
 
     def record(self, index: int) -> tuple[Any, str]:
         source = f"{self.path}:{self.line_numbers[index]}"
+        if self.records is not None:
+            return self.records[index], source
+        text = self._line(index, source)
+        try:
+            return parse_json_line(text, source), source
+        except BadRecord as bad:
+            if not _cut_short(text):
+                raise
+            raise BadRecord(
+                source, INVALID_JSON, f"{bad.detail}; the line ends before its JSON value does (a record spanning "
+                "several lines? a .jsonl file holds one object per line)"
+            ) from None
+
+    def _line(self, index: int, source: str) -> str:
         with self.path.open("rb") as handle:
             handle.seek(self.offsets[index])
             raw = handle.readline()
         try:
-            text = raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark may open the file
+            return raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark may open the file
         except UnicodeDecodeError as exc:
             raise BadRecord(source, INVALID_JSON, f"not UTF-8 text ({exc})") from None
-        return parse_json_line(text, source), source
+
+    def _looks_pretty_printed(self) -> bool:
+        """The first record line opens an object it does not close, and the second line is no record either
+        (a JSONL file whose first record alone is broken keeps being read line by line)."""
+        lines = []
+        for index in range(min(2, len(self.offsets))):
+            try:
+                lines.append(self._line(index, ""))
+            except BadRecord:
+                return False
+        if not lines or not lines[0].lstrip().startswith("{") or not _cut_short(lines[0]):
+            return False
+        return len(lines) < 2 or not _is_json(lines[1])
+
+    def _read_json_values(self) -> None:
+        text = _read_text(self.path)
+        decoder = json.JSONDecoder()
+        self.records, self.line_numbers = [], []
+        at, line, counted = _skip_space(text, 0), 1, 0
+        while at < len(text):
+            line += text.count("\n", counted, at)
+            counted = at
+            try:
+                value, at = decoder.raw_decode(text, at)
+            except (ValueError, RecursionError) as exc:
+                where = line + text.count("\n", counted, getattr(exc, "pos", at))
+                raise Gemma3VLError(
+                    f"{self.path}:{where}: this file looks like pretty-printed JSON (a record spans several lines), "
+                    f"not one object per line, and it is not valid JSON ({exc}); fix it, or write one object per "
+                    "line (e.g. jq -c)"
+                ) from None
+            self.records.append(value)
+            self.line_numbers.append(line)
+            at = _skip_space(text, at)
 
 
 class JsonArraySource:
@@ -143,7 +199,8 @@ def open_records(
     layout: str = "conversation",
 ) -> RecordSource:
     """The source for ``path``: directories and ``.parquet`` files (or ``source_format="hf"``) are HF
-    datasets; a file whose first character is ``[`` is a JSON array; any other file is JSONL.
+    datasets; a file whose first character is ``[`` is a JSON array (whatever its name); any other file is
+    JSONL (or pretty-printed JSON objects, see :class:`JsonlSource`).
 
     A ``layout`` other than ``conversation`` reads the rows of a CORD-v2 / VQA / caption dataset (parquet or
     JSONL) as conversations (``gemma3vl.evaluation.layouts``)."""
@@ -174,6 +231,25 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise Gemma3VLError(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _cut_short(text: str) -> bool:
+    """Whether ``text`` is JSON that stops before its value is complete (the rest is on later lines)."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text.rstrip())
+    except (ValueError, RecursionError):
+        return False
+    return False
 
 
 def _skip_space(text: str, at: int) -> int:

@@ -9,6 +9,7 @@ to ``output``, one per line; notes and errors go to ``notes``.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from typing import Callable, TextIO
@@ -25,8 +26,8 @@ from gemma3vl.infer.runtime import InferenceRuntime
 
 DEFAULT_COMPILED_LENGTH = 8192  # positions of a compiled chat's one cache (prompt + answer), unless told
 
-HELP = """commands:
-  /image PATH   attach an image to your next message (repeatable)
+HELP = """commands (any case):
+  /image PATH   attach an image to your next message (repeatable; quote paths that hold spaces)
   /reset        forget the conversation (and attached images)
   /exit         leave (end of input too)
   /help         this text
@@ -80,7 +81,13 @@ class ChatSession:
     def attach(self, path: str) -> None:
         if not self.runtime.config.is_vision_language:
             raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
-        self.pending_images.append(load_image(path))
+        if os.path.isdir(path):
+            raise Gemma3VLError(f"{path}: a directory, not an image file")
+        try:
+            image = load_image(path)
+        except OSError as exc:  # a name too long for the file system, a permission the stat needs, ...
+            raise Gemma3VLError(f"{path}: cannot open it ({exc.strerror or exc})") from None
+        self.pending_images.append(image)
 
     def history(self, text: str) -> list[Turn]:
         """The turns the model sees for the user message ``text`` (pending images first, then the text)."""
@@ -121,16 +128,67 @@ def _read_line(stream: TextIO, prompt: str, output: TextIO) -> str | None:
     return None if line == "" else line.rstrip("\n")
 
 
+def _image_paths(rest: str) -> list[str]:
+    """The paths of ``/image REST``: REST itself when it names a file (spaces, quotes and backslashes as typed),
+    else REST split as a shell would (quoted paths); ``~`` is the home directory."""
+    rest = rest.strip()
+    if not rest:
+        return []
+    try:
+        if os.path.isfile(os.path.expanduser(rest)):
+            return [os.path.expanduser(rest)]
+    except (OSError, ValueError):
+        pass
+    try:
+        words = shlex.split(rest)
+    except ValueError as exc:
+        raise Gemma3VLError(f"/image {rest}: {exc} (quote a path that holds spaces or quotes)") from None
+    return [os.path.expanduser(word) for word in words]
+
+
+def _still_attached(session: ChatSession) -> str:
+    count = len(session.pending_images)
+    return f"; {count} image(s) still attached to your next message" if count else ""
+
+
+def _decode_leniently(stream: TextIO) -> None:
+    """Bytes that are not UTF-8 must not end the chat with a traceback, nor lose the lines read with them (a
+    text stream drops its whole buffer on a decoding error): they decode to lone surrogates, which a path
+    keeps (``os.fsencode`` gives the bytes back) and a message is refused for."""
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def run_chat(session: ChatSession, input_stream: TextIO, output: TextIO, notes: TextIO, *, prompt: str = "") -> int:
-    """Read lines until ``/exit`` or end of input; answer each message, streaming. Returns the exit code."""
+    """Read lines until ``/exit`` or end of input; answer each message, streaming. Returns the exit code.
+
+    Commands are told apart from messages by a leading ``/`` and read in any case (``/IMAGE``); a failed
+    command or turn leaves the conversation and the attached images as they were."""
 
     def note(message: str) -> None:
         notes.write(message + "\n")
         notes.flush()
 
     def stream(text: str) -> None:
-        output.write(text)
+        try:
+            output.write(text)
+        except UnicodeEncodeError:  # an output that cannot show some character (a non-UTF-8 terminal)
+            encoding = getattr(output, "encoding", None) or "ascii"
+            output.write(text.encode(encoding, "replace").decode(encoding))
         output.flush()
+
+    _decode_leniently(input_stream)
 
     while True:
         try:
@@ -144,7 +202,8 @@ def run_chat(session: ChatSession, input_stream: TextIO, output: TextIO, notes: 
         if not text:
             continue
         if text.startswith("/") and not text.startswith("//"):
-            command, _, rest = text.partition(" ")
+            command, *arguments = text.split(None, 1)  # any whitespace after the command (a tab too)
+            command, rest = command.lower(), "".join(arguments)
             if command in ("/exit", "/quit"):
                 return 0
             if command == "/reset":
@@ -152,31 +211,46 @@ def run_chat(session: ChatSession, input_stream: TextIO, output: TextIO, notes: 
                 note("(conversation cleared)")
             elif command == "/image":
                 try:
-                    paths = shlex.split(rest) if rest.strip() else []
-                except ValueError as exc:
-                    note(f"error: /image {rest}: {exc}")
-                    continue
-                if not paths:
-                    note("error: /image needs a file path")
-                for path in paths:
-                    try:
-                        session.attach(path)
-                        note(f"(image attached to your next message: {path})")
-                    except Gemma3VLError as exc:
-                        note(f"error: {exc}")
+                    _attach_images(session, rest, note)
+                except KeyboardInterrupt:  # a slow image: the chat goes on, with what was attached before
+                    note("(interrupted)" + _still_attached(session))
             elif command == "/help":
                 note(HELP)
             else:
-                note(f"unknown command {command} (/help lists them)")
+                note(f"unknown command {command} (/help lists them; // sends a line starting with /)")
             continue
         if text.startswith("//"):
             text = text[1:]
+        if not _is_text(text):
+            note("error: the message is not UTF-8 text; it was not sent" + _still_attached(session))
+            continue
         try:
             session.ask(text, on_text=stream)
             output.write("\n")
             output.flush()
         except Gemma3VLError as exc:
-            note(f"error: {exc}")
+            note(f"error: {exc}" + _still_attached(session))
         except KeyboardInterrupt:
             output.write("\n")
-            note("(interrupted; that message and its answer are not kept)")
+            note("(interrupted; that message and its answer are not kept" + _still_attached(session) + ")")
+
+
+def _attach_images(session: ChatSession, rest: str, note: Callable[[str], None]) -> None:
+    """``/image REST``: each path attached or its error noted; the images attached before stay."""
+    try:
+        paths = _image_paths(rest)
+    except Gemma3VLError as exc:
+        note(f"error: {exc}")
+        return
+    if not paths:
+        note("error: /image needs a file path")
+        return
+    if not session.runtime.config.is_vision_language:
+        note("error: this is a text-only Gemma 3 checkpoint: it cannot take images")
+        return
+    for path in paths:
+        try:
+            session.attach(path)
+            note(f"(image attached to your next message: {path})")
+        except Gemma3VLError as exc:
+            note(f"error: {exc}")
