@@ -46,9 +46,6 @@ CANDIDATES: list[dict[str, Any]] = [
 ]
 
 
-REQUIRE_CUDA = True  # a CPU simulation of the script's bookkeeping turns it off (stand-ins for flex and events)
-
-
 def parse_candidates(text: str | None) -> list[dict[str, Any]]:
     """``--candidates``: a JSON list of option objects (the default first is added when missing)."""
     if text is None:
@@ -95,20 +92,29 @@ def run_candidate(options: dict[str, Any], inputs, masks, scale: float, repeats:
     return {"ms": timings, "outputs": outputs}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
     parser = benchmark_parser(__doc__)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=10, help="timed forward+backward runs per layer type")
     parser.add_argument("--candidates", default=None, help="a JSON list of kernel_options objects to try")
     parser.add_argument("--out", default="bench-out")
-    args = parser.parse_args(argv)
-    candidates = parse_candidates(args.candidates)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device, out, _raw, config, env = benchmark_setup(args)
-    model_name = "tiny" if args.tiny else args.model
-    if device.type != "cuda" and REQUIRE_CUDA:
+    if device.type != "cuda":
         print("flex_tune.py needs CUDA: FlexAttention's kernel options are Triton's (no CPU backward either)",
               file=sys.stderr)
         return 2
+    return tune(args, device, out, config, env)
+
+
+def tune(args, device: torch.device, out, config, env: dict[str, Any]) -> int:
+    """Time every candidate, check it against the defaults, write the JSON and print the table and the best."""
+    candidates = parse_candidates(args.candidates)
+    model_name = "tiny" if args.tiny else args.model
     text = config.text
     info = check_row_info(config, args.seq)
     info = TokenInfo(*(t.to(device) for t in (info.positions, info.segment_ids, info.image_block_ids)))

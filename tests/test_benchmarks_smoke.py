@@ -510,15 +510,17 @@ def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys)
         def elapsed_time(self, other):
             return (other.at - self.at) * 1e3
 
-    monkeypatch.setattr(flex_tune, "REQUIRE_CUDA", False)
     monkeypatch.setattr(flex_tune, "compiled_flex_attention", lambda: stand_in)
     monkeypatch.setattr(flex_tune, "block_mask", lambda info, keys, window: dense_mask(info, keys, window))
     monkeypatch.setattr(torch.cuda, "Event", WallEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     candidates = '[{"slow": 1}, {"too_big": 1}, {"wrong": 1}]'
-    assert flex_tune.main(["--tiny", "--device", "cpu", "--seq", "96", "--repeats", "2", "--out", str(tmp_path),
-                           "--candidates", candidates]) == 0
+    args = flex_tune.parse_args(["--tiny", "--device", "cpu", "--seq", "96", "--repeats", "2", "--out", str(tmp_path),
+                                 "--candidates", candidates])
+    assert flex_tune.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 2  # CUDA only, said so
+    device, out, _raw, config, env = train_step.benchmark_setup(args)
+    assert flex_tune.tune(args, device, out, config, env) == 0
     report = json.loads((tmp_path / "flex_tune-tiny.json").read_text())
     statuses = [row["status"] for row in report["rows"]]
     assert statuses[0] == "ok" and statuses[1] == "ok"
