@@ -183,3 +183,93 @@ def test_training_settings_for_layouts_and_metrics_are_checked():
         build_config("tiny_sft", overrides=["data.eval_metric=cider"])
     with pytest.raises(Gemma3VLError, match="data.layout='receipts' is not one of"):
         build_config("tiny_sft", overrides=["data.layout=receipts"])
+
+
+def _peft_saved_adapter(hf_checkpoint, tmp_path, rename=(), **peft_settings):
+    """An adapter written by peft itself (``PeftModel.save_pretrained``, random A and B) on transformers' model of
+    a tiny checkpoint, keys optionally renamed to another transformers version's module names; with the base
+    directory, peft's model and a batch."""
+    peft = pytest.importorskip("peft")
+    directory, reference = hf_checkpoint()
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **peft_settings)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        peft_model = peft.get_peft_model(reference, config).eval()
+    adapter_dir = tmp_path / "peft-adapter"
+    peft_model.save_pretrained(adapter_dir)
+    if rename:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+        renamed = {}
+        for key, value in tensors.items():
+            for new, old in rename:
+                if key.startswith(new):
+                    key = old + key[len(new):]
+                    break
+            renamed[key] = value
+        save_file(renamed, str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return directory, peft_model, adapter_dir
+
+
+@pytest.mark.parametrize("case", ["exclude_modules", "transformers4.57-names"])
+def test_adapters_peft_saved_with_exclusions_or_older_names_load(hf_checkpoint, tmp_path, case):
+    """Oracle: peft. An adapter that PeftModel.save_pretrained wrote with ``exclude_modules`` (here: q/v_proj of
+    the text only, the SigLIP tower excluded), or under transformers 4.52-4.57's module names (the tower still
+    ``model.vision_tower.vision_model.``, target_modules a regex in those names), loads onto our model and gives
+    peft's logits. Before, the exclusion was ignored and the 4.57 names were not recognised: both were refused as
+    tensors that do not match their config."""
+    if case == "exclude_modules":
+        directory, peft_model, adapter_dir = _peft_saved_adapter(
+            hf_checkpoint, tmp_path, target_modules=["q_proj", "v_proj"], exclude_modules=r".*vision_tower.*")
+    else:
+        directory, peft_model, adapter_dir = _peft_saved_adapter(
+            hf_checkpoint, tmp_path, target_modules=["q_proj", "v_proj", "fc1"],
+            rename=[("base_model.model.model.vision_tower.", "base_model.model.model.vision_tower.vision_model.")])
+        settings = json.loads((adapter_dir / "adapter_config.json").read_text())
+        settings["target_modules"] = r".*(language_model|vision_model)\..*\.(q_proj|v_proj|fc1)"
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(settings))
+    ours, config = load_model(directory, device="cpu", dtype=torch.float32)
+    lora = load_peft_adapter(ours, adapter_dir)
+    assert lora.include_vision == (case != "exclude_modules")
+    batch = verify.synthetic_batch(config)
+    with torch.no_grad():
+        expected = verify.reference_logits(peft_model, batch, config)
+        got = _logits(ours, batch)
+        with peft_model.disable_adapter():
+            untouched = verify.reference_logits(peft_model, batch, config)
+    valid = batch["attention_mask"].bool()
+    scale = expected[valid].abs().max()
+    assert (expected - got)[valid].abs().max() <= 1e-5 * scale
+    assert (expected - untouched)[valid].abs().max() > 1e-3 * scale
+
+
+def test_adapter_with_trained_biases_is_refused_by_its_config(hf_checkpoint, tmp_path):
+    """peft's ``lora_bias=True`` (a trained bias on each lora_B) is named as unsupported, not reported as
+    unexpected tensors."""
+    directory, _, adapter_dir = _peft_saved_adapter(hf_checkpoint, tmp_path, target_modules=["q_proj"],
+                                                    lora_bias=True)
+    with pytest.raises(Gemma3VLError, match="lora_bias=True is not supported"):
+        load_peft_adapter(load_model(directory, device="cpu", dtype=torch.float32)[0], adapter_dir)
+
+
+def test_adapter_on_the_merged_export_of_its_own_run_is_refused(base, tmp_path, capsys):
+    """``gemma3vl eval OUT/hf --adapter OUT/adapter`` would add the adapter a second time to weights that already
+    hold it (OUT/hf is the merged export of the same run): one clear error naming the base to use instead; on the
+    base itself the same adapter loads."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run / "hf")
+    (run / "train_config.json").write_text("{}\n")
+    model, _ = load_model(base, device="cpu", dtype=torch.float32)
+    lora = LoraConfig(rank=2, alpha=4, targets=("q_proj",))
+    apply_lora(model, lora)
+    write_peft_adapter(model, lora, run / "adapter", str(base))
+    data = write_vqa(tmp_path / "eval.parquet", 1, seed=0)
+    assert main(["eval", str(run / "hf"), "--adapter", str(run / "adapter"), "--data", str(data),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is the merged export of the training run" in err and f"({base})" in err
+    assert main(["eval", str(base), "--adapter", str(run / "adapter"), "--data", str(data), "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "o")]) == 0

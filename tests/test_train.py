@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -230,3 +231,50 @@ def test_refuses_to_clobber_checkpoints_without_resume(tmp_path):
                  *FAST]) == 0
     assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", *FAST]) == 2
     assert (out / "checkpoints" / "step-00000001").is_dir()
+
+
+def test_lora_run_from_a_native_base_records_no_base_transformers_cannot_read(tmp_path, capsys):
+    """Oracle: transformers/peft. Trained from a native directory (docs/evaluation.md does so), the adapter's
+    ``base_model_name_or_path`` is left unset instead of naming that directory, from which transformers (and so
+    peft's AutoPeftModel) would build a randomly initialised default model; applied with PeftModel to
+    transformers' model of the HF form of the base, the adapter gives the logits of the merged OUT/hf."""
+    from peft import PeftModel
+
+    from gemma3vl.bridge import import_checkpoint
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    hf_base = write_tiny_checkpoint(tmp_path / "base")
+    native = import_checkpoint(hf_base, tmp_path / "native", progress=False)
+    out = tmp_path / "lora"
+    assert main(["train", "--recipe", "tiny_peft", "--model", str(native), "--out", str(out), "train.steps=1",
+                 *FAST]) == 0
+    settings = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] is None
+    assert "is a native directory" in capsys.readouterr().err
+    config = load_model(out / "hf", device="cpu", dtype="float32")[1]
+    batch = verify.synthetic_batch(config)
+    merged = verify.load_reference(out / "hf", config, torch.float32, torch.device("cpu"))
+    base = verify.load_reference(hf_base, config, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        expected = verify.reference_logits(merged, batch, config)
+        got = verify.reference_logits(PeftModel.from_pretrained(base, str(out / "adapter")).eval(), batch, config)
+    valid = batch["attention_mask"].bool()
+    assert (expected - got)[valid].abs().max() <= 1e-5 * expected[valid].abs().max()
+
+
+def test_resume_followed_by_an_override_takes_the_override(monkeypatch, tmp_path):
+    """``--resume train.steps=8``: argparse hands the override to --resume's optional PATH; it must still be an
+    override, and the run resume from OUT's latest checkpoint."""
+    import gemma3vl.train.run as run
+    from gemma3vl.cli import main
+
+    seen = {}
+
+    def fake_training(cfg, resume=None):
+        seen.update(steps=cfg.train.steps, lr=cfg.optim.lr, resume=resume)
+        return SimpleNamespace(steps=0, final_loss=None)
+
+    monkeypatch.setattr(run, "run_training", fake_training)
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path), "--resume", "train.steps=8",
+                 "optim.lr=0.5"]) == 0
+    assert seen == {"steps": 8, "lr": 0.5, "resume": True}

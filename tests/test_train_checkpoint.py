@@ -80,3 +80,28 @@ def test_full_disk_leaves_earlier_checkpoints_and_no_partial_directory(tmp_path,
         ckpt.save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000001"
+
+
+def test_resuming_with_fewer_trained_weights_is_one_clear_error(tmp_path):
+    """A DoRA run resumed with peft.method=lora: the checkpoint holds magnitudes this model does not train. DCP
+    ignored them and the first step then failed deep in the LR scheduler (``zip() argument 2 is longer``);
+    now loading refuses, naming a weight and the settings to keep. The original settings still resume."""
+    from gemma3vl.train.config import build_config
+    from gemma3vl.train.run import build_trainer
+
+    def trainer(method: str):
+        cfg = build_config("tiny_peft", overrides=[
+            f"peft.method={method}", "train.seq_length=128", "train.global_batch_size=2", "train.micro_batch_size=1",
+            "logging.progress=false", f"out={tmp_path}"])
+        cfg.data.eval_path = None
+        return build_trainer(cfg, tmp_path)[0]
+
+    first = trainer("dora")
+    first.train_step()
+    path = first.save()
+    with pytest.raises(Gemma3VLError, match=r"trained weight\(s\) this model does not train, e.g. .*magnitude"):
+        trainer("lora").resume(path)
+    again = trainer("dora")
+    again.resume(path)
+    assert again.step == 1
+    again.train_step()

@@ -301,6 +301,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.recipe and not args.config:
         raise Gemma3VLError("give --recipe NAME or --config FILE (`gemma3vl recipes` lists the recipes)")
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume train.steps=8`: argparse took the override for --resume's optional PATH
+        args.overrides, args.resume = [args.resume, *args.overrides], True
     cfg = build_config(args.recipe, args.config, args.overrides)
     for key, value in (("model.path", args.model), ("data.path", args.data), ("data.eval_path", args.eval_data),
                        ("out", args.out)):

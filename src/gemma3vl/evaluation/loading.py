@@ -21,12 +21,15 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.train.lora import LoraConfig, adaptable_sites, apply_lora, merge_lora
 from gemma3vl.train.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, peft_named_parameters
 
-# Module names of transformers 4.x models in memory, which adapters trained with it carry (the bridge's
-# "hub" layout), and what transformers 5 calls the same modules.
-_LEGACY_PREFIXES = (
-    (PEFT_PREFIX + "language_model.model.", PEFT_PREFIX + "model.language_model."),
-    (PEFT_PREFIX + "vision_tower.vision_model.", PEFT_PREFIX + "model.vision_tower."),
+# Module names of transformers 4.x models in memory, which adapters trained with it carry, and what
+# transformers 5 calls the same modules: up to 4.51 the bridge's "hub" layout; 4.52 to 4.57 already
+# ``model.language_model`` but still the SigLIP tower's ``vision_model.`` (``model.vision_tower.vision_model``).
+_LEGACY_MODULE_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("vision_tower.vision_model.", "model.vision_tower."),
+    ("model.vision_tower.vision_model.", "model.vision_tower."),
 )
+_LEGACY_PREFIXES = tuple((PEFT_PREFIX + old, PEFT_PREFIX + new) for old, new in _LEGACY_MODULE_PREFIXES)
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -42,22 +45,37 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     unsupported = {
         "use_rslora": config.get("use_rslora"), "rank_pattern": config.get("rank_pattern"),
         "alpha_pattern": config.get("alpha_pattern"), "layers_to_transform": config.get("layers_to_transform"),
-        "modules_to_save": config.get("modules_to_save"),
+        "modules_to_save": config.get("modules_to_save"), "lora_bias": config.get("lora_bias"),
     }
     given = {key: value for key, value in unsupported.items() if value}
     if given:
         raise Gemma3VLError(f"{path}: {', '.join(f'{k}={v!r}' for k, v in given.items())} is not supported "
-                            "(one rank and alpha for every adapted projection of every layer)")
+                            "(one rank and alpha for every adapted projection of every layer, no trained biases)")
     if config.get("bias", "none") != "none":
         raise Gemma3VLError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
     return config
 
 
-def _targeted(module: str, targets: Any) -> bool:
+def _matches(module: str, patterns: Any) -> bool:
     """PEFT's rule: a string is a regex matched against the whole name; a list holds name suffixes."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == target or module.endswith("." + target) for target in targets or ())
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module) is not None
+    return any(module == target or module.endswith("." + target) for target in patterns or ())
+
+
+def _module_names(module: str) -> list[str]:
+    """``module`` (as transformers 5 names it) and what the transformers 4.x versions called it: an adapter
+    config written with those names in its patterns still means the same modules."""
+    return [module] + [old + module[len(new):] for old, new in _LEGACY_MODULE_PREFIXES if module.startswith(new)]
+
+
+def _targeted(module: str, config: dict[str, Any]) -> bool:
+    """Whether PEFT puts an adapter on ``module``: ``target_modules`` matches it and ``exclude_modules``
+    does not (PEFT's ``check_target_module_exists``)."""
+    names = _module_names(module)
+    if any(_matches(name, config.get("exclude_modules")) for name in names):
+        return False
+    return any(_matches(name, config.get("target_modules")) for name in names)
 
 
 def adapter_lora_config(model: torch.nn.Module, config: dict[str, Any], where: Path) -> LoraConfig:
@@ -65,7 +83,7 @@ def adapter_lora_config(model: torch.nn.Module, config: dict[str, Any], where: P
     chosen: dict[str, set[str]] = {"text": set(), "vision": set()}
     for site in adaptable_sites(model.config):
         for projection, module in zip(site.projections, site.hf_modules):
-            if _targeted(module, config.get("target_modules")):
+            if _targeted(module, config):
                 chosen[site.component].add(projection)
     if not chosen["text"] and not chosen["vision"]:
         raise Gemma3VLError(f"{where}: target_modules {config.get('target_modules')!r} matches no projection of "
@@ -81,6 +99,23 @@ def adapter_lora_config(model: torch.nn.Module, config: dict[str, Any], where: P
         include_vision=bool(chosen["vision"]),
         vision_targets=tuple(sorted(chosen["vision"])) or LoraConfig.vision_targets,
     )
+
+
+def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
+    """Refuse ``model_dir`` when it is the merged export (``OUT/hf``) of the training run that wrote the adapter
+    ``adapter_dir`` (``OUT/adapter``): that adapter is already in its weights and would count twice."""
+    adapter_dir = Path(adapter_dir).resolve()
+    run = adapter_dir.parent
+    if not (run / "train_config.json").is_file() or Path(model_dir).resolve() != (run / "hf").resolve():
+        return
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (ValueError, OSError):
+        base = None
+    raise Gemma3VLError(
+        f"{model_dir} is the merged export of the training run that wrote the adapter {adapter_dir}: the adapter "
+        f"is already in its weights. Evaluate {model_dir} without --adapter, or the base model "
+        f"({base or 'model.path of the run'}) with --adapter")
 
 
 def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge: bool = True) -> LoraConfig:

@@ -169,6 +169,10 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
     for label, directory in (("MODEL_DIR", model_dir), ("--compare", compare), ("--adapter", adapter)):
         if directory is not None and not Path(directory).is_dir():
             raise Gemma3VLError(f"{label} {directory}: no such directory")
+    if adapter is not None:
+        from gemma3vl.evaluation.loading import check_adapter_base
+
+        check_adapter_base(model_dir, adapter)
     found = read_examples(data, layout=layout, split=split, limit=limit, report=say)
     notes: list[str] = []
     if metrics:

@@ -175,6 +175,28 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def _check_same_trainable(path: Path, model_state: dict[str, Any]) -> None:
+    """The checkpoint must hold exactly this model's trainable weights. DCP reports weights it lacks but ignores
+    ones this model does not train (e.g. DoRA magnitudes when resuming with peft.method=lora), whose optimizer
+    state then no longer fits the optimizer: say so here instead of failing deep inside the first step. One
+    process only: a pipeline stage holds only its own share of the weights."""
+    if _distributed():
+        return
+    try:
+        saved = {key[len("model."):] for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if key.startswith("model.")}
+    except Exception:
+        return  # unreadable metadata: dcp.load below reports it
+    extra, missing = sorted(saved - set(model_state)), sorted(set(model_state) - saved)
+    if extra or missing:
+        detail = "; ".join(part for part in (
+            f"{len(extra)} trained weight(s) this model does not train, e.g. {extra[0]}" if extra else "",
+            f"no {len(missing)} weight(s) this model trains, e.g. {missing[0]}" if missing else "") if part)
+        raise Gemma3VLError(
+            f"{path}: the checkpoint holds {detail}. Resume with the settings the run was started with "
+            f"(peft.*, train.freeze_*: see train_config.json beside the checkpoints)")
+
+
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
@@ -187,6 +209,7 @@ def load_checkpoint(
         raise Gemma3VLError(f"{path / STATE_FILE}: unreadable ({exc})") from None
     check_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
+    _check_same_trainable(path, model_state)
     state = {"model": model_state, "optim": optim_state, "rng": _rng_tensors()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

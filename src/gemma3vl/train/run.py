@@ -296,9 +296,15 @@ def export_results(trainer: Trainer, cfg: TrainConfig, out: Path) -> None:
             return
         model = plain_model(lambda: _plain_like(cfg), state)
     if cfg.peft.method != "none":
-        adapter = write_peft_adapter(model, lora_config(cfg), out / "adapter",
-                                     base_model_name_or_path=str(cfg.model.path), overwrite=True)
+        # adapter_config.json names the base for transformers (AutoPeftModel loads it from there); a native
+        # directory is not one transformers can read, so it is left out rather than recorded.
+        native_base = bridge.is_native_dir(cfg.model.path)
+        adapter = write_peft_adapter(model, lora_config(cfg), out / "adapter", overwrite=True,
+                                     base_model_name_or_path=None if native_base else str(cfg.model.path))
         say(f"adapter (HF PEFT format): {adapter}")
+        if native_base:
+            say(f"note: the base {cfg.model.path} is a native directory: with transformers/peft apply the adapter to "
+                f"its HF form (gemma3vl convert export {cfg.model.path} DIR); base_model_name_or_path is left unset")
         merge_lora(model)
     hf_dir = bridge.export_model(model, cfg.model.path, out / "hf", overwrite=True)
     say(f"HF checkpoint: {hf_dir}")
