@@ -278,3 +278,19 @@ def test_resume_followed_by_an_override_takes_the_override(monkeypatch, tmp_path
     assert main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path), "--resume", "train.steps=8",
                  "optim.lr=0.5"]) == 0
     assert seen == {"steps": 8, "lr": 0.5, "resume": True}
+
+
+def test_resume_with_settings_that_change_the_weights_meaning_is_refused(tmp_path):
+    """Another peft.alpha on resume would silently rescale the trained adapters (rank, method, targets and what
+    is frozen likewise): refused, naming each; dropout, the learning rate and the steps may change."""
+    from gemma3vl.train.config import build_config
+    from gemma3vl.train.run import check_resume_settings, run_training
+
+    started = build_config("tiny_peft", None, [f"out={tmp_path}"])
+    (tmp_path / "train_config.json").write_text(json.dumps(started.to_dict()))
+    check_resume_settings(tmp_path / "train_config.json",
+                          build_config("tiny_peft", None, ["peft.dropout=0.1", "optim.lr=1e-3"]).to_dict())
+    changed = build_config("tiny_peft", None, [f"out={tmp_path}", "peft.alpha=8", "train.freeze_vision=true"])
+    with pytest.raises(Gemma3VLError, match=r"peft.alpha: 16.0 when the run started, 8.0 now; "
+                                            r"train.freeze_vision: False when the run started, True now"):
+        run_training(changed, resume=True)

@@ -335,10 +335,32 @@ def run_training(cfg: TrainConfig, resume: str | bool | None = None) -> TrainRes
             dist.destroy_process_group()
 
 
+# What the trained weights mean: a resumed run must keep these (the adapters' scale, what is trained). Dropout,
+# the learning rate, the steps and the data may change.
+RESUME_FIXED = [("peft", "method"), ("peft", "rank"), ("peft", "alpha"), ("peft", "targets"),
+                ("peft", "include_vision"), ("train", "freeze_vision"), ("train", "freeze_language"),
+                ("train", "freeze_projector")]
+
+
+def check_resume_settings(saved_path: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume with settings that change what the checkpoint's weights mean (``RESUME_FIXED``), compared
+    with the run's ``train_config.json``: e.g. another ``peft.alpha`` would silently rescale the trained adapters."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return  # no record of the run's settings (an older run): the checkpoint's own checks still apply
+    changed = [f"{section}.{key}: {saved[section][key]!r} when the run started, {current[section][key]!r} now"
+               for section, key in RESUME_FIXED
+               if key in saved.get(section, {}) and saved[section][key] != current[section][key]]
+    if changed:
+        raise Gemma3VLError(f"--resume with other settings than the run's ({saved_path}): " + "; ".join(changed))
+
+
 def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
     trainer, train_data = build_trainer(cfg, out)
     main = is_main_process()
     if resume:
+        check_resume_settings(out / "train_config.json", cfg.to_dict())
         trainer.resume(None if resume is True else Path(resume))
         say(f"resumed at step {trainer.step}")
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
