@@ -367,6 +367,27 @@ def test_a_client_that_hangs_up_mid_stream_does_not_stop_the_server(server):
     assert status == 200
 
 
+def test_a_connection_reset_between_requests_is_a_log_line_not_a_traceback(server, capsys):
+    """A client that resets its connection (RST) while the server waits for its next request line used to make
+    the standard library print "Exception occurred during processing of request" and a traceback on stderr."""
+    import socket
+    import struct
+
+    connection = socket.create_connection(server.address, timeout=10)
+    connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"200" in connection.recv(4096).split(b"\r\n", 1)[0]
+    time.sleep(0.3)  # the server is back at reading the next request line
+    connection.sendall(b"GET /hea")  # half a request line, then a reset
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+    deadline = time.monotonic() + 10
+    while not any("connection ended (ConnectionResetError)" in line for line in server.test_log.lines()):
+        assert time.monotonic() < deadline, server.test_log.lines()[-5:]
+        time.sleep(0.05)
+    assert "Exception occurred" not in capsys.readouterr().err
+    assert post_json(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})[0] == 200
+
+
 # ---------------------------------------------------------------------------------------------- image sources
 @pytest.fixture
 def image_dir(tmp_path):

@@ -218,6 +218,15 @@ class _HTTPServer(ThreadingHTTPServer):
         self.app = app
         super().__init__(address, handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that resets or drops its connection between requests (a keep-alive one closing, a proxy
+        timing out) is one log line, not the standard library's traceback on stderr; anything else still is."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self.app.log(f"{client_address[0]} connection ended ({type(error).__name__})")
+            return
+        super().handle_error(request, client_address)
+
 
 def _json_bytes(obj: Any) -> bytes:
     # A lone surrogate (a client may send "\ud800", echoed in an error) cannot be encoded as UTF-8: written as the
