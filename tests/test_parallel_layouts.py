@@ -224,3 +224,59 @@ def test_world_size_mismatch_fails_at_start_saying_what_to_change(reference, wor
     assert "dp_shard=4" in result.stderr and "2 processes were launched" in result.stderr
     assert "set parallel.dp_shard=-1" in result.stderr and "--nproc-per-node 4" in result.stderr
     assert not (workdir / "mismatch" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- more combinations
+def test_fsdp2_with_cpu_offload_computes_what_one_process_computes(reference, workdir):
+    """``parallel.cpu_offload`` on gloo: FSDP's offload policy pins host memory only beside an accelerator
+    (pinning without one fails while the shards are made)."""
+    out = workdir / "fsdp2_cpu_offload"
+    checked(torchrun(2, out, *inputs(workdir), *COMMON, "parallel.dp_shard=2", "parallel.cpu_offload=true"))
+    assert_losses_match(losses(out), losses(reference))
+    assert_losses_match(losses(out, "grad_norm"), losses(reference, "grad_norm"))
+    assert_weights_match(exported(out), exported(reference))
+
+
+def _has_image(line: str) -> bool:
+    return any(part["type"] == "image" for part in json.loads(line)["messages"][0]["content"])
+
+
+@pytest.fixture(scope="module")
+def text_only_step(data):
+    """12 conversations of which, at 2 rows a step, step 2's have no image and steps 1 and 3 have some."""
+    lines = (data / "data" / "train.jsonl").read_text().splitlines()[:12]
+    path = data / "data" / "text_only_step.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    order = ConversationDataset.for_checkpoint(DataConfig(path), data / "base").order(0)
+    for index in order[2:4]:
+        record = json.loads(lines[index])
+        question = record["messages"][0]
+        question["content"] = [part for part in question["content"] if part["type"] != "image"]
+        lines[index] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    assert any(map(_has_image, (lines[i] for i in order[0:2]))) and any(map(_has_image, (lines[i] for i in order[4:6])))
+    return path
+
+
+def test_a_step_without_images_leaves_the_vision_tower_as_one_process_does(text_only_step, workdir):
+    """FSDP gives the vision tower and projector a zero gradient in a step without images (every rank must reduce
+    the same tensors), on which AdamW would move them by their momentum; one process (as transformers) never ran
+    the tower and leaves it: so must FSDP."""
+    args = ["--model", str(workdir / "base"), "--data", str(text_only_step), *COMMON, "train.global_batch_size=2"]
+    single, sharded = workdir / "text_step_single", workdir / "text_step_fsdp2"
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(single), *args]) == 0
+    checked(torchrun(2, sharded, *args, "parallel.dp_shard=2"))
+    assert_losses_match(losses(sharded), losses(single))
+    assert_losses_match(losses(sharded, "grad_norm"), losses(single, "grad_norm"))
+    assert_weights_match(exported(sharded), exported(single))
+
+
+def test_image_parts_alone_train_under_tp2_as_in_one_process(workdir, data):
+    """``train.freeze_language``: a micro-batch without images has nothing trainable in its loss (no backward to
+    run), in one process and under TP (no FSDP to add the vision tower's zero term)."""
+    args = [*inputs(workdir), *COMMON, "train.freeze_language=true", "train.global_batch_size=2"]
+    single, sharded = workdir / "freeze_language_single", workdir / "freeze_language_tp2"
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(single), *args]) == 0
+    checked(torchrun(2, sharded, *args, "parallel.tp=2"))
+    assert_losses_match(losses(sharded), losses(single))
+    assert_weights_match(exported(sharded), exported(single))

@@ -204,3 +204,14 @@ def test_pipeline_layouts_that_can_run_pass_the_checks(tiny_config):
         dims = ParallelDims.resolve({"dp_replicate": 1, "dp_shard": 1, "tp": 1, "pp": pp, "cp": 1}, pp)
         dims.validate(tiny_config, **settings)
 
+
+
+def test_pipeline_refuses_training_only_the_image_parts_saying_what_to_change(workdir, data):
+    """``train.freeze_language`` leaves every stage but the first with nothing to train: refused on every rank
+    before loading, naming the settings (not one rank's "every parameter is frozen" and a peer's gloo crash)."""
+    out = workdir / "pp2_freeze_language"
+    result = torchrun(2, out, *inputs(workdir), *COMMON, "train.freeze_language=true", "parallel.pp=2")
+    assert result.returncode != 0
+    assert result.stderr.count("train.freeze_language=true with parallel.pp=2") == 2  # each rank says it
+    assert "set parallel.pp=1" in result.stderr and "every parameter is frozen" not in result.stderr
+    assert not (out / "checkpoints").exists()

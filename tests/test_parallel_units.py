@@ -227,3 +227,12 @@ def test_per_block_compile_computes_the_same_step(tiny, tmp_path):
                          compile_backend="aot_eager")
     assert record["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert record["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+
+
+def test_a_world_size_mismatch_suggests_dp_shard_minus_one_only_where_it_would_fit():
+    """``parallel.tp=3 parallel.dp_shard=1`` on 2 ranks: ``dp_shard=-1`` cannot take the rest of 2 ranks either, so
+    the message must not send the user there (it would only fail again, on 3 not dividing 2)."""
+    with pytest.raises(Gemma3VLError, match=r"= 3 ranks, but 2 processes were launched") as caught:
+        ParallelDims.resolve(degrees(tp=3, dp_shard=1), 2)
+    assert "dp_shard=-1" not in str(caught.value)
+    assert "choose degrees whose product divides 2" in str(caught.value) and "--nproc-per-node 3" in str(caught.value)

@@ -294,3 +294,33 @@ def test_resume_with_settings_that_change_the_weights_meaning_is_refused(tmp_pat
     with pytest.raises(Gemma3VLError, match=r"peft.alpha: 16.0 when the run started, 8.0 now; "
                                             r"train.freeze_vision: False when the run started, True now"):
         run_training(changed, resume=True)
+
+
+def test_a_step_without_images_leaves_the_image_parts_as_transformers_does(tmp_path):
+    """In transformers a text-only step never runs the vision tower, so AdamW (which skips parameters without a
+    gradient) leaves the tower and projector as they were, weight decay and momentum notwithstanding; so do we,
+    in one process as under every layout (tests/test_parallel_layouts.py)."""
+    from safetensors.torch import load_file
+
+    from gemma3vl.cli import main
+
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Say the number {n}."},
+        {"role": "assistant", "content": f"The number is {n}."}]}) + "\n" for n in range(8)))
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--data", str(data), "train.steps=2",
+                 "optim.weight_decay=0.1", "optim.warmup_steps=0", "train.eval_every=0"]) == 0
+
+    def image_parts(directory):
+        tensors = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            tensors.update({k: v for k, v in load_file(file).items() if "vision" in k or "projector" in k})
+        return tensors
+
+    before, after = image_parts(out / "base"), image_parts(out / "hf")
+    assert before and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    text_before = load_file(next((out / "base").glob("*.safetensors")))
+    assert any(not torch.equal(v, load_file(next((out / "hf").glob("*.safetensors")))[k])
+               for k, v in text_before.items() if "language_model" in k)  # the text did train

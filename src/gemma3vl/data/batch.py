@@ -51,6 +51,10 @@ class Batch:
     sources: list[list[str]] = field(default_factory=list)  # per row, the samples packed into it
 
     @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+    @property
     def num_target_tokens(self) -> int:
         return int((self.targets != IGNORE).sum())
 

@@ -61,9 +61,12 @@ class ParallelDims:
         for value in values.values():
             total *= value
         if total != world_size:
+            others = total // values["dp_shard"]  # what parallel.dp_shard=-1 would have to divide the world size by
+            fix = ("set parallel.dp_shard=-1 to give the data-parallel dimension the rest" if world_size % others == 0
+                   else f"choose degrees whose product divides {world_size} (the others than parallel.dp_shard "
+                        f"alone make {others})")
             raise Gemma3VLError(
-                f"{_product(values)} = {total} ranks, but {_launched(world_size)}: set parallel.dp_shard=-1 to "
-                f"give the data-parallel dimension the rest, or launch {total} processes "
+                f"{_product(values)} = {total} ranks, but {_launched(world_size)}: {fix}, or launch {total} processes "
                 f"(torchrun --nproc-per-node {total}, or as many across nodes)"
             )
         return cls(**values, world_size=world_size)

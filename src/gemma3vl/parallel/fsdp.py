@@ -49,7 +49,10 @@ def apply_fsdp(
     stored dtype, as the CPU tests do); ``reduce_dtype`` the dtype gradients are summed in.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # (pinned host memory speeds up the copies to an accelerator; on a CPU mesh, gloo, there is none to pin for,
+    # and pinning without an accelerator fails)
+    offload: OffloadPolicy = (CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if cpu_offload
+                              else OffloadPolicy())
     layers = list(model.text.layers)
     for index, block in enumerate(layers):
         # The last block is needed again first in backward: keeping it gathered saves one all-gather.

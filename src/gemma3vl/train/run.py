@@ -136,6 +136,11 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
     if cfg.parallel.cpu_offload and not dims.fsdp_enabled:
         raise Gemma3VLError("parallel.cpu_offload=true offloads FSDP shards: it needs more than one data-parallel "
                             "rank (torchrun with parallel.dp_shard > 1)")
+    if dims.pp > 1 and cfg.train.freeze_language and cfg.peft.method == "none":
+        raise Gemma3VLError(
+            f"train.freeze_language=true with parallel.pp={dims.pp}: only the vision tower and projector train, and "
+            f"they are in the first pipeline stage: the other stages would have nothing to train; set parallel.pp=1 "
+            f"(and parallel.dp_shard=-1 to shard over every rank)")
     if not dist.is_initialized():
         return None
     context = ParallelContext.create(dims, device, sequence_parallel=cfg.parallel.sequence_parallel)

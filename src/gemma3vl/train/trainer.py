@@ -62,6 +62,16 @@ def freeze(model: Gemma3Model, cfg: TrainConfig) -> None:
                 param.requires_grad_(False)
 
 
+def drop_image_gradients(model: Gemma3Model) -> None:
+    """For a step in which no rank saw an image: the vision tower and projector get no gradient, so AdamW leaves
+    them as they are, as transformers does in one process (the tower never ran). The sharded layouts computed a
+    zero gradient for them (every rank must reduce the same tensors; pipeline stage 0 likewise), on which AdamW
+    would still move them by their momentum and weight decay."""
+    for part in (getattr(model, "vision", None), getattr(model, "projector", None)):
+        for param in part.parameters() if part is not None else ():
+            param.grad = None
+
+
 def autocast_for(model: Gemma3Model, device: torch.device):
     """bf16 autocast over fp32 master weights on CUDA; nothing on CPU or for bf16 weights."""
     if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
@@ -139,8 +149,10 @@ class Trainer:
         total_targets = sum(b.num_target_tokens for b in micro_batches)
         total_tokens = sum(b.num_tokens for b in micro_batches)
         flops = batch_step_flops(self.model.config, micro_batches, self.flops_mode, vision_trained=self.vision_trained)
+        images = sum(b.num_images for b in micro_batches)
         if self.parallel is not None:
-            total_targets, total_tokens, flops = self.parallel.sum_over_batch(total_targets, total_tokens, flops)
+            total_targets, total_tokens, flops, images = self.parallel.sum_over_batch(
+                total_targets, total_tokens, flops, images)
             total_targets, total_tokens = int(total_targets), int(total_tokens)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -150,6 +162,8 @@ class Trainer:
             # the whole model's (gemma3vl.parallel.pipeline).
             loss_sum = self.pipeline.train_step(micro_batches, total_targets)
             (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
+            if not images:
+                drop_image_gradients(self.model)
             grad_norm = self.pipeline.clip_grad_norm_(self.cfg.train.grad_clip)
         else:
             # Summed on the device in float64 (what adding Python floats did), read once: a read per micro-batch
@@ -157,9 +171,12 @@ class Trainer:
             loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in micro_batches:
                 summed, _ = step_loss(self.model, batch, self.device)
-                (summed / max(total_targets, 1)).backward()
+                if summed.requires_grad:  # (not when only image parts train and this micro-batch has no image)
+                    (summed / max(total_targets, 1)).backward()
                 loss_total += summed.detach().double()
             loss_sum = float(loss_total)
+            if not images:
+                drop_image_gradients(self.model)
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             if self.parallel is not None:
                 (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
