@@ -123,6 +123,11 @@ class ContextParallelBatch:
         return int((self.whole.info.segment_ids[:, self.shard.indices] != 0).sum())
 
     @property
+    def num_images(self) -> int:
+        """The whole micro-batch's images (every context-parallel rank holds them all)."""
+        return self.whole.num_images
+
+    @property
     def sources(self) -> list[list[str]]:
         return self.whole.sources
 
