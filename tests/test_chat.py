@@ -189,15 +189,21 @@ def test_chat_command_compile_flag_is_noted_on_cpu(model_dir, monkeypatch, capsy
     assert "--compile: ignored on cpu" in capsys.readouterr().err
 
 
+def chat_script(session, script: str) -> tuple[str, str]:
+    """Run ``script`` (lines) through ``run_chat``; (answers, notes)."""
+    out, notes = io.StringIO(), io.StringIO()
+    assert run_chat(session, io.StringIO(script), out, notes) == 0
+    return out.getvalue(), notes.getvalue()
+
+
 def test_commands_read_in_any_case_and_after_any_whitespace(runtime, picture):
     """/IMAGE, /Reset, /EXIT and a tab after the command used to be "unknown command" (and the chat went on
     past an /Exit)."""
     session = ChatSession(runtime, greedy(runtime))
-    out, notes = io.StringIO(), io.StringIO()
-    script = f"/IMAGE\t{picture}\n  /Image   {picture}  \n/Reset\n/image {picture}\n/EXIT now\nnever read\n"
-    assert run_chat(session, io.StringIO(script), out, notes) == 0
-    assert "unknown command" not in notes.getvalue() and out.getvalue() == ""
-    assert notes.getvalue().count("(image attached") == 3 and "(conversation cleared)" in notes.getvalue()
+    out, notes = chat_script(session, f"/IMAGE\t{picture}\n  /Image   {picture}  \n/Reset\n/image {picture}\n"
+                                      "/EXIT now\nnever read\n")
+    assert "unknown command" not in notes and out == ""
+    assert notes.count("(image attached") == 3 and "(conversation cleared)" in notes
     assert len(session.pending_images) == 1 and session.turns == []
 
 
@@ -209,11 +215,8 @@ def test_image_paths_with_spaces_quotes_and_home(runtime, picture, tmp_path, mon
         path.write_bytes(picture.read_bytes())
     monkeypatch.setenv("HOME", str(tmp_path))
     session = ChatSession(runtime, greedy(runtime))
-    out, notes = io.StringIO(), io.StringIO()
-    script = (f"/image {spaced}\n/image {quoted}\n/image '{spaced}' \"{quoted}\"\n/image ~/my\\ pic.png\n"
-              f"/image 'unclosed {spaced}\n")
-    assert run_chat(session, io.StringIO(script), out, notes) == 0
-    text = notes.getvalue()
+    _, text = chat_script(session, f"/image {spaced}\n/image {quoted}\n/image '{spaced}' \"{quoted}\"\n"
+                                   f"/image ~/my\\ pic.png\n/image 'unclosed {spaced}\n")
     assert text.count("(image attached") == 5 and len(session.pending_images) == 5, text
     assert f"(image attached to your next message: {spaced})" in text
     assert "No closing quotation (quote a path that holds spaces or quotes)" in text
@@ -223,18 +226,16 @@ def test_failed_commands_and_turns_keep_the_history_and_the_attached_images(runt
     """A name too long for the file system used to end the chat with an OSError traceback; a failed /image or a
     failed turn keeps the images attached before (and says so), and the history as it was."""
     session = ChatSession(runtime, greedy(runtime))
-    out, notes = io.StringIO(), io.StringIO()
-    script = (f"Hello there\n/image {picture}\n/image {'x' * 5000}.png\n/image {tmp_path / 'missing.png'}\n"
-              f"/image {tmp_path}\n/image\n{'word ' * 3000}\n/frobnicate\nWhat is it?\n")
-    assert run_chat(session, io.StringIO(script), out, notes) == 0
-    text = notes.getvalue()
+    out, text = chat_script(session, f"Hello there\n/image {picture}\n/image {'x' * 5000}.png\n"
+                                     f"/image {tmp_path / 'missing.png'}\n/image {tmp_path}\n/image\n"
+                                     f"{'word ' * 3000}\n/frobnicate\nWhat is it?\n")
     assert "File name too long" in text and "missing.png: no such image file" in text
     assert f"{tmp_path}: a directory, not an image file" in text
     assert "the model's whole context (2048); /reset to start again; 1 image(s) still attached" in text
     first = reference(runtime, [user("Hello there")])
     image = draw_picture("red circle")
     second = reference(runtime, [user("Hello there"), assistant(first), user("What is it?", image)])
-    assert out.getvalue() == f"{first}\n{second}\n"
+    assert out == f"{first}\n{second}\n"
     assert [turn.text for turn in session.turns] == ["Hello there", first, "What is it?", second]
     assert len(session.turns[2].images) == 1 and session.pending_images == []
 
@@ -269,8 +270,7 @@ def test_an_answer_the_output_cannot_encode_is_shown_replaced(runtime):
 
 def test_text_only_checkpoint_refuses_an_image_command_once(tmp_path, picture):
     text_runtime = InferenceRuntime.load(write_tiny_checkpoint(tmp_path / "text", text_only=True), device="cpu")
-    notes = io.StringIO()
     session = ChatSession(text_runtime, greedy(text_runtime))
-    assert run_chat(session, io.StringIO(f"/image {picture} {picture}\n"), io.StringIO(), notes) == 0
-    assert notes.getvalue() == "error: this is a text-only Gemma 3 checkpoint: it cannot take images\n"
+    _, notes = chat_script(session, f"/image {picture} {picture}\n")
+    assert notes == "error: this is a text-only Gemma 3 checkpoint: it cannot take images\n"
     assert session.pending_images == []
