@@ -184,3 +184,37 @@ def test_bad_flags_fail_before_any_model_loads(vl_dir, capsys, monkeypatch, argv
     assert main([arg.format(model=directory) for arg in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_verify_native_of_another_model_and_greedy_tokens_0(vl_dir, hf_checkpoint, tmp_path, capsys):
+    """--native of another model (another vocabulary here) was a tensor-size RuntimeError traceback from deep
+    inside the comparison; --greedy-tokens 0 printed "greedy tokens equal" for a comparison not made."""
+    directory, _ = vl_dir
+    other, _ = hf_checkpoint(vocab_size=640)
+    native = tmp_path / "native-other"
+    assert main(["convert", "import", str(other), str(native)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(directory), "--native", str(native), "--device", "cpu", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert f"--native {native}: not the model of {directory}" in err and "text.vocab_size" in err
+    assert main(["verify", str(directory), "--device", "cpu", "--dtype", "float32", "--greedy-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens      not compared (--greedy-tokens 0)" in out and "PASS" in out
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
+    """``gemma3vl recipes | head -1`` used to end with a BrokenPipeError traceback (or Python's "Exception
+    ignored" at exit): here the reader is gone before anything is written."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        writer = subprocess.run([sys.executable, "-m", "gemma3vl", "recipes"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in writer.stderr and "BrokenPipe" not in writer.stderr, writer.stderr
+    assert writer.returncode == 141

@@ -273,3 +273,18 @@ def test_adapter_on_the_merged_export_of_its_own_run_is_refused(base, tmp_path, 
     assert "is the merged export of the training run" in err and f"({base})" in err
     assert main(["eval", str(base), "--adapter", str(run / "adapter"), "--data", str(data), "--max-new-tokens", "2",
                  "--out", str(tmp_path / "o")]) == 0
+
+
+def test_eval_out_file_text_only_model_and_overlong_answers_are_one_clear_line(base, tmp_path, capsys):
+    """--out naming a file was a FileExistsError traceback; a text-only checkpoint on image examples, or a
+    --max-new-tokens over the context, skipped every example and exited 0 with no score at all."""
+    data = write_vqa(tmp_path / "eval.parquet", 2, seed=0)
+    (tmp_path / "afile").write_text("")
+    assert main(["eval", str(base), "--data", str(data), "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["eval", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu",
+                 "--max-new-tokens", "100000"]) == 2
+    assert "--max-new-tokens 100000: the model's context is" in capsys.readouterr().err
+    text_only = write_tiny_checkpoint(tmp_path / "text", text_only=True)
+    assert main(["eval", str(text_only), "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "text-only" in capsys.readouterr().err

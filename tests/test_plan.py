@@ -141,3 +141,21 @@ def test_the_simplest_layout_that_fits_comes_first(four_b, capsys):
     assert cfg.parallel.cp > 1 and cfg.parallel.activation_checkpoint in plan.AC_MODES
     assert main(["plan", "--model", "4b", "--gpus", "1", "--gpu-memory", "141", "--seq", "262144"]) != 0
     assert "--seq 262144: expected 1 to 131,072 tokens" in capsys.readouterr().err
+
+
+def test_launch_line_for_gpus_that_do_not_fill_8_gpu_nodes(capsys):
+    """12 GPUs are not `--nproc-per-node 8 --nnodes 1` (8 processes): torchrun runs as many on every node."""
+    assert plan.gpus_per_node(12) == 6 and plan.gpus_per_node(16) == 8 and plan.gpus_per_node(3) == 3
+    assert main(["plan", "--model", "4b", "--gpus", "12", "--gpu-memory", "80"]) == 0
+    printed = capsys.readouterr().out
+    assert "torchrun --nproc-per-node 6 --nnodes 2 " in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu-memory", "nan"], "--gpu-memory"), (["--gpu-memory", "inf"], "--gpu-memory"),
+    (["--gpu-memory", "80", "--images", "-1"], "--images -1 must be >= 0"),
+    (["--gpu-memory", "80", "--global-batch-size", "0"], "--global-batch-size 0 must be >= 1"),
+])
+def test_plan_refuses_meaningless_values(flags, message, capsys):
+    assert main(["plan", "--model", "4b", "--gpus", "8", *flags]) != 0
+    assert message in capsys.readouterr().err

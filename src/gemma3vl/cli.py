@@ -285,6 +285,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"{hf_dir}: verify needs the HF checkpoint directory (pass the native one with --native)")
     config = bridge.read_config(hf_dir)
     ours_dir = Path(args.native) if args.native else hf_dir
+    if args.native:
+        differ = verify.config_differences(config, bridge.read_config(ours_dir))
+        if differ:
+            raise Gemma3VLError(f"--native {ours_dir}: not the model of {hf_dir} (they differ in {', '.join(differ)})")
     log(f"loading transformers' model from {hf_dir} ...")
     reference = verify.load_reference(hf_dir, config, dtype, device)
     log(f"loading ours from {ours_dir} ...")
@@ -354,8 +358,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if not 1 <= args.seq <= plan.MAX_SEQ:
         raise Gemma3VLError(f"--seq {args.seq}: expected 1 to {plan.MAX_SEQ:,} tokens")
-    if args.gpus < 1 or args.gpu_memory <= 0 or args.micro_batch_size < 1:
-        raise Gemma3VLError("--gpus, --gpu-memory and --micro-batch-size must be positive")
+    if args.gpus < 1 or not 0 < args.gpu_memory < math.inf or args.micro_batch_size < 1:
+        raise Gemma3VLError("--gpus, --gpu-memory and --micro-batch-size must be positive (and finite)")
+    if args.images < 0:
+        raise Gemma3VLError(f"--images {args.images} must be >= 0")
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        raise Gemma3VLError(f"--global-batch-size {args.global_batch_size} must be >= 1")
     counts = plan.count_parameters(plan.load_config(args.model))
     options = plan.candidates(counts, args.gpus, seq=args.seq, micro_batch=args.micro_batch_size, mode=args.mode,
                               images=args.images, bf16_weights=args.bf16_weights, attention=args.attention,
@@ -560,13 +568,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled below, not at exit
+        return code
     except Gemma3VLError as exc:
         log(f"error: {exc}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (`gemma3vl recipes | head`): stop quietly, as Unix tools do. stdout is pointed at
+        # /dev/null so that flushing it at exit does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a descriptor (a test's capture)
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
 
 
 if __name__ == "__main__":

@@ -46,6 +46,26 @@ class VerifyReport:
     failures: list[str]
 
 
+def config_differences(first: Gemma3Config, second: Gemma3Config) -> list[str]:
+    """The settings that shape the model's logits (text and vision settings, image tokens) in which two configs
+    differ: ``verify --native`` must compare a conversion of MODEL_DIR, not another model."""
+    import dataclasses
+
+    differ = []
+    for name in ("text", "vision"):
+        a, b = getattr(first, name), getattr(second, name)
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                differ.append(f"{name} (a text-only and a vision-language model)" if name == "vision" else name)
+            continue
+        differ += [f"{name}.{f.name}" for f in dataclasses.fields(a)
+                   if f.name != "eos_token_id" and getattr(a, f.name) != getattr(b, f.name)]  # EOS: generation only
+    if first.is_vision_language and second.is_vision_language:
+        differ += [key for key in ("mm_tokens_per_image", "boi_token_id", "eoi_token_id", "image_token_id")
+                   if getattr(first, key) != getattr(second, key)]
+    return differ
+
+
 def synthetic_batch(config: Gemma3Config, *, seed: int = 0, text_length: int | None = None) -> dict[str, torch.Tensor]:
     """Three left-padded rows (2, 1 and 0 images for a VL model) that cross the sliding window."""
     generator = torch.Generator().manual_seed(seed)
@@ -215,7 +235,8 @@ def format_report(report: VerifyReport) -> str:
         f"max |Δlogits|      {report.max_abs_diff:.3e}  (relative to max |logit|: {report.max_rel_diff:.3e})",
         f"cosine similarity  {report.cosine:.7f}",
         f"argmax agreement   {report.argmax_agreement * 100:.2f}%",
-        f"greedy tokens      {'equal' if report.greedy_equal else 'DIFFERENT'} ({report.greedy_tokens} new tokens x 3 rows)",
+        (f"greedy tokens      {'equal' if report.greedy_equal else 'DIFFERENT'} ({report.greedy_tokens} new tokens x 3 rows)"
+         if report.greedy_tokens else "greedy tokens      not compared (--greedy-tokens 0)"),
         f"result             {'PASS' if report.passed else 'FAIL: ' + '; '.join(report.failures)}",
     ]
     return "\n".join(lines)

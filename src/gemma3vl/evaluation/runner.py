@@ -76,6 +76,9 @@ def answer_examples(runtime: Any, examples: list[Example], *, batch_size: int, m
 
     if batch_size < 1:
         raise Gemma3VLError(f"--batch-size {batch_size} must be >= 1")
+    if max_new_tokens >= runtime.context_length:
+        raise Gemma3VLError(f"--max-new-tokens {max_new_tokens}: the model's context is {runtime.context_length} "
+                            "tokens, prompt included")
     loader = image_loader or ImageLoader()
     sampling = runtime.sampling(max_new_tokens=max_new_tokens, greedy=True)
     predictions: list[str | None] = [None] * len(examples)
@@ -129,6 +132,9 @@ def evaluate_model(model_dir: str | Path, examples: list[Example], *, adapter: s
         say(f"adapter {adapter}: LoRA{' (DoRA)' if lora.use_dora else ''} r{lora.rank} on "
             f"{', '.join(lora.targets + (lora.vision_targets if lora.include_vision else ()))}, merged")
     say(runtime.describe())
+    if not runtime.config.is_vision_language and all(_has_image(example) for example in examples):
+        raise Gemma3VLError(f"{model_dir}: a text-only Gemma 3 checkpoint cannot answer these examples: "
+                            "every one has an image")
     started = time.perf_counter()
     predictions, failures = answer_examples(runtime, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                             progress=progress, report=report)
@@ -169,6 +175,9 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
     for label, directory in (("MODEL_DIR", model_dir), ("--compare", compare), ("--adapter", adapter)):
         if directory is not None and not Path(directory).is_dir():
             raise Gemma3VLError(f"{label} {directory}: no such directory")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise Gemma3VLError(f"--out {out}: exists and is not a directory")
     if adapter is not None:
         from gemma3vl.evaluation.loading import check_adapter_base
 
@@ -185,8 +194,10 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
                          "(pip install 'gemma3vl[eval]')")
             say(f"note: {notes[-1]}")
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[found.layout]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Gemma3VLError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
     say(f"{found.path}: {len(found.examples)} {found.layout} examples"
         + (f" ({len(found.skipped)} bad rows skipped)" if found.skipped else "") + f"; metrics: {', '.join(names)}")
 
@@ -230,6 +241,11 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
         (out / files[1]).unlink()  # an earlier run's comparison would pass for this run's
     write_report(out / "report.json", results)
     return results
+
+
+def _has_image(example: Example) -> bool:
+    return any(isinstance(part, ImageRef) for turn in example.turns if not isinstance(turn.content, str)
+               for part in turn.content)
 
 
 def _label(directory: str) -> str:

@@ -287,6 +287,12 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [k for k in range(1, min(n, limit) + 1) if n % k == 0]
 
 
+def gpus_per_node(gpus: int) -> int:
+    """GPUs a node runs: all of them up to ``GPUS_PER_NODE``, else the most (up to that) that divide them
+    evenly (torchrun starts the same number of processes on every node: 12 GPUs are 2 nodes of 6)."""
+    return max(_divisors(gpus, GPUS_PER_NODE))
+
+
 def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None = None, **kwargs) -> list[Estimate]:
     """Every layout worth considering, each with each checkpointing mode: TP degrees that divide the KV heads
     and the GPUs (within a node), FSDP over the rest; on one GPU for full fine-tuning, also the
@@ -297,7 +303,7 @@ def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None 
     mode = kwargs.get("mode", "sft")
     micro_batch = kwargs.get("micro_batch", 1)
     kv = counts.config.text.num_key_value_heads
-    degrees = [tp for tp in _divisors(gpus, GPUS_PER_NODE) if kv % tp == 0]
+    degrees = [tp for tp in _divisors(gpus_per_node(gpus), GPUS_PER_NODE) if kv % tp == 0]
     powers = [2**k for k in range(1, gpus.bit_length()) if gpus % 2**k == 0]
     layouts: list[tuple[int, int, int, bool]] = [(tp, 1, 1, False) for tp in degrees]  # tp, cp, pp, offload
     if gpus == 1 and mode == "sft":
@@ -413,9 +419,10 @@ def format_plan(counts: ModelCounts, options: list[Estimate], choice: Estimate |
         settings = settings_of(choice, seq=seq, micro_batch=micro_batch, bf16_weights=bf16_weights,
                                attention=attention)
         lines.append(f"recommended: {settings or 'the defaults'}   (~{choice.total / GIB:.1f} GiB per GPU)")
+        per_node = gpus_per_node(gpus)
         launch = "gemma3vl train" if gpus == 1 else (
-            f"torchrun --nproc-per-node {min(gpus, GPUS_PER_NODE)}"
-            f"{f' --nnodes {gpus // GPUS_PER_NODE}' if gpus > GPUS_PER_NODE else ''} -m gemma3vl train")
+            f"torchrun --nproc-per-node {per_node}"
+            f"{f' --nnodes {gpus // per_node}' if gpus > per_node else ''} -m gemma3vl train")
         lines.append(f"  {launch} ... {settings}".rstrip())
         if choice.cpu_offload:
             lines.append(f"  (the optimizer needs {choice.host / GIB:.0f} GiB of host memory)")
