@@ -324,3 +324,16 @@ def test_a_step_without_images_leaves_the_image_parts_as_transformers_does(tmp_p
     text_before = load_file(next((out / "base").glob("*.safetensors")))
     assert any(not torch.equal(v, load_file(next((out / "hf").glob("*.safetensors")))[k])
                for k, v in text_before.items() if "language_model" in k)  # the text did train
+
+
+def test_a_stale_adapter_in_a_reused_out_is_pointed_out(tmp_path, capsys):
+    """A full fine-tuning run into an OUT that still holds an earlier LoRA run's adapter/ leaves it (never deleted)
+    but says it is not this run's: a user must not ship it with the new hf/."""
+    from gemma3vl.cli import main
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path), "train.steps=1",
+                 "train.eval_every=0"]) == 0
+    assert f"{tmp_path / 'adapter'} is from an earlier run in this OUT" in capsys.readouterr().err
+    assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}"

@@ -311,6 +311,9 @@ def export_results(trainer: Trainer, cfg: TrainConfig, out: Path) -> None:
             say(f"note: the base {cfg.model.path} is a native directory: with transformers/peft apply the adapter to "
                 f"its HF form (gemma3vl convert export {cfg.model.path} DIR); base_model_name_or_path is left unset")
         merge_lora(model)
+    elif (out / "adapter").exists():  # left by an earlier LoRA run in this OUT: never deleted, but said
+        say(f"note: {out / 'adapter'} is from an earlier run in this OUT (this run trained no adapter); this "
+            f"run's model is {out / 'hf'}")
     hf_dir = bridge.export_model(model, cfg.model.path, out / "hf", overwrite=True)
     say(f"HF checkpoint: {hf_dir}")
 
