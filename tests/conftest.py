@@ -67,3 +67,20 @@ def failing_compiler(monkeypatch):
     monkeypatch.setattr(decode, "compiles_on", lambda device: True)
     monkeypatch.setattr(decode, "compiled_decode_step", lambda: compiled)
     return calls
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """The keyword arguments of every ``generate_result`` call from here on (what ``generate``, the chat and the
+    CLI pass down), each call still made."""
+    import gemma3vl.infer.generate as generation
+
+    calls: list[dict] = []
+    real = generation.generate_result
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_result", recording)
+    return calls

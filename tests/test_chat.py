@@ -141,19 +141,9 @@ def test_text_only_checkpoint_chats_but_refuses_images(tmp_path, picture):
     assert out.getvalue() == reference(text_runtime, [{"role": "user", "content": "hi"}]) + "\n"
 
 
-def test_compiled_chat_runs_every_turn_on_one_fixed_cache(runtime, picture, monkeypatch):
+def test_compiled_chat_runs_every_turn_on_one_fixed_cache(runtime, picture, generate_calls):
     """compile=True (on the CPU generate runs it eagerly): every turn reuses one StaticKVCache of max_length
     positions, so a GPU compiles and captures the decode step once; the answers equal the plain session's."""
-    import gemma3vl.infer.generate as generation
-
-    caches = []
-    real = generation.generate_result
-
-    def recording(*args, **kwargs):
-        caches.append(kwargs["cache"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "generate_result", recording)
     script = f"/image {picture}\nWhat is it?\nAnd the colour?\n"
     answers = []
     for compiled in (False, True):
@@ -162,6 +152,7 @@ def test_compiled_chat_runs_every_turn_on_one_fixed_cache(runtime, picture, monk
         assert run_chat(session, io.StringIO(script), out, io.StringIO()) == 0
         answers.append(out.getvalue())
     assert answers[0] == answers[1] and len(answers[0].splitlines()) == 2
+    caches = [call["cache"] for call in generate_calls]
     assert caches[:2] == ["static", "static"]
     assert caches[2] is caches[3] and caches[2].max_length == 512
 

@@ -126,30 +126,20 @@ def test_demo_reuses_only_its_own_directory(tmp_path):
 
 
 @pytest.mark.parametrize("compiling_fails", [False, True], ids=["noted-no-op-on-cpu", "falls-back-to-eager"])
-def test_generate_compile(vl_dir, capsys, monkeypatch, request, compiling_fails):
+def test_generate_compile(vl_dir, capsys, request, generate_calls, compiling_fails):
     """--compile reaches generate(); on the CPU it changes nothing but a note; a compile failure (faked by the
     ``failing_compiler`` fixture: a CPU never compiles) is said once and decoding goes on eagerly, same text."""
-    import gemma3vl.infer.generate as generation
-
     directory, picture = vl_dir
     common = [str(directory), "--prompt", "Describe the image", "--image", str(picture), "--greedy",
               "--max-new-tokens", "5", "--device", "cpu"]
     assert main(["generate", *common]) == 0
     plain = capsys.readouterr().out
-    seen = []
-    real = generation.generate_result
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["compile"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(generation, "generate_result", recording)
     attempts = request.getfixturevalue("failing_compiler") if compiling_fails else None
     assert main(["generate", *common, "--compile"]) == 0
     out, err = capsys.readouterr()
     assert out == plain
     assert "--compile: ignored on cpu" in err
-    assert seen == [True]
+    assert [call["compile"] for call in generate_calls] == [False, True]
     if compiling_fails:
         assert attempts == [1]  # one compiled call, then eager for good
         assert err.count("--compile: compiling the decode step failed (RuntimeError: no triton); decoding "

@@ -85,9 +85,10 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
     )
 
 
-def check_generate_flags(args: argparse.Namespace) -> None:
+def check_generate_flags(args: argparse.Namespace) -> "Sampling":
     """``generate``'s sampling flags (and ``--batch-size``), checked before the model loads: a bad flag is one
-    error, not a failure after loading (nor, with ``--batch``, every line skipped as bad)."""
+    error, not a failure after loading (nor, with ``--batch``, every line skipped as bad). Returns the sampling
+    they give with the checkpoint's generation config."""
     from gemma3vl import bridge
 
     for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
@@ -95,7 +96,9 @@ def check_generate_flags(args: argparse.Namespace) -> None:
             raise Gemma3VLError(f"{flag} {value} must be a finite number")
     if args.batch_size is not None and args.batch_size < 1:
         raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
-    sampling_from(args, Path(args.model_dir), bridge.read_config(args.model_dir)).validate()
+    sampling = sampling_from(args, Path(args.model_dir), bridge.read_config(args.model_dir))
+    sampling.validate()
+    return sampling
 
 
 def note_compile(wanted: bool, device) -> None:
@@ -122,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise Gemma3VLError("--output and --batch-size go with --batch FILE.jsonl")
     if args.prompt is None:
         raise Gemma3VLError("give --prompt TEXT (or --batch FILE.jsonl --output FILE.jsonl)")
-    check_generate_flags(args)
+    sampling = check_generate_flags(args)
     model_dir = Path(args.model_dir)
     images = [load_image(path) for path in args.image]
     started = time.perf_counter()
@@ -135,7 +138,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     log(f"loaded {model_dir} ({config.text.num_hidden_layers} layers, {next(model.parameters()).dtype}, {device}) "
         f"in {time.perf_counter() - started:.1f}s; prompt: {inputs['input_ids'].shape[1]} tokens")
     note_compile(args.compile, device)
-    sampling = sampling_from(args, model_dir, config)
     length, context = inputs["input_ids"].shape[1], config.text.max_position_embeddings
     if length + sampling.max_new_tokens > context:  # as --batch refuses such a line
         raise Gemma3VLError(f"the prompt is {length} tokens; with --max-new-tokens {sampling.max_new_tokens} that "

@@ -194,6 +194,12 @@ class HFDatasetSource:
         return {key: row[column] for key, column in self.columns.items()}, f"{self.path}:row {index}"
 
 
+def is_hf_dataset(path: str | Path, source_format: str = "auto") -> bool:
+    """Whether ``path`` is read as a Hugging Face dataset: a directory, ``.parquet`` files, or ``format=hf``."""
+    path = Path(path)
+    return source_format == "hf" or path.is_dir() or path.suffix == ".parquet"
+
+
 def open_records(
     path: str | Path, *, source_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None,
     layout: str = "conversation",
@@ -217,7 +223,7 @@ def open_records(
         named = path.is_dir() and any(f.name.startswith(f"{split}-") or f.stem == split
                                       for f in path.rglob("*.parquet"))
         return LayoutSource(path, layout, split=split if named else None)
-    if source_format == "hf" or path.is_dir() or path.suffix == ".parquet":
+    if is_hf_dataset(path, source_format):
         return HFDatasetSource(path, split=split, columns=columns)
     if columns:
         raise Gemma3VLError("columns only apply to Hugging Face datasets (a directory or .parquet files)")

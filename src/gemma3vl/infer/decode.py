@@ -162,13 +162,17 @@ class DecodeStep:
     """
 
     def __init__(self, compile: bool, device: torch.device, report: Callable[[str], None] | None = None):
-        self.compiled = compile and compiles_on(device)
         self.failure: str | None = None
         self._report = report
-        self._compiled_fn = compiled_decode_step() if self.compiled else None
+        self._compiled_fn = compiled_decode_step() if compile and compiles_on(device) else None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the next call runs the compiled step (False on other devices and once compiling failed)."""
+        return self._compiled_fn is not None
 
     def __call__(self, model: Gemma3Model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.compiled:
+        if self._compiled_fn is not None:
             try:
                 torch.compiler.cudagraph_mark_step_begin()
                 # a copy: the graph overwrites its output at the next replay
@@ -179,7 +183,7 @@ class DecodeStep:
 
     def use_eager(self, why: str) -> None:
         """Decode eagerly from now on, saying ``why`` the compiled step was given up."""
-        self.compiled, self._compiled_fn, self.failure = False, None, why
+        self._compiled_fn, self.failure = None, why
         if self._report is not None:
             self._report(why)
         else:

@@ -25,6 +25,7 @@ from gemma3vl import bridge
 from gemma3vl.data.dataset import ConversationDataset, DataSummary
 from gemma3vl.data.loader import BatchLoader
 from gemma3vl.data.settings import DataConfig
+from gemma3vl.data.sources import is_hf_dataset
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.loading import load_model, resolve_device
 from gemma3vl.infer.prompt import load_processor
@@ -97,7 +98,7 @@ def prepare_tiny_inputs(cfg: TrainConfig, out: Path) -> None:
 def data_config(cfg: TrainConfig, path: str, *, shuffle: bool, held_out: bool = False) -> DataConfig:
     d = cfg.data
     # data.columns maps the columns of Hugging Face datasets (directories, parquet); JSON records have no columns.
-    hf = d.format == "hf" or Path(path).is_dir() or Path(path).suffix == ".parquet"
+    hf = is_hf_dataset(path, d.format)
     return DataConfig(
         path=path, format=d.format, seq_length=cfg.train.seq_length, packing=d.packing, truncation=d.truncation,
         on_bad_record=d.on_bad_record, pan_and_scan=d.pan_and_scan or None,
@@ -365,10 +366,11 @@ def check_resume_settings(saved_path: Path, current: dict[str, Any]) -> None:
 
 
 def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
+    if resume:  # before anything loads
+        check_resume_settings(out / "train_config.json", cfg.to_dict())
     trainer, train_data = build_trainer(cfg, out)
     main = is_main_process()
     if resume:
-        check_resume_settings(out / "train_config.json", cfg.to_dict())
         trainer.resume(None if resume is True else Path(resume))
         say(f"resumed at step {trainer.step}")
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
