@@ -567,7 +567,7 @@ def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, d
     from gemma3vl.model.flex import use_flex
 
     kernel = "flex" if use_flex(cfg.model.attention, device, row_tokens) else "sdpa"
-    result.settings = ", ".join([kernel, "compiled blocks" if cfg.parallel.compile else "eager",
+    result.settings = ", ".join([kernel, "compiled blocks and loss" if cfg.parallel.compile else "eager",
                                  f"AC {cfg.parallel.activation_checkpoint}",
                                  "AdamW on host" if cfg.optim.cpu_offload else "AdamW"])
     describe_params(model, result)
@@ -581,6 +581,8 @@ def run_ours(variant: Variant, config: Gemma3Config, inputs: TrainInputs, cfg, d
     began = time.perf_counter()
     model = prepare_ours(variant, config, inputs.tokens, cfg, device, args, result)
     trainer = Trainer(cfg, model, RepeatBatch(inputs.ours(weights_dtype(variant))), Path(args.out), device)
+    if trainer.fold_clipping:
+        result.settings += " (fused, clipping inside its kernel)"
     say(f"    built in {time.perf_counter() - began:.1f} s ({result.settings})"
         + ("; step 1 builds the masks and compiles the blocks" if cfg.parallel.compile else ""))
     reset_peak(device)

@@ -220,13 +220,39 @@ def test_selective_policy_keeps_full_matmuls_and_recomputes_low_rank_ones():
     assert policy(aten.mul.Tensor, x, x) == CheckpointPolicy.PREFER_RECOMPUTE  # elementwise: recomputed
 
 
-def test_per_block_compile_computes_the_same_step(tiny, tmp_path):
-    # aot_eager traces and runs the same graphs as inductor would compile, without the C++ build on CPU
-    plain, _ = one_step(tiny, tmp_path / "plain")
-    record, _ = one_step(tiny, tmp_path / "compiled", "parallel.activation_checkpoint=selective",
-                         compile_backend="aot_eager")
+def test_per_block_compile_computes_the_same_step(tiny, tmp_path, monkeypatch):
+    """Decoder blocks, vision blocks and the loss's softmax part compiled: the same step as eager (aot_eager traces
+    and runs the graphs inductor would compile, without the C++ build on CPU)."""
+    import gemma3vl.model.loss as loss_module
+
+    compiled_loss_calls = []
+    compiled_loss = loss_module.compiled_chunk_loss_and_grad
+
+    def recording(backend):
+        compiled_loss_calls.append(backend)
+        return compiled_loss(backend)
+
+    monkeypatch.setattr(loss_module, "compiled_chunk_loss_and_grad", recording)
+    plain, plain_weights = one_step(tiny, tmp_path / "plain")
+    assert not compiled_loss_calls
+    record, weights = one_step(tiny, tmp_path / "compiled", "parallel.activation_checkpoint=selective",
+                               compile_backend="aot_eager")
+    assert compiled_loss_calls and set(compiled_loss_calls) == {"aot_eager"}
     assert record["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     assert record["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    for name, tensor in plain_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_compile_compiles_decoder_and_vision_blocks(tiny):
+    from gemma3vl.infer.loading import load_model
+
+    model, _ = load_model(tiny / "base", device="cpu", dtype=torch.float32)
+    apply_compile(model, backend="aot_eager")
+    blocks = [*model.text.layers, *model.vision.layers]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert model.text.loss_compile_backend == "aot_eager"
+    assert "_orig_mod" not in "".join(model.state_dict())  # compiled in place: names unchanged
 
 
 def test_a_world_size_mismatch_suggests_dp_shard_minus_one_only_where_it_would_fit():

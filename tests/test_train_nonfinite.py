@@ -38,19 +38,31 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_a_nan_step_changes_no_weight_and_names_its_conversations(tmp_path, monkeypatch):
-    cfg = build_config("tiny_sft", overrides=[*FAST, "train.steps=3", f"out={tmp_path / 'run'}"])
+def optimizer_state(optimizer) -> list[torch.Tensor]:
+    return [value.detach().clone() for state in optimizer.state.values() for value in state.values()
+            if torch.is_tensor(value)]
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_a_nan_step_changes_no_weight_and_names_its_conversations(tmp_path, monkeypatch, fused):
+    """``optim.fused=true`` in one process: the skip happens inside the fused AdamW kernel (``found_inf``)."""
+    cfg = build_config("tiny_sft", overrides=[*FAST, "train.steps=3", f"out={tmp_path / 'run'}",
+                                              f"optim.fused={fused}"])
     cfg.data.eval_path = None
     trainer, _ = build_trainer(cfg, tmp_path / "run")
+    assert trainer.fold_clipping == (fused == "true")
     poison(monkeypatch, {2})
     first = trainer.train_step()
     assert not first.get("skipped") and math.isfinite(first["loss"])
-    before = weights(trainer.model)
+    before, state_before = weights(trainer.model), optimizer_state(trainer.optimizer)
     second = trainer.train_step()
     assert second["skipped"] is True and not math.isfinite(second["loss"])
     assert len(second["sources"]) >= 2 and all(".jsonl:" in source for source in second["sources"])
     after = weights(trainer.model)
     assert all(torch.equal(before[name], after[name]) for name in before), "a skipped step changed a weight"
+    state_after = optimizer_state(trainer.optimizer)
+    assert len(state_after) == len(state_before) and all(map(torch.equal, state_before, state_after)), \
+        "a skipped step changed the optimizer's moments or step count"
     assert all(p.grad is None for p in trainer.model.parameters())
     third = trainer.train_step()
     assert not third.get("skipped") and math.isfinite(third["loss"])

@@ -113,6 +113,7 @@ class TextDecoder(nn.Module):
         self.config = config
         self.attention_backend = "sdpa"
         self.flex_block_size = DEFAULT_BLOCK_SIZE
+        self.loss_compile_backend: str | None = None  # the training loss's softmax part compiled (apply_compile)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)

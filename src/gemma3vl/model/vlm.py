@@ -107,4 +107,5 @@ class Gemma3Model(nn.Module):
     ) -> tuple[torch.Tensor, int]:
         """(summed token cross-entropy, number of target tokens); never materialises full logits."""
         hidden = self.hidden_states(input_ids, pixel_values, info=info)
-        return linear_cross_entropy(hidden, self.text.output_weight, targets, softcap=self.text.logit_softcap)
+        return linear_cross_entropy(hidden, self.text.output_weight, targets, softcap=self.text.logit_softcap,
+                                    compile_backend=self.text.loss_compile_backend)

@@ -1,4 +1,4 @@
-"""Activation checkpointing and ``torch.compile``, both per decoder block.
+"""Activation checkpointing and ``torch.compile``, both per decoder block (compile: vision blocks and the loss too).
 
 * ``full``: a block keeps only its input for backward and recomputes everything else; activation memory
   per block falls from ~a dozen ``[tokens, hidden]``-sized tensors (plus the MLP's ``[tokens, I]`` ones) to
@@ -92,8 +92,12 @@ def apply_activation_checkpointing(model: Gemma3Model, mode: str) -> None:
 
 
 def apply_compile(model: Gemma3Model, backend: str = "inductor") -> None:
-    """``torch.compile`` each decoder block in place (after checkpointing, before FSDP, as torchtitan does):
-    the blocks are identical, so one compiled graph serves them all, and the FSDP hooks between blocks stay
-    outside the graphs."""
+    """``torch.compile`` each decoder block and each vision-tower block in place (after checkpointing, before
+    FSDP, as torchtitan does): the blocks of a kind are identical, so one compiled graph serves them all, and the
+    FSDP hooks between blocks stay outside the graphs. The training loss's per-chunk softmax arithmetic is
+    compiled too (``gemma3vl.model.loss``): fused, it never writes the float32 ``[tokens, vocab]`` intermediates."""
     for block in model.text.layers:
         block.compile(backend=backend, fullgraph=True)
+    for block in model.vision.layers if model.vision is not None else ():
+        block.compile(backend=backend, fullgraph=True)
+    model.text.loss_compile_backend = backend

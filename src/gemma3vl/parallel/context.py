@@ -257,7 +257,8 @@ def context_parallel_loss(model: Gemma3Model, input_ids: torch.Tensor, targets: 
                                                      softcap=model.text.logit_softcap)
     else:
         summed, count = linear_cross_entropy(hidden, model.text.output_weight, local_targets,
-                                             softcap=model.text.logit_softcap)
+                                             softcap=model.text.logit_softcap,
+                                             compile_backend=model.text.loss_compile_backend)
     if model.vision is not None and not ran_vision:
         # Other ranks may have run the vision tower: every rank must reduce a gradient for it (zero here).
         summed = summed + unused_image_parameters_term(model)

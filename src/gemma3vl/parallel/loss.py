@@ -19,7 +19,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
-from gemma3vl.model.loss import chunk_gradients, scale_saved_gradients, select_targets
+from gemma3vl.model.loss import scale_saved_gradients, select_targets
+
+
+def chunk_gradients(
+    grad_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    capped: torch.Tensor | None,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From d(loss)/d(logits) of one chunk (before softcapping; ``capped`` is ``tanh(logits / cap)`` when the
+    logits were capped), the chunk's gradients for its hidden states and for the output matrix."""
+    if capped is not None:
+        grad_logits *= 1.0 - capped * capped
+    grad_logits = grad_logits.to(weight.dtype)
+    return (grad_logits @ weight if need_hidden_grad else None,
+            grad_logits.t() @ hidden if need_weight_grad else None)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -190,8 +190,12 @@ class StageForward:
             if not self.is_last:
                 return hidden.to(self.boundary_dtype)
             weight = self.text.output_weight
-            cross_entropy = vocab_parallel_cross_entropy if isinstance(weight, DTensor) else linear_cross_entropy
-            summed, count = cross_entropy(hidden, weight, batch.targets, softcap=self.text.logit_softcap)
+            if isinstance(weight, DTensor):
+                summed, count = vocab_parallel_cross_entropy(hidden, weight, batch.targets,
+                                                             softcap=self.text.logit_softcap)
+            else:
+                summed, count = linear_cross_entropy(hidden, weight, batch.targets, softcap=self.text.logit_softcap,
+                                                     compile_backend=self.text.loss_compile_backend)
         self.inputs.losses.append((summed.detach(), count))
         return (summed / max(self.inputs.total_targets, 1)).reshape(1)
 

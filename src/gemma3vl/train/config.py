@@ -149,7 +149,7 @@ class ParallelSettings:
     cp: int = 1  # context parallel degree: each sequence sliced over cp ranks, keys/values all-gathered per layer
     sequence_parallel: bool = True  # with tp > 1: norms and the residual stream sharded over the sequence
     activation_checkpoint: str = "none"  # none | full | selective (per op: keep matmul/attention outputs)
-    compile: bool = False  # torch.compile each decoder block
+    compile: bool = False  # torch.compile each decoder and vision block, and the loss's softmax part
     cpu_offload: bool = False  # FSDP2 keeps sharded parameters, gradients and optimizer states on the CPU
 
 

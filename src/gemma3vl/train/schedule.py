@@ -143,6 +143,40 @@ def build_optimizer(
     )
 
 
+def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is torch's fused AdamW over plain tensors, whose kernel can clip and skip (below)."""
+    from torch.distributed.tensor import DTensor
+
+    return type(optimizer) is torch.optim.AdamW and all(
+        group.get("fused") and not any(isinstance(p, DTensor) for p in group["params"])
+        for group in optimizer.param_groups
+    )
+
+
+def clip_in_fused_step(
+    optimizer: torch.optim.AdamW, parameters: list[torch.nn.Parameter], max_norm: float, loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient clipping to ``max_norm`` and the optimizer step in one pass over the gradients, queued without
+    waiting for the device. Returns (the gradient norm, whether the update was applied), both on the device.
+
+    The norm is ``torch.nn.utils.clip_grad_norm_``'s; instead of scaling every gradient by ``max_norm / (norm +
+    1e-6)`` (a read and a write of all of them) the fused AdamW kernel divides each gradient by the inverse as it
+    reads it (``grad_scale``, the hook AMP's GradScaler uses), and where the loss or the norm is not finite it skips
+    the whole update and restores its step count (``found_inf``). The result equals clipping then stepping to the
+    last bit of the scale; an unclipped step (scale 1) is the same arithmetic exactly.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    applied = torch.isfinite(norm) & torch.isfinite(loss)
+    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
+    optimizer.found_inf = (~applied).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+    return norm, applied
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -39,7 +39,7 @@ from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.flops import batch_step_flops
 from gemma3vl.train.metrics import MetricsLogger, peak_flops_per_second
-from gemma3vl.train.schedule import build_optimizer, build_scheduler
+from gemma3vl.train.schedule import build_optimizer, build_scheduler, clip_in_fused_step, folds_clipping
 from gemma3vl.train.steps import StepFeed
 
 
@@ -111,6 +111,8 @@ class Trainer:
         self.step = 0
         self.last_eval: dict[str, Any] = {}
         self.pipeline = getattr(model, "pipeline", None)  # parallel.pp > 1: gemma3vl.parallel.pipeline.Pipeline
+        # One process with torch's fused AdamW: clipping and the non-finite skip happen inside its kernel.
+        self.fold_clipping = parallel is None and self.pipeline is None and folds_clipping(self.optimizer)
         self.world_size = parallel.dims.world_size if parallel is not None else 1
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
@@ -174,21 +176,31 @@ class Trainer:
                 if summed.requires_grad:  # (not when only image parts train and this micro-batch has no image)
                     (summed / max(total_targets, 1)).backward()
                 loss_total += summed.detach().double()
-            loss_sum = float(loss_total)
             if not images:
                 drop_image_gradients(self.model)
             trainable = [p for p in self.model.parameters() if p.requires_grad]
-            if self.parallel is not None:
-                (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
-                grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+            if self.fold_clipping:
+                grad_norm, finite_flag = clip_in_fused_step(self.optimizer, trainable, self.cfg.train.grad_clip,
+                                                            loss_total)
+                loss_sum = float(loss_total)  # read once the update is queued: the device never waits for the host
             else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+                loss_sum = float(loss_total)
+                if self.parallel is not None:
+                    (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
+                    grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
-        finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
-        if finite:
-            self.optimizer.step()
+        if self.fold_clipping:  # (the update is queued already, or skipped by the kernel)
+            finite = bool(finite_flag)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.optimizer.zero_grad(set_to_none=True)  # the step's data is consumed; no weight changes
+            finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
+            if finite:
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)  # the step's data is consumed; no weight changes
         self.scheduler.step()
         self.step += 1
         if self.device.type == "cuda":
