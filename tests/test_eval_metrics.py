@@ -232,3 +232,24 @@ def test_bootstrap_recomputes_corpus_metrics_from_their_sums():
     per_sample = METRICS["field_f1"].sample_scores(stats)
     assert per_sample == pytest.approx([1.0, 2 * 1 / (1 + 3), 0.0])
     assert 0 <= low <= high <= 1 and not math.isnan(low)
+
+
+@pytest.mark.parametrize("prediction,references,expected", [
+    ("104", ["100"], 1.0),          # 4% off: inside ChartQA's 5%
+    ("106", ["100"], 0.0),          # 6% off
+    ("95", ["100"], 1.0),           # exactly 5% off counts (<=)
+    ("12%", ["0.12"], 1.0),         # a trailing % divides by 100
+    ("0.5", ["0"], 0.0),            # a zero reference: exact string match only
+    ("0", ["0"], 1.0),
+    ("Yes", ["yes"], 1.0),          # not numbers: case-insensitive exact match
+    ("yes.", ["yes"], 0.0),         # no other normalisation
+    ("Café", ["cafe\u0301"], 1.0),  # NFC before comparing
+    ("7", ["six", "7.2"], 1.0),     # best over the references
+    ("", ["1"], 0.0),
+])
+def test_relaxed_accuracy_hand_worked(prediction, references, expected):
+    """ChartQA relaxed accuracy, cases worked by hand from pix2struct's relaxed_correctness."""
+    from gemma3vl.evaluation.metrics import relaxed_accuracy, score
+
+    assert relaxed_accuracy(prediction, references) == expected
+    assert score("relaxed_accuracy", [prediction], [references]) == expected

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +108,16 @@ class RowFile:
         self.base_dir = self.path if self.path.is_dir() else self.path.parent
         self.table = None
         self.json_source = None
+        self.files: list[Path] = [self.path]
+        self.file_starts: list[int] = [0]  # the global index of each file's first row
+        whole = self.path.resolve()
+        if split is not None and self.path.is_file() and not _in_split(whole, Path(whole.anchor), split):
+            # A single file is read whole: --split would silently be ignored, and a model scored on the
+            # train file when the test split was asked for.
+            raise Gemma3VLError(f"--split {split}: {self.path} is one file, not a file of split {split!r} "
+                                f"(--split picks {split}-*.parquet, {split}.parquet or {split}/ files in a directory)")
         if self.path.is_dir() or self.path.suffix == ".parquet":
-            self.table, self.files = _read_parquet(self.path, split)
+            self.table, self.files, self.file_starts = _read_parquet(self.path, split)
             self.columns = list(self.table.column_names)
         else:
             from gemma3vl.data.sources import JsonArraySource, JsonlSource
@@ -118,13 +128,17 @@ class RowFile:
             self.columns = self._json_columns()
 
     def _json_columns(self) -> list[str]:
+        first_bad = None
         for index in range(min(len(self.json_source), 8)):
             try:
                 row, _ = self.json_source.record(index)
-            except BadRecord:
+            except BadRecord as bad:
+                first_bad = first_bad or bad
                 continue
             if isinstance(row, dict):
                 return list(row)
+        if first_bad is not None:  # else "cannot tell the layout from its columns []", naming no line
+            raise Gemma3VLError(f"no readable record among the first lines of {self.path}: {first_bad}")
         return []
 
     def __len__(self) -> int:
@@ -133,11 +147,19 @@ class RowFile:
     def row(self, index: int) -> tuple[Any, str]:
         """The row (a dict, or what a JSON line holds) and its ``file:line`` / ``file:row N`` label."""
         if self.table is not None:
-            return self.table.slice(index, 1).to_pylist()[0], f"{self.path}:row {index}"
+            # The row's own file and its row number in that file (a directory holds several shards).
+            at = bisect.bisect_right(self.file_starts, index) - 1
+            return self.table.slice(index, 1).to_pylist()[0], f"{self.files[at]}:row {index - self.file_starts[at]}"
         return self.json_source.record(index)
 
 
-def _read_parquet(path: Path, split: str | None) -> tuple[Any, list[Path]]:
+def _in_split(file: Path, root: Path, split: str) -> bool:
+    """HF's naming: data/<split>-00000-of-00001.parquet, <split>.parquet, or files under <split>/ directories."""
+    return (file.name.startswith(f"{split}-") or file.stem == split
+            or split in file.relative_to(root).parts[:-1])
+
+
+def _read_parquet(path: Path, split: str | None) -> tuple[Any, list[Path], list[int]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -149,9 +171,7 @@ def _read_parquet(path: Path, split: str | None) -> tuple[Any, list[Path]]:
             raise Gemma3VLError(f"{path}: no parquet files in this directory")
         files = every
         if split is not None:
-            # HF's naming: data/<split>-00000-of-00001.parquet, <split>.parquet, or <split>/ directories.
-            files = [f for f in every if f.name.startswith(f"{split}-") or f.stem == split
-                     or split in f.relative_to(path).parts[:-1]]
+            files = [f for f in every if _in_split(f, path, split)]
             if not files:
                 names = ", ".join(str(f.relative_to(path)) for f in every[:8])
                 raise Gemma3VLError(f"{path}: no parquet file of split {split!r} among {names}")
@@ -162,7 +182,10 @@ def _read_parquet(path: Path, split: str | None) -> tuple[Any, list[Path]]:
         table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise Gemma3VLError(f"{path}: cannot read the parquet data: {exc}") from None
-    return table, files
+    starts = [0]
+    for part in tables[:-1]:
+        starts.append(starts[-1] + part.num_rows)
+    return table, files, starts
 
 
 # -------------------------------------------------------------------------------------------- layouts
@@ -225,7 +248,7 @@ class ExampleFile:
 
 
 def to_example(row: dict, layout: str, source: str, index: int, base_dir: Path) -> Example:
-    identifier = next((row[key] for key in ID_COLUMNS if row.get(key) is not None), index)
+    identifier = next((row[key] for key in ID_COLUMNS if not _missing(row.get(key))), index)
     if layout == "conversation":
         conversation = parse_record(row, source, base_dir)
         answer = conversation.turns[-1]
@@ -265,7 +288,7 @@ def _cord_target(ground_truth: Any, source: str) -> str:
 
 
 def _answers(row: dict, source: str) -> list[str]:
-    if row.get("answers") is not None:
+    if not _missing(row.get("answers")):
         value, key = row["answers"], "answers"
     else:
         value, key = row.get("answer"), "answer"
@@ -274,12 +297,34 @@ def _answers(row: dict, source: str) -> list[str]:
     return _strings(value, key, source)
 
 
+def _missing(value: Any) -> bool:
+    """None, or the NaN that pandas writes for a missing value in a numeric column."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _answer_text(value: Any) -> str | None:
+    """A reference answer as text; None when it is not one. A float column (pandas turns a column of integers
+    with a missing value into floats) holds 3.0 for the answer "3": integral floats are written as integers, so
+    the model's "3" is not scored against "3.0"; NaN / infinity are missing answers, not the text "nan"."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
+
+
 def _strings(value: Any, key: str, source: str) -> list[str]:
     values = value if isinstance(value, list) else [value]
-    texts = [str(v) for v in values if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+    texts = [text for text in map(_answer_text, values) if text is not None]
     if not texts or len(texts) != len(values):
         raise BadRecord(source, INVALID_SCHEMA, f"{key!r} must be a string or a non-empty list of strings, "
                                                 f"got {value!r}"[:300])
+    if not any(text.strip() for text in texts):
+        # An unlabelled row (a test split's blank answers) would score an empty answer as correct.
+        raise BadRecord(source, INVALID_SCHEMA, f"{key!r} holds no answer, only blank text: {value!r}"[:300])
     return texts
 
 

@@ -24,6 +24,10 @@ set's, and a bootstrap resample's all come from the same function, exactly.
   every reference of a sample used, on a 0-1 scale. It is sacrebleu's BLEU, not coco-caption's
   (PTB-tokenised) one: compare numbers only with numbers computed the same way (the signature is reported).
 
+Every text comparison is on NFC-composed Unicode (``nfc``): canonically equivalent spellings ("é" as one code
+point or as ``e`` + a combining accent) are the same answer; compatibility forms (full-width digits) are not
+folded, as no published script folds them.
+
 CIDEr-D is not provided: its one packaged implementation (pycocoevalcap 1.2, from 2020, a 104 MB wheel
 with Java jars for its tokeniser) is not a well-kept library; ``predictions.jsonl`` holds what it needs.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -49,8 +54,21 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
 
+def nfc(text: str) -> str:
+    """Unicode canonical composition (NFC), applied before every text metric compares strings.
+
+    "café" typed as ``e`` + combining acute (NFD, what macOS file names and some OCR / tokenizer outputs hold)
+    and as one precomposed ``é`` (NFC) are the same text by the Unicode standard (canonical equivalence), yet
+    differ as code points: without this a correct answer scored 0 in exact match and lost characters in ANLS.
+    The official scripts (SQuAD, vqaEval.py, the DocVQA/ST-VQA ANLS script) compare raw code points; NFC changes
+    nothing they would call equal or different except canonically equivalent spellings. Compatibility forms
+    (NFKC: full-width digits "１２", ligatures, superscripts) are deliberately *not* folded: they are different
+    characters, and folding them would depart from every published definition."""
+    return unicodedata.normalize("NFC", text)
+
+
 def normalise_text(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = "".join(ch for ch in nfc(text).lower() if ch not in _PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
@@ -115,7 +133,7 @@ _CONTRACTION_MAP = {variant: word for word in _CONTRACTIONS for variant in _apos
 
 def normalise_vqa_answer(answer: str) -> str:
     """The official script's answer processing: punctuation, then number words, articles, contractions."""
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = nfc(answer).replace("\n", " ").replace("\t", " ").strip()
     glued = bool(_DIGIT_COMMA_DIGIT.search(text))
     out = text
     for mark in _VQA_PUNCTUATION:
@@ -149,15 +167,48 @@ ANLS_THRESHOLD = 0.5
 
 
 def anls(prediction: str, references: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
-    answer = " ".join(prediction.strip().lower().split())
+    """Biten et al. 2019 (ST-VQA, arXiv:1905.13648), eq. 1: ``s = 1 - NL`` if ``NL < tau`` else 0, tau = 0.5,
+    best over the references. At exactly ``NL = 0.5`` we follow the paper (0); the RRC / DocVQA evaluation script
+    thresholds ``1 - NL < 0.5`` instead and would give 0.5 there. Normalisation as that script does it: lower
+    case, stripped, inner whitespace collapsed (and NFC, see :func:`nfc`); distances are over code points."""
+    answer = " ".join(nfc(prediction).strip().lower().split())
     best = 0.0
     for reference in references:
-        truth = " ".join(reference.strip().lower().split())
+        truth = " ".join(nfc(reference).strip().lower().split())
         longest = max(len(answer), len(truth))
         distance = edit_distance(answer, truth) / longest if longest else 0.0
         if distance < threshold:
             best = max(best, 1.0 - distance)
     return best
+
+
+# ------------------------------------------------------------------------------------------------ relaxed accuracy
+RELAXED_TOLERANCE = 0.05
+
+
+def _relaxed_number(text: str) -> float | None:
+    """A number as ChartQA's relaxed accuracy reads one: Python's float, a trailing ``%`` dividing by 100."""
+    try:
+        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(prediction: str, references: Sequence[str]) -> float:
+    """ChartQA's relaxed accuracy (Masry et al. 2022, arXiv:2203.10244, section 5), as pix2struct's
+    ``relaxed_correctness`` computes it: when both answers are numbers (and the reference is not 0), right if
+    ``|prediction - reference| / |reference| <= 5%``; otherwise a case-insensitive exact match (after NFC and
+    stripping). Best over the references."""
+    answer = nfc(prediction).strip()
+    for reference in references:
+        truth = nfc(reference).strip()
+        predicted, target = _relaxed_number(answer), _relaxed_number(truth)
+        if predicted is not None and target:
+            if abs(predicted - target) / abs(target) <= RELAXED_TOLERANCE:
+                return 1.0
+        elif answer.lower() == truth.lower():
+            return 1.0
+    return 0.0
 
 
 # ------------------------------------------------------------------------------------------------ the set
@@ -252,6 +303,8 @@ METRICS: dict[str, Metric] = {
         Metric("vqa_accuracy", "VQA accuracy: min(#matches/3, 1) over leave-one-out reference subsets",
                _per_sample(vqa_accuracy), _mean),
         Metric("anls", "ANLS (threshold 0.5), best over references", _per_sample(anls), _mean),
+        Metric("relaxed_accuracy", "ChartQA relaxed accuracy: numbers within 5%, else exact (case-insensitive)",
+               _per_sample(relaxed_accuracy), _mean),
         Metric("field_f1", "field-level F1 over flattened (key path, value) pairs (micro, as Donut)",
                _field_stats, lambda s, n: _ratio(2 * s[..., 0], s[..., 1] + s[..., 2])),
         Metric("field_precision", "field-level precision (micro)", _field_stats,

@@ -13,10 +13,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.evaluation.layouts import Example
 from gemma3vl.evaluation.metrics import METRICS
 
@@ -48,23 +49,39 @@ def write_predictions(path: Path, examples: list[Example], predictions: list[str
     """One line per example: id, source, prompt, prediction, reference(s), and for the scored examples
     (``kept``, in order; ``scores[name][k]`` is for ``examples[kept[k]]``) each metric's sample score.
     An example the model could not be asked has prediction null."""
-    tmp = path.with_name(path.name + ".partial")
     position = {index: at for at, index in enumerate(kept)}
-    with open(tmp, "w", encoding="utf-8") as stream:
+
+    def lines() -> Iterator[str]:
         for index, (example, prediction) in enumerate(zip(examples, predictions)):
             line: dict[str, Any] = {"id": example.id, "source": example.source, "prompt": example.prompt_text,
                                     "prediction": prediction, "reference": example.target,
                                     "references": example.references}
             if index in position:
                 line["scores"] = {name: values[position[index]] for name, values in scores.items()}
-            stream.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+            yield json.dumps(line, ensure_ascii=False, default=str) + "\n"
+
+    _write_atomically(path, lines())
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
+    _write_atomically(path, [json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"])
+
+
+def _write_atomically(path: Path, chunks: Iterable[str]) -> None:
+    """``chunks`` into ``path`` through a ``.partial`` file (a reader never sees half a file); a failure (disk
+    full, permissions) is one line naming the file, and leaves no ``.partial`` behind."""
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as stream:
+            for chunk in chunks:
+                stream.write(chunk)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise Gemma3VLError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ encoded is reported with its ``file:row`` and left out of the scores (and counte
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,15 @@ class Answered:
     seconds: float
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during generation, carrying what was answered until then (``answered`` once the model is known)."""
+
+    def __init__(self, predictions: list[str | None], failures: list[str]):
+        super().__init__()
+        self.predictions, self.failures = predictions, failures
+        self.answered: Answered | None = None
+
+
 def answer_examples(runtime: Any, examples: list[Example], *, batch_size: int, max_new_tokens: int,
                     progress: bool = True, report: Callable[[str], None] | None = None,
                     image_loader: ImageLoader | None = None) -> tuple[list[str | None], list[str]]:
@@ -99,20 +109,24 @@ def answer_examples(runtime: Any, examples: list[Example], *, batch_size: int, m
 
     with tqdm(total=len(examples), desc="eval", unit="example", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:
-        for start in range(0, len(examples), batch_size):
-            indices, rows = [], []
-            for index in range(start, min(start + batch_size, len(examples))):
-                try:
-                    rows.append(Row(prompt=encode(examples[index]), max_new_tokens=max_new_tokens))
-                    indices.append(index)
-                except Gemma3VLError as exc:  # BadRecord is one too
-                    message = str(exc) if examples[index].source in str(exc) else f"{examples[index].source}: {exc}"
-                    failures.append(message)
-                    say(f"skipping {message}")
-            if rows:
-                for index, completion in zip(indices, runtime.complete(rows, sampling)):
-                    predictions[index] = completion.text.strip()
-            bar.update(min(batch_size, len(examples) - start))
+        try:
+            for start in range(0, len(examples), batch_size):
+                indices, rows = [], []
+                for index in range(start, min(start + batch_size, len(examples))):
+                    try:
+                        rows.append(Row(prompt=encode(examples[index]), max_new_tokens=max_new_tokens))
+                        indices.append(index)
+                    except Gemma3VLError as exc:  # BadRecord is one too
+                        source = examples[index].source
+                        message = str(exc) if source in str(exc) else f"{source}: {exc}"
+                        failures.append(message)
+                        say(f"skipping {message}")
+                if rows:
+                    for index, completion in zip(indices, runtime.complete(rows, sampling)):
+                        predictions[index] = completion.text.strip()
+                bar.update(min(batch_size, len(examples) - start))
+        except KeyboardInterrupt:
+            raise Interrupted(predictions, failures) from None
     return predictions, failures
 
 
@@ -136,8 +150,13 @@ def evaluate_model(model_dir: str | Path, examples: list[Example], *, adapter: s
         raise Gemma3VLError(f"{model_dir}: a text-only Gemma 3 checkpoint cannot answer these examples: "
                             "every one has an image")
     started = time.perf_counter()
-    predictions, failures = answer_examples(runtime, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                            progress=progress, report=report)
+    try:
+        predictions, failures = answer_examples(runtime, examples, batch_size=batch_size,
+                                                max_new_tokens=max_new_tokens, progress=progress, report=report)
+    except Interrupted as stop:
+        stop.answered = Answered(str(model_dir), None if adapter is None else str(adapter), stop.predictions,
+                                 stop.failures, time.perf_counter() - started)
+        raise
     return Answered(str(model_dir), None if adapter is None else str(adapter), predictions, failures,
                     time.perf_counter() - started)
 
@@ -198,15 +217,26 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise Gemma3VLError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
+    _check_writable(out, ("predictions.jsonl", "compare_predictions.jsonl", "report.json"))
     say(f"{found.path}: {len(found.examples)} {found.layout} examples"
         + (f" ({len(found.skipped)} bad rows skipped)" if found.skipped else "") + f"; metrics: {', '.join(names)}")
 
-    runs = [evaluate_model(model_dir, found.examples, adapter=adapter, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, device=device, dtype=dtype, progress=progress,
-                           report=report)]
-    if compare is not None:
-        runs.append(evaluate_model(compare, found.examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   device=device, dtype=dtype, progress=progress, report=report))
+    runs: list[Answered] = []
+    interrupted = False
+    try:
+        runs.append(evaluate_model(model_dir, found.examples, adapter=adapter, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, device=device, dtype=dtype, progress=progress,
+                                   report=report))
+        if compare is not None:
+            runs.append(evaluate_model(compare, found.examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       device=device, dtype=dtype, progress=progress, report=report))
+    except Interrupted as stop:
+        # Ctrl-C during generation: what was answered is scored and written (marked interrupted), not thrown
+        # away with hours of generation. Interrupted during the first model, there is no comparison.
+        runs.append(stop.answered)
+        interrupted = True
+        notes.append(f"interrupted: {sum(p is not None for p in stop.answered.predictions)} of "
+                     f"{len(found.examples)} examples answered by {stop.answered.model}; only those are scored")
     # Only examples every model answered are scored, so that the comparison is paired.
     kept = [i for i in range(len(found.examples)) if all(run.predictions[i] is not None for run in runs)]
     examples = [found.examples[i] for i in kept]
@@ -216,7 +246,7 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
     results: dict[str, Any] = {
         "data": str(found.path), "layout": found.layout, "examples": len(found.examples) + len(found.skipped),
         "examples_scored": len(examples), "rows_skipped": found.skipped, "metrics": names,
-        "max_new_tokens": max_new_tokens, "decoding": "greedy", "notes": notes,
+        "max_new_tokens": max_new_tokens, "decoding": "greedy", "notes": notes, "interrupted": interrupted,
     }
     if "bleu4" in names:
         results["bleu4_signature"] = bleu_signature()
@@ -227,7 +257,7 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
                         "failures": run.failures, "seconds": round(run.seconds, 3), "predictions": file}
         per_sample = {name: scores.sample_scores(name) for name in names}
         write_predictions(out / file, found.examples, run.predictions, kept, per_sample)
-    if compare is not None:
+    if len(runs) > 1:
         results["difference"] = {}
         for name in names:
             first, second = scored[0].stats[name], scored[1].stats[name]
@@ -240,7 +270,29 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
     elif (out / files[1]).exists():
         (out / files[1]).unlink()  # an earlier run's comparison would pass for this run's
     write_report(out / "report.json", results)
+    if interrupted:
+        say(f"interrupted: the {len(examples)} examples answered so far are scored in {out / 'report.json'}")
+        raise KeyboardInterrupt
+    if not examples:
+        # Every example failed (unreadable images, prompts over the context, ...): no score is not a result.
+        failures = [failure for run in runs for failure in run.failures]
+        raise Gemma3VLError(f"none of the {len(found.examples)} examples could be answered, so nothing was scored "
+                            f"(e.g. {failures[0] if failures else 'no answer'}); every failure is in "
+                            f"{out / 'report.json'}")
     return results
+
+
+def _check_writable(out: Path, names: tuple[str, ...]) -> None:
+    """Fail now, not after hours of generation, when the results could not be written to ``out``."""
+    for name in names:
+        if (out / name).is_dir():
+            raise Gemma3VLError(f"--out {out}: {out / name} is a directory; it must be free for a file")
+    probe = out / f".gemma3vl-eval-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise Gemma3VLError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _has_image(example: Example) -> bool:

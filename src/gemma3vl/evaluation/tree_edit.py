@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -137,10 +138,10 @@ def normalise(value: Any) -> Any:
     """Donut's normal form (module docstring): a dict of key -> non-empty list, or a list, or None if empty."""
     if isinstance(value, dict):
         out = {}
-        for key in sorted(value, key=lambda k: (len(str(k)), str(k))):
+        for key in sorted(value, key=lambda k: (len(_key_text(k)), _key_text(k))):
             child = normalise(value[key])
             if child:
-                out[str(key)] = child if isinstance(child, list) else [child]
+                out[_key_text(key)] = child if isinstance(child, list) else [child]
         return out or None
     if isinstance(value, list):
         if value and all(isinstance(item, dict) for item in value):
@@ -150,12 +151,18 @@ def normalise(value: Any) -> Any:
     return [text] if text else None
 
 
+def _key_text(key: Any) -> str:
+    return unicodedata.normalize("NFC", str(key))
+
+
 def _scalar_text(value: Any) -> str:
+    """A leaf's text: stripped, NFC-composed (canonically equivalent spellings of "é" are one value; see
+    ``metrics.nfc``)."""
     if value is None or isinstance(value, (dict, list)):
         return ""  # nested lists inside scalar lists: Donut keeps only str/int/float items
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value).strip()
+    return unicodedata.normalize("NFC", str(value)).strip()
 
 
 def document_tree(document: Any) -> Node:
@@ -229,7 +236,30 @@ def parse_json_answer(text: str) -> Any:
         if not candidate:
             continue
         try:
-            return json.loads(candidate)
+            value = json.loads(candidate)
         except (ValueError, RecursionError):
             continue
+        # json.loads accepts ~1000 levels, the recursive normal form / tree / flattening below do not (a
+        # degenerate answer '{"a":{"a":...' 400 deep raised RecursionError and ended the whole evaluation after
+        # generation). No receipt is nested that deep: such an answer is not a document, like non-JSON.
+        return value if _nesting_depth(value) <= MAX_DOCUMENT_DEPTH else None
     return None
+
+
+MAX_DOCUMENT_DEPTH = 64  # CORD's gt_parse is 3-4 levels deep (menu -> [item] -> field -> value)
+
+
+def _nesting_depth(value: Any) -> int:
+    """How many objects / arrays deep ``value`` is, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
