@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = direction.add_parser("export", help="native directory -> complete HF checkpoint directory")
     exp.add_argument("native_dir")
     exp.add_argument("out_dir")
-    exp.add_argument("--layout", choices=["source", "hub", "transformers5", "memory", "text"], default="source",
+    exp.add_argument("--layout", choices=["source", "hub", "transformers5", "memory", "memory4", "text"], default="source",
                      help="key layout to write (default: the one the checkpoint was imported from)")
     exp.add_argument("--max-shard-size", type=parse_size, default=None,
                      help="reshard to this size (default: the source's own file split)")

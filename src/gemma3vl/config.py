@@ -211,6 +211,13 @@ class Gemma3Config:
     def from_hf_dict(cls, raw: dict[str, Any], where: str = "config.json") -> "Gemma3Config":
         if not isinstance(raw, dict):
             raise Gemma3VLError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        for key in ("quantization_config", "compression_config"):
+            if raw.get(key):
+                method = raw[key].get("quant_method") if isinstance(raw[key], dict) else None
+                raise Gemma3VLError(
+                    f"{where}: {key} is set{f' (quant_method {method!r})' if method else ''}: quantized "
+                    "checkpoints are not supported; use the unquantized (bfloat16/float32) checkpoint"
+                )
         model_type = raw.get("model_type")
         if model_type == VL_MODEL_TYPE:
             text_raw = raw.get("text_config") or {}
@@ -218,6 +225,9 @@ class Gemma3Config:
             if vision_raw is None:
                 raise Gemma3VLError(f"{where}: model_type 'gemma3' needs a vision_config")
             text, text_form = _text_from_hf(text_raw, f"{where}: text_config")
+            # transformers 5 ties the VL model's output matrix by the top-level flag and ignores text_config's
+            # (a text_config saying false under a tied model stores no lm_head): the decoder follows the top.
+            text = dataclasses.replace(text, tie_word_embeddings=raw.get("tie_word_embeddings", True) is not False)
             vision = _vision_from_hf(vision_raw, f"{where}: vision_config")
             known = {
                 "model_type", "text_config", "vision_config", "mm_tokens_per_image", "boi_token_index",
@@ -248,9 +258,12 @@ class Gemma3Config:
                 extra={k: v for k, v in raw.items() if k not in known},
             )
         else:
+            architectures = raw.get("architectures")
+            named = (f"architectures {', '.join(map(str, architectures))}; "
+                     if isinstance(architectures, list) and architectures else "")
             raise Gemma3VLError(
-                f"{where}: model_type={model_type!r} is not a Gemma 3 checkpoint "
-                f"(expected {VL_MODEL_TYPE!r} or {TEXT_MODEL_TYPE!r})"
+                f"{where}: model_type={model_type!r} is not a Gemma 3 checkpoint ({named}expected "
+                f"{VL_MODEL_TYPE!r}, Gemma3ForConditionalGeneration, or {TEXT_MODEL_TYPE!r}, Gemma3ForCausalLM)"
             )
         cfg.validate()
         return cfg
@@ -261,6 +274,17 @@ class Gemma3Config:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
+            adapter = path.parent / "adapter_config.json"
+            if adapter.is_file():
+                try:
+                    base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+                except (ValueError, OSError, AttributeError):
+                    base = None
+                raise Gemma3VLError(
+                    f"{path.parent}: this is a PEFT adapter ({adapter.name}"
+                    f"{f', base model {base!r}' if base else ''}), not a model checkpoint: use its base model "
+                    "(gemma3vl eval takes the adapter with --adapter) or merge the adapter into it first"
+                )
             raise Gemma3VLError(f"{path}: no such file (a Gemma 3 checkpoint directory holds config.json)")
         try:
             raw = json.loads(path.read_text())
@@ -347,6 +371,11 @@ def _ids(value: Any) -> int | tuple[int, ...]:
     return int(value)
 
 
+def _theta(raw: dict[str, Any], key: str, default: float, where: str) -> float:
+    """A RoPE base frequency; absent or null means ``default`` (transformers' default theta)."""
+    return default if raw.get(key) is None else _number(raw, key, default, where, float)
+
+
 def _rope_from_dict(entry: dict[str, Any], default_theta: float, where: str) -> RopeConfig:
     if not isinstance(entry, dict):
         raise Gemma3VLError(f"{where}: expected an object, got {entry!r}")
@@ -356,7 +385,7 @@ def _rope_from_dict(entry: dict[str, Any], default_theta: float, where: str) -> 
             f"{where}: rope_type={rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     factor = float(entry.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return RopeConfig(theta=float(entry.get("rope_theta", default_theta)), rope_type=rope_type, factor=factor)
+    return RopeConfig(theta=_theta(entry, "rope_theta", default_theta, where), rope_type=rope_type, factor=factor)
 
 
 def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
@@ -375,7 +404,9 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
 
     layer_types = raw.get("layer_types")
     if layer_types is None:
-        pattern = raw.get("sliding_window_pattern", raw.get("_sliding_window_pattern", 6))
+        # Only ``sliding_window_pattern``: transformers (4.53+ and 5) ignores a ``_sliding_window_pattern`` key,
+        # which it writes beside ``layer_types`` (that one is what counts), so a file with only it means 6.
+        pattern = raw.get("sliding_window_pattern", 6)
         if not isinstance(pattern, int) or pattern < 1:
             raise Gemma3VLError(f"{where}: sliding_window_pattern={pattern!r} must be a positive integer")
         layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
@@ -383,16 +414,24 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
         raise Gemma3VLError(f"{where}: layer_types must be a list")
 
     rope_parameters = raw.get("rope_parameters")
+    # transformers fills what a layer type's entry leaves out from the legacy keys (rope_theta for global
+    # layers, rope_local_base_freq for sliding ones) and merges a legacy rope_scaling into the global entry.
+    global_theta = _theta(raw, "rope_theta", 1_000_000.0, where)
+    local_theta = _theta(raw, "rope_local_base_freq", 10_000.0, where)
     if isinstance(rope_parameters, dict) and (SLIDING in rope_parameters or FULL in rope_parameters):
-        rope_local = _rope_from_dict(rope_parameters.get(SLIDING, {}), 10_000.0, f"{where}: rope_parameters.{SLIDING}")
-        rope_global = _rope_from_dict(rope_parameters.get(FULL, {}), 1_000_000.0, f"{where}: rope_parameters.{FULL}")
+        global_entry = rope_parameters.get(FULL) or {}
+        if isinstance(global_entry, dict) and isinstance(raw.get("rope_scaling"), dict):
+            global_entry = {**global_entry, **raw["rope_scaling"]}
+        rope_local = _rope_from_dict(rope_parameters.get(SLIDING) or {}, local_theta,
+                                     f"{where}: rope_parameters.{SLIDING}")
+        rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_parameters.{FULL}")
     else:
         # Legacy: rope_scaling applies to global layers only (reference §1.1).
         scaling = raw.get("rope_scaling") or rope_parameters or {}
         global_entry = dict(scaling)
-        global_entry.setdefault("rope_theta", raw.get("rope_theta", 1_000_000.0))
-        rope_global = _rope_from_dict(global_entry, 1_000_000.0, f"{where}: rope_scaling")
-        rope_local = RopeConfig(theta=float(raw.get("rope_local_base_freq", 10_000.0)))
+        global_entry.setdefault("rope_theta", global_theta)
+        rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_scaling")
+        rope_local = RopeConfig(theta=local_theta)
 
     activation = raw.get("hidden_activation", raw.get("hidden_act", defaults.hidden_activation))
     softcap = raw.get("final_logit_softcapping")

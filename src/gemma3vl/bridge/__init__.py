@@ -1,8 +1,8 @@
 """HF <-> native checkpoint bridge: one declarative table (mapping.py), lossless in both directions,
 streamed tensor by tensor.
 
-Layouts (layouts.py): ``hub`` and ``transformers5`` (vision-language), ``memory`` (read; written on
-request), ``text`` (text-only). See convert.py for the native directory and its manifest.
+Layouts (layouts.py): ``hub`` and ``transformers5`` (vision-language), ``memory`` and ``memory4``
+(transformers 5 / 4.52-4.57 in-memory names: read; written on request), ``text`` (text-only). See convert.py for the native directory and its manifest.
 """
 
 from gemma3vl.bridge.convert import export_checkpoint, import_checkpoint

@@ -26,6 +26,10 @@ FORMAT = "gemma3vl-native"
 FORMAT_VERSION = 1
 MAX_PROBLEMS_SHOWN = 20
 NATIVE_LM_HEAD = "text.lm_head.weight"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter directory (not a model)
+# Weights are floating point; an integer or boolean tensor under a weight's name is a quantizer's or a
+# corrupt file's, and casting it into the model would give garbage without a word.
+WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 class WeightFiles:
@@ -58,9 +62,7 @@ class WeightFiles:
             self.files[SINGLE_FILE] = SafetensorsFile(single)
             return
         if not index.is_file():
-            others = sorted(p.name for p in self.directory.glob("*.bin"))
-            hint = f" (found {', '.join(others)}: only safetensors checkpoints are supported)" if others else ""
-            raise Gemma3VLError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found{hint}")
+            raise Gemma3VLError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found{self._no_weights_hint()}")
         try:
             text = index.read_bytes().decode("utf-8")  # bytes: read_text would turn "\r\n" into "\n"
             raw = json.loads(text)
@@ -82,6 +84,20 @@ class WeightFiles:
                     f"{path}: shard named in {index} is missing (it should hold {len(keys)} tensors, e.g. {keys[0]!r})"
                 )
             self.files[name] = SafetensorsFile(path)
+
+    def _no_weights_hint(self) -> str:
+        """Why a directory without model.safetensors or an index may still look like a checkpoint."""
+        if (self.directory / ADAPTER_CONFIG).is_file():
+            return (f" ({ADAPTER_CONFIG} is here: this is a PEFT adapter, not a model; use its base model "
+                    "(gemma3vl eval takes the adapter with --adapter) or merge the adapter into it first)")
+        others = sorted(p.name for p in self.directory.glob("*.bin"))
+        if others:
+            return f" (found {', '.join(others)}: only safetensors checkpoints are supported)"
+        others = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if others:
+            return (f" (found {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} but no {INDEX_FILE} "
+                    "saying which tensors each holds; transformers needs it too)")
+        return ""
 
     def __enter__(self) -> "WeightFiles":
         return self
@@ -135,6 +151,12 @@ class WeightFiles:
             if actual != tuple(shape):
                 problems.append(
                     f"{self.path_of(key)}: tensor {key!r} has shape {list(actual)}, expected {list(shape)}"
+                )
+            dtype = self.info(key).dtype
+            if dtype not in WEIGHT_DTYPES:
+                problems.append(
+                    f"{self.path_of(key)}: tensor {key!r} has dtype {dtype}, expected a floating-point dtype "
+                    f"({', '.join(WEIGHT_DTYPES)}); quantized or corrupt?"
                 )
         for key in sorted(self.keys() - set(expected)):
             problems.append(f"{self.path_of(key)}: unexpected tensor {key!r}")

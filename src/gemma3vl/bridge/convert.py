@@ -27,7 +27,7 @@ from gemma3vl.bridge.checkpoint import (
     FORMAT, FORMAT_VERSION, MANIFEST, NATIVE_LM_HEAD, SINGLE_FILE, HFCheckpoint, NativeCheckpoint, write_index,
 )
 from gemma3vl.bridge.fsutil import check_output_dir, copy_file_durable, side_files, staged_output, write_text_durable
-from gemma3vl.bridge.layouts import WRITABLE, get_layout
+from gemma3vl.bridge.layouts import WRITABLE, get_layout, source_export_layout
 from gemma3vl.bridge.mapping import Mapping, build_mappings
 from gemma3vl.bridge.safetensors_io import (
     DTYPES, PT_METADATA, PlannedTensor, canonical_order, plan_shards, shard_file_name, write_in_canonical_order,
@@ -39,7 +39,7 @@ HF_DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
 SPLIT_CACHE_BYTES = 2**30  # fused tensors whose HF parts wait for a later file (see _SplitCache)
 SIDE_DIR = "hf"
 # Which config.json form each layout's transformers writes (hub configs come from transformers 4.x).
-CONFIG_FORM = {"hub": "legacy", "transformers5": "v5", "memory": "v5"}
+CONFIG_FORM = {"hub": "legacy", "transformers5": "v5", "memory": "v5", "memory4": "legacy"}
 
 
 def import_checkpoint(
@@ -101,8 +101,8 @@ def export_checkpoint(
         target_name = source["layout"] if keep_source else layout
         if target_name not in WRITABLE:
             raise Gemma3VLError(f"unknown layout {layout!r} (choose source, {', '.join(WRITABLE)})")
-        if keep_source and target_name == "memory":
-            target_name = "transformers5"  # the in-memory names are read, not written, unless asked for
+        if keep_source:
+            target_name = source_export_layout(target_name)  # in-memory names are read, not written, unless asked for
         target = get_layout(target_name)
         mappings = build_mappings(native.config, target, lm_head=NATIVE_LM_HEAD in native.files.keys() or None)
         # Each HF key: the mapping it comes from and which of its parts it is.
@@ -154,7 +154,7 @@ def _source_split(native: NativeCheckpoint, planned: dict[str, PlannedTensor]):
     source_layout = get_layout(source["layout"])
     source_keys = {}  # source key -> target key, through (native name, part index)
     for old, new in zip(build_mappings(native.config, source_layout, lm_head=True),
-                        build_mappings(native.config, get_layout(_target_of(source["layout"])), lm_head=True)):
+                        build_mappings(native.config, get_layout(source_export_layout(source["layout"])), lm_head=True)):
         source_keys.update(zip(old.hf, new.hf))
     files, seen = {}, set()
     for entry in source["files"]:
@@ -181,10 +181,6 @@ def _source_split(native: NativeCheckpoint, planned: dict[str, PlannedTensor]):
         if metadata["total_size"] != total:  # dtypes changed since import: keep the index truthful
             metadata = {**metadata, "total_size": total}
     return files, metadata
-
-
-def _target_of(source_layout: str) -> str:
-    return "transformers5" if source_layout == "memory" else source_layout
 
 
 class _SplitCache:

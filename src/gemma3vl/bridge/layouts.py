@@ -9,6 +9,10 @@ name of an untied output matrix. The per-tensor names under those prefixes are t
   text and projector as on the hub, but the SigLIP tower without ``vision_model.``.
 * ``memory``: the module names of a transformers 5 model in memory (``model.state_dict()``), as some tools
   save them; transformers loads them as is. Read it; write it only when asked.
+* ``memory4``: the same for transformers 4.52 to 4.57, whose SigLIP tower still had ``vision_model.`` in
+  memory (``model.vision_tower.vision_model.*``): what accelerate, FSDP or DeepSpeed full state dicts of those
+  versions hold. transformers 5 loads it. Read it; write it only when asked (its source export is ``hub``,
+  what those versions' ``save_pretrained`` writes).
 * ``text``: ``Gemma3ForCausalLM`` (text-only checkpoints).
 """
 
@@ -49,13 +53,23 @@ LAYOUTS: dict[str, Layout] = {
                vision="vision_tower.", projector="multi_modal_projector."),
         Layout("memory", text="model.language_model.", lm_head="lm_head.weight",
                vision="model.vision_tower.", projector="model.multi_modal_projector."),
+        Layout("memory4", text="model.language_model.", lm_head="lm_head.weight",
+               vision="model.vision_tower.vision_model.", projector="model.multi_modal_projector."),
         Layout("text", text="model.", lm_head="lm_head.weight"),
     )
 }
 # When the keys fit several layouts equally well (a VL checkpoint whose vision keys are all missing), the
 # first of these wins; validation then reports exactly which keys are missing.
-_PREFERENCE = ("hub", "transformers5", "memory", "text")
-WRITABLE = ("hub", "transformers5", "memory", "text")
+_PREFERENCE = ("hub", "transformers5", "memory", "memory4", "text")
+WRITABLE = ("hub", "transformers5", "memory", "memory4", "text")
+# The layouts that are read but not given back as they are by a plain (``source``) export: the names
+# transformers' save_pretrained writes for the same model instead.
+SOURCE_EXPORT = {"memory": "transformers5", "memory4": "hub"}
+
+
+def source_export_layout(source_layout: str) -> str:
+    """The layout a ``source`` export writes for a checkpoint read in ``source_layout``."""
+    return SOURCE_EXPORT.get(source_layout, source_layout)
 
 
 def get_layout(name: str) -> Layout:
