@@ -31,9 +31,10 @@
 #   generate 4b         ~250 s with the default GENERATE_ARGS: the compiled step compiles in ~60 s per batch
 #                       size; eager batch 8 and transformers ~60 s; the long part ~60 s at 32,768 tokens (at 131,072, the default now: unmeasured). gpu_verify 4b ~150 s.
 #   flex_tune 4b        unmeasured; ~6 candidates x (compile ~15 s + timing): ~100 s.
-# PARTS picks and orders the steps (train = sft,lora). Default: generate,flex,packing,27b,verify,sft,lora,long: what
-# the H200 runs of 2026-11-28 left unmeasured first (generate's compiled-vs-eager tokens after the decode-attention
-# change, flex kernel options, the padded packing baseline, the 27B LoRA memory under the low-rank policy); the
+# PARTS picks and orders the steps (train = sft,lora). Default: sft,generate,flex,packing,27b,verify,lora,long: what
+# the H200 runs of 2026-11-28 left unmeasured first (the SFT step with the compiled loss and vision blocks and the
+# clipping inside fused AdamW, with its profile; generate's compiled-vs-eager tokens after the decode-attention
+# change; flex kernel options; the padded packing baseline; the 27B LoRA memory under the low-rank policy); the
 # budget cuts the last.
 
 set -u
@@ -41,7 +42,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-generate,flex,packing,27b,verify,sft,lora,long}
+PARTS=${PARTS:-sft,generate,flex,packing,27b,verify,lora,long}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
