@@ -173,7 +173,14 @@ class ConversationEncoder:
 
     def _refuse_control_strings(self, conversation: Conversation) -> None:
         for index, turn in enumerate(conversation.turns):
-            for text in turn.texts():
+            # Each text as written, and the turn as the template renders it: text parts trimmed and
+            # concatenated, so "<start_of_" + "turn>" in two parts is the control token the tokenizer sees.
+            rendered = (
+                turn.content.strip()
+                if isinstance(turn.content, str)
+                else "".join(part.strip() if isinstance(part, str) else "\0" for part in turn.content)
+            )
+            for text in [*turn.texts(), rendered]:
                 found = [token for token in self.control_strings if token in text]
                 if found:
                     raise BadRecord(

@@ -49,8 +49,12 @@ class EncodedPrompt:
         return int(self.input_ids.shape[0])
 
 
-def _template_message(turn: Turn, vision: bool) -> dict[str, Any]:
-    if not vision:
+def _template_message(turn: Turn) -> dict[str, Any]:
+    """The turn in transformers' list form, for VL and text-only checkpoints alike (the template trims each text
+    part and concatenates them, so a text-only turn must not be pre-joined into one string: " a", "b " -> "ab")."""
+    if turn.role == "system" and len(turn.parts) > 1:
+        # Gemma's template renders only ``content[0]['text']`` of a list-form system message, silently dropping
+        # the rest (an OpenAI client may send several text parts); the joined string is rendered whole.
         return {"role": turn.role, "content": turn.text}
     content: list[dict[str, Any]] = []
     for part in turn.parts:
@@ -61,10 +65,24 @@ def _template_message(turn: Turn, vision: bool) -> dict[str, Any]:
     return {"role": turn.role, "content": content}
 
 
-def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<start_of_image>") -> None:
+def rendered_text(turn: Turn) -> str:
+    """The turn's text as the chat template writes it: each text part trimmed, parts concatenated, an image
+    (written as ``<start_of_image>``, which splits the tokenizer's input) as a NUL that no token spans. A control
+    token's string split over two parts (``"<start_of_"``, ``"image>"``) appears here whole, as the tokenizer
+    will see it."""
+    if turn.role == "system":
+        return turn.text  # rendered as it is (not trimmed), parts joined (see _template_message)
+    return "".join("\0" if isinstance(part, Image.Image) else part.strip() for part in turn.parts)
+
+
+def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<start_of_image>",
+                image_token: str | None = "<image_soft_token>") -> None:
     """Refuse what the template would turn into a wrong prompt, with a message saying which turn."""
     if not turns:
         raise Gemma3VLError("the conversation is empty")
+    # Typed as text, <image_soft_token> becomes an image slot with no image behind it: the model's forward
+    # then fails on a soft-token count mismatch (transformers' too), far from the message that caused it.
+    reserved = [boi_token] + ([image_token] if image_token and config.is_vision_language else [])
     for index, turn in enumerate(turns):
         if turn.role not in ROLES:
             raise Gemma3VLError(f"message {index}: role {turn.role!r} is not one of {', '.join(ROLES)}")
@@ -72,12 +90,26 @@ def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<star
             raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
         if turn.images and turn.role != "user":
             raise Gemma3VLError(f"message {index}: images can only be in user messages, not {turn.role!r} ones")
-        if boi_token in turn.text:
+        text = rendered_text(turn)
+        found = [token for token in reserved if token in turn.text or token in text]
+        if found:
             raise Gemma3VLError(
-                f"message {index}: the text contains {boi_token}; images are attached as images, not placeholders"
+                f"message {index}: the text contains {', '.join(found)}; images are attached as images, not "
+                "placeholders"
             )
         if turn.role == "system" and index != 0:
             raise Gemma3VLError(f"message {index}: a system message can only come first")
+    # The template's own rule, checked here to name the message: after an optional system message, user and
+    # assistant messages alternate, starting with a user one.
+    first = 1 if turns[0].role == "system" else 0
+    for index in range(first, len(turns)):
+        expected = "user" if (index - first) % 2 == 0 else "assistant"
+        if turns[index].role != expected:
+            raise Gemma3VLError(
+                f"message {index}: expected {'an' if expected == 'assistant' else 'a'} {expected} message, got a "
+                f"{turns[index].role!r} one (after an optional system message, user and assistant messages must "
+                "alternate, starting with user)"
+            )
     if turns[-1].role != "user":
         raise Gemma3VLError("the last message must be a user message (the model answers it)")
 
@@ -87,10 +119,11 @@ def encode_conversation(
 ) -> EncodedPrompt:
     """Token ids (and pixel values) of ``turns`` through the chat template, ending with the model's turn."""
     tokenizer = tokenizer_of(processor)
-    check_turns(turns, config, getattr(tokenizer, "boi_token", None) or "<start_of_image>")
+    check_turns(turns, config, getattr(tokenizer, "boi_token", None) or "<start_of_image>",
+                getattr(tokenizer, "image_token", None) or "<image_soft_token>")
     has_images = any(turn.images for turn in turns)
     image_kwargs = pan_and_scan_settings(processor, pan_and_scan) if has_images else {}
-    messages = [_template_message(turn, config.is_vision_language) for turn in turns]
+    messages = [_template_message(turn) for turn in turns]  # text-only: check_turns refused images
     try:
         encoded = apply_chat_template(processor, messages, image_kwargs,
                                       no_template="the checkpoint has no chat template, so it cannot hold a "

@@ -142,16 +142,30 @@ def build_inputs(
     image_kwargs = pan_and_scan_settings(processor, pan_and_scan) if images else {}
     boi = getattr(tokenizer, "boi_token", None) or "<start_of_image>"
     placeholders = prompt.count(boi)
+    soft = getattr(tokenizer, "image_token", None) or "<image_soft_token>"
+    if config.is_vision_language and soft in prompt:
+        # It would become an image slot with no image behind it; the forward pass then fails on a soft-token
+        # count mismatch (transformers' too), far from the prompt that caused it.
+        raise Gemma3VLError(
+            f"the prompt contains {soft} as text; it is the slot of one image patch token, written by the "
+            f"processor, not by hand (place images with --image{' and ' + boi if raw else ''})"
+        )
     if raw:
         if placeholders != len(images):
             raise Gemma3VLError(
                 f"the prompt has {placeholders} {boi} placeholder(s) but {len(images)} image(s) were given "
                 "(with --raw, put one placeholder in the prompt per image)"
             )
+        # A raw prompt that already starts with <bos> (a chat-formatted prompt pasted as it is) gets no second
+        # one: transformers' own apply_chat_template does the same when its rendered prompt starts with <bos>;
+        # the model never saw a doubled <bos> in training.
+        bos = getattr(tokenizer, "bos_token", None)
+        special = {"add_special_tokens": False} if bos and prompt.startswith(bos) else {}
         if not config.is_vision_language:
-            encoded = tokenizer(prompt, return_tensors="pt")
+            encoded = tokenizer(prompt, return_tensors="pt", **special)
         else:
-            encoded = processor(text=[prompt], images=[images] if images else None, return_tensors="pt", **image_kwargs)
+            encoded = processor(text=[prompt], images=[images] if images else None, return_tensors="pt",
+                                **image_kwargs, **special)
     else:
         if placeholders:
             raise Gemma3VLError(
