@@ -280,3 +280,49 @@ def test_image_parts_alone_train_under_tp2_as_in_one_process(workdir, data):
     checked(torchrun(2, sharded, *args, "parallel.tp=2"))
     assert_losses_match(losses(sharded), losses(single))
     assert_weights_match(exported(sharded), exported(single))
+
+
+def _worker_pid(agent: int, rank: int) -> int | None:
+    """The pid of torchrun worker ``rank`` (a child of the agent whose environment says RANK=rank), Linux /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == agent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(data, workdir):
+    """SIGTERM reaching only rank 1 of an FSDP run: both ranks stop after the same step (the stop flag is reduced
+    over the job each step) and save one complete checkpoint of it together."""
+    import signal
+    import time
+
+    out = workdir / "sigterm"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "gemma3vl",
+               "train", "--recipe", "tiny_sft", "--out", str(out), *inputs(data), *COMMON, "train.steps=400",
+               "checkpoint.every=0", "parallel.dp_shard=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    agent = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while not (out / "metrics.jsonl").is_file() or '"step": 1' not in (out / "metrics.jsonl").read_text():
+            assert agent.poll() is None and time.time() < deadline, "the run never logged its first step"
+            time.sleep(0.05)
+        worker = _worker_pid(agent.pid, 1)
+        assert worker is not None
+        os.kill(worker, signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=TIMEOUT_S)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").exists(), stderr[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 400
+    assert f"stopped at step {step} of 400 (a stop signal on another rank)" in stderr, stderr[-3000:]

@@ -337,3 +337,48 @@ def test_a_stale_adapter_in_a_reused_out_is_pointed_out(tmp_path, capsys):
                  "train.eval_every=0"]) == 0
     assert f"{tmp_path / 'adapter'} is from an earlier run in this OUT" in capsys.readouterr().err
     assert (tmp_path / "adapter" / "adapter_config.json").read_text() == "{}"
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's preemption) mid-run: the step in progress finishes, a checkpoint of it is saved
+    (checkpoint.every would not have saved one), the command exits 143, and --resume gives the losses of an
+    uninterrupted run."""
+    from gemma3vl.train.trainer import Trainer
+
+    args = ["train", "--recipe", "tiny_sft", "train.steps=4", "checkpoint.every=0", "train.eval_every=0", *FAST]
+    whole = tmp_path / "whole"
+    assert main([*args, "--out", str(whole)]) == 0
+    stopped = tmp_path / "stopped"
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        record = real_step(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step's bookkeeping is still running
+        return record
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert main([*args, "--out", str(stopped)]) == 128 + signal.SIGTERM
+    assert "stopped at step 2 of 4 (SIGTERM)" in capsys.readouterr().err
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-00000002"]
+    assert not (stopped / "hf").exists()  # not finished: no export
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main([*args, "--out", str(stopped), "--resume"]) == 0
+    assert last_per_step(read_metrics(stopped / "metrics.jsonl"), "loss") == \
+        last_per_step(read_metrics(whole / "metrics.jsonl"), "loss")
+    assert (stopped / "hf").is_dir()
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from gemma3vl.train.trainer import StopSignals
+
+    notes = []
+    with StopSignals(notes.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # (delivered at the next bytecode boundary)
+        assert stop.received == signal.SIGINT and "stopping after this step" in notes[0]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

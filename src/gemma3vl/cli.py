@@ -1,4 +1,4 @@
-"""The ``gemma3vl`` command line: convert, generate, chat, serve, verify, train, eval, demo.
+"""The ``gemma3vl`` command line: convert, generate, chat, serve, verify, train, eval, plan, recipes, demo.
 
 Standard output carries only results (generated text, or the verify table); progress and diagnostics go
 to standard error. A bad input ends in one ``error: ...`` line naming the file/key/shape and exit code 2.
@@ -304,6 +304,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from gemma3vl.train.config import build_config, set_value
     from gemma3vl.train.run import run_training
+    from gemma3vl.train.trainer import TrainingStopped
 
     if not args.recipe and not args.config:
         raise Gemma3VLError("give --recipe NAME or --config FILE (`gemma3vl recipes` lists the recipes)")
@@ -316,7 +317,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             set_value(cfg, key, value)
     cfg.validate()
-    result = run_training(cfg, resume=args.resume)
+    try:
+        result = run_training(cfg, resume=args.resume)
+    except TrainingStopped as stopped:  # SIGTERM / Ctrl-C: a checkpoint of the last whole step was saved
+        if os.environ.get("RANK", "0") == "0":
+            log(f"stopped: {stopped}")
+        return stopped.exit_code
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         log(f"trained {result.steps} steps; final loss {result.final_loss}")
     return 0
@@ -393,7 +399,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The sampling flags of generate (read by ``sampling_from``)."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help=f"at most N new tokens per answer ({max_new_tokens})")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (default: the checkpoint's sampling)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -427,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model_dir", help="HF checkpoint directory or native directory")
     gen.add_argument("--prompt", default=None, help="the prompt (required unless --batch)")
     gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="at most N new tokens (128)")
     gen.add_argument("--greedy", action="store_true", help="argmax decoding (default: the checkpoint's sampling)")
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--top-k", type=int, default=None)
@@ -503,12 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(func=cmd_verify)
 
     train = commands.add_parser("train", help="fine-tune (full SFT or LoRA/DoRA) on image+text conversations")
-    train.add_argument("--recipe", default=None, help="a recipe from `gemma3vl recipes`")
+    train.add_argument("--recipe", default=None,
+                       help="a recipe from `gemma3vl recipes` (or recipe: NAME in the --config file)")
     train.add_argument("--config", default=None, metavar="FILE.yaml", help="settings file (YAML or JSON)")
-    train.add_argument("--model", default=None, metavar="HF_OR_NATIVE_DIR")
+    train.add_argument("--model", default=None, metavar="HF_OR_NATIVE_DIR",
+                       help="the checkpoint to fine-tune (model.path; tiny recipes bring their own)")
     train.add_argument("--data", default=None, metavar="PATH", help="training conversations (JSONL, LLaVA, HF dataset)")
     train.add_argument("--eval-data", default=None, metavar="PATH", help="held-out conversations")
-    train.add_argument("--out", default=None, metavar="DIR")
+    train.add_argument("--out", default=None, metavar="DIR", help="output directory (default: ./out)")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="continue from the latest checkpoint in OUT/checkpoints, or from PATH")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 optim.lr=1e-4")

@@ -116,6 +116,12 @@ class ParallelContext:
         dist.all_reduce(tensor, group=mesh.get_group())
         return tensor.tolist()
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank of the whole job (every rank gets the same answer)."""
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
     def gather_over_dp(self, value: Any) -> list[Any]:
         """Every data-parallel rank's ``value`` (a picklable object), in data-parallel rank order."""
         gathered: list[Any] = [None] * self.dims.dp

@@ -217,6 +217,17 @@ class TrainConfig:
                 raise Gemma3VLError(f"{key}={value} must be >= {low}")
         if self.peft.method != "none" and self.peft.rank < 1:
             raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
+        if self.peft.method != "none":  # checked here, naming the key, rather than after the model has loaded
+            if not 0.0 <= self.peft.dropout < 1.0:
+                raise Gemma3VLError(f"peft.dropout={self.peft.dropout} must be in [0, 1)")
+            from gemma3vl.train.lora import TEXT_PROJECTIONS
+
+            unknown = [name for name in self.peft.targets if name not in TEXT_PROJECTIONS]
+            if unknown:
+                raise Gemma3VLError(f"peft.targets: unknown projection(s) {', '.join(unknown)}; the text decoder's "
+                                    f"are {', '.join(TEXT_PROJECTIONS)}")
+            if not self.peft.targets and not self.peft.include_vision:
+                raise Gemma3VLError("peft.targets is empty and peft.include_vision=false: nothing to adapt")
         if self.parallel.pp_stages_per_rank < 1:
             raise Gemma3VLError(f"parallel.pp_stages_per_rank={self.parallel.pp_stages_per_rank} must be >= 1")
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):
@@ -264,8 +275,8 @@ RECIPE_NOTES = {
     "gemma3_vl_12b_peft": "LoRA r16 on the 12B text attention and MLP projections",
     "gemma3_vl_27b_sft": "full SFT of the 27B",
     "gemma3_vl_27b_peft": "LoRA r16 on the 27B text attention and MLP projections",
-    "tiny_sft": "full SFT of a tiny random model on drawn shapes; seconds on a CPU",
-    "tiny_peft": "LoRA on a tiny random model on drawn shapes; seconds on a CPU",
+    "tiny_sft": "full SFT of a tiny random model on drawn shapes; about a minute on a CPU",
+    "tiny_peft": "LoRA on a tiny random model on drawn shapes; about a minute on a CPU",
 }
 
 

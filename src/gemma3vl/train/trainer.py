@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,6 +50,45 @@ class TrainResult:
     steps: int
     final_loss: float | None
     history: list[dict[str, Any]]
+
+
+class TrainingStopped(Gemma3VLError):
+    """The run stopped early on SIGTERM or SIGINT, after saving a checkpoint of its last whole step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended: 143, 130
+
+
+class StopSignals:
+    """While training: SIGTERM (a scheduler's preemption, ``kill``, ``docker stop``) or SIGINT (Ctrl-C) asks the run
+    to stop after the step in progress, with a checkpoint; a second SIGINT stops at once (``KeyboardInterrupt``).
+    Only the main thread can install handlers; elsewhere the signals keep their usual meaning."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, note=None):
+        self.received: int | None = None
+        self._note = note
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self._note is not None:
+            self._note(f"{signal.Signals(signum).name}: stopping after this step with a checkpoint (a second Ctrl-C "
+                       "stops at once, without one)")
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def freeze(model: Gemma3Model, cfg: TrainConfig) -> None:
@@ -241,6 +282,17 @@ class Trainer:
         return result
 
     def run(self, logger: MetricsLogger) -> TrainResult:
+        with StopSignals(logger.note) as stop:
+            return self._run(logger, stop)
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether a stop signal reached this process or (under torchrun) any other: every rank stops at the
+        same step, so their checkpoint is one whole step."""
+        if self.parallel is not None:
+            return self.parallel.any_rank(stop.received is not None)
+        return stop.received is not None
+
+    def _run(self, logger: MetricsLogger, stop: StopSignals) -> TrainResult:
         cfg = self.cfg
         last_loss = None
         if self.evaluator is not None and self.step == 0:
@@ -272,9 +324,18 @@ class Trainer:
             evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
             if self.evaluator is not None and (evaluate_now or self.step == cfg.train.steps):
                 self._evaluate(logger)
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.steps:
+            saved = (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or self.step == cfg.train.steps
+            if saved:
                 path = self.save()
                 logger.note(f"checkpoint: {path}")
+            if self.step < cfg.train.steps and self._stop_requested(stop):
+                if not saved:
+                    path = self.save()
+                    logger.note(f"checkpoint: {path}")
+                name = signal.Signals(stop.received).name if stop.received is not None else "a stop signal on another rank"
+                raise TrainingStopped(
+                    f"stopped at step {self.step} of {cfg.train.steps} ({name}); the checkpoint {path} holds it: "
+                    f"run the same command with --resume to continue", stop.received or signal.SIGTERM)
         return TrainResult(steps=self.step, final_loss=last_loss, history=logger.history)
 
 
