@@ -59,3 +59,29 @@ def test_the_unfused_optimizer_and_sharded_layouts_do_not_fold(tmp_path):
     cfg.data.eval_path = None
     trainer, _ = build_trainer(cfg, tmp_path)
     assert not trainer.fold_clipping
+
+
+@pytest.mark.parametrize("dtype,autocast", [("auto", True), ("float32", False), ("bfloat16", True)])
+def test_model_dtype_float32_turns_autocast_off(tmp_path, monkeypatch, dtype, autocast):
+    """``model.dtype=float32`` computes in float32: the training step (and the held-out loss) ask for no bf16
+    autocast; ``auto`` does (it applies on CUDA to float32 weights). On a CUDA device ``autocast_for`` then gives
+    torch.autocast or nothing."""
+    from gemma3vl.train import trainer as trainer_module
+
+    asked = []
+    real = trainer_module.autocast_for
+
+    def recording(model, device, enabled=True):
+        asked.append(enabled)
+        return real(model, device, enabled)
+
+    monkeypatch.setattr(trainer_module, "autocast_for", recording)
+    cfg = build_config("tiny_sft", overrides=[*FAST, "train.steps=1", f"model.dtype={dtype}", f"out={tmp_path}"])
+    trainer, _ = build_trainer(cfg, tmp_path)
+    trainer.train_step()
+    trainer.evaluator.loss(trainer.model)
+    assert asked and set(asked) == {autocast}
+    model = torch.nn.Linear(2, 2)
+    cuda = torch.device("cuda")
+    assert isinstance(real(model, cuda, True), torch.autocast)
+    assert not isinstance(real(model, cuda, False), torch.autocast)

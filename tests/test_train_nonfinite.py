@@ -25,8 +25,8 @@ def poison(monkeypatch, bad_steps: set[int], micro_per_step: int = 2) -> None:
     real = trainer_module.step_loss
     calls = {"n": 0}
 
-    def step_loss(model, batch, device):
-        summed, count = real(model, batch, device)
+    def step_loss(model, batch, device, **options):
+        summed, count = real(model, batch, device, **options)
         step = calls["n"] // micro_per_step + 1
         calls["n"] += 1
         return (summed * math.nan if step in bad_steps else summed), count

@@ -62,7 +62,8 @@ class WeightFiles:
             self.files[SINGLE_FILE] = SafetensorsFile(single)
             return
         if not index.is_file():
-            raise Gemma3VLError(f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found{self._no_weights_hint()}")
+            raise Gemma3VLError(
+                f"{self.directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found{self._no_weights_hint()}")
         try:
             text = index.read_bytes().decode("utf-8")  # bytes: read_text would turn "\r\n" into "\n"
             raw = json.loads(text)

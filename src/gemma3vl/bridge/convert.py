@@ -154,7 +154,8 @@ def _source_split(native: NativeCheckpoint, planned: dict[str, PlannedTensor]):
     source_layout = get_layout(source["layout"])
     source_keys = {}  # source key -> target key, through (native name, part index)
     for old, new in zip(build_mappings(native.config, source_layout, lm_head=True),
-                        build_mappings(native.config, get_layout(source_export_layout(source["layout"])), lm_head=True)):
+                        build_mappings(native.config, get_layout(source_export_layout(source["layout"])),
+                                       lm_head=True)):
         source_keys.update(zip(old.hf, new.hf))
     files, seen = {}, set()
     for entry in source["files"]:

@@ -463,7 +463,9 @@ def build_pipeline(
     local_indices = [pp_rank + k * pp for k in range(per_rank)]
     weight_dtype = next(model.parameters()).dtype
     boundary_dtype = param_dtype or weight_dtype
-    autocast = device.type == "cuda" and weight_dtype == torch.float32
+    # bf16 autocast where the one-process run has it (model.dtype=auto: fp32 weights, bf16 compute); not for
+    # model.dtype=float32, whose compute dtype (param_dtype) is None.
+    autocast = device.type == "cuda" and weight_dtype == torch.float32 and param_dtype == torch.bfloat16
     inputs = StepInputs()
     sharded = context.dims.tp_enabled or context.dims.fsdp_enabled
     modules: list[nn.Module] = []

@@ -38,11 +38,13 @@ class Evaluator:
         metrics: list[str] | None = None,
         slice_batch: Callable[[Any], Any] | None = None,
         sum_slices: Callable[[float, float], list[float]] | None = None,
+        autocast: bool = True,
     ):
         """``slice_batch`` / ``sum_slices``: under context parallelism, each batch becomes this rank's slice of
         every row (``parallel.context.shard_batch``) and the slices' summed losses and target counts are added
         over the context-parallel ranks, so a long held-out row is never held whole on one rank."""
         self.slice_batch = slice_batch
+        self.autocast = autocast  # as the training step (trainer.uses_autocast)
         self.sum_slices = sum_slices
         self.dataset = dataset
         self.loader = BatchLoader(dataset, micro_batch_size)
@@ -86,7 +88,7 @@ class Evaluator:
         for batch in self.loader:
             if self.slice_batch is not None:
                 batch = self.slice_batch(batch)
-            summed, targets = step_loss(model, batch, self.device)
+            summed, targets = step_loss(model, batch, self.device, autocast=self.autocast)
             total += float(summed)
             count += targets
         if self.sum_slices is not None:

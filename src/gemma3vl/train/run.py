@@ -40,7 +40,7 @@ from gemma3vl.train.lora import LoraConfig, apply_lora, merge_lora, parameter_su
 from gemma3vl.train.metrics import MetricsLogger, plot_losses
 from gemma3vl.train.peft_export import write_peft_adapter
 from gemma3vl.train.steps import StepFeed
-from gemma3vl.train.trainer import Trainer, TrainResult, freeze, write_run_config
+from gemma3vl.train.trainer import Trainer, TrainResult, freeze, uses_autocast, write_run_config
 
 TINY_TRAIN_RECORDS = 256
 TINY_EVAL_RECORDS = 48
@@ -285,7 +285,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
             eval_data, micro_batch_size=cfg.train.micro_batch_size,
             accuracy_samples=accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
             stop_token_ids=model_config.stop_token_ids, device=device, metrics=cfg.data.eval_metrics(),
-            slice_batch=slice_batch, sum_slices=sum_slices,
+            slice_batch=slice_batch, sum_slices=sum_slices, autocast=uses_autocast(cfg),
         )
     return Trainer(cfg, model, feed, out, device, evaluator, parallel=parallel), train_data
 

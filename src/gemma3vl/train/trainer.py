@@ -10,7 +10,8 @@ step is logged with ``skipped: true`` and the source lines of its conversations,
 error after ``train.max_nonfinite_steps`` such steps in a row — never a silently NaN model.
 
 Precision: on CUDA the parameters stay float32 (master weights) and the forward runs under bf16 autocast;
-``model.dtype=bfloat16`` keeps the weights themselves in bf16 (half the memory, no fp32 master copy).
+``model.dtype=bfloat16`` keeps the weights themselves in bf16 (half the memory, no fp32 master copy), and
+``model.dtype=float32`` computes in float32 (no autocast).
 On the CPU everything is float32.
 
 Under ``torchrun`` (``parallel`` given) each data-parallel rank runs its own micro-batches, and the step's
@@ -113,17 +114,24 @@ def drop_image_gradients(model: Gemma3Model) -> None:
             param.grad = None
 
 
-def autocast_for(model: Gemma3Model, device: torch.device):
-    """bf16 autocast over fp32 master weights on CUDA; nothing on CPU or for bf16 weights."""
-    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+def autocast_for(model: Gemma3Model, device: torch.device, enabled: bool = True):
+    """bf16 autocast over fp32 master weights on CUDA (``model.dtype=auto``); nothing on CPU, for bf16 weights, or
+    when not ``enabled`` (``model.dtype=float32``: float32 compute)."""
+    if enabled and device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
-def step_loss(model: Gemma3Model, batch: Batch | ContextParallelBatch, device: torch.device
-              ) -> tuple[torch.Tensor, int]:
+def uses_autocast(cfg: TrainConfig) -> bool:
+    """Whether the forward runs under bf16 autocast where the weights are float32 on CUDA: yes for
+    ``model.dtype=auto``; ``float32`` asks for float32 compute."""
+    return cfg.model.dtype != "float32"
+
+
+def step_loss(model: Gemma3Model, batch: Batch | ContextParallelBatch, device: torch.device,
+              autocast: bool = True) -> tuple[torch.Tensor, int]:
     batch = batch.to(device)
-    with autocast_for(model, device):
+    with autocast_for(model, device, autocast):
         if isinstance(batch, ContextParallelBatch):  # parallel.cp > 1: this rank's slice of every row
             return batch.loss(model)
         return model.loss(batch.input_ids, batch.targets, batch.info, batch.pixel_values)
@@ -150,6 +158,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = 0
+        self.autocast = uses_autocast(cfg)
         self.last_eval: dict[str, Any] = {}
         self.pipeline = getattr(model, "pipeline", None)  # parallel.pp > 1: gemma3vl.parallel.pipeline.Pipeline
         # One process with torch's fused AdamW: clipping and the non-finite skip happen inside its kernel.
@@ -213,7 +222,7 @@ class Trainer:
             # would make the host wait for each backward before it could queue the next micro-batch's forward.
             loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
             for batch in micro_batches:
-                summed, _ = step_loss(self.model, batch, self.device)
+                summed, _ = step_loss(self.model, batch, self.device, autocast=self.autocast)
                 if summed.requires_grad:  # (not when only image parts train and this micro-batch has no image)
                     (summed / max(total_targets, 1)).backward()
                 loss_total += summed.detach().double()
@@ -332,7 +341,8 @@ class Trainer:
                 if not saved:
                     path = self.save()
                     logger.note(f"checkpoint: {path}")
-                name = signal.Signals(stop.received).name if stop.received is not None else "a stop signal on another rank"
+                name = (signal.Signals(stop.received).name if stop.received is not None
+                        else "a stop signal on another rank")
                 raise TrainingStopped(
                     f"stopped at step {self.step} of {cfg.train.steps} ({name}); the checkpoint {path} holds it: "
                     f"run the same command with --resume to continue", stop.received or signal.SIGTERM)
