@@ -225,11 +225,18 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path):
     assert norms == last_per_step(read_metrics(whole / "metrics.jsonl"), "grad_norm")
 
 
-def test_refuses_to_clobber_checkpoints_without_resume(tmp_path):
+def test_refuses_to_clobber_checkpoints_without_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", "data.eval_accuracy_samples=0",
                  *FAST]) == 0
+    import gemma3vl.train.run as run_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(run_module, "build_trainer", no_loading)
     assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", *FAST]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-00000001").is_dir()
 
 

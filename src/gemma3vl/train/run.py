@@ -366,15 +366,16 @@ def check_resume_settings(saved_path: Path, current: dict[str, Any]) -> None:
 
 
 def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
-    if resume:  # before anything loads
+    # Both checks before anything loads (a 27B takes minutes to load only to be refused).
+    if resume:
         check_resume_settings(out / "train_config.json", cfg.to_dict())
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise Gemma3VLError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
     trainer, train_data = build_trainer(cfg, out)
     main = is_main_process()
     if resume:
         trainer.resume(None if resume is True else Path(resume))
         say(f"resumed at step {trainer.step}")
-    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise Gemma3VLError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
     elif main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     if main:
