@@ -1,7 +1,8 @@
 """``optim.cpu_offload``: AdamW with its state on the host (``gemma3vl.train.schedule.HostOffloadAdamW``).
 
 The oracle is ``torch.optim.AdamW`` itself: on fp32 parameters the offloaded optimizer must take the very same
-steps, and on bf16 parameters it must give what AdamW over fp32 master weights gives, rounded to bf16. A DCP
+steps, and on bf16 parameters it must give what AdamW over fp32 master weights gives, rounded to bf16 (exactly:
+both run torch's fused CPU kernel, ``fused=True``). A DCP
 checkpoint of it resumes to the same next step. CPU only: on a GPU the same code adds the two copies.
 """
 
@@ -49,7 +50,7 @@ def test_same_steps_as_torch_adamw_with_decay_groups_and_schedule():
 def test_bf16_weights_train_on_fp32_masters():
     ours, reference = small_model(torch.bfloat16), small_model(torch.bfloat16).float()
     optimizer = HostOffloadAdamW(ours.parameters(), lr=1e-3, weight_decay=0.0)
-    plain = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    plain = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     # One step on the same gradients: the fp32 reference's update rounded to bf16, not a bf16 AdamW's.
     generator = torch.Generator().manual_seed(3)
     grads = [torch.randn(p.shape, generator=generator) for p in reference.parameters()]

