@@ -84,7 +84,7 @@ class ImageLoader:
                 source,
                 IMAGE_OUTSIDE_DATASET,
                 f"image {value!r} resolves to {path}, outside the dataset directory {root} "
-                "(set allow_outside_paths to permit it)",
+                "(in training, data.allow_outside_paths=true permits it)",
             )
         try:
             return load_image(path, self.max_image_pixels)  # decoded, size-checked, turned upright
@@ -94,7 +94,7 @@ class ImageLoader:
     def _fetch(self, url: str, source: str) -> Image.Image:
         if not self.allow_remote_images:
             raise BadRecord(
-                source, REMOTE_IMAGE_REFUSED, f"image {url!r} is remote; set allow_remote_images to fetch it"
+                source, REMOTE_IMAGE_REFUSED, f"image {url!r} is remote (in training, data.allow_remote_images=true fetches it)"
             )
         try:
             with urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S) as response:  # noqa: S310 (scheme checked)
