@@ -78,17 +78,29 @@ def test_lora_under_tp_computes_what_one_process_computes(name, lora_single, wor
     assert config == json.loads((lora_single / "adapter" / "adapter_config.json").read_text())
 
 
-def test_dora_under_tp2_computes_what_one_process_computes(workdir, data):
-    """DoRA: the magnitude of a row-parallel projection (o, down) needs whole-row norms, summed over the ranks."""
-    single, sharded = workdir / "dora_single", workdir / "dora_tp2"
-    dora = ["peft.method=dora"]
-    assert main(["train", "--recipe", "tiny_peft", "--out", str(single), *inputs(workdir), *COMMON, *dora]) == 0
-    checked(torchrun(2, sharded, *inputs(workdir), *COMMON, *dora, "parallel.tp=2", recipe="tiny_peft"))
-    adapter = exported(single, "adapter")
-    assert sum("lora_magnitude_vector" in name for name in adapter) == 7 * 4
-    assert_losses_match(losses(sharded), losses(single))
+@pytest.fixture(scope="module")
+def dora_single(workdir, data):
+    single = workdir / "dora_single"
+    assert main(["train", "--recipe", "tiny_peft", "--out", str(single), *inputs(workdir), *COMMON,
+                 "peft.method=dora"]) == 0
+    return single
+
+
+@pytest.mark.parametrize("name,settings", [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])])
+def test_dora_under_sharded_loading_computes_what_one_process_computes(workdir, dora_single, name, settings):
+    """DoRA, loaded shard by shard: each magnitude starts from its projection's whole base rows, read from the
+    checkpoint one module at a time on the host (``sharded_load.dora_magnitudes``), of which each rank keeps its
+    box. Under TP the magnitude of a row-parallel projection (o, down) needs whole-row norms in the forward too,
+    summed over the ranks."""
+    sharded = workdir / f"dora_{name}"
+    result = checked(torchrun(2, sharded, *inputs(workdir), *COMMON, "peft.method=dora", *settings,
+                              recipe="tiny_peft"))
+    assert "sharded loading" in result.stderr
+    adapter = exported(dora_single, "adapter")
+    assert sum("lora_magnitude_vector" in key for key in adapter) == 7 * 4
+    assert_losses_match(losses(sharded), losses(dora_single))
     assert_weights_match(exported(sharded, "adapter"), adapter)
-    assert_weights_match(exported(sharded), exported(single))
+    assert_weights_match(exported(sharded), exported(dora_single))
 
 
 @pytest.fixture(scope="module")

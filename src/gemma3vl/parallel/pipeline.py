@@ -20,9 +20,10 @@ process, and the reverse).
 Where the stages come from. Usually from a whole model built on the meta device (no memory): each stage is
 parallelized there, given empty storage (``to_empty``) and filled by ``load`` — sharded loading
 (``parallel/sharded_load.py``), which reads from the checkpoint exactly the boxes of this rank's stages, by
-their (the whole model's) names. So a rank never holds more of the model than its stages' shards. Otherwise
-(DoRA, whose magnitudes start from whole base rows) from a whole model loaded into host memory, of which each
-stage keeps its modules. LoRA adapters live in the blocks they adapt, so they go with their block's stage.
+their (the whole model's) names. So a rank never holds more of the model than its stages' shards (DoRA's
+starting magnitudes, norms of whole base rows, are computed from the checkpoint beforehand, one module at a time).
+Otherwise (a layout that loads whole) from a whole model in host memory, of which each stage keeps its modules.
+LoRA adapters live in the blocks they adapt, so they go with their block's stage.
 
 The tied embedding. Gemma 3 ties the output matrix to the embedding, and the first and the last stage both
 need it. The last stage gets its own copy (same name ``text.embed.weight``, same values: sharded loading reads

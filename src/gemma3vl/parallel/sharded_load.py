@@ -11,7 +11,8 @@ replicated parameter where the layout replicates it).
 
 Parameters that are not in the checkpoint (LoRA adapters) come from ``extra``: whole tensors made on the
 CPU exactly as a single process makes them (so a sharded run starts from the same adapters), of which each
-rank keeps its box.
+rank keeps its box. DoRA's magnitudes start from the base weights' row norms: :func:`dora_magnitudes` computes
+them from the checkpoint, one base weight at a time on the host, as a single process computes them.
 """
 
 from __future__ import annotations
@@ -66,3 +67,27 @@ def load_sharded(model_dir: str | Path, model: nn.Module, *, extra: dict[str, to
                 local.copy_(source.to(device=local.device, dtype=local.dtype))
                 del source
         return checkpoint.files.bytes_read
+
+
+def dora_magnitudes(model_dir: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The starting magnitude of every DoRA adapter of ``model`` (built on ``meta``, adapters applied, not yet
+    parallelized): ``||W + s·BA||`` row-wise of its projection's base rows (``LoraAdapter.weight_norm``, B zero),
+    with W read whole from ``model_dir`` one module at a time, on the host. By state-dict name, for ``extra``."""
+    from gemma3vl.train.lora import lora_modules
+
+    magnitudes: dict[str, torch.Tensor] = {}
+    with open_checkpoint(model_dir) as checkpoint:
+        by_name = {m.native: m for m in checkpoint.mappings}
+        with torch.no_grad():
+            for name, module in lora_modules(model):
+                chosen = {key: adapter for key, adapter in module.adapters.items() if adapter.magnitude is not None}
+                if not chosen:
+                    continue
+                mapping = by_name[f"{name}.weight"]
+                whole = checkpoint.read_native_region(mapping, tuple(slice(0, n) for n in mapping.native_shape))
+                parts = module.op.to_hf(whole.to(module.weight.dtype))
+                for projection, weight in zip(module.projections, parts):
+                    if projection in chosen:
+                        magnitudes[f"{name}.adapters.{projection}.magnitude"] = chosen[projection].weight_norm(weight)
+                del whole, parts
+    return magnitudes

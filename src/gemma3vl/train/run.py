@@ -33,7 +33,7 @@ from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel import ParallelContext, ParallelDims, init_distributed, launched_by_torchrun, parallelize
 from gemma3vl.parallel.context import ContextParallelFeed, shard_batch
 from gemma3vl.parallel.export import gather_full_state, gather_pipeline_state, plain_model
-from gemma3vl.parallel.sharded_load import load_sharded
+from gemma3vl.parallel.sharded_load import dora_magnitudes, load_sharded
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.evaluate import Evaluator
 from gemma3vl.train.lora import LoraConfig, apply_lora, merge_lora, parameter_summary
@@ -151,8 +151,8 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
 
 def loads_sharded(cfg: TrainConfig, parallel: ParallelContext | None) -> bool:
     """Whether each rank reads only its own shards of the checkpoint (parallel/sharded_load.py): every
-    layout, pipeline stages included, except DoRA (its magnitudes start from whole base rows)."""
-    return parallel is not None and parallel.dims.world_size > 1 and cfg.peft.method != "dora"
+    layout, pipeline stages and DoRA included."""
+    return parallel is not None and parallel.dims.world_size > 1
 
 
 def set_attention(model: Gemma3Model, cfg: TrainConfig, device: torch.device) -> None:
@@ -179,6 +179,8 @@ def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: tor
     if cfg.peft.method != "none":
         apply_lora(model, lora_config(cfg))  # adapters made on the CPU, as one process makes them
         extra = {name: param.detach().clone() for name, param in model.named_parameters() if not param.is_meta}
+        if cfg.peft.method == "dora":  # magnitudes from the base rows, read one module at a time
+            extra.update(dora_magnitudes(cfg.model.path, model))
         model = model.to("meta")
     p = cfg.parallel
     if parallel.dims.pp > 1:  # (pipeline parallelism) each stage parallelized on meta, then its shards read
