@@ -86,7 +86,8 @@ def dora_single(workdir, data):
     return single
 
 
-@pytest.mark.parametrize("name,settings", [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"])])
+@pytest.mark.parametrize("name,settings", [("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]),
+                                           ("fsdp2", ["parallel.dp_shard=2"])])
 def test_dora_under_sharded_loading_computes_what_one_process_computes(workdir, dora_single, name, settings):
     """DoRA, loaded shard by shard: each magnitude starts from its projection's whole base rows, read from the
     checkpoint one module at a time on the host (``sharded_load.dora_magnitudes``), of which each rank keeps its
