@@ -68,6 +68,30 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_merge(args: argparse.Namespace) -> int:
+    """``convert merge``: base checkpoint + PEFT adapter -> a complete HF checkpoint with the adapter folded in."""
+    import torch
+
+    from gemma3vl import bridge
+    from gemma3vl.bridge.checkpoint import open_checkpoint
+    from gemma3vl.bridge.safetensors_io import DTYPES
+    from gemma3vl.evaluation.loading import check_adapter, merge_adapter
+    from gemma3vl.infer.loading import load_model
+
+    started = time.perf_counter()
+    check_adapter(args.base_dir, args.adapter_dir)
+    with open_checkpoint(args.base_dir) as base:
+        stored = {base.native_dtype(m) for m in base.mappings if not m.optional}
+    # Held in the base's own dtype (bf16 for the hub models: half of float32's memory); each adapted projection is
+    # merged in float32 and rounded once to it, and the export writes the base's dtypes anyway.
+    dtype = DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
+    model, _ = load_model(args.base_dir, device="cpu", dtype=dtype)
+    log(merge_adapter(model, args.base_dir, args.adapter_dir))
+    out = bridge.export_model(model, args.base_dir, args.out_dir, layout=args.layout, overwrite=args.overwrite)
+    log(f"merged {args.adapter_dir} into {args.base_dir} -> {out} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- generate
 def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Sampling":
     """Sampling for ``generate`` / ``chat``: the checkpoint's generation config, then the sampling flags."""
@@ -128,8 +152,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = check_generate_flags(args)
     model_dir = Path(args.model_dir)
     images = [load_image(path) for path in args.image]
+    if args.adapter is not None:
+        from gemma3vl.evaluation.loading import check_adapter, merge_adapter
+
+        check_adapter(model_dir, args.adapter)
     started = time.perf_counter()
     model, config = load_model(model_dir, device=args.device, dtype=args.dtype)
+    if args.adapter is not None:
+        log(merge_adapter(model, model_dir, args.adapter))
     processor = load_processor(model_dir, config)
     inputs = build_inputs(
         processor, config, args.prompt, images, raw=args.raw, pan_and_scan=True if args.pan_and_scan else None
@@ -186,7 +216,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"{batch_path}: no such prompts file")
     check_output_path(output_path, batch_path)
     check_generate_flags(args)
-    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
+    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     log(runtime.describe())
     note_compile(args.compile, runtime.device)
     defaults = BatchDefaults(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
@@ -205,7 +235,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from gemma3vl.infer.chat import ChatSession, run_chat
     from gemma3vl.infer.runtime import InferenceRuntime
 
-    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
+    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     sampling = sampling_from(args, runtime.model_dir, runtime.config)
     sampling.validate()
     log(runtime.describe())
@@ -237,7 +267,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"--batch-wait-ms {args.batch_wait_ms} must be >= 0")
     if args.allow_local_images is not None and not Path(args.allow_local_images).is_dir():
         raise Gemma3VLError(f"--allow-local-images {args.allow_local_images}: not a directory")
-    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype)
+    runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     log(runtime.describe())
     settings = ServerSettings(
         host=args.host, port=args.port, model_name=args.served_model_name, max_batch_size=args.max_batch_size,
@@ -397,6 +427,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
 
 
+def add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA/DoRA adapter for MODEL_DIR (OUT/adapter of gemma3vl train, or "
+                             "PeftModel.save_pretrained), merged into the weights at load")
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The sampling flags of generate (read by ``sampling_from``)."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
@@ -429,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reshard to this size (default: the source's own file split)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     exp.set_defaults(func=cmd_convert_export)
+    merge = direction.add_parser("merge", help="base checkpoint + PEFT LoRA/DoRA adapter -> merged HF checkpoint")
+    merge.add_argument("base_dir", help="the adapter's base model (HF or native directory)")
+    merge.add_argument("adapter_dir", help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("out_dir")
+    merge.add_argument("--layout", choices=["source", "hub", "transformers5", "memory", "memory4", "text"],
+                       default="source", help="key layout to write (default: the base's)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    merge.set_defaults(func=cmd_convert_merge)
 
     gen = commands.add_parser("generate", help="generate text for a prompt and images")
     gen.add_argument("model_dir", help="HF checkpoint directory or native directory")
@@ -453,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CUDA: decode steps as one compiled CUDA graph (torch.compile): compiling takes about a "
                           "minute once, then each token is ~20x faster than eager (4B on an H200: 309 vs 15 tok/s); "
                           "worth it for long answers and --batch files. Ignored on the CPU")
+    add_adapter_option(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = commands.add_parser("chat", help="multi-turn terminal chat with images, streaming the answers")
@@ -467,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --compile: the positions (conversation + answer) its one KV cache holds (8192); a "
                            "longer conversation needs /reset")
     add_model_options(chat)
+    add_adapter_option(chat)
     chat.set_defaults(func=cmd_chat)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
@@ -474,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
     add_model_options(serve)
+    add_adapter_option(serve)
     serve.add_argument("--served-model-name", default=None, metavar="NAME",
                        help="the model id clients use (default: the directory's name)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (8)")

@@ -114,7 +114,7 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
         base = None
     raise Gemma3VLError(
         f"{model_dir} is the merged export of the training run that wrote the adapter {adapter_dir}: the adapter "
-        f"is already in its weights. Evaluate {model_dir} without --adapter, or the base model "
+        f"is already in its weights. Use {model_dir} without --adapter, or the base model "
         f"({base or 'model.path of the run'}) with --adapter")
 
 
@@ -153,6 +153,25 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge:
     if merge:
         merge_lora(model)
     return lora
+
+
+def check_adapter(model_dir: str | Path, adapter_dir: str | Path) -> None:
+    """What can be checked of ``--adapter`` before the model loads: a PEFT adapter directory with its weights, and
+    not the adapter of ``model_dir``'s own training run (:func:`check_adapter_base`)."""
+    adapter_dir = Path(adapter_dir)
+    read_adapter_config(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise Gemma3VLError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    check_adapter_base(model_dir, adapter_dir)
+
+
+def merge_adapter(model: torch.nn.Module, model_dir: str | Path, adapter_dir: str | Path) -> str:
+    """Put the PEFT adapter of ``adapter_dir`` on ``model`` (loaded from ``model_dir``) and fold it into the weights;
+    returns a line saying what was merged."""
+    check_adapter(model_dir, adapter_dir)
+    lora = load_peft_adapter(model, adapter_dir)
+    targets = lora.targets + (lora.vision_targets if lora.include_vision else ())
+    return f"adapter {adapter_dir}: LoRA{' (DoRA)' if lora.use_dora else ''} r{lora.rank} on {', '.join(targets)}, merged"
 
 
 def _modern_key(key: str) -> str:

@@ -138,13 +138,7 @@ def evaluate_model(model_dir: str | Path, examples: list[Example], *, adapter: s
     from gemma3vl.infer.runtime import InferenceRuntime
 
     say = report or (lambda message: print(message, file=sys.stderr, flush=True))
-    runtime = InferenceRuntime.load(model_dir, device=device, dtype=dtype)
-    if adapter is not None:
-        from gemma3vl.evaluation.loading import load_peft_adapter
-
-        lora = load_peft_adapter(runtime.model, adapter)
-        say(f"adapter {adapter}: LoRA{' (DoRA)' if lora.use_dora else ''} r{lora.rank} on "
-            f"{', '.join(lora.targets + (lora.vision_targets if lora.include_vision else ()))}, merged")
+    runtime = InferenceRuntime.load(model_dir, device=device, dtype=dtype, adapter=adapter)
     say(runtime.describe())
     if not runtime.config.is_vision_language and all(_has_image(example) for example in examples):
         raise Gemma3VLError(f"{model_dir}: a text-only Gemma 3 checkpoint cannot answer these examples: "
@@ -198,9 +192,9 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
     if out.exists() and not out.is_dir():
         raise Gemma3VLError(f"--out {out}: exists and is not a directory")
     if adapter is not None:
-        from gemma3vl.evaluation.loading import check_adapter_base
+        from gemma3vl.evaluation.loading import check_adapter
 
-        check_adapter_base(model_dir, adapter)
+        check_adapter(model_dir, adapter)
     found = read_examples(data, layout=layout, split=split, limit=limit, report=say)
     notes: list[str] = []
     if metrics:

@@ -34,15 +34,27 @@ class InferenceRuntime:
     generation_defaults: dict[str, Any]
     load_seconds: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
+    adapter_note: str | None = None  # what --adapter merged into the weights
 
     @classmethod
-    def load(cls, model_dir: str | Path, *, device: str | None = None, dtype: str | None = None) -> "InferenceRuntime":
+    def load(cls, model_dir: str | Path, *, device: str | None = None, dtype: str | None = None,
+             adapter: str | Path | None = None) -> "InferenceRuntime":
+        """``adapter``: a PEFT LoRA/DoRA adapter directory for ``model_dir``, merged into the weights at load (so
+        decoding runs the plain model at full speed)."""
         model_dir = Path(model_dir)
         started = time.perf_counter()
+        note = None
+        if adapter is not None:
+            from gemma3vl.evaluation.loading import check_adapter, merge_adapter
+
+            check_adapter(model_dir, adapter)  # before the model loads
         model, config = load_model(model_dir, device=device, dtype=dtype)
+        if adapter is not None:
+            note = merge_adapter(model, model_dir, adapter)
         processor = load_processor(model_dir, config)
         defaults = read_generation_defaults(model_dir)
-        return cls(model_dir, model, config, processor, defaults, load_seconds=time.perf_counter() - started)
+        return cls(model_dir, model, config, processor, defaults, load_seconds=time.perf_counter() - started,
+                   adapter_note=note)
 
     @property
     def tokenizer(self) -> Any:
@@ -59,7 +71,7 @@ class InferenceRuntime:
     def describe(self) -> str:
         dtype = next(self.model.parameters()).dtype
         return (f"loaded {self.model_dir} ({self.config.text.num_hidden_layers} layers, {dtype}, {self.device}) "
-                f"in {self.load_seconds:.1f}s")
+                f"in {self.load_seconds:.1f}s" + (f"; {self.adapter_note}" if self.adapter_note else ""))
 
     def sampling(self, *, max_new_tokens: int, greedy: bool = False, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Sampling:
