@@ -1,9 +1,11 @@
 """How each row picks its next token: per-row settings, transformers' logits processors, a seeded draw.
 
 Logits are processed in float32 as transformers does: repetition penalty (greedy rows too), then temperature,
-top-k, top-p; then argmax for greedy rows and a seeded draw for the others. Every setting is per row, and each
-row draws from its own generator, so a row's tokens do not depend on the rest of the batch: ``generate`` and the
-server's continuous batching (``engine.py``) put unrelated requests in one batch.
+top-k, top-p; then argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
+the processors transformers' ``generate`` assembles, bit for bit on the CPU (tests/test_sampling_parity.py); the
+draw does not reproduce transformers' ``torch.multinomial`` tokens for the same seed. Every setting is per row,
+and each row draws from its own generator, so a row's tokens do not depend on the rest of the batch: ``generate``
+and the server's continuous batching (``engine.py``) put unrelated requests in one batch.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ class RowSampling:
     generators: list[torch.Generator | None]  # per row; None: torch's global generator
     sampled: list[bool]  # per row: not greedy
     any_penalty: bool
+    # float32 [B]: top-p's cut ``1 - top_p`` worked out in float64 before the cast, as transformers' comparison with
+    # a Python float does (float32(1) - float32(0.95) is 1.2e-8 off). None: from ``top_p``.
+    top_p_cut: torch.Tensor | None = None
+    max_top_k: int = 0  # the largest top-k of a row that filters (top_k < vocab); 0: no row does
+    any_top_p: bool = False  # whether a sampled row has top_p < 1 (transformers adds TopPLogitsWarper then only)
 
     @classmethod
     def from_samplings(
@@ -84,16 +91,20 @@ class RowSampling:
         def when_sampled(values, off):
             return [value if on else off for value, on in zip(values, sampled)]
 
+        top_k = when_sampled([min(s.top_k or vocab_size, vocab_size) for s in samplings], vocab_size)
+        top_p = when_sampled([float(s.top_p or 1.0) for s in samplings], 1.0)
         return cls(
             greedy=column([s.greedy for s in samplings], torch.bool),
             temperature=column(when_sampled([s.temperature for s in samplings], 1.0), torch.float32),
-            top_k=column(when_sampled([min(s.top_k or vocab_size, vocab_size) for s in samplings], vocab_size),
-                         torch.long),
-            top_p=column(when_sampled([s.top_p or 1.0 for s in samplings], 1.0), torch.float32),
+            top_k=column(top_k, torch.long),
+            top_p=column(top_p, torch.float32),
             repetition_penalty=column([s.repetition_penalty for s in samplings], torch.float32),
             generators=when_sampled(list(generators), None),
             sampled=sampled,
             any_penalty=any(s.repetition_penalty != 1.0 for s in samplings),
+            top_p_cut=column([1.0 - p for p in top_p], torch.float32),
+            max_top_k=max((k for k in top_k if k < vocab_size), default=0),
+            any_top_p=any(p < 1.0 for p in top_p),
         )
 
     @property
@@ -109,8 +120,9 @@ def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator |
 
 
 def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] bool: which ids occur in each row's prompt (padding left out, so a row is penalised the same
-    alone or in a batch; transformers also penalises the pad id of left-padded rows)."""
+    """[B, V] bool: which ids occur in each row's prompt, image soft tokens included, padding left out (so a row is
+    penalised the same alone or in a batch), as transformers 5's ``generate`` does (``prompt_ignore_length``: the
+    left padding's length)."""
     batch = input_ids.shape[0]
     seen = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=input_ids.device)
     real = (attention_mask != 0) & (input_ids >= 0) & (input_ids < vocab_size)
@@ -119,10 +131,13 @@ def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_siz
 
 
 def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 [B, V] logits -> scores: repetition penalty (transformers' RepetitionPenaltyLogitsProcessor:
-    positive logits of seen tokens divided by the penalty, negative ones multiplied), then for sampled rows
-    temperature, top-k (keep scores >= the k-th largest, ties kept), top-p (drop the low tail whose mass is
-    <= 1 - p, always keeping the top token), in transformers' order."""
+    """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: repetition penalty
+    (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
+    multiplied), then for sampled rows temperature, top-k (keep scores >= the k-th largest, ties kept), top-p (sort
+    what top-k left, drop the low tail whose mass is <= 1 - p, always keeping the top token). A row whose top-k
+    or top-p does not filter (top_k >= V, top_p = 1) is left as it is, as transformers adds no warper for it.
+    Top-p sorts the scores top-k left, as ``TopPLogitsWarper`` does: with ties at the cut, which of the tied
+    tokens go depends on that sort's order."""
     scores = logits
     if seen is not None:
         penalty = rows.repetition_penalty[:, None]
@@ -131,14 +146,20 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
         return scores
     scores = scores / rows.temperature[:, None]
     vocab = scores.shape[-1]
-    ascending, order = scores.sort(dim=-1)
-    kth_largest = ascending.gather(1, (vocab - rows.top_k)[:, None])
-    ascending = ascending.masked_fill(ascending < kth_largest, float("-inf"))
-    tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop = tail_mass <= (1 - rows.top_p)[:, None]
-    drop[:, -1] = False
-    ascending = ascending.masked_fill(drop, float("-inf"))
-    return torch.empty_like(scores).scatter_(1, order, ascending)
+    if rows.max_top_k:
+        largest = scores.topk(min(rows.max_top_k, vocab), dim=-1).values  # [B, max k], descending
+        filters = rows.top_k < vocab
+        kth_largest = largest.gather(1, (rows.top_k.clamp(max=rows.max_top_k) - 1)[:, None])
+        kth_largest = torch.where(filters[:, None], kth_largest, float("-inf"))
+        scores = scores.masked_fill(scores < kth_largest, float("-inf"))
+    if rows.any_top_p:
+        ascending, order = scores.sort(dim=-1)
+        tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
+        cut = rows.top_p_cut if rows.top_p_cut is not None else 1 - rows.top_p
+        drop = (tail_mass <= cut[:, None]) & (rows.top_p < 1)[:, None]
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
 
 
 def choose_tokens(scores: torch.Tensor, rows: RowSampling, active: Sequence[bool] | None = None) -> torch.Tensor:

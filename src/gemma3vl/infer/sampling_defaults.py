@@ -47,7 +47,8 @@ def resolve_sampling(
 
     As transformers' ``generate``: a generation-config value that is absent or ``null`` takes transformers' global
     default (temperature 1.0, top-k 50, top-p 1.0), so sampling from a checkpoint whose config names no top-k still
-    keeps the 50 most likely tokens, as it would there."""
+    keeps the 50 most likely tokens, as it would there. The generation config's ``repetition_penalty`` applies too
+    (there is no setting for it here), greedy or not, as it does in transformers."""
     stop = defaults.get("eos_token_id")
     if stop is None:
         stop = list(config.stop_token_ids)
@@ -67,11 +68,13 @@ def resolve_sampling(
         seed=seed,
         stop_token_ids=stop_ids,
         pad_token_id=config.text.pad_token_id,
+        # transformers applies the generation config's repetition penalty to greedy and sampled decoding alike
+        repetition_penalty=_default(defaults, "repetition_penalty", float),
     )
 
 
 # transformers' GenerationConfig._get_default_generation_params: what generate uses for a value left unset
-TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 def _default(defaults: dict[str, Any], key: str, kind: type) -> Any:

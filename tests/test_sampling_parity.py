@@ -1,0 +1,254 @@
+"""Generation semantics against transformers, the oracle: its logits processors as ``generate`` assembles them
+(``_get_logits_processor`` from a ``GenerationConfig``), its batched greedy ``generate`` with an EOS list and a
+repetition penalty on left-padded rows with and without images, and the generation config values it applies.
+
+Where transformers has no counterpart the behaviour checked is the documented one: stop strings are OpenAI's
+``stop`` (looked for in the generated text only, the answer cut before the first one; transformers'
+``StopStringCriteria`` also matches a stop string that starts in the prompt and never cuts), and a seeded row
+draws the same tokens whatever batch it is in (not transformers' tokens for that seed: it draws with
+``torch.multinomial``, we with an exponential race).
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList, TopPLogitsWarper
+
+from gemma3vl import verify
+from gemma3vl.infer import generate as generate_module
+from gemma3vl.infer.generate import (
+    RowSampling,
+    Sampling,
+    generate,
+    generate_result,
+    process_logits,
+    seen_tokens,
+    stream_generate,
+)
+from gemma3vl.infer.loading import load_model
+from gemma3vl.infer.prompt import load_processor, tokenizer_of
+from gemma3vl.tiny import tiny_hf_config, write_tiny_checkpoint
+from gemma3vl.tiny_tokenizer import write_tokenizer_and_processor
+
+CPU = torch.device("cpu")
+IMAGE_TOKEN = 9  # the tiny vocabulary's <image_soft_token>
+
+
+@pytest.fixture(scope="module")
+def hf_text_model():
+    """A transformers model, only for its ``_get_logits_processor`` (the processors ``generate`` would run)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Gemma3ForCausalLM(Gemma3TextConfig(**tiny_hf_config(text_only=True, num_hidden_layers=1))).eval()
+
+
+def hf_processors(model, s: Sampling, ids: torch.Tensor, mask: torch.Tensor) -> LogitsProcessorList:
+    config = GenerationConfig(do_sample=not s.greedy, temperature=s.temperature, top_k=s.top_k or 0,
+                              top_p=s.top_p if s.top_p is not None else 1.0,
+                              repetition_penalty=s.repetition_penalty)
+    return model._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
+                                       encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
+                                       logits_processor=LogitsProcessorList(), device="cpu",
+                                       model_kwargs={"attention_mask": mask})
+
+
+def random_case(rng: random.Random, generator: torch.Generator, vocab: int) -> torch.Tensor:
+    """[V] logits: Gaussian, or small integers (many ties at every cut), some -inf (a masked vocabulary)."""
+    if rng.random() < 0.4:
+        logits = torch.randint(-3, 4, (vocab,), generator=generator).float() * rng.choice([0.5, 1.0, 2.0])
+    else:
+        logits = torch.randn(vocab, generator=generator) * rng.choice([0.5, 3.0, 10.0])
+    if rng.random() < 0.3:
+        logits[torch.rand(vocab, generator=generator) < 0.3] = float("-inf")
+        logits[rng.randrange(vocab)] = 0.0
+    return logits
+
+
+def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
+    """Repetition penalty (prompt with left padding and image soft tokens, then generated tokens), temperature
+    (down to 0.05: probabilities that underflow to 0), top-k and top-p with ties at both cuts, -inf logits, the
+    off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one vectorised pass equals, bit
+    for bit, the processors transformers' ``generate`` assembles from the same ``GenerationConfig``."""
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    for case in range(150):
+        vocab, batch = rng.choice([12, 40, 300]), rng.choice([1, 3])
+        settings = [Sampling(greedy=rng.random() < 0.15,
+                             temperature=rng.choice([1.0, 0.7, 1.3, 0.05, 2.0]),
+                             top_k=rng.choice([None, 1, 2, 3, 5, 10, vocab, vocab + 5]),
+                             top_p=rng.choice([None, 1.0, 0.95, 0.9, 0.5, 0.3, 0.1]),
+                             repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7, 2.0]))
+                    for _ in range(batch)]
+        width = rng.randint(2, 10)
+        ids = torch.randint(0, vocab, (batch, width), generator=generator)
+        ids[:, -1] = IMAGE_TOKEN
+        mask = torch.ones_like(ids)
+        for row in range(batch):
+            pad = rng.randint(0, width - 1)
+            ids[row, :pad], mask[row, :pad] = 0, 0  # left padding: <pad> is not "already seen"
+        rows = RowSampling.from_samplings(settings, vocab, CPU)
+        seen = seen_tokens(ids, mask, vocab) if rows.any_penalty else None
+        processors = [hf_processors(hf_text_model, s, ids[row:row + 1], mask[row:row + 1])
+                      for row, s in enumerate(settings)]
+        sequence = ids
+        for _step in range(2):  # the prompt, then the prompt and one generated token
+            logits = torch.stack([random_case(rng, generator, vocab) for _ in range(batch)])
+            got = process_logits(logits.clone(), rows, seen)
+            for row in range(batch):
+                expected = processors[row](sequence[row:row + 1], logits[row:row + 1].clone())[0]
+                assert torch.equal(got[row], expected), (case, settings[row], got[row], expected)
+            new = got.argmax(dim=-1)
+            if seen is not None:
+                seen.scatter_(1, new[:, None], True)
+            sequence = torch.cat([sequence, new[:, None]], dim=1)
+
+
+def test_top_p_cuts_at_one_minus_p_worked_out_in_float64():
+    """transformers compares the float32 tail mass with the Python float ``1 - top_p`` (cast to float32:
+    0.1 for top_p 0.9), not with float32(1) - float32(0.9) (0.100000024): a tail of mass 0.10000001 stays."""
+    logits = torch.tensor([[-2.1972243785858154, 0.0]])
+    expected = TopPLogitsWarper(0.9)(None, logits.clone())
+    assert torch.isfinite(expected).all()
+    rows = RowSampling.from_samplings([Sampling(greedy=False, top_p=0.9)], 2, CPU)
+    assert torch.equal(process_logits(logits.clone(), rows), expected)
+
+
+def test_generation_config_repetition_penalty_applies_as_in_transformers():
+    """transformers' ``generate`` applies a ``repetition_penalty`` from generation_config.json (greedy too); so
+    does our default sampling. Absent or null: 1.0, its global default."""
+    from gemma3vl.config import Gemma3Config
+    from gemma3vl.infer.sampling_defaults import resolve_sampling
+
+    config = Gemma3Config.from_hf_dict(tiny_hf_config())
+    for given in ({"repetition_penalty": 1.2}, {"do_sample": True, "repetition_penalty": 0.9},
+                  {"repetition_penalty": None}, {}):
+        theirs = GenerationConfig(**given)
+        theirs.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+        ours = resolve_sampling(given, config, max_new_tokens=4)
+        assert ours.repetition_penalty == theirs.repetition_penalty, given
+        assert ours.greedy == (not theirs.do_sample)
+
+
+# ------------------------------------------------------------------------- greedy generate, batched, vs HF
+@pytest.fixture
+def vl(hf_checkpoint):
+    directory, reference = hf_checkpoint()
+    write_tokenizer_and_processor(directory, tiny_hf_config())
+    ours, config = load_model(directory, device=CPU, dtype=torch.float32)
+    return reference, ours, config
+
+
+def hf_batched(reference, config, batch, new_tokens, eos, **settings):
+    """transformers' greedy ``generate`` on the left-padded batch; each row's new tokens up to its first EOS."""
+    generation = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=list(eos),
+                                  pad_token_id=config.text.pad_token_id, **settings)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = reference.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 token_type_ids=(batch["input_ids"] == config.image_token_id).long(),
+                                 pixel_values=batch["pixel_values"], generation_config=generation)
+    rows = []
+    for tokens in out[:, batch["input_ids"].shape[1]:].tolist():
+        ends = [i for i, t in enumerate(tokens) if t in eos]
+        rows.append(tokens[:ends[0] + 1] if ends else tokens)
+    return rows
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.6])
+def test_batched_greedy_with_an_eos_list_equals_transformers(vl, penalty):
+    """Three left-padded rows of different lengths (2, 1 and 0 images): with an EOS list one row ends early (its
+    EOS kept, nothing after it) while the others go on unchanged to exactly ``max_new_tokens``; with a repetition
+    penalty too (transformers 5 leaves the left padding out of it, as we do)."""
+    reference, ours, config = vl
+    batch = verify.synthetic_batch(config)
+    args = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    free = generate(ours, batch["input_ids"], sampling=Sampling(max_new_tokens=10, repetition_penalty=penalty),
+                    **args)
+    assert free == hf_batched(reference, config, batch, 10, eos=[], repetition_penalty=penalty)
+    # row 1 ends at its 4th token; the last allowed token of row 0 also stops it, exactly at the limit
+    eos = (*config.stop_token_ids, free[1][3], free[0][9])
+    result = generate_result(ours, batch["input_ids"], **args,
+                             sampling=Sampling(max_new_tokens=10, repetition_penalty=penalty, stop_token_ids=eos))
+    expected = hf_batched(reference, config, batch, 10, eos=eos, repetition_penalty=penalty)
+    assert result.tokens == expected
+    for row, tokens in enumerate(result.tokens):
+        assert tokens == free[row][:len(tokens)]  # a finished row changes nothing in the others
+        assert result.finish_reasons[row] == ("stop" if tokens[-1] in eos else "length")
+    assert len(result.tokens[1]) <= 4 and result.finish_reasons[0] == "stop" and len(result.tokens[0]) <= 10
+
+
+# ------------------------------------------------------------------------------------------ stop strings
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("parity") / "tiny")
+    model, config = load_model(directory, device="cpu", dtype=torch.float32)
+    return model, tokenizer_of(load_processor(directory, config))
+
+
+def scripted(monkeypatch, rows: list[list[int]]) -> None:
+    """Every step chooses the next scripted token of each row instead of the model's."""
+    step = {"n": 0}
+
+    def choose(scores, settings, active=None):
+        n = step["n"]
+        step["n"] += 1
+        return torch.tensor([row[min(n, len(row) - 1)] for row in rows], device=scores.device)
+
+    monkeypatch.setattr(generate_module, "choose_tokens", choose)
+
+
+@pytest.mark.parametrize("stops, prompt, ends_after, text", [
+    # split over the tokens 't' '.' ' ' 'E': stops at 'E', the stop string cut from the text
+    (("t. E",), "hi", 10, "the cat sa"),
+    # in the prompt only ("XYZ"), or across the prompt's end and the first new token ("hit"): no stop
+    (("XYZ", "hit"), "XYZ hi", None, "the cat sat. END here"),
+    # overlapping: ". E" completes first (at 'E'), before "t. END" would (at 'D')
+    (("t. END", ". E"), "hi", 10, "the cat sat"),
+    # two completing at the same token: cut before the one that starts first
+    ((". E", "sat. E"), "hi", 10, "the cat "),
+    # completed by the last allowed token: a stop, not the length
+    (("here",), "hi", 14, "the cat sat. END "),
+])
+def test_stop_strings(tiny, monkeypatch, stops, prompt, ends_after, text):
+    model, tokenizer = tiny
+    script = tokenizer.encode("the cat sat. END here", add_special_tokens=False)  # 15 tokens, one piece each
+    assert [tokenizer.decode([t]) for t in script[8:12]] == [".", " ", "E", "N"]
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True)])
+    sampling = Sampling(max_new_tokens=len(script), stop_strings=stops)
+    scripted(monkeypatch, [script])
+    result = generate_result(model, ids, sampling=sampling, tokenizer=tokenizer)
+    count = len(script) if ends_after is None else ends_after + 1
+    assert result.tokens == [script[:count]]  # the tokens of the stop string kept, as transformers keeps them
+    assert result.texts == [text]
+    assert result.finish_reasons == ["length" if ends_after is None else "stop"]
+    monkeypatch.undo()
+    scripted(monkeypatch, [script])
+    deltas = [event.text_delta for event in stream_generate(model, ids, sampling=sampling, tokenizer=tokenizer)]
+    assert "".join(deltas) == text and len(deltas) == count  # streaming never hands out a piece of a stop
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch(vl):
+    """What holds: a seeded row's tokens depend on its prompt, settings and seed, not on its neighbours (greedy,
+    unseeded ones drawing from torch's global generator, ones ending early) nor on their number. What does not:
+    equality with transformers' sampled tokens for the same seed, or with another device's."""
+    _, ours, config = vl
+    batch = verify.synthetic_batch(config)
+    args = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    seeded = Sampling(max_new_tokens=8, greedy=False, temperature=1.5, top_k=40, top_p=0.95, seed=11)
+    neighbours = [
+        [Sampling(max_new_tokens=8), Sampling(max_new_tokens=3)],
+        [Sampling(max_new_tokens=8, greedy=False, temperature=2.0), Sampling(max_new_tokens=2, greedy=False)],
+        [seeded, Sampling(max_new_tokens=8, greedy=False, seed=11, repetition_penalty=1.3)],
+    ]
+    runs = [generate(ours, batch["input_ids"], sampling=[*others, seeded], **args)[2] for others in neighbours]
+    keep = batch["attention_mask"][2].bool()
+    alone = generate(ours, batch["input_ids"][2][keep][None], sampling=seeded)[0]  # row 2 has no image
+    assert runs == [alone] * 3
+    assert generate(ours, batch["input_ids"][2][keep][None], sampling=Sampling(max_new_tokens=8))[0] != alone
