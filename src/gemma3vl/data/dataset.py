@@ -159,7 +159,13 @@ class ConversationDataset:
                 self.epoch_samples += 1
                 yield sample
         if order and self.epoch_samples == 0:
-            raise Gemma3VLError(f"{self.config.path}: no usable record in a whole epoch; {self._summary}")
+            if self.num_ranks == 1:
+                raise Gemma3VLError(f"{self.config.path}: no usable record in a whole epoch; {self._summary}")
+            # Only this rank's share of the order: the other ranks', or this rank's share of the next epoch, may
+            # hold usable records. The reader of the batches (train.steps.StepFeed) stops when two epochs in a
+            # row give this rank nothing.
+            logger.warning("data rank %d of %d: no usable record in its share of epoch %d", self.rank,
+                           self.num_ranks, self.epoch)
         self.epoch += 1
         self.position = 0
         self.epoch_samples = 0

@@ -19,16 +19,31 @@ class StepFeed:
     def __init__(self, loader: BatchLoader, micro_batches_per_step: int):
         self.loader = loader
         self.micro_batches_per_step = micro_batches_per_step
-        self._batches: Iterator[Batch] = iter(loader)
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        """Iterate the loader from the dataset's position; ``_whole`` is whether that is an epoch's beginning."""
+        self._whole = self.loader.dataset.position == 0
+        self._batches: Iterator[Batch] = iter(self.loader)
 
     def _next_batch(self) -> Batch:
-        for _ in range(2):  # the end of an epoch: start the next one
+        # The end of an epoch: start the next one. Under data parallelism a rank's share of one epoch may hold
+        # no usable record (the dataset moves on to the next); two such whole epochs in a row stop the run.
+        empty = 0
+        while True:
             try:
-                return next(self._batches)
+                batch = next(self._batches)
+                self._whole = False
+                return batch
             except StopIteration:
-                self._batches = iter(self.loader)
-        raise Gemma3VLError(f"{self.loader.dataset.config.path}: this process read no batch in a whole epoch "
-                            "(fewer records than data-parallel ranks?)")
+                empty += int(self._whole)
+                self._start_epoch()
+                if empty == 2:
+                    break
+        dataset = self.loader.dataset
+        who = f"data rank {dataset.rank} of {dataset.num_ranks}" if dataset.num_ranks > 1 else "this process"
+        raise Gemma3VLError(f"{dataset.config.path}: {who} read no usable record in two epochs in a row (fewer "
+                            f"records than data-parallel ranks, or only bad ones in its share?); {dataset.summary()}")
 
     def next_step(self) -> list[Batch]:
         return [self._next_batch() for _ in range(self.micro_batches_per_step)]
@@ -38,4 +53,4 @@ class StepFeed:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
-        self._batches = iter(self.loader)
+        self._start_epoch()
