@@ -42,6 +42,9 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2", "parallel.sequence_parallel=false"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "tp2_fsdp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
+    # torch's fused AdamW on the shards, with the clipping and the non-finite skip inside its kernel
+    "fsdp2_fused": (2, ["parallel.dp_shard=2", "optim.fused=true"]),
+    "tp2_fused": (2, ["parallel.tp=2", "parallel.sequence_parallel=false", "optim.fused=true"]),
 }
 TIMEOUT_S = 240
 RTOL = 1e-5

@@ -54,7 +54,7 @@ def test_folded_clipping_is_clip_then_step(tmp_path, grad_clip):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9 if not exact else 0)
 
 
-def test_the_unfused_optimizer_and_sharded_layouts_do_not_fold(tmp_path):
+def test_the_unfused_optimizer_does_not_fold(tmp_path):
     cfg = build_config("tiny_sft", overrides=[*FAST[:-1], "optim.fused=false", f"out={tmp_path}"])
     cfg.data.eval_path = None
     trainer, _ = build_trainer(cfg, tmp_path)

@@ -107,6 +107,11 @@ class ParallelContext:
         counts stay exact)."""
         return self._sum(values, self.batch_mesh)
 
+    def sum_over_batch_on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed in place over the ranks that share the step's tokens, without a read on the host."""
+        dist.all_reduce(tensor, group=self.batch_mesh.get_group())
+        return tensor
+
     def sum_over_cp(self, *values: float) -> list[float]:
         """Sums over the context-parallel ranks of this data-parallel rank (the slices of the same rows)."""
         return self._sum(values, self.cp_mesh)
@@ -129,13 +134,20 @@ class ParallelContext:
         return gathered
 
 
+def total_grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of the whole model's gradient, as a plain tensor; for DTensor parameters (sharded by FSDP and/or
+    TP) the same value on every rank."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the sum over every shard (a Partial or Replicate norm -> one value)
+    return total
+
+
 def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for parameters that are DTensors (sharded by FSDP and/or TP): the
     norm of the whole model's gradient, the same on every rank, then the same scaling everywhere."""
     parameters = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in parameters]
-    total = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # the sum over every shard (a Partial or Replicate norm -> one value)
+    total = total_grad_norm(parameters)
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
     return total

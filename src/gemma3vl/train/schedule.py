@@ -145,13 +145,9 @@ def build_optimizer(
 
 
 def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` is torch's fused AdamW over plain tensors, whose kernel can clip and skip (below)."""
-    from torch.distributed.tensor import DTensor
-
-    return type(optimizer) is torch.optim.AdamW and all(
-        group.get("fused") and not any(isinstance(p, DTensor) for p in group["params"])
-        for group in optimizer.param_groups
-    )
+    """Whether ``optimizer`` is torch's fused AdamW, whose kernel can clip and skip (below); its parameters may be
+    DTensors (FSDP, TP): the kernel then runs on each rank's shards with the same scale and flag."""
+    return type(optimizer) is torch.optim.AdamW and all(group.get("fused") for group in optimizer.param_groups)
 
 
 def clip_in_fused_step(
@@ -159,6 +155,7 @@ def clip_in_fused_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient clipping to ``max_norm`` and the optimizer step in one pass over the gradients, queued without
     waiting for the device. Returns (the gradient norm, whether the update was applied), both on the device.
+    ``loss`` must be the same on every rank (the step's summed loss), so that all ranks skip together.
 
     The norm is ``torch.nn.utils.clip_grad_norm_``'s; instead of scaling every gradient by ``max_norm / (norm +
     1e-6)`` (a read and a write of all of them) the fused AdamW kernel divides each gradient by the inverse as it
@@ -166,8 +163,9 @@ def clip_in_fused_step(
     the whole update and restores its step count (``found_inf``). The result equals clipping then stepping to the
     last bit of the scale; an unclipped step (scale 1) is the same arithmetic exactly.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    from gemma3vl.parallel.distributed import total_grad_norm
+
+    norm = total_grad_norm(parameters)  # the whole model's (every rank the same value under FSDP / TP)
     applied = torch.isfinite(norm) & torch.isfinite(loss)
     optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)
     optimizer.found_inf = (~applied).float()

@@ -161,8 +161,9 @@ class Trainer:
         self.autocast = uses_autocast(cfg)
         self.last_eval: dict[str, Any] = {}
         self.pipeline = getattr(model, "pipeline", None)  # parallel.pp > 1: gemma3vl.parallel.pipeline.Pipeline
-        # One process with torch's fused AdamW: clipping and the non-finite skip happen inside its kernel.
-        self.fold_clipping = parallel is None and self.pipeline is None and folds_clipping(self.optimizer)
+        # torch's fused AdamW (not under pipeline stages, whose norm sums the tied embedding's copies): clipping and
+        # the non-finite skip happen inside its kernel.
+        self.fold_clipping = self.pipeline is None and folds_clipping(self.optimizer)
         self.world_size = parallel.dims.world_size if parallel is not None else 1
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak_flops = peak_flops_per_second(device_name)
@@ -230,6 +231,8 @@ class Trainer:
                 drop_image_gradients(self.model)
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             if self.fold_clipping:
+                if self.parallel is not None:  # every rank must see the same loss to skip together
+                    loss_total = self.parallel.sum_over_batch_on_device(loss_total)
                 grad_norm, finite_flag = clip_in_fused_step(self.optimizer, trainable, self.cfg.train.grad_clip,
                                                             loss_total)
                 loss_sum = float(loss_total)  # read once the update is queued: the device never waits for the host
