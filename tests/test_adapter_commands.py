@@ -88,3 +88,20 @@ def test_adapter_refusals_come_before_loading(run, tmp_path, capsys, monkeypatch
     assert main(["chat", str(run / "base"), "--adapter", str(run / "base")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_merge_checks_its_output_before_loading(run, tmp_path, capsys, monkeypatch):
+    import gemma3vl.infer.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert main(["convert", "merge", str(run / "base"), str(run / "adapter"), str(taken)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (taken / "keep.txt").read_text() == "mine"
+    assert main(["convert", "merge", str(run / "base"), str(run / "adapter"), str(run / "base" / "out")]) == 2
+    assert "inside the input directory" in capsys.readouterr().err

@@ -74,12 +74,14 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
 
     from gemma3vl import bridge
     from gemma3vl.bridge.checkpoint import open_checkpoint
+    from gemma3vl.bridge.fsutil import check_output_dir
     from gemma3vl.bridge.safetensors_io import DTYPES
     from gemma3vl.evaluation.loading import check_adapter, merge_adapter
     from gemma3vl.infer.loading import load_model
 
     started = time.perf_counter()
     check_adapter(args.base_dir, args.adapter_dir)
+    check_output_dir(Path(args.out_dir), args.overwrite, Path(args.base_dir), Path(args.adapter_dir))  # before loading
     with open_checkpoint(args.base_dir) as base:
         stored = {base.native_dtype(m) for m in base.mappings if not m.optional}
     # Held in the base's own dtype (bf16 for the hub models: half of float32's memory); each adapted projection is
@@ -427,6 +429,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
 
 
+EXPORT_LAYOUTS = ["source", "hub", "transformers5", "memory", "memory4", "text"]  # --layout of export and merge
+
+
 def add_adapter_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR",
                         help="a PEFT LoRA/DoRA adapter for MODEL_DIR (OUT/adapter of gemma3vl train, or "
@@ -459,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = direction.add_parser("export", help="native directory -> complete HF checkpoint directory")
     exp.add_argument("native_dir")
     exp.add_argument("out_dir")
-    exp.add_argument("--layout", choices=["source", "hub", "transformers5", "memory", "memory4", "text"], default="source",
+    exp.add_argument("--layout", choices=EXPORT_LAYOUTS, default="source",
                      help="key layout to write (default: the one the checkpoint was imported from)")
     exp.add_argument("--max-shard-size", type=parse_size, default=None,
                      help="reshard to this size (default: the source's own file split)")
@@ -469,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("base_dir", help="the adapter's base model (HF or native directory)")
     merge.add_argument("adapter_dir", help="PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
     merge.add_argument("out_dir")
-    merge.add_argument("--layout", choices=["source", "hub", "transformers5", "memory", "memory4", "text"],
+    merge.add_argument("--layout", choices=EXPORT_LAYOUTS,
                        default="source", help="key layout to write (default: the base's)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     merge.set_defaults(func=cmd_convert_merge)
