@@ -52,6 +52,18 @@ def hf_checkpoint(tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def tiny_decoding(tmp_path_factory):
+    """A tiny random checkpoint's model (float32, CPU) and its tokenizer (Gemma's byte fallback included)."""
+    from gemma3vl.infer.loading import load_model
+    from gemma3vl.infer.prompt import load_processor, tokenizer_of
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("decoding") / "tiny")
+    model, config = load_model(directory, device="cpu", dtype=torch.float32)
+    return model, tokenizer_of(load_processor(directory, config))
+
+
 @pytest.fixture
 def failing_compiler(monkeypatch):
     """Pretend the device compiles decode steps (a CPU never does) and make every compiled call fail as a broken

@@ -7,37 +7,14 @@ valid character is followed by a byte that spoils its run; the oracle is the tok
 the tokens, which is what transformers prints for them.
 """
 
-import pytest
 import torch
 
-from gemma3vl.infer import generate as generate_module
 from gemma3vl.infer.generate import Sampling, generate_result, stream_generate
-from gemma3vl.infer.loading import load_model
-from gemma3vl.infer.prompt import load_processor, tokenizer_of
-from gemma3vl.tiny import write_tiny_checkpoint
+from generation_helpers import scripted
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("stream") / "tiny")
-    model, config = load_model(directory, device="cpu", dtype=torch.float32)
-    return model, tokenizer_of(load_processor(directory, config))
-
-
-def scripted(monkeypatch, rows: list[list[int]]) -> None:
-    """Make every step choose the next scripted token of each row (instead of the model's)."""
-    step = {"n": 0}
-
-    def choose(scores, settings, active=None):
-        n = step["n"]
-        step["n"] += 1
-        return torch.tensor([row[min(n, len(row) - 1)] for row in rows], device=scores.device)
-
-    monkeypatch.setattr(generate_module, "choose_tokens", choose)
-
-
-def test_byte_fallback_runs_stream_exactly_the_decoded_text(tiny, monkeypatch):
-    model, tokenizer = tiny
+def test_byte_fallback_runs_stream_exactly_the_decoded_text(tiny_decoding, monkeypatch):
+    model, tokenizer = tiny_decoding
     vocab = tokenizer.get_vocab()
 
     def byte(value: int) -> int:

@@ -20,7 +20,6 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList, TopPLogitsWarper
 
 from gemma3vl import verify
-from gemma3vl.infer import generate as generate_module
 from gemma3vl.infer.generate import (
     RowSampling,
     Sampling,
@@ -31,9 +30,9 @@ from gemma3vl.infer.generate import (
     stream_generate,
 )
 from gemma3vl.infer.loading import load_model
-from gemma3vl.infer.prompt import load_processor, tokenizer_of
-from gemma3vl.tiny import tiny_hf_config, write_tiny_checkpoint
+from gemma3vl.tiny import tiny_hf_config
 from gemma3vl.tiny_tokenizer import write_tokenizer_and_processor
+from generation_helpers import scripted
 
 CPU = torch.device("cpu")
 IMAGE_TOKEN = 9  # the tiny vocabulary's <image_soft_token>
@@ -184,25 +183,6 @@ def test_batched_greedy_with_an_eos_list_equals_transformers(vl, penalty):
 
 
 # ------------------------------------------------------------------------------------------ stop strings
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("parity") / "tiny")
-    model, config = load_model(directory, device="cpu", dtype=torch.float32)
-    return model, tokenizer_of(load_processor(directory, config))
-
-
-def scripted(monkeypatch, rows: list[list[int]]) -> None:
-    """Every step chooses the next scripted token of each row instead of the model's."""
-    step = {"n": 0}
-
-    def choose(scores, settings, active=None):
-        n = step["n"]
-        step["n"] += 1
-        return torch.tensor([row[min(n, len(row) - 1)] for row in rows], device=scores.device)
-
-    monkeypatch.setattr(generate_module, "choose_tokens", choose)
-
-
 @pytest.mark.parametrize("stops, prompt, ends_after, text", [
     # split over the tokens 't' '.' ' ' 'E': stops at 'E', the stop string cut from the text
     (("t. E",), "hi", 10, "the cat sa"),
@@ -215,8 +195,8 @@ def scripted(monkeypatch, rows: list[list[int]]) -> None:
     # completed by the last allowed token: a stop, not the length
     (("here",), "hi", 14, "the cat sat. END "),
 ])
-def test_stop_strings(tiny, monkeypatch, stops, prompt, ends_after, text):
-    model, tokenizer = tiny
+def test_stop_strings(tiny_decoding, monkeypatch, stops, prompt, ends_after, text):
+    model, tokenizer = tiny_decoding
     script = tokenizer.encode("the cat sat. END here", add_special_tokens=False)  # 15 tokens, one piece each
     assert [tokenizer.decode([t]) for t in script[8:12]] == [".", " ", "E", "N"]
     ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=True)])
