@@ -52,6 +52,30 @@ def hf_checkpoint(tmp_path):
     return make
 
 
+def assert_merged_equals_peft(merged_dir, base_dir, adapter_dir, *, changed_by: float = 1e-4) -> None:
+    """The oracle for a merged checkpoint: transformers' logits of ``merged_dir`` (float32, CPU, on verify's synthetic
+    image+text batch) equal those of peft's ``PeftModel`` over transformers' ``base_dir`` with ``adapter_dir``, to
+    1e-5 of their scale; and differ from the base's by more than ``changed_by`` of it (the adapter did something)."""
+    from peft import PeftModel
+
+    from gemma3vl import verify
+    from gemma3vl.infer.loading import load_model
+
+    config = load_model(merged_dir, device="cpu", dtype="float32")[1]
+    batch = verify.synthetic_batch(config)
+    cpu = torch.device("cpu")
+    merged = verify.load_reference(merged_dir, config, torch.float32, cpu)
+    base = verify.load_reference(base_dir, config, torch.float32, cpu)
+    with torch.no_grad():
+        untouched = verify.reference_logits(base, batch, config)
+        expected = verify.reference_logits(PeftModel.from_pretrained(base, str(adapter_dir)).eval(), batch, config)
+        got = verify.reference_logits(merged, batch, config)
+    valid = batch["attention_mask"].bool()
+    scale = expected[valid].abs().max()
+    assert (expected - got)[valid].abs().max() <= 1e-5 * scale
+    assert (expected - untouched)[valid].abs().max() > changed_by * scale
+
+
 @pytest.fixture(scope="module")
 def tiny_decoding(tmp_path_factory):
     """A tiny random checkpoint's model (float32, CPU) and its tokenizer (Gemma's byte fallback included)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma3vl import verify
+from conftest import assert_merged_equals_peft
 from gemma3vl.cli import main
 from gemma3vl.infer.loading import load_model
 
@@ -27,25 +27,12 @@ def run(request, tmp_path_factory) -> Path:
 
 
 def test_convert_merge_is_the_runs_own_export_and_what_peft_computes(run, tmp_path):
-    from peft import PeftModel
-
     merged = tmp_path / "merged"
     assert main(["convert", "merge", str(run / "base"), str(run / "adapter"), str(merged)]) == 0
     for name in ("model.safetensors", "config.json"):
         assert (merged / name).read_bytes() == (run / "hf" / name).read_bytes(), name
     assert (merged / "tokenizer.json").is_file() and (merged / "chat_template.jinja").is_file()
-    config = load_model(merged, device="cpu", dtype="float32")[1]
-    batch = verify.synthetic_batch(config)
-    base = verify.load_reference(run / "base", config, torch.float32, torch.device("cpu"))
-    ours = verify.load_reference(merged, config, torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        untouched = verify.reference_logits(base, batch, config)
-        expected = verify.reference_logits(PeftModel.from_pretrained(base, str(run / "adapter")).eval(), batch, config)
-        got = verify.reference_logits(ours, batch, config)
-    valid = batch["attention_mask"].bool()
-    scale = expected[valid].abs().max()
-    assert (expected - got)[valid].abs().max() <= 1e-5 * scale
-    assert (expected - untouched)[valid].abs().max() > 1e-4 * scale  # the adapter changed something
+    assert_merged_equals_peft(merged, run / "base", run / "adapter")
 
 
 def test_generate_with_adapter_answers_as_the_merged_export(run, capsys):

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import assert_merged_equals_peft
 from gemma3vl import verify
 from gemma3vl.cli import main
 from gemma3vl.errors import Gemma3VLError
@@ -174,23 +175,10 @@ def test_sft_run_logs_exports_and_matches_transformers(tmp_path, capsys):
 
 
 def test_lora_run_adapter_loads_in_peft(tmp_path):
-    from peft import PeftModel
-
+    """Oracle: peft on transformers (conftest.assert_merged_equals_peft)."""
     out = tmp_path / "lora"
     assert main(["train", "--recipe", "tiny_peft", "--out", str(out), "train.steps=3", *FAST]) == 0
-    config = load_model(out / "hf", device="cpu", dtype="float32")[1]
-    batch = verify.synthetic_batch(config)
-    merged = verify.load_reference(out / "hf", config, torch.float32, torch.device("cpu"))
-    base = verify.load_reference(out / "base", config, torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        untouched = verify.reference_logits(base, batch, config)
-        adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()  # wraps `base` in place
-        expected = verify.reference_logits(merged, batch, config)
-        got = verify.reference_logits(adapted, batch, config)
-    valid = batch["attention_mask"].bool()
-    scale = expected[valid].abs().max()
-    assert (expected - got)[valid].abs().max() <= 1e-5 * scale
-    assert (expected - untouched)[valid].abs().max() > 1e-3 * scale  # the adapter changed something
+    assert_merged_equals_peft(out / "hf", out / "base", out / "adapter", changed_by=1e-3)
 
 
 def _train_command(out: Path, *extra: str) -> list[str]:
@@ -245,8 +233,6 @@ def test_lora_run_from_a_native_base_records_no_base_transformers_cannot_read(tm
     ``base_model_name_or_path`` is left unset instead of naming that directory, from which transformers (and so
     peft's AutoPeftModel) would build a randomly initialised default model; applied with PeftModel to
     transformers' model of the HF form of the base, the adapter gives the logits of the merged OUT/hf."""
-    from peft import PeftModel
-
     from gemma3vl.bridge import import_checkpoint
     from gemma3vl.tiny import write_tiny_checkpoint
 
@@ -258,15 +244,7 @@ def test_lora_run_from_a_native_base_records_no_base_transformers_cannot_read(tm
     settings = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert settings["base_model_name_or_path"] is None
     assert "is a native directory" in capsys.readouterr().err
-    config = load_model(out / "hf", device="cpu", dtype="float32")[1]
-    batch = verify.synthetic_batch(config)
-    merged = verify.load_reference(out / "hf", config, torch.float32, torch.device("cpu"))
-    base = verify.load_reference(hf_base, config, torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        expected = verify.reference_logits(merged, batch, config)
-        got = verify.reference_logits(PeftModel.from_pretrained(base, str(out / "adapter")).eval(), batch, config)
-    valid = batch["attention_mask"].bool()
-    assert (expected - got)[valid].abs().max() <= 1e-5 * expected[valid].abs().max()
+    assert_merged_equals_peft(out / "hf", hf_base, out / "adapter", changed_by=0.0)
 
 
 def test_resume_followed_by_an_override_takes_the_override(monkeypatch, tmp_path):
