@@ -88,7 +88,7 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
     # merged in float32 and rounded once to it, and the export writes the base's dtypes anyway.
     dtype = DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
     model, _ = load_model(args.base_dir, device="cpu", dtype=dtype)
-    log(merge_adapter(model, args.base_dir, args.adapter_dir))
+    log(merge_adapter(model, args.adapter_dir))
     out = bridge.export_model(model, args.base_dir, args.out_dir, layout=args.layout, overwrite=args.overwrite)
     log(f"merged {args.adapter_dir} into {args.base_dir} -> {out} in {time.perf_counter() - started:.1f}s")
     return 0
@@ -161,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model, config = load_model(model_dir, device=args.device, dtype=args.dtype)
     if args.adapter is not None:
-        log(merge_adapter(model, model_dir, args.adapter))
+        log(merge_adapter(model, args.adapter))
     processor = load_processor(model_dir, config)
     inputs = build_inputs(
         processor, config, args.prompt, images, raw=args.raw, pan_and_scan=True if args.pan_and_scan else None

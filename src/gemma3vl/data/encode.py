@@ -43,7 +43,7 @@ from gemma3vl.data.records import (
     ImageRef,
 )
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import pan_and_scan_settings, tokenizer_of
+from gemma3vl.infer.prompt import pan_and_scan_settings, template_text, tokenizer_of
 from gemma3vl.model.attention import image_block_ids
 
 START_OF_TURN = "<start_of_turn>"
@@ -175,11 +175,7 @@ class ConversationEncoder:
         for index, turn in enumerate(conversation.turns):
             # Each text as written, and the turn as the template renders it: text parts trimmed and
             # concatenated, so "<start_of_" + "turn>" in two parts is the control token the tokenizer sees.
-            rendered = (
-                turn.content.strip()
-                if isinstance(turn.content, str)
-                else "".join(part.strip() if isinstance(part, str) else "\0" for part in turn.content)
-            )
+            rendered = turn.content.strip() if isinstance(turn.content, str) else template_text(turn.content)
             for text in [*turn.texts(), rendered]:
                 found = [token for token in self.control_strings if token in text]
                 if found:

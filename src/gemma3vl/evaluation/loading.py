@@ -165,10 +165,9 @@ def check_adapter(model_dir: str | Path, adapter_dir: str | Path) -> None:
     check_adapter_base(model_dir, adapter_dir)
 
 
-def merge_adapter(model: torch.nn.Module, model_dir: str | Path, adapter_dir: str | Path) -> str:
-    """Put the PEFT adapter of ``adapter_dir`` on ``model`` (loaded from ``model_dir``) and fold it into the weights;
-    returns a line saying what was merged."""
-    check_adapter(model_dir, adapter_dir)
+def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> str:
+    """Put the PEFT adapter of ``adapter_dir`` on ``model`` and fold it into the weights (callers run
+    :func:`check_adapter` before loading the model); returns a line saying what was merged."""
     lora = load_peft_adapter(model, adapter_dir)
     targets = lora.targets + (lora.vision_targets if lora.include_vision else ())
     return f"adapter {adapter_dir}: LoRA{' (DoRA)' if lora.use_dora else ''} r{lora.rank} on {', '.join(targets)}, merged"

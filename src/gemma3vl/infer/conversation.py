@@ -16,7 +16,7 @@ from PIL import Image
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import apply_chat_template, pan_and_scan_settings, tokenizer_of
+from gemma3vl.infer.prompt import apply_chat_template, pan_and_scan_settings, template_text, tokenizer_of
 
 ROLES = ("system", "user", "assistant")
 
@@ -66,13 +66,9 @@ def _template_message(turn: Turn) -> dict[str, Any]:
 
 
 def rendered_text(turn: Turn) -> str:
-    """The turn's text as the chat template writes it: each text part trimmed, parts concatenated, an image
-    (written as ``<start_of_image>``, which splits the tokenizer's input) as a NUL that no token spans. A control
-    token's string split over two parts (``"<start_of_"``, ``"image>"``) appears here whole, as the tokenizer
-    will see it."""
-    if turn.role == "system":
-        return turn.text  # rendered as it is (not trimmed), parts joined (see _template_message)
-    return "".join("\0" if isinstance(part, Image.Image) else part.strip() for part in turn.parts)
+    """The turn's text as the chat template writes it (:func:`template_text`); a system message as it is, its parts
+    joined (see _template_message)."""
+    return turn.text if turn.role == "system" else template_text(turn.parts)
 
 
 def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<start_of_image>",

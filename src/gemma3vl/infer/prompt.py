@@ -67,6 +67,14 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     return upright(image, str(path))
 
 
+def template_text(parts: list[Any]) -> str:
+    """A turn's list content as Gemma's chat template writes it: each text part trimmed, parts concatenated, any
+    other part (an image: ``<start_of_image>``, which splits the tokenizer's input) as a NUL that no token spans.
+    A control token's string split over two parts (``"<start_of_"``, ``"image>"``) appears here whole, as the
+    tokenizer will see it."""
+    return "".join(part.strip() if isinstance(part, str) else "\0" for part in parts)
+
+
 def apply_chat_template(processor: Any, messages: list[dict[str, Any]], image_kwargs: dict[str, Any], *,
                         no_template: str) -> Any:
     """``messages`` through the checkpoint's chat template, ending with the model's turn (ids, mask and pixel

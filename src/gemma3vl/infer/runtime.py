@@ -50,7 +50,7 @@ class InferenceRuntime:
             check_adapter(model_dir, adapter)  # before the model loads
         model, config = load_model(model_dir, device=device, dtype=dtype)
         if adapter is not None:
-            note = merge_adapter(model, model_dir, adapter)
+            note = merge_adapter(model, adapter)
         processor = load_processor(model_dir, config)
         defaults = read_generation_defaults(model_dir)
         return cls(model_dir, model, config, processor, defaults, load_seconds=time.perf_counter() - started,

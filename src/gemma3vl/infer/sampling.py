@@ -66,10 +66,10 @@ class RowSampling:
     sampled: list[bool]  # per row: not greedy
     any_penalty: bool
     # float32 [B]: top-p's cut ``1 - top_p`` worked out in float64 before the cast, as transformers' comparison with
-    # a Python float does (float32(1) - float32(0.95) is 1.2e-8 off). None: from ``top_p``.
-    top_p_cut: torch.Tensor | None = None
-    max_top_k: int = 0  # the largest top-k of a row that filters (top_k < vocab); 0: no row does
-    any_top_p: bool = False  # whether a sampled row has top_p < 1 (transformers adds TopPLogitsWarper then only)
+    # a Python float does (float32(1) - float32(0.95) is 1.2e-8 off).
+    top_p_cut: torch.Tensor
+    max_top_k: int  # the largest top-k of a row that filters (top_k < vocab); 0: no row does
+    any_top_p: bool  # whether a sampled row has top_p < 1 (transformers adds TopPLogitsWarper then only)
 
     @classmethod
     def from_samplings(
@@ -155,8 +155,7 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
     if rows.any_top_p:
         ascending, order = scores.sort(dim=-1)
         tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
-        cut = rows.top_p_cut if rows.top_p_cut is not None else 1 - rows.top_p
-        drop = (tail_mass <= cut[:, None]) & (rows.top_p < 1)[:, None]
+        drop = (tail_mass <= rows.top_p_cut[:, None]) & (rows.top_p < 1)[:, None]
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return scores

@@ -12,6 +12,7 @@ import torch
 from torch.optim.adam import adam
 
 from gemma3vl.errors import Gemma3VLError
+from gemma3vl.parallel.distributed import total_grad_norm
 from gemma3vl.train.config import OptimSettings
 
 
@@ -163,8 +164,6 @@ def clip_in_fused_step(
     the whole update and restores its step count (``found_inf``). The result equals clipping then stepping to the
     last bit of the scale; an unclipped step (scale 1) is the same arithmetic exactly.
     """
-    from gemma3vl.parallel.distributed import total_grad_norm
-
     norm = total_grad_norm(parameters)  # the whole model's (every rank the same value under FSDP / TP)
     applied = torch.isfinite(norm) & torch.isfinite(loss)
     optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)

@@ -230,30 +230,22 @@ class Trainer:
             if not images:
                 drop_image_gradients(self.model)
             trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if self.parallel is not None:  # the step's loss, the same on every rank (so that all skip together)
+                loss_total = self.parallel.sum_over_batch_on_device(loss_total)
             if self.fold_clipping:
-                if self.parallel is not None:  # every rank must see the same loss to skip together
-                    loss_total = self.parallel.sum_over_batch_on_device(loss_total)
-                grad_norm, finite_flag = clip_in_fused_step(self.optimizer, trainable, self.cfg.train.grad_clip,
-                                                            loss_total)
-                loss_sum = float(loss_total)  # read once the update is queued: the device never waits for the host
+                grad_norm, applied = clip_in_fused_step(self.optimizer, trainable, self.cfg.train.grad_clip,
+                                                        loss_total)
+                finite = bool(applied)  # read once the update is queued: the device never waits for the host
             else:
-                loss_sum = float(loss_total)
-                if self.parallel is not None:
-                    (loss_sum,) = self.parallel.sum_over_batch(loss_sum)
-                    grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+                grad_norm = clip_grad_norm_(trainable, self.cfg.train.grad_clip)
+            loss_sum = float(loss_total)
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.fold_clipping:  # (the update is queued already, or skipped by the kernel)
-            finite = bool(finite_flag)
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-        else:
+        if not self.fold_clipping:  # (folded: the update is queued already, or skipped by the kernel)
             finite = math.isfinite(loss_sum) and math.isfinite(float(grad_norm))
             if finite:
                 self.optimizer.step()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)  # the step's data is consumed; no weight changes
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)  # the step's data is consumed; no weight changes
         self.scheduler.step()
         self.step += 1
         if self.device.type == "cuda":
