@@ -2,15 +2,23 @@
 
 ``torchrun`` (or Slurm through it) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``; :func:`init_distributed` reads them, picks NCCL when there is a GPU and gloo otherwise, and
-binds the process to GPU ``LOCAL_RANK``. Without those variables nothing is initialised and training runs
-in one process exactly as before.
+binds the process to GPU ``LOCAL_RANK`` (the GPU's index on its node; everything else is keyed on the global
+``RANK``). Without those variables nothing is initialised and training runs in one process exactly as before.
+
+Several nodes: :func:`check_shared_directory` makes sure every rank sees the directory rank 0 writes to (the
+run's ``OUT``: each rank writes its own shards of every checkpoint there), and :func:`node_of_each_rank` tells
+which ranks share a node (to warn when a tensor-parallel group spans nodes).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -47,6 +55,63 @@ def init_distributed(*, use_gpu: bool = True, timeout_s: float = 1800.0) -> torc
             kwargs["device_id"] = device  # binds NCCL to this GPU now instead of guessing at the first collective
         dist.init_process_group(**kwargs)
     return device
+
+
+SHARED_CHECK_WAIT_S = 3.0  # how long a rank looks for rank 0's file (a shared filesystem's slack), failing case only
+
+
+def node_of_each_rank() -> list[str]:
+    """Every rank's node, in global rank order (collective over the whole job): the host name and torchrun's node
+    rank (``GROUP_RANK``), so two torchrun agents on one host count as two nodes, as they run apart."""
+    here = f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '?')}"
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, here)
+    return nodes
+
+
+def check_shared_directory(directory: Path, what: str = "--out") -> None:
+    """Refuse, on every rank, a ``directory`` that is not the same directory on every node (collective).
+
+    Rank 0 writes a file with a random token there; every rank looks for it (for up to ``SHARED_CHECK_WAIT_S``);
+    the ranks' findings are gathered and rank 0 removes the file. Without this, a node-local ``OUT`` trains to
+    the end without a word: each node's ranks write their checkpoint shards into their own directory, and rank 0
+    marks its checkpoints complete with the other nodes' shards missing."""
+    rank = dist.get_rank()
+    token: list[Any] = [secrets.token_hex(8) if rank == 0 else None]
+    probe = None
+    if rank == 0:
+        probe = directory / f".gemma3vl-shared-check-{token[0]}"
+        try:
+            probe.write_text(token[0])
+        except OSError as exc:
+            token = [OSError(f"{what} {directory}: cannot write there ({exc})")]
+    dist.broadcast_object_list(token, src=0)
+    if isinstance(token[0], OSError):  # every rank stops with rank 0's reason (rather than waiting for it)
+        raise Gemma3VLError(str(token[0]))
+    name = directory / f".gemma3vl-shared-check-{token[0]}"
+    deadline = time.monotonic() + SHARED_CHECK_WAIT_S
+    while True:
+        try:
+            seen = name.read_text() == token[0]
+        except OSError:
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    findings: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(findings, (seen, str(directory.resolve()), socket.gethostname()))
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    blind = [(r, path, host) for r, (ok, path, host) in enumerate(findings) if not ok]
+    if blind:
+        shown = ", ".join(f"rank {r} ({path} on {host})" for r, path, host in blind[:8])
+        more = f" and {len(blind) - 8} more" if len(blind) > 8 else ""
+        raise Gemma3VLError(
+            f"{what} {directory} is not one directory shared by every node: rank 0 wrote a file in "
+            f"{findings[0][1]} (on {findings[0][2]}) that {shown}{more} cannot see. Every rank writes its own shards "
+            f"of each checkpoint there, so {what} must be on a filesystem all nodes mount at the same path (NFS, "
+            f"Lustre, GPFS, ...), given as the same path on every node (an absolute path, or the same working "
+            f"directory)")
 
 
 @dataclass
@@ -100,6 +165,16 @@ class ParallelContext:
         if self.dims.dp_replicate > 1:
             return self.mesh["dp_replicate", "dp_shard_cp"]
         return self.mesh["dp_shard_cp"]
+
+    def tp_groups_across_nodes(self) -> list[list[int]]:
+        """The tensor-parallel groups whose ranks are on more than one node (collective over the whole job).
+        TP is the mesh's innermost dimension, so its groups are consecutive global ranks and torchrun gives a
+        node consecutive ranks: a group stays on one node when ``tp`` divides the processes per node."""
+        if self.dims.tp == 1:
+            return []
+        nodes = node_of_each_rank()
+        groups = self.mesh.mesh.reshape(-1, self.dims.tp).tolist()  # (tp is the last mesh dimension)
+        return [group for group in groups if len({nodes[rank] for rank in group}) > 1]
 
     # ------------------------------------------------------------------ collectives
     def sum_over_batch(self, *values: float) -> list[float]:

@@ -68,6 +68,7 @@ LOSS_CHUNK = 4096
 AC_MODES = ("none", "selective", "full")
 AC_COMPUTE = {"none": 1.0, "selective": 1.05, "full": 1.33}  # forward+backward time relative to no checkpointing
 GPUS_PER_NODE = 8  # TP stays within a node: its collectives are on the critical path of every layer
+RENDEZVOUS = "--rdzv-backend c10d --rdzv-endpoint FIRST_NODE:29500 --rdzv-id JOB"  # several nodes' torchrun
 MAX_SEQ = 131_072  # Gemma 3's context (4B, 12B, 27B): the longest train.seq_length worth planning
 
 
@@ -420,10 +421,15 @@ def format_plan(counts: ModelCounts, options: list[Estimate], choice: Estimate |
                                attention=attention)
         lines.append(f"recommended: {settings or 'the defaults'}   (~{choice.total / GIB:.1f} GiB per GPU)")
         per_node = gpus_per_node(gpus)
+        # Several nodes: one torchrun per node, meeting at the first one (without a rendezvous endpoint each node's
+        # torchrun would wait for the others on its own localhost).
         launch = "gemma3vl train" if gpus == 1 else (
             f"torchrun --nproc-per-node {per_node}"
-            f"{f' --nnodes {gpus // per_node}' if gpus > per_node else ''} -m gemma3vl train")
+            f"{f' --nnodes {gpus // per_node} {RENDEZVOUS}' if gpus > per_node else ''} -m gemma3vl train")
         lines.append(f"  {launch} ... {settings}".rstrip())
+        if gpus > per_node:
+            lines.append(f"  (on each of the {gpus // per_node} nodes; FIRST_NODE: the first node's address, JOB: any "
+                         f"name shared by the nodes; --out on a filesystem every node mounts at the same path)")
         if choice.cpu_offload:
             lines.append(f"  (the optimizer needs {choice.host / GIB:.0f} GiB of host memory)")
         if choice.pp > 1:

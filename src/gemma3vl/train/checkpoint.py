@@ -175,6 +175,29 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def agreed_checkpoint(root: Path, path: Path | None) -> Path | None:
+    """Under ``torchrun``, the checkpoint rank 0 chose (``path`` on rank 0), on every rank, once every rank has
+    checked that it sees it complete (collective). Each rank listing ``root`` for itself could pick another step
+    where a node's view of the shared filesystem lags (a cached directory listing) and then run other steps than
+    its peers. A checkpoint under ``root`` is sent by its name, so nodes may mount the filesystem at different
+    paths. One process: ``path`` as it is."""
+    if not _distributed():
+        return path
+    chosen: list[Any] = [None]
+    if path is not None:
+        chosen = [("name", path.name) if path.parent == root else ("path", str(path))]
+    dist.broadcast_object_list(chosen, src=0)
+    path = None if chosen[0] is None else root / chosen[0][1] if chosen[0][0] == "name" else Path(chosen[0][1])
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, path is None or (path / COMPLETE).is_file())
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise Gemma3VLError(
+            f"{path}: rank 0 resumes from this checkpoint, but rank(s) {', '.join(map(str, blind[:16]))} do not see it "
+            f"complete (no {COMPLETE} marker there): the run's --out must be one directory shared by every node")
+    return path
+
+
 def _check_same_trainable(path: Path, model_state: dict[str, Any]) -> None:
     """The checkpoint must hold exactly this model's trainable weights. DCP reports weights it lacks but ignores
     ones this model does not train (e.g. DoRA magnitudes when resuming with peft.method=lora), whose optimizer

@@ -6,12 +6,14 @@ PEFT format), ``metrics.jsonl``, ``tensorboard/``, ``loss.png`` and ``train_conf
 
 Launched by ``torchrun`` the same command trains on all ranks in the layout of the ``parallel.*`` settings
 (checked against the world size and the model before anything is loaded): every rank reads its share of
-the data, rank 0 alone writes logs and exports, and all ranks write the DCP checkpoints together.
+the data, rank 0 alone writes logs and exports, and all ranks write the DCP checkpoints together. So ``OUT`` must
+be one directory for all ranks (on several nodes, a shared filesystem): checked first, on every rank.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from functools import partial
@@ -32,6 +34,7 @@ from gemma3vl.infer.prompt import load_processor
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel import ParallelContext, ParallelDims, init_distributed, launched_by_torchrun, parallelize
 from gemma3vl.parallel.context import ContextParallelFeed, shard_batch
+from gemma3vl.parallel.distributed import check_shared_directory
 from gemma3vl.parallel.export import gather_full_state, gather_pipeline_state, plain_model
 from gemma3vl.parallel.sharded_load import dora_magnitudes, load_sharded
 from gemma3vl.train.config import TrainConfig
@@ -146,6 +149,13 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
         return None
     context = ParallelContext.create(dims, device, sequence_parallel=cfg.parallel.sequence_parallel)
     say(f"parallel: {dims.describe()} on {device.type} ({dist.get_backend()})")
+    spanning = context.tp_groups_across_nodes()
+    if spanning:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+        say(f"warning: parallel.tp={dims.tp} puts tensor-parallel groups across nodes (ranks {spanning[0]}, "
+            f"{len(spanning)} such group(s); {per_node} process(es) a node): TP's collectives, two per block on the "
+            f"critical path, then cross the network. It trains correctly, but slowly: choose a parallel.tp that "
+            f"divides the processes per node, and give the rest to parallel.dp_shard")
     return context
 
 
@@ -335,6 +345,11 @@ def run_training(cfg: TrainConfig, resume: str | bool | None = None) -> TrainRes
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
+        if launched_by_torchrun():
+            # Join the other ranks first, and make sure OUT is one directory for all of them: the checks of OUT's
+            # contents below must give every rank the same answer, and every rank writes checkpoint shards there.
+            init_distributed(use_gpu=cfg.model.device != "cpu")
+            check_shared_directory(out, "--out")
         result = _run(cfg, out, resume)
         if dist.is_initialized():
             # Rank 0 may still be writing the export: leave together (a gloo rank that tears down while its

@@ -38,7 +38,7 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel.context import ContextParallelBatch
 from gemma3vl.parallel.distributed import ParallelContext, clip_grad_norm_
-from gemma3vl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gemma3vl.train.checkpoint import agreed_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.flops import batch_step_flops
 from gemma3vl.train.metrics import MetricsLogger, peak_flops_per_second
@@ -188,7 +188,8 @@ class Trainer:
         )
 
     def resume(self, path: Path | None) -> None:
-        path = path or latest_checkpoint(self.checkpoint_root)
+        # Every rank resumes from the checkpoint rank 0 chose (a node's listing of a shared directory may lag).
+        path = agreed_checkpoint(self.checkpoint_root, path or latest_checkpoint(self.checkpoint_root))
         if path is None:
             return
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
