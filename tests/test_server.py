@@ -289,7 +289,7 @@ BAD_REQUESTS = {
     "not an object": (b"[1, 2]", 400, "invalid_json"),
     "missing messages": ({"model": "tiny-gemma3"}, 400, "missing_required_parameter"),
     "empty messages": ({"messages": []}, 400, "invalid_value"),
-    "n=2": ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_value"),
+    "n over the server's max_n": ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "invalid_value"),
     "bad role": ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value"),
     "bad part type": ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400,
                       "unsupported_content_type"),
@@ -301,6 +301,8 @@ BAD_REQUESTS = {
                                   400, "invalid_value"),
     "unsupported tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
                           "unsupported_parameter"),
+    "unsupported logit_bias": ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 10}}, 400,
+                               "unsupported_parameter"),
     "unknown model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
     "image in bad base64": (_with_image("data:image/png;base64,@@@not-base64"), 400, "invalid_image_url"),
     "not an image": (_with_image("data:image/png;base64," + base64.b64encode(b"hello").decode()), 400,
@@ -340,7 +342,7 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
 
 def test_the_openai_client_sees_the_errors_as_its_own_exceptions(server, client):
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}], n=2)
+        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}], n=9)
     assert bad.value.body["param"] == "n"
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model=server.model_name, messages=_with_image("picture.png")["messages"])

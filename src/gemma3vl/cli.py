@@ -108,6 +108,8 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
 
 
@@ -120,11 +122,22 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
     for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
         if value is not None and not math.isfinite(value):
             raise Gemma3VLError(f"{flag} {value} must be a finite number")
+    check_penalty_flags(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
     sampling = sampling_from(args, Path(args.model_dir), bridge.read_config(args.model_dir))
     sampling.validate()
     return sampling
+
+
+def check_penalty_flags(args: argparse.Namespace) -> None:
+    """``--presence-penalty`` / ``--frequency-penalty`` in OpenAI's range, named in the error."""
+    from gemma3vl.infer.sampling import MAX_OCCURRENCE_PENALTY
+
+    for flag, value in (("--presence-penalty", args.presence_penalty), ("--frequency-penalty", args.frequency_penalty)):
+        if value is not None and not -MAX_OCCURRENCE_PENALTY <= value <= MAX_OCCURRENCE_PENALTY:
+            raise Gemma3VLError(f"{flag} {value} must be a number from -{MAX_OCCURRENCE_PENALTY:g} to "
+                                f"{MAX_OCCURRENCE_PENALTY:g}")
 
 
 def note_compile(wanted: bool, device) -> None:
@@ -223,7 +236,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     note_compile(args.compile, runtime.device)
     defaults = BatchDefaults(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw,
-                             pan_and_scan=True if args.pan_and_scan else None)
+                             pan_and_scan=True if args.pan_and_scan else None,
+                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
     started = time.perf_counter()
     summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
                              batch_size=args.batch_size if args.batch_size is not None else 8,
@@ -237,6 +251,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from gemma3vl.infer.chat import ChatSession, run_chat
     from gemma3vl.infer.runtime import InferenceRuntime
 
+    check_penalty_flags(args)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     sampling = sampling_from(args, runtime.model_dir, runtime.config)
     sampling.validate()
@@ -262,7 +277,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-tokens", args.max_tokens),
                         ("--max-images", args.max_images), ("--max-image-pixels", args.max_image_pixels),
-                        ("--max-waiting", args.max_waiting), ("--max-sequence-length", args.max_sequence_length)):
+                        ("--max-waiting", args.max_waiting), ("--max-sequence-length", args.max_sequence_length),
+                        ("--max-n", args.max_n)):
         if value < 1:
             raise Gemma3VLError(f"{flag} {value} must be >= 1")
     if args.batch_wait_ms < 0:
@@ -278,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_images=args.max_images),
         allow_local_images=args.allow_local_images, allow_remote_images=args.allow_remote_images,
         pan_and_scan=True if args.pan_and_scan else None, max_waiting=args.max_waiting,
-        max_sequence_length=args.max_sequence_length, compile_decode=args.compile,
+        max_sequence_length=args.max_sequence_length, compile_decode=args.compile, max_n=args.max_n,
     )
     try:
         server = ChatCompletionServer(runtime, settings)
@@ -447,6 +463,15 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    add_penalty_options(parser)
+
+
+def add_penalty_options(parser: argparse.ArgumentParser) -> None:
+    """OpenAI's presence and frequency penalties (read by ``sampling_from``)."""
+    parser.add_argument("--presence-penalty", type=float, default=None, metavar="P",
+                        help="subtract P from the logit of every token the answer already holds (-2..2; 0: off)")
+    parser.add_argument("--frequency-penalty", type=float, default=None, metavar="F",
+                        help="subtract F per time a token occurs in the answer so far (-2..2; 0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
+    add_penalty_options(gen)
     gen.add_argument("--raw", action="store_true", help="feed the prompt without the chat template")
     gen.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
@@ -533,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a request waits for others to batch with (5)")
     serve.add_argument("--max-tokens", type=int, default=2048,
                        help="the largest max_tokens a request may ask for, and the default (2048)")
+    serve.add_argument("--max-n", type=int, default=8, metavar="N",
+                       help="the most choices (n) a request may ask for (8)")
     serve.add_argument("--max-request-bytes", type=parse_size, default=parse_size("64MiB"), metavar="SIZE",
                        help="largest request body (64MiB)")
     serve.add_argument("--max-image-bytes", type=parse_size, default=parse_size("20MiB"), metavar="SIZE",

@@ -1,12 +1,12 @@
 """``gemma3vl generate --batch``: a JSONL file of prompts in, a JSONL file of answers out.
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
-per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop}``; each prompt is built exactly as
-``gemma3vl generate --prompt`` builds it. The lines run on the server's continuous-batching engine
-(``engine.ContinuousBatcher``) with ``--batch-size`` slots: the next line is encoded and joins the running batch
-as soon as a slot frees, so a short answer never waits for a long one, and lines with any mix of sampling
-settings share the batch (every row samples with its own settings and seeded generator, so each greedy or
-seeded answer is the one ``gemma3vl generate`` gives that line alone). A bad line is reported as
+per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty}``;
+each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. The lines run on the server's
+continuous-batching engine (``engine.ContinuousBatcher``) with ``--batch-size`` slots: the next line is encoded
+and joins the running batch as soon as a slot frees, so a short answer never waits for a long one, and lines with
+any mix of sampling settings share the batch (every row samples with its own settings and seeded generator, so
+each greedy or seeded answer is the one ``gemma3vl generate`` gives that line alone). A bad line is reported as
 ``FILE:LINE: reason`` and skipped, and counted. Answers are written in input order, each as soon as every line
 before it is done, to ``OUTPUT.partial``, which is renamed to ``OUTPUT`` at the end.
 
@@ -36,7 +36,8 @@ from gemma3vl.infer.prompt import load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
-LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop")
+PENALTY_KEYS = ("presence_penalty", "frequency_penalty")  # apply to greedy lines too: they do not turn sampling on
+LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop", *PENALTY_KEYS)
 ROW_LENGTH_STEP = 256  # the engine's positions per row grow in steps of this many (capped at the context)
 
 
@@ -52,6 +53,8 @@ class BatchDefaults:
     seed: int | None = None
     raw: bool = False
     pan_and_scan: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 @dataclass
@@ -118,6 +121,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "seed", _is_int, "an integer")
     _check_type(obj, "greedy", lambda v: isinstance(v, bool), "true or false")
     _check_type(obj, "stop", _is_stop, "a string or a list of strings")
+    for key in PENALTY_KEYS:  # (their range: sampling.validate() below)
+        _check_type(obj, key, _is_number, "a finite number")
     images = [base_dir / path for path in obj.get("images", [])]
     for path in images:
         if not path.is_file():
@@ -133,6 +138,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         top_k=obj.get("top_k", defaults.top_k),
         top_p=obj.get("top_p", defaults.top_p),
         seed=obj.get("seed", defaults.seed),
+        presence_penalty=obj.get("presence_penalty", defaults.presence_penalty),
+        frequency_penalty=obj.get("frequency_penalty", defaults.frequency_penalty),
     )
     sampling.validate()
     stop = obj.get("stop", ())

@@ -19,6 +19,7 @@ import torch
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.detokenize import IncrementalText
 from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.logprobs import TokenLogprob
 
 FINISH_STOP = "stop"  # a stop token or a stop string
 FINISH_LENGTH = "length"  # the row's max_new_tokens
@@ -35,6 +36,11 @@ class Row:
     on_text: Callable[[str], None] | None = None  # stream-safe text deltas, in order
     on_finish: Callable[["Completion"], None] | None = None  # once, as soon as this row is done
     is_cancelled: Callable[[], bool] | None = None
+    # None: no logprobs; k (0 .. 20): each token's logprob and its k most likely alternatives' (engine.py only)
+    logprobs: int | None = None
+    # as on_text, with the logprobs of the tokens whose text the delta completes (None: the row reports none);
+    # called at the end with those still unsent even when no text is left (an empty delta)
+    on_delta: Callable[[str, list[TokenLogprob] | None], None] | None = None
 
 
 @dataclass
@@ -43,6 +49,8 @@ class Completion:
     token_ids: list[int]  # generated ids, the stop token included when one ended the row
     finish_reason: str
     prompt_tokens: int
+    # with Row.logprobs: one per generated token but a stop token id (which has no text), in order
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -78,12 +86,21 @@ class RowState:
         self.text = IncrementalText(tokenizer, row.stop_strings)
         self.finish_reason: str | None = None
         self.completion: Completion | None = None
+        self.logprobs: list[TokenLogprob] | None = None if row.logprobs is None else []
+        self._logprobs_sent = 0
 
     def emit(self, final: bool = False) -> None:
-        if self.row.on_text is not None:
-            delta = self.text.delta(final=final)
-            if delta:
-                self.row.on_text(delta)
+        """Hand out the text that can no longer change; with ``on_delta``, the logprobs of the tokens it came
+        from too (a token whose text is held back, a byte of a split character, waits with it)."""
+        if self.row.on_text is None and self.row.on_delta is None:
+            return
+        delta = self.text.delta(final=final)
+        unsent = None if self.logprobs is None else self.logprobs[self._logprobs_sent:]
+        if self.row.on_text is not None and delta:
+            self.row.on_text(delta)
+        if self.row.on_delta is not None and (delta or (final and unsent)):
+            self._logprobs_sent += len(unsent or ())
+            self.row.on_delta(delta, unsent)
 
     def finish(self, reason: str) -> None:
         """The row is done: last text, then its Completion to ``on_finish`` (at once, not at the batch's end)."""
@@ -91,11 +108,13 @@ class RowState:
         if reason != FINISH_CANCELLED:
             self.emit(final=True)
         self.completion = Completion(text=self.text.final_text(), token_ids=list(self.text.token_ids),
-                                     finish_reason=reason, prompt_tokens=self.row.prompt.length)
+                                     finish_reason=reason, prompt_tokens=self.row.prompt.length,
+                                     logprobs=self.logprobs)
         if self.row.on_finish is not None:
             self.row.on_finish(self.completion)
 
-    def step(self, token: int, stop_ids: set[int]) -> None:
+    def step(self, token: int, stop_ids: set[int], logprob: TokenLogprob | None = None) -> None:
+        """The row's next token (and, for a row with ``logprobs``, its :class:`TokenLogprob`)."""
         if self.finish_reason is not None:
             return
         if self.row.is_cancelled is not None and self.row.is_cancelled():
@@ -103,12 +122,15 @@ class RowState:
         elif token in stop_ids:
             self.text.token_ids.append(token)
             self.finish(FINISH_STOP)
-        elif self.text.add(token):
-            self.finish(FINISH_STOP)
-        elif len(self.text.token_ids) >= self.row.max_new_tokens:
-            self.finish(FINISH_LENGTH)
         else:
-            self.emit()
+            if self.logprobs is not None and logprob is not None:
+                self.logprobs.append(logprob)
+            if self.text.add(token):
+                self.finish(FINISH_STOP)
+            elif len(self.text.token_ids) >= self.row.max_new_tokens:
+                self.finish(FINISH_LENGTH)
+            else:
+                self.emit()
 
 
 def complete(

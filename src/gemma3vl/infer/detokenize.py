@@ -24,7 +24,7 @@ REPLACEMENT = "\ufffd"
 
 
 _UNSETTLED_CACHE: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
-_BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
@@ -33,7 +33,7 @@ def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
     cached = _UNSETTLED_CACHE.get(id(tokenizer))
     if cached is not None and cached[0]() is tokenizer:
         return cached[1]
-    ids = {index for piece, index in tokenizer.get_vocab().items() if _BYTE_PIECE.match(piece)}
+    ids = {index for piece, index in tokenizer.get_vocab().items() if BYTE_PIECE.match(piece)}
     ids.update(getattr(tokenizer, "all_special_ids", ()))
     result = frozenset(ids)
     try:

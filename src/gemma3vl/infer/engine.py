@@ -6,7 +6,9 @@ The server's engine (``scheduler.py`` drives it from its one model thread). It h
 * ``add``: a new request is prefilled *alone* (its prompt unpadded, images included) into a batch-1 cache of the
   slot cache's sizes, and that row is copied into a free slot; its prefill logits wait there for the next step;
 * ``step``: every occupied row picks its next token (each with its own ``Sampling``, its own seeded generator and
-  its own repetition-penalty memory: greedy and sampled requests share a batch), the tokens go to each request
+  its own penalty memory: the prompt and answer tokens seen for the repetition penalty, the answer's token counts
+  for the presence and frequency penalties; greedy and sampled requests share a batch); the rows that asked for
+  logprobs get them (``logprobs.py``: computed for those rows only, top-k on the device); the tokens go to each request
   (streamed text, stop tokens and strings, its own token limit, cancellation: ``completion.RowState``), finished
   rows free their slots, and one decode step runs for all slots (fixed shapes: on CUDA one compiled CUDA graph
   for the engine's whole life; free slots compute too, and are ignored).
@@ -28,7 +30,16 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import SlotKVCache
 from gemma3vl.infer.completion import FINISH_CANCELLED, Row, RowState
 from gemma3vl.infer.decode import DecodeStep, HostCopy, prefill
-from gemma3vl.infer.sampling import RowSampling, Sampling, choose_tokens, process_logits, row_generator, seen_tokens
+from gemma3vl.infer.logprobs import LogprobRows
+from gemma3vl.infer.sampling import (
+    RowSampling,
+    Sampling,
+    choose_tokens,
+    count_tokens,
+    process_logits,
+    row_generator,
+    seen_tokens,
+)
 from gemma3vl.model import Gemma3Model, TokenInfo
 
 
@@ -71,7 +82,10 @@ class ContinuousBatcher:
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(slots, self.vocab, dtype=torch.float32, device=self.device)
         self.seen: torch.Tensor | None = None  # [slots, V], once a row with a repetition penalty joins
+        # float32 [slots, V]: each row's answer tokens counted, once a row with a presence / frequency penalty joins
+        self.counts: torch.Tensor | None = None
         self._rows: RowSampling | None = None  # rebuilt when a row joins or leaves
+        self._logprob_rows: LogprobRows | None = None  # rebuilt with _rows
         self.steps = 0
 
     # ------------------------------------------------------------------------------------------ occupancy
@@ -110,6 +124,10 @@ class ContinuousBatcher:
             if self.seen is None:
                 self.seen = torch.zeros(len(self.slots), self.vocab, dtype=torch.bool, device=self.device)
             self.seen[index] = seen_tokens(ids, torch.ones_like(ids), self.vocab)[0]
+        if sampling.occurrence_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(len(self.slots), self.vocab, device=self.device)
+            self.counts[index] = 0
         self.slots[index] = _Slot(row, sampling, self.tokenizer, self.device, tag)
         self._rows = None
 
@@ -119,6 +137,8 @@ class ContinuousBatcher:
             samplings = [idle if slot is None else slot.sampling for slot in self.slots]
             generators = [None if slot is None else slot.generator for slot in self.slots]
             self._rows = RowSampling.from_samplings(samplings, self.vocab, self.device, generators)
+            asked = [None if slot is None else slot.state.row.logprobs for slot in self.slots]
+            self._logprob_rows = LogprobRows.of(asked, self.device)
         return self._rows
 
     # ------------------------------------------------------------------------------------------ stepping
@@ -129,10 +149,14 @@ class ContinuousBatcher:
         if not any(occupied):
             return []
         rows = self._row_sampling()
-        penalty = self.seen is not None and rows.any_penalty
-        tokens = choose_tokens(process_logits(self.logits, rows, self.seen if penalty else None), rows, occupied)
+        seen = self.seen if rows.any_penalty else None
+        counts = self.counts if rows.any_occurrence_penalty else None
+        tokens = choose_tokens(process_logits(self.logits, rows, seen, counts), rows, occupied)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
+        if counts is not None:
+            count_tokens(counts, tokens)
+        logprobs = None if self._logprob_rows is None else self._logprob_rows.compute(self.logits, tokens)
         chosen = HostCopy(tokens)
         # The next decode step goes to the GPU before the tokens are read on the host (as in ``generate``): the
         # reading and the stop checks overlap it. If every row ends with these tokens its result goes unused; a row
@@ -141,12 +165,14 @@ class ContinuousBatcher:
         self.logits = self._step(self.model, self.cache, tokens, self.positions)
         self.positions = self.positions + 1
         ended = []
+        chosen_ids = chosen.tolist()
+        reported = {} if logprobs is None else logprobs.by_row(chosen_ids)
         with self._lock:
-            for index, token in enumerate(chosen.tolist()):
+            for index, token in enumerate(chosen_ids):
                 slot = self.slots[index]
                 if slot is None:
                     continue
-                slot.state.step(token, slot.stop_ids)
+                slot.state.step(token, slot.stop_ids, reported.get(index))
                 if slot.state.finish_reason is not None:
                     ended.append(slot.tag)
                     self.slots[index] = None

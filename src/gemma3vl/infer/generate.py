@@ -33,6 +33,7 @@ from gemma3vl.infer.sampling import (  # noqa: F401  (re-exported)
     RowSampling,
     Sampling,
     choose_tokens,
+    count_tokens,
     process_logits,
     row_generator,
     seen_tokens,
@@ -130,16 +131,20 @@ def _steps(
         logits = prefill(model, kv, input_ids, info, pixel_values)
         positions = info.positions[:, -1] + 1
         seen = seen_tokens(input_ids, attention_mask, vocab) if rows.any_penalty else None
+        # how often each row generated each token (presence / frequency penalties)
+        occurrences = torch.zeros(batch, vocab, device=device) if rows.any_occurrence_penalty else None
         pads = torch.tensor([s.pad_token_id for s in samplings], device=device)
         texts = [None if tokenizer is None else IncrementalText(tokenizer, s.stop_strings) for s in samplings]
         reasons: list[str | None] = [None] * batch
         counts = [0] * batch
         for index in range(steps):
             active = [reason is None for reason in reasons]
-            tokens = choose_tokens(process_logits(logits, rows, seen), rows, active)
+            tokens = choose_tokens(process_logits(logits, rows, seen, occurrences), rows, active)
             tokens = torch.where(to_device_async(active, device), tokens, pads)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
+            if occurrences is not None:
+                count_tokens(occurrences, tokens)
             chosen = HostCopy(tokens)
             # The next step goes to the GPU before this one's tokens are read on the host: the reading, the stop
             # checks and the caller's handling of the events overlap the step instead of leaving the GPU idle.

@@ -16,7 +16,10 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from gemma3vl.infer.logprobs import TokenLogprob
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -31,19 +34,17 @@ ERROR_TYPES = {
 }
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, as OpenAI's
 
 # Fields whose non-default values would change the answer in ways this server does not implement: refused
 # with a 400 rather than ignored. Each maps to a predicate telling whether the given value is harmless.
 UNSUPPORTED_UNLESS_DEFAULT = {
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
     "tools": lambda v: v in (None, []),
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "frequency_penalty": lambda v: v in (None, 0, 0.0),
-    "presence_penalty": lambda v: v in (None, 0, 0.0),
     "logit_bias": lambda v: v in (None, {}),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
@@ -109,6 +110,11 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices; the server's max_n limits it
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, with logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     image_count: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -190,6 +196,21 @@ def _parse_stop(value: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _parse_logprobs(body: dict) -> tuple[bool, int]:
+    """``logprobs`` (a boolean) and ``top_logprobs`` (0 .. 20 alternatives per token, only with logprobs)."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise _invalid(f"'logprobs' must be a boolean, got {logprobs!r}", "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return bool(logprobs), 0
+    if not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise _invalid(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}", "top_logprobs")
+    if top and not logprobs:
+        raise _invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return bool(logprobs), top
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """Validate a request body's syntax and field types (limits and image fetching come later)."""
     try:
@@ -208,9 +229,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         if key in body and not harmless(body[key]):
             raise ApiError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, f"'n' must be 1 (this server returns one choice), got {n!r}", param="n",
-                       code="unsupported_value")
+    if n is not None and not (_is_int(n) and n >= 1):
+        raise _invalid(f"'n' must be an integer >= 1, got {n!r}", "n")
+    logprobs, top_logprobs = _parse_logprobs(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _invalid("'model' must be a string", "model")
@@ -250,6 +271,11 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         stop=_parse_stop(body.get("stop")),
         stream=bool(stream),
         include_usage=include_usage,
+        n=n or 1,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
     )
 
 
@@ -267,28 +293,49 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_object(completion_id: str, created: int, model: str, text: str, finish_reason: str,
-                      prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def logprobs_object(entries: list[TokenLogprob], token_text: Callable[[int], tuple[str, list[int]]]) -> dict[str, Any]:
+    """A choice's (or a chunk's) ``logprobs``: ``{"content": [...], "refusal": null}``, one item per token with its
+    text, logprob, UTF-8 bytes and ``top_logprobs``; ``token_text(id)`` gives a token's text and bytes."""
+
+    def token(token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    content = [{**token(entry.token_id, entry.logprob), "top_logprobs": [token(*pair) for pair in entry.top]}
+               for entry in entries]
+    return {"content": content, "refusal": None}
+
+
+def choice_object(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
+
+
+def completion_object(completion_id: str, created: int, model: str, choices: list[dict[str, Any]],
+                      usage_counts: dict[str, int]) -> dict[str, Any]:
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "choices": choices,
+        "usage": usage_counts,
         "system_fingerprint": None,
     }
 
 
-def chunk_object(completion_id: str, created: int, model: str, delta: dict[str, Any] | None,
-                 finish_reason: str | None = None, *, include_usage: bool = False,
-                 usage_counts: dict[str, int] | None = None) -> dict[str, Any]:
-    """One streamed chunk; ``delta=None`` gives the usage-only chunk (empty ``choices``) that ends a stream
+def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
+                 logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chunk_object(completion_id: str, created: int, model: str, choices: list[dict[str, Any]], *,
+                 include_usage: bool = False, usage_counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed chunk; no ``choices`` and ``usage_counts`` make the usage-only chunk that ends a stream
     requested with ``stream_options.include_usage``."""
     chunk: dict[str, Any] = {
         "id": completion_id,
@@ -296,9 +343,7 @@ def chunk_object(completion_id: str, created: int, model: str, delta: dict[str, 
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [] if delta is None else [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        ],
+        "choices": choices,
     }
     if include_usage:
         chunk["usage"] = usage_counts

@@ -74,10 +74,12 @@ class InferenceRuntime:
                 f"in {self.load_seconds:.1f}s" + (f"; {self.adapter_note}" if self.adapter_note else ""))
 
     def sampling(self, *, max_new_tokens: int, greedy: bool = False, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Sampling:
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None) -> Sampling:
         """The checkpoint's generation defaults with these settings on top (None: not given)."""
         return resolve_sampling(self.generation_defaults, self.config, max_new_tokens=max_new_tokens,
-                                greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                                greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
 
     def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
         with self.lock:

@@ -1,7 +1,8 @@
 """How each row picks its next token: per-row settings, transformers' logits processors, a seeded draw.
 
-Logits are processed in float32 as transformers does: repetition penalty (greedy rows too), then temperature,
-top-k, top-p; then argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
+Logits are processed in float32 as transformers does: repetition penalty (greedy rows too), then OpenAI's
+presence and frequency penalties (greedy rows too, as vLLM applies them), then temperature, top-k, top-p; then
+argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
 the processors transformers' ``generate`` assembles, bit for bit on the CPU (tests/test_sampling_parity.py); the
 draw does not reproduce transformers' ``torch.multinomial`` tokens for the same seed. Every setting is per row,
 and each row draws from its own generator, so a row's tokens do not depend on the rest of the batch: ``generate``
@@ -10,12 +11,15 @@ and the server's continuous batching (``engine.py``) put unrelated requests in o
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from gemma3vl.errors import Gemma3VLError
+
+MAX_OCCURRENCE_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 
 
 @dataclass
@@ -33,6 +37,10 @@ class Sampling:
     pad_token_id: int = 0
     repetition_penalty: float = 1.0  # transformers' semantics; 1.0 = off
     stop_strings: tuple[str, ...] = ()  # checked on the decoded text; needs generate(tokenizer=...)
+    # OpenAI's, over the tokens generated so far (not the prompt): a token's logit loses presence_penalty once it
+    # has appeared, and frequency_penalty per time it has; 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,7 +55,26 @@ class Sampling:
             raise Gemma3VLError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if any(not stop for stop in self.stop_strings):
             raise Gemma3VLError(f"stop_strings={self.stop_strings!r} contains an empty string")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_OCCURRENCE_PENALTY <= value <= MAX_OCCURRENCE_PENALTY:  # NaN fails too
+                raise Gemma3VLError(f"{name}={value} must be a number from -{MAX_OCCURRENCE_PENALTY:g} to "
+                                    f"{MAX_OCCURRENCE_PENALTY:g}")
 
+    @property
+    def occurrence_penalty(self) -> bool:
+        """Whether the presence or frequency penalty is on (the tokens generated so far must be counted)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th of several samples asked for with one ``seed`` (OpenAI's ``n``): ``seed`` itself
+    for the first (so one sample is what ``seed`` alone gives), a 64-bit hash of both for the others (so the
+    samples differ, and requests with neighbouring seeds do not share samples)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -62,9 +89,12 @@ class RowSampling:
     top_k: torch.Tensor  # long, vocab size = off
     top_p: torch.Tensor  # float32, 1.0 = off
     repetition_penalty: torch.Tensor  # float32, 1.0 = off
+    presence_penalty: torch.Tensor  # float32, 0.0 = off
+    frequency_penalty: torch.Tensor  # float32, 0.0 = off
     generators: list[torch.Generator | None]  # per row; None: torch's global generator
     sampled: list[bool]  # per row: not greedy
-    any_penalty: bool
+    any_penalty: bool  # a row's repetition penalty is on
+    any_occurrence_penalty: bool  # a row's presence or frequency penalty is on
     # float32 [B]: top-p's cut ``1 - top_p`` worked out in float64 before the cast, as transformers' comparison with
     # a Python float does (float32(1) - float32(0.95) is 1.2e-8 off).
     top_p_cut: torch.Tensor
@@ -99,9 +129,12 @@ class RowSampling:
             top_k=column(top_k, torch.long),
             top_p=column(top_p, torch.float32),
             repetition_penalty=column([s.repetition_penalty for s in samplings], torch.float32),
+            presence_penalty=column([s.presence_penalty for s in samplings], torch.float32),
+            frequency_penalty=column([s.frequency_penalty for s in samplings], torch.float32),
             generators=when_sampled(list(generators), None),
             sampled=sampled,
             any_penalty=any(s.repetition_penalty != 1.0 for s in samplings),
+            any_occurrence_penalty=any(s.occurrence_penalty for s in samplings),
             top_p_cut=column([1.0 - p for p in top_p], torch.float32),
             max_top_k=max((k for k in top_k if k < vocab_size), default=0),
             any_top_p=any(p < 1.0 for p in top_p),
@@ -130,18 +163,30 @@ def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_siz
     return seen[:, :vocab_size]
 
 
-def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None) -> torch.Tensor:
+def count_tokens(counts: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Add each row's new token (``tokens`` [B]) to its occurrence counts (float32 [B, V], in place)."""
+    counts.scatter_add_(1, tokens[:, None], torch.ones_like(counts[:, :1]))
+
+
+def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
-    multiplied), then for sampled rows temperature, top-k (keep scores >= the k-th largest, ties kept), top-p (sort
-    what top-k left, drop the low tail whose mass is <= 1 - p, always keeping the top token). A row whose top-k
-    or top-p does not filter (top_k >= V, top_p = 1) is left as it is, as transformers adds no warper for it.
+    multiplied), then, given ``counts`` (float32 [B, V]: how often each token was generated so far), OpenAI's
+    penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)``
+    subtracted (a row whose penalties are 0 keeps its scores bit for bit), then for sampled rows temperature,
+    top-k (keep scores >= the k-th largest, ties kept), top-p (sort what top-k left, drop the low tail whose mass is
+    <= 1 - p, always keeping the top token). A row whose top-k or top-p does not filter (top_k >= V, top_p = 1) is
+    left as it is, as transformers adds no warper for it.
     Top-p sorts the scores top-k left, as ``TopPLogitsWarper`` does: with ties at the cut, which of the tied
     tokens go depends on that sort's order."""
     scores = logits
     if seen is not None:
         penalty = rows.repetition_penalty[:, None]
         scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if counts is not None:
+        scores = scores - rows.frequency_penalty[:, None] * counts
+        scores = scores - rows.presence_penalty[:, None] * (counts > 0)
     if not rows.any_sampled:
         return scores
     scores = scores / rows.temperature[:, None]

@@ -42,13 +42,17 @@ def resolve_sampling(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
 ) -> Sampling:
     """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given).
 
     As transformers' ``generate``: a generation-config value that is absent or ``null`` takes transformers' global
     default (temperature 1.0, top-k 50, top-p 1.0), so sampling from a checkpoint whose config names no top-k still
     keeps the 50 most likely tokens, as it would there. The generation config's ``repetition_penalty`` applies too
-    (there is no setting for it here), greedy or not, as it does in transformers."""
+    (there is no setting for it here), greedy or not, as it does in transformers. The presence and frequency
+    penalties (OpenAI's; transformers' generation config has none) are off unless given, and do not turn
+    sampling on: they apply to greedy decoding too."""
     stop = defaults.get("eos_token_id")
     if stop is None:
         stop = list(config.stop_token_ids)
@@ -70,6 +74,8 @@ def resolve_sampling(
         pad_token_id=config.text.pad_token_id,
         # transformers applies the generation config's repetition penalty to greedy and sampled decoding alike
         repetition_penalty=_default(defaults, "repetition_penalty", float),
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
     )
 
 

@@ -9,6 +9,11 @@ a seeded request gets the answer ``generate`` gives with that seed. When the eng
 ``batch_wait_s`` from its arrival so that requests arriving together start together. At most ``max_waiting``
 jobs wait for a slot; beyond that ``submit`` refuses (the server answers 429). Events go to each job's own
 queue, so a slow client never stalls the batch.
+
+A job asking for ``n`` choices (OpenAI's ``n``) is ``n`` rows of the engine, each prefilled on its own and each its
+own sample (a seeded job's choice ``i`` draws with ``derived_seed(seed, i)``). Its rows take free slots as they
+come, oldest job first, so a job may start with some of its rows and the rest join as slots free; it counts as one
+waiting job until its last row has a slot.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import itertools
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gemma3vl.infer.completion import Row
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.sampling import derived_seed
 
 _job_numbers = itertools.count()
 SHUTTING_DOWN = "the server is shutting down"
@@ -35,17 +41,22 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)  # identity, not field-by-field (tensors)
 class Job:
-    """One request for the scheduler. Its ``events`` queue yields ``("text", delta)`` items, then one
-    ``("done", Completion)`` or ``("error", message)``."""
+    """One request for the scheduler: ``n`` choices of one prompt. Its ``events`` queue yields, per choice
+    ``index``, ``("text", index, (delta, logprobs))`` items then one ``("done", index, Completion)``; or, for the
+    whole job, ``("error", message)``."""
 
     prompt: EncodedPrompt
     sampling: Sampling
     max_new_tokens: int
     stop_strings: tuple[str, ...] = ()
+    n: int = 1  # choices, each its own row and sample
+    logprobs: int | None = None  # per token its logprob and this many alternatives' (None: no logprobs)
     events: queue.Queue = field(default_factory=queue.Queue)
     queued_at: float = field(default_factory=time.monotonic)
     batch_size: int = 0  # the most rows it shared a decode step with, itself included (for the request log)
     number: int = field(default_factory=lambda: next(_job_numbers))
+    admitted: int = 0  # choices given a slot so far (the scheduler's count)
+    ended: int = 0  # choices whose rows have ended (the scheduler's count)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -56,11 +67,19 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def row(self) -> Row:
+    def row(self, index: int = 0) -> Row:
+        """Choice ``index``'s row."""
         return Row(prompt=self.prompt, max_new_tokens=self.max_new_tokens, stop_strings=self.stop_strings,
-                   on_text=lambda text: self.events.put(("text", text)),
-                   on_finish=lambda completion: self.events.put(("done", completion)),
+                   logprobs=self.logprobs,
+                   on_delta=lambda text, logprobs: self.events.put(("text", index, (text, logprobs))),
+                   on_finish=lambda completion: self.events.put(("done", index, completion)),
                    is_cancelled=lambda: self.cancelled)
+
+    def choice_sampling(self, index: int) -> Sampling:
+        """Choice ``index``'s sampling: the job's, with a seed of its own when the job is seeded."""
+        if self.sampling.seed is None:
+            return self.sampling
+        return replace(self.sampling, seed=derived_seed(self.sampling.seed, index))
 
 
 class BatchScheduler:
@@ -129,27 +148,49 @@ class BatchScheduler:
             self._pending.clear()
 
     # ------------------------------------------------------------------------------------------ the loop
-    def _admissions(self, engine: ContinuousBatcher) -> list[Job] | None:
-        """Wait for work; then the waiting jobs that fit in the free slots, oldest first (None when stopping)."""
+    def _waiting_rows(self) -> int:
+        return sum(job.n - job.admitted for job in self._pending)
+
+    def _admissions(self, engine: ContinuousBatcher) -> list[tuple[Job, int]] | None:
+        """Wait for work; then the waiting rows (job, choice) that fit in the free slots, oldest job first (None
+        when stopping)."""
         with self._cond:
             while not self._pending and not engine.active and not self._stopping:
                 self._cond.wait()
             if not engine.active and self._pending:  # idle: let requests that arrive together start together
                 deadline = self._pending[0].queued_at + self.batch_wait_s
-                while not self._stopping and len(self._pending) < engine.free_slots:
+                while not self._stopping and self._waiting_rows() < engine.free_slots:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
             if self._stopping:
                 return None
-            taken = self._pending[: engine.free_slots]
-            self._pending = self._pending[len(taken):]
-            admitted = [job for job in taken if not job.cancelled]
+            admitted: list[tuple[Job, int]] = []
+            free = engine.free_slots
+            while self._pending and free:
+                job = self._pending[0]
+                if job.cancelled:  # nobody waits for the rest of it
+                    self._pending.pop(0)
+                    self._retire(job)
+                    continue
+                count = min(free, job.n - job.admitted)
+                admitted += [(job, job.admitted + i) for i in range(count)]
+                job.admitted += count
+                free -= count
+                if job.admitted == job.n:
+                    self._pending.pop(0)
+                if job not in self._running:
+                    self._running.append(job)
             if engine.active:
                 self.joined_running += len(admitted)
-            self._running += admitted
             return admitted
+
+    def _retire(self, job: Job) -> None:
+        """Forget ``job`` once none of its rows runs or waits any more (under ``_cond``)."""
+        if job.ended == job.admitted and job not in self._pending and job in self._running:
+            self._running.remove(job)
+            self.jobs_done += 1
 
     def _loop(self) -> None:
         engine = self.engine
@@ -158,33 +199,42 @@ class BatchScheduler:
             admitted = self._admissions(engine)
             if admitted is None:
                 break
-            for job in admitted:
+            for job, index in admitted:
                 try:
-                    engine.add(job.row(), job.sampling, tag=job)
+                    engine.add(job.row(index), job.choice_sampling(index), tag=(job, index))
                 except Exception as exc:  # a request that cannot run fails alone
                     self._fail([job], exc)
             if not engine.active:
                 continue
             batch = engine.active
-            for job in engine.tags():
+            for job, _ in engine.tags():
                 job.batch_size = max(job.batch_size, batch)
             try:
                 ended = engine.step()
             except Exception as exc:  # a failed step fails the rows in it, not the server
-                self._fail(engine.drop_all(), exc)
+                self._fail(_jobs(engine.drop_all()), exc)
                 ended = []
             with self._cond:
                 self.steps += 1
                 self.largest_batch = max(self.largest_batch, batch)
-                self.jobs_done += len(ended)
-                self._running = [job for job in self._running if job not in ended]
-        for job in engine.cancel_all():  # stopping: each running job hears "cancelled"
-            with self._cond:
-                self._running = [other for other in self._running if other is not job]
+                for job, _ in ended:
+                    job.ended += 1
+                    self._retire(job)
+        stopped = _jobs(engine.cancel_all())  # stopping: each running row hears "cancelled"
+        with self._cond:
+            self._running = [job for job in self._running if job not in stopped]
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        """Tell ``jobs`` why they failed and forget them (rows of theirs still running end as cancelled once the
+        server has stopped waiting for them)."""
         message = f"generation failed: {type(exc).__name__}: {exc}"
         with self._cond:
             for job in jobs:
                 job.events.put(("error", message))
             self._running = [job for job in self._running if job not in jobs]
+            self._pending = [job for job in self._pending if job not in jobs]
+
+
+def _jobs(tags: list[tuple[Job, int]]) -> list[Job]:
+    """The jobs of the engine rows tagged ``(job, choice)``, each once."""
+    return list(dict.fromkeys(job for job, _ in tags))

@@ -30,12 +30,16 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_CANCELLED, Completion
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
+from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
 from gemma3vl.infer.openai_protocol import (
     ApiError,
     ChatRequest,
     ImagePart,
+    choice_object,
+    chunk_choice,
     chunk_object,
     completion_object,
+    logprobs_object,
     models_object,
     new_completion_id,
     now,
@@ -61,6 +65,7 @@ class ServerSettings:
     compile_decode: bool = False  # CUDA: decode steps as one compiled CUDA graph (compiled when the server starts)
     max_request_bytes: int = 64 * 2**20
     max_tokens: int = 2048  # the most a request may ask for, and what it gets when it asks for none
+    max_n: int = 8  # the most choices (OpenAI's n) a request may ask for
     images: ImageLimits = field(default_factory=ImageLimits)
     allow_local_images: str | Path | None = None
     allow_remote_images: bool = False
@@ -91,6 +96,7 @@ class ChatCompletionServer:
                                         max_waiting=self.settings.max_waiting,
                                         max_length=self.settings.max_sequence_length,
                                         compile=self.settings.compile_decode)
+        self.token_texts = TokenTexts(runtime.tokenizer, runtime.lock)
         self._log_stream = log if log is not None else sys.stderr
         self._log_lock = threading.Lock()
         self._httpd = _HTTPServer((self.settings.host, self.settings.port), _Handler, self)
@@ -147,6 +153,9 @@ class ChatCompletionServer:
         if request.image_count and not self.runtime.config.is_vision_language:
             raise ApiError(422, "this is a text-only Gemma 3 checkpoint: it cannot take images",
                            param="messages", code="images_not_supported")
+        if request.n > settings.max_n:
+            raise ApiError(400, f"n={request.n} is over this server's limit of {settings.max_n}", param="n",
+                           code="invalid_value")
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
             raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
@@ -171,17 +180,25 @@ class ChatCompletionServer:
             sampling = self.runtime.sampling(
                 max_new_tokens=max_tokens, greedy=greedy, temperature=None if greedy else request.temperature,
                 top_k=request.top_k, top_p=None if greedy else request.top_p, seed=request.seed,
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             )
             sampling.validate()
         except Gemma3VLError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
-        return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop)
+        return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
+                   n=request.n, logprobs=request.top_logprobs if request.logprobs else None)
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's ``logprobs`` object for ``entries`` (None: the request asked for none)."""
+        return None if entries is None else logprobs_object(entries, self.token_texts)
 
     def events(self, job: Job, client_gone: Callable[[], bool] | None = None):
-        """The job's events; a scheduler that died turns into an error instead of a hang. While the answer is
-        not done, ``client_gone`` is asked every ``CLIENT_CHECK_S``: a client that hung up cancels the job (its slot
-        is free at the next step, not after max_tokens more) and raises ConnectionResetError."""
+        """The job's events, until every choice is done or the job failed; a scheduler that died turns into an
+        error instead of a hang. While the answer is not done, ``client_gone`` is asked every ``CLIENT_CHECK_S``: a
+        client that hung up cancels the job (its slots are free at the next step, not after max_tokens more) and
+        raises ConnectionResetError."""
         checked = time.monotonic()
+        unfinished = job.n
         while True:
             try:
                 event = job.events.get(timeout=EVENT_POLL_S)
@@ -199,7 +216,9 @@ class ChatCompletionServer:
             if event is None:
                 continue
             yield event
-            if event[0] != "text":
+            if event[0] == "done":
+                unfinished -= 1
+            if event[0] == "error" or not unfinished:
                 return
 
     def scheduler_alive(self) -> bool:
@@ -406,29 +425,37 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # reset by the peer
             return True
 
-    def _finished(self, job: Job, completion: Completion, record: RequestRecord, stream: bool) -> None:
-        record.detail = (f"prompt={completion.prompt_tokens} completion={completion.completion_tokens} "
-                         f"finish={completion.finish_reason} batch={job.batch_size} stream={'yes' if stream else 'no'}")
+    def _finished(self, job: Job, completions: list[Completion], record: RequestRecord, stream: bool) -> dict:
+        """The request's usage (prompt once, every choice's tokens), noted for the log line."""
+        counts = usage(completions[0].prompt_tokens, sum(c.completion_tokens for c in completions))
+        record.detail = (f"prompt={counts['prompt_tokens']} completion={counts['completion_tokens']} "
+                         f"finish={','.join(c.finish_reason for c in completions)} batch={job.batch_size} "
+                         f"stream={'yes' if stream else 'no'}" + (f" n={job.n}" if job.n > 1 else ""))
+        return counts
 
     def _complete(self, job: Job, record: RequestRecord) -> None:
-        for kind, value in self.app.events(job, self._client_gone):
-            if kind == "error":
-                raise ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
-            if kind == "done":
-                if value.finish_reason == FINISH_CANCELLED:
+        done: dict[int, Completion] = {}
+        for event in self.app.events(job, self._client_gone):
+            if event[0] == "error":
+                raise ApiError(503 if self.app.stopping else 500, event[1], code="generation_failed")
+            if event[0] == "done":
+                _, index, completion = event
+                if completion.finish_reason == FINISH_CANCELLED:
                     raise ApiError(503, "the server is shutting down", code="unavailable")
-                self._finished(job, value, record, stream=False)
-                self._send_json(200, completion_object(new_completion_id(), now(), self.app.model_name, value.text,
-                                                       value.finish_reason, value.prompt_tokens,
-                                                       value.completion_tokens))
+                done[index] = completion
+        completions = [done[index] for index in range(job.n)]
+        counts = self._finished(job, completions, record, stream=False)
+        choices = [choice_object(index, c.text, c.finish_reason, self.app.logprobs(c.logprobs))
+                   for index, c in enumerate(completions)]
+        self._send_json(200, completion_object(new_completion_id(), now(), self.app.model_name, choices, counts))
 
     def _stream(self, job: Job, request: ChatRequest, record: RequestRecord) -> None:
         completion_id, created, model = new_completion_id(), now(), self.app.model_name
         include_usage = request.include_usage
 
-        def chunk(delta: dict | None, finish: str | None = None, counts: dict | None = None) -> bytes:
-            return _sse(chunk_object(completion_id, created, model, delta, finish, include_usage=include_usage,
-                                     usage_counts=counts))
+        def chunk(choice: dict | None, counts: dict | None = None) -> bytes:
+            return _sse(chunk_object(completion_id, created, model, [] if choice is None else [choice],
+                                     include_usage=include_usage, usage_counts=counts))
 
         self._streaming = True
         self.send_response(200)
@@ -436,23 +463,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self._write_chunk(chunk({"role": "assistant", "content": ""}))
-        for kind, value in self.app.events(job, self._client_gone):
-            if kind == "text":
-                self._write_chunk(chunk({"content": value}))
-            elif kind == "error":
-                error = ApiError(503 if self.app.stopping else 500, value, code="generation_failed")
-                record.status, record.detail = error.status, f"error in stream: {value}"
+        for index in range(job.n):
+            self._write_chunk(chunk(chunk_choice(index, {"role": "assistant", "content": ""})))
+        completions: list[Completion] = []
+        for event in self.app.events(job, self._client_gone):
+            if event[0] == "text":
+                _, index, (text, logprobs) = event
+                self._write_chunk(chunk(chunk_choice(index, {"content": text}, logprobs=self.app.logprobs(logprobs))))
+            elif event[0] == "error":
+                error = ApiError(503 if self.app.stopping else 500, event[1], code="generation_failed")
+                record.status, record.detail = error.status, f"error in stream: {event[1]}"
                 self._write_chunk(_sse(error.body()))
-            elif value.finish_reason == FINISH_CANCELLED:
+            elif event[2].finish_reason == FINISH_CANCELLED:
                 error = ApiError(503, "the server is shutting down", code="unavailable")
                 record.status, record.detail = 503, "cancelled"
                 self._write_chunk(_sse(error.body()))
+                break
             else:
-                self._finished(job, value, record, stream=True)
-                self._write_chunk(chunk({}, value.finish_reason))
-                if include_usage:
-                    self._write_chunk(chunk(None, counts=usage(value.prompt_tokens, value.completion_tokens)))
+                _, index, completion = event
+                completions.append(completion)
+                self._write_chunk(chunk(chunk_choice(index, {}, completion.finish_reason)))
+        if len(completions) == job.n:
+            counts = self._finished(job, completions, record, stream=True)
+            if include_usage:
+                self._write_chunk(chunk(None, counts=counts))
         self._write_chunk(b"data: [DONE]\n\n")
         self._write_chunk(b"")  # end of the chunked body
 

@@ -1,0 +1,91 @@
+"""Log-probabilities of generated tokens: OpenAI's ``logprobs`` and ``top_logprobs``.
+
+Which distribution: ``log_softmax`` of the model's raw logits for the step, in float32 (after the final-logit
+softcapping, which is part of the model), before any repetition / presence / frequency penalty, temperature,
+top-k or top-p, as vLLM reports by default and as OpenAI's numbers behave (they do not change with
+temperature). So a sampled token's logprob is its log-probability under the model, not under the processed
+distribution it was drawn from; under greedy decoding the chosen token is the top one.
+
+Cost: only rows that asked compute anything. Their logits are gathered, ``log_softmax`` and ``topk`` run on the
+device, and only the chosen token's value and the top ``k`` (value, id) pairs per row reach the host, through
+a copy that does not wait for the decode step launched after it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from gemma3vl.infer.decode import HostCopy
+from gemma3vl.infer.detokenize import BYTE_PIECE
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its ``top`` most likely alternatives (id, logprob), most likely
+    first (the token itself among them when it is one of them)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class LogprobRows:
+    """The rows of a batch that report logprobs (``asked``: per row, None or its number of alternatives)."""
+
+    def __init__(self, asked: Sequence[int | None], device: torch.device):
+        self.rows = [row for row, top in enumerate(asked) if top is not None]
+        self.tops = [asked[row] for row in self.rows]
+        self.top = max(self.tops, default=0)
+        self.index = torch.tensor(self.rows, dtype=torch.long, device=device)
+
+    @classmethod
+    def of(cls, asked: Sequence[int | None], device: torch.device) -> "LogprobRows | None":
+        """None when no row asked: then nothing is computed at all."""
+        return cls(asked, device) if any(top is not None for top in asked) else None
+
+    def compute(self, logits: torch.Tensor, tokens: torch.Tensor) -> "PendingLogprobs":
+        """Queue the work for float32 ``logits`` [B, V] and the ``tokens`` [B] chosen from them."""
+        logprobs = logits.index_select(0, self.index).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, self.index)[:, None])
+        top = logprobs.topk(self.top, dim=-1)
+        return PendingLogprobs(self, HostCopy(torch.cat([chosen, top.values], dim=1)), HostCopy(top.indices))
+
+
+class PendingLogprobs:
+    """The host copies of one step's logprobs; ``by_row`` waits for them (not for later device work)."""
+
+    def __init__(self, rows: LogprobRows, values: HostCopy, ids: HostCopy):
+        self.rows, self.values, self.ids = rows, values, ids
+
+    def by_row(self, tokens: Sequence[int]) -> dict[int, TokenLogprob]:
+        """Each reporting row's :class:`TokenLogprob` for its chosen token (``tokens``: every row's)."""
+        values, ids = self.values.tolist(), self.ids.tolist()
+        return {
+            row: TokenLogprob(tokens[row], row_values[0], list(zip(row_ids[:top], row_values[1:top + 1])))
+            for row, top, row_values, row_ids in zip(self.rows.rows, self.rows.tops, values, ids)
+        }
+
+
+class TokenTexts:
+    """Each token's text as the tokenizer decodes it alone (special tokens included: ``<end_of_turn>``), and its
+    UTF-8 bytes; a byte-fallback piece (``<0xE2>``, part of a character split over tokens) gives the one raw byte
+    it stands for, though its text alone is U+FFFD. Cached per id; ``lock`` guards the tokenizer."""
+
+    def __init__(self, tokenizer: Any, lock: Any = None):
+        self.tokenizer = tokenizer
+        self.lock = lock if lock is not None else threading.Lock()
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            with self.lock:
+                piece = self.tokenizer.convert_ids_to_tokens(token_id)
+                text = self.tokenizer.decode([token_id])
+            raw = [int(piece[3:5], 16)] if BYTE_PIECE.match(piece) else list(text.encode("utf-8"))
+            cached = self._cache[token_id] = (text, raw)
+        return cached
