@@ -25,7 +25,9 @@ class KVCache:
         self.layer_types = config.layer_types
         self.keys: list[torch.Tensor | None] = [None] * config.num_hidden_layers
         self.values: list[torch.Tensor | None] = [None] * config.num_hidden_layers
-        self.info: dict[str, TokenInfo | None] = {kind: None for kind in set(config.layer_types)}
+        # both kinds, whatever the layers are: the decoder asks for both masks (a config whose layers are all full or
+        # all sliding, e.g. sliding_window_pattern=1, would otherwise fail with a KeyError)
+        self.info: dict[str, TokenInfo | None] = {SLIDING: None, FULL: None}
 
     def keys_info(self, layer_type: str, new: TokenInfo) -> TokenInfo:
         """Mask description of every key the next step's queries see: cached ones, then ``new``."""
@@ -70,8 +72,10 @@ class StaticKVCache:
     Why exact: transformers keeps ``window - 1`` past keys and attends them plus the current token, i.e. a query
     sees the last ``window`` positions including itself. A single new token is written into the ring *before*
     attention (it overwrites the one position that just left the window), so the ring is exactly that. A chunk of
-    several tokens (the prompt) attends over ring + its own keys, since its first queries need keys that its last
-    tokens would overwrite, and only then keeps its last ``S`` keys.
+    several tokens (a prefill chunk) attends over ring + its own keys, since its first queries need keys that its
+    last tokens would overwrite, and only then keeps its last ``S`` keys. The first chunk after creation or
+    ``reset()`` (the whole prompt, unless it is prefilled in chunks) attends to its own keys alone: nothing else is
+    cached, and that is transformers' no-cache prefill, column for column (``_prompt_alone``).
 
     ``index`` (a one-element tensor on the device) counts the columns written. A step reads and bumps it on the
     device, never on the host, so a decode step has fixed shapes and no host sync: what CUDA graphs need. On CUDA
@@ -79,10 +83,13 @@ class StaticKVCache:
     capture a step that writes into them; reuse one cache across calls (``reset()``) to keep the captured graph.
 
     Precision: in float64 the static and the dynamic cache give the same logits to the last bit (same keys, same
-    rule), but in bf16 they differ by ~1e-2, as much as two static caches of different lengths differ from each
-    other and as each differs from float64: the attention kernels reduce over a different number (and, in the
-    ring, order) of columns, masked ones included, so their bf16 rounding differs. Greedy decoding can then part
-    ways at a near tie; that is rounding, not a mask difference. Compare bf16 runs on caches of the same size.
+    rule). In bf16 the prefill logits are bit-equal to the dynamic cache's and to the no-cache forward's (the
+    prompt attends to its own keys alone, see above); decode steps accumulate in float32 (``attend_one_query``),
+    but over the ring in its rotated order, so once the ring has wrapped a step's bf16 logits can come out one
+    ulp apart from the dynamic cache's, and greedy decoding can then part ways at a near tie, many tokens in: that
+    is rounding, not a mask difference. (Before the prompt attended alone, its attention reduced over the empty
+    ring and the whole ``max_length`` buffer too: the prefill logits were ~2e-2 apart in bf16 and greedy runs
+    parted after as few as 2 tokens; tests/test_generation_length_parity.py.)
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class StaticKVCache:
         }
         self.index = torch.zeros(1, dtype=torch.long, device=device)
         self._step_length = 0
+        self._empty = True  # nothing written since creation or reset(): known on the host, see keys_info
         if device.type == "cuda":
             for tensor in self._buffers():
                 torch._dynamo.mark_static_address(tensor)
@@ -121,6 +129,7 @@ class StaticKVCache:
     def reset(self) -> None:
         """Empty the cache in place (same tensors, so a compiled step captured with them stays valid)."""
         self.index.zero_()
+        self._empty = True
         for info in self.slots.values():
             info.segment_ids.zero_()
             info.positions.zero_()
@@ -134,12 +143,24 @@ class StaticKVCache:
         # no wrap-around for global layers: a column past max_length must fail, not overwrite column 0
         return length - keep, columns % size if layer_type == SLIDING else columns
 
+    def _prompt_alone(self, length: int) -> bool:
+        """Whether a step of ``length`` tokens attends to its own keys only: the first chunk written into an empty
+        cache (a whole prompt, or a chunked prefill's first chunk). Every other slot is empty then, so the keys it
+        may see are exactly its own, and attending to them alone is the no-cache forward transformers' prefill
+        does: the same columns, the same kernel, so the same rounding in bf16 (see Precision above), and no
+        dense mask and attention over ``max_length`` columns (a server's rows are the whole context long).
+        Decided on the host; a one-token step (decode) never takes it."""
+        return self._empty and length > 1
+
     def keys_info(self, layer_type: str, new: TokenInfo) -> TokenInfo:
         """Mask description of the keys the step's queries attend (what ``update`` returns), in the same order."""
         length = new.positions.shape[1]
         self._step_length = length
         slots = self.slots[layer_type]
-        keys = slots.cat(new) if layer_type == SLIDING and length > 1 else slots
+        if self._prompt_alone(length):
+            keys = new
+        else:
+            keys = slots.cat(new) if layer_type == SLIDING and length > 1 else slots
         start, targets = self._targets(layer_type, length)
         for buffer, values in zip(
             (slots.positions, slots.segment_ids, slots.image_block_ids),
@@ -154,7 +175,9 @@ class StaticKVCache:
         length = k.shape[2]
         cached_k, cached_v = self.keys[layer], self.values[layer]
         attend_k, attend_v = cached_k, cached_v
-        if kind == SLIDING and length > 1:
+        if self._prompt_alone(length):
+            attend_k, attend_v = k, v
+        elif kind == SLIDING and length > 1:
             attend_k, attend_v = torch.cat((cached_k, k), dim=2), torch.cat((cached_v, v), dim=2)
         start, targets = self._targets(kind, length)
         cached_k.index_copy_(2, targets, k[:, :, start:])
@@ -163,6 +186,8 @@ class StaticKVCache:
 
     def end_step(self) -> None:
         self.index.add_(self._step_length)
+        if self._empty:  # (a compiled decode step only reads the flag: it never runs on an empty cache)
+            self._empty = False
 
     def filled(self, layer_type: str) -> torch.Tensor:
         """How many slots of each row hold a real token [B] (padding columns are not counted)."""
