@@ -114,6 +114,18 @@ def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def padded_batch(layouts: list[list], config, seed_of=lambda index: index):
+    """Left-padded ids, mask and the images' pixels (None without images) of one prompt per layout."""
+    rows, pixels = [], []
+    for index, pieces in enumerate(layouts):
+        row, images = build_prompt(pieces, seed_of(index))
+        rows.append(row)
+        if images:
+            pixels.append(random_pixels(images, config, seed_of(index)))
+    ids, mask = left_padded(rows)
+    return ids, mask, (torch.cat(pixels) if pixels else None)
+
+
 @torch.no_grad()
 def hf_generate(reference, config, ids, mask, pixels, new_tokens, eos=(), **settings):
     """transformers' greedy tokens [B][new_tokens] and raw per-step logits [B, new_tokens, V]."""
@@ -210,20 +222,13 @@ def test_left_padded_rows_of_very_different_lengths_equal_transformers(checkpoin
     answer, and with a stop token that ends the lone-BOS row early while the others go on."""
     _, reference, ours, config = checkpoints()
     layouts = [["I", 1], [10 * W], [3, "I", 8 * W, "I", 2], []]
-    rows, pixels = [], []
-    for seed, pieces in enumerate(layouts):
-        row, images = build_prompt(pieces, seed)
-        rows.append(row)
-        if images:
-            pixels.append(random_pixels(images, config, seed))
-    ids, mask = left_padded(rows)
-    pixels = torch.cat(pixels)
+    ids, mask, pixels = padded_batch(layouts, config)
     assert (ids.shape[1] - mask.sum(1)).max() > 9 * W  # padding far longer than the window
     new_tokens = 6 * W
     seen = record_logits(ours)
     expected = hf_generate(reference, config, ids, mask, pixels, new_tokens)
     assert_same(expected, ours_generate(ours, seen, ids, mask, pixels, new_tokens), what="static")
-    exact = StaticKVCache(config.text, len(rows), ids.shape[1] + new_tokens, CPU, torch.float32)
+    exact = StaticKVCache(config.text, ids.shape[0], ids.shape[1] + new_tokens, CPU, torch.float32)
     assert_same(expected, ours_generate(ours, seen, ids, mask, pixels, new_tokens, cache=exact), what="exact cache")
 
     # a stop token the lone BOS row says early and some other row never says
@@ -331,14 +336,7 @@ def test_other_layer_patterns_and_windows_equal_transformers(checkpoints, record
     text_only, overrides = CONFIGS[name]
     _, reference, ours, config = checkpoints(text_only=text_only, **overrides)
     layouts = [[40], [3]] if text_only else [["I", 40], [5, "I", 3]]
-    rows, pixels = [], []
-    for seed, pieces in enumerate(layouts):
-        row, images = build_prompt(pieces, seed)
-        rows.append(row)
-        if images:
-            pixels.append(random_pixels(images, config, seed))
-    ids, mask = left_padded(rows)
-    pixels = torch.cat(pixels) if pixels else None
+    ids, mask, pixels = padded_batch(layouts, config)
     settings = dict(cache_implementation="static") if config.text.sliding_window == 1 else {}
     expected = hf_generate(reference, config, ids, mask, pixels, 24, **settings)
     seen = record_logits(ours)
@@ -361,19 +359,13 @@ def test_bf16_static_cache_prefill_is_the_no_cache_forward_bit_for_bit(checkpoin
     layouts = [["I", 60], [5, "I", 30, "I", 10], [70], [1]]
     new_tokens = 2 * W
     for seed in (1, 3):
-        rows, pixels = [], []
-        for row_seed, pieces in enumerate(layouts):
-            row, images = build_prompt(pieces, seed * 10 + row_seed)
-            rows.append(row)
-            if images:
-                pixels.append(random_pixels(images, config, seed * 10 + row_seed))
-        ids, mask = left_padded(rows)
-        pixels = torch.cat(pixels).to(torch.bfloat16)
+        ids, mask, pixels = padded_batch(layouts, config, seed_of=lambda row, seed=seed: seed * 10 + row)
+        pixels = pixels.to(torch.bfloat16)
         info = TokenInfo.for_tokens(ids, attention_mask=mask, image_token_id=config.image_token_id)
         with torch.no_grad():
             no_cache = model(ids, pixels, info=info, logits_to_keep=1)
-            for cache in (StaticKVCache(config.text, len(rows), ids.shape[1] + new_tokens, CPU, torch.bfloat16),
-                          StaticKVCache(config.text, len(rows), 4096, CPU, torch.bfloat16), KVCache(config.text)):
+            for cache in (StaticKVCache(config.text, ids.shape[0], ids.shape[1] + new_tokens, CPU, torch.bfloat16),
+                          StaticKVCache(config.text, ids.shape[0], 4096, CPU, torch.bfloat16), KVCache(config.text)):
                 got = model(ids, pixels, info=info, cache=cache, logits_to_keep=1)
                 assert torch.equal(got, no_cache), (seed, cache, float((got - no_cache).abs().max()))
             static = generate(model, ids, attention_mask=mask, pixel_values=pixels,
