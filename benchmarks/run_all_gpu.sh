@@ -31,18 +31,20 @@
 #   generate 4b         ~250 s with the default GENERATE_ARGS: the compiled step compiles in ~60 s per batch
 #                       size; eager batch 8 and transformers ~60 s; the long part ~60 s at 32,768 tokens (at 131,072, the default now: unmeasured). gpu_verify 4b ~150 s.
 #   flex_tune 4b        unmeasured; ~6 candidates x (compile ~15 s + timing): ~100 s.
-# PARTS picks and orders the steps (train = sft,lora). Default: sft,generate,flex,packing,27b,verify,lora,long: what
-# the H200 runs of 2026-11-28 left unmeasured first (the SFT step with the compiled loss and vision blocks and the
-# clipping inside fused AdamW, with its profile; generate's compiled-vs-eager tokens after the decode-attention
-# change; flex kernel options; the padded packing baseline; the 27B LoRA memory under the low-rank policy); the
-# budget cuts the last.
+#   cuda tests          unmeasured; the two CUDA-only tests (compiled decode and engine): compiling, ~60-120 s.
+# PARTS picks and orders the steps (train = sft,lora). Default:
+# sft,generate,cudatests,flex,packing,27b,verify,lora,long: what the H200 runs of 2026-11-28 left unmeasured first
+# (the SFT step with the compiled loss and vision blocks and the clipping inside fused AdamW, with its profile;
+# generate's compiled-vs-eager tokens after the decode-attention and prefill changes, and the CUDA-only tests;
+# flex kernel options; the padded packing baseline; the 27B LoRA memory under the low-rank policy); the budget cuts
+# the last.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-sft,generate,flex,packing,27b,verify,lora,long}
+PARTS=${PARTS:-sft,generate,cudatests,flex,packing,27b,verify,lora,long}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -162,8 +164,21 @@ for part in "${PART_LIST[@]}"; do
             rm -rf /tmp/gemma3vl-gpu-verify
         fi
         ;;
+    cudatests)
+        # The tests that skip without CUDA (compiled decode == eager decode; the compiled server engine == generate
+        # alone), on tiny models: they take the compile time only. Needs pytest in the image.
+        if [[ -n "$TINY" ]]; then
+            skip "cuda tests" "needs CUDA"
+        elif ! "$PYTHON" -c "import pytest" 2>/dev/null; then
+            skip "cuda tests" "pytest is not installed"
+        else
+            step "cuda tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs \
+                tests/test_generate_engine.py::test_compiled_decode_on_cuda_equals_eager \
+                tests/test_generate_continuous.py::test_compiled_engine_on_cuda_equals_solo_generate
+        fi
+        ;;
     *)
-        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, generate, flex, verify)"
+        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, generate, cudatests, flex, verify)"
         ;;
     esac
 done
