@@ -85,6 +85,7 @@ from gemma3vl.infer.generate import Sampling, generate  # noqa: E402
 from gemma3vl.model import TokenInfo  # noqa: E402
 
 DTYPE = torch.bfloat16
+GRAPH_IMPL = "ours (CUDA graph, not compiled)"  # the eager decode step captured: GEMMA3VL_DECODE_GRAPH=1
 
 # Peak HBM bandwidth in bytes/s by device name (vendor datasheets); first match wins.
 PEAK_BANDWIDTH = (
@@ -192,10 +193,13 @@ def compile_failed(why: str) -> None:
     raise RuntimeError(f"compiling the decode step failed: {why}")
 
 
-def ours_call(model, ids, pixels, new_tokens: int, pad: int, device, compiled: bool, cache=None) -> Call:
+def ours_call(model, ids, pixels, new_tokens: int, pad: int, device, compiled: bool, cache=None,
+              graph: bool = False) -> Call:
+    """``graph``: the row of the eager step captured into a CUDA graph (``GEMMA3VL_DECODE_GRAPH=1``, set by the
+    caller), whose failure to capture fails the row as a compiled row's does."""
     stamps: list[float] = []
     extra = {"compile": True} if compiled else {}
-    if compiled and "on_compile_failure" in inspect.signature(generate).parameters:
+    if (compiled or graph) and "on_compile_failure" in inspect.signature(generate).parameters:
         extra["on_compile_failure"] = compile_failed  # a compiled row that decoded eagerly would time eager
     if cache is not None:
         extra["cache"] = cache
@@ -506,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: also run the server's continuous-batching engine, eager and compiled")
     parser.add_argument("--order", default="eager,transformers,compiled,engine",
                         help="which parts run, in this order (a timeout cuts the last): eager (ours), transformers, "
-                             "compiled (ours, compile=True), engine (the server's, eager and compiled), long (a "
-                             "--long-prompt prefill, FlexAttention against SDPA)")
+                             "compiled (ours, compile=True), graph (ours, the eager step captured into a CUDA "
+                             "graph: GEMMA3VL_DECODE_GRAPH=1; CUDA only), engine (the server's, eager and "
+                             "compiled), long (a --long-prompt prefill, FlexAttention against SDPA)")
     parser.add_argument("--long-prompt", type=int, default=None,
                         help="tokens of the 'long' part's prompt (default 32768, where generate's prefill turns to "
                              "FlexAttention on CUDA; tiny 48)")
@@ -525,9 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     model_name = "tiny" if args.tiny else args.model
     batches = [int(b) for b in args.batches.split(",")]
     order = [part.strip() for part in args.order.split(",") if part.strip()]
-    unknown = sorted(set(order) - {"eager", "transformers", "compiled", "engine", "long"})
+    unknown = sorted(set(order) - {"eager", "transformers", "compiled", "graph", "engine", "long"})
     if unknown or len(set(order)) != len(order):
-        parser.error(f"--order {args.order!r}: each of eager, transformers, compiled, engine, long at most once")
+        parser.error(f"--order {args.order!r}: each of eager, transformers, compiled, graph, engine, long at most "
+                     "once")
     args.long_prompt = args.long_prompt or (48 if args.tiny else 32768)
 
     device, out, raw, config, env = benchmark_setup(args)
@@ -564,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
             out[f"batch {b}"] = match
         return out
 
+    def graph_vs_eager() -> dict[str, Any]:
+        """The captured eager step runs the eager step's kernels: its tokens must equal eager's exactly."""
+        return {f"batch {b}": first_divergence(tokens.get((GRAPH_IMPL, b)), tokens.get(("ours", b)))
+                for b in batches if (GRAPH_IMPL, b) in tokens}
+
     def save() -> None:
         payload = {
             "benchmark": "generate",
@@ -576,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             "greedy_agreement": {f"batch {b}": agreement(tokens.get(("ours", b)), tokens.get(("transformers", b)))
                                  for b in batches},
             "compiled_vs_eager": compiled_vs_eager(),
+            "graph_vs_eager": graph_vs_eager(),
             "long_prefill_chunked_vs_whole": (first_divergence(long_tokens.get("flex"), long_tokens.get("whole"))
                                               if long_tokens.get("flex") and long_tokens.get("whole") else None),
             "long_prefill_flex_vs_sdpa": (first_divergence(long_tokens.get("flex"), long_tokens.get("sdpa"))
@@ -585,12 +597,15 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [asdict(r) for r in rows],
             "summary_rows": summary_rows(rows, model_name, compiled_vs_eager()) + engine_rows(engine_summary(),
                                                                                               model_name)
+                            + [[f"generate {model_name}", f"greedy tokens ours CUDA graph vs eager (bf16), {b}",
+                                describe_divergence(match), "", ""]
+                               for b, match in graph_vs_eager().items() if match is not None]
                             + long_prefill_rows_summary(),
         }
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
 
-    def ours_rows(compiled: bool) -> None:
-        impl = "ours (compile=True)" if compiled else "ours"
+    def ours_rows(compiled: bool, graph: bool = False) -> None:
+        impl = "ours (compile=True)" if compiled else GRAPH_IMPL if graph else "ours"
         say(f"[{impl}] building our model")
         model = build_ours(config, device, DTYPE, args.seed)
         say(f"[{impl}] weights {fmt_gib(allocated_gib(device))}")
@@ -600,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             cache = reusable_cache(model, batch, args.prompt_len + args.new_tokens)
             tokens[(impl, batch)] = run_row(
                 rows, impl, batch,
-                lambda b, n: ours_call(model, *prompts.take(b), n, pad, device, compiled, cache),
+                lambda b, n: ours_call(model, *prompts.take(b), n, pad, device, compiled, cache, graph),
                 args, config, bandwidth, device, save, compiled,
             )
             save()  # with its tokens: the compiled-vs-eager comparison survives a timeout in a later part
@@ -620,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
             del cache
         del model
         free_memory(device)
+
+    def graph_rows() -> None:
+        """Ours with the eager decode step captured into a CUDA graph, nothing compiled (GEMMA3VL_DECODE_GRAPH=1):
+        the speed without the minute of compiling, and whether its tokens equal the eager step's."""
+        with patch.dict(os.environ, {"GEMMA3VL_DECODE_GRAPH": "1"}):
+            ours_rows(compiled=False, graph=True)
 
     def engine_rows_run() -> None:
         model = build_ours(config, device, DTYPE, args.seed)
@@ -697,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         "eager": (ours_wanted, lambda: ours_rows(compiled=False)),
         "transformers": (hf_wanted, transformers_rows),
         "compiled": (ours_wanted and can_compile and args.compile == "auto", lambda: ours_rows(compiled=True)),
+        "graph": (ours_wanted and device.type == "cuda", graph_rows),
         "engine": (ours_wanted and can_compile and args.compile == "auto" and args.engine == "auto", engine_rows_run),
         "long": (ours_wanted, long_prefill_rows),
     }

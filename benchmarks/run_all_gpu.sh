@@ -10,7 +10,7 @@
 # is left); PYTHON (default python3); TINY=1 (rehearsal: tiny models on the CPU with fewer steps and calls, the
 # GPU-only steps skipped; what tests/test_benchmarks_smoke.py runs).
 # LONG_SEQS (the long-context lengths, default 131072,16384,32768,65536: the most wanted first); GENERATE_ARGS
-# (benchmarks/generate.py's arguments on a GPU; default '--order compiled,eager,transformers,long --repeats 1
+# (benchmarks/generate.py's arguments on a GPU; default '--order compiled,eager,graph,transformers,long --repeats 1
 # --profile --long-prompt 131072': the long part at the full context, chunked prefill against the whole prompt at
 # once; the 32,768-token rows were measured on 2026-11-28).
 #
@@ -101,7 +101,7 @@ else
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-131072,16384,32768,65536}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
     FLEX_CHECK=(--flex-check 4096)
-    GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,eager,transformers,long --repeats 1 --profile --long-prompt 131072})
+    GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,eager,graph,transformers,long --repeats 1 --profile --long-prompt 131072})
     NAME=4b
     GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
     [[ "$GPU_MIB" =~ ^[0-9]+$ ]] || GPU_MIB=$("$PYTHON" -c \

@@ -4,7 +4,8 @@ A run has gpt-fast's shape (reference §5.3 and §8 for what must match transfor
 
 * ``prefill``: the whole prompt once, images bidirectional inside their blocks, vision tower once;
 * ``decode_step``: one text token per row against the cache, plain causal / sliding-window attention, fixed
-  shapes and no host sync inside, so that on CUDA it can be compiled with CUDA graphs (``compiled_decode_step``).
+  shapes and no host sync inside, so that on CUDA it can be compiled with CUDA graphs (``compiled_decode_step``),
+  or, without compiling, captured as it is into a CUDA graph (``CapturedDecodeStep``, ``GEMMA3VL_DECODE_GRAPH=1``).
 
 Both ``generate`` (a left-padded batch, start to end) and the server's continuous batching (``engine.py``: rows
 join and leave between steps) are loops around these two functions.
@@ -12,6 +13,7 @@ join and leave between steps) are loops around these two functions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -151,32 +153,131 @@ def compiles_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def captures_eager_step(device: torch.device) -> bool:
+    """Whether decode steps that are not compiled run as a captured CUDA graph of the eager step
+    (``GEMMA3VL_DECODE_GRAPH=1``, CUDA only): nothing is compiled (capturing records one step's kernels), and the
+    eager step's kernels are replayed without the host launching each one. Off by default: not yet measured on a
+    GPU (``benchmarks/generate.py``'s ``graph`` row)."""
+    raw = os.environ.get("GEMMA3VL_DECODE_GRAPH", "0")
+    if raw not in ("0", "1"):
+        raise Gemma3VLError(f"GEMMA3VL_DECODE_GRAPH={raw!r}: expected 1 (capture the eager decode step) or 0")
+    return raw == "1" and device.type == "cuda"
+
+
+class CapturedDecodeStep:
+    """``decode_step`` captured into CUDA graphs as it is (no compiling): one graph per cache and batch shape,
+    replayed with the step's tokens and positions copied into the graph's own input tensors.
+
+    The first call for a cache runs the step eagerly on a side stream (a real step, and the warm-up CUDA graph
+    capture needs: cuBLAS handles and workspaces made outside the capture), then captures it; capturing records
+    the kernels without running them, so the cache is advanced once. Later calls replay. Host-side state the
+    step reads is fixed for a cache's decode steps (one token a row, the same buffers; the KV indices live on the
+    device), which is what makes a replay equal to running the step again.
+
+    The graphs live as long as their cache (``_captured``), so the calls that reuse a cache (``generate``'s
+    borrowed ones, a chat's, the server engine's) replay one graph. ``graph`` and ``stream`` are the CUDA graph
+    and stream classes (replaceable, for tests without a GPU).
+    """
+
+    def __init__(self, graph=None, stream=None):
+        self._graph_class = graph or torch.cuda.CUDAGraph
+        self._stream_class = stream or torch.cuda.Stream
+
+    def __call__(self, model: Gemma3Model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        graphs = _captured.setdefault(cache, {})
+        key = (id(model), tuple(tokens.shape))
+        captured = graphs.get(key)
+        if captured is None:
+            logits, graphs[key] = self._capture(model, cache, tokens, positions)
+            return logits
+        graph, tokens_in, positions_in, logits_out = captured
+        tokens_in.copy_(tokens)
+        positions_in.copy_(positions)
+        graph.replay()
+        return logits_out.clone()  # the next replay overwrites it
+
+    def _capture(self, model, cache, tokens, positions):
+        tokens_in, positions_in = tokens.clone(), positions.clone()
+        side = self._stream_class()
+        if tokens.is_cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with _on_stream(side):
+            logits = decode_step(model, cache, tokens_in, positions_in)  # this call's step, and the warm-up
+        if tokens.is_cuda:
+            torch.cuda.current_stream().wait_stream(side)
+            logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
+        graph = self._graph_class()
+        try:
+            logits_out = _capture_into(graph, side, lambda: decode_step(model, cache, tokens_in, positions_in))
+        except Exception as exc:  # noqa: BLE001  (an op that cannot be captured: this call's step is done)
+            raise CaptureFailed(logits, f"{type(exc).__name__}: {exc}") from exc
+        return logits, (graph, tokens_in, positions_in, logits_out)
+
+
+# per cache (dropped with it): (model, batch shape) -> (graph, tokens in, positions in, logits out)
+_captured: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+class CaptureFailed(Exception):
+    """Capturing the decode step failed after its warm-up had run the call's step: ``logits`` are that step's."""
+
+    def __init__(self, logits: torch.Tensor, why: str):
+        super().__init__(why)
+        self.logits = logits
+
+
+def _on_stream(stream):
+    """``torch.cuda.stream(stream)`` for a CUDA stream, nothing for a test's stand-in."""
+    return torch.cuda.stream(stream) if isinstance(stream, torch.cuda.Stream) else contextlib.nullcontext()
+
+
+def _capture_into(graph, stream, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Capture ``step`` into ``graph`` on ``stream`` (errors of this thread only: the server's other threads do not
+    touch the GPU); its output tensor, which every replay rewrites. A test's stand-in graph captures by itself."""
+    if not isinstance(graph, torch.cuda.CUDAGraph):
+        return graph.capture(step)
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        return step()
+
+
 class DecodeStep:
     """The decode step a generation loop calls (``generate``'s and the server engine's): compiled with CUDA graphs
-    when asked for on CUDA, eager otherwise.
+    when asked for on CUDA; else, with ``GEMMA3VL_DECODE_GRAPH=1`` on CUDA, the eager step captured into CUDA
+    graphs (:class:`CapturedDecodeStep`); eager otherwise.
 
-    Should a compiled call fail (compiling, or capturing the graph), the step says why through ``report``
-    (``warnings.warn`` without one), runs the eager step for that call instead, and stays eager from then on:
-    the eager step computes the same tokens, and it rewrites whatever cache positions the failed call reached.
+    Should a compiled or captured call fail (compiling, or capturing the graph), the step says why through
+    ``report`` (``warnings.warn`` without one), runs the eager step for that call instead, and stays eager from
+    then on: the eager step computes the same tokens, and it rewrites whatever cache positions the failed call
+    reached. A failed capture comes after its warm-up has run the call's step: that step's logits are returned.
     ``failure`` keeps the reason. An error that is not the compiler's raises again from the eager step.
     """
 
     def __init__(self, compile: bool, device: torch.device, report: Callable[[str], None] | None = None):
         self.failure: str | None = None
         self._report = report
-        self._compiled_fn = compiled_decode_step() if compile and compiles_on(device) else None
+        self._compiled_fn: Callable | None = None
+        if compile and compiles_on(device):
+            self._compiled_fn = compiled_decode_step()
+        elif captures_eager_step(device):
+            self._compiled_fn = CapturedDecodeStep()
 
     @property
     def compiled(self) -> bool:
-        """Whether the next call runs the compiled step (False on other devices and once compiling failed)."""
+        """Whether the next call replays a graph (the compiled step's, or the captured eager step's); False on other
+        devices and once compiling or capturing failed. Such a step wants one cache reused across calls."""
         return self._compiled_fn is not None
 
     def __call__(self, model: Gemma3Model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self._compiled_fn is not None:
             try:
-                torch.compiler.cudagraph_mark_step_begin()
-                # a copy: the graph overwrites its output at the next replay
-                return self._compiled_fn(model, cache, tokens, positions).clone()
+                if not isinstance(self._compiled_fn, CapturedDecodeStep):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    # a copy: the graph overwrites its output at the next replay
+                    return self._compiled_fn(model, cache, tokens, positions).clone()
+                return self._compiled_fn(model, cache, tokens, positions)
+            except CaptureFailed as exc:  # the step itself ran (the cache moved on): its logits stand
+                self.use_eager(f"capturing the eager step: {exc}")
+                return exc.logits
             except Exception as exc:  # noqa: BLE001  (whatever the compiler raised; the eager step decides)
                 self.use_eager(f"{type(exc).__name__}: {exc}")
         return decode_step(model, cache, tokens, positions)
