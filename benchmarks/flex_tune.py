@@ -4,7 +4,9 @@ The 4B SFT step's profile (docs/benchmarks.md, H200) has FlexAttention's backwar
 about 100 TFLOP/s: inductor's default Triton tiles for head_dim 256 are not tuned for this mask. This script
 times candidate ``kernel_options`` on the benchmark's packed row with images (``train_step.check_row_info``),
 both layer types, bf16, and checks each candidate's output and gradients against the default's. The winner goes
-into ``GEMMA3VL_FLEX_KERNEL_OPTIONS`` (read by ``gemma3vl.model.flex.kernel_options``), printed last.
+into ``GEMMA3VL_FLEX_KERNEL_OPTIONS`` (read by ``gemma3vl.model.flex.kernel_options``), printed last. The last
+candidate is not a set of options but inductor's own search (``torch.compile(mode="max-autotune-no-cudagraphs")``,
+what ``parallel.compile_mode`` sets for training): it times its candidate tiles itself (a minute or two).
 
     python benchmarks/flex_tune.py --model 4b --seq 4096 --out bench-out      # CUDA only
 
@@ -29,8 +31,11 @@ from train_step import benchmark_parser, benchmark_setup, check_row_info, markdo
 from gemma3vl.config import SLIDING, Gemma3Config  # noqa: E402
 from gemma3vl.errors import Gemma3VLError  # noqa: E402
 from gemma3vl.model.attention import TokenInfo  # noqa: E402
+from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
+
 from gemma3vl.model.flex import KERNEL_OPTIONS_ENV, block_mask, compiled_flex_attention  # noqa: E402
 
+MODE = "compile_mode"  # a candidate {MODE: mode}: flex compiled with that torch.compile mode, default options
 # Backward first (it is 6x the forward's time in the profile); block sizes must divide the BlockMask's 128.
 CANDIDATES: list[dict[str, Any]] = [
     {},  # inductor's defaults: the reference the others are checked against
@@ -43,6 +48,8 @@ CANDIDATES: list[dict[str, Any]] = [
     {"bwd_BLOCK_M1": 16, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 16, "bwd_num_warps": 4,
      "bwd_num_stages": 3},
     {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 2},
+    # not kernel options: inductor's own search (``parallel.compile_mode=max-autotune-no-cudagraphs`` in training)
+    {MODE: "max-autotune-no-cudagraphs"},
 ]
 
 
@@ -66,7 +73,9 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_candidate(options: dict[str, Any], inputs, masks, scale: float, repeats: int) -> dict[str, Any]:
     """Forward + backward over both layer types with ``options``: median ms per layer type, and the outputs."""
-    flex = compiled_flex_attention()
+    options = dict(options)
+    mode = options.pop(MODE, None)
+    flex = torch.compile(flex_attention, mode=mode) if mode else compiled_flex_attention()
     q, k, v, grad = inputs
     timings, outputs = {}, {}
     for layer_type, mask in masks.items():
@@ -171,7 +180,9 @@ def tune(args, device: torch.device, out, config, env: dict[str, Any]) -> int:
     if best is not None:
         default = rows[0].get("total_ms")
         gain = f" ({default / best['total_ms']:.2f}x the default)" if default else ""
-        print(f"\nbest{gain}: {KERNEL_OPTIONS_ENV}='{json.dumps(best['options'])}'")
+        setting = (f"parallel.compile_mode={best['options'][MODE]}" if MODE in best["options"]
+                   else f"{KERNEL_OPTIONS_ENV}='{json.dumps(best['options'])}'")
+        print(f"\nbest{gain}: {setting}")
     return 0 if good else 1
 
 

@@ -556,6 +556,7 @@ def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, d
                                cpu_offload=bool(args.cpu_offload))
         cfg.model.attention = chosen["attention"]
         cfg.parallel.compile = chosen["compile"]
+        cfg.parallel.compile_mode = getattr(args, "compile_mode", "default")  # (packing_gain.py has no flag)
         cfg.parallel.activation_checkpoint = chosen["activation_checkpoint"]
     else:
         cfg.model.attention = "sdpa"
@@ -563,11 +564,13 @@ def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, d
     model.text.attention_backend = cfg.model.attention
     if cfg.parallel.compile or cfg.parallel.activation_checkpoint != "none":
         parallelize(model, None, activation_checkpoint=cfg.parallel.activation_checkpoint,
-                    compile=cfg.parallel.compile)
+                    compile=cfg.parallel.compile, compile_mode=cfg.parallel.compile_mode)
     from gemma3vl.model.flex import use_flex
 
     kernel = "flex" if use_flex(cfg.model.attention, device, row_tokens) else "sdpa"
-    result.settings = ", ".join([kernel, "compiled blocks and loss" if cfg.parallel.compile else "eager",
+    compiled = "compiled blocks and loss" + ("" if cfg.parallel.compile_mode == "default"
+                                             else f" ({cfg.parallel.compile_mode})")
+    result.settings = ", ".join([kernel, compiled if cfg.parallel.compile else "eager",
                                  f"AC {cfg.parallel.activation_checkpoint}",
                                  "AdamW on host" if cfg.optim.cpu_offload else "AdamW"])
     describe_params(model, result)
@@ -912,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-paths", default="fast,plain",
                         help="fast (FlexAttention, compiled blocks, checkpointing by length), plain (SDPA, eager), "
                              "or both (fast,plain: the first-step loss of each is compared)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                        help="ours fast: parallel.compile_mode (max-autotune-no-cudagraphs: inductor times its "
+                             "candidate kernels at the first step, minutes more compiling)")
     parser.add_argument("--ac", default="auto", choices=["auto", "none", "full", "selective"],
                         help="activation checkpointing of ours fast (auto: on a GPU the least the planner says fits the card; "
                              "elsewhere none <= 8,192 tokens, selective <= 16,384, full beyond)")

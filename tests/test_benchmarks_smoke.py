@@ -529,6 +529,21 @@ def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys)
     assert report["best"] == {}  # the slow one agrees but loses; the wrong one is never chosen
     assert "GEMMA3VL_FLEX_KERNEL_OPTIONS='{}'" in capsys.readouterr().out
 
+    # inductor's own search as a candidate: flex compiled with that mode (here faster than every option set)
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return stand_in(*args, **kwargs)
+
+    modes = []
+    monkeypatch.setattr(flex_tune, "compiled_flex_attention", lambda: slow)
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or stand_in)
+    args.candidates = None
+    assert flex_tune.tune(args, device, out, config, env) == 0
+    report = json.loads((tmp_path / "flex_tune-tiny.json").read_text())
+    assert modes == ["max-autotune-no-cudagraphs"] and report["rows"][-1]["status"] == "ok"
+    assert report["best"] == {"compile_mode": "max-autotune-no-cudagraphs"}
+    assert "best" in capsys.readouterr().out.split("parallel.compile_mode=max-autotune-no-cudagraphs")[0]
+
 
 def test_a_compiled_row_whose_compiling_fails_is_reported_not_timed_as_eager(failing_compiler, tmp_path):
     """generate() would go on eagerly after a compile failure; the benchmark must not time that as the compiled

@@ -255,6 +255,26 @@ def test_apply_compile_compiles_decoder_and_vision_blocks(tiny):
     assert "_orig_mod" not in "".join(model.state_dict())  # compiled in place: names unchanged
 
 
+def test_compile_mode_reaches_every_block_and_is_checked(tiny, tmp_path, monkeypatch):
+    """``parallel.compile_mode`` is torch.compile's mode for every decoder and vision block (recorded, not compiled:
+    max-autotune's timing of candidate kernels needs a GPU to mean anything); an unknown mode names its choices."""
+    modes = []
+
+    def recording(self, *args, **kwargs):
+        modes.append(kwargs.get("mode", "default"))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording)
+    cfg = build_config("tiny_sft", overrides=[
+        f"model.path={tiny / 'base'}", f"data.path={tiny / 'data' / 'train.jsonl'}", f"out={tmp_path}",
+        "logging.progress=false", "parallel.compile=true", "parallel.compile_mode=max-autotune-no-cudagraphs"])
+    trainer, _ = build_trainer(cfg, tmp_path)
+    blocks = len(trainer.model.text.layers) + len(trainer.model.vision.layers)
+    assert modes == ["max-autotune-no-cudagraphs"] * blocks
+    with pytest.raises(Gemma3VLError, match="parallel.compile_mode='max-autotune' is not one of default, "
+                                            "max-autotune-no-cudagraphs"):
+        build_config("tiny_sft", overrides=["parallel.compile_mode=max-autotune"]).validate()
+
+
 def test_a_world_size_mismatch_suggests_dp_shard_minus_one_only_where_it_would_fit():
     """``parallel.tp=3 parallel.dp_shard=1`` on 2 ranks: ``dp_shard=-1`` cannot take the rest of 2 ranks either, so
     the message must not send the user there (it would only fail again, on 3 not dividing 2)."""

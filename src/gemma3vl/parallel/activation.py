@@ -91,13 +91,18 @@ def apply_activation_checkpointing(model: Gemma3Model, mode: str) -> None:
         layers[index] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
-def apply_compile(model: Gemma3Model, backend: str = "inductor") -> None:
+def apply_compile(model: Gemma3Model, backend: str = "inductor", mode: str = "default") -> None:
     """``torch.compile`` each decoder block and each vision-tower block in place (after checkpointing, before
     FSDP, as torchtitan does): the blocks of a kind are identical, so one compiled graph serves them all, and the
     FSDP hooks between blocks stay outside the graphs. The training loss's per-chunk softmax arithmetic is
-    compiled too (``gemma3vl.model.loss``): fused, it never writes the float32 ``[tokens, vocab]`` intermediates."""
+    compiled too (``gemma3vl.model.loss``): fused, it never writes the float32 ``[tokens, vocab]`` intermediates.
+
+    ``mode`` (``parallel.compile_mode``) is torch.compile's for the blocks: ``max-autotune-no-cudagraphs`` times
+    inductor's candidate kernels (matmul tiles, and FlexAttention's forward and backward tiles, traced into the
+    blocks) at the first step's shapes and keeps the fastest; no CUDA graphs (FSDP's hooks run between blocks)."""
+    options = {} if mode == "default" else {"mode": mode}
     for block in model.text.layers:
-        block.compile(backend=backend, fullgraph=True)
+        block.compile(backend=backend, fullgraph=True, **options)
     for block in model.vision.layers if model.vision is not None else ():
-        block.compile(backend=backend, fullgraph=True)
+        block.compile(backend=backend, fullgraph=True, **options)
     model.text.loss_compile_backend = backend

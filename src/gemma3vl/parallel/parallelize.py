@@ -33,6 +33,7 @@ def parallelize(
     compile: bool = False,
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
+    compile_mode: str = "default",
 ) -> Gemma3Model:
     """Apply the layout of ``context`` (``None``: one process, only checkpointing/compile) in place.
 
@@ -42,7 +43,7 @@ def parallelize(
         apply_tensor_parallel(model, context.tp_mesh, sequence_parallel=context.sequence_parallel)
     apply_activation_checkpointing(model, activation_checkpoint)
     if compile:
-        apply_compile(model)
+        apply_compile(model, mode=compile_mode)
     if context is not None and context.dims.cp > 1:
         apply_context_parallel(model)
     if context is not None and context.dims.fsdp_enabled:

@@ -444,6 +444,7 @@ def build_pipeline(
     seq_length: int,
     activation_checkpoint: str = "none",
     compile: bool = False,
+    compile_mode: str = "default",
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
     load: Callable[[nn.Module], int] | None = None,
@@ -480,6 +481,7 @@ def build_pipeline(
             # The TP plan names modules a stage may not hold (text.embed, vision): parallelize_module warns.
             warnings.filterwarnings("ignore", message=".*could not be resolved.*")
             parallelize(stage, context, activation_checkpoint=activation_checkpoint, compile=compile,
+                        compile_mode=compile_mode,
                         param_dtype=param_dtype, cpu_offload=cpu_offload)
         if on_meta:
             # Storage for this stage's shards only, then its boxes of the checkpoint (the whole model's names).

@@ -201,7 +201,7 @@ def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: tor
         read = model.pipeline.bytes_read
     else:
         parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
-                    param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
+                    compile_mode=p.compile_mode, param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
         model.to_empty(device="cpu" if p.cpu_offload else device)
         read = load_sharded(cfg.model.path, model, extra=extra)
     say(f"sharded loading: this rank read {read / 2**20:.1f} MiB of the checkpoint")
@@ -221,7 +221,8 @@ def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: Parall
     return build_pipeline(
         model, parallel, schedule=p.pp_schedule, stages_per_rank_setting=p.pp_stages_per_rank,
         micro_batches=micro_batches, micro_batch_size=t.micro_batch_size, seq_length=t.seq_length,
-        activation_checkpoint=p.activation_checkpoint, compile=p.compile, param_dtype=compute_dtype,
+        activation_checkpoint=p.activation_checkpoint, compile=p.compile, compile_mode=p.compile_mode,
+        param_dtype=compute_dtype,
         cpu_offload=p.cpu_offload, load=load,
     )
 
@@ -264,7 +265,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
             model = build_pipelined_model(model, cfg, parallel, compute_dtype)
         elif parallel is not None or p.activation_checkpoint != "none" or p.compile:
             parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
-                        param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
+                        compile_mode=p.compile_mode, param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
     say(f"model: {cfg.model.path} on {device} ({weight_dtype}); {parameter_summary(model)}")
     if parallel is not None or p.activation_checkpoint != "none" or p.compile:
         misplaced = [name for name, param in model.named_parameters() if param.device.type != device.type]
