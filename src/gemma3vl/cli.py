@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from gemma3vl.errors import Gemma3VLError
@@ -130,6 +131,31 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
     return sampling
 
 
+def json_schema_flag(args: argparse.Namespace) -> dict | None:
+    """The JSON Schema ``--json`` (any JSON object) or ``--json-schema FILE`` asks answers to follow (None: free
+    text), checked before the model loads: a file that cannot be read, is not JSON, or is not a schema xgrammar can
+    use is one error naming it."""
+    from gemma3vl.infer.structured import ANY_OBJECT, check_schema, load_xgrammar
+
+    if args.json_schema is None:
+        if args.json:
+            load_xgrammar()  # missing: say so now, not after loading the model
+            return ANY_OBJECT
+        return None
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise Gemma3VLError(f"{path}: cannot read the JSON schema ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise Gemma3VLError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        check_schema(schema)
+    except Gemma3VLError as exc:
+        raise Gemma3VLError(f"{path}: {exc}") from None
+    return schema
+
+
 def check_penalty_flags(args: argparse.Namespace) -> None:
     """``--presence-penalty`` / ``--frequency-penalty`` in OpenAI's range, named in the error."""
     from gemma3vl.infer.sampling import MAX_OCCURRENCE_PENALTY
@@ -165,6 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise Gemma3VLError("give --prompt TEXT (or --batch FILE.jsonl --output FILE.jsonl)")
     sampling = check_generate_flags(args)
+    schema = json_schema_flag(args)
     model_dir = Path(args.model_dir)
     images = [load_image(path) for path in args.image]
     if args.adapter is not None:
@@ -176,6 +203,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         log(merge_adapter(model, args.adapter))
     processor = load_processor(model_dir, config)
+    if schema is not None:
+        from gemma3vl.infer.structured import JsonGrammars
+
+        grammars = JsonGrammars(tokenizer_of(processor), config.text.vocab_size, sampling.stop_token_ids)
+        sampling = replace(sampling, grammar=grammars.compile(schema))
     inputs = build_inputs(
         processor, config, args.prompt, images, raw=args.raw, pan_and_scan=True if args.pan_and_scan else None
     )
@@ -189,10 +221,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             f"is over the model's context of {context} (max_position_embeddings)")
     stop_ids = set(sampling.stop_token_ids)
     answer = IncrementalText(tokenizer_of(processor))
+    stopped = []
 
     def stream(tokens: torch.Tensor, finished: torch.Tensor) -> None:
         token = int(tokens[0])
         if token in stop_ids:
+            stopped.append(token)
             return
         answer.add(token)
         if args.stream:
@@ -212,6 +246,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     count = len(answer.token_ids)
     log(f"{count} tokens in {elapsed:.2f}s ({count / max(elapsed, 1e-9):.1f} tokens/s)")
+    if schema is not None and not stopped:
+        log(f"the answer reached --max-new-tokens {sampling.max_new_tokens} before its JSON was complete")
     return 0
 
 
@@ -231,13 +267,15 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"{batch_path}: no such prompts file")
     check_output_path(output_path, batch_path)
     check_generate_flags(args)
+    schema = json_schema_flag(args)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     log(runtime.describe())
     note_compile(args.compile, runtime.device)
     defaults = BatchDefaults(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw,
                              pan_and_scan=True if args.pan_and_scan else None,
-                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
+                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                             json_schema=schema)
     started = time.perf_counter()
     summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
                              batch_size=args.batch_size if args.batch_size is not None else 8,
@@ -518,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="feed the prompt without the chat template")
     gen.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    answer_format = gen.add_mutually_exclusive_group()
+    answer_format.add_argument("--json", action="store_true",
+                               help="the answer is one JSON object (decoded under a grammar; needs "
+                                    "pip install 'gemma3vl[structured]')")
+    answer_format.add_argument("--json-schema", default=None, metavar="FILE",
+                               help="the answer is JSON following the JSON Schema in FILE (as --json)")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     gen.add_argument("--batch", default=None, metavar="PROMPTS.jsonl",

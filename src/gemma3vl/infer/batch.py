@@ -1,7 +1,8 @@
 """``gemma3vl generate --batch``: a JSONL file of prompts in, a JSONL file of answers out.
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
-per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty}``;
+per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty, and
+json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. The lines run on the server's
 continuous-batching engine (``engine.ContinuousBatcher``) with ``--batch-size`` slots: the next line is encoded
 and joins the running batch as soon as a slot frees, so a short answer never waits for a long one, and lines with
@@ -23,21 +24,24 @@ import math
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.completion import Completion, Row
+from gemma3vl.infer.completion import FINISH_ERROR, Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.prompt import load_image
 from gemma3vl.infer.runtime import InferenceRuntime
+from gemma3vl.infer.structured import ANY_OBJECT
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 PENALTY_KEYS = ("presence_penalty", "frequency_penalty")  # apply to greedy lines too: they do not turn sampling on
-LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop", *PENALTY_KEYS)
+JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
+LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop", *PENALTY_KEYS,
+             *JSON_KEYS)
 ROW_LENGTH_STEP = 256  # the engine's positions per row grow in steps of this many (capped at the context)
 
 
@@ -55,6 +59,7 @@ class BatchDefaults:
     pan_and_scan: bool | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    json_schema: dict | None = None  # --json (structured.ANY_OBJECT) or --json-schema's; None: free text
 
 
 @dataclass
@@ -98,6 +103,17 @@ def _is_stop(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
 
 
+def _line_schema(obj: dict, default: dict | None) -> dict | None:
+    """The JSON Schema a line's answer follows: its own ``json_schema`` or ``json``, else the command line's."""
+    if "json" in obj and "json_schema" in obj:
+        raise Gemma3VLError("give 'json' or 'json_schema', not both")
+    if "json_schema" in obj:
+        return obj["json_schema"]
+    if "json" in obj:
+        return ANY_OBJECT if obj["json"] else None
+    return default
+
+
 def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, runtime: InferenceRuntime) -> BatchItem:
     """One input line as a :class:`BatchItem` (a Gemma3VLError saying what is wrong otherwise)."""
     try:
@@ -123,6 +139,9 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "stop", _is_stop, "a string or a list of strings")
     for key in PENALTY_KEYS:  # (their range: sampling.validate() below)
         _check_type(obj, key, _is_number, "a finite number")
+    _check_type(obj, "json", lambda v: isinstance(v, bool), "true or false")
+    _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
+    schema = _line_schema(obj, defaults.json_schema)
     images = [base_dir / path for path in obj.get("images", [])]
     for path in images:
         if not path.is_file():
@@ -141,6 +160,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         presence_penalty=obj.get("presence_penalty", defaults.presence_penalty),
         frequency_penalty=obj.get("frequency_penalty", defaults.frequency_penalty),
     )
+    if schema is not None:
+        sampling = replace(sampling, grammar=runtime.json_grammar(schema))
     sampling.validate()
     stop = obj.get("stop", ())
     return BatchItem(line=line, prompt=obj["prompt"], image_paths=images, sampling=sampling,
@@ -288,16 +309,19 @@ def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_pat
             with stream:
                 writer = _OrderedWriter(stream, [item.line for item in items])
 
+                def bad_line(item: BatchItem, reason: str) -> None:
+                    bad(f"{input_path}:{item.line}: {reason}")
+
                 def finished(item: BatchItem, completion: Completion | None) -> None:
+                    if completion is not None and completion.finish_reason == FINISH_ERROR:
+                        bad_line(item, completion.error)  # its JSON grammar reached a dead end
+                        completion = None
                     if completion is None:
                         summary.skipped += 1
                     else:
                         summary.answered += 1
                     writer.put(item.line, None if completion is None else item.record(completion))
                     bar.update(1)
-
-                def bad_line(item: BatchItem, reason: str) -> None:
-                    bad(f"{input_path}:{item.line}: {reason}")
 
                 _answer_all(runtime, items, defaults, min(batch_size, max(len(items), 1)), finished, bad_line,
                             compile=compile, report=say)

@@ -24,6 +24,7 @@ from gemma3vl.infer.logprobs import TokenLogprob
 FINISH_STOP = "stop"  # a stop token or a stop string
 FINISH_LENGTH = "length"  # the row's max_new_tokens
 FINISH_CANCELLED = "cancelled"  # nobody waits for the answer any more
+FINISH_ERROR = "error"  # the row could not go on (its JSON grammar reached a dead end): Completion.error says why
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Completion:
     prompt_tokens: int
     # with Row.logprobs: one per generated token but a stop token id (which has no text), in order
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # why the row failed (finish_reason "error")
 
     @property
     def completion_tokens(self) -> int:
@@ -102,16 +104,21 @@ class RowState:
             self._logprobs_sent += len(unsent or ())
             self.row.on_delta(delta, unsent)
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, error: str | None = None) -> None:
         """The row is done: last text, then its Completion to ``on_finish`` (at once, not at the batch's end)."""
         self.finish_reason = reason
-        if reason != FINISH_CANCELLED:
+        if reason not in (FINISH_CANCELLED, FINISH_ERROR):
             self.emit(final=True)
         self.completion = Completion(text=self.text.final_text(), token_ids=list(self.text.token_ids),
                                      finish_reason=reason, prompt_tokens=self.row.prompt.length,
-                                     logprobs=self.logprobs)
+                                     logprobs=self.logprobs, error=error)
         if self.row.on_finish is not None:
             self.row.on_finish(self.completion)
+
+    def fail(self, error: str) -> None:
+        """The row cannot go on: it ends with finish reason ``"error"`` and ``error`` as the reason why."""
+        if self.finish_reason is None:
+            self.finish(FINISH_ERROR, error)
 
     def step(self, token: int, stop_ids: set[int], logprob: TokenLogprob | None = None) -> None:
         """The row's next token (and, for a row with ``logprobs``, its :class:`TokenLogprob`)."""

@@ -7,7 +7,9 @@ The server's engine (``scheduler.py`` drives it from its one model thread). It h
   slot cache's sizes, and that row is copied into a free slot; its prefill logits wait there for the next step;
 * ``step``: every occupied row picks its next token (each with its own ``Sampling``, its own seeded generator and
   its own penalty memory: the prompt and answer tokens seen for the repetition penalty, the answer's token counts
-  for the presence and frequency penalties; greedy and sampled requests share a batch); the rows that asked for
+  for the presence and frequency penalties; greedy and sampled requests share a batch); a row whose answer must be
+  JSON first has its logits masked by its grammar (``structured.py``: only such rows, the mask filled on the host
+  while the previous decode step ran); the rows that asked for
   logprobs get them (``logprobs.py``: computed for those rows only, top-k on the device); the tokens go to each request
   (streamed text, stop tokens and strings, its own token limit, cancellation: ``completion.RowState``), finished
   rows free their slots, and one decode step runs for all slots (fixed shapes: on CUDA one compiled CUDA graph
@@ -40,6 +42,7 @@ from gemma3vl.infer.sampling import (
     row_generator,
     seen_tokens,
 )
+from gemma3vl.infer.structured import GrammarError, GrammarRows
 from gemma3vl.model import Gemma3Model, TokenInfo
 
 
@@ -86,6 +89,7 @@ class ContinuousBatcher:
         self.counts: torch.Tensor | None = None
         self._rows: RowSampling | None = None  # rebuilt when a row joins or leaves
         self._logprob_rows: LogprobRows | None = None  # rebuilt with _rows
+        self.grammars: GrammarRows | None = None  # once a row whose answer follows a grammar joins
         self.steps = 0
 
     # ------------------------------------------------------------------------------------------ occupancy
@@ -128,6 +132,10 @@ class ContinuousBatcher:
             if self.counts is None:
                 self.counts = torch.zeros(len(self.slots), self.vocab, device=self.device)
             self.counts[index] = 0
+        if sampling.grammar is not None:
+            if self.grammars is None:
+                self.grammars = GrammarRows(len(self.slots), self.vocab, self.device)
+            self.grammars.add(index, sampling.grammar, sampling.stop_token_ids)
         self.slots[index] = _Slot(row, sampling, self.tokenizer, self.device, tag)
         self._rows = None
 
@@ -151,7 +159,8 @@ class ContinuousBatcher:
         rows = self._row_sampling()
         seen = self.seen if rows.any_penalty else None
         counts = self.counts if rows.any_occurrence_penalty else None
-        tokens = choose_tokens(process_logits(self.logits, rows, seen, counts), rows, occupied)
+        logits = self.logits if self.grammars is None else self.grammars.mask(self.logits)
+        tokens = choose_tokens(process_logits(logits, rows, seen, counts), rows, occupied)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         if counts is not None:
@@ -173,6 +182,11 @@ class ContinuousBatcher:
                 if slot is None:
                     continue
                 slot.state.step(token, slot.stop_ids, reported.get(index))
+                if self.grammars is not None:
+                    try:
+                        self.grammars.advance(index, token, ended=slot.state.finish_reason is not None)
+                    except GrammarError as exc:
+                        slot.state.fail(str(exc))
                 if slot.state.finish_reason is not None:
                     ended.append(slot.tag)
                     self.slots[index] = None
@@ -225,6 +239,7 @@ class ContinuousBatcher:
         tags = self.tags()
         self.slots = [None] * len(self.slots)
         self._rows = None
+        self.grammars = None
         return tags
 
     @property

@@ -1,8 +1,9 @@
 """Batched generation for a left-padded batch: per-row sampling, stop tokens and strings, streaming, compiled decode.
 
 The model side (``prefill``, ``decode_step``, the compiled step, the static cache) is in ``decode.py``; how a row
-picks its tokens (``Sampling``, transformers' logits processors, seeded draws) in ``sampling.py``; streamed text
-(byte-fallback runs, special tokens, stop strings) in ``detokenize.py``. This module is the loop around them for a
+picks its tokens (``Sampling``, transformers' logits processors, seeded draws) in ``sampling.py``; JSON output
+(a row's grammar masks its logits first) in ``structured.py``; streamed text (byte-fallback runs, special tokens,
+stop strings) in ``detokenize.py``. This module is the loop around them for a
 batch that starts together: ``generate`` (token ids per row), ``generate_result`` (plus finish reasons and text),
 ``stream_generate`` (an iterator of ``StepEvent``). The server's continuous batching, where rows join and leave
 between steps, is the other loop around the same parts (``engine.py``).
@@ -38,6 +39,7 @@ from gemma3vl.infer.sampling import (  # noqa: F401  (re-exported)
     row_generator,
     seen_tokens,
 )
+from gemma3vl.infer.structured import GrammarRows
 from gemma3vl.model import Gemma3Model, TokenInfo
 
 FINISH_STOP = "stop"  # a stop token id or a stop string
@@ -121,6 +123,7 @@ def _steps(
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     vocab = model.text.output_weight.shape[0]
     rows = RowSampling.from_samplings(samplings, vocab, device)
+    grammars = GrammarRows.of([s.grammar for s in samplings], [s.stop_token_ids for s in samplings], vocab, device)
     step_fn = DecodeStep(compile, device, report=on_compile_failure)
     steps = max(s.max_new_tokens for s in samplings)
     kv = make_cache(cache, model, batch, input_ids.shape[1] + steps, step_fn.compiled)
@@ -139,6 +142,8 @@ def _steps(
         counts = [0] * batch
         for index in range(steps):
             active = [reason is None for reason in reasons]
+            if grammars is not None:
+                logits = grammars.mask(logits)
             tokens = choose_tokens(process_logits(logits, rows, seen, occurrences), rows, active)
             tokens = torch.where(to_device_async(active, device), tokens, pads)
             if seen is not None:
@@ -147,7 +152,8 @@ def _steps(
                 count_tokens(occurrences, tokens)
             chosen = HostCopy(tokens)
             # The next step goes to the GPU before this one's tokens are read on the host: the reading, the stop
-            # checks and the caller's handling of the events overlap the step instead of leaving the GPU idle.
+            # checks, the grammar rows' next masks and the caller's handling of the events overlap the step instead
+            # of leaving the GPU idle.
             # It feeds every row's token, as the step after it always did (finished rows get pads from then on);
             # if this turns out to be the last step for every row, its result is simply dropped.
             if index + 1 < steps:
@@ -159,6 +165,8 @@ def _steps(
                     counts[row] += 1
                     events.append(row_event(row, token, counts[row], samplings[row], texts[row]))
                     reasons[row] = events[-1].finish_reason
+                    if grammars is not None:  # a GrammarError (a dead end, never expected) ends the whole call
+                        grammars.advance(row, token, ended=reasons[row] is not None)
             # Host tensors: a caller reading them must not wait for the step launched above.
             yield _Step(chosen.host, torch.tensor([r is not None for r in reasons]), events)
             if all(reason is not None for reason in reasons) or index + 1 == steps:

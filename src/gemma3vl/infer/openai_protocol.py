@@ -44,7 +44,6 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     "logit_bias": lambda v: v in (None, {}),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
@@ -115,6 +114,9 @@ class ChatRequest:
     top_logprobs: int = 0  # alternatives per token, with logprobs
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # response_format json_object / json_schema: the JSON Schema the answer follows ({"type": "object"} for
+    # json_object); None: free text
+    json_schema: dict[str, Any] | None = None
     image_count: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -211,6 +213,38 @@ def _parse_logprobs(body: dict) -> tuple[bool, int]:
     return bool(logprobs), top
 
 
+def _parse_response_format(value: Any) -> dict[str, Any] | None:
+    """OpenAI's ``response_format``: ``{"type": "text"}`` (free text: None), ``{"type": "json_object"}`` (any JSON
+    object) or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}``; the JSON
+    Schema the answer must follow. Whether the schema can be compiled is the server's check (it needs xgrammar)."""
+    param = "response_format"
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}  # any JSON object (structured.ANY_OBJECT)
+    if kind != "json_schema":
+        raise _invalid(f"'response_format' must be an object whose 'type' is 'text', 'json_object' or 'json_schema', "
+                       f"got {value!r}", param)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ApiError(400, "Missing required parameter: 'response_format.json_schema' (an object with 'name' and "
+                            "'schema').", param=param, code="missing_required_parameter")
+    for key in ("name", "schema"):
+        if key not in spec:
+            raise ApiError(400, f"Missing required parameter: 'response_format.json_schema.{key}'.", param=param,
+                           code="missing_required_parameter")
+    if not isinstance(spec["name"], str) or not spec["name"]:
+        raise _invalid("'response_format.json_schema.name' must be a non-empty string", param)
+    if not isinstance(spec["schema"], dict):
+        raise _invalid("'response_format.json_schema.schema' must be a JSON Schema object", param)
+    if not isinstance(spec.get("strict", False), (bool, type(None))):
+        raise _invalid("'response_format.json_schema.strict' must be a boolean", param)
+    return spec["schema"]
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """Validate a request body's syntax and field types (limits and image fetching come later)."""
     try:
@@ -276,6 +310,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         top_logprobs=top_logprobs,
         presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
+        json_schema=_parse_response_format(body.get("response_format")),
     )
 
 

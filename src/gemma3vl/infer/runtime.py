@@ -22,7 +22,8 @@ from gemma3vl.infer.conversation import EncodedPrompt, Turn, encode_conversation
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.loading import load_model
 from gemma3vl.infer.prompt import build_inputs, load_processor, tokenizer_of
-from gemma3vl.infer.sampling_defaults import read_generation_defaults, resolve_sampling
+from gemma3vl.infer.sampling_defaults import read_generation_defaults, resolve_sampling, stop_token_ids
+from gemma3vl.infer.structured import JsonGrammars
 
 
 @dataclass
@@ -35,6 +36,7 @@ class InferenceRuntime:
     load_seconds: float = 0.0
     lock: threading.RLock = field(default_factory=threading.RLock)
     adapter_note: str | None = None  # what --adapter merged into the weights
+    _grammars: JsonGrammars | None = field(default=None, init=False, repr=False)  # made at the first JSON request
 
     @classmethod
     def load(cls, model_dir: str | Path, *, device: str | None = None, dtype: str | None = None,
@@ -80,6 +82,16 @@ class InferenceRuntime:
         return resolve_sampling(self.generation_defaults, self.config, max_new_tokens=max_new_tokens,
                                 greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+
+    def json_grammar(self, schema: dict[str, Any]) -> Any:
+        """The compiled grammar (for ``Sampling.grammar``) of answers following the JSON Schema ``schema``
+        (``structured.ANY_OBJECT``: any JSON object), compiled once per distinct schema. A Gemma3VLError when
+        xgrammar is missing or cannot use the schema."""
+        with self.lock:  # the tokenizer, read once to make the compiler
+            if self._grammars is None:
+                self._grammars = JsonGrammars(self.tokenizer, self.config.text.vocab_size,
+                                              stop_token_ids(self.generation_defaults, self.config))
+        return self._grammars.compile(schema)
 
     def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
         with self.lock:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -41,6 +41,9 @@ class Sampling:
     # has appeared, and frequency_penalty per time it has; 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # an ``xgrammar.CompiledGrammar`` the answer follows (``structured.JsonGrammars``: JSON output); None: free text.
+    # Its mask comes before every other step here, so the row samples from within the grammar.
+    grammar: Any = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -60,6 +63,9 @@ class Sampling:
             if not -MAX_OCCURRENCE_PENALTY <= value <= MAX_OCCURRENCE_PENALTY:  # NaN fails too
                 raise Gemma3VLError(f"{name}={value} must be a number from -{MAX_OCCURRENCE_PENALTY:g} to "
                                     f"{MAX_OCCURRENCE_PENALTY:g}")
+        if self.grammar is not None and not self.stop_token_ids:
+            raise Gemma3VLError("an answer that follows a grammar needs stop_token_ids: its grammar lets it end only "
+                                "with a stop token, once the JSON is complete")
 
     @property
     def occurrence_penalty(self) -> bool:

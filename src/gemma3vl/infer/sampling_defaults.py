@@ -32,6 +32,15 @@ def read_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     return defaults
 
 
+def stop_token_ids(defaults: dict[str, Any], config: Gemma3Config) -> tuple[int, ...]:
+    """The ids that end an answer: the generation config's ``eos_token_id`` and the model config's, sorted."""
+    stop = defaults.get("eos_token_id")
+    if stop is None:
+        stop = list(config.stop_token_ids)
+    stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
+    return tuple(sorted(set(stop_ids) | set(config.stop_token_ids)))
+
+
 def resolve_sampling(
     defaults: dict[str, Any],
     config: Gemma3Config,
@@ -53,11 +62,7 @@ def resolve_sampling(
     (there is no setting for it here), greedy or not, as it does in transformers. The presence and frequency
     penalties (OpenAI's; transformers' generation config has none) are off unless given, and do not turn
     sampling on: they apply to greedy decoding too."""
-    stop = defaults.get("eos_token_id")
-    if stop is None:
-        stop = list(config.stop_token_ids)
-    stop_ids = tuple(stop) if isinstance(stop, list) else (stop,)
-    stop_ids = tuple(sorted(set(stop_ids) | set(config.stop_token_ids)))
+    stop_ids = stop_token_ids(defaults, config)
     sample = bool(defaults.get("do_sample", False)) and not greedy
     if temperature is not None or top_k is not None or top_p is not None:
         sample = not greedy

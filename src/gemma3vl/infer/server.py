@@ -21,13 +21,13 @@ import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.completion import FINISH_CANCELLED, Completion
+from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
@@ -47,6 +47,7 @@ from gemma3vl.infer.openai_protocol import (
     usage,
 )
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
+from gemma3vl.infer.structured import StructuredOutputUnavailable
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
@@ -185,8 +186,20 @@ class ChatCompletionServer:
             sampling.validate()
         except Gemma3VLError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
+        if request.json_schema is not None:
+            sampling = replace(sampling, grammar=self.json_grammar(request.json_schema))
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
                    n=request.n, logprobs=request.top_logprobs if request.logprobs else None)
+
+    def json_grammar(self, schema: dict) -> Any:
+        """The compiled grammar of ``response_format``'s schema (compiled here, in the request's thread, once per
+        distinct schema); a schema xgrammar cannot use, or no xgrammar, is a 400 naming ``response_format``."""
+        try:
+            return self.runtime.json_grammar(schema)
+        except StructuredOutputUnavailable as exc:
+            raise ApiError(400, str(exc), param="response_format", code="unsupported_parameter") from None
+        except Gemma3VLError as exc:
+            raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None
 
     def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
         """OpenAI's ``logprobs`` object for ``entries`` (None: the request asked for none)."""
@@ -442,6 +455,8 @@ class _Handler(BaseHTTPRequestHandler):
                 _, index, completion = event
                 if completion.finish_reason == FINISH_CANCELLED:
                     raise ApiError(503, "the server is shutting down", code="unavailable")
+                if completion.finish_reason == FINISH_ERROR:
+                    raise ApiError(500, completion.error, code="generation_failed")
                 done[index] = completion
         completions = [done[index] for index in range(job.n)]
         counts = self._finished(job, completions, record, stream=False)
@@ -478,6 +493,12 @@ class _Handler(BaseHTTPRequestHandler):
                 error = ApiError(503, "the server is shutting down", code="unavailable")
                 record.status, record.detail = 503, "cancelled"
                 self._write_chunk(_sse(error.body()))
+                break
+            elif event[2].finish_reason == FINISH_ERROR:
+                error = ApiError(500, event[2].error, code="generation_failed")
+                record.status, record.detail = 500, f"error in stream: {event[2].error}"
+                self._write_chunk(_sse(error.body()))
+                job.cancel()  # the other choices' answers would go unread
                 break
             else:
                 _, index, completion = event
