@@ -440,7 +440,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise Gemma3VLError(f"{flag} {value} must be >= 1")
     report = run_eval(args.model_dir, args.data, out=args.out, layout=args.layout, metrics=metrics or None,
                       adapter=args.adapter, compare=args.compare, limit=args.limit, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, split=args.split, device=args.device, dtype=args.dtype)
+                      max_new_tokens=args.max_new_tokens, split=args.split, device=args.device, dtype=args.dtype,
+                      resume=args.resume)
     print(format_table(report))
     log(f"predictions and report.json in {args.out}")
     return 0
@@ -659,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "ted_accuracy, bleu4")
     evaluate.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT LoRA/DoRA adapter for MODEL_DIR")
     evaluate.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows")
-    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per batch (8)")
+    evaluate.add_argument("--batch-size", type=int, default=8, metavar="N",
+                          help="prompts generated at once: slots of the continuous-batching engine (8)")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                           help="answer length limit (default: cord 512, vqa 32, caption 64, conversation 128)")
     evaluate.add_argument("--split", default=None, metavar="NAME",
@@ -668,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where predictions.jsonl and report.json go (default: ./gemma3vl-eval)")
     evaluate.add_argument("--compare", default=None, metavar="OTHER_MODEL_DIR",
                           help="also score this checkpoint; prints both, the difference and a 95%% interval")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="continue the unfinished run in --out (its answers.jsonl.partial): same model, data "
+                               "and settings; only the examples not yet answered are generated")
     add_model_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 

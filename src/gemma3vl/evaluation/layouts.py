@@ -30,7 +30,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Container, Iterator
 
 from gemma3vl.data.records import INVALID_SCHEMA, BadRecord, Conversation, ImageRef, Turn, parse_record
 from gemma3vl.errors import Gemma3VLError
@@ -99,17 +99,26 @@ class Example:
 
 # -------------------------------------------------------------------------------------------- rows
 class RowFile:
-    """Rows of a parquet file, a directory of parquet files, or a JSONL / JSON array file, by index."""
+    """Rows of a parquet file, a directory of parquet files, or a JSONL / JSON array file, by index or in order.
+
+    Opening one reads only what describes the data (parquet footers: row counts and columns; a JSONL file's line
+    offsets). ``iter_rows`` streams the rows in order (parquet in small record batches, row group by row group;
+    JSONL line by line), so memory does not grow with the dataset: what ``gemma3vl eval`` reads. ``row`` gives
+    any row (what training's shuffled access needs): a parquet dataset is then read whole, once, memory-mapped.
+    A JSON array file is parsed whole either way (its records cannot be told apart otherwise).
+    """
 
     def __init__(self, path: str | Path, split: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise Gemma3VLError(f"{self.path}: no such dataset file or directory")
         self.base_dir = self.path if self.path.is_dir() else self.path.parent
-        self.table = None
+        self.table = None  # the whole parquet data, read at the first ``row`` call
+        self.parquet = False
         self.json_source = None
         self.files: list[Path] = [self.path]
         self.file_starts: list[int] = [0]  # the global index of each file's first row
+        self.num_rows = 0
         whole = self.path.resolve()
         if split is not None and self.path.is_file() and not _in_split(whole, Path(whole.anchor), split):
             # A single file is read whole: --split would silently be ignored, and a model scored on the
@@ -117,8 +126,13 @@ class RowFile:
             raise Gemma3VLError(f"--split {split}: {self.path} is one file, not a file of split {split!r} "
                                 f"(--split picks {split}-*.parquet, {split}.parquet or {split}/ files in a directory)")
         if self.path.is_dir() or self.path.suffix == ".parquet":
-            self.table, self.files, self.file_starts = _read_parquet(self.path, split)
-            self.columns = list(self.table.column_names)
+            self.parquet = True
+            self.files = _parquet_files(self.path, split)
+            self.columns, counts = _parquet_footers(self.path, self.files)
+            self.file_starts = [0]
+            for count in counts[:-1]:
+                self.file_starts.append(self.file_starts[-1] + count)
+            self.num_rows = sum(counts)
         else:
             from gemma3vl.data.sources import JsonArraySource, JsonlSource
 
@@ -142,15 +156,55 @@ class RowFile:
         return []
 
     def __len__(self) -> int:
-        return self.table.num_rows if self.table is not None else len(self.json_source)
+        return self.num_rows if self.parquet else len(self.json_source)
+
+    def _label(self, index: int) -> str:
+        """``file:row N``: the row's own file and its row number in that file (a directory holds several shards)."""
+        at = bisect.bisect_right(self.file_starts, index) - 1
+        return f"{self.files[at]}:row {index - self.file_starts[at]}"
 
     def row(self, index: int) -> tuple[Any, str]:
         """The row (a dict, or what a JSON line holds) and its ``file:line`` / ``file:row N`` label."""
-        if self.table is not None:
-            # The row's own file and its row number in that file (a directory holds several shards).
-            at = bisect.bisect_right(self.file_starts, index) - 1
-            return self.table.slice(index, 1).to_pylist()[0], f"{self.files[at]}:row {index - self.file_starts[at]}"
+        if self.parquet:
+            if self.table is None:
+                self.table = _read_parquet(self.path, self.files)
+            return self.table.slice(index, 1).to_pylist()[0], self._label(index)
         return self.json_source.record(index)
+
+    def iter_rows(self, stop: int | None = None) -> Iterator[tuple[int, Any, str] | tuple[int, BadRecord, str]]:
+        """``(index, row, label)`` for the rows ``0 .. stop - 1`` in order, reading no further than ``stop``; a row
+        that cannot be read (a bad JSONL line) comes as ``(index, BadRecord, label)``."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        if not self.parquet:
+            for index in range(stop):
+                try:
+                    row, label = self.json_source.record(index)
+                except BadRecord as bad:
+                    yield index, bad, bad.source
+                    continue
+                yield index, row, label
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for file, start in zip(self.files, self.file_starts):
+            if start >= stop:
+                return
+            index = start
+            try:
+                with pq.ParquetFile(str(file)) as reader:
+                    for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                        for row in batch.to_pylist():
+                            if index >= stop:
+                                return
+                            yield index, row, f"{file}:row {index - start}"
+                            index += 1
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise Gemma3VLError(f"{file}: cannot read the parquet data: {exc}") from None
+
+
+# Rows decoded from parquet at a time while streaming (each may hold an image's bytes).
+PARQUET_BATCH_ROWS = 16
 
 
 def _in_split(file: Path, root: Path, split: str) -> bool:
@@ -159,33 +213,55 @@ def _in_split(file: Path, root: Path, split: str) -> bool:
             or split in file.relative_to(root).parts[:-1])
 
 
-def _read_parquet(path: Path, split: str | None) -> tuple[Any, list[Path], list[int]]:
+def _pyarrow(path: Path) -> tuple[Any, Any]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise Gemma3VLError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-    if path.is_dir():
-        every = sorted(path.rglob("*.parquet"))
-        if not every:
-            raise Gemma3VLError(f"{path}: no parquet files in this directory")
-        files = every
-        if split is not None:
-            files = [f for f in every if _in_split(f, path, split)]
-            if not files:
-                names = ", ".join(str(f.relative_to(path)) for f in every[:8])
-                raise Gemma3VLError(f"{path}: no parquet file of split {split!r} among {names}")
-    else:
-        files = [path]
+    return pa, pq
+
+
+def _parquet_files(path: Path, split: str | None) -> list[Path]:
+    _pyarrow(path)
+    if not path.is_dir():
+        return [path]
+    every = sorted(path.rglob("*.parquet"))
+    if not every:
+        raise Gemma3VLError(f"{path}: no parquet files in this directory")
+    files = every
+    if split is not None:
+        files = [f for f in every if _in_split(f, path, split)]
+        if not files:
+            names = ", ".join(str(f.relative_to(path)) for f in every[:8])
+            raise Gemma3VLError(f"{path}: no parquet file of split {split!r} among {names}")
+    return files
+
+
+def _parquet_footers(path: Path, files: list[Path]) -> tuple[list[str], list[int]]:
+    """The columns (each file's, in order of first appearance, as ``pyarrow.concat_tables`` unites them) and the
+    row count of each file, from their footers alone."""
+    pa, pq = _pyarrow(path)
+    columns: list[str] = []
+    counts = []
     try:
-        tables = [pq.read_table(str(file), memory_map=True) for file in files]
-        table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        for file in files:
+            with pq.ParquetFile(str(file)) as reader:
+                counts.append(reader.metadata.num_rows)
+                columns += [name for name in reader.schema_arrow.names if name not in columns]
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise Gemma3VLError(f"{path}: cannot read the parquet data: {exc}") from None
-    starts = [0]
-    for part in tables[:-1]:
-        starts.append(starts[-1] + part.num_rows)
-    return table, files, starts
+    return columns, counts
+
+
+def _read_parquet(path: Path, files: list[Path]) -> Any:
+    """Every row of ``files`` as one table (memory-mapped), for random access."""
+    pa, pq = _pyarrow(path)
+    try:
+        tables = [pq.read_table(str(file), memory_map=True) for file in files]
+        return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise Gemma3VLError(f"{path}: cannot read the parquet data: {exc}") from None
 
 
 # -------------------------------------------------------------------------------------------- layouts
@@ -242,9 +318,29 @@ class ExampleFile:
     def example(self, index: int) -> Example:
         """Row ``index`` as an :class:`Example` (raises :class:`BadRecord` naming the row when it is bad)."""
         row, source = self.rows.row(index)
+        return self._example(row, source, index)
+
+    def _example(self, row: Any, source: str, index: int) -> Example:
         if not isinstance(row, dict):
             raise BadRecord(source, INVALID_SCHEMA, f"a row must be an object, got {type(row).__name__}")
         return to_example(row, self.layout, source, index, self.base_dir)
+
+    def iter_examples(self, stop: int | None = None, rows: Container[int] | None = None
+                      ) -> Iterator[tuple[int, Example | BadRecord]]:
+        """``(index, example)`` for the rows ``0 .. stop - 1`` in order (only those in ``rows`` when given), read
+        a few at a time (``RowFile.iter_rows``); a bad row comes as ``(index, BadRecord)`` naming it."""
+        for index, row, source in self.rows.iter_rows(stop):
+            if rows is not None and index not in rows:
+                continue
+            if isinstance(row, BadRecord):
+                yield index, row
+                continue
+            try:
+                example = self._example(row, source, index)
+            except BadRecord as bad:
+                yield index, bad
+                continue
+            yield index, example
 
 
 def to_example(row: dict, layout: str, source: str, index: int, base_dir: Path) -> Example:
