@@ -96,6 +96,31 @@ def test_slot_cache_rows_are_the_batch_one_cache(runtime):
         assert full.positions[row, : n + 1].tolist() == list(range(n + 1))
 
 
+def test_choices_of_one_prompt_share_one_prefill(runtime, monkeypatch):
+    """Rows of the same prompt object added one after another (a request's n choices) are prefilled once; each
+    still gets ``generate``'s answer alone for its own seed, and another prompt in between prefills again."""
+    import gemma3vl.infer.engine as engine_module
+
+    prefills = []
+    real = engine_module.prefill
+    monkeypatch.setattr(engine_module, "prefill", lambda *args, **kwargs: prefills.append(1) or real(*args, **kwargs))
+    picture = draw_picture("red circle")
+    shared, other = runtime.encode_prompt("What is in the picture?", [picture]), runtime.encode_prompt("hi", [])
+    samplings = [runtime.sampling(max_new_tokens=6, temperature=1.2, seed=seed) for seed in (1, 2, 3)]
+    engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=4, max_length=600)
+    done = {}
+    for number, (prompt, sampling) in enumerate([(shared, samplings[0]), (shared, samplings[1]),
+                                                 (other, samplings[0]), (shared, samplings[2])]):
+        engine.add(Row(prompt=prompt, max_new_tokens=6, on_finish=lambda c, n=number: done.__setitem__(n, c)),
+                   sampling)
+    assert len(prefills) == 3  # shared, other, shared again (the cache held other's by then)
+    while engine.active:
+        engine.step()
+    for number, (prompt, sampling) in enumerate([(shared, samplings[0]), (shared, samplings[1]),
+                                                 (other, samplings[0]), (shared, samplings[2])]):
+        assert done[number].token_ids == alone(runtime, prompt, sampling, 6)[0], number
+
+
 def test_limits_are_clear_errors(runtime):
     engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=1, max_length=30)
     prompt = runtime.encode_prompt("hi", [])

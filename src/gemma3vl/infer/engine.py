@@ -77,6 +77,9 @@ class ContinuousBatcher:
         self.max_length = max_length
         self.cache = SlotKVCache(model.config.text, slots, max_length, weight.device, weight.dtype)
         self._prefill_cache = self.cache.prefill_cache()
+        # the prompt whose prefill _prefill_cache holds, and its last logits: the n choices of one request (rows
+        # of one prompt object, added one after another) share one prefill
+        self._prefilled: tuple[Any, torch.Tensor] | None = None
         self._step = DecodeStep(compile, self.device, report=report)  # compiled: should that fail, eager + report
         self._lock = decode_lock if decode_lock is not None else contextlib.nullcontext()
         self.vocab = model.text.output_weight.shape[0]
@@ -106,7 +109,9 @@ class ContinuousBatcher:
 
     @torch.no_grad()
     def add(self, row: Row, sampling: Sampling, tag: Any = None) -> None:
-        """Prefill ``row`` alone and put it in a free slot; its first token comes at the next ``step``."""
+        """Prefill ``row`` alone and put it in a free slot; its first token comes at the next ``step``. A row whose
+        prompt is the very object the previous ``add`` prefilled (another choice of the same request) takes that
+        prefill again instead of computing it a second time: the same keys, values and logits."""
         sampling.validate()
         free = [index for index, slot in enumerate(self.slots) if slot is None]
         if not free:
@@ -118,9 +123,15 @@ class ContinuousBatcher:
         index = free[0]
         ids = row.prompt.input_ids.to(self.device)[None]  # [1, L], no padding: positions 0 .. L-1
         pixels = row.prompt.pixel_values
-        info = TokenInfo.for_tokens(ids, image_token_id=self.model.image_token_id)
-        self._prefill_cache.reset()
-        logits = prefill(self.model, self._prefill_cache, ids, info, None if pixels is None else pixels.to(self.device))
+        if self._prefilled is not None and self._prefilled[0] is row.prompt:
+            logits = self._prefilled[1]
+        else:
+            info = TokenInfo.for_tokens(ids, image_token_id=self.model.image_token_id)
+            self._prefilled = None  # (until this prefill is complete)
+            self._prefill_cache.reset()
+            logits = prefill(self.model, self._prefill_cache, ids, info,
+                             None if pixels is None else pixels.to(self.device))
+            self._prefilled = (row.prompt, logits)
         self.cache.load_row(index, self._prefill_cache)
         self.logits[index] = logits[0]
         self.positions[index] = length
@@ -224,6 +235,7 @@ class ContinuousBatcher:
         new.index.copy_(old.index)
         self.cache = new
         self._prefill_cache = new.prefill_cache()
+        self._prefilled = None
         self.max_length = max_length
 
     def cancel_all(self) -> list[Any]:

@@ -10,10 +10,10 @@ a seeded request gets the answer ``generate`` gives with that seed. When the eng
 jobs wait for a slot; beyond that ``submit`` refuses (the server answers 429). Events go to each job's own
 queue, so a slow client never stalls the batch.
 
-A job asking for ``n`` choices (OpenAI's ``n``) is ``n`` rows of the engine, each prefilled on its own and each its
-own sample (a seeded job's choice ``i`` draws with ``derived_seed(seed, i)``). Its rows take free slots as they
-come, oldest job first, so a job may start with some of its rows and the rest join as slots free; it counts as one
-waiting job until its last row has a slot.
+A job asking for ``n`` choices (OpenAI's ``n``) is ``n`` rows of the engine (added one after another, they share
+one prefill: ``ContinuousBatcher.add``), each its own sample (a seeded job's choice ``i`` draws with
+``derived_seed(seed, i)``). Its rows take free slots as they come, oldest job first, so a job may start with
+some of its rows and the rest join as slots free; it counts as one waiting job until its last row has a slot.
 """
 
 from __future__ import annotations
