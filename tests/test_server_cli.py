@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -52,10 +53,13 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_serve_binds_loopback_logs_requests_and_stops_on_signal(model_dir, stop_signal):
+    keyed = stop_signal == signal.SIGTERM
     process = subprocess.Popen(
         [sys.executable, "-m", "gemma3vl", "serve", str(model_dir), "--port", "0", "--device", "cpu",
          "--max-tokens", "4"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        # SIGTERM's run also requires the key the client sends ("unused"), given by the environment
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **({"GEMMA3VL_API_KEY": "unused"} if keyed else {})},
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
@@ -70,6 +74,10 @@ def test_serve_binds_loopback_logs_requests_and_stops_on_signal(model_dir, stop_
                                                    temperature=0)
         assert reply.usage.completion_tokens <= 4
         _wait_for(lines, r'"GET /health" 200', seen, 10)
+        if keyed:
+            assert any("requests need the API key" in line for line in seen)
+            with pytest.raises(urllib.error.HTTPError, match="401"):
+                urllib.request.urlopen(url + "/v1/models", timeout=30)
         _wait_for(lines, r'"POST /v1/chat/completions" 200 .* prompt=\d+ completion=\d+', seen, 10)
         process.send_signal(stop_signal)
         assert process.wait(timeout=30) == 0

@@ -333,6 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_local_images=args.allow_local_images, allow_remote_images=args.allow_remote_images,
         pan_and_scan=True if args.pan_and_scan else None, max_waiting=args.max_waiting,
         max_sequence_length=args.max_sequence_length, compile_decode=args.compile, max_n=args.max_n,
+        api_key=args.api_key or os.environ.get("GEMMA3VL_API_KEY") or None,
     )
     try:
         server = ChatCompletionServer(runtime, settings)
@@ -346,8 +347,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         server.start()
         log(f"serving {server.model_name} at {server.url}/v1 (max batch {settings.max_batch_size}); Ctrl-C stops")
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            log(f"warning: listening on {args.host}, not loopback: anyone who can reach this port can use the model")
+        if settings.api_key is not None:
+            log("requests need the API key (Authorization: Bearer ...), all but /health")
+        if args.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+            log(f"warning: listening on {args.host}, not loopback: anyone who can reach this port can use the model "
+                f"(--api-key, or GEMMA3VL_API_KEY, requires a key)")
         while not stop.wait(0.5):
             pass
         log("stopping: refusing new requests, ending running generations ...")
@@ -604,6 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a request waits for others to batch with (5)")
     serve.add_argument("--max-tokens", type=int, default=2048,
                        help="the largest max_tokens a request may ask for, and the default (2048)")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
+                            "GEMMA3VL_API_KEY environment variable, which keeps the key out of the process list; "
+                            "unset: no key)")
     serve.add_argument("--max-n", type=int, default=8, metavar="N",
                        help="the most choices (n) a request may ask for (8)")
     serve.add_argument("--max-request-bytes", type=parse_size, default=parse_size("64MiB"), metavar="SIZE",

@@ -13,6 +13,7 @@ request goes to standard error.
 
 from __future__ import annotations
 
+import hmac
 import json
 import queue
 import select
@@ -72,6 +73,8 @@ class ServerSettings:
     allow_remote_images: bool = False
     pan_and_scan: bool | None = None  # None: as the processor config says
     connection_timeout_s: float = 120.0
+    # when set, every route but /health needs "Authorization: Bearer <api_key>" (what OpenAI clients send)
+    api_key: str | None = None
 
 
 @dataclass
@@ -316,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._streaming = False
         try:
             try:
+                self._check_api_key()
                 handle(record)
             except ApiError as error:
                 self._send_error(error, record)
@@ -332,6 +336,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.app.log(f'{self.client_address[0]} "{self.command} {self.path}" {record.status} '
                      f"{time.perf_counter() - started:.3f}s {record.detail}".rstrip())
+
+    def _check_api_key(self) -> None:
+        """With ``api_key`` set, a request other than ``/health`` (load balancers' probes carry no key) must bring
+        it as ``Authorization: Bearer KEY``, compared in constant time; otherwise a 401 in OpenAI's form, and the
+        connection closes (the request's body is left unread)."""
+        key = self.app.settings.api_key
+        if key is None or self._route() == "/health":
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            self.close_connection = True
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the server's --api-key)",
+                           code="invalid_api_key", type="invalid_request_error")
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
