@@ -393,3 +393,30 @@ main(["eval", {str(model_dir)!r}, "--data", {str(data)!r}, "--out", {str(out)!r}
     assert main(["eval", str(model_dir), "--data", str(data), "--out", str(out), "--resume"]) == 0
     assert sum(batches) == 2
     assert json.loads((out / "report.json").read_text())["examples_scored"] == 7
+
+
+def test_compile_makes_one_fixed_engine_and_a_failed_compile_answers_eagerly(models, failing_compiler, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """``eval --compile`` (the device pretends to compile, and every compiled step fails as a broken inductor
+    would): one engine of ``--max-sequence-length`` rows, compiled (warm-up) before the first example and never
+    grown; the failure is reported once and the answers are the eager ones; an example longer than the rows is
+    reported and skipped; ``--max-sequence-length`` without ``--compile`` is refused."""
+    data = write_vqa(tmp_path / "vqa.parquet", 4)
+    eager_out, out = tmp_path / "eager", tmp_path / "compiled"
+    common = ["--data", str(data), "--max-new-tokens", "8", "--batch-size", "2", "--device", "cpu"]
+    assert main(["eval", str(models[0]), *common, "--out", str(eager_out)]) == 0
+    engines = count_calls(monkeypatch, ContinuousBatcher, "__init__")
+    assert main(["eval", str(models[0]), *common, "--out", str(out), "--compile"]) == 0
+    err = capsys.readouterr().err
+    assert len(engines) == 1 and failing_compiler  # one engine, whose warm-up tried the compiled step
+    assert err.count("compiling the decode step failed (RuntimeError: no triton)") == 1
+    predictions = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    eager = [json.loads(line)["prediction"] for line in (eager_out / "predictions.jsonl").read_text().splitlines()]
+    assert predictions == eager
+    short = tmp_path / "short"
+    assert main(["eval", str(models[0]), *common, "--out", str(short), "--compile", "--max-sequence-length",
+                 "64"]) == 0  # prompts of 48, 64, 54 and 77 tokens, each with 8 to answer
+    report = json.loads((short / "report.json").read_text())
+    assert len(report["model"]["failures"]) == 2 and "over --max-sequence-length 64" in report["model"]["failures"][0]
+    assert main(["eval", str(models[0]), *common, "--out", str(tmp_path / "x"), "--max-sequence-length", "40"]) == 2
+    assert "give --compile too" in capsys.readouterr().err

@@ -439,13 +439,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = [name.strip() for item in args.metric for name in item.split(",") if name.strip()]
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                        ("--limit", args.limit)):
+                        ("--limit", args.limit), ("--max-sequence-length", args.max_sequence_length)):
         if value is not None and value < 1:
             raise Gemma3VLError(f"{flag} {value} must be >= 1")
+    if args.max_sequence_length is not None and not args.compile:
+        raise Gemma3VLError("--max-sequence-length sizes --compile's rows: give --compile too")
     report = run_eval(args.model_dir, args.data, out=args.out, layout=args.layout, metrics=metrics or None,
                       adapter=args.adapter, compare=args.compare, limit=args.limit, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, split=args.split, device=args.device, dtype=args.dtype,
-                      resume=args.resume)
+                      resume=args.resume, compile=args.compile, max_sequence_length=args.max_sequence_length)
     print(format_table(report))
     log(f"predictions and report.json in {args.out}")
     return 0
@@ -678,6 +680,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where predictions.jsonl and report.json go (default: ./gemma3vl-eval)")
     evaluate.add_argument("--compare", default=None, metavar="OTHER_MODEL_DIR",
                           help="also score this checkpoint; prints both, the difference and a 95%% interval")
+    evaluate.add_argument("--compile", action="store_true",
+                          help="CUDA: decode through one compiled CUDA graph, compiled before the first example "
+                               "(about a minute for the 4B); ignored on the CPU")
+    evaluate.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                          help="with --compile: positions (prompt + answer) each compiled row holds (8192); a "
+                               "longer example is reported and skipped")
     evaluate.add_argument("--resume", action="store_true",
                           help="continue the unfinished run in --out (its answers.jsonl.partial): same model, data "
                                "and settings; only the examples not yet answered are generated")

@@ -42,6 +42,7 @@ from gemma3vl.evaluation.metrics import METRICS, compute_stats
 RUN_FILE = "eval_run.json"
 ANSWER_LOGS = ("answers.jsonl.partial", "compare_answers.jsonl.partial")  # model, --compare
 ROW_LENGTH_STEP = 256  # the engine's positions per row grow in steps of this many (capped at the context)
+COMPILED_ROW_LENGTH = 8192  # --compile: positions per engine row (prompt + answer), made once, unless told
 
 
 @dataclass
@@ -121,7 +122,9 @@ class Interrupted(KeyboardInterrupt):
 def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRecord]], *, batch_size: int,
                      max_new_tokens: int, answered: Callable[[int, str], None], failed: Callable[[int, str], None],
                      count: int | None = None, image_loader: ImageLoader | None = None,
-                     continuous: bool | None = None) -> None:
+                     continuous: bool | None = None, compile: bool = False,
+                     max_sequence_length: int = COMPILED_ROW_LENGTH,
+                     report: Callable[[str], None] | None = None) -> None:
     """Greedy answers of ``runtime``'s model to the ``(key, example)`` of ``pending``, read from it only as a
     slot frees: ``answered(key, text)`` hears each answer the moment it is done, ``failed(key, message)`` each
     example that could not be asked (a bad row, an unreadable image, a prompt over the context).
@@ -129,7 +132,12 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
     ``continuous`` (default: whenever ``runtime`` has a model): ``batch_size`` slots of the continuous-batching
     engine, each row computed as if alone. Else fixed batches of ``batch_size`` rows through ``runtime.complete``
     (left-padded, each row cut at its own stop; the path before the engine, kept for runtimes without a model
-    of ours). ``count``: how many ``pending`` holds at most (no more slots are made)."""
+    of ours). ``count``: how many ``pending`` holds at most (no more slots are made).
+
+    ``compile`` (CUDA; the engine's decode step compiled into one CUDA graph): the engine is made at once with rows
+    of ``max_sequence_length`` positions (prompt + answer; capped by the context) and compiled before the first
+    example, and never grows (a new size would compile again); an example longer than that fails, naming the
+    flag. ``report`` hears a compile failure (decoding then goes on eagerly)."""
     if batch_size < 1:
         raise Gemma3VLError(f"--batch-size {batch_size} must be >= 1")
     if max_new_tokens >= runtime.context_length:
@@ -184,6 +192,7 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
         return
 
     from gemma3vl.infer.completion import FINISH_ERROR
+    from gemma3vl.infer.decode import compiles_on
     from gemma3vl.infer.engine import ContinuousBatcher
 
     def finish(key: Any, source: str, completion: Any) -> None:
@@ -193,6 +202,12 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
             answered(key, completion.text.strip())
 
     engine = None
+    fixed = compile and compiles_on(runtime.device)
+    if fixed:
+        engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots,
+                                   max_length=min(max_sequence_length, runtime.context_length),
+                                   decode_lock=runtime.lock, compile=True, report=report)
+        engine.warm_up()
     waiting = iter(pending)
     more = True
     while True:
@@ -207,10 +222,15 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
             if prompt is None:
                 continue
             length = _row_length(prompt.length + max_new_tokens, runtime.context_length)
+            if fixed and prompt.length + max_new_tokens > engine.max_length:
+                failed(key, f"{example.source}: the prompt is {prompt.length} tokens; with max_new_tokens="
+                            f"{max_new_tokens} that is over --max-sequence-length {engine.max_length} (the "
+                            "positions each compiled row holds)")
+                continue
             if engine is None:
                 engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots, max_length=length,
                                            decode_lock=runtime.lock)
-            elif length > engine.max_length:
+            elif not fixed and length > engine.max_length:
                 engine.grow(length)
             row = Row(prompt=prompt, max_new_tokens=max_new_tokens,
                       on_finish=lambda completion, key=key, source=example.source: finish(key, source, completion))
@@ -354,7 +374,8 @@ class AnswerLog:
 def evaluate_model(model_dir: str | Path, found: ExampleSet, log: AnswerLog, *, adapter: str | Path | None = None,
                    batch_size: int = 8, max_new_tokens: int = 64, device: str | None = None,
                    dtype: str | None = None, progress: bool = True,
-                   report: Callable[[str], None] | None = None) -> Answered:
+                   report: Callable[[str], None] | None = None, compile: bool = False,
+                   max_sequence_length: int = COMPILED_ROW_LENGTH) -> Answered:
     """Answer the examples of ``found`` that ``log`` has no answer for with ``model_dir`` (``adapter`` merged in),
     each into ``log`` as it comes, and let the model go. Nothing to answer: the model is not even loaded."""
     from tqdm import tqdm
@@ -372,6 +393,10 @@ def evaluate_model(model_dir: str | Path, found: ExampleSet, log: AnswerLog, *, 
         return log.answered(str(model_dir), label)
     runtime = InferenceRuntime.load(model_dir, device=device, dtype=dtype, adapter=adapter)
     say(runtime.describe())
+    if compile:
+        say("--compile: the decode step compiles and captures a CUDA graph before the first example (about a minute "
+            "for the 4B)" if runtime.device.type == "cuda" else
+            f"--compile: ignored on {runtime.device} (compiled decoding needs CUDA); decoding eagerly")
     if not runtime.config.is_vision_language and all(_has_image(example) for example in found.examples):
         raise Gemma3VLError(f"{model_dir}: a text-only Gemma 3 checkpoint cannot answer these examples: "
                             "every one has an image")
@@ -393,7 +418,10 @@ def evaluate_model(model_dir: str | Path, found: ExampleSet, log: AnswerLog, *, 
 
         try:
             generate_answers(runtime, found.stream(pending), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             answered=answered, failed=failed, count=len(pending))
+                             answered=answered, failed=failed, count=len(pending), compile=compile,
+                             max_sequence_length=max_sequence_length,
+                             report=lambda why: say(f"--compile: compiling the decode step failed ({why[:300]}); "
+                                                    "decoding eagerly"))
         except KeyboardInterrupt:
             stop = Interrupted([], [])
             stop.answered = log.answered(str(model_dir), label)
@@ -542,7 +570,8 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
              split: str | None = None, device: str | None = None, dtype: str | None = None,
              progress: bool = True, report: Callable[[str], None] | None = None,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, compile: bool = False,
+             max_sequence_length: int | None = None) -> dict[str, Any]:
     """Score ``model_dir`` (and ``compare``) on ``data``; write ``OUT/predictions.jsonl`` (and
     ``OUT/compare_predictions.jsonl``) and ``OUT/report.json``; return the report. ``resume``: continue the
     unfinished run in ``out`` (see the module docstring)."""
@@ -596,7 +625,8 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
         for (directory, adapter_dir), log in zip(models, logs):
             runs.append(evaluate_model(directory, found, log, adapter=adapter_dir, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                                       progress=progress, report=report))
+                                       progress=progress, report=report, compile=compile,
+                                       max_sequence_length=max_sequence_length or COMPILED_ROW_LENGTH))
     except Interrupted as stop:
         # Ctrl-C during generation: what was answered is scored and written (marked interrupted), not thrown
         # away with hours of generation. Interrupted during the first model, there is no comparison.
