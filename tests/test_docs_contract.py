@@ -255,7 +255,8 @@ def readme_sections() -> list[tuple[str, str]]:
 
 
 # Flags a section names that belong to another command (a cross-reference).
-CROSS_REFERENCES = {("convert import", "--adapter"), ("plan", "--nproc-per-node")}
+CROSS_REFERENCES = {("convert import", "--adapter"), ("plan", "--nproc-per-node"),
+                    ("serve", "--model"), ("serve", "--tasks")}  # serve: lm_eval's command line, for /v1/completions
 
 
 def literal_default(text: str, action: argparse.Action) -> bool | None:

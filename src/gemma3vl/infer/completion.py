@@ -53,6 +53,9 @@ class Completion:
     # with Row.logprobs: one per generated token but a stop token id (which has no text), in order
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # why the row failed (finish_reason "error")
+    # with Row.logprobs, the stop token's (which ``logprobs`` leaves out) when a stop token ended the row; the legacy
+    # completions endpoint reports it, as vLLM does (lm-evaluation-harness drops the last entry it gets)
+    stop_logprob: TokenLogprob | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -89,6 +92,7 @@ class RowState:
         self.finish_reason: str | None = None
         self.completion: Completion | None = None
         self.logprobs: list[TokenLogprob] | None = None if row.logprobs is None else []
+        self.stop_logprob: TokenLogprob | None = None
         self._logprobs_sent = 0
 
     def emit(self, final: bool = False) -> None:
@@ -111,7 +115,7 @@ class RowState:
             self.emit(final=True)
         self.completion = Completion(text=self.text.final_text(), token_ids=list(self.text.token_ids),
                                      finish_reason=reason, prompt_tokens=self.row.prompt.length,
-                                     logprobs=self.logprobs, error=error)
+                                     logprobs=self.logprobs, error=error, stop_logprob=self.stop_logprob)
         if self.row.on_finish is not None:
             self.row.on_finish(self.completion)
 
@@ -128,6 +132,8 @@ class RowState:
             self.finish(FINISH_CANCELLED)
         elif token in stop_ids:
             self.text.token_ids.append(token)
+            if self.logprobs is not None:
+                self.stop_logprob = logprob
             self.finish(FINISH_STOP)
         else:
             if self.logprobs is not None and logprob is not None:

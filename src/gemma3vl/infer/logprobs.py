@@ -89,3 +89,60 @@ class TokenTexts:
             raw = [int(piece[3:5], 16)] if BYTE_PIECE.match(piece) else list(text.encode("utf-8"))
             cached = self._cache[token_id] = (text, raw)
         return cached
+
+
+# ------------------------------------------------------------------------------------------- prompt logprobs
+SCORE_LOGITS_ELEMENTS = 1 << 25  # float32 logits held at once while scoring a prompt (128 MiB, + its log_softmax)
+
+
+@dataclass
+class PromptScores:
+    """A prompt scored by the model: per prompt token its :class:`TokenLogprob` given the tokens before it (None for
+    the first token, which nothing predicts), and the float32 logits [V] after the last one (the next token's)."""
+
+    entries: list[TokenLogprob | None]
+    last_logits: torch.Tensor
+
+
+@torch.no_grad()
+def score_prompt(model: Any, input_ids: torch.Tensor, top: int | None) -> PromptScores:
+    """The prompt logprobs of ``input_ids`` [T] (text only) for the legacy completions endpoint's ``echo`` with
+    ``logprobs``: one forward over the prompt (chunked with a cache past ``GEMMA3VL_PREFILL_CHUNK`` tokens, as
+    ``decode.prefill``), then the logits of every position, a few hundred positions at a time (a [T, V] float32
+    array for a long prompt and Gemma's 262k vocabulary would be gigabytes): their ``log_softmax`` (float32, the raw
+    model distribution as for generated tokens), the next token's value and the top ``top`` (value, id) pairs reach
+    the host. ``top`` None: no prompt logprobs, only ``last_logits`` (and no logits but the last are computed)."""
+    from gemma3vl.infer.cache import KVCache
+    from gemma3vl.infer.decode import chunk_bounds, prefill_backend, prefill_chunk_tokens
+    from gemma3vl.model import TokenInfo
+
+    ids = input_ids[None]
+    length = ids.shape[1]
+    info = TokenInfo.for_tokens(ids, image_token_id=model.image_token_id)
+    backend = prefill_backend(length, ids.device)
+    chunk = prefill_chunk_tokens()
+    if not chunk or length <= chunk:
+        hidden = model.hidden_states(ids, info=info, attention_backend=backend)[0]  # [T, D]
+    else:
+        cache, embeds = KVCache(model.config.text), model.embed(ids)
+        hidden = torch.cat([model.text(embeds[:, start:stop], info.columns(start, stop), cache,
+                                       attention_backend=backend)[0]
+                            for start, stop in chunk_bounds(info.image_block_ids, chunk)])
+    last_logits = model.text.logits(hidden[-1:]).float()[0]
+    entries: list[TokenLogprob | None] = [None]
+    if top is None:
+        return PromptScores(entries, last_logits)
+    targets = ids[0, 1:]
+    step = max(1, SCORE_LOGITS_ELEMENTS // last_logits.shape[-1])
+    for start in range(0, length - 1, step):
+        stop = min(start + step, length - 1)
+        logprobs = model.text.logits(hidden[start:stop]).float().log_softmax(dim=-1)  # position t predicts t + 1
+        chosen = logprobs.gather(1, targets[start:stop, None])[:, 0].tolist()
+        if top:
+            best = logprobs.topk(top, dim=-1)
+            pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+        else:
+            pairs = [[] for _ in chosen]
+        entries += [TokenLogprob(token, value, alternatives)
+                    for token, value, alternatives in zip(targets[start:stop].tolist(), chosen, pairs)]
+    return PromptScores(entries, last_logits)

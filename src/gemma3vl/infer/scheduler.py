@@ -14,6 +14,14 @@ A job asking for ``n`` choices (OpenAI's ``n``) is ``n`` rows of the engine (add
 one prefill: ``ContinuousBatcher.add``), each its own sample (a seeded job's choice ``i`` draws with
 ``derived_seed(seed, i)``). Its rows take free slots as they come, oldest job first, so a job may start with
 some of its rows and the rest join as slots free; it counts as one waiting job until its last row has a slot.
+
+The legacy completions endpoint's jobs may ask for ``prompt_logprobs`` (``echo`` with ``logprobs``): the log-probability
+of every prompt token, from one forward over the prompt on this thread (``logprobs.score_prompt``), sent as a
+``("prompt_logprobs", entries)`` event before anything else. A *direct* job, one that asks for no token
+(``max_tokens: 0``), or for one token with prompt logprobs (lm-evaluation-harness's loglikelihood requests), takes
+no engine slot and no decode step: it is answered here, between two engine steps, from that one forward (its one
+token chosen from the last position's logits as the engine would choose it, each choice with its own sampling).
+Generation jobs with prompt logprobs are scored the same way, then prefilled again by the engine.
 """
 
 from __future__ import annotations
@@ -25,11 +33,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gemma3vl.infer.completion import Row
+import torch
+
+from gemma3vl.infer.completion import FINISH_LENGTH, Row, RowState
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling
-from gemma3vl.infer.sampling import derived_seed
+from gemma3vl.infer.logprobs import LogprobRows, score_prompt
+from gemma3vl.infer.sampling import RowSampling, choose_tokens, derived_seed, process_logits, row_generator, seen_tokens
 
 _job_numbers = itertools.count()
 SHUTTING_DOWN = "the server is shutting down"
@@ -51,6 +62,8 @@ class Job:
     stop_strings: tuple[str, ...] = ()
     n: int = 1  # choices, each its own row and sample
     logprobs: int | None = None  # per token its logprob and this many alternatives' (None: no logprobs)
+    # per prompt token its logprob and this many alternatives' (None: none), sent as one "prompt_logprobs" event
+    prompt_logprobs: int | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     queued_at: float = field(default_factory=time.monotonic)
     batch_size: int = 0  # the most rows it shared a decode step with, itself included (for the request log)
@@ -74,6 +87,12 @@ class Job:
                    on_delta=lambda text, logprobs: self.events.put(("text", index, (text, logprobs))),
                    on_finish=lambda completion: self.events.put(("done", index, completion)),
                    is_cancelled=lambda: self.cancelled)
+
+    @property
+    def direct(self) -> bool:
+        """Answered by the scheduler from one forward over the prompt, without an engine slot (module docstring)."""
+        return self.max_new_tokens == 0 or (self.max_new_tokens == 1 and self.prompt_logprobs is not None
+                                            and self.sampling.grammar is None)
 
     def choice_sampling(self, index: int) -> Sampling:
         """Choice ``index``'s sampling: the job's, with a seed of its own when the job is seeded."""
@@ -129,6 +148,19 @@ class BatchScheduler:
             self._cond.notify_all()
         return job
 
+    def submit_all(self, jobs: list[Job]) -> list[Job]:
+        """Queue every job of ``jobs`` or none (:class:`QueueFull`): one request's several prompts."""
+        with self._cond:
+            if self._stopping:
+                for job in jobs:
+                    job.events.put(("error", SHUTTING_DOWN))
+                return jobs
+            if self.max_waiting is not None and len(self._pending) + len(jobs) > self.max_waiting:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting")
+            self._pending.extend(jobs)
+            self._cond.notify_all()
+        return jobs
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"waiting": len(self._pending), "running": len(self._running), "steps": self.steps,
@@ -149,7 +181,15 @@ class BatchScheduler:
 
     # ------------------------------------------------------------------------------------------ the loop
     def _waiting_rows(self) -> int:
-        return sum(job.n - job.admitted for job in self._pending)
+        return sum(job.n - job.admitted for job in self._pending if not job.direct)
+
+    def _next_direct(self) -> Job | None:
+        """The oldest waiting direct job, taken off the queue (under ``_cond``); None when there is none."""
+        for job in self._pending:
+            if job.direct:
+                self._pending.remove(job)
+                return job
+        return None
 
     def _admissions(self, engine: ContinuousBatcher) -> list[tuple[Job, int]] | None:
         """Wait for work; then the waiting rows (job, choice) that fit in the free slots, oldest job first (None
@@ -157,6 +197,10 @@ class BatchScheduler:
         with self._cond:
             while not self._pending and not engine.active and not self._stopping:
                 self._cond.wait()
+            # one direct job per step: a flood of them must not stall the running rows
+            direct = None if self._stopping else self._next_direct()
+            if direct is not None:
+                return [(direct, -1)]
             if not engine.active and self._pending:  # idle: let requests that arrive together start together
                 deadline = self._pending[0].queued_at + self.batch_wait_s
                 while not self._stopping and self._waiting_rows() < engine.free_slots:
@@ -170,6 +214,8 @@ class BatchScheduler:
             free = engine.free_slots
             while self._pending and free:
                 job = self._pending[0]
+                if job.direct:  # came in while this thread waited: the next pass answers it
+                    break
                 if job.cancelled:  # nobody waits for the rest of it
                     self._pending.pop(0)
                     self._retire(job)
@@ -200,7 +246,12 @@ class BatchScheduler:
             if admitted is None:
                 break
             for job, index in admitted:
+                if index < 0:  # a direct job: no slot
+                    self._answer_direct(job)
+                    continue
                 try:
+                    if index == 0 and job.prompt_logprobs is not None:
+                        job.events.put(("prompt_logprobs", self._score(job).entries))
                     engine.add(job.row(index), job.choice_sampling(index), tag=(job, index))
                 except Exception as exc:  # a request that cannot run fails alone
                     self._fail([job], exc)
@@ -223,6 +274,50 @@ class BatchScheduler:
         stopped = _jobs(engine.cancel_all())  # stopping: each running row hears "cancelled"
         with self._cond:
             self._running = [job for job in self._running if job not in stopped]
+
+    def _score(self, job: Job):
+        return score_prompt(self.runtime.model, job.prompt.input_ids.to(self.engine.device), job.prompt_logprobs)
+
+    @torch.no_grad()
+    def _answer_direct(self, job: Job) -> None:
+        """Answer a direct job (``max_new_tokens`` 0, or 1 with prompt logprobs) on this thread, without the engine."""
+        job.batch_size = max(job.batch_size, 1)  # (before its answer: the handler logs it once answered)
+        try:
+            if not job.cancelled:
+                self._direct_choices(job)
+        except Exception as exc:  # a request that cannot run fails alone
+            self._fail([job], exc)
+            return
+        with self._cond:
+            self.jobs_done += 1
+            self.largest_batch = max(self.largest_batch, 1)
+
+    def _direct_choices(self, job: Job) -> None:
+        device = self.engine.device
+        states = [RowState(job.row(index), self.runtime.tokenizer) for index in range(job.n)]
+        tokens: list[int] = []
+        reported: dict = {}
+        if job.prompt_logprobs is not None or job.max_new_tokens:
+            scores = self._score(job)
+            if job.prompt_logprobs is not None:
+                job.events.put(("prompt_logprobs", scores.entries))
+        if job.max_new_tokens:  # one token per choice, chosen as the engine's first step chooses it
+            samplings = [job.choice_sampling(index) for index in range(job.n)]
+            vocab = scores.last_logits.shape[-1]
+            rows = RowSampling.from_samplings(samplings, vocab, device, [row_generator(s, device) for s in samplings])
+            logits = scores.last_logits[None].repeat(job.n, 1)
+            ids = job.prompt.input_ids.to(device)[None].repeat(job.n, 1)
+            seen = seen_tokens(ids, torch.ones_like(ids), vocab) if rows.any_penalty else None
+            chosen = choose_tokens(process_logits(logits, rows, seen), rows)
+            tokens = chosen.tolist()
+            if job.logprobs is not None:
+                reported = LogprobRows.of([job.logprobs] * job.n, device).compute(logits, chosen).by_row(tokens)
+        with self.runtime.lock:  # the tokenizer, shared with the handler threads
+            for index, state in enumerate(states):
+                if tokens:
+                    state.step(tokens[index], set(job.choice_sampling(index).stop_token_ids), reported.get(index))
+                if state.finish_reason is None:
+                    state.finish(FINISH_LENGTH)
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         """Tell ``jobs`` why they failed and forget them (rows of theirs still running end as cancelled once the

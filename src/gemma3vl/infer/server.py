@@ -1,4 +1,5 @@
-"""``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``).
+"""``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``, and
+the legacy ``/v1/completions``: :mod:`legacy_completions`).
 
 Standard library only (``http.server`` with a thread per connection), so serving adds no dependency and
 the official ``openai`` client works against it unchanged. Each handler thread validates its request
@@ -31,6 +32,7 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
+from gemma3vl.infer.legacy_completions import TokenWidths, serve_completion
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
 from gemma3vl.infer.openai_protocol import (
     ApiError,
@@ -101,6 +103,9 @@ class ChatCompletionServer:
                                         max_length=self.settings.max_sequence_length,
                                         compile=self.settings.compile_decode)
         self.token_texts = TokenTexts(runtime.tokenizer, runtime.lock)
+        self.completion_widths = TokenWidths(runtime.tokenizer, runtime.lock)  # /v1/completions' text_offset
+        with runtime.lock:
+            self.tokenizer_size = len(runtime.tokenizer)
         self._log_stream = log if log is not None else sys.stderr
         self._log_lock = threading.Lock()
         self._httpd = _HTTPServer((self.settings.host, self.settings.port), _Handler, self)
@@ -416,14 +421,19 @@ class _Handler(BaseHTTPRequestHandler):
             if name != app.model_name:
                 raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
             self._send_json(200, models_object(app.model_name, app.created)["data"][0])
-        elif path == "/v1/chat/completions":
-            raise ApiError(405, "use POST for /v1/chat/completions", code="method_not_allowed")
+        elif path in ("/v1/chat/completions", "/v1/completions"):
+            raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
         else:
             raise ApiError(404, f"no route {path}", code="unknown_url")
 
     def _post(self, record: RequestRecord) -> None:
         path = self._route()
         body = self._read_body()
+        if path == "/v1/completions":
+            if self.app.stopping:
+                raise ApiError(503, "the server is shutting down", code="unavailable")
+            serve_completion(self, body, record)
+            return
         if path != "/v1/chat/completions":
             if path in ("/health", "/v1/models"):
                 raise ApiError(405, f"use GET for {path}", code="method_not_allowed")

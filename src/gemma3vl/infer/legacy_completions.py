@@ -1,0 +1,501 @@
+"""``POST /v1/completions``: OpenAI's legacy completions, with prompt log-probabilities for evaluation harnesses.
+
+A prompt is completed as it is, with no chat template: a string is tokenized raw with the ``<bos>`` the tokenizer
+adds (``add_special_tokens=True``; a string that already starts with ``<bos>`` gets no second one, as
+``gemma3vl generate --raw`` and transformers' ``apply_chat_template``), a list of token ids is used as given. Text
+only: the image soft token is refused. Several prompts in one request are several jobs, whose choices come in
+order (prompt ``p``'s choice ``i`` is choice ``p * n + i``, as OpenAI and vLLM number them).
+
+``echo`` puts the prompt before the answer: ``text`` begins with the prompt as sent (a string), or with the
+decoded ids (``<bos>`` and other special tokens written out); with ``logprobs: k`` the logprobs cover the prompt
+tokens first, the first of them with ``null`` (nothing predicts it), each from ``log_softmax`` of the model's
+logits at the position before (``logprobs.score_prompt``). ``max_tokens: 0`` asks for no token: with ``echo`` that
+is how lm-evaluation-harness style scoring needs no decode step; without ``echo`` it answers an empty text (as
+OpenAI does). ``logprobs`` lists: ``tokens`` (each token's text alone), ``token_logprobs``, ``top_logprobs`` (the
+``k`` most likely tokens' texts and logprobs, and the chosen token's, as vLLM gives them) and ``text_offset``
+(where each token's text begins in ``text``: a token with no text of its own there, the ``<bos>`` the tokenizer
+added, a stop token, a piece of a character split over several tokens, begins where the next text does). A stop
+token that ends an answer is in the logprobs (with no text), as vLLM reports it: lm-evaluation-harness drops the
+last entry it gets, taking it for the one token it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
+from gemma3vl.infer.conversation import EncodedPrompt
+from gemma3vl.infer.detokenize import BYTE_PIECE
+from gemma3vl.infer.logprobs import TokenLogprob
+from gemma3vl.infer.openai_protocol import (
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    SEED_RANGE,
+    UNSUPPORTED_UNLESS_DEFAULT,
+    ApiError,
+    _invalid,
+    _is_int,
+    _number,
+    _parse_stop,
+    now,
+    usage,
+)
+from gemma3vl.infer.scheduler import Job, QueueFull
+
+if TYPE_CHECKING:
+    from gemma3vl.infer.server import ChatCompletionServer, RequestRecord
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list[str | list[int]]
+    model: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    n: int = 1
+    logprobs: int | None = None  # alternatives per token (0 .. 20); None: no logprobs
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+def _parse_prompt(value: Any) -> list[str | list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of lists of token ids."""
+    def ids(item: Any, param: str) -> list[int]:
+        if not item or not all(_is_int(token) for token in item):
+            raise _invalid(f"'{param}' must be a non-empty list of token ids (integers)", "prompt")
+        return list(item)
+
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise _invalid("'prompt' must be a string, a list of strings, a list of token ids or a list of lists of "
+                       "token ids", "prompt")
+    if all(isinstance(item, str) for item in value):
+        return list(value)
+    if all(_is_int(item) for item in value):
+        return [list(value)]
+    if all(isinstance(item, list) for item in value):
+        return [ids(item, f"prompt[{i}]") for i, item in enumerate(value)]
+    raise _invalid("'prompt' must not mix strings, token ids and lists", "prompt")
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    """Validate a ``/v1/completions`` body's syntax and field types (tokenizing and limits come later)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    if "prompt" not in body:
+        hint = " (this is the legacy completions endpoint: send 'messages' to /v1/chat/completions)" \
+            if "messages" in body else ""
+        raise ApiError(400, f"Missing required parameter: 'prompt'{hint}.", param="prompt",
+                       code="missing_required_parameter")
+    for key, harmless in UNSUPPORTED_UNLESS_DEFAULT.items():
+        if key != "best_of" and key in body and not harmless(body[key]):
+            raise ApiError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+    if body.get("suffix") not in (None, ""):
+        raise ApiError(400, "'suffix' (insertion) is not supported by this server", param="suffix",
+                       code="unsupported_parameter")
+    n = body.get("n")
+    if n is not None and not (_is_int(n) and n >= 1):
+        raise _invalid(f"'n' must be an integer >= 1, got {n!r}", "n")
+    n = n or 1
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        if not _is_int(best_of) or best_of < n:
+            raise _invalid(f"'best_of' must be an integer >= n ({n}), got {best_of!r}", "best_of")
+        raise ApiError(400, f"'best_of' other than n ({n}) is not supported by this server: it returns every choice "
+                            f"it samples", param="best_of", code="unsupported_parameter")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not (_is_int(logprobs) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise _invalid(f"'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS} (the number of most likely "
+                       f"tokens listed per position), got {logprobs!r}", "logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise _invalid("'echo' must be a boolean", "echo")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid("'model' must be a string", "model")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 0):
+        raise _invalid(f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", "max_tokens")
+    top_k = body.get("top_k")
+    if top_k is not None and not _is_int(top_k):
+        raise _invalid(f"'top_k' must be an integer, got {top_k!r}", "top_k")
+    seed = body.get("seed")
+    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise _invalid(f"'seed' must be a 64-bit integer, got {seed!r}", "seed")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
+            raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+        include_usage = bool(options.get("include_usage"))
+    return CompletionRequest(
+        prompts=_parse_prompt(body["prompt"]),
+        model=model,
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        top_k=top_k if top_k is not None and top_k > 0 else None,
+        seed=seed,
+        stop=_parse_stop(body.get("stop")),
+        stream=bool(stream),
+        include_usage=include_usage,
+        n=n,
+        logprobs=logprobs,
+        echo=bool(echo),
+        presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- text offsets
+class TokenWidths:
+    """How many characters of a text each token takes, for ``text_offset``: a run of byte-fallback pieces decodes as
+    a whole (its text counts at its first piece), any other token alone (cached per id). Gemma's decoder joins the
+    texts of such parts unchanged, so the offsets add up to the decoded text. ``lock`` guards the tokenizer."""
+
+    def __init__(self, tokenizer: Any, lock: Any = None):
+        self.tokenizer = tokenizer
+        self.lock = lock if lock is not None else threading.Lock()
+        self._cache: dict[tuple[int, bool], str] = {}
+        self._byte_ids: frozenset[int] | None = None
+
+    def byte_ids(self) -> frozenset[int]:
+        if self._byte_ids is None:
+            with self.lock:
+                vocab = self.tokenizer.get_vocab()
+            self._byte_ids = frozenset(index for piece, index in vocab.items() if BYTE_PIECE.match(piece))
+        return self._byte_ids
+
+    def _decode(self, ids: list[int], skip_special: bool) -> str:
+        if len(ids) == 1 and (ids[0], skip_special) in self._cache:
+            return self._cache[ids[0], skip_special]
+        with self.lock:
+            text = self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+        if len(ids) == 1:
+            self._cache[ids[0], skip_special] = text
+        return text
+
+    def pieces(self, ids: list[int], skip_special: bool) -> list[str]:
+        """Per token the text it adds (a byte run's whole text at its first piece, "" at the others)."""
+        byte_ids, out, i = self.byte_ids(), [], 0
+        while i < len(ids):
+            j = i + 1
+            if ids[i] in byte_ids:
+                while j < len(ids) and ids[j] in byte_ids:
+                    j += 1
+            out += [self._decode(ids[i:j], skip_special)] + [""] * (j - i - 1)
+            i = j
+        return out
+
+
+def _offsets(pieces: list[str], start: int, limit: int | None = None) -> list[int]:
+    offsets, position = [], start
+    for piece in pieces:
+        offsets.append(position if limit is None else min(position, limit))
+        position += len(piece)
+    return offsets
+
+
+# ---------------------------------------------------------------------------------------------- server side
+@dataclass
+class PromptJob:
+    """One prompt of a request: its job (``n`` choices), the text ``echo`` puts first, and its token ids."""
+
+    job: Job
+    ids: list[int]
+    echo_text: str
+    echo_pieces: list[str]  # per prompt token, the text it takes in ``echo_text``
+
+
+def _encode(app: "ChatCompletionServer", prompt: str | list[int]) -> tuple[list[int], str, list[str]]:
+    """(ids, echo text, per-token pieces of it) of one prompt; a 400 naming ``prompt`` when it cannot be used."""
+    runtime, widths = app.runtime, app.completion_widths
+    tokenizer = runtime.tokenizer
+    vocab = min(runtime.config.text.vocab_size, app.tokenizer_size)
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        added_bos = not (bos and prompt.startswith(bos))
+        with runtime.lock:
+            ids = list(tokenizer(prompt, add_special_tokens=added_bos)["input_ids"])
+    else:
+        ids, added_bos = prompt, False
+        bad = [token for token in ids if not 0 <= token < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside this model's vocabulary (0 to {vocab - 1})",
+                           param="prompt", code="invalid_value")
+    if not ids:
+        raise ApiError(400, "the prompt has no tokens", param="prompt", code="invalid_value")
+    image_token = runtime.model.image_token_id
+    if image_token is not None and image_token in ids:
+        raise ApiError(400, "the prompt contains the image soft token: /v1/completions takes text only (send images "
+                            "to /v1/chat/completions)", param="prompt", code="invalid_value")
+    pieces = widths.pieces(ids, skip_special=False)
+    if isinstance(prompt, str):
+        if added_bos and ids[0] == getattr(tokenizer, "bos_token_id", None):
+            pieces[0] = ""  # the <bos> the tokenizer added is not in the prompt's text
+        return ids, prompt, pieces
+    return ids, "".join(pieces), pieces
+
+
+def prepare_completion(app: "ChatCompletionServer", request: CompletionRequest) -> list[PromptJob]:
+    """Check limits, tokenize every prompt, and make one scheduler job per prompt."""
+    settings = app.settings
+    if request.model is not None and request.model != app.model_name:
+        raise ApiError(404, f"The model '{request.model}' does not exist; this server serves "
+                            f"'{app.model_name}'.", param="model", code="model_not_found")
+    if request.n > settings.max_n:
+        raise ApiError(400, f"n={request.n} is over this server's limit of {settings.max_n}", param="n",
+                       code="invalid_value")
+    if request.max_tokens > settings.max_tokens:
+        raise ApiError(400, f"max_tokens={request.max_tokens} is over this server's limit of {settings.max_tokens}",
+                       param="max_tokens", code="invalid_value")
+    greedy = request.temperature == 0 or request.top_p == 0
+    try:
+        sampling = app.runtime.sampling(
+            max_new_tokens=max(request.max_tokens, 1), greedy=greedy,
+            temperature=None if greedy else request.temperature, top_k=request.top_k,
+            top_p=None if greedy else request.top_p, seed=request.seed,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        )
+        sampling.validate()
+    except Gemma3VLError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+    context = app.scheduler.max_length
+    prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+    jobs = []
+    for prompt in request.prompts:
+        ids, echo_text, pieces = _encode(app, prompt)
+        if len(ids) + request.max_tokens > context:
+            raise ApiError(400, f"This server's maximum context length is {context} tokens; the prompt takes "
+                                f"{len(ids)} and max_tokens asks for {request.max_tokens} more.", param="prompt",
+                           code="context_length_exceeded")
+        job = Job(prompt=EncodedPrompt(input_ids=torch.tensor(ids, dtype=torch.long)), sampling=sampling,
+                  max_new_tokens=request.max_tokens, stop_strings=request.stop, n=request.n,
+                  logprobs=request.logprobs, prompt_logprobs=prompt_logprobs)
+        jobs.append(PromptJob(job, ids, echo_text, pieces))
+    return jobs
+
+
+class _Choice:
+    """One choice's answer as it is built: its text so far and its legacy ``logprobs`` lists."""
+
+    def __init__(self, app: "ChatCompletionServer", request: CompletionRequest):
+        self.app, self.request = app, request
+        self.length = 0  # characters of ``text`` so far
+
+    def logprobs(self, entries: list[TokenLogprob | None], ids: list[int], pieces: list[str],
+                 limit: int | None = None) -> dict[str, list] | None:
+        """The legacy lists for ``entries`` (None: the first prompt token, ``ids[0]``), whose texts in ``text`` are
+        ``pieces`` starting at ``self.length`` (offsets capped at ``limit``: text cut at a stop string)."""
+        if self.request.logprobs is None:
+            return None
+        texts = self.app.token_texts
+        tokens, values, tops = [], [], []
+        for entry, token_id in zip(entries, ids):
+            tokens.append(texts(token_id)[0])
+            if entry is None:
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(entry.logprob)
+            top: dict[str, float] = {}
+            for alternative, value in entry.top:
+                top.setdefault(texts(alternative)[0], value)
+            top.setdefault(texts(entry.token_id)[0], entry.logprob)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+                "text_offset": _offsets(pieces, self.length, limit)}
+
+
+def _merge(parts: list[dict[str, list] | None]) -> dict[str, list] | None:
+    parts = [part for part in parts if part is not None]
+    if not parts:
+        return None
+    return {key: [value for part in parts for value in part[key]] for key in parts[0]}
+
+
+def _choice_object(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict[str, Any]:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _response(completion_id: str, created: int, model: str, choices: list[dict], counts: dict | None,
+              include_usage: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                            "choices": choices, "system_fingerprint": None}
+    if include_usage:
+        body["usage"] = counts
+    return body
+
+
+def _failure(app: "ChatCompletionServer", event: tuple) -> ApiError | None:
+    """The error a job's event stands for (None: an ordinary event)."""
+    if event[0] == "error":
+        return ApiError(503 if app.stopping else 500, event[1], code="generation_failed")
+    if event[0] == "done" and event[2].finish_reason == FINISH_CANCELLED:
+        return ApiError(503, "the server is shutting down", code="unavailable")
+    if event[0] == "done" and event[2].finish_reason == FINISH_ERROR:
+        return ApiError(500, event[2].error, code="generation_failed")
+    return None
+
+
+def _generated(app: "ChatCompletionServer", choice: _Choice, completion: Completion, start: int,
+               limit: int) -> dict | None:
+    """The legacy logprobs of a choice's generated tokens (and its stop token), their text from ``start``."""
+    entries = list(completion.logprobs or ())
+    if completion.stop_logprob is not None:
+        entries.append(completion.stop_logprob)
+    ids = [entry.token_id for entry in entries]
+    pieces = app.completion_widths.pieces(ids, skip_special=True)
+    choice.length = start
+    return choice.logprobs(entries, ids, pieces, limit)
+
+
+def _log(record: "RequestRecord", prompts: list[PromptJob], completions: list[Completion], stream: bool) -> dict:
+    counts = usage(sum(len(p.ids) for p in prompts), sum(c.completion_tokens for c in completions))
+    record.detail = (f"completions prompts={len(prompts)} prompt={counts['prompt_tokens']} "
+                     f"completion={counts['completion_tokens']} "
+                     f"finish={','.join(c.finish_reason for c in completions)} "
+                     f"batch={max(p.job.batch_size for p in prompts)} stream={'yes' if stream else 'no'}"
+                     + (f" n={prompts[0].job.n}" if prompts[0].job.n > 1 else ""))
+    return counts
+
+
+def serve_completion(handler: Any, body: bytes, record: "RequestRecord") -> None:
+    """Answer one ``/v1/completions`` request on ``handler`` (the server's request handler)."""
+    app = handler.app
+    request = parse_completion_request(body)
+    prompts = prepare_completion(app, request)
+    jobs = [p.job for p in prompts]
+    try:
+        app.scheduler.submit_all(jobs)
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
+                       type="rate_limit_error") from None
+    try:
+        if request.stream:
+            _stream(handler, app, request, prompts, record)
+        else:
+            _complete(handler, app, request, prompts, record)
+    except BaseException:  # the client went away, a write timed out, a bug: nobody will read the rest
+        for job in jobs:
+            job.cancel()
+        raise
+
+
+def _complete(handler: Any, app: "ChatCompletionServer", request: CompletionRequest, prompts: list[PromptJob],
+              record: "RequestRecord") -> None:
+    choices, completions = [], []
+    for number, prompt in enumerate(prompts):
+        scored: list[TokenLogprob | None] = [None] * len(prompt.ids)
+        done: dict[int, Completion] = {}
+        for event in app.events(prompt.job, handler._client_gone):
+            error = _failure(app, event)
+            if error is not None:
+                raise error
+            if event[0] == "prompt_logprobs":
+                scored = event[1]
+            elif event[0] == "done":
+                done[event[1]] = event[2]
+        for index in range(request.n):
+            completion = done[index]
+            completions.append(completion)
+            choice = _Choice(app, request)
+            echoed = prompt.echo_text if request.echo else ""
+            text = echoed + completion.text
+            head = choice.logprobs(scored, prompt.ids, prompt.echo_pieces) if request.echo else None
+            tail = _generated(app, choice, completion, len(echoed), len(text))
+            choices.append(_choice_object(number * request.n + index, text, _merge([head, tail]),
+                                          completion.finish_reason))
+    counts = _log(record, prompts, completions, stream=False)
+    handler._send_json(200, _response(f"cmpl-{uuid.uuid4().hex}", now(), app.model_name, choices, counts))
+
+
+def _stream(handler: Any, app: "ChatCompletionServer", request: CompletionRequest, prompts: list[PromptJob],
+            record: "RequestRecord") -> None:
+    from gemma3vl.infer.server import _sse
+
+    completion_id, created, model = f"cmpl-{uuid.uuid4().hex}", now(), app.model_name
+
+    def send(choice: dict | None, counts: dict | None = None) -> None:
+        handler._write_chunk(_sse(_response(completion_id, created, model, [] if choice is None else [choice],
+                                            counts, include_usage=request.include_usage)))
+
+    handler._streaming = True
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    completions: list[Completion] = []
+    failed = False
+    for number, prompt in enumerate(prompts):
+        states = [_Choice(app, request) for _ in range(request.n)]
+
+        def echo(scored: list[TokenLogprob | None]) -> None:
+            for index, state in enumerate(states):
+                head = state.logprobs(scored, prompt.ids, prompt.echo_pieces)
+                send(_choice_object(number * request.n + index, prompt.echo_text, head, None))
+                state.length = len(prompt.echo_text)
+
+        if request.echo and request.logprobs is None:
+            echo([None] * len(prompt.ids))
+        for event in app.events(prompt.job, handler._client_gone):
+            error = _failure(app, event)
+            if error is not None:
+                record.status, record.detail = error.status, f"error in stream: {error.message}"
+                handler._write_chunk(_sse(error.body()))
+                failed = True
+                break
+            if event[0] == "prompt_logprobs":
+                if request.echo:
+                    echo(event[1])
+            elif event[0] == "text":
+                _, index, (text, entries) = event
+                state = states[index]
+                ids = [entry.token_id for entry in entries or ()]
+                lists = state.logprobs(entries or [], ids, app.completion_widths.pieces(ids, skip_special=True))
+                send(_choice_object(number * request.n + index, text, lists, None))
+                state.length += len(text)
+            elif event[0] == "done":
+                _, index, completion = event
+                completions.append(completion)
+                state = states[index]
+                stop = [completion.stop_logprob] if completion.stop_logprob is not None else []
+                lists = state.logprobs(stop, [e.token_id for e in stop], [""] * len(stop)) if stop else None
+                send(_choice_object(number * request.n + index, "", lists, completion.finish_reason))
+        if failed:
+            for other in prompts:
+                other.job.cancel()
+            break
+    if not failed:
+        counts = _log(record, prompts, completions, stream=True)
+        if request.include_usage:
+            send(None, counts)
+    handler._write_chunk(b"data: [DONE]\n\n")
+    handler._write_chunk(b"")
