@@ -120,3 +120,23 @@ def generate_calls(monkeypatch):
 
     monkeypatch.setattr(generation, "generate_result", recording)
     return calls
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    """A tiny random checkpoint loaded for inference (float32, CPU), one per test module; served, it is named
+    ``tiny-gemma3`` (its directory). A module may define its own ``runtime`` instead."""
+    from gemma3vl.infer.runtime import InferenceRuntime
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma3")
+    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def client(server):
+    """The official ``openai`` client for the module's live ``server`` fixture."""
+    import openai
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
+        yield c

@@ -22,9 +22,7 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import Row
 from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling, generate
-from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.pictures import draw_picture
-from gemma3vl.tiny import write_tiny_checkpoint
 
 
 class StandInGraph:
@@ -85,12 +83,6 @@ def eager_generate(*args, **kwargs):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(decode, "captures_eager_step", lambda device: False)
         return generate(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("graph") / "tiny")
-    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
 
 
 def prompts(runtime):

@@ -23,12 +23,6 @@ from gemma3vl.pictures import draw_picture
 from gemma3vl.tiny import write_tiny_checkpoint
 
 
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("continuous") / "tiny")
-    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
-
-
 def alone(runtime, prompt, sampling, max_new_tokens):
     """(tokens, text) of ``generate`` for this one prompt."""
     tokens = generate(runtime.model, prompt.input_ids[None], pixel_values=prompt.pixel_values,

@@ -15,11 +15,8 @@ import json
 import threading
 import time
 
-import pytest
 
-from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
-from gemma3vl.tiny import write_tiny_checkpoint
 
 REQUESTS = 200
 MAX_TOKENS = 3
@@ -56,12 +53,6 @@ def eventually(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"still not true after {timeout_s} s"
         time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma3")
-    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
 
 
 def test_200_concurrent_requests_are_all_answered_or_refused_and_nothing_leaks(runtime):

@@ -73,12 +73,6 @@ def noise_image(width: int, height: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma3")
-    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
     log = LogLines()
     settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.25, max_tokens=MAX_TOKENS,
@@ -86,12 +80,6 @@ def server(runtime):
     with ChatCompletionServer(runtime, settings, log=log) as live:
         live.test_log = log
         yield live
-
-
-@pytest.fixture
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
-        yield c
 
 
 def reference_answer(runtime, messages, max_tokens=MAX_TOKENS, sampling=None):

@@ -13,15 +13,12 @@ from __future__ import annotations
 import io
 import json
 
-import openai
 import pytest
 import torch
 
 from gemma3vl.infer.generate import Sampling, generate
-from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import derived_seed
 from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
-from gemma3vl.tiny import write_tiny_checkpoint
 from test_server import post_json, post_raw
 
 MAX_TOKENS = 12
@@ -30,23 +27,11 @@ PROMPT = "The red circle is next to the"
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny-gemma3")
-    return InferenceRuntime.load(directory, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
     settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS, max_n=4,
                               max_sequence_length=64)
     with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
         yield live
-
-
-@pytest.fixture
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

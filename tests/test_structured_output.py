@@ -257,12 +257,6 @@ def server(runtime):
         yield live
 
 
-@pytest.fixture
-def client(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
-        yield c
-
-
 def schema_format(schema, name="receipt"):
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
