@@ -36,15 +36,13 @@ from gemma3vl.infer.detokenize import BYTE_PIECE
 from gemma3vl.infer.logprobs import TokenLogprob
 from gemma3vl.infer.openai_protocol import (
     MAX_TOP_LOGPROBS,
-    PENALTY_RANGE,
-    SEED_RANGE,
     UNSUPPORTED_UNLESS_DEFAULT,
     ApiError,
+    SharedFields,
     _invalid,
     _is_int,
-    _number,
-    _parse_stop,
     now,
+    shared_fields,
     usage,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
@@ -55,23 +53,13 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
 
 
-@dataclass
-class CompletionRequest:
+@dataclass(kw_only=True)
+class CompletionRequest(SharedFields):
     prompts: list[str | list[int]]
-    model: str | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stream: bool = False
-    include_usage: bool = False
     n: int = 1
     logprobs: int | None = None  # alternatives per token (0 .. 20); None: no logprobs
     echo: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
 
 
 def _parse_prompt(value: Any) -> list[str | list[int]]:
@@ -131,45 +119,16 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise _invalid("'echo' must be a boolean", "echo")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("'model' must be a string", "model")
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 0):
         raise _invalid(f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", "max_tokens")
-    top_k = body.get("top_k")
-    if top_k is not None and not _is_int(top_k):
-        raise _invalid(f"'top_k' must be an integer, got {top_k!r}", "top_k")
-    seed = body.get("seed")
-    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise _invalid(f"'seed' must be a 64-bit integer, got {seed!r}", "seed")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid("'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
-            raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-        include_usage = bool(options.get("include_usage"))
     return CompletionRequest(
         prompts=_parse_prompt(body["prompt"]),
-        model=model,
         max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0),
-        top_k=top_k if top_k is not None and top_k > 0 else None,
-        seed=seed,
-        stop=_parse_stop(body.get("stop")),
-        stream=bool(stream),
-        include_usage=include_usage,
+        **shared_fields(body),
         n=n,
         logprobs=logprobs,
         echo=bool(echo),
-        presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
-        frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
     )
 
 
@@ -446,12 +405,7 @@ def _stream(handler: Any, app: "ChatCompletionServer", request: CompletionReques
         handler._write_chunk(_sse(_response(completion_id, created, model, [] if choice is None else [choice],
                                             counts, include_usage=request.include_usage)))
 
-    handler._streaming = True
-    handler.send_response(200)
-    handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
-    handler.send_header("Cache-Control", "no-cache")
-    handler.send_header("Transfer-Encoding", "chunked")
-    handler.end_headers()
+    handler.start_event_stream()
     completions: list[Completion] = []
     failed = False
     for number, prompt in enumerate(prompts):

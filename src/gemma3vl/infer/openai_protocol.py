@@ -96,12 +96,11 @@ class RequestMessage:
     parts: list[str | ImagePart]
 
 
-@dataclass
-class ChatRequest:
-    messages: list[RequestMessage]
+@dataclass(kw_only=True)
+class SharedFields:
+    """What chat and legacy completions requests share (``shared_fields`` parses them)."""
+
     model: str | None = None
-    max_tokens: int | None = None
-    max_tokens_param: str = "max_tokens"  # the field it came from (errors name it)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -109,11 +108,18 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ChatRequest(SharedFields):
+    messages: list[RequestMessage]
+    max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # the field it came from (errors name it)
     n: int = 1  # choices; the server's max_n limits it
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, with logprobs
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     # response_format json_object / json_schema: the JSON Schema the answer follows ({"type": "object"} for
     # json_object); None: free text
     json_schema: dict[str, Any] | None = None
@@ -245,6 +251,43 @@ def _parse_response_format(value: Any) -> dict[str, Any] | None:
     return spec["schema"]
 
 
+def shared_fields(body: dict) -> dict[str, Any]:
+    """The fields chat and legacy completions share, checked: ``model``, the sampling settings, ``stop``, ``stream``
+    (+ ``stream_options.include_usage``) and the penalties, as keyword arguments of either request class."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _invalid("'model' must be a string", "model")
+    top_k = body.get("top_k")
+    if top_k is not None and not _is_int(top_k):
+        raise _invalid(f"'top_k' must be an integer, got {top_k!r}", "top_k")
+    seed = body.get("seed")
+    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise _invalid(f"'seed' must be a 64-bit integer, got {seed!r}", "seed")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid("'stream' must be a boolean", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
+            raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
+        include_usage = bool(options.get("include_usage"))
+    return dict(
+        model=model,
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        top_k=top_k if top_k is not None and top_k > 0 else None,  # 0 / -1: no top-k (vLLM's convention)
+        seed=seed,
+        stop=_parse_stop(body.get("stop")),
+        stream=bool(stream),
+        include_usage=include_usage,
+        presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
+    )
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """Validate a request body's syntax and field types (limits and image fetching come later)."""
     try:
@@ -266,9 +309,6 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if n is not None and not (_is_int(n) and n >= 1):
         raise _invalid(f"'n' must be an integer >= 1, got {n!r}", "n")
     logprobs, top_logprobs = _parse_logprobs(body)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("'model' must be a string", "model")
     max_tokens, max_tokens_param = None, "max_tokens"
     for key in ("max_tokens", "max_completion_tokens"):  # the newer name wins when both are given
         value = body.get(key)
@@ -276,40 +316,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             if not _is_int(value) or value < 1:
                 raise _invalid(f"'{key}' must be an integer >= 1, got {value!r}", key)
             max_tokens, max_tokens_param = value, key
-    top_k = body.get("top_k")
-    if top_k is not None and not _is_int(top_k):
-        raise _invalid(f"'top_k' must be an integer, got {top_k!r}", "top_k")
-    seed = body.get("seed")
-    if seed is not None and not (_is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise _invalid(f"'seed' must be a 64-bit integer, got {seed!r}", "seed")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid("'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
-            raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-        include_usage = bool(options.get("include_usage"))
     return ChatRequest(
         messages=[_parse_message(message, i) for i, message in enumerate(messages)],
-        model=model,
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0),
-        top_k=top_k if top_k is not None and top_k > 0 else None,  # 0 / -1: no top-k (vLLM's convention)
-        seed=seed,
-        stop=_parse_stop(body.get("stop")),
-        stream=bool(stream),
-        include_usage=include_usage,
+        **shared_fields(body),
         n=n or 1,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
-        frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
         json_schema=_parse_response_format(body.get("response_format")),
     )
 

@@ -314,6 +314,15 @@ class _Handler(BaseHTTPRequestHandler):
         record.detail = f"error={error.code or error.type}: {error.message}"
         self._send_json(error.status, error.body())
 
+    def start_event_stream(self) -> None:
+        """Send the 200 and headers of a server-sent-events answer, whose chunks ``_write_chunk`` writes."""
+        self._streaming = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
@@ -500,12 +509,7 @@ class _Handler(BaseHTTPRequestHandler):
             return _sse(chunk_object(completion_id, created, model, [] if choice is None else [choice],
                                      include_usage=include_usage, usage_counts=counts))
 
-        self._streaming = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self.start_event_stream()
         for index in range(job.n):
             self._write_chunk(chunk(chunk_choice(index, {"role": "assistant", "content": ""})))
         completions: list[Completion] = []
