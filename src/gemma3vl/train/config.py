@@ -54,6 +54,9 @@ class DataSettings:
     columns: str = ""
     split: str = "train"
     eval_split: str = ""
+    # Whole optimizer steps of batches built ahead by one background thread while the current step trains
+    # (gemma3vl.data.prefetch); 0: built between steps, on the main thread
+    prefetch: int = 2
 
     def column_map(self) -> dict[str, str] | None:
         given = self.columns or ""
@@ -218,7 +221,8 @@ class TrainConfig:
                     "optim.warmup_steps": (self.optim.warmup_steps, 0),
                     "data.max_image_pixels": (self.data.max_image_pixels, 1),
                     "data.eval_accuracy_samples": (self.data.eval_accuracy_samples, 0),
-                    "data.eval_max_new_tokens": (self.data.eval_max_new_tokens, 1)}
+                    "data.eval_max_new_tokens": (self.data.eval_max_new_tokens, 1),
+                    "data.prefetch": (self.data.prefetch, 0)}
         for key, (value, low) in at_least.items():
             if value < low:
                 raise Gemma3VLError(f"{key}={value} must be >= {low}")

@@ -17,6 +17,13 @@ On the CPU everything is float32.
 Under ``torchrun`` (``parallel`` given) each data-parallel rank runs its own micro-batches, and the step's
 target-token count is summed over the ranks before any backward, so every rank divides by the count of the
 whole global batch and the summed gradients are exactly one process's. Logged numbers are sums over the ranks.
+
+Data: during :meth:`Trainer.run` the next ``data.prefetch`` steps of micro-batches are built by a background thread
+(``gemma3vl.data.prefetch``) while the current step trains: the same steps in the same order, with checkpoints at
+the position of the steps trained on. Each rank has its own thread over its own share of the data (it runs no
+collective); the pipeline and context-parallel layouts take their steps from it too. The held-out evaluation reads
+its own data on the main thread, with the thread paused. ``train_step`` called outside ``run`` (before it) reads
+synchronously.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from typing import Any
 import torch
 
 from gemma3vl.data.batch import Batch
+from gemma3vl.data.prefetch import PrefetchFeed
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model
 from gemma3vl.parallel.context import ContextParallelBatch
@@ -152,6 +160,7 @@ class Trainer:
         self.parallel = parallel
         self.model = model
         self.batcher = batcher
+        self.prefetch: PrefetchFeed | None = None  # run() with data.prefetch > 0: its prefetcher (closed after)
         self.out = out
         self.device = device
         self.evaluator = evaluator
@@ -178,8 +187,15 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.out / "checkpoints"
 
+    @property
+    def feed(self) -> StepFeed | PrefetchFeed:
+        """Where steps and the data position come from: the prefetcher once run() has started one (closed after
+        the run, it still gives the position of the steps trained on, and refuses to hand out more: the batcher
+        itself has read ahead), else the batcher itself."""
+        return self.prefetch if self.prefetch is not None else self.batcher
+
     def save(self) -> Path:
-        data = self.batcher.state_dict()
+        data = self.feed.state_dict()  # the position after the last step trained on
         if self.parallel is not None and self.parallel.dims.dp > 1:
             data = {"ranks": self.parallel.gather_over_dp(data)}  # each data-parallel rank reads its own share
         return save_checkpoint(
@@ -199,7 +215,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
-        micro_batches = self.batcher.next_step()
+        micro_batches = self.feed.next_step()
         total_targets = sum(b.num_target_tokens for b in micro_batches)
         total_tokens = sum(b.num_tokens for b in micro_batches)
         flops = batch_step_flops(self.model.config, micro_batches, self.flops_mode, vision_trained=self.vision_trained)
@@ -278,7 +294,9 @@ class Trainer:
         return record
 
     def _evaluate(self, logger: MetricsLogger) -> dict[str, Any]:
-        result = self.evaluator(self.model)
+        # (the held-out data shares the processor and its tokenizer with the training data's thread)
+        with self.prefetch.paused() if self.prefetch is not None else nullcontext():
+            result = self.evaluator(self.model)
         logger.log({"step": self.step, **result})
         loss, accuracy = result.get("eval_loss"), result.get("eval_accuracy")
         shown = [f"loss {loss:.4f}" if loss is not None else "", f"accuracy {accuracy:.1%}" if accuracy is not None else ""]
@@ -287,8 +305,24 @@ class Trainer:
         return result
 
     def run(self, logger: MetricsLogger) -> TrainResult:
-        with StopSignals(logger.note) as stop:
+        with StopSignals(logger.note) as stop, self._prefetching():
             return self._run(logger, stop)
+
+    @contextmanager
+    def _prefetching(self):
+        """``data.prefetch`` steps built ahead by one thread, from the batcher's position (after any resume) until
+        the run ends, however it ends."""
+        if not self.cfg.data.prefetch:
+            yield
+            return
+        if self.prefetch is not None:
+            raise Gemma3VLError("this trainer has run with data.prefetch already, and its data has been read ahead "
+                                "of the steps trained on: resume a new trainer from the checkpoint instead")
+        self.prefetch = PrefetchFeed(self.batcher, self.cfg.data.prefetch)
+        try:
+            yield
+        finally:
+            self.prefetch.close()
 
     def _stop_requested(self, stop: StopSignals) -> bool:
         """Whether a stop signal reached this process or (under torchrun) any other: every rank stops at the
