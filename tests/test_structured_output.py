@@ -172,7 +172,7 @@ def test_a_mixed_batch_changes_no_row(runtime):
     assert loop_answers(runtime, [rows[2]])[0][0] == alone[2].token_ids
 
 
-# ---------------------------------------------------------------------------------------------- the grammar's vocabulary
+# ------------------------------------------------------------------------------------ the grammar's vocabulary
 def test_the_mask_allows_no_special_or_padding_id_and_touches_only_grammar_rows(runtime):
     """A model vocabulary past the tokenizer's (Gemma 3: 262,208 against 262,144): those ids are never allowed, nor
     special tokens the text leaves out; a complete JSON allows exactly the stop ids. The row without a grammar keeps

@@ -197,7 +197,8 @@ class GrammarRows:
         vocabulary) and ends at one of ``stop_ids``. A GrammarError when the grammar allows no first token."""
         size = grammar.tokenizer_info.vocab_size
         if size != self.vocab:
-            raise Gemma3VLError(f"the grammar was compiled for a vocabulary of {size} tokens; the model has {self.vocab}")
+            raise Gemma3VLError(f"the grammar was compiled for a vocabulary of {size} tokens; the model has "
+                                f"{self.vocab}")
         self.matchers[row] = self.xgr.GrammarMatcher(grammar, override_stop_tokens=list(stop_ids))
         self._index = None
         try:
