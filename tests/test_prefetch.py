@@ -166,18 +166,20 @@ def record_saved_positions(monkeypatch) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(inputs, tmp_path_factory):
-    """Per-step losses and checkpointed data positions of 4 steps read synchronously (data.prefetch=0)."""
+    """Per-step losses, checkpointed data positions and the data's counts of 4 steps read synchronously
+    (data.prefetch=0)."""
     with pytest.MonkeyPatch.context() as monkeypatch:
         saved = record_saved_positions(monkeypatch)
-        history = make_trainer(inputs, tmp_path_factory.mktemp("sync"), 0).run(QuietLogger()).history
-    return losses(history), saved
+        trainer = make_trainer(inputs, tmp_path_factory.mktemp("sync"), 0)
+        history = trainer.run(QuietLogger()).history
+    return losses(history), saved, trainer.feed.summary().to_dict()
 
 
 def test_prefetching_trains_on_the_same_steps_while_the_next_ones_are_built(inputs, uninterrupted, tmp_path,
                                                                               monkeypatch):
     """Bit-for-bit losses and positions; and while step k is still in progress the thread has built steps k+1 and
     k+2 (step k waits for them: were they built between steps, it would wait in vain)."""
-    expected, expected_saved = uninterrupted
+    expected, expected_saved, expected_summary = uninterrupted
     saved = record_saved_positions(monkeypatch)
     trainer = make_trainer(inputs, tmp_path, 2)
     built = []
@@ -210,13 +212,16 @@ def test_prefetching_trains_on_the_same_steps_while_the_next_ones_are_built(inpu
     assert not prefetch_threads()
     with pytest.raises(Gemma3VLError, match="closed"):
         trainer.train_step()  # after the run: no step from a read-ahead feed
+    # the data's counts are those of the steps trained on (data_summary.json), not of the steps read ahead
+    assert trainer.feed.summary().to_dict() == expected_summary
+    assert trainer.batcher.summary().records > expected_summary["records"]
 
 
 def test_stopped_after_steps_were_built_resumes_to_the_same_losses(inputs, uninterrupted, tmp_path, monkeypatch):
     """SIGTERM at step 2 while steps 3 and 4 are already built: the checkpoint holds step 2's position, and the
     resumed run (prefetching too) trains steps 3 and 4 on exactly their data. Saving the position of a built but
     unused step would skip it on resume: other losses."""
-    expected, _ = uninterrupted
+    expected, _, _ = uninterrupted
     trainer = make_trainer(inputs, tmp_path, 2, "checkpoint.every=0")
     real_next_step = trainer.batcher.next_step
     built = []

@@ -9,7 +9,8 @@ exactly the steps the wrapped feed would, in the same order: it only calls the f
 
 * **Position.** Each step travels with the feed's ``state_dict()`` taken just after that step was built, and
   :meth:`PrefetchFeed.state_dict` is the one of the last step *handed out*: a checkpoint never covers a step that
-  was only prepared, so a resumed run reads those steps again.
+  was only prepared, so a resumed run reads those steps again. The same for the feed's ``summary()`` (the data's
+  counts, when the feed has one): the run's ``data_summary.json`` counts what the steps trained on read.
 * **Errors.** An exception in the thread (a bad record under ``data.on_bad_record=error``, an unreadable image, a
   bug) is queued in place of the step it interrupted: the ``next_step`` that would have received that step raises
   the same exception object, and so does every later call. The consumer never waits on a thread that is gone.
@@ -48,6 +49,7 @@ class PrefetchFeed:
         self.depth = depth
         self.join_timeout = join_timeout
         self._state = copy.deepcopy(feed.state_dict())  # the position before any step handed out
+        self._summary = self._feed_summary()  # and the data's counts then
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._building = threading.Lock()  # held by the thread while it builds a step
@@ -64,7 +66,8 @@ class PrefetchFeed:
                         return
                     step = self.feed.next_step()
                     state = copy.deepcopy(self.feed.state_dict())
-                self._queue.put((step, state))  # blocks while `depth` steps wait; close() makes room
+                    summary = self._feed_summary()
+                self._queue.put((step, state, summary))  # blocks while `depth` steps wait; close() makes room
         except BaseException as error:  # handed to the consumer, whatever it is
             self._queue.put(_Failed(error))
 
@@ -85,12 +88,20 @@ class PrefetchFeed:
         if isinstance(item, _Failed):
             self._error = item.error
             raise item.error
-        step, self._state = item
+        step, self._state, self._summary = item
         return step
 
     def state_dict(self) -> dict[str, Any]:
         """The feed's position just after the last step handed out (never after one only prepared)."""
         return copy.deepcopy(self._state)
+
+    def summary(self) -> Any:
+        """The feed's ``summary()`` as it was just after the last step handed out (None: the feed has none)."""
+        return copy.deepcopy(self._summary)
+
+    def _feed_summary(self) -> Any:
+        summary = getattr(self.feed, "summary", None)
+        return None if summary is None else copy.deepcopy(summary())
 
     @contextmanager
     def paused(self) -> Iterator[None]:

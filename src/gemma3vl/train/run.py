@@ -389,7 +389,7 @@ def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
         check_resume_settings(out / "train_config.json", cfg.to_dict())
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise Gemma3VLError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
-    trainer, train_data = build_trainer(cfg, out)
+    trainer, _ = build_trainer(cfg, out)
     main = is_main_process()
     if resume:
         trainer.resume(None if resume is True else Path(resume))
@@ -405,7 +405,7 @@ def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
         result = trainer.run(logger)
     finally:
         logger.close()
-    summary = train_data.summary()
+    summary = trainer.feed.summary()  # what the steps trained on read (not what a prefetching thread read ahead)
     if trainer.parallel is not None:
         summary = sum_summaries(trainer.parallel.gather_over_dp(summary.to_dict()))
     say(f"data: {summary}")

@@ -51,6 +51,10 @@ class StepFeed:
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
 
+    def summary(self) -> Any:
+        """The dataset's counts so far (records read, samples, skipped ...): ``data.DataSummary``."""
+        return self.loader.dataset.summary()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
         self._start_epoch()
