@@ -14,6 +14,7 @@ import pytest
 
 from gemma3vl.cli import main
 from gemma3vl.infer import batch as batch_module
+from gemma3vl.infer import engine as engine_module
 from gemma3vl.infer.completion import Row
 from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling, generate
@@ -148,7 +149,7 @@ def test_lines_join_as_slots_free_and_mixed_settings_share_the_engine(model_dir,
     join the running engine (and grow its rows: ROW_LENGTH_STEP is 1 here) next to rows with other settings, and
     each greedy or seeded answer is still its solo ``generate``."""
     pics = workdir / "pics"
-    monkeypatch.setattr(batch_module, "ROW_LENGTH_STEP", 1)
+    monkeypatch.setattr(engine_module, "ROW_LENGTH_STEP", 1)
     seen: dict[str, list] = {"joined": [], "grew": []}
     add, grow = ContinuousBatcher.add, ContinuousBatcher.grow
 
@@ -260,16 +261,14 @@ def test_generate_needs_a_prompt_or_a_batch(model_dir, workdir, capsys):
 
 
 def test_batch_compile_reaches_the_engine(model_dir, workdir, capsys, monkeypatch):
-    import gemma3vl.infer.batch as batch_module
-
     seen = []
-    real = batch_module.ContinuousBatcher
+    real = engine_module.ContinuousBatcher
 
     def recording(*args, **kwargs):
         seen.append(kwargs.get("compile"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(batch_module, "ContinuousBatcher", recording)
+    monkeypatch.setattr(engine_module, "ContinuousBatcher", recording)
     prompts = workdir / "prompts.jsonl"
     write_jsonl(prompts, [{"prompt": "hello"}, {"prompt": "What is in this picture?", "images": ["pics/circle.png"]}])
     outputs = []

@@ -41,7 +41,6 @@ from gemma3vl.evaluation.metrics import METRICS, compute_stats
 
 RUN_FILE = "eval_run.json"
 ANSWER_LOGS = ("answers.jsonl.partial", "compare_answers.jsonl.partial")  # model, --compare
-ROW_LENGTH_STEP = 256  # the engine's positions per row grow in steps of this many (capped at the context)
 COMPILED_ROW_LENGTH = 8192  # --compile: positions per engine row (prompt + answer), made once, unless told
 
 
@@ -193,7 +192,7 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
 
     from gemma3vl.infer.completion import FINISH_ERROR
     from gemma3vl.infer.decode import compiles_on
-    from gemma3vl.infer.engine import ContinuousBatcher
+    from gemma3vl.infer.engine import run_rows
 
     def finish(key: Any, source: str, completion: Any) -> None:
         if completion.finish_reason == FINISH_ERROR:
@@ -201,48 +200,23 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
         else:
             answered(key, completion.text.strip())
 
-    engine = None
-    fixed = compile and compiles_on(runtime.device)
-    if fixed:
-        engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots,
-                                   max_length=min(max_sequence_length, runtime.context_length),
-                                   decode_lock=runtime.lock, compile=True, report=report)
-        engine.warm_up()
-    waiting = iter(pending)
-    more = True
-    while True:
-        # Between two decode steps every free slot takes the next example: read, decoded and encoded only now.
-        while more and (engine is None or engine.free_slots):
-            item = next(waiting, None)
-            if item is None:
-                more = False
-                break
-            key, example = item
+    def rows() -> Iterator[tuple[Row, Any, Any] | None]:
+        # read, decoded and encoded only when a slot frees
+        for key, example in pending:
             prompt = encode(key, example)
-            if prompt is None:
-                continue
-            length = _row_length(prompt.length + max_new_tokens, runtime.context_length)
-            if fixed and prompt.length + max_new_tokens > engine.max_length:
-                failed(key, f"{example.source}: the prompt is {prompt.length} tokens; with max_new_tokens="
-                            f"{max_new_tokens} that is over --max-sequence-length {engine.max_length} (the "
-                            "positions each compiled row holds)")
-                continue
-            if engine is None:
-                engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots, max_length=length,
-                                           decode_lock=runtime.lock)
-            elif not fixed and length > engine.max_length:
-                engine.grow(length)
-            row = Row(prompt=prompt, max_new_tokens=max_new_tokens,
-                      on_finish=lambda completion, key=key, source=example.source: finish(key, source, completion))
-            engine.add(row, sampling, tag=key)
-        if engine is None or not engine.active:
-            return
-        engine.step()
+            yield None if prompt is None else (
+                Row(prompt=prompt, max_new_tokens=max_new_tokens,
+                    on_finish=lambda completion, key=key, source=example.source: finish(key, source, completion)),
+                sampling, (key, example.source))
 
+    def too_long(row: Row, tag: tuple[Any, str], length: int) -> None:
+        key, source = tag
+        failed(key, f"{source}: the prompt is {row.prompt.length} tokens; with max_new_tokens={max_new_tokens} that "
+                    f"is over --max-sequence-length {length} (the positions each compiled row holds)")
 
-def _row_length(needed: int, context_length: int) -> int:
-    """Positions per engine row for a prompt and answer of ``needed`` tokens (within the context)."""
-    return min(context_length, -(-needed // ROW_LENGTH_STEP) * ROW_LENGTH_STEP)
+    fixed = compile and compiles_on(runtime.device)
+    run_rows(runtime, rows(), slots=slots, compile=fixed, report=report,
+             max_length=max_sequence_length if fixed else None, too_long=too_long)
 
 
 def answer_examples(runtime: Any, examples: list[Example], *, batch_size: int, max_new_tokens: int,

@@ -12,9 +12,9 @@ each greedy or seeded answer is the one ``gemma3vl generate`` gives that line al
 before it is done, to ``OUTPUT.partial``, which is renamed to ``OUTPUT`` at the end.
 
 The engine's rows are sized for the longest line seen so far (prompt + max_new_tokens, rounded up to
-``ROW_LENGTH_STEP``), not for the whole context, and grow when a longer line comes (``ContinuousBatcher.grow``):
-a file's lengths are only known once its prompts are encoded, and encoding them all first would hold every
-image in memory or process it twice.
+``engine.ROW_LENGTH_STEP``), not for the whole context, and grow when a longer line comes
+(``ContinuousBatcher.grow``): a file's lengths are only known once its prompts are encoded, and encoding them all
+first would hold every image in memory or process it twice.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import math
 import os
 import sys
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +31,7 @@ from typing import Any, Callable
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_ERROR, Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt
-from gemma3vl.infer.engine import ContinuousBatcher
+from gemma3vl.infer.engine import run_rows
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.prompt import load_image
 from gemma3vl.infer.runtime import InferenceRuntime
@@ -42,7 +42,6 @@ PENALTY_KEYS = ("presence_penalty", "frequency_penalty")  # apply to greedy line
 JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
 LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop", *PENALTY_KEYS,
              *JSON_KEYS)
-ROW_LENGTH_STEP = 256  # the engine's positions per row grow in steps of this many (capped at the context)
 
 
 @dataclass
@@ -218,47 +217,30 @@ def _encode(item: BatchItem, runtime: InferenceRuntime, defaults: BatchDefaults)
     return prompt
 
 
-def _row_length(needed: int, context_length: int) -> int:
-    """Positions per engine row for a line that needs ``needed`` (its prompt fits the context: ``_encode``)."""
-    return min(context_length, -(-needed // ROW_LENGTH_STEP) * ROW_LENGTH_STEP)
-
-
 def _answer_all(runtime: InferenceRuntime, items: list[BatchItem], defaults: BatchDefaults, slots: int,
                 finished: Callable[[BatchItem, Completion | None], None],
                 bad: Callable[[BatchItem, str], None], compile: bool = False,
                 report: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> None:
-    """Run ``items`` through a ``ContinuousBatcher`` of ``slots`` rows, in file order: between two decode steps
-    every free slot takes the next line (encoded then, so only the running lines' images are in memory).
-    ``finished(item, completion)`` hears each line once it ends; a line that fails to encode goes to ``bad``
-    and then to ``finished`` with None. ``compile``: the engine's decode step as one compiled CUDA graph (CUDA
-    only; recompiled when a longer line grows the rows)."""
-    waiting = deque(items)
-    engine: ContinuousBatcher | None = None
-    while waiting or (engine is not None and engine.active):
-        while waiting and (engine is None or engine.free_slots):
-            item = waiting.popleft()
+    """Run ``items`` through a ``ContinuousBatcher`` of ``slots`` rows (``engine.run_rows``), in file order: between
+    two decode steps every free slot takes the next line (encoded then, so only the running lines' images are in
+    memory). ``finished(item, completion)`` hears each line once it ends; a line that fails to encode goes to
+    ``bad`` and then to ``finished`` with None. ``compile``: the engine's decode step as one compiled CUDA graph
+    (CUDA only; recompiled when a longer line grows the rows)."""
+
+    def rows() -> Iterator[tuple[Row, Sampling, BatchItem] | None]:
+        for item in items:
             try:
                 prompt = _encode(item, runtime, defaults)
             except Gemma3VLError as exc:
                 bad(item, str(exc))
                 finished(item, None)
+                yield None
                 continue
-            length = _row_length(prompt.length + item.sampling.max_new_tokens, runtime.context_length)
-            if engine is None:
-                engine = ContinuousBatcher(
-                    runtime.model, runtime.tokenizer, slots=slots, max_length=length, decode_lock=runtime.lock,
-                    compile=compile,
-                    report=lambda why: report(f"--compile: compiling the decode step failed ({why[:300]}); "
-                                              f"decoding eagerly"),
-                )
-                engine.warm_up()
-            elif length > engine.max_length:
-                engine.grow(length)
-            row = Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop,
-                      on_finish=lambda completion, item=item: finished(item, completion))
-            engine.add(row, item.sampling, tag=item)
-        if engine is not None and engine.active:
-            engine.step()
+            yield (Row(prompt=prompt, max_new_tokens=item.sampling.max_new_tokens, stop_strings=item.stop,
+                       on_finish=lambda completion, item=item: finished(item, completion)), item.sampling, item)
+
+    run_rows(runtime, rows(), slots=slots, compile=compile,
+             report=lambda why: report(f"--compile: compiling the decode step failed ({why[:300]}); decoding eagerly"))
 
 
 def check_output_path(output_path: str | Path, input_path: str | Path) -> None:

@@ -24,6 +24,7 @@ batch. Differences can only come from floating point (a matmul over 8 rows may r
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -273,3 +274,59 @@ class ContinuousBatcher:
             for _ in range(2):  # the first call compiles, the second captures the CUDA graph
                 self._step(self.model, self.cache, self.tokens, self.positions)
             self.cache.index.zero_()
+
+
+ROW_LENGTH_STEP = 256  # positions per row grow in steps of this many (capped at the context)
+_END = object()  # run_rows: the rows are all taken
+
+
+def row_length(needed: int, context_length: int) -> int:
+    """Positions per engine row for a prompt and answer of ``needed`` tokens (within the context)."""
+    return min(context_length, -(-needed // ROW_LENGTH_STEP) * ROW_LENGTH_STEP)
+
+
+def run_rows(runtime: Any, rows: Iterator[tuple[Row, Sampling, Any] | None], *, slots: int, compile: bool = False,
+             report: Callable[[str], None] | None = None, max_length: int | None = None,
+             too_long: Callable[[Row, Any, int], None] | None = None) -> None:
+    """Answer ``rows`` (``(row, sampling, tag)``, or None for an item that was skipped) on one engine of ``slots``
+    rows of ``runtime``'s model: between two decode steps every free slot takes the next one, so each is read
+    (and its images decoded) only then, and a short answer never waits for a long one. Each row's ``on_finish``
+    hears its answer.
+
+    The rows are sized for the longest so far (``row_length``) and grow when a longer one comes; with
+    ``max_length``, the engine is made at once with rows of that many positions (capped at the context) and never
+    grows (a compiled step would compile again): a row that needs more goes to ``too_long(row, tag, max_length)``.
+    ``compile``: the decode step as one compiled CUDA graph, compiled (``warm_up``) before the first row;
+    ``report`` hears a compile failure (decoding then goes on eagerly)."""
+    engine = None
+
+    def make(length: int) -> ContinuousBatcher:
+        made = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=slots, max_length=length,
+                                 decode_lock=runtime.lock, compile=compile, report=report)
+        made.warm_up()
+        return made
+
+    if max_length is not None:
+        engine = make(min(max_length, runtime.context_length))
+    more = True
+    while True:
+        while more and (engine is None or engine.free_slots):
+            item = next(rows, _END)
+            if item is _END:
+                more = False
+                continue
+            if item is None:
+                continue
+            row, sampling, tag = item
+            needed = row.prompt.length + row.max_new_tokens
+            if max_length is not None and needed > engine.max_length:
+                too_long(row, tag, engine.max_length)
+                continue
+            if engine is None:
+                engine = make(row_length(needed, runtime.context_length))
+            elif max_length is None and needed > engine.max_length:
+                engine.grow(row_length(needed, runtime.context_length))
+            engine.add(row, sampling, tag=tag)
+        if engine is None or not engine.active:
+            return
+        engine.step()
