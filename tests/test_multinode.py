@@ -46,17 +46,17 @@ SETTINGS = [*COMMON, "logging.tensorboard=true"]
 # Installed on the workers (they have RANK; the torchrun agents do not): every file opened for writing or reading,
 # and every rename, as "write|read|rename <tab> path [<tab> new path]" lines in AUDIT_DIR/rank<RANK>.log.
 AUDIT_HOOK = r'''
-import os, sys
+import os, sys, threading
 _DIR, _RANK = os.environ.get("AUDIT_DIR"), os.environ.get("RANK")
 if _DIR and _RANK is not None:
     _fd = os.open(os.path.join(_DIR, f"rank{_RANK}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    _busy = [False]
+    _state = threading.local()  # per thread: one thread inside the hook must not hide another thread's opens
     _WRITES = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def _hook(event, args):
-        if _busy[0] or event not in ("open", "os.rename", "os.replace"):
+        if getattr(_state, "busy", False) or event not in ("open", "os.rename", "os.replace"):
             return
-        _busy[0] = True
+        _state.busy = True
         try:
             if event == "open":
                 path, mode, flags = args
@@ -68,7 +68,7 @@ if _DIR and _RANK is not None:
                 line = "rename\t" + os.path.abspath(os.fsdecode(args[0])) + "\t" + os.path.abspath(os.fsdecode(args[1]))
             os.write(_fd, (line + "\n").encode())
         finally:
-            _busy[0] = False
+            _state.busy = False
 
     sys.addaudithook(_hook)
 '''
