@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.logprobs import score_prompt
 from gemma3vl.infer.sampling import derived_seed
 from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
 from test_server import post_json, post_raw
@@ -102,6 +103,27 @@ def test_echo_logprobs_of_a_text_prompt_are_transformers_log_softmax(server, run
     assert offsets[-3:] == [len(prompt) - 1, len(prompt), len(prompt)]
     check_prompt_logprobs(server, hf_model, choice, ids, top=3)
     assert reply["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+
+
+@pytest.mark.parametrize("chunk", ["0", "5"])
+def test_prompt_scores_whole_or_in_chunks_are_transformers_log_softmax(runtime, hf_model, monkeypatch, chunk):
+    """``logprobs.score_prompt`` over a prompt three sliding windows long, prefilled whole ("0") or in chunks of 5
+    tokens through a dynamic cache (``GEMMA3VL_PREFILL_CHUNK``, as ``decode.prefill`` chunks), against
+    transformers' log_softmax: every position's value and its top 3, and the logits after the last token."""
+    monkeypatch.setenv("GEMMA3VL_PREFILL_CHUNK", chunk)
+    ids = tokenize(runtime, PROMPT + ", and the blue square sits above both of them")
+    assert len(ids) > 3 * runtime.model.config.text.sliding_window
+    scores = score_prompt(runtime.model, torch.tensor(ids), top=3)
+    expected = oracle(hf_model, ids)
+    assert len(scores.entries) == len(ids) and scores.entries[0] is None
+    for position, entry in enumerate(scores.entries[1:], start=1):
+        row = expected[position - 1]
+        assert entry.token_id == ids[position]
+        assert entry.logprob == pytest.approx(row[ids[position]].item(), abs=1e-5)
+        values, best = row.topk(3)
+        assert [token for token, _ in entry.top] == best.tolist()
+        assert [value for _, value in entry.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert scores.last_logits.log_softmax(-1).tolist() == pytest.approx(expected[-1].tolist(), abs=1e-5)
 
 
 def test_token_id_prompts_several_in_one_request_come_back_in_order(server, runtime, hf_model):

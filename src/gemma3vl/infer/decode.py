@@ -41,19 +41,40 @@ def prefill(
     FlexAttention, whatever the decoder's own setting; decode steps (one query row) always take the dense
     mask and ``attention.attend_one_query``, so the compiled decode graph is unaffected.
     """
+    hidden = prompt_hidden_states(model, input_ids, info, pixel_values, cache=cache, last_only=True)
+    return model.text.logits(hidden[:, -1]).float()
+
+
+def prompt_hidden_states(
+    model: Gemma3Model,
+    input_ids: torch.Tensor,
+    info: TokenInfo,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    cache: StaticKVCache | KVCache | None,
+    last_only: bool,
+) -> torch.Tensor:
+    """The decoder's final hidden states over a prompt: [B, T, D], or [B, 1, D] of its last column with
+    ``last_only`` (``prefill``; ``logprobs.score_prompt`` keeps every column to score the prompt's tokens).
+
+    The attention kernel is ``prefill_backend``'s. A prompt longer than ``prefill_chunk_tokens()`` goes through the
+    decoder chunk by chunk, each chunk attending to the cache the earlier ones filled (as a one-token decode step
+    does): the transient activations (the MLP's [T, 2I] above all) are a chunk's, not the whole prompt's. The vision
+    tower runs once, over every image, before the first chunk. ``cache`` None: no cache is kept, but a chunked
+    prompt fills a dynamic one of its own (the chunks need it).
+    """
     backend = prefill_backend(input_ids.shape[1], input_ids.device)
     chunk = prefill_chunk_tokens()
     if not chunk or input_ids.shape[1] <= chunk:
-        return model(input_ids, pixel_values, info=info, cache=cache, logits_to_keep=1,
-                     attention_backend=backend)[:, -1].float()
-    # A long prompt goes through the decoder chunk by chunk, each chunk attending to the cache the earlier ones
-    # filled (as a one-token decode step does): the transient activations (the MLP's [T, 2I] above all) are a
-    # chunk's, not the whole prompt's. The vision tower runs once, over every image, before the first chunk.
+        hidden = model.hidden_states(input_ids, pixel_values, info=info, cache=cache, attention_backend=backend)
+        return hidden[:, -1:] if last_only else hidden
+    cache = KVCache(model.config.text) if cache is None else cache
     embeds = model.embed(input_ids, pixel_values)
-    hidden = None
+    kept = []
     for start, stop in chunk_bounds(info.image_block_ids, chunk):
         hidden = model.text(embeds[:, start:stop], info.columns(start, stop), cache, attention_backend=backend)
-    return model.text.logits(hidden[:, -1]).float()
+        kept.append(hidden[:, -1:] if last_only else hidden)
+    return kept[-1] if last_only else torch.cat(kept, dim=1)
 
 
 PREFILL_CHUNK_TOKENS = 32768

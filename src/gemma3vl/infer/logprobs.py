@@ -112,22 +112,13 @@ def score_prompt(model: Any, input_ids: torch.Tensor, top: int | None) -> Prompt
     array for a long prompt and Gemma's 262k vocabulary would be gigabytes): their ``log_softmax`` (float32, the raw
     model distribution as for generated tokens), the next token's value and the top ``top`` (value, id) pairs reach
     the host. ``top`` None: no prompt logprobs, only ``last_logits`` (and no logits but the last are computed)."""
-    from gemma3vl.infer.cache import KVCache
-    from gemma3vl.infer.decode import chunk_bounds, prefill_backend, prefill_chunk_tokens
+    from gemma3vl.infer.decode import prompt_hidden_states
     from gemma3vl.model import TokenInfo
 
     ids = input_ids[None]
     length = ids.shape[1]
     info = TokenInfo.for_tokens(ids, image_token_id=model.image_token_id)
-    backend = prefill_backend(length, ids.device)
-    chunk = prefill_chunk_tokens()
-    if not chunk or length <= chunk:
-        hidden = model.hidden_states(ids, info=info, attention_backend=backend)[0]  # [T, D]
-    else:
-        cache, embeds = KVCache(model.config.text), model.embed(ids)
-        hidden = torch.cat([model.text(embeds[:, start:stop], info.columns(start, stop), cache,
-                                       attention_backend=backend)[0]
-                            for start, stop in chunk_bounds(info.image_block_ids, chunk)])
+    hidden = prompt_hidden_states(model, ids, info, cache=None, last_only=top is None)[0]  # [T or 1, D]
     last_logits = model.text.logits(hidden[-1:]).float()[0]
     entries: list[TokenLogprob | None] = [None]
     if top is None:
