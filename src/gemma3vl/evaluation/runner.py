@@ -40,6 +40,7 @@ from gemma3vl.evaluation.layouts import Example, ExampleFile
 from gemma3vl.evaluation.metrics import METRICS, compute_stats
 
 RUN_FILE = "eval_run.json"
+SYNC_EVERY_S = 2.0  # answers files are fsynced at most this often (and at the end)
 ANSWER_LOGS = ("answers.jsonl.partial", "compare_answers.jsonl.partial")  # model, --compare
 COMPILED_ROW_LENGTH = 8192  # --compile: positions per engine row (prompt + answer), made once, unless told
 
@@ -251,8 +252,9 @@ def answer_examples(runtime: Any, examples: list[Example], *, batch_size: int, m
 
 # ------------------------------------------------------------------------------------------- the answers file
 class AnswerLog:
-    """``OUT/answers.jsonl.partial``: one line per row as soon as it is answered (or found unanswerable), flushed,
-    in the order the answers come: ``{"row", "id", "source", "prediction" | "failure", "seconds"}`` (``seconds``:
+    """``OUT/answers.jsonl.partial``: one line per row as soon as it is answered (or found unanswerable), flushed
+    (and fsynced every ``SYNC_EVERY_S`` seconds and at the end, so that a machine that goes down loses at most
+    that much), in the order the answers come: ``{"row", "id", "source", "prediction" | "failure", "seconds"}`` (``seconds``:
     the model's generation time so far, over every session of the run).
 
     The file is made at the first answer. With ``resume`` the lines already there are read back (a last line cut
@@ -265,6 +267,7 @@ class AnswerLog:
         self.seconds_before = 0.0
         self.started: float | None = None
         self._stream: Any = None
+        self._synced = time.monotonic()
         self._found = found
         self._sources = {row: example for row, example in zip(found.rows, found.examples)}
         if resume and path.exists():
@@ -322,7 +325,9 @@ class AnswerLog:
             if self._stream is None:
                 self._stream = open(self.path, "a", encoding="utf-8")
             self._stream.write(line)
-            self._stream.flush()
+            self._stream.flush()  # a killed process loses nothing written
+            if time.monotonic() - self._synced >= SYNC_EVERY_S:  # a crashed machine, at most this long's answers
+                self._sync()
         except OSError as exc:
             raise Gemma3VLError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
 
@@ -339,10 +344,19 @@ class AnswerLog:
         return Answered(label, adapter, [self.predictions.get(row) for row in rows],
                         [self.failures[row] for row in sorted(self.failures)], self.seconds)
 
+    def _sync(self) -> None:
+        os.fsync(self._stream.fileno())
+        self._synced = time.monotonic()
+
     def close(self) -> None:
         if self._stream is not None:
-            self._stream.close()
-            self._stream = None
+            try:
+                self._sync()
+            except OSError as exc:
+                raise Gemma3VLError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+            finally:
+                self._stream.close()
+                self._stream = None
 
 
 def evaluate_model(model_dir: str | Path, found: ExampleSet, log: AnswerLog, *, adapter: str | Path | None = None,
