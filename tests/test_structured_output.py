@@ -14,6 +14,7 @@ import io
 import json
 import re
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -255,6 +256,45 @@ def server(runtime):
     settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=LIMIT, max_n=2)
     with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
         yield live
+
+
+def health_after_warm_up(server) -> dict:
+    """/health once the engine thread has warmed up (its ``structured_output`` is "starting" until then)."""
+    deadline = time.monotonic() + 60
+    while True:
+        status, _, raw = post_raw(server, b"", path="/health", method="GET")
+        health = json.loads(raw)
+        assert status == 200
+        if health["structured_output"] != "starting" or time.monotonic() > deadline:
+            return health
+        time.sleep(0.05)
+
+
+def test_json_output_is_warmed_up_when_the_server_starts(server, runtime):
+    """At start the engine thread builds the grammar compiler, compiles the json_object grammar and masks one row on
+    the model's device (where CUDA compiles xgrammar's kernel), so the first JSON request pays none of it; /health
+    says so."""
+    assert health_after_warm_up(server)["structured_output"] == "ready"
+    assert runtime._grammars is not None and runtime._grammars.compile(structured.ANY_OBJECT) is not None
+
+
+def test_the_warm_up_reports_what_is_missing_and_the_server_serves(runtime, monkeypatch):
+    """Without xgrammar /health says which extra to install; a grammar that fails to build is "failed: why"; plain
+    text is served either way."""
+    monkeypatch.setitem(sys.modules, "xgrammar", None)
+    assert structured.warm_up(runtime, torch.device("cpu")) == "unavailable: pip install 'gemma3vl[structured]'"
+    monkeypatch.undo()
+
+    def broken(schema):
+        raise RuntimeError("[12:00:00] /project/cpp/compiler.cc:1: no grammar today")
+
+    monkeypatch.setattr(runtime, "json_grammar", broken)
+    assert structured.warm_up(runtime, torch.device("cpu")) == "failed: no grammar today"
+    settings = ServerSettings(port=0, max_batch_size=2, batch_wait_s=0.01, max_tokens=2)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        status, reply = post_json(live, {"messages": MESSAGES, "max_tokens": 2})
+        assert status == 200
+        assert health_after_warm_up(live)["structured_output"] == "failed: no grammar today"
 
 
 def schema_format(schema, name="receipt"):

@@ -90,8 +90,13 @@ class InferenceRuntime:
         with self.lock:  # the tokenizer, read once to make the compiler
             if self._grammars is None:
                 self._grammars = JsonGrammars(self.tokenizer, self.config.text.vocab_size,
-                                              stop_token_ids(self.generation_defaults, self.config))
+                                              self.json_grammar_stop_ids)
         return self._grammars.compile(schema)
+
+    @property
+    def json_grammar_stop_ids(self) -> list[int]:
+        """The stop tokens JSON grammars end at (the checkpoint's EOS ids and ``<end_of_turn>``)."""
+        return list(stop_token_ids(self.generation_defaults, self.config))
 
     def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
         with self.lock:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from gemma3vl.infer import structured
 from gemma3vl.infer.completion import FINISH_LENGTH, Row, RowState
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.engine import ContinuousBatcher
@@ -124,6 +125,7 @@ class BatchScheduler:
         self.largest_batch = 0
         self.joined_running = 0  # jobs admitted while others were decoding
         self.compile_error: str | None = None
+        self.structured_output = "starting"  # /health: JSON output "ready", "unavailable: ..." or "failed: ..."
 
     def start(self) -> None:
         self.engine = ContinuousBatcher(self.runtime.model, self.runtime.tokenizer, slots=self.max_batch_size,
@@ -241,6 +243,7 @@ class BatchScheduler:
     def _loop(self) -> None:
         engine = self.engine
         engine.warm_up()  # should compiling fail: serve eagerly, and say why in /health
+        self.structured_output = structured.warm_up(self.runtime, engine.device)
         while True:
             admitted = self._admissions(engine)
             if admitted is None:
