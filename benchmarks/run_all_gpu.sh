@@ -166,7 +166,8 @@ for part in "${PART_LIST[@]}"; do
         ;;
     cudatests)
         # The tests that skip without CUDA (compiled decode == eager decode; the compiled server engine == generate
-        # alone), on tiny models: they take the compile time only. Needs pytest in the image.
+        # alone; xgrammar's CUDA mask == the CPU mask, skipped where the image has no xgrammar), on tiny models: they
+        # take the compile time only. Needs pytest in the image.
         if [[ -n "$TINY" ]]; then
             skip "cuda tests" "needs CUDA"
         elif ! "$PYTHON" -c "import pytest" 2>/dev/null; then
@@ -174,7 +175,8 @@ for part in "${PART_LIST[@]}"; do
         else
             step "cuda tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs \
                 tests/test_generate_engine.py::test_compiled_decode_on_cuda_equals_eager \
-                tests/test_generate_continuous.py::test_compiled_engine_on_cuda_equals_solo_generate
+                tests/test_generate_continuous.py::test_compiled_engine_on_cuda_equals_solo_generate \
+                tests/test_structured_output.py::test_the_cuda_mask_equals_the_cpu_mask
         fi
         ;;
     *)

@@ -203,6 +203,25 @@ def test_the_mask_allows_no_special_or_padding_id_and_touches_only_grammar_rows(
     assert rows.rows == [] and rows.mask(logits) is logits
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xgrammar's CUDA mask kernel needs a CUDA device")
+def test_the_cuda_mask_equals_the_cpu_mask(runtime):
+    """On CUDA the bitmask goes to the device by an asynchronous copy from pinned memory and xgrammar's triton kernel
+    applies it (compiled at the server's warm-up): the same -inf entries as the CPU mask, step after step, the
+    row without a grammar untouched."""
+    tokenizer, stops = runtime.tokenizer, runtime.config.stop_token_ids
+    vocab = len(tokenizer) + 32
+    grammar = JsonGrammars(tokenizer, vocab, stops).compile(ANY_OBJECT)
+    assert structured.warm_up(runtime, torch.device("cuda")) == "ready"
+    on_cpu, on_cuda = GrammarRows(2, vocab, CPU), GrammarRows(2, vocab, torch.device("cuda"))
+    for rows in (on_cpu, on_cuda):
+        rows.add(1, grammar, stops)
+    logits = torch.randn(2, vocab)
+    for piece in ("<0x7B>", "<0x22>", "a", "<0x22>", ":", "▁", "1"):
+        assert torch.equal(on_cuda.mask(logits.cuda()).cpu(), on_cpu.mask(logits))
+        for rows in (on_cpu, on_cuda):
+            rows.advance(1, tokenizer.convert_tokens_to_ids(piece), ended=False)
+
+
 def test_a_schema_compiles_once(runtime):
     grammars = JsonGrammars(runtime.tokenizer, runtime.config.text.vocab_size, runtime.config.stop_token_ids)
     first = grammars.compile(json.loads(json.dumps(RECEIPT, indent=4)))
