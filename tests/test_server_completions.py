@@ -197,6 +197,32 @@ def test_a_stop_token_ending_the_answer_is_in_the_logprobs(server, runtime, hf_m
         defaults["eos_token_id"] = saved
 
 
+def test_a_generating_request_scores_its_prompt_in_the_engines_prefill(server, runtime, hf_model, monkeypatch):
+    """echo + logprobs with max_tokens 4 and n 2: the prompt's logprobs (transformers' log_softmax) come from the
+    engine's prefill of the first choice, the second choice reuses it: one forward over the prompt in all, and the
+    answers are those of a request without echo."""
+    from gemma3vl.infer import decode, engine
+
+    forwards = []
+    real = decode.prompt_hidden_states
+
+    def counted(*args, **kwargs):
+        forwards.append(args[1].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "prompt_hidden_states", counted)
+    monkeypatch.setattr(engine, "prompt_hidden_states", counted)
+    ids = tokenize(runtime, PROMPT)
+    fields = dict(prompt=PROMPT, max_tokens=4, temperature=0.8, seed=7, n=2, logprobs=2)
+    reply = complete(server, echo=True, **fields)
+    assert forwards == [len(ids)]
+    plain = complete(server, **fields)
+    for choice, alone in zip(reply["choices"], plain["choices"]):
+        check_prompt_logprobs(server, hf_model, choice, ids, top=2)
+        assert choice["text"] == PROMPT + alone["text"]
+        assert choice["logprobs"]["token_logprobs"][len(ids):] == alone["logprobs"]["token_logprobs"]
+
+
 # ---------------------------------------------------------------------------------------------- generation
 def reference(runtime, ids: list[int], max_tokens: int = MAX_TOKENS, sampling: Sampling | None = None):
     stop_ids = set(runtime.config.stop_token_ids)

@@ -32,8 +32,8 @@ import torch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import SlotKVCache
 from gemma3vl.infer.completion import FINISH_CANCELLED, Row, RowState
-from gemma3vl.infer.decode import DecodeStep, HostCopy, prefill
-from gemma3vl.infer.logprobs import LogprobRows
+from gemma3vl.infer.decode import DecodeStep, HostCopy, prefill, prompt_hidden_states
+from gemma3vl.infer.logprobs import LogprobRows, PromptScores, scores_of_hidden_states
 from gemma3vl.infer.sampling import (
     RowSampling,
     Sampling,
@@ -109,10 +109,15 @@ class ContinuousBatcher:
         return [slot.tag for slot in self.slots if slot is not None]
 
     @torch.no_grad()
-    def add(self, row: Row, sampling: Sampling, tag: Any = None) -> None:
+    def add(self, row: Row, sampling: Sampling, tag: Any = None, *,
+            prompt_logprobs: int | None = None) -> PromptScores | None:
         """Prefill ``row`` alone and put it in a free slot; its first token comes at the next ``step``. A row whose
         prompt is the very object the previous ``add`` prefilled (another choice of the same request) takes that
-        prefill again instead of computing it a second time: the same keys, values and logits."""
+        prefill again instead of computing it a second time: the same keys, values and logits.
+
+        ``prompt_logprobs`` (a number of alternatives, 0 included): the same prefill also scores the prompt's tokens
+        (``logprobs.scores_of_hidden_states``; the legacy completions' ``echo`` with ``logprobs``), returned; it
+        keeps every position's hidden state, not only the last (a [T, D] array)."""
         sampling.validate()
         free = [index for index, slot in enumerate(self.slots) if slot is None]
         if not free:
@@ -124,14 +129,21 @@ class ContinuousBatcher:
         index = free[0]
         ids = row.prompt.input_ids.to(self.device)[None]  # [1, L], no padding: positions 0 .. L-1
         pixels = row.prompt.pixel_values
-        if self._prefilled is not None and self._prefilled[0] is row.prompt:
+        scores = None
+        if self._prefilled is not None and self._prefilled[0] is row.prompt and prompt_logprobs is None:
             logits = self._prefilled[1]
         else:
             info = TokenInfo.for_tokens(ids, image_token_id=self.model.image_token_id)
             self._prefilled = None  # (until this prefill is complete)
             self._prefill_cache.reset()
-            logits = prefill(self.model, self._prefill_cache, ids, info,
-                             None if pixels is None else pixels.to(self.device))
+            pixels = None if pixels is None else pixels.to(self.device)
+            if prompt_logprobs is None:
+                logits = prefill(self.model, self._prefill_cache, ids, info, pixels)
+            else:
+                hidden = prompt_hidden_states(self.model, ids, info, pixels, cache=self._prefill_cache,
+                                              last_only=False)
+                scores = scores_of_hidden_states(self.model, ids[0], hidden[0], prompt_logprobs)
+                logits = scores.last_logits[None]
             self._prefilled = (row.prompt, logits)
         self.cache.load_row(index, self._prefill_cache)
         self.logits[index] = logits[0]
@@ -150,6 +162,7 @@ class ContinuousBatcher:
             self.grammars.add(index, sampling.grammar, sampling.stop_token_ids)
         self.slots[index] = _Slot(row, sampling, self.tokenizer, self.device, tag)
         self._rows = None
+        return scores
 
     def _row_sampling(self) -> RowSampling:
         if self._rows is None:

@@ -107,23 +107,32 @@ class PromptScores:
 @torch.no_grad()
 def score_prompt(model: Any, input_ids: torch.Tensor, top: int | None) -> PromptScores:
     """The prompt logprobs of ``input_ids`` [T] (text only) for the legacy completions endpoint's ``echo`` with
-    ``logprobs``: one forward over the prompt (chunked with a cache past ``GEMMA3VL_PREFILL_CHUNK`` tokens, as
-    ``decode.prefill``), then the logits of every position, a few hundred positions at a time (a [T, V] float32
-    array for a long prompt and Gemma's 262k vocabulary would be gigabytes): their ``log_softmax`` (float32, the raw
-    model distribution as for generated tokens), the next token's value and the top ``top`` (value, id) pairs reach
-    the host. ``top`` None: no prompt logprobs, only ``last_logits`` (and no logits but the last are computed)."""
+    ``logprobs``: one forward over the prompt (``decode.prompt_hidden_states``: chunked with a cache past
+    ``GEMMA3VL_PREFILL_CHUNK`` tokens, as ``decode.prefill``), then :func:`scores_of_hidden_states`. ``top`` None: no
+    prompt logprobs, only ``last_logits`` (and no logits but the last are computed)."""
     from gemma3vl.infer.decode import prompt_hidden_states
     from gemma3vl.model import TokenInfo
 
     ids = input_ids[None]
-    length = ids.shape[1]
     info = TokenInfo.for_tokens(ids, image_token_id=model.image_token_id)
     hidden = prompt_hidden_states(model, ids, info, cache=None, last_only=top is None)[0]  # [T or 1, D]
+    return scores_of_hidden_states(model, input_ids, hidden, top)
+
+
+@torch.no_grad()
+def scores_of_hidden_states(model: Any, input_ids: torch.Tensor, hidden: torch.Tensor,
+                            top: int | None) -> PromptScores:
+    """The prompt logprobs of ``input_ids`` [T] from the decoder's final hidden states over it (``hidden`` [T, D]; [1, D]
+    of the last column when ``top`` is None): the logits of every position, a few hundred positions at a time (a
+    [T, V] float32 array for a long prompt and Gemma's 262k vocabulary would be gigabytes), their ``log_softmax``
+    (float32, the raw model distribution as for generated tokens); the next token's value and the top ``top``
+    (value, id) pairs reach the host."""
+    length = input_ids.shape[0]
     last_logits = model.text.logits(hidden[-1:]).float()[0]
     entries: list[TokenLogprob | None] = [None]
     if top is None:
         return PromptScores(entries, last_logits)
-    targets = ids[0, 1:]
+    targets = input_ids[1:].to(hidden.device)
     step = max(1, SCORE_LOGITS_ELEMENTS // last_logits.shape[-1])
     for start in range(0, length - 1, step):
         stop = min(start + step, length - 1)

@@ -16,12 +16,13 @@ one prefill: ``ContinuousBatcher.add``), each its own sample (a seeded job's cho
 some of its rows and the rest join as slots free; it counts as one waiting job until its last row has a slot.
 
 The legacy completions endpoint's jobs may ask for ``prompt_logprobs`` (``echo`` with ``logprobs``): the log-probability
-of every prompt token, from one forward over the prompt on this thread (``logprobs.score_prompt``), sent as a
-``("prompt_logprobs", entries)`` event before anything else. A *direct* job, one that asks for no token
-(``max_tokens: 0``), or for one token with prompt logprobs (lm-evaluation-harness's loglikelihood requests), takes
-no engine slot and no decode step: it is answered here, between two engine steps, from that one forward (its one
-token chosen from the last position's logits as the engine would choose it, each choice with its own sampling).
-Generation jobs with prompt logprobs are scored the same way, then prefilled again by the engine.
+of every prompt token, from one forward over the prompt, sent as a ``("prompt_logprobs", entries)`` event before
+anything else. A *direct* job, one that asks for no token (``max_tokens: 0``), or for one token with prompt logprobs
+(lm-evaluation-harness's loglikelihood requests), takes no engine slot and no decode step: it is answered here,
+between two engine steps, from that one forward (``logprobs.score_prompt``; its one token chosen from the last
+position's logits as the engine would choose it, each choice with its own sampling). A generating job's prompt is
+scored by the engine's own prefill of its first choice (``ContinuousBatcher.add(..., prompt_logprobs=k)``), one
+forward for both.
 """
 
 from __future__ import annotations
@@ -253,9 +254,11 @@ class BatchScheduler:
                     self._answer_direct(job)
                     continue
                 try:
-                    if index == 0 and job.prompt_logprobs is not None:
-                        job.events.put(("prompt_logprobs", self._score(job).entries))
-                    engine.add(job.row(index), job.choice_sampling(index), tag=(job, index))
+                    scored = job.prompt_logprobs if index == 0 else None  # (the prompt's prefill scores it)
+                    scores = engine.add(job.row(index), job.choice_sampling(index), tag=(job, index),
+                                        prompt_logprobs=scored)
+                    if scores is not None:
+                        job.events.put(("prompt_logprobs", scores.entries))
                 except Exception as exc:  # a request that cannot run fails alone
                     self._fail([job], exc)
             if not engine.active:
