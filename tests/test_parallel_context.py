@@ -6,6 +6,8 @@ losses, gradients and trained weights are one process's.
   gradient equal the single-process ones;
 * the real command, ``torchrun --nproc-per-node 2 -m gemma3vl train ... parallel.cp=2`` with packing on: the
   3 steps' losses and the trained weights equal one process's, and its checkpoint continues in one process;
+* pipeline x context parallel (4 ranks: 2 stages, each split over 2 context-parallel ranks) trains 3 steps on such
+  batches as one process does (losses, gradient norms, weights, the held-out loss);
 * context x FSDP parallel (4 ranks) continues a single-process checkpoint as that process would have;
 * layouts it cannot take are refused with what to change.
 
@@ -141,6 +143,146 @@ def test_context_parallel_ranks_compute_the_single_process_loss_and_gradients(ti
         assert difference <= RTOL * expected.abs().max(), f"{name}: max difference {difference:.3e}"
 
 
+# ---------------------------------------------------------------------------------------------- with pipeline stages
+PP_CP_SEQ = 40  # the rows' length: 4 chunks of 10 under cp=2 (rank 0: [0, 10) and [30, 40); rank 1: [10, 30))
+PP_CP_STEPS = 3
+PP_CP_SETTINGS = ["train.steps=3", f"train.seq_length={PP_CP_SEQ}", "train.global_batch_size=4",
+                  "train.micro_batch_size=2", "optim.lr=0.05", "optim.eps=1.0", "parallel.pp=2", "parallel.cp=2",
+                  "parallel.dp_shard=1"]
+
+
+def _pp_cp_steps() -> list[list]:
+    """3 steps of 2 micro-batches of 2 packed rows (38 tokens, padded to 40): the images of each first
+    micro-batch straddle the slice boundaries at 10 and 30 (as ``packed_batch``'s), each second one has an image
+    in one slice only (step 2: none at all, so stage 0 runs no vision tower for it on either rank)."""
+    steps = []
+    for step in range(PP_CP_STEPS):
+        seed = 10 * step + 100
+        first = [[_sample(20, [8], seed), _sample(15, [3], seed + 1)],
+                 [_sample(33, [27], seed + 2), _sample(5, [], seed + 3)]]
+        images = [] if step == 1 else [14]
+        second = [[_sample(24, images, seed + 4), _sample(14, [], seed + 5)], [_sample(38, [], seed + 6)]]
+        steps.append([collate_packed(rows, 38, 0, image_token_id=IMAGE) for rows in (first, second)])
+    return steps
+
+
+def _pp_cp_eval_batch():
+    """A held-out batch shorter than train.seq_length (34 tokens: 36 under cp=2, cut 9 | 9 | 9 | 9), images
+    across the boundaries at 9 and 27."""
+    rows = [[_sample(20, [7], 7), _sample(14, [], 8)], [_sample(34, [25], 9)]]
+    return collate_packed(rows, 34, 0, image_token_id=IMAGE)
+
+
+class _Steps:
+    """A trainer's step feed over fixed micro-batches."""
+
+    def __init__(self, steps):
+        self.steps, self.position = steps, 0
+
+    def next_step(self):
+        self.position += 1
+        return self.steps[self.position - 1]
+
+    def state_dict(self):
+        return {"position": self.position}
+
+
+def _train_and_evaluate(trainer, evaluate) -> dict:
+    records = [trainer.train_step() for _ in range(PP_CP_STEPS)]
+    return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+            "target_tokens": [r["target_tokens"] for r in records], "eval": evaluate()}
+
+
+def _pipeline_context_parallel_rank(rank: int, world: int, root: Path) -> None:
+    """One rank of PP2 x CP2, wired as ``gemma3vl train`` wires it: the model on meta, this rank's stage
+    parallelized (FSDP over the stage's two context-parallel ranks) and filled by sharded loading, the feed
+    handing out this rank's slices, the trainer's step; then the held-out loss as the evaluator computes it
+    (each rank's slices through the stages, summed over the context-parallel ranks) and as ``model.loss`` does."""
+    from gemma3vl.model import Gemma3Model
+    from gemma3vl.parallel import ParallelContext
+    from gemma3vl.parallel.context import ContextParallelFeed
+    from gemma3vl.parallel.export import gather_pipeline_state
+    from gemma3vl.parallel.pipeline import build_pipeline
+    from gemma3vl.parallel.sharded_load import load_sharded
+    from gemma3vl.train.config import build_config
+    from gemma3vl.train.trainer import Trainer, step_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = build_config("tiny_sft", overrides=PP_CP_SETTINGS)
+        config = bridge.read_config(root / "base")
+        dims = ParallelDims.resolve(cfg.parallel_degrees(), world)
+        dims.validate(config, seq_length=PP_CP_SEQ, pp_microbatches=2)
+        device = torch.device("cpu")
+        context = ParallelContext.create(dims, device, sequence_parallel=False)
+        with torch.device("meta"):
+            whole = Gemma3Model(config)
+        model = build_pipeline(whole, context, schedule="1f1b", stages_per_rank_setting=1, micro_batches=2,
+                               micro_batch_size=2, seq_length=PP_CP_SEQ,
+                               load=lambda stage: load_sharded(root / "base", stage, part_of=whole))
+        cp_mesh = context.cp_mesh
+        cp_rank, cp_group = cp_mesh.get_local_rank(), cp_mesh.get_group()
+        feed = ContextParallelFeed(_Steps(_pp_cp_steps()), 2, cp_rank, cp_group)
+        trainer = Trainer(cfg, model, feed, root / "pp2_cp2", device, parallel=context)
+
+        def evaluate():
+            held_out = _pp_cp_eval_batch()
+            summed, count = step_loss(model, shard_batch(held_out, 2, cp_rank, cp_group), device)
+            sliced = context.sum_over_cp(float(summed), count)  # (Evaluator.loss with slice_batch, sum_slices)
+            summed, count = model.loss(held_out.input_ids, held_out.targets, held_out.info, held_out.pixel_values)
+            return [*sliced, float(summed), count]
+
+        result = _train_and_evaluate(trainer, evaluate)
+        state = gather_pipeline_state(model, context, skip=model.pipeline.duplicate_names)
+        if rank == 0:
+            torch.save({**result, "state": state}, root / "pp2_cp2.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_x_context_parallel_training_is_one_process_training(tiny):
+    """PP2 x CP2 (4 ranks): each stage's two ranks split every row, the stages pass each other the slices'
+    hidden states; 3 steps' losses, gradient norms and weights, and the held-out loss after them, equal one
+    process's (whose ``Trainer`` runs the same micro-batches)."""
+    from gemma3vl.train.config import build_config
+    from gemma3vl.train.trainer import Trainer
+
+    config = bridge.read_config(tiny / "base")
+    assert config.text.sliding_window < 38 and config.mm_tokens_per_image == 4 and config.text.num_hidden_layers == 4
+    model, _ = load_model(tiny / "base", device="cpu", dtype=torch.float32)
+    trainer = Trainer(build_config("tiny_sft", overrides=PP_CP_SETTINGS), model, _Steps(_pp_cp_steps()),
+                      tiny / "single", torch.device("cpu"))
+
+    def evaluate():
+        held_out = _pp_cp_eval_batch()
+        with torch.no_grad():
+            summed, count = model.loss(held_out.input_ids, held_out.targets, held_out.info, held_out.pixel_values)
+        return [float(summed), count]
+
+    expected = _train_and_evaluate(trainer, evaluate)
+
+    (tiny / "store").unlink(missing_ok=True)
+    mp.start_processes(_pipeline_context_parallel_rank, args=(4, tiny), nprocs=4, join=True, start_method="fork")
+    got = torch.load(tiny / "pp2_cp2.pt")
+    assert got["target_tokens"] == expected["target_tokens"]  # every target counted once
+    for key in ("loss", "grad_norm"):
+        assert got[key] == pytest.approx(expected[key], rel=RTOL), key
+    sliced_loss, sliced_count, whole_loss, whole_count = got["eval"]
+    assert sliced_count == whole_count == expected["eval"][1]
+    assert sliced_loss == pytest.approx(expected["eval"][0], rel=RTOL)
+    assert whole_loss == pytest.approx(expected["eval"][0], rel=RTOL)
+    reference = model.state_dict()
+    base, _ = load_model(tiny / "base", device="cpu", dtype=torch.float32)
+    for name, tensor in base.state_dict().items():  # not vacuous: every decoder matrix moved 100 x the tolerance
+        if name.startswith("text.layers.") and tensor.ndim > 1:
+            assert (reference[name] - tensor).abs().max() > 100 * RTOL * tensor.abs().max(), name
+    assert sorted(got["state"]) == sorted(reference)
+    for name, tensor in reference.items():
+        difference = (got["state"][name] - tensor).abs().max()
+        assert difference <= RTOL * tensor.abs().max(), f"{name}: max difference {difference:.3e}"
+
+
 # ---------------------------------------------------------------------------------------------- the real command
 COMMON = [
     "train.steps=3", "checkpoint.every=2", "checkpoint.keep_last=5", "train.seq_length=128",
@@ -247,6 +389,14 @@ def test_context_parallel_layouts_that_cannot_work_say_what_to_change(tiny):
     with pytest.raises(Gemma3VLError, match=r"of 2 tokens or more .* shorter than 8: .* parallel.cp to at most 1"):
         dims.validate(config, seq_length=6, sequence_parallel=True)
     dims.validate(config, seq_length=6, sequence_parallel=False)
+    # Inside pipeline stages (each stage's context-parallel ranks split the rows): the same check, naming both.
+    dims = ParallelDims.resolve({**degrees, "cp": 2, "pp": 2}, 4)
+    dims.validate(config, seq_length=4, pp_microbatches=2)
+    with pytest.raises(Gemma3VLError, match=r"parallel.cp=2 cuts each row into 4 chunks \(in each of the "
+                                            r"parallel.pp=2 pipeline stages\), .* train.seq_length=3 .* at least 4"):
+        dims.validate(config, seq_length=3, pp_microbatches=2)
+    with pytest.raises(Gemma3VLError, match=r"parallel.pp=2 needs at least 2 micro-batches"):
+        dims.validate(config, seq_length=4, pp_microbatches=1)
 
 
 def test_context_parallel_without_the_ranks_fails_at_start(data, capsys):

@@ -114,10 +114,41 @@ def test_pipeline_terms(four_b):
         plan.estimate(four_b, gpus=6, tp=4, activation_checkpoint="full", seq=seq)
 
 
+def test_pipeline_x_context_parallel_terms(four_b):
+    """PP2 x CP2 on 4 GPUs, 4 micro-batches, full checkpointing: each stage as PP2's, but its rank holds T/2 tokens
+    of each micro-batch in flight (the slice's block inputs and hidden states), one layer's keys and values from
+    the other context-parallel rank (2 bytes x 2 K hd x T/2) and their gradient; FSDP shards each stage over its
+    two context-parallel ranks (the root unit gathered for the step, as under CP)."""
+    half = T // 2
+    est = plan.estimate(four_b, gpus=4, tp=1, cp=2, pp=2, micro_batches=4, activation_checkpoint="full", seq=T)
+    assert est.dp == 1 and est.tier == 4 and est.bubble == pytest.approx(1 / 5)
+    gathered = 2 * 2 * 4 * 256 * half
+    once = half * WHOLE + 2 * gathered
+    first_params = 17 * four_b.block + four_b.embed + four_b.vision
+    last_params = 17 * four_b.block + four_b.embed + four_b.other
+    first_working = 2 * (four_b.embed + four_b.vision) + 10 * four_b.block
+    last_working = 2 * four_b.embed + 10 * four_b.block
+    # two micro-batches in flight on stage 0 (each with its image through the tower), one on the last stage
+    first = 16 * first_params / 2 + first_working + 2 * (half * (2 * 2560 * 17 + 2 * 2560) + VISION) + once
+    last = 16 * last_params / 2 + last_working + half * (2 * 2560 * 17 + 2 * 2560) + once + loss_bytes(half)
+    assert est.stage == (0 if first > last else 1)
+    assert est.total == pytest.approx(total(max(first, last)), rel=1e-12)
+    # without checkpointing every layer keeps its gathered keys and values, for each micro-batch in flight (plus,
+    # once, one layer's exchange buffers in backward, as under CP alone)
+    none = plan.estimate(four_b, gpus=4, tp=1, cp=2, pp=2, micro_batches=4, activation_checkpoint="none", seq=T,
+                         images=0)
+    pipelined = plan.estimate(four_b, gpus=4, tp=1, pp=2, micro_batches=4, activation_checkpoint="none", seq=half,
+                              images=0)
+    assert none.stage == pipelined.stage == 0
+    assert none.activations == pytest.approx(pipelined.activations + 2 * 17 * gathered + 2 * gathered,
+                                               rel=1e-12)
+
+
 def test_the_simplest_layout_that_fits_comes_first(four_b, capsys):
-    """FSDP/TP before CP before PP, whatever their speed estimate; printed settings are valid overrides."""
+    """FSDP/TP before CP before PP before both, whatever their speed estimate; printed settings are valid
+    overrides."""
     options = plan.candidates(four_b, 8, seq=T)
-    assert {(o.cp > 1, o.pp > 1) for o in options} == {(False, False), (True, False), (False, True)}
+    assert {(o.cp > 1, o.pp > 1) for o in options} == {(False, False), (True, False), (False, True), (True, True)}
     choice = plan.recommend(options, 80e9)
     assert choice.cp == choice.pp == 1  # an FSDP/TP layout fits at 80 GB: no CP, no PP
     context = [o for o in options if o.pp == 1]
@@ -131,6 +162,11 @@ def test_the_simplest_layout_that_fits_comes_first(four_b, capsys):
     assert f"parallel.pp={choice.pp}" in settings and "train.global_batch_size=" in settings
     cfg = build_config("gemma3_vl_4b_sft", overrides=settings.split())  # copy-pasteable as printed
     assert cfg.parallel.pp == choice.pp and cfg.train.seq_length == T
+    assert choice.cp == 1  # PP before PP x CP
+    both = [o for o in options if o.pp > 1 and o.cp > 1]
+    choice = plan.recommend(both, 1e15)
+    cfg = build_config("gemma3_vl_4b_sft", overrides=plan.settings_of(choice, seq=T).split())
+    assert (cfg.parallel.pp, cfg.parallel.cp) == (choice.pp, choice.cp) and choice.pp > 1 and choice.cp > 1
 
     assert main(["plan", "--model", "4b", "--gpus", "8", "--gpu-memory", "40", "--seq", str(T)]) == 0
     printed = capsys.readouterr().out

@@ -32,8 +32,13 @@ Where it is hooked: :class:`ContextParallelFeed` wraps the trainer's feed and ha
 :class:`ContextParallelBatch` micro-batches (whose token counts are the slice's); ``train.trainer.step_loss``
 computes their loss with :meth:`ContextParallelBatch.loss`, through ``model.context_parallel_loss``, which
 :func:`apply_context_parallel` installs and FSDP registers as a forward method (so the root unit gathers its
-parameters around it, as for ``loss``). Evaluation keeps whole sequences on every rank (``model.loss``), so a
-held-out sequence must fit one rank.
+parameters around it, as for ``loss``). The held-out loss is sliced the same way (``train/run.py``: ``shard_batch``,
+then the slices' sums added over the context-parallel ranks).
+
+Inside pipeline stages (``parallel.pp``) the same pieces are used stage by stage: ``parallel/pipeline.py`` keeps
+each micro-batch whole with this rank's ``SequenceShard``, stage 0 runs :func:`embed_slice`, every stage's blocks a
+:class:`KeyValueExchange` over the stage's context-parallel group, the last stage the slice's loss; a pipelined
+model's ``context_parallel_loss`` runs one slice through the stages for the held-out loss.
 """
 
 from __future__ import annotations
@@ -267,6 +272,6 @@ def context_parallel_loss(model: Gemma3Model, input_ids: torch.Tensor, targets: 
 
 def apply_context_parallel(model: Gemma3Model) -> Gemma3Model:
     """Give ``model`` its ``context_parallel_loss`` method (before FSDP, which registers it as a forward method).
-    The model's own ``loss`` is untouched: evaluation runs whole sequences."""
+    The model's own ``loss`` (whole rows) is untouched."""
     model.context_parallel_loss = partial(context_parallel_loss, model)
     return model

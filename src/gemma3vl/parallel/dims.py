@@ -124,22 +124,20 @@ class ParallelDims:
     def _check_context_parallel(self, seq_length: int | None, sequence_parallel: bool) -> None:
         """Context parallelism (``parallel/context.py``) cuts each row into ``2 x cp`` chunks (two per rank, for
         balanced causal work), each a multiple of the TP degree under sequence parallelism; rows are padded to
-        that, but a row shorter than the chunk count leaves ranks without a single real token."""
-        if self.pp > 1:
-            raise Gemma3VLError(
-                f"parallel.cp={self.cp} with parallel.pp={self.pp}: context parallelism inside pipeline stages is not "
-                f"supported yet; set parallel.pp=1 (or parallel.cp=1)"
-            )
+        that, but a row shorter than the chunk count leaves ranks without a single real token. With pipeline
+        stages (``parallel.pp``) the same holds inside each stage: its context-parallel ranks split every row."""
         if seq_length is None:
             return
         per_chunk = self.tp if sequence_parallel and self.tp > 1 else 1  # tokens a chunk must split into
         chunks = 2 * self.cp * per_chunk
         if seq_length < chunks:
             split = f" of {per_chunk} tokens or more (one per TP rank under sequence parallelism)" * (per_chunk > 1)
+            stages = f" (in each of the parallel.pp={self.pp} pipeline stages)" * (self.pp > 1)
             raise Gemma3VLError(
-                f"parallel.cp={self.cp} cuts each row into {2 * self.cp} chunks{split}, two per context-parallel "
-                f"rank, but train.seq_length={seq_length} is shorter than {chunks}: raise train.seq_length to at "
-                f"least {chunks}, or set parallel.cp to at most {max(seq_length // (2 * per_chunk), 1)}"
+                f"parallel.cp={self.cp} cuts each row into {2 * self.cp} chunks{split}{stages}, two per "
+                f"context-parallel rank, but train.seq_length={seq_length} is shorter than {chunks}: raise "
+                f"train.seq_length to at least {chunks}, or set parallel.cp to at most "
+                f"{max(seq_length // (2 * per_chunk), 1)}"
             )
 
     def _check_divides(self, count: int, what: str) -> None:

@@ -40,10 +40,22 @@ tensors only, and the same shapes every micro-batch: so every micro-batch of a s
 from it), and each stage reads the rest of its micro-batch (mask description, targets, images) from the
 step's list of micro-batches, by the micro-batch index the schedule hands every stage as a keyword argument.
 
+With context parallelism (``parallel.cp``; Megatron's arrangement): the stages are outermost, and inside each
+stage the ``cp`` ranks of the stage split every row (``parallel/context.py``). Rows are padded to
+``train.seq_length`` rounded up to ``2 x cp`` chunks (times the TP degree under sequence parallelism), every rank
+keeps the whole micro-batches (ids, mask description, targets: a few integers a token) and its zigzag slice of
+them (a ``SequenceShard``), and what passes between stages is the slice's hidden states ``[B, T / cp, D]``. Stage 0
+embeds the slice (``embed_slice``: the vision tower runs on the images whose soft tokens fall in it), each stage's
+blocks get a ``KeyValueExchange`` over the stage's context-parallel group with the whole row's mask description,
+and the last stage's loss is its slice's. The ``cp`` ranks of a stage run the same schedule, so their per-layer
+exchanges (forward all-gathers, backward reduce-scatters) meet in the same order; FSDP shards each stage over
+``dp_shard x cp`` and sums the slices' gradients.
+
 The loss. The last stage returns the micro-batch's summed cross-entropy divided by the step's total number
 of target tokens (known before the step), and the schedule does not rescale (``scale_grads=False``): so the
 gradients are exactly one process's. The logged loss is the last stage's sum, all-reduced over the pipeline
-ranks (the others add 0).
+ranks (the others add 0); the trainer then sums it over the data- and context-parallel ranks (each last-stage
+rank's sum is its slice's).
 
 The cost: the pipeline bubble, ``(p - 1) / (m + p - 1)`` of the step for ``p`` ranks and ``m`` micro-batches
 under 1F1B, ``(p - 1) / (v m + p - 1)`` interleaved; the step's micro-batches are the pipeline's.
@@ -67,6 +79,7 @@ from gemma3vl.data.batch import Batch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.model import Gemma3Model, TokenInfo
 from gemma3vl.model.loss import IGNORE, linear_cross_entropy
+from gemma3vl.parallel.context import ContextParallelBatch, KeyValueExchange, SequenceShard, embed_slice, slice_info
 from gemma3vl.parallel.distributed import ParallelContext
 from gemma3vl.parallel.loss import vocab_parallel_cross_entropy
 from gemma3vl.parallel.parallelize import parallelize
@@ -156,20 +169,37 @@ class StageLayers(nn.ModuleList):
 # ---------------------------------------------------------------------------------------------- a stage
 @dataclass
 class StepInputs:
-    """What every stage reads for the current step (or eval batch): the padded micro-batches, and the divisor
-    of the loss. The last stage appends each micro-batch's (summed loss, target count)."""
+    """What every stage reads for the current step (or eval batch): the padded micro-batches (whole rows), under
+    context parallelism the slice of them this rank computes, and the divisor of the loss. The last stage
+    appends each micro-batch's (summed loss, target count) — its slice's under context parallelism."""
 
     batches: list[Batch] = field(default_factory=list)
+    shards: list[SequenceShard | None] = field(default_factory=list)  # None: whole rows (parallel.cp = 1)
     total_targets: int = 1
     losses: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+    def set(self, batches: list[Batch], shards: list[SequenceShard | None], total_targets: int) -> None:
+        self.batches, self.shards, self.total_targets, self.losses = batches, shards, total_targets, []
+
+    def saved(self) -> tuple:
+        return self.batches, self.shards, self.total_targets, self.losses
+
+    def restore(self, saved: tuple) -> None:
+        self.batches, self.shards, self.total_targets, self.losses = saved
 
 
 class StageForward:
     """The forward of one stage, mixed into the (parallelized) stage module's class.
 
-    ``x``: input ids ``[B, T]`` on stage 0, the hidden states ``[B, T, D]`` elsewhere; ``micro_batch``: the
-    index ``[1]`` of the micro-batch in ``inputs.batches``. Returns the hidden states for the next stage, or
-    on the last stage the loss ``[1]`` (summed cross-entropy / the step's target tokens).
+    ``x``: input ids ``[B, T]`` on stage 0 (whole rows), the hidden states ``[B, T, D]`` elsewhere — under
+    context parallelism ``[B, T / cp, D]``, this rank's slice of the rows; ``micro_batch``: the index ``[1]`` of
+    the micro-batch in ``inputs.batches``. Returns the hidden states for the next stage, or on the last stage the
+    loss ``[1]`` (summed cross-entropy over this rank's targets / the step's target tokens).
+
+    Under context parallelism (``inputs.shards``) stage 0 embeds the slice (and runs the vision tower on the
+    images whose soft tokens fall in it), every stage's blocks exchange keys and values over the stage's
+    context-parallel group with the whole row's mask description (``KeyValueExchange``), and the last stage
+    computes the loss of the slice's targets: each piece as ``parallel/context.py`` does for a whole model.
     """
 
     stage_index: int
@@ -180,22 +210,32 @@ class StageForward:
     autocast: bool
 
     def forward(self, x: torch.Tensor, micro_batch: torch.Tensor) -> torch.Tensor:
-        batch = self.inputs.batches[int(micro_batch.reshape(-1)[0])]
+        index = int(micro_batch.reshape(-1)[0])
+        batch = self.inputs.batches[index]
+        shard = self.inputs.shards[index] if self.inputs.shards else None
+        if shard is None:
+            info, cache, targets = batch.info, None, batch.targets
+        else:  # this rank's slice of the rows; attention sees the whole row's keys
+            info, cache = slice_info(batch.info, shard.indices), KeyValueExchange(batch.info, shard)
+            targets = batch.targets[:, shard.indices]
         # bf16 autocast over fp32 master weights on CUDA, as ``trainer.autocast_for`` does in one process.
         with torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext():
             if self.is_first:
-                x = self.embed(x, batch.pixel_values)
-                if batch.pixel_values is None and self.vision is not None:
+                if shard is None:
+                    x, ran_vision = self.embed(x, batch.pixel_values), batch.pixel_values is not None
+                else:
+                    x, ran_vision = embed_slice(self, x, batch.pixel_values, shard.indices)
+                if not ran_vision and self.vision is not None:
                     x = x + _zero_use_of(self.vision, self.projector).to(x.dtype)
-            hidden = self.text(x, batch.info, None)
+            hidden = self.text(x, info, cache)
             if not self.is_last:
                 return hidden.to(self.boundary_dtype)
             weight = self.text.output_weight
             if isinstance(weight, DTensor):
-                summed, count = vocab_parallel_cross_entropy(hidden, weight, batch.targets,
+                summed, count = vocab_parallel_cross_entropy(hidden, weight, targets,
                                                              softcap=self.text.logit_softcap)
             else:
-                summed, count = linear_cross_entropy(hidden, weight, batch.targets, softcap=self.text.logit_softcap,
+                summed, count = linear_cross_entropy(hidden, weight, targets, softcap=self.text.logit_softcap,
                                                      compile_backend=self.text.loss_compile_backend)
         self.inputs.losses.append((summed.detach(), count))
         return (summed / max(self.inputs.total_targets, 1)).reshape(1)
@@ -261,7 +301,9 @@ def _stage_model(model: Gemma3Model, blocks: list[int], first: bool, last: bool)
 class PipelinedGemma3Model(Gemma3Model):
     """This rank's stages under the whole model's parameter names, for the optimizer, checkpoints and
     exports. ``forward`` is the schedule's (``pipeline.train_step``); ``loss`` runs one batch through the
-    stages without a schedule, for the held-out loss."""
+    stages without a schedule, for the held-out loss (the whole batch's numbers, also under context
+    parallelism), and ``context_parallel_loss`` one rank's slice of it (what ``ContextParallelBatch.loss``
+    calls: the evaluator sums the slices over the context-parallel ranks)."""
 
     pipeline: "Pipeline"
 
@@ -271,6 +313,10 @@ class PipelinedGemma3Model(Gemma3Model):
     @torch.no_grad()
     def loss(self, input_ids, targets, info, pixel_values=None):
         return self.pipeline.forward_only(Batch(input_ids, targets, info, pixel_values))
+
+    @torch.no_grad()
+    def context_parallel_loss(self, input_ids, targets, info, pixel_values, shard: SequenceShard):
+        return self.pipeline.forward_only(Batch(input_ids, targets, info, pixel_values), shard=shard)
 
 
 @dataclass
@@ -285,6 +331,7 @@ class Pipeline:
     num_stages: int
     micro_batches: int
     seq_length: int
+    row_multiple: int  # the padded rows' length is a multiple of this (2 x cp chunks, each split over SP ranks)
     tied_parameter: nn.Parameter | None  # this rank's copy of the tied embedding, when it holds one
     tied_group: dist.ProcessGroup | None  # the pair of ranks that hold the two copies
     duplicate_names: frozenset[str]  # names this rank holds that stage 0 holds too (not counted, not exported)
@@ -303,10 +350,31 @@ class Pipeline:
     def has_last(self) -> bool:
         return any(module.is_last for module in self.stage_modules)
 
+    @property
+    def context_parallel(self) -> bool:
+        return self.context.dims.cp > 1
+
     # ------------------------------------------------------------------ inputs
     def _padded_length(self, length: int) -> int:
-        multiple = max(getattr(module, "sequence_shards", 1) for module in self.stage_modules)
-        return -(-max(length, 1) // multiple) * multiple
+        return -(-max(length, 1) // self.row_multiple) * self.row_multiple
+
+    def _shard(self, length: int, given: SequenceShard | None = None) -> SequenceShard | None:
+        """This rank's slice of rows of ``length`` tokens under context parallelism (``given``, when it was cut
+        for that length), else ``None``."""
+        if not self.context_parallel:
+            return None
+        if given is not None and given.length == length:
+            return given.to(self.context.device)
+        mesh = self.context.cp_mesh
+        return SequenceShard.create(length, mesh.size(), mesh.get_local_rank(), mesh.get_group()).to(
+            self.context.device)
+
+    def _prepare(self, batch: Batch | ContextParallelBatch, length: int) -> tuple[Batch, SequenceShard | None]:
+        """The whole micro-batch padded to ``length`` tokens, and this rank's slice of it (context parallelism:
+        the feed hands out ``ContextParallelBatch``es, cut for their own length; the stages need the step's)."""
+        if isinstance(batch, ContextParallelBatch):
+            batch = batch.whole
+        return self._pad(batch.to(self.context.device), length), self._shard(length)
 
     def _pad(self, batch: Batch, length: int) -> Batch:
         extra = length - batch.input_ids.shape[1]
@@ -331,14 +399,14 @@ class Pipeline:
             raise RuntimeError(f"the pipeline was built for {self.micro_batches} micro-batches, "
                                f"got {len(micro_batches)}")
         length = self._padded_length(self.seq_length)
-        device = self.context.device
-        batches = [self._pad(batch.to(device), length) for batch in micro_batches]
-        self.inputs.batches, self.inputs.total_targets, self.inputs.losses = batches, total_targets, []
+        prepared = [self._prepare(batch, length) for batch in micro_batches]
+        batches = [batch for batch, _ in prepared]
+        self.inputs.set(batches, [shard for _, shard in prepared], total_targets)
         index = torch.arange(len(batches))
         args = (torch.cat([b.input_ids for b in batches]),) if self.has_first else ()
         self.schedule.step(*args, target=index, micro_batch=index)
         summed = sum(float(loss) for loss, _ in self.inputs.losses) if self.has_last else 0.0
-        self.inputs.batches, self.inputs.losses = [], []
+        self.inputs.set([], [], 1)
         return self.sum_over_pipeline(summed)
 
     def sum_over_pipeline(self, value: float) -> float:
@@ -383,23 +451,31 @@ class Pipeline:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def forward_only(self, batch: Batch) -> tuple[torch.Tensor, int]:
+    def forward_only(self, batch: Batch, shard: SequenceShard | None = None) -> tuple[torch.Tensor, int]:
         """(summed loss, target count) of one batch, every pipeline rank taking part: each runs its stages in
         order, receiving the hidden states from the previous stage's rank and sending them to the next. Every
-        rank ends with the last stage's numbers."""
+        rank ends with the last stage's numbers.
+
+        Under context parallelism each rank computes its slice: ``shard`` given (``context_parallel_loss``), the
+        numbers are the slice's (the caller sums them over the context-parallel ranks); without it, the rows are
+        sliced here and the numbers summed over the context-parallel ranks too: the whole batch's."""
         device = self.context.device
-        batch = self._pad(batch.to(device), self._padded_length(batch.input_ids.shape[1]))
-        saved = (self.inputs.batches, self.inputs.total_targets, self.inputs.losses)
-        self.inputs.batches, self.inputs.total_targets, self.inputs.losses = [batch], 1, []
+        sum_slices = self.context_parallel and shard is None
+        length = self._padded_length(batch.input_ids.shape[1])
+        batch = self._pad(batch.to(device), length)
+        shard = self._shard(length, shard)
+        saved = self.inputs.saved()
+        self.inputs.set([batch], [shard], 1)
         pp, group = self.context.dims.pp, self.group
         index = torch.zeros(1, dtype=torch.long)
         hidden_dtype = self.stage_modules[0].boundary_dtype
+        rows, tokens = batch.input_ids.shape[0], length // (shard.degree if shard is not None else 1)
         try:
             for module in self.stage_modules:
                 if module.is_first:
                     x = batch.input_ids
                 else:
-                    x = torch.empty((*batch.input_ids.shape, module.config.text.hidden_size), dtype=hidden_dtype,
+                    x = torch.empty((rows, tokens, module.config.text.hidden_size), dtype=hidden_dtype,
                                     device=device)
                     dist.recv(x, group_src=(module.stage_index - 1) % pp, group=group)
                 out = module(x, index)
@@ -410,8 +486,10 @@ class Pipeline:
                 summed, count = self.inputs.losses[0]
                 result = torch.tensor([float(summed), float(count)], dtype=torch.float64, device=device)
             dist.all_reduce(result, group=group)  # the other ranks add 0
+            if sum_slices:
+                dist.all_reduce(result, group=self.context.cp_mesh.get_group())
         finally:
-            self.inputs.batches, self.inputs.total_targets, self.inputs.losses = saved
+            self.inputs.restore(saved)
         return result[0], int(result[1].item())
 
 
@@ -493,12 +571,16 @@ def build_pipeline(
         modules.append(stage)
 
     hidden = model.config.text.hidden_size
+    # Rows are padded to whole sequence-parallel shards and, under context parallelism, to 2 x cp whole chunks:
+    # stage 0 takes whole rows of ids, the stages pass each other this rank's slice of the hidden states.
+    cp = context.dims.cp
+    row_multiple = (context.dims.tp if context.sequence_parallel else 1) * (2 * cp if cp > 1 else 1)
+    length = -(-seq_length // row_multiple) * row_multiple
     stages = []
     for module in modules:
-        length = -(-seq_length // getattr(module, "sequence_shards", 1)) * getattr(module, "sequence_shards", 1)
         ids = torch.zeros(micro_batch_size, length, dtype=torch.long, device=device)
         # requires_grad: the stages send each other the gradients of the hidden states (static metadata says so).
-        states = torch.zeros(micro_batch_size, length, hidden, dtype=boundary_dtype, device=device,
+        states = torch.zeros(micro_batch_size, length // cp, hidden, dtype=boundary_dtype, device=device,
                              requires_grad=True)
         loss = torch.zeros(1, dtype=torch.float32, device=device)
         stages.append(PipelineStage(
@@ -524,7 +606,7 @@ def build_pipeline(
     duplicates = frozenset({"text.embed.weight"} if tied and holds_last and not holds_first else ())
     view.pipeline = Pipeline(
         context=context, stage_modules=modules, stages=stages, schedule=runner, inputs=inputs,
-        num_stages=num_stages, micro_batches=micro_batches, seq_length=seq_length,
+        num_stages=num_stages, micro_batches=micro_batches, seq_length=seq_length, row_multiple=row_multiple,
         tied_parameter=tied_parameter, tied_group=tied_group, duplicate_names=duplicates, view=view,
         bytes_read=bytes_read if on_meta else None,
     )

@@ -37,6 +37,10 @@ micro-batch (``train.micro_batch_size`` rows of ``seq``), ``L`` the decoder bloc
   micro-batches in flight (``m``: the step's micro-batches per data-parallel rank); its gradients accumulate over
   the step, so they are alive with the activations. The worst stage is shown. The bubble, ``(p - 1) / (m + p - 1)``
   of each step idle, is shown as a cost.
+* **Both** (``pp`` x ``cp``, as the trainer runs them: stages outermost, each stage's context-parallel ranks
+  splitting every row): a stage's terms are the context-parallel ones for its own blocks, per micro-batch in
+  flight: ``T / cp`` tokens of activations (what passes between stages is the slice too), and each of its layers'
+  all-gathered keys and values; FSDP shards the stage over its data- and context-parallel ranks.
 * **Loss**: the chunked cross-entropy's fp32 logits and their gradient for one 4,096-token chunk over this
   rank's vocabulary, and the fp32 gradient of the output matrix.
 * **Peak**: the larger of the end of forward (activations and the loss buffers alive, no gradients yet) and
@@ -50,7 +54,7 @@ layouts, offloading and long sequences are not measured yet: they are the same a
 
 The recommendation is the simplest layout that fits: FSDP (with TP where the memory needs it, preferring less
 recomputation over more TP as before), then the optimizer on the host (one GPU), then context parallelism, then
-pipeline stages last; within each, the one expected to run fastest.
+pipeline stages, then both together last; within each, the one expected to run fastest.
 """
 
 from __future__ import annotations
@@ -145,8 +149,11 @@ class Estimate:
 
     @property
     def tier(self) -> int:
-        """How much the layout asks of the run: 0 FSDP/TP, 1 optimizer on the host, 2 context-, 3 pipeline-parallel."""
-        return 3 if self.pp > 1 else 2 if self.cp > 1 else 1 if self.cpu_offload else 0
+        """How much the layout asks of the run: 0 FSDP/TP, 1 optimizer on the host, 2 context-, 3 pipeline-parallel,
+        4 both."""
+        if self.pp > 1:
+            return 4 if self.cp > 1 else 3
+        return 2 if self.cp > 1 else 1 if self.cpu_offload else 0
 
 
 def pipeline_stage_blocks(layers: int, stages: int) -> list[int]:
@@ -297,8 +304,8 @@ def gpus_per_node(gpus: int) -> int:
 def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None = None, **kwargs) -> list[Estimate]:
     """Every layout worth considering, each with each checkpointing mode: TP degrees that divide the KV heads
     and the GPUs (within a node), FSDP over the rest; on one GPU for full fine-tuning, also the
-    optimizer on the host; on several, context-parallel degrees (powers of two) and pipeline stages (1F1B) —
-    never both together (the trainer refuses CP with PP).
+    optimizer on the host; on several, context-parallel degrees (powers of two), pipeline stages (1F1B), and
+    both together (each stage's context-parallel ranks splitting every row).
 
     ``global_batch_size`` (rows a step) sets the pipeline's micro-batches; without it, ``4 pp``."""
     mode = kwargs.get("mode", "sft")
@@ -310,7 +317,8 @@ def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None 
     if gpus == 1 and mode == "sft":
         layouts.append((1, 1, 1, True))
     layouts += [(tp, cp, 1, False) for tp in degrees for cp in powers if gpus % (tp * cp) == 0]
-    layouts += [(tp, 1, pp, False) for tp in degrees for pp in powers if gpus % (tp * pp) == 0 and pp <= counts.layers]
+    layouts += [(tp, cp, pp, False) for tp in degrees for cp in [1, *powers] for pp in powers
+                if gpus % (tp * cp * pp) == 0 and pp <= counts.layers]
     options = []
     for tp, cp, pp, offload in layouts:
         micro_batches = None
@@ -332,9 +340,9 @@ def speed_cost(option: Estimate) -> float:
 
 
 def recommend(options: list[Estimate], gpu_memory_bytes: float) -> Estimate | None:
-    """The simplest fitting layout (FSDP/TP, then the optimizer on the host, then CP, then PP: ``tier``), and
-    among those the one expected to run fastest: least recomputation first, then the least TP (each TP degree
-    adds two collectives per layer), then the most headroom."""
+    """The simplest fitting layout (FSDP/TP, then the optimizer on the host, then CP, then PP, then both:
+    ``tier``), and among those the one expected to run fastest: least recomputation first, then the least TP
+    (each TP degree adds two collectives per layer), then the most headroom."""
     fitting = [o for o in options if o.total <= gpu_memory_bytes]
     if not fitting:
         return None
