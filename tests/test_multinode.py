@@ -259,7 +259,12 @@ def test_resume_on_two_nodes_under_tp_and_sigterm_on_node_1_stops_both(fsdp_two_
     finally:
         results = finish(agents)
     assert all(code != 0 for code, _ in results)  # the workers exit with 143 (128 + SIGTERM)
-    assert all("exitcode  : 143" in stderr for _, stderr in results), results[0][1][-3000:]
+    # Each agent reports its worker's 143 in its summary, but with the c10d rendezvous the store lives in one agent:
+    # when that agent exits first, the other's summary may end in a store error instead (torchrun's race, seen once
+    # under load). Both ranks' shards in the last checkpoint (below) say that rank 1 stopped cleanly too.
+    reported = ["exitcode  : 143" in stderr for _, stderr in results]
+    assert any(reported), "\n\n".join(f"node {node}:\n{stderr[-3000:]}" for node, (_, stderr) in enumerate(results))
+    assert not any("exitcode  : -15" in stderr or "Signal 15" in stderr for _, stderr in results)
     assert losses(out)[3] == pytest.approx(losses(reference)[3], rel=1e-5)
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert len(saved) == 2 and saved[0] == "step-00000002", saved
