@@ -477,12 +477,13 @@ def test_flex_tune_candidates_and_its_cpu_refusal(tmp_path, capsys):
 
 
 def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys):
-    """The script's timing, checking and choosing, with SDPA standing in for compiled flex and a wall clock for
-    CUDA events: a candidate that fails to compile is reported and skipped, one that computes something else is
-    never chosen, and the fastest agreeing one is printed as the environment variable to set."""
-    import time
-
+    """The script's timing, checking and choosing, with SDPA standing in for compiled flex and a virtual clock for
+    CUDA events (each attention call takes 1 ms of it, a "slow" one 21 ms: nothing here depends on the machine's
+    load): a candidate that fails to compile is reported and skipped, one that computes something else is never
+    chosen, and the fastest agreeing one is printed as the environment variable to set."""
     from gemma3vl.model.attention import attend, dense_mask
+
+    clock = [0.0]  # ms
 
     flex_tune = load_benchmark("flex_tune", "flex_tune_bookkeeping")
 
@@ -493,8 +494,7 @@ def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys)
         out = attend(q, k, v, block_mask, scale)
         if options.get("wrong"):
             out = out * 1.5
-        if options.get("slow"):
-            time.sleep(0.02)
+        clock[0] += 21.0 if options.get("slow") else 1.0
         return out
 
     class WallEvent:
@@ -502,13 +502,13 @@ def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys)
             self.at = None
 
         def record(self):
-            self.at = time.perf_counter()
+            self.at = clock[0]
 
         def synchronize(self):
             pass
 
         def elapsed_time(self, other):
-            return (other.at - self.at) * 1e3
+            return other.at - self.at
 
     monkeypatch.setattr(flex_tune, "compiled_flex_attention", lambda: stand_in)
     monkeypatch.setattr(flex_tune, "block_mask", lambda info, keys, window: dense_mask(info, keys, window))
@@ -531,7 +531,7 @@ def test_flex_tune_bookkeeping_with_cpu_stand_ins(tmp_path, monkeypatch, capsys)
 
     # inductor's own search as a candidate: flex compiled with that mode (here faster than every option set)
     def slow(*args, **kwargs):
-        time.sleep(0.02)
+        clock[0] += 20.0
         return stand_in(*args, **kwargs)
 
     modes = []
