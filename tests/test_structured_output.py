@@ -278,13 +278,15 @@ def server(runtime):
 
 
 def health_after_warm_up(server) -> dict:
-    """/health once the engine thread has warmed up (its ``structured_output`` is "starting" until then)."""
+    """/health once the engine thread has warmed up (``ready`` false and ``structured_output`` "starting" until
+    then)."""
     deadline = time.monotonic() + 60
     while True:
         status, _, raw = post_raw(server, b"", path="/health", method="GET")
         health = json.loads(raw)
         assert status == 200
-        if health["structured_output"] != "starting" or time.monotonic() > deadline:
+        if health["ready"] or time.monotonic() > deadline:
+            assert health["structured_output"] != "starting"
             return health
         time.sleep(0.05)
 

@@ -127,6 +127,7 @@ class BatchScheduler:
         self.joined_running = 0  # jobs admitted while others were decoding
         self.compile_error: str | None = None
         self.structured_output = "starting"  # /health: JSON output "ready", "unavailable: ..." or "failed: ..."
+        self.ready = False  # /health: the engine's warm-ups (compiling, JSON output) are done; requests wait till then
 
     def start(self) -> None:
         self.engine = ContinuousBatcher(self.runtime.model, self.runtime.tokenizer, slots=self.max_batch_size,
@@ -245,6 +246,7 @@ class BatchScheduler:
         engine = self.engine
         engine.warm_up()  # should compiling fail: serve eagerly, and say why in /health
         self.structured_output = structured.warm_up(self.runtime, engine.device)
+        self.ready = True
         while True:
             admitted = self._admissions(engine)
             if admitted is None:

@@ -420,7 +420,7 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.app
         if path == "/health":
             health = {"status": "stopping" if app.stopping else "ok", "model": app.model_name, **app.scheduler.stats(),
-                      "structured_output": app.scheduler.structured_output}
+                      "ready": app.scheduler.ready, "structured_output": app.scheduler.structured_output}
             if app.scheduler.compile_error:  # serving with the eager decode step instead
                 health["compile_error"] = app.scheduler.compile_error
             self._send_json(200, health)
