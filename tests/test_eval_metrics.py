@@ -194,6 +194,20 @@ def test_bleu4_equals_sacrebleu_on_the_corpus_and_sums_per_sample():
     assert paired_bootstrap("bleu4", stats, stats, resamples=50) == (0.0, 0.0)
 
 
+def test_bleu4_signature_is_sacrebleus_after_scoring():
+    # report.json's bleu4_signature: sacrebleu refuses a signature before a corpus is scored (nrefs unknown)
+    BLEU = pytest.importorskip("sacrebleu.metrics").BLEU
+
+    from gemma3vl.evaluation.metrics import bleu_signature
+
+    references = [["a red bus", "the bus is red"], ["a cat", "a small cat"]]
+    oracle = BLEU(lowercase=True, tokenize="13a", smooth_method="exp")
+    oracle.corpus_score(["a red bus", "a cat"], [list(r) for r in zip(*references)])
+    assert bleu_signature(references) == str(oracle.get_signature())
+    assert "nrefs:2|" in bleu_signature(references)
+    assert "nrefs:var|" in bleu_signature([["a"], ["b", "c"]])
+
+
 def test_unknown_or_missing_metrics_are_clear_errors(monkeypatch):
     with pytest.raises(Gemma3VLError, match="unknown metric.*cider.*the metrics are"):
         check_metrics(["cider"])

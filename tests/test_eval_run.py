@@ -116,6 +116,20 @@ def test_cord_layout_runs_with_receipt_metrics(base, tmp_path, capsys):
     assert "row 3" in capsys.readouterr().err
 
 
+def test_caption_layout_runs_with_its_default_metrics(base, tmp_path):
+    # bleu4 is a default of the caption layout: report.json carries sacrebleu's signature for it
+    pytest.importorskip("sacrebleu")
+    data = tmp_path / "captions.jsonl"
+    (tmp_path / "red.png").write_bytes(png(0))
+    data.write_text(json.dumps({"image": "red.png", "captions": ["a red circle", "a circle"]}) + "\n"
+                    + json.dumps({"image": "red.png", "caption": "red"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["eval", str(base), "--data", str(data), "--out", str(out), "--max-new-tokens", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["layout"] == "caption" and report["metrics"] == ["bleu4", "token_f1"]
+    assert report["examples_scored"] == 2 and "nrefs:var|" in report["bleu4_signature"]
+
+
 def _logits(model, batch):
     with torch.no_grad():
         return model(batch["input_ids"], batch.get("pixel_values"), attention_mask=batch["attention_mask"])

@@ -267,8 +267,14 @@ def _bleu():
     return BLEU(lowercase=True, tokenize="13a", smooth_method="exp")
 
 
-def bleu_signature() -> str:
-    return str(_bleu().get_signature())
+def bleu_signature(references: Sequence[Sequence[str]] = ()) -> str:
+    """sacrebleu's signature of ``bleu4`` on these references. sacrebleu only knows the number of references
+    (``nrefs``) after scoring a corpus, and refuses a signature before: it is set here, ``var`` when the
+    examples hold different numbers of them, as sacrebleu writes it."""
+    bleu = _bleu()
+    counts = {max(len(refs), 1) for refs in references}  # no reference is scored as one empty one
+    bleu.num_refs = counts.pop() if len(counts) == 1 else -1
+    return str(bleu.get_signature())
 
 
 def _bleu_stats(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:

@@ -637,7 +637,7 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
         "max_new_tokens": max_new_tokens, "decoding": "greedy", "notes": notes, "interrupted": interrupted,
     }
     if "bleu4" in names:
-        results["bleu4_signature"] = bleu_signature()
+        results["bleu4_signature"] = bleu_signature([example.references for example in examples])
     for key, run, scores, file in zip(("model", "compare"), runs, scored, files):
         label = _label(run.model) + (f" + {_label(run.adapter)}" if run.adapter else "")
         values = {name: (scores.value(name) if examples else None) for name in names}
