@@ -160,6 +160,7 @@ def test_generate_refuses_more_tokens_than_the_context(vl_dir, capsys):
     (["generate", "{model}", "--prompt", "hi", "--temperature", "nan"], "--temperature nan must be a finite number"),
     (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
     (["verify", "{model}", "--greedy-tokens", "-1"], "--greedy-tokens -1 must be >= 0"),
+    (["verify", "{model}", "--device", "tpu"], "--device 'tpu' is not a device"),
 ])
 def test_bad_flags_fail_before_any_model_loads(vl_dir, capsys, monkeypatch, argv, message):
     import gemma3vl.infer.loading

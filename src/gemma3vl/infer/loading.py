@@ -14,12 +14,16 @@ from gemma3vl.model import Gemma3Model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; anything else is an error naming ``flag``."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise Gemma3VLError(f"{flag} {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise Gemma3VLError("--device cuda was asked for, but no CUDA device is available")
+        raise Gemma3VLError(f"{flag} {name} was asked for, but no CUDA device is available")
     return device
 
 

@@ -233,7 +233,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
     if launched_by_torchrun():
         device = init_distributed(use_gpu=cfg.model.device != "cpu")
     else:
-        device = resolve_device(cfg.model.device)
+        device = resolve_device(cfg.model.device, flag="model.device")
     if cfg.recipe.startswith("tiny_"):
         if is_main_process():
             prepare_tiny_inputs(cfg, out)
