@@ -126,6 +126,25 @@ def test_prompt_scores_whole_or_in_chunks_are_transformers_log_softmax(runtime, 
     assert scores.last_logits.log_softmax(-1).tolist() == pytest.approx(expected[-1].tolist(), abs=1e-5)
 
 
+def test_text_offsets_in_a_run_of_byte_pieces_are_per_character(server, runtime):
+    """Token ids whose byte-fallback run spells several characters, one and several bytes long: each character's
+    text begins at the offset of its first byte's token; its other bytes' tokens take no text (their offset is the
+    next character's), as for one character alone."""
+    def byte(value):
+        return runtime.tokenizer.convert_tokens_to_ids(f"<0x{value:02X}>")
+
+    text = "Z[\u2713\u00e9!\u2713"
+    ids = [runtime.tokenizer.bos_token_id] + [byte(value) for value in text.encode()]
+    choice = complete(server, prompt=ids, echo=True, logprobs=0, max_tokens=0)["choices"][0]
+    echoed, offsets = choice["text"], choice["logprobs"]["text_offset"]
+    assert echoed == runtime.tokenizer.decode(ids) and echoed.endswith(text)
+    position, expected = len(echoed) - len(text), [0]
+    for character in text:
+        expected += [position] + [position + 1] * (len(character.encode()) - 1)
+        position += 1
+    assert offsets == expected
+
+
 def test_token_id_prompts_several_in_one_request_come_back_in_order(server, runtime, hf_model):
     prompts = [tokenize(runtime, "Hello world"), [2, 5, 303, 463, 332], tokenize(runtime, "What is in the picture?")]
     reply = complete(server, prompt=prompts, echo=True, logprobs=2, max_tokens=0)

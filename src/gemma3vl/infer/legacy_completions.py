@@ -134,22 +134,26 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
 
 # ---------------------------------------------------------------------------------------------- text offsets
 class TokenWidths:
-    """How many characters of a text each token takes, for ``text_offset``: a run of byte-fallback pieces decodes as
-    a whole (its text counts at its first piece), any other token alone (cached per id). Gemma's decoder joins the
-    texts of such parts unchanged, so the offsets add up to the decoded text. ``lock`` guards the tokenizer."""
+    """How many characters of a text each token takes, for ``text_offset``: a run of byte-fallback pieces is cut at
+    its UTF-8 character boundaries and each character's text counts at the piece of its first byte (the others of
+    that character take none); any other token decodes alone (cached per id). Gemma's decoder joins the texts of such
+    parts unchanged, so the offsets add up to the decoded text; a run whose characters decode differently one by one
+    than together (stray continuation bytes) counts whole at its first piece. ``lock`` guards the tokenizer."""
 
     def __init__(self, tokenizer: Any, lock: Any = None):
         self.tokenizer = tokenizer
         self.lock = lock if lock is not None else threading.Lock()
         self._cache: dict[tuple[int, bool], str] = {}
-        self._byte_ids: frozenset[int] | None = None
+        self._byte_values: dict[int, int] | None = None
 
-    def byte_ids(self) -> frozenset[int]:
-        if self._byte_ids is None:
+    def byte_values(self) -> dict[int, int]:
+        """The byte-fallback pieces' ids and the byte each stands for (``<0xE2>``: 0xE2)."""
+        if self._byte_values is None:
             with self.lock:
                 vocab = self.tokenizer.get_vocab()
-            self._byte_ids = frozenset(index for piece, index in vocab.items() if BYTE_PIECE.match(piece))
-        return self._byte_ids
+            self._byte_values = {index: int(piece[3:5], 16) for piece, index in vocab.items()
+                                 if BYTE_PIECE.match(piece)}
+        return self._byte_values
 
     def _decode(self, ids: list[int], skip_special: bool) -> str:
         if len(ids) == 1 and (ids[0], skip_special) in self._cache:
@@ -161,15 +165,29 @@ class TokenWidths:
         return text
 
     def pieces(self, ids: list[int], skip_special: bool) -> list[str]:
-        """Per token the text it adds (a byte run's whole text at its first piece, "" at the others)."""
-        byte_ids, out, i = self.byte_ids(), [], 0
+        """Per token the text it adds (within a byte run: a character's text at its first byte, "" at the others)."""
+        values, out, i = self.byte_values(), [], 0
         while i < len(ids):
             j = i + 1
-            if ids[i] in byte_ids:
-                while j < len(ids) and ids[j] in byte_ids:
+            if ids[i] in values:
+                while j < len(ids) and ids[j] in values:
                     j += 1
-            out += [self._decode(ids[i:j], skip_special)] + [""] * (j - i - 1)
+                out += self._byte_run(ids[i:j], values, skip_special)
+            else:
+                out.append(self._decode(ids[i:j], skip_special))
             i = j
+        return out
+
+    def _byte_run(self, run: list[int], values: dict[int, int], skip_special: bool) -> list[str]:
+        starts = [k for k in range(len(run)) if k == 0 or values[run[k]] & 0xC0 != 0x80]  # not a continuation byte
+        bounds = list(zip(starts, starts[1:] + [len(run)]))
+        texts = [self._decode(run[a:b], skip_special) for a, b in bounds]
+        whole = texts[0] if len(texts) == 1 else self._decode(run, skip_special)
+        if "".join(texts) != whole:
+            return [whole] + [""] * (len(run) - 1)
+        out: list[str] = []
+        for (a, b), text in zip(bounds, texts):
+            out += [text] + [""] * (b - a - 1)
         return out
 
 
