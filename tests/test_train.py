@@ -265,6 +265,29 @@ def test_resume_followed_by_an_override_takes_the_override(monkeypatch, tmp_path
     assert seen == {"steps": 8, "lr": 0.5, "resume": True}
 
 
+def test_overrides_between_options_are_overrides_in_their_order(monkeypatch, tmp_path, capsys):
+    """``train train.steps=1 --data X data.on_bad_record=error --out O train.steps=9``: argparse takes only the first
+    run of overrides as the positional list; the later ones are overrides too (the last train.steps wins), and a
+    stray option or word is still refused, naming it."""
+    import gemma3vl.train.run as run
+    from gemma3vl.cli import main
+
+    seen = {}
+
+    def fake_training(cfg, resume=None):
+        seen.update(steps=cfg.train.steps, on_bad=cfg.data.on_bad_record, lr=cfg.optim.lr, out=str(cfg.out))
+        return SimpleNamespace(steps=0, final_loss=None)
+
+    monkeypatch.setattr(run, "run_training", fake_training)
+    assert main(["train", "--recipe", "tiny_sft", "train.steps=1", "--out", str(tmp_path), "data.on_bad_record=error",
+                 "--eval-data", str(tmp_path / "eval.jsonl"), "optim.lr=0.5", "train.steps=9"]) == 0
+    assert seen == {"steps": 9, "on_bad": "error", "lr": 0.5, "out": str(tmp_path)}
+    for stray in ("--stepz", "extra"):
+        with pytest.raises(SystemExit) as exited:
+            main(["train", "--recipe", "tiny_sft", "optim.lr=0.5", "--out", str(tmp_path), stray, "train.steps=2"])
+        assert exited.value.code == 2 and f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
 def test_resume_with_settings_that_change_the_weights_meaning_is_refused(tmp_path):
     """Another peft.alpha on resume would silently rescale the trained adapters (rank, method, targets and what
     is frozen likewise): refused, naming each; dropout, the learning rate and the steps may change."""

@@ -719,10 +719,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``train``'s ``section.key=value`` overrides may also come after options
+    (``train --recipe r train.steps=8 --data X optim.lr=1e-4``): argparse takes only the first run of them as the
+    positional list and calls the rest unrecognized. They are appended in the order given (a later one wins)."""
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "overrides", None), list):
+        stray = [token for token in extras if token.startswith("-") or "=" not in token]
+        if not stray:
+            args.overrides = [*args.overrides, *extras]
+            return args
+        extras = stray
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is handled below, not at exit
