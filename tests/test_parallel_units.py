@@ -96,7 +96,12 @@ def test_planner_recommends_a_layout_that_fits(capsys):
     assert "torchrun --nproc-per-node 8 -m gemma3vl train" in printed
     assert all(f"\n{tp:>3} " not in printed for tp in (3, 5, 6, 7))  # TP degrees must divide the 8 KV heads
     assert main(["plan", "--model", "27b", "--gpus", "4", "--gpu-memory", "80"]) == 1  # 16 B/param: 110 GB a GPU
-    assert "nothing fits" in capsys.readouterr().out
+    assert ("nothing fits: use more GPUs, a shorter train.seq_length, peft (--mode peft), model.dtype=bfloat16 "
+            "(--bf16-weights), or parallel.cpu_offload=true") in capsys.readouterr().out
+    assert main(["plan", "--model", "27b", "--gpus", "1", "--gpu-memory", "16", "--mode", "peft",
+                 "--bf16-weights"]) == 1  # the levers already pulled are not suggested again
+    assert "nothing fits: use more GPUs, a shorter train.seq_length, or parallel.cpu_offload=true" in \
+        capsys.readouterr().out
     assert main(["plan", "--model", "27b", "--gpus", "4", "--gpu-memory", "80", "--mode", "peft"]) == 0
 
 

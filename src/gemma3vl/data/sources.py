@@ -183,7 +183,7 @@ class HFDatasetSource:
         if "messages" not in self.columns and "conversations" not in self.columns:
             raise Gemma3VLError(
                 f"{path}: no 'messages' or 'conversations' column (columns: {sorted(names)}); map one with "
-                "columns={'messages': '<column>'}"
+                "data.columns=messages=<column> (gemma3vl train) or columns={'messages': '<column>'} (Python)"
             )
 
     def __len__(self) -> int:

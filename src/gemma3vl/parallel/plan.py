@@ -422,8 +422,11 @@ def format_plan(counts: ModelCounts, options: list[Estimate], choice: Estimate |
                      "--all shows every row)")
     lines.append("")
     if choice is None:
-        lines.append("nothing fits: use more GPUs, a shorter train.seq_length, peft (--mode peft), "
-                     "model.dtype=bfloat16 (--bf16-weights), or parallel.cpu_offload=true")
+        levers = ["more GPUs", "a shorter train.seq_length"]
+        levers += ["peft (--mode peft)"] * (mode != "peft")
+        levers += ["model.dtype=bfloat16 (--bf16-weights)"] * (not bf16_weights)
+        levers += ["parallel.cpu_offload=true"]
+        lines.append(f"nothing fits: use {', '.join(levers[:-1])}, or {levers[-1]}")
     else:
         settings = settings_of(choice, seq=seq, micro_batch=micro_batch, bf16_weights=bf16_weights,
                                attention=attention)
