@@ -209,3 +209,23 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly():
         os.close(write_end)
     assert "Traceback" not in writer.stderr and "BrokenPipe" not in writer.stderr, writer.stderr
     assert writer.returncode == 141
+
+
+def test_an_error_line_is_written_whole_in_one_write(monkeypatch):
+    """Under torchrun each rank prints its error to the same terminal; a line written in two pieces (text, then
+    the newline) ran two ranks' errors together on one line."""
+    import gemma3vl.cli as cli
+
+    writes: list[str] = []
+
+    class Stream:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli.sys, "stderr", Stream())
+    cli.log("error: parallel.pp=2 needs at least 2 micro-batches per step")
+    assert writes == ["error: parallel.pp=2 needs at least 2 micro-batches per step\n"]

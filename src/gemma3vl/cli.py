@@ -23,7 +23,10 @@ EXIT_LINES_SKIPPED = 1  # generate --batch: some lines were bad (the rest are an
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    # One write of the line with its newline: under torchrun every rank's line then stays whole (print writes the
+    # newline separately, so two ranks' errors could run together on one line).
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def parse_size(text: str) -> int:
