@@ -632,3 +632,45 @@ def test_image_sources_refuse_odd_urls_with_4xx_and_accept_an_upper_case_data_sc
         with pytest.raises(ApiError) as refused:
             fetcher.fetch(bad, "p")
         assert refused.value.status == 400 and refused.value.param == "p", bad
+
+
+def test_requests_ended_by_stopping_the_server_get_503_unavailable(runtime):
+    """Ctrl-C with requests in flight: the running and the waiting ones, streamed or not, chat or legacy, are
+    all answered 503 ``unavailable`` (not ``generation_failed``, which says the generation itself went wrong)."""
+    settings = ServerSettings(port=0, max_batch_size=1, max_tokens=2000)
+    live = ChatCompletionServer(runtime, settings, log=io.StringIO()).start()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "temperature": 0,
+            "stop": ["never"]}
+    legacy = {"prompt": "hi", "max_tokens": 2000, "temperature": 0, "stop": ["never"]}
+    requests = [("/v1/chat/completions", {**chat, "stream": stream}) for stream in (False, True, False, True)]
+    requests += [("/v1/completions", {**legacy, "stream": stream}) for stream in (False, True)]
+    replies: dict[int, tuple[int, bytes]] = {}
+
+    def send(index: int, path: str, body: dict) -> None:
+        status, _, raw = post_raw(live, json.dumps(body).encode(), path=path)
+        replies[index] = (status, raw)
+
+    threads = [threading.Thread(target=send, args=(i, *request)) for i, request in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while True:  # one running (the tiny model's greedy answer is ~1000 tokens), the others waiting for the slot
+        health = json.loads(post_raw(live, b"", path="/health", method="GET")[2])
+        if health["running"] == 1 and health["waiting"] == len(requests) - 1:
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.02)
+    live.stop()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(replies) == list(range(len(requests)))
+    for index, (status, raw) in replies.items():
+        if requests[index][1]["stream"]:  # the 200 stream ends with an error event
+            assert status == 200
+            events = [json.loads(line[len(b"data: "):]) for line in raw.splitlines()
+                      if line.startswith(b"data: {")]
+            error = events[-1]["error"]
+        else:
+            assert status == 503, raw
+            error = json.loads(raw)["error"]
+        assert error["code"] == "unavailable", (index, error)

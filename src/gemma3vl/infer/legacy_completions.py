@@ -41,6 +41,7 @@ from gemma3vl.infer.openai_protocol import (
     SharedFields,
     _invalid,
     _is_int,
+    generation_error,
     now,
     shared_fields,
     usage,
@@ -333,7 +334,7 @@ def _response(completion_id: str, created: int, model: str, choices: list[dict],
 def _failure(app: "ChatCompletionServer", event: tuple) -> ApiError | None:
     """The error a job's event stands for (None: an ordinary event)."""
     if event[0] == "error":
-        return ApiError(503 if app.stopping else 500, event[1], code="generation_failed")
+        return generation_error(event[1], stopping=app.stopping)
     if event[0] == "done" and event[2].finish_reason == FINISH_CANCELLED:
         return ApiError(503, "the server is shutting down", code="unavailable")
     if event[0] == "done" and event[2].finish_reason == FINISH_ERROR:

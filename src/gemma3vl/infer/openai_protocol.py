@@ -82,6 +82,14 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def generation_error(message: str, *, stopping: bool) -> ApiError:
+    """A generation that ended in an error: 500 ``generation_failed``, or, when a stopping server ended it, 503
+    ``unavailable`` (what a request still waiting then gets)."""
+    if stopping:
+        return ApiError(503, message, code="unavailable")
+    return ApiError(500, message, code="generation_failed")
+
+
 @dataclass
 class ImagePart:
     """An ``image_url`` part, not fetched yet; ``param`` names it in errors (``messages[1].content[0]``)."""

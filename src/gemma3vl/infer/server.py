@@ -42,6 +42,7 @@ from gemma3vl.infer.openai_protocol import (
     chunk_choice,
     chunk_object,
     completion_object,
+    generation_error,
     logprobs_object,
     models_object,
     new_completion_id,
@@ -488,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
         done: dict[int, Completion] = {}
         for event in self.app.events(job, self._client_gone):
             if event[0] == "error":
-                raise ApiError(503 if self.app.stopping else 500, event[1], code="generation_failed")
+                raise generation_error(event[1], stopping=self.app.stopping)
             if event[0] == "done":
                 _, index, completion = event
                 if completion.finish_reason == FINISH_CANCELLED:
@@ -519,7 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
                 _, index, (text, logprobs) = event
                 self._write_chunk(chunk(chunk_choice(index, {"content": text}, logprobs=self.app.logprobs(logprobs))))
             elif event[0] == "error":
-                error = ApiError(503 if self.app.stopping else 500, event[1], code="generation_failed")
+                error = generation_error(event[1], stopping=self.app.stopping)
                 record.status, record.detail = error.status, f"error in stream: {event[1]}"
                 self._write_chunk(_sse(error.body()))
             elif event[2].finish_reason == FINISH_CANCELLED:
