@@ -101,14 +101,21 @@ def test_export_from_pipeline_stages_is_the_single_process_export_bit_for_bit(re
     assert_single_process_export_is_the_same(sharded, workdir / "pp2_tp2_export", workdir)
 
 
-def test_lora_under_pp2_computes_what_one_process_computes(workdir):
+def test_lora_under_pp2_computes_what_one_process_computes(data, workdir, capsys):
     """The adapters train in the stage that holds their block (the tied embedding is frozen: no copy to sync);
-    the PEFT adapter and the merged model are gathered from both stages."""
+    the PEFT adapter and the merged model are gathered from both stages. The log's parameter counts are the whole
+    model's, as one process prints them (not rank 0's stage alone)."""
     single, pipelined = workdir / "lora_single", workdir / "lora_pp2"
     assert main(["train", "--recipe", "tiny_peft", "--out", str(single), *inputs(workdir), *COMMON]) == 0
     result = checked(torchrun(2, pipelined, *inputs(workdir), *COMMON, *PIPELINE_LAYOUTS["pp2_1f1b"][1],
                               recipe="tiny_peft"))
     assert "sharded loading: this rank read" in result.stderr  # the adapters too: made as one process makes them
+
+    def counts(stderr):
+        (line,) = [line for line in stderr.splitlines() if line.startswith("model: ")]
+        return line[line.index("trainable: "):]
+
+    assert counts(result.stderr) == counts(capsys.readouterr().err)
     assert_losses_match(losses(pipelined), losses(single))
     assert_losses_match(losses(pipelined, "grad_norm"), losses(single, "grad_norm"))
     adapter = exported(single, "adapter")

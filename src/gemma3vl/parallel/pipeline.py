@@ -409,6 +409,16 @@ class Pipeline:
         self.inputs.set([], [], 1)
         return self.sum_over_pipeline(summed)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the whole model, every pipeline rank taking part: this rank's stages'
+        (a DTensor counts its whole shape, so FSDP and TP inside a stage count once) summed over the pipeline
+        ranks, the last stage's copy of the tied embedding not counted."""
+        named = [(name, p) for name, p in self.view.named_parameters() if name not in self.duplicate_names]
+        counts = torch.tensor([sum(p.numel() for _, p in named if p.requires_grad), sum(p.numel() for _, p in named)],
+                              dtype=torch.float64, device=self.context.device)
+        dist.all_reduce(counts, group=self.group)
+        return int(counts[0].item()), int(counts[1].item())
+
     def sum_over_pipeline(self, value: float) -> float:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.context.device)
         dist.all_reduce(tensor, group=self.group)

@@ -319,7 +319,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, adapters included in the total (as PEFT reports them)."""
+    """(trainable, total) parameter counts, adapters included in the total (as PEFT reports them); of the whole model
+    under pipeline stages (a collective: every pipeline rank calls it)."""
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is not None:
+        return pipeline.parameter_counts()
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
