@@ -252,6 +252,7 @@ def test_broken_images_are_skipped_named_and_counted(processor, tmp_path):
         message = str(caught.value)
         assert message.startswith(f"{path}:{line}: image '{name}'"), message
         assert re.search(words, message), (words, message)
+        assert " object at 0x" not in message, message  # no repr of the in-memory file Pillow was given
 
 
 def test_the_pixel_limit_is_a_setting(processor, tmp_path):

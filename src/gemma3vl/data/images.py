@@ -38,7 +38,7 @@ from gemma3vl.data.records import (
     ImageRef,
 )
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image, upright
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image, unreadable, upright
 
 DEFAULT_MAX_REMOTE_BYTES = 32 * 1024 * 1024
 REMOTE_TIMEOUT_S = 30.0
@@ -123,7 +123,7 @@ class ImageLoader:
                 probe.load()  # decode now, so a truncated image fails here with its record
                 image = probe.copy()
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-            raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: not a readable image ({exc})") from None
+            raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: not a readable image ({unreadable(exc)})") from None
         return _upright(image, label, source)
 
 

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.openai_protocol import ApiError
-from gemma3vl.infer.prompt import upright
+from gemma3vl.infer.prompt import unreadable, upright
 
 
 @dataclass
@@ -133,7 +133,8 @@ class ImageFetcher:
         except ApiError:
             raise
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-            raise ApiError(400, f"'{param}': not a readable image ({exc})", param=param, code="invalid_image") from None
+            raise ApiError(400, f"'{param}': not a readable image ({unreadable(exc)})", param=param,
+                           code="invalid_image") from None
         try:
             return upright(image, f"'{param}'")  # EXIF orientation, as transformers' load_image
         except Gemma3VLError as exc:

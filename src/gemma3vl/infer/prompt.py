@@ -8,6 +8,7 @@ transformers produces for the same directory.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuses decompression bombs long before memory runs out
+
+
+def unreadable(exc: Exception) -> str:
+    """Why Pillow could not read an image, for an error message: its own words without the address of the
+    in-memory file it was given (``cannot identify image file <_io.BytesIO object at 0x7f...>``)."""
+    return re.sub(r" <_io\.\w+ object at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
 
 
 def processor_dir(model_dir: str | Path) -> Path:
@@ -63,7 +70,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     except Gemma3VLError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        raise Gemma3VLError(f"{path}: not a readable image ({exc})") from None
+        raise Gemma3VLError(f"{path}: not a readable image ({unreadable(exc)})") from None
     return upright(image, str(path))
 
 
