@@ -517,3 +517,33 @@ def test_round_trip_gives_back_config_and_index_text_byte_for_byte(tmp_path):
     # resharded, the index is ours (the source's no longer describes the files)
     resharded = bridge.export_checkpoint(native, tmp_path / "resharded", max_shard_bytes=200_000, progress=False)
     assert (resharded / index_path.name).read_text().endswith("}\n")
+
+
+def test_index_total_size_counted_otherwise_comes_back_unless_dtypes_changed(tmp_path):
+    # Another tool's index may count total_size its own way (here 12 bytes over the tensors' sum): with the
+    # dtypes as imported, export gives the index back as it was; only a changed dtype rewrites total_size.
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "hf"
+    bridge.write_random_hf_checkpoint(tiny_hf_config(), source, dtype=torch.float32, max_shard_bytes=300_000)
+    index_path = source / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    true_total = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = true_total + 12
+    index_text = json.dumps(index, indent=2)
+    index_path.write_text(index_text)
+    native = bridge.import_checkpoint(source, tmp_path / "native", progress=False)
+    exported = bridge.export_checkpoint(native, tmp_path / "exported", progress=False)
+    assert (exported / index_path.name).read_text() == index_text
+    # cast one native tensor to bfloat16 by hand: the exported index must then give the new true total
+    native_index = json.loads((native / index_path.name).read_text())["weight_map"]
+    name = next(n for n in native_index if n.endswith("norm.weight"))
+    file = native / native_index[name]
+    with safe_open(file, "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(file)
+    halved = tensors[name].numel() * 2
+    tensors[name] = tensors[name].to(torch.bfloat16)
+    save_file(tensors, file, metadata=metadata)
+    recast = bridge.export_checkpoint(native, tmp_path / "recast", progress=False)
+    assert json.loads((recast / index_path.name).read_text())["metadata"]["total_size"] == true_total - halved

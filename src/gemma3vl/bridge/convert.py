@@ -177,10 +177,12 @@ def _source_split(native: NativeCheckpoint, planned: dict[str, PlannedTensor]):
     if not source["sharded"]:
         return files, None
     metadata = source.get("index_metadata") or {}
-    if "total_size" in metadata:
-        total = sum(t.nbytes for t in planned.values())
-        if metadata["total_size"] != total:  # dtypes changed since import: keep the index truthful
-            metadata = {**metadata, "total_size": total}
+    source_dtypes = source.get("dtypes") or {}
+    changed = any(source_dtypes.get(old, planned[new].dtype) != planned[new].dtype
+                  for old, new in source_keys.items() if new in planned)
+    if "total_size" in metadata and changed:  # dtypes changed since import: keep the index truthful
+        # (only then: a source index whose total_size another tool counted otherwise comes back as it was)
+        metadata = {**metadata, "total_size": sum(t.nbytes for t in planned.values())}
     return files, metadata
 
 
