@@ -109,14 +109,16 @@ def transformers_text_config(directory: Path):
     return getattr(config, "text_config", config)
 
 
-@pytest.mark.parametrize("case", ["nested-without-thetas", "nested-and-legacy-scaling", "only-private-pattern"])
+@pytest.mark.parametrize("case", ["nested-without-thetas", "nested-and-legacy-scaling", "only-private-pattern",
+                                  "flat-default"])
 def test_config_variants_parse_as_transformers_does(tmp_path, case):
     """transformers (the oracle) parses these text_config forms; our layer types and RoPE tables must be its.
 
     nested-without-thetas: per-layer-type rope_parameters that leave rope_theta out, beside the legacy
     rope_theta / rope_local_base_freq (transformers fills the entries from those); nested-and-legacy-scaling:
     per-layer-type entries beside a legacy rope_scaling (merged into the global entry). only-private-pattern: a
-    ``_sliding_window_pattern`` (which transformers writes but never reads) and no layer_types: pattern 6."""
+    ``_sliding_window_pattern`` (which transformers writes but never reads) and no layer_types: pattern 6.
+    flat-default: a flat rope_parameters (transformers ignores it) that says what transformers takes anyway."""
     raw = tiny_hf_config()
     text = raw["text_config"]
     for key in ("sliding_window_pattern", "rope_scaling"):
@@ -131,6 +133,9 @@ def test_config_variants_parse_as_transformers_does(tmp_path, case):
                     rope_scaling={"rope_type": "linear", "factor": 4.0},
                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                      "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}})
+    elif case == "flat-default":
+        text.update(layer_types=["sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
     else:
         text.update(_sliding_window_pattern=2, num_hidden_layers=7)
     form = json.dumps(raw, indent=2)  # before transformers fills the nested dicts in place
@@ -147,6 +152,26 @@ def test_config_variants_parse_as_transformers_does(tmp_path, case):
         assert rope.factor == expected.get("factor", 1.0), kind
     if case == "nested-without-thetas":  # same weights, same config: same logits
         assert_same_logits_as_transformers(source)
+
+
+@pytest.mark.parametrize("flat", [{"rope_type": "linear", "factor": 8.0},
+                                  {"rope_type": "default", "rope_theta": 500_000.0}])
+def test_flat_rope_parameters_that_transformers_would_ignore_are_refused(tmp_path, flat):
+    """transformers (the oracle) reads only per-layer-type rope_parameters for Gemma 3 and ignores a flat dict
+    (no scaling, thetas from the legacy keys): a flat dict that says otherwise is one clear error, not a model
+    whose logits part from transformers'."""
+    raw = tiny_hf_config()
+    text = raw["text_config"]
+    for key in ("sliding_window_pattern", "rope_scaling"):
+        text.pop(key)
+    text.update(layer_types=["sliding_attention", "full_attention"] * 2, rope_parameters=flat)
+    source = tmp_path / "hf"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(raw, indent=2))
+    theirs = transformers_text_config(source)
+    assert theirs.rope_parameters["full_attention"] == {"rope_type": "default", "rope_theta": 1_000_000.0}
+    with pytest.raises(Gemma3VLError, match="rope_parameters .* is flat; Gemma 3 needs one entry per layer type"):
+        bridge.read_config(source)
 
 
 LOOK_ALIKES = {

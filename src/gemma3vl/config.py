@@ -426,6 +426,18 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
                                      f"{where}: rope_parameters.{SLIDING}")
         rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_parameters.{FULL}")
     else:
+        if isinstance(rope_parameters, dict) and rope_parameters and raw.get("rope_scaling") is None:
+            # A flat dict (the form most models use in transformers 5): for Gemma 3, transformers reads only
+            # per-layer-type entries and silently ignores it. Accept it only where that changes nothing.
+            flat = _rope_from_dict({"rope_theta": global_theta, **rope_parameters}, global_theta,
+                                   f"{where}: rope_parameters")
+            if flat != RopeConfig(theta=global_theta):
+                raise Gemma3VLError(
+                    f"{where}: rope_parameters {rope_parameters!r} is flat; Gemma 3 needs one entry per layer type "
+                    f"({{{SLIDING!r}: {{...}}, {FULL!r}: {{...}}}}); transformers ignores a flat one (no scaling, "
+                    "thetas from rope_theta / rope_local_base_freq)"
+                )
+            rope_parameters = None
         # Legacy: rope_scaling applies to global layers only (reference §1.1).
         scaling = raw.get("rope_scaling") or rope_parameters or {}
         global_entry = dict(scaling)
