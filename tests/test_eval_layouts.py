@@ -126,6 +126,23 @@ def test_captions_layout(tmp_path):
     assert ExampleFile(single).example(0).references == ["A dot."]
 
 
+def test_blank_answers_are_never_the_target(tmp_path):
+    """A blank answer beside real ones stays a reference but is not what training learns: VQA's most frequent
+    answer and the first caption are taken among the non-blank ones."""
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"image": "a.png", "question": "Q?", "answers": ["", "ok"]},
+            {"image": "a.png", "question": "Q?", "answers": [" ", " ", "yes", "no"]}]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    examples = ExampleFile(path)
+    assert examples.example(0).target == "ok" and examples.example(0).references == ["", "ok"]
+    assert examples.example(1).target == "yes" and examples.example(1).references == [" ", " ", "yes", "no"]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image": "a.png", "captions": ["", "A dot."]}) + "\n")
+    example = ExampleFile(captions).example(0)
+    assert example.target == "A dot." and example.references == ["", "A dot."]
+    assert LayoutSource(captions).record(0)[0]["messages"][-1]["content"] == "A dot."
+
+
 def test_conversation_records_are_examples_too(tmp_path):
     draw_picture("red circle").save(tmp_path / "a.png")
     record = {"messages": [

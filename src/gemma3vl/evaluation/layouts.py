@@ -359,12 +359,14 @@ def to_example(row: dict, layout: str, source: str, index: int, base_dir: Path) 
         if not isinstance(question, str) or not question.strip():
             raise BadRecord(source, INVALID_SCHEMA, f"'question' must be a non-empty string, got {question!r}")
         references = _answers(row, source)
-        target = Counter(references).most_common(1)[0][0]
+        # Blank answers stay references (as stored) but are never the target: a tie or a majority of blanks
+        # would otherwise train on an empty answer.
+        target = Counter(r for r in references if r.strip()).most_common(1)[0][0]
         prompt = f"{question.strip()}\n{VQA_SUFFIX}"
     elif layout == "caption":
         references = _strings(row.get("captions") if row.get("captions") is not None else row.get("caption"),
                               "captions" if row.get("captions") is not None else "caption", source)
-        target, prompt = references[0], CAPTION_PROMPT
+        target, prompt = next(r for r in references if r.strip()), CAPTION_PROMPT
     else:
         raise Gemma3VLError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     return Example(identifier, source, [Turn("user", [image, prompt])], target, references, base_dir)
