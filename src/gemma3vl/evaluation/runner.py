@@ -254,8 +254,8 @@ def answer_examples(runtime: Any, examples: list[Example], *, batch_size: int, m
 class AnswerLog:
     """``OUT/answers.jsonl.partial``: one line per row as soon as it is answered (or found unanswerable), flushed
     (and fsynced every ``SYNC_EVERY_S`` seconds and at the end, so that a machine that goes down loses at most
-    that much), in the order the answers come: ``{"row", "id", "source", "prediction" | "failure", "seconds"}`` (``seconds``:
-    the model's generation time so far, over every session of the run).
+    that much), in the order the answers come: ``{"row", "id", "source", "prediction" | "failure", "seconds"}``
+    (``seconds``: the model's generation time so far, over every session of the run).
 
     The file is made at the first answer. With ``resume`` the lines already there are read back (a last line cut
     short by a kill is dropped, and answered again), each checked against the row it names."""

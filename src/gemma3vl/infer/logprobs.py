@@ -122,8 +122,8 @@ def score_prompt(model: Any, input_ids: torch.Tensor, top: int | None) -> Prompt
 @torch.no_grad()
 def scores_of_hidden_states(model: Any, input_ids: torch.Tensor, hidden: torch.Tensor,
                             top: int | None) -> PromptScores:
-    """The prompt logprobs of ``input_ids`` [T] from the decoder's final hidden states over it (``hidden`` [T, D]; [1, D]
-    of the last column when ``top`` is None): the logits of every position, a few hundred positions at a time (a
+    """The prompt logprobs of ``input_ids`` [T] from the decoder's final hidden states over it (``hidden`` [T, D];
+    [1, D] of the last column when ``top`` is None): the logits of every position, a few hundred positions at a time (a
     [T, V] float32 array for a long prompt and Gemma's 262k vocabulary would be gigabytes), their ``log_softmax``
     (float32, the raw model distribution as for generated tokens); the next token's value and the top ``top``
     (value, id) pairs reach the host."""
