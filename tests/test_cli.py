@@ -229,3 +229,36 @@ def test_an_error_line_is_written_whole_in_one_write(monkeypatch):
     monkeypatch.setattr(cli.sys, "stderr", Stream())
     cli.log("error: parallel.pp=2 needs at least 2 micro-batches per step")
     assert writes == ["error: parallel.pp=2 needs at least 2 micro-batches per step\n"]
+
+
+def test_under_torchrun_an_error_every_rank_raises_is_printed_once(monkeypatch, capsys):
+    """A layout every rank refuses alike is printed by rank 0 alone (not 64 times); an error of one rank's own
+    (e.g. a record in its share of the data) is printed by that rank, with its number."""
+    import gemma3vl.cli as cli
+    from gemma3vl.errors import Gemma3VLError, on_every_rank
+
+    def run(rank: int, world: int, exc: Gemma3VLError) -> str:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        cli.report_error(exc)
+        return capsys.readouterr().err
+
+    layout = on_every_rank(Gemma3VLError("parallel.tp=3 does not divide 8 attention heads"))
+    own = Gemma3VLError("data.jsonl line 7: image not found")
+    assert run(0, 4, layout) == "error: parallel.tp=3 does not divide 8 attention heads\n"
+    assert run(3, 4, layout) == ""
+    assert run(3, 4, own) == "error (rank 3): data.jsonl line 7: image not found\n"
+    assert run(0, 1, own) == "error: data.jsonl line 7: image not found\n"
+
+
+def test_train_marks_a_bad_setting_as_raised_by_every_rank(tmp_path, monkeypatch, capsys):
+    """A rank other than 0 stays silent on a setting every rank reads alike, and still exits non-zero."""
+    import gemma3vl.cli as cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli.main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path / "o"), "train.steps=-3"])
+    assert code == cli.EXIT_BAD_INPUT and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path / "o"), "train.steps=-3"]) == 2
+    assert "train.steps" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gemma3vl.errors import Gemma3VLError
+from gemma3vl.errors import Gemma3VLError, on_every_rank
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
@@ -27,6 +27,17 @@ def log(message: str) -> None:
     # newline separately, so two ranks' errors could run together on one line).
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
+
+
+def report_error(exc: Gemma3VLError) -> None:
+    """``error: ...`` on stderr. Under torchrun (``WORLD_SIZE`` > 1) rank 0 prints it as is; another rank prints
+    its own errors as ``error (rank N): ...`` and stays silent on one that every rank raised alike (rank 0 says
+    it), so that a layout mistake on 64 ranks is one line, not 64."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or rank == 0:
+        log(f"error: {exc}")
+    elif not exc.same_on_every_rank:
+        log(f"error (rank {rank}): {exc}")
 
 
 def parse_size(text: str) -> int:
@@ -404,12 +415,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
         # `--resume train.steps=8`: argparse took the override for --resume's optional PATH
         args.overrides, args.resume = [args.resume, *args.overrides], True
-    cfg = build_config(args.recipe, args.config, args.overrides)
-    for key, value in (("model.path", args.model), ("data.path", args.data), ("data.eval_path", args.eval_data),
-                       ("out", args.out)):
-        if value is not None:
-            set_value(cfg, key, value)
-    cfg.validate()
+    try:  # the command line and the settings: the same on every torchrun rank
+        cfg = build_config(args.recipe, args.config, args.overrides)
+        for key, value in (("model.path", args.model), ("data.path", args.data), ("data.eval_path", args.eval_data),
+                           ("out", args.out)):
+            if value is not None:
+                set_value(cfg, key, value)
+        cfg.validate()
+    except Gemma3VLError as exc:
+        raise on_every_rank(exc)
     try:
         result = run_training(cfg, resume=args.resume)
     except TrainingStopped as stopped:  # SIGTERM / Ctrl-C: a checkpoint of the last whole step was saved
@@ -747,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, where a closed pipe is handled below, not at exit
         return code
     except Gemma3VLError as exc:
-        log(f"error: {exc}")
+        report_error(exc)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         log("interrupted")

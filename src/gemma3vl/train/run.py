@@ -28,7 +28,7 @@ from gemma3vl.data.dataset import ConversationDataset, DataSummary
 from gemma3vl.data.loader import BatchLoader
 from gemma3vl.data.settings import DataConfig
 from gemma3vl.data.sources import is_hf_dataset
-from gemma3vl.errors import Gemma3VLError
+from gemma3vl.errors import Gemma3VLError, on_every_rank
 from gemma3vl.infer.loading import load_model, resolve_device
 from gemma3vl.infer.prompt import load_processor
 from gemma3vl.model import Gemma3Model
@@ -118,11 +118,9 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
                       targets=tuple(p.targets), include_vision=p.include_vision)
 
 
-def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | None:
-    """Check the ``parallel.*`` layout against the world size and the model, and build the device mesh.
-
-    One process (no torchrun): the degrees must all come out as 1, and nothing is set up."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
+def check_layout(cfg: TrainConfig, world_size: int) -> ParallelDims:
+    """The ``parallel.*`` degrees resolved against the world size, checked against the model and the batch. What
+    it refuses follows from the settings and the world size alone, so every rank refuses alike (rank 0 says it)."""
     dims = ParallelDims.resolve(cfg.parallel_degrees(), world_size)
     per_step = cfg.train.micro_batch_size * dims.dp
     # (pipeline parallelism) the pipeline's micro-batches are the step's, per data-parallel rank
@@ -145,6 +143,17 @@ def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | 
             f"train.freeze_language=true with parallel.pp={dims.pp}: only the vision tower and projector train, and "
             f"they are in the first pipeline stage: the other stages would have nothing to train; set parallel.pp=1 "
             f"(and parallel.dp_shard=-1 to shard over every rank)")
+    return dims
+
+
+def setup_parallel(cfg: TrainConfig, device: torch.device) -> ParallelContext | None:
+    """Check the ``parallel.*`` layout against the world size and the model, and build the device mesh.
+
+    One process (no torchrun): the degrees must all come out as 1, and nothing is set up."""
+    try:
+        dims = check_layout(cfg, dist.get_world_size() if dist.is_initialized() else 1)
+    except Gemma3VLError as exc:
+        raise on_every_rank(exc)
     if not dist.is_initialized():
         return None
     context = ParallelContext.create(dims, device, sequence_parallel=cfg.parallel.sequence_parallel)
