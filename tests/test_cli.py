@@ -156,9 +156,9 @@ def test_generate_refuses_more_tokens_than_the_context(vl_dir, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "{model}", "--prompt", "hi", "--temperature", "-1"], "temperature=-1.0 must be > 0"),
+    (["generate", "{model}", "--prompt", "hi", "--temperature", "-1"], "--temperature -1.0 must be > 0"),
     (["generate", "{model}", "--prompt", "hi", "--temperature", "nan"], "--temperature nan must be a finite number"),
-    (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
+    (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
     (["verify", "{model}", "--greedy-tokens", "-1"], "--greedy-tokens -1 must be >= 0"),
     (["verify", "{model}", "--device", "tpu"], "--device 'tpu' is not a device"),
 ])
@@ -262,3 +262,25 @@ def test_train_marks_a_bad_setting_as_raised_by_every_rank(tmp_path, monkeypatch
     monkeypatch.setenv("RANK", "0")
     assert cli.main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path / "o"), "train.steps=-3"]) == 2
     assert "train.steps" in capsys.readouterr().err
+
+
+def test_a_bad_sampling_value_from_the_generation_config_names_that_file(vl_dir, capsys, monkeypatch):
+    """A value no flag set comes from the checkpoint's ``generation_config.json``: the error names that file."""
+    import json
+
+    import gemma3vl.infer.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("no model may be loaded")
+
+    monkeypatch.setattr(gemma3vl.infer.loading, "load_model", no_loading)
+    directory, _ = vl_dir
+    generation = directory / "generation_config.json"
+    saved = generation.read_text() if generation.exists() else None
+    try:
+        generation.write_text(json.dumps({"do_sample": True, "top_p": 2.0, "eos_token_id": 1}))
+        assert main(["generate", str(directory), "--prompt", "hi", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {generation}: top_p=2.0 must be in (0, 1]" in err, err
+    finally:
+        generation.write_text(saved) if saved is not None else generation.unlink()

@@ -322,11 +322,11 @@ def test_non_finite_sampling_values_are_bad_lines(runtime, workdir, value):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
-    (["--temperature", "-1"], "temperature=-1.0 must be > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--temperature", "-1"], "--temperature -1.0 must be > 0"),
     (["--temperature", "nan"], "--temperature nan must be a finite number"),
-    (["--top-p", "2"], "top_p=2.0 must be in (0, 1]"),
-    (["--top-k", "0"], "top_k=0 must be >= 1"),
+    (["--top-p", "2"], "--top-p 2.0 must be in (0, 1]"),
+    (["--top-k", "0"], "--top-k 0 must be >= 1"),
     (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
     (["--output", "{workdir}"], "is a directory (--output names the answers file"),
     (["--output", "{workdir}/prompts.jsonl/answers.jsonl"], "prompts.jsonl is a file, not a directory"),

@@ -128,6 +128,26 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
     )
 
 
+def checked_sampling(args: argparse.Namespace, model_dir: Path, config) -> "Sampling":
+    """``sampling_from``, validated; an error names what set the value at fault: the flag (``--top-k 0 must be
+    >= 1``), or else the checkpoint's ``generation_config.json``."""
+    from gemma3vl.infer.prompt import processor_dir
+
+    sampling = sampling_from(args, model_dir, config)
+    try:
+        sampling.validate()
+    except Gemma3VLError as exc:
+        message = str(exc)
+        field, _, rest = message.partition("=")
+        if not field.isidentifier() or not rest:
+            raise
+        value, _, reason = rest.partition(" ")
+        if getattr(args, field, None) is not None:
+            raise Gemma3VLError(f"--{field.replace('_', '-')} {value} {reason}") from None
+        raise Gemma3VLError(f"{processor_dir(model_dir) / 'generation_config.json'}: {message}") from None
+    return sampling
+
+
 def check_generate_flags(args: argparse.Namespace) -> "Sampling":
     """``generate``'s sampling flags (and ``--batch-size``), checked before the model loads: a bad flag is one
     error, not a failure after loading (nor, with ``--batch``, every line skipped as bad). Returns the sampling
@@ -140,9 +160,7 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
     check_penalty_flags(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
-    sampling = sampling_from(args, Path(args.model_dir), bridge.read_config(args.model_dir))
-    sampling.validate()
-    return sampling
+    return checked_sampling(args, Path(args.model_dir), bridge.read_config(args.model_dir))
 
 
 def json_schema_flag(args: argparse.Namespace) -> dict | None:
@@ -305,8 +323,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     check_penalty_flags(args)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
-    sampling = sampling_from(args, runtime.model_dir, runtime.config)
-    sampling.validate()
+    sampling = checked_sampling(args, runtime.model_dir, runtime.config)
     log(runtime.describe())
     interactive = sys.stdin.isatty()
     if interactive:
