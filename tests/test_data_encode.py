@@ -219,3 +219,36 @@ def test_text_spelling_a_control_token_is_refused(processor):
         with pytest.raises(BadRecord, match="control token") as caught:
             ConversationEncoder(processor).encode(parse_record(record, "x:3"))
         assert caught.value.reason == "special_token_in_text"
+
+
+@pytest.mark.parametrize("form", ["messages", "llava"])
+def test_an_empty_system_prompt_encodes_as_the_template_renders_it(processor, text_tokenizer, dataset_dir, form):
+    """The oracle is transformers itself; the tokenizer/processor is the tiny
+    offline stand-in (tiny_tokenizer), and no model, tiny random or other, is involved: Gemma's template
+    renders an empty system prompt as "" + "\\n\\n" (``apply_chat_template(tokenize=False)``; the text-only
+    tokenizer's ``apply_chat_template(tokenize=True)`` gives those ids). transformers' VL processor with
+    ``tokenize=True`` swaps the empty content for [] and its template fails on ``content[0]``; the record used
+    to be skipped as encoding_failed ("list object has no element 0")."""
+    if form == "messages":
+        record = {"messages": [{"role": "system", "content": ""}, user("What is in this picture?", "a.png"),
+                               assistant("A red circle.")]}
+    else:
+        record = {"image": "a.png", "conversations": [{"from": "system", "value": ""},
+                                                      {"from": "human", "value": "<image>What is in this picture?"},
+                                                      {"from": "gpt", "value": "A red circle."}]}
+    messages = [{"role": "system", "content": ""}, user("What is in this picture?", "a.png"),
+                assistant("A red circle.")]
+    rendered = processor.apply_chat_template(opened(messages, dataset_dir), tokenize=False)
+    assert rendered.startswith("<bos><start_of_turn>user\n\n\n")
+    expected = processor(text=rendered, images=[opened(messages, dataset_dir)[1]["content"][0]["image"]],
+                         add_special_tokens=False, return_tensors="pt")
+    sample = ConversationEncoder(processor).encode(parse_record(record, "x:1", dataset_dir))
+    assert sample.input_ids.tolist() == expected["input_ids"][0].tolist()
+    assert torch.equal(sample.pixel_values, expected["pixel_values"])
+    runs = labelled_runs(sample)
+    assert [processor.tokenizer.decode(sample.input_ids[a:b]) for a, b in runs] == ["A red circle.<end_of_turn>"]
+    # text-only: the tokenizer's own chat template encodes it
+    text_messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}, assistant("Hello!")]
+    ids = ConversationEncoder(text_tokenizer).encode(parse_record({"messages": text_messages}, "x:1")).input_ids
+    expected_ids = text_tokenizer.apply_chat_template(text_messages, tokenize=True, return_dict=True)["input_ids"]
+    assert ids.tolist() == expected_ids

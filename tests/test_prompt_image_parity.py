@@ -14,6 +14,10 @@ Found and fixed here:
 - A control token's string split over two text parts (``"<start_of_"``, ``"turn>"``) escaped the
   special-token check: the template trims and concatenates the parts, so the tokenizer read a control token
   (``data/encode.py``, ``infer/conversation.py``).
+- An empty system prompt failed: transformers' processor swaps an empty string content for [] and Gemma's
+  template then fails on ``content[0]`` ("list object has no element 0"). Training records with ``"content": ""``
+  were skipped as encoding_failed; a chat system message of several empty parts (or none) was refused. Both now
+  encode the template's own rendering, "" + "\\n\\n" (``data/encode.py``, ``infer/conversation.py``).
 """
 
 from __future__ import annotations
@@ -281,3 +285,20 @@ def test_an_image_outside_a_user_turn_is_refused_naming_the_message(processor, r
         turns = [Turn("user", ["hi"]), Turn("assistant", [image, "this"]), Turn("user", ["and?"])]
     with pytest.raises(Gemma3VLError, match=rf"^message {index}: images can only be in user messages"):
         encode_conversation(processor, CONFIG, turns)
+
+
+@pytest.mark.parametrize("parts", [[""], ["", ""], []])
+def test_an_empty_system_message_is_rendered_as_transformers_renders_the_empty_string(processor, parts):
+    """The oracle is transformers itself; the tokenizer/processor is the tiny
+    offline stand-in (tiny_tokenizer), and no model, tiny random or other, is involved: the template's
+    rendering of an empty system prompt ("" + "\\n\\n", ``apply_chat_template(tokenize=False)``) tokenised by the
+    processor. Several empty parts joined (and no parts) used to be refused with the template's bare
+    "list object has no element 0": transformers' processor swaps an empty string content for []."""
+    image = draw_picture()
+    messages = [{"role": "system", "content": ""},
+                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = processor(text=rendered, images=[image], add_special_tokens=False, return_tensors="pt")
+    ours = encode_conversation(processor, CONFIG, [Turn("system", parts), Turn("user", [image, "Hi"])])
+    assert ours.input_ids.tolist() == expected["input_ids"][0].tolist()
+    assert torch.equal(ours.pixel_values, expected["pixel_values"])

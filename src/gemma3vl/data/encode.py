@@ -109,6 +109,11 @@ class ConversationEncoder:
         for turn in conversation.turns:
             if isinstance(turn.content, str):
                 content: Any = turn.content
+                if turn.role == "system" and not content and self.is_vision_language:
+                    # An empty system prompt ("" + "\n\n" in Gemma's template). transformers' processor (5.24)
+                    # swaps a falsy content for [] before rendering, and the template then fails on
+                    # content[0]; the one-part list form renders exactly the text the string renders.
+                    content = [{"type": "text", "text": ""}]
             else:
                 content = [
                     {"type": "image", "image": next(fill)}

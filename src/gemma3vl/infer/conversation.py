@@ -52,10 +52,12 @@ class EncodedPrompt:
 def _template_message(turn: Turn) -> dict[str, Any]:
     """The turn in transformers' list form, for VL and text-only checkpoints alike (the template trims each text
     part and concatenates them, so a text-only turn must not be pre-joined into one string: " a", "b " -> "ab")."""
-    if turn.role == "system" and len(turn.parts) > 1:
+    if turn.role == "system" and len(turn.parts) != 1:
         # Gemma's template renders only ``content[0]['text']`` of a list-form system message, silently dropping
-        # the rest (an OpenAI client may send several text parts); the joined string is rendered whole.
-        return {"role": turn.role, "content": turn.text}
+        # the rest (an OpenAI client may send several text parts); the joined text is rendered whole. It goes
+        # as one text part, which the template renders exactly as the string: transformers' processor (5.24)
+        # swaps an empty string content for [], on which the template fails (content[0]), as it does on no parts.
+        return {"role": turn.role, "content": [{"type": "text", "text": turn.text}]}
     content: list[dict[str, Any]] = []
     for part in turn.parts:
         if isinstance(part, Image.Image):
