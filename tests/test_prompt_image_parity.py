@@ -192,7 +192,8 @@ def test_a_placeholder_split_over_text_parts_is_refused_naming_the_message(proce
     image = draw_picture()
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "<start_of_"},
                                              {"type": "text", "text": "image> hi"}]}]
-    with pytest.raises(ValueError, match="number of <start_of_image> tokens"):
+    # (transformers 5.24: "... number of <start_of_image> tokens ..."; 5.17: "Prompt contained 2 image tokens ...")
+    with pytest.raises(ValueError, match="number of <start_of_image> tokens|contained 2 image tokens"):
         hf_chat(processor, messages)
     with pytest.raises(Gemma3VLError, match=r"^message 0: .*<start_of_image>"):
         encode_conversation(processor, CONFIG, [Turn("user", [image, "<start_of_", "image> hi"])])
