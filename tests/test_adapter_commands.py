@@ -92,3 +92,47 @@ def test_convert_merge_checks_its_output_before_loading(run, tmp_path, capsys, m
     assert (taken / "keep.txt").read_text() == "mine"
     assert main(["convert", "merge", str(run / "base"), str(run / "adapter"), str(run / "base" / "out")]) == 2
     assert "inside the input directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def api_adapter(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random base and a LoRA adapter for it written by the Python API (no training run)."""
+    from gemma3vl.tiny import write_tiny_checkpoint
+    from gemma3vl.train.lora import LoraConfig, apply_lora
+    from gemma3vl.train.peft_export import write_peft_adapter
+
+    root = tmp_path_factory.mktemp("api_adapter")
+    base = write_tiny_checkpoint(root / "base")
+    model, _ = load_model(base, device="cpu", dtype="float32")
+    lora = LoraConfig(rank=2, alpha=3)
+    apply_lora(model, lora)
+    return base, write_peft_adapter(model, lora, root / "adapter")
+
+
+# adapter_config.json edits that must be refused with one error line naming the file: malformed values (today a
+# traceback) and peft variants whose model is not base + s*BA per projection (today merged as if it were).
+BAD_CONFIGS = {
+    "not-an-object": lambda config: [config],
+    "alpha-null": lambda config: {**config, "lora_alpha": None},
+    "alpha-text": lambda config: {**config, "lora_alpha": "sixteen"},
+    "targets-bad-regex": lambda config: {**config, "target_modules": "(q_proj"},
+    "targets-number": lambda config: {**config, "target_modules": 5},
+    "alora": lambda config: {**config, "alora_invocation_tokens": [5, 6]},  # peft: an aLoRA adapter cannot be merged
+    "layer-replication": lambda config: {**config, "layer_replication": [[0, 2], [1, 3]]},  # another base model
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_convert_merge_refuses_a_bad_adapter_config_in_one_line(api_adapter, tmp_path, capsys, case):
+    import json
+    import shutil
+
+    base, adapter = api_adapter
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps(BAD_CONFIGS[case](config)))
+    assert main(["convert", "merge", str(base), str(bad), str(tmp_path / "merged")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "adapter_config.json" in err[0], err
+    assert not (tmp_path / "merged").exists()

@@ -163,6 +163,14 @@ def test_config_and_target_errors(tiny):
     with pytest.raises(Gemma3VLError, match="dropout"):
         LoraConfig(dropout=1.0)
     assert LoraConfig(targets=["q_proj"]).targets == ("q_proj",)
+    # a string is a comma list, as peft.targets=q_proj,v_proj on the command line (not its letters)
+    assert LoraConfig(targets="q_proj, v_proj", vision_targets="fc1").targets == ("q_proj", "v_proj")
+    assert LoraConfig(vision_targets="fc1").vision_targets == ("fc1",)
+    # a non-finite alpha would make every adapter output inf * 0 = NaN (and a merged export of NaNs)
+    for alpha in (float("inf"), float("nan"), "16", True, None):
+        with pytest.raises(Gemma3VLError, match="alpha must be a finite number"):
+            LoraConfig(alpha=alpha)
+    assert LoraConfig(rank=2, alpha=-1.5).scaling == -0.75  # peft takes any finite alpha
     model, _ = tiny()
     with pytest.raises(Gemma3VLError, match="unknown text LoRA target.*qkv_proj"):
         apply_lora(model, LoraConfig(targets=("qkv_proj",)))
@@ -196,3 +204,32 @@ def test_adapter_export_refuses_a_non_empty_directory(tiny, tmp_path):
         write_peft_adapter(model, LoraConfig(rank=3, alpha=4), tmp_path / "other")
     write_peft_adapter(model, lora, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_keeps_adapter_dropout(tiny, mode):
+    """Oracle: the same model without activation checkpointing. With peft.dropout > 0 the adapters' gradients must
+    not change when blocks are recomputed in backward (the recomputation must see the forward's dropout masks)."""
+    from gemma3vl.parallel.activation import apply_activation_checkpointing
+    from gemma3vl.train.peft_export import peft_named_parameters
+
+    def gradients(checkpointing: str | None):
+        torch.manual_seed(0)
+        model, config = tiny(text_only=True)
+        apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.3, use_dora=True))
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(1)
+            for _, module in lora_modules(model):
+                for adapter in module.adapters.values():
+                    adapter.lora_B.weight.copy_(torch.randn(adapter.lora_B.weight.shape, generator=generator) * 0.1)
+        if checkpointing:
+            apply_activation_checkpointing(model, checkpointing)
+        model.train()
+        batch = verify.synthetic_batch(config)
+        torch.manual_seed(3)
+        logits(model, batch).pow(2).mean().backward()
+        return {key: param.grad for key, param in peft_named_parameters(model).items()}
+
+    expected, got = gradients(None), gradients(mode)
+    for key, grad in expected.items():
+        assert rel_diff(grad, got[key]) <= 1e-5, key

@@ -213,3 +213,58 @@ def test_merge_matches_peft_merge_and_unload(hf_checkpoint, tmp_path, use_dora):
     for m in build_mappings(config, get_layout(hf_module_layout(config))):
         for key, tensor in zip(m.hf, m.op.to_hf(native[m.native])):
             assert torch.allclose(tensor, theirs[key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_convert_merge_into_a_bf16_base_is_peft_merge(hf_checkpoint, tmp_path, use_dora):
+    """Oracle: peft's merge_and_unload on transformers' bf16 model (tiny, random), with our adapter directory. peft
+    merges the float32 adapter into each bf16 weight rounding once; `gemma3vl convert merge` must give the same bf16
+    tensors, bit for bit (as the hub models are bf16, this is the merge users run)."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from gemma3vl.cli import main
+
+    directory, reference = hf_checkpoint(dtype=torch.bfloat16)
+    ours, _ = load_model(directory, device=CPU, dtype=torch.float32)  # as training holds it: float32 master weights
+    lora = LoraConfig(rank=4, alpha=8, use_dora=use_dora, include_vision=True)
+    apply_lora(ours, lora)
+    randomise_adapters(ours)
+    adapter_dir = write_peft_adapter(ours, lora, tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = peft.PeftModel.from_pretrained(reference, adapter_dir).merge_and_unload().state_dict()
+    assert main(["convert", "merge", str(directory), str(adapter_dir), str(tmp_path / "merged")]) == 0
+    got = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).state_dict()
+    assert got.keys() == expected.keys()
+    differ = [key for key, tensor in expected.items() if not torch.equal(got[key], tensor)]
+    assert not differ, f"{len(differ)} tensors differ from peft's merge, e.g. {differ[0]}"
+
+
+@torch.no_grad()
+def test_peft_adapter_on_some_layers_loads_as_peft(hf_checkpoint, tmp_path):
+    """Oracle: peft itself. An adapter made by peft (get_peft_model on transformers' tiny random model, B drawn,
+    save_pretrained) on only some layers, by a target regex and by exclude_modules, loads into our model with the
+    logits of PeftModel.from_pretrained."""
+    from gemma3vl.evaluation.loading import load_peft_adapter
+
+    directory, reference = hf_checkpoint()
+    config = peft.LoraConfig(r=4, lora_alpha=6, use_dora=True,
+                             target_modules=r".*language_model\.layers\.(1|3)\.self_attn\.(q|v)_proj|.*\.fc1",
+                             exclude_modules=["vision_tower.encoder.layers.0.mlp.fc1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = peft.get_peft_model(reference, config)
+    generator = torch.Generator().manual_seed(0)
+    for name, param in made.named_parameters():
+        if "lora_B" in name:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    made.save_pretrained(tmp_path / "adapter")
+    peft_model = made.eval()
+
+    ours, model_config = load_model(directory, device=CPU, dtype=torch.float32)
+    load_peft_adapter(ours, tmp_path / "adapter", merge=False)
+    batch = verify.synthetic_batch(model_config)
+    expected, got = logits_pair(ours, peft_model, model_config, batch)
+    assert rel_diff(expected, got) <= 1e-5
+    adapted = {m for _, w in lora_modules(ours) for m, p in zip(w.hf_modules, w.projections) if p in w.adapters}
+    assert len(adapted) == 2 * 2 + 1  # q and v of layers 1 and 3; fc1 of vision layer 1

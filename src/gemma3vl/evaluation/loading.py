@@ -11,6 +11,7 @@ is then merged, so generation runs the plain model at full speed.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.train.lora import LoraConfig, adaptable_sites, apply_lora, merge_lora
+from gemma3vl.train.lora import LoraConfig, adaptable_sites, apply_lora, lora_modules, merge_lora
 from gemma3vl.train.peft_export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, peft_named_parameters
 
 # Module names of transformers 4.x models in memory, which adapters trained with it carry, and what
@@ -32,6 +33,16 @@ _LEGACY_MODULE_PREFIXES = (
 _LEGACY_PREFIXES = tuple((PEFT_PREFIX + old, PEFT_PREFIX + new) for old, new in _LEGACY_MODULE_PREFIXES)
 
 
+# peft LoraConfig fields that describe something other than one rank and alpha on every adapted projection of
+# this base (or an adapter that cannot be merged): refused when set, naming them
+UNSUPPORTED_ADAPTER_FIELDS = (
+    "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save", "lora_bias",
+    "alora_invocation_tokens", "layer_replication", "use_bdlora", "arrow_config", "kasa_config",
+    "monteclora_config", "velora_config", "target_parameters", "trainable_token_indices",
+)
+PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig.lora_alpha when the file names none
+
+
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
@@ -40,19 +51,30 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (ValueError, OSError) as exc:
         raise Gemma3VLError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(config, dict):
+        raise Gemma3VLError(f"{path}: expected a JSON object (peft's LoraConfig), found {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
         raise Gemma3VLError(f"{path}: peft_type {config.get('peft_type')!r}; only LoRA / DoRA adapters load")
-    unsupported = {
-        "use_rslora": config.get("use_rslora"), "rank_pattern": config.get("rank_pattern"),
-        "alpha_pattern": config.get("alpha_pattern"), "layers_to_transform": config.get("layers_to_transform"),
-        "modules_to_save": config.get("modules_to_save"), "lora_bias": config.get("lora_bias"),
-    }
-    given = {key: value for key, value in unsupported.items() if value}
+    given = {key: config[key] for key in UNSUPPORTED_ADAPTER_FIELDS if config.get(key)}
     if given:
         raise Gemma3VLError(f"{path}: {', '.join(f'{k}={v!r}' for k, v in given.items())} is not supported "
                             "(one rank and alpha for every adapted projection of every layer, no trained biases)")
     if config.get("bias", "none") != "none":
         raise Gemma3VLError(f"{path}: bias={config['bias']!r} is not supported (only 'none')")
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise Gemma3VLError(f"{path}: lora_alpha={alpha!r} must be a finite number")
+    for key in ("target_modules", "exclude_modules"):
+        patterns = config.get(key)
+        if isinstance(patterns, str):
+            try:
+                re.compile(patterns)
+            except re.error as exc:
+                raise Gemma3VLError(f"{path}: {key}={patterns!r} is not a regular expression ({exc})") from None
+        elif patterns is not None and (not isinstance(patterns, list)
+                                       or not all(isinstance(p, str) for p in patterns)):
+            raise Gemma3VLError(f"{path}: {key}={patterns!r} must be a regular expression or a list of module "
+                                "names")
     return config
 
 
@@ -93,7 +115,7 @@ def adapter_lora_config(model: torch.nn.Module, config: dict[str, Any], where: P
         raise Gemma3VLError(f"{where}: r={rank!r} must be a positive integer")
     return LoraConfig(
         rank=rank,
-        alpha=float(config.get("lora_alpha", rank)),
+        alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_dora=bool(config.get("use_dora", False)),
         targets=tuple(sorted(chosen["text"])),
         include_vision=bool(chosen["vision"]),
@@ -135,6 +157,7 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge:
     tensors = {_modern_key(key): value for key, value in tensors.items()}
     lora = adapter_lora_config(model, config, adapter_dir)
     apply_lora(model, lora)
+    keep_targeted_adapters(model, config)
     params = peft_named_parameters(model)
     missing = sorted(params.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - params.keys())
@@ -153,6 +176,22 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge:
     if merge:
         merge_lora(model)
     return lora
+
+
+def keep_targeted_adapters(model: torch.nn.Module, config: dict[str, Any]) -> None:
+    """After ``apply_lora`` (which adapts a projection in every layer alike): drop the adapters of the modules the
+    PEFT config does not target (a ``target_modules`` regex over some layers, ``exclude_modules``), unwrap what is
+    left without any, and hold the rest in float32, as peft does (``autocast_adapter_dtype``): the file's values
+    reach the merge unrounded, which is then rounded once to the base's dtype (bf16 for the hub models)."""
+    for name, module in lora_modules(model):
+        for projection, hf_module in zip(module.projections, module.hf_modules):
+            if projection in module.adapters and not _targeted(hf_module, config):
+                del module.adapters[projection]
+        if not len(module.adapters):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.merge())
+        else:
+            module.adapters.float()
 
 
 def check_adapter(model_dir: str | Path, adapter_dir: str | Path) -> None:

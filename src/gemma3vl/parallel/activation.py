@@ -87,8 +87,11 @@ def apply_activation_checkpointing(model: Gemma3Model, mode: str) -> None:
         kwargs["context_fn"] = lambda: create_selective_checkpoint_contexts(partial(_selective_policy, ops))
     layers = model.text.layers
     for index, block in enumerate(layers):
-        # RNG state is not replayed: Gemma blocks have no dropout, and saving it costs a sync per block.
-        layers[index] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+        # The RNG state is replayed only for a block with active dropout (LoRA/DoRA adapters' peft.dropout): the
+        # recomputed forward must drop what the first one dropped, or the gradients are wrong. Gemma's own blocks
+        # have none, and saving the state costs a sync per block.
+        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in block.modules())
+        layers[index] = checkpoint_wrapper(block, preserve_rng_state=dropout, **kwargs)
 
 
 def apply_compile(model: Gemma3Model, backend: str = "inductor", mode: str = "default") -> None:

@@ -17,6 +17,7 @@ optimisers keep seeing the same names and the same tensors. Adapter parameters a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ class LoraConfig:
 
     ``targets`` names text projections and ``vision_targets`` SigLIP ones (used only with
     ``include_vision``); both are HF names, since the adapters are per HF projection even where our weights
-    are fused. ``alpha / rank`` scales the update (PEFT with ``use_rslora=False``).
+    are fused (a string is read as a comma list, as ``peft.targets=q_proj,v_proj`` on the command line).
+    ``alpha / rank`` scales the update (PEFT with ``use_rslora=False``); ``alpha`` is any finite number.
     """
 
     rank: int = 16
@@ -60,11 +62,19 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise Gemma3VLError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        # A non-finite alpha makes every adapter output inf * 0 = NaN from the first step, and a merge of it a
+        # checkpoint of NaNs: refuse it before anything is built.
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
+            raise Gemma3VLError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise Gemma3VLError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        # Accept lists (from JSON or a CLI) but keep the config hashable and immutable.
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "vision_targets", tuple(self.vision_targets))
+        # Accept lists (from JSON or a CLI) but keep the config hashable and immutable. A string is a comma list
+        # (tuple("q_proj") would be its letters).
+        for name in ("targets", "vision_targets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            object.__setattr__(self, name, tuple(value))
 
     @property
     def scaling(self) -> float:
