@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gemma3vl.cli import main
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.infer.loading import load_model
 from gemma3vl.infer.prompt import build_inputs, load_processor, tokenizer_of
@@ -284,3 +285,16 @@ def test_a_bad_sampling_value_from_the_generation_config_names_that_file(vl_dir,
         assert f"error: {generation}: top_p=2.0 must be in (0, 1]" in err, err
     finally:
         generation.write_text(saved) if saved is not None else generation.unlink()
+
+
+def test_list_settings_take_yamls_bracket_form_and_alpha_must_be_finite():
+    """``peft.targets=[]`` is the empty list (it was one target named "[]"), ``[q_proj, v_proj]`` two; a
+    non-finite ``peft.alpha`` is refused naming the key before any model loads (it trained NaNs)."""
+    from gemma3vl.train.config import build_config
+
+    assert build_config("tiny_peft", None, ["peft.targets=[]", "peft.include_vision=true"]).peft.targets == []
+    assert build_config("tiny_peft", None, ["peft.targets=[q_proj, 'v_proj']"]).peft.targets == ["q_proj", "v_proj"]
+    assert build_config("tiny_peft", None, ["peft.targets=q_proj,o_proj"]).peft.targets == ["q_proj", "o_proj"]
+    for alpha in ("inf", "nan"):
+        with pytest.raises(Gemma3VLError, match=f"peft.alpha={alpha} must be a finite number"):
+            build_config("tiny_peft", None, [f"peft.alpha={alpha}"]).validate()

@@ -229,6 +229,8 @@ class TrainConfig:
         if self.peft.method != "none" and self.peft.rank < 1:
             raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
         if self.peft.method != "none":  # checked here, naming the key, rather than after the model has loaded
+            if not math.isfinite(self.peft.alpha):
+                raise Gemma3VLError(f"peft.alpha={self.peft.alpha} must be a finite number")
             if not 0.0 <= self.peft.dropout < 1.0:
                 raise Gemma3VLError(f"peft.dropout={self.peft.dropout} must be in [0, 1)")
             from gemma3vl.train.lora import TEXT_PROJECTIONS
@@ -315,7 +317,10 @@ def _convert(text: str, current: Any, key: str) -> Any:
         except ValueError:
             raise Gemma3VLError(f"{key}={text!r}: expected a number") from None
     if isinstance(current, list):
-        return [part.strip() for part in text.split(",") if part.strip()]
+        inner = text.strip()
+        if inner.startswith("[") and inner.endswith("]"):  # YAML's flow form: [q_proj, v_proj], [] (empty)
+            inner = inner[1:-1]
+        return [part.strip().strip("'\"") for part in inner.split(",") if part.strip().strip("'\"")]
     if text.lower() in ("none", "null"):
         return None
     return text
