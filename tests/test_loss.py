@@ -106,3 +106,30 @@ def test_bf16_gradients_one_chunk_and_several(chunk_size):
     torch.testing.assert_close(float(total.detach() / count), float(expected), rtol=1e-2, atol=0)
     torch.testing.assert_close(hidden.grad.double(), leaf_h.grad, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(weight.grad.double(), leaf_w.grad, rtol=2e-2, atol=2e-3)
+
+
+def test_no_gradient_is_computed_under_no_grad(monkeypatch):
+    """The held-out loss runs under ``torch.no_grad``, where ``needs_input_grad`` still says True: the chunks'
+    gradients (and a ``[vocab, hidden]`` buffer) were computed for nothing. The loss is the same either way."""
+    import gemma3vl.model.loss as loss_module
+
+    asked = []
+    plain = loss_module.chunk_loss_and_grad
+
+    def recording(logits, targets, softcap, with_grad):
+        asked.append(with_grad)
+        return plain(logits, targets, softcap, with_grad)
+
+    monkeypatch.setattr(loss_module, "chunk_loss_and_grad", recording)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 13, (2, 5))
+    with torch.no_grad():
+        evaluated, count = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert asked == [False] * 3 and count == 10
+    trained, _ = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert asked[3:] == [True] * 3
+    assert torch.equal(evaluated, trained.detach())
+    trained.backward()
+    assert hidden.grad is not None and weight.grad is not None

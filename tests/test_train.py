@@ -391,3 +391,143 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _native_to_hf(model, what="param"):
+    """Our native tensors (weights or gradients) under transformers' in-memory names (bridge's own mapping)."""
+    from gemma3vl.bridge.layouts import LAYOUTS
+    from gemma3vl.bridge.mapping import build_mappings
+
+    mappings = {m.native: m for m in build_mappings(model.config, LAYOUTS["memory"])}
+    named = {}
+    for name, param in model.named_parameters():
+        tensor = param.detach() if what == "param" else param.grad
+        if tensor is not None:
+            named.update(zip(mappings[name].hf, mappings[name].op.to_hf(tensor)))
+    return named
+
+
+def test_a_step_with_uneven_and_empty_micro_batches_matches_transformers_and_torch_adamw(tmp_path):
+    """The oracle is transformers itself (Gemma3ForConditionalGeneration on the same tiny random checkpoint, float32,
+    each conversation alone, its own loss with ``num_items_in_batch`` = the step's target tokens) with torch's own
+    ``clip_grad_norm_`` and ``torch.optim.AdamW`` over transformers' parameters, weight decay on its matrices
+    only (never a norm or a bias). Micro-batches of 0, 1 and many target tokens: the step's loss is the mean over
+    all its target tokens. Weight decay is on, so a bias that decays (the SigLIP q/k/v biases, stacked 2-D in our
+    native layout) shows; AdamW's eps is large enough that the update does not amplify float32 rounding."""
+    import dataclasses
+
+    from transformers import Gemma3ForConditionalGeneration
+
+    lr, decay, clip = 1e-2, 0.1, 0.5
+    cfg = build_config("tiny_sft", overrides=[*FAST, "train.global_batch_size=4", "data.prefetch=0",
+                                              f"optim.lr={lr}", f"optim.weight_decay={decay}", "optim.eps=1e-3",
+                                              "optim.warmup_steps=0", f"train.grad_clip={clip}", f"out={tmp_path}"])
+    cfg.data.eval_path = None
+    trainer, _ = build_trainer(cfg, tmp_path)
+    reference = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32,
+                                                               attn_implementation="eager").train()
+    taken = trainer.batcher.next_step
+
+    def uneven_step():
+        batches = taken()
+        batches[1] = dataclasses.replace(batches[1], targets=torch.full_like(batches[1].targets, -100))
+        one = torch.full_like(batches[2].targets, -100)
+        first = (batches[2].targets != -100).nonzero()[0]
+        one[first[0], first[1]] = batches[2].targets[first[0], first[1]]
+        batches[2] = dataclasses.replace(batches[2], targets=one)
+        seen.append(batches)
+        return batches
+
+    seen = []
+    trainer.batcher.next_step = uneven_step
+    record = trainer.train_step()
+    counts = [batch.num_target_tokens for batch in seen[0]]
+    assert counts[1] == 0 and counts[2] == 1 and counts[0] > 5 and record["target_tokens"] == sum(counts)
+
+    total, image_id = record["target_tokens"], trainer.model.config.image_token_id
+    expected_loss = 0.0
+    for batch in seen[0]:  # each conversation alone, as transformers sees it
+        images = iter(batch.pixel_values if batch.pixel_values is not None else ())
+        for row in range(batch.input_ids.shape[0]):
+            segments = batch.info.segment_ids[row]
+            for segment in segments.unique()[segments.unique() > 0]:
+                ids, targets = batch.input_ids[row, segments == segment], batch.targets[row, segments == segment]
+                count = int((ids == image_id).sum()) // trainer.model.config.mm_tokens_per_image
+                pixels = torch.stack([next(images) for _ in range(count)]) if count else None
+                out = reference(input_ids=ids[None], pixel_values=pixels, token_type_ids=(ids == image_id).long()[None],
+                                labels=torch.cat([torch.tensor([-100]), targets[:-1]])[None],
+                                num_items_in_batch=torch.tensor(total))
+                if out.loss.requires_grad:  # (a conversation without targets: transformers' loss is 0)
+                    out.loss.backward()  # transformers' own loss: this conversation's sum / the step's target tokens
+                expected_loss += float(out.loss.detach())
+    params = dict(reference.named_parameters())
+    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+    matrices = [p for n, p in params.items() if p.ndim >= 2 and not n.endswith("bias") and "norm" not in n]
+    others = [p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias") and "norm" not in n)]
+    torch.optim.AdamW([{"params": matrices, "weight_decay": decay}, {"params": others, "weight_decay": 0.0}],
+                      lr=lr, eps=1e-3).step()
+    assert record["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert record["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+    assert record["lr"] == lr
+    ours = _native_to_hf(trainer.model)
+    assert ours.keys() == params.keys()
+    for name, param in params.items():
+        scale = param.detach().abs().max()
+        assert (ours[name] - param.detach()).abs().max() <= 2e-5 * scale, name
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run killed after logging steps past its last checkpoint (here 3, checkpoint at 2; the last line cut short
+    by the kill) trains those steps again when resumed: metrics.jsonl keeps what the checkpoint holds and the
+    resumed run's own records, one per step, rather than both runs' (and a torn line that stops read_metrics)."""
+    from gemma3vl.train.config import LoggingSettings
+    from gemma3vl.train.metrics import MetricsLogger
+
+    lines = [{"step": 0, "eval_loss": 6.0}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0},
+             {"step": 2, "eval_loss": 4.5}, {"step": 3, "loss": 3.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 4, "lo')
+    settings = LoggingSettings(tensorboard=False, progress=False)
+    logger = MetricsLogger(tmp_path, settings, {}, total_steps=4, resume_step=2)
+    logger.log({"step": 3, "loss": 3.5, "lr": 1e-3})
+    logger.close()
+    assert read_metrics(path) == [*lines[:4], {"step": 3, "loss": 3.5, "lr": 1e-3}]
+    MetricsLogger(tmp_path, settings, {}, total_steps=4, resume_step=0).close()  # resumed before any checkpoint
+    assert read_metrics(path) == []
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("beta1", 1.5, r"optim.beta1=1.5 must be in \[0, 1\)"),
+    ("beta2", -0.1, r"optim.beta2=-0.1 must be in \[0, 1\)"),
+    ("eps", 0.0, r"optim.eps=0.0 must be a finite number > 0"),
+    ("weight_decay", -0.1, r"optim.weight_decay=-0.1 must be a finite number >= 0"),
+    ("weight_decay", float("nan"), r"optim.weight_decay=nan must be a finite number >= 0"),
+    ("min_lr_ratio", -0.5, r"optim.min_lr_ratio=-0.5 must be in \[0, 1\]"),
+    ("min_lr_ratio", float("nan"), r"optim.min_lr_ratio=nan must be in \[0, 1\]"),
+])
+def test_optimizer_settings_out_of_range_are_one_clear_error(key, value, message):
+    """torch raised a bare ValueError for some (a beta of 1.5) and took others silently: eps=0 divides 0 by 0 for a
+    gradient that is exactly zero, and a negative or NaN min_lr_ratio turns the decayed learning rate negative or
+    NaN (gradient ascent, NaN weights)."""
+    from dataclasses import replace
+
+    from gemma3vl.train.config import OptimSettings
+    from gemma3vl.train.schedule import build_optimizer
+
+    with pytest.raises(Gemma3VLError, match=message):
+        build_optimizer(torch.nn.Linear(3, 2), replace(OptimSettings(), **{key: value}), torch.device("cpu"))
+
+
+def test_schedule_is_linear_warmup_then_transformers_cosine_with_a_floor():
+    """docs/training.md's formula; the oracle for the decay is transformers' get_cosine_schedule_with_warmup."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from gemma3vl.train.schedule import warmup_cosine
+
+    for warmup, steps, floor in [(0, 7, 0.1), (3, 10, 0.1), (2, 3, 0.0), (4, 4, 0.5), (5, 3, 0.1)]:
+        reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                                    warmup, steps).lr_lambdas[0]
+        for step in range(steps):
+            expected = (step + 1) / warmup if step < warmup else floor + (1 - floor) * reference(step)
+            assert warmup_cosine(step, warmup_steps=warmup, total_steps=steps, min_ratio=floor) == pytest.approx(
+                expected, rel=1e-12, abs=1e-15)

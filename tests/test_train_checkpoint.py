@@ -105,3 +105,34 @@ def test_resuming_with_fewer_trained_weights_is_one_clear_error(tmp_path):
     again.resume(path)
     assert again.step == 1
     again.train_step()
+
+
+def test_a_resumed_run_trains_with_its_own_learning_rate_and_weight_decay(tmp_path):
+    """docs/training.md: the learning rate may change on resume. The checkpoint's optimizer state also held the
+    learning rate, weight decay and schedule peak it was saved with, and they silently won over the resumed run's
+    ``optim.lr`` / ``optim.weight_decay``; the moments and the schedule's position are still the checkpoint's."""
+    from gemma3vl.train.config import build_config
+    from gemma3vl.train.run import build_trainer
+    from gemma3vl.train.schedule import warmup_cosine
+
+    def trainer(*overrides: str):
+        cfg = build_config("tiny_sft", overrides=[
+            "train.seq_length=128", "train.global_batch_size=2", "train.micro_batch_size=1", "train.steps=6",
+            "optim.warmup_steps=2", "logging.progress=false", f"out={tmp_path}", *overrides])
+        cfg.data.eval_path = None
+        return build_trainer(cfg, tmp_path)[0]
+
+    first = trainer("optim.lr=3e-3", "optim.weight_decay=0.1")
+    first.train_step()
+    first.train_step()
+    path = first.save()
+    moments = {k: v.clone() for k, v in first.optimizer.state[first.optimizer.param_groups[0]["params"][0]].items()}
+    resumed = trainer("optim.lr=1e-3", "optim.weight_decay=0.0")
+    resumed.resume(path)
+    state = resumed.optimizer.state[resumed.optimizer.param_groups[0]["params"][0]]
+    assert all(torch.equal(state[k], moments[k]) for k in moments)
+    assert resumed.scheduler.last_epoch == 2
+    assert [group["weight_decay"] for group in resumed.optimizer.param_groups] == [0.0, 0.0]
+    record = resumed.train_step()
+    assert record["lr"] == 1e-3 * warmup_cosine(2, warmup_steps=2, total_steps=6, min_ratio=0.1)
+    assert resumed.train_step()["lr"] == 1e-3 * warmup_cosine(3, warmup_steps=2, total_steps=6, min_ratio=0.1)

@@ -62,10 +62,13 @@ def compiled_chunk_loss_and_grad(backend: str) -> Callable:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None, compile_backend: str | None):
-        """Sum of token losses over ``hidden`` [N, D] with ``targets`` [N] (all valid)."""
-        need_hidden_grad = ctx.needs_input_grad[0]
-        need_weight_grad = ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None, compile_backend: str | None,
+                grad_enabled: bool):
+        """Sum of token losses over ``hidden`` [N, D] with ``targets`` [N] (all valid). ``grad_enabled``: the
+        caller's grad mode (``needs_input_grad`` says True under ``torch.no_grad`` too, where computing the
+        gradients would only cost time and a ``[vocab, hidden]`` buffer: the held-out loss)."""
+        need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         with_grad = need_hidden_grad or need_weight_grad
         accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         softmax_part = compiled_chunk_loss_and_grad(compile_backend) if compile_backend else chunk_loss_and_grad
@@ -92,7 +95,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*scale_saved_gradients(ctx, grad_output), None, None, None, None)
+        return (*scale_saved_gradients(ctx, grad_output), None, None, None, None, None)
 
 
 def scale_saved_gradients(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -136,4 +139,4 @@ def linear_cross_entropy(
     if count == 0:
         return hidden.sum() * 0.0, 0
     return _ChunkedLinearCrossEntropy.apply(flat_hidden, weight, flat_targets, chunk_size, softcap,
-                                            compile_backend), count
+                                            compile_backend, torch.is_grad_enabled()), count

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,33 @@ def peak_flops_per_second(device_name: str) -> float | None:
     return None
 
 
+def drop_lost_steps(path: Path, resume_step: int) -> bool:
+    """Before a resumed run appends to ``path`` (``metrics.jsonl``): keep only the records its checkpoint holds.
+
+    A run killed after its last checkpoint had logged steps (and evaluations) past it, which the resumed run trains
+    and logs again: those records are removed (at step 0, nothing was kept: the start's evaluation runs again), as is
+    a line a kill cut short. Returns whether there was a file (the run is a continuation)."""
+    if not path.is_file():
+        return False
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(step, int) and (step < resume_step or step == resume_step > 0):
+            kept.append(line + "\n")
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text("".join(kept))
+    os.replace(staged, path)
+    return True
+
+
 class MetricsLogger:
     def __init__(self, out: Path, settings: LoggingSettings, config: dict[str, Any], total_steps: int, resume_step: int = 0):
         self.out = out
+        # (a fresh run's metrics.jsonl is removed before this: one still there is the stopped run's)
+        resumed = drop_lost_steps(out / "metrics.jsonl", resume_step)
         self.jsonl = open(out / "metrics.jsonl", "a")
         self.history: list[dict[str, Any]] = []
         self.tensorboard = None
@@ -33,7 +58,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"))
+                # resumed: TensorBoard drops the stopped run's events of the steps logged again (from resume_step + 1)
+                purge = (resume_step + 1 if resume_step else 0) if resumed else None
+                self.tensorboard = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
             except ImportError:
                 print("note: tensorboard is not installed; skipping TensorBoard logs", file=sys.stderr)
         if settings.wandb:

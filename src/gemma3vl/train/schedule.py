@@ -17,7 +17,13 @@ from gemma3vl.train.config import OptimSettings
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based) of ``total_steps`` (``N``).
+
+    Warmup: step ``s < W`` trains at ``(s + 1) / W`` (the last warmup step at the peak). Then the cosine of
+    transformers' ``get_cosine_schedule_with_warmup``, from the peak at step ``W`` towards ``min_ratio``:
+    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * (s - W) / (N - W))) / 2``. It would reach ``min_ratio`` at
+    step ``N``, one past the last (so with ``min_ratio = 0`` the last step still trains); with ``W >= N`` the
+    run ends inside the warmup."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -119,16 +125,46 @@ def _can_pin(param: torch.Tensor) -> bool:
     return param.device.type == "cuda"
 
 
+def check_optim_settings(settings: OptimSettings) -> None:
+    """The ``optim.*`` values AdamW and the schedule can use, each refused naming its key: torch would raise a bare
+    ``ValueError`` for some (a beta of 1.5) and silently accept others (``eps=0`` divides 0 by 0 for a gradient
+    that is exactly zero; a NaN, negative or above-1 ``min_lr_ratio`` makes the learning rate NaN, negative or
+    higher than the peak as the cosine decays)."""
+    ranges = {
+        "optim.lr": (settings.lr, 0.0 < settings.lr < math.inf, "a finite number > 0"),
+        "optim.weight_decay": (settings.weight_decay, 0.0 <= settings.weight_decay < math.inf,
+                               "a finite number >= 0"),
+        "optim.beta1": (settings.beta1, 0.0 <= settings.beta1 < 1.0, "in [0, 1)"),
+        "optim.beta2": (settings.beta2, 0.0 <= settings.beta2 < 1.0, "in [0, 1)"),
+        "optim.eps": (settings.eps, 0.0 < settings.eps < math.inf, "a finite number > 0"),
+        "optim.min_lr_ratio": (settings.min_lr_ratio, 0.0 <= settings.min_lr_ratio <= 1.0, "in [0, 1]"),
+        "optim.warmup_steps": (settings.warmup_steps, settings.warmup_steps >= 0, ">= 0"),
+    }
+    for key, (value, ok, kind) in ranges.items():
+        if not ok:
+            raise Gemma3VLError(f"{key}={value} must be {kind}")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies to a parameter: matrices (and stacks of them) only, never a norm's
+    weight or a bias, whatever its native shape."""
+    return param.ndim >= 2 and name.rsplit(".", 1)[-1] != "bias"
+
+
 def build_optimizer(
     model: torch.nn.Module, settings: OptimSettings, device: torch.device
 ) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on norms, biases and 1-D parameters.
 
+    A bias is told by its name, not its shape: the SigLIP tower's q/k/v biases are stacked into one native
+    ``[3, hidden]`` tensor (``vision.layers.N.attn.qkv.bias``), 2-D but three of transformers' 1-D biases.
+
     ``settings.cpu_offload``: :class:`HostOffloadAdamW` (state on the host) instead of ``torch.optim.AdamW``."""
+    check_optim_settings(settings)
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if decays(name, param) else no_decay).append(param)
     if not decay and not no_decay:
         raise Gemma3VLError("nothing to train: every parameter is frozen (check train.freeze_* and peft.*)")
     fused = device.type == "cuda" if settings.fused == "auto" else settings.fused == "true"

@@ -208,9 +208,25 @@ class Trainer:
         path = agreed_checkpoint(self.checkpoint_root, path or latest_checkpoint(self.checkpoint_root))
         if path is None:
             return
+        settings = [{key: value for key, value in group.items() if key != "params"}
+                    for group in self.optimizer.param_groups]  # this run's optim.* (lr, weight decay, betas, eps)
+        base_lrs = list(self.scheduler.base_lrs)
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = int(state["step"])
         self.batcher.load_state_dict(state["data"]["batcher"])
+        self._keep_run_settings(settings, base_lrs)
+
+    def _keep_run_settings(self, settings: list[dict[str, Any]], base_lrs: list[float]) -> None:
+        """After a checkpoint is loaded: the optimizer's moments and the schedule's position are the checkpoint's,
+        its hyperparameters this run's. The checkpoint also restores the learning rate, weight decay, betas and eps
+        it was saved with (and the schedule's peak), which would silently override a changed ``optim.lr``."""
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
+        self.scheduler.base_lrs = base_lrs
+        position = self.scheduler.last_epoch  # the number of steps taken: the next step's multiplier
+        for group, base, multiplier in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * multiplier(position)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> dict[str, Any]:
