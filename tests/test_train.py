@@ -103,6 +103,8 @@ def test_config_file_values_of_the_right_type(tmp_path):
     ("optim.warmup_steps=-3", "optim.warmup_steps=-3 must be >= 0"),
     ("data.max_image_pixels=0", "data.max_image_pixels=0 must be >= 1"),
     ("data.eval_max_new_tokens=0", "data.eval_max_new_tokens=0 must be >= 1"),
+    ("optim.beta1=1.5", r"optim.beta1=1.5 must be in \[0, 1\)"),
+    ("train.freeze_language=true", "nothing to train: the adapters are on the text decoder, which train.freeze_"),
     ("out=none", None),
 ])
 def test_bad_overrides_are_refused_before_anything_loads(override, message):
@@ -111,8 +113,9 @@ def test_bad_overrides_are_refused_before_anything_loads(override, message):
     if message is None:
         assert build_config("tiny_sft", overrides=[override]).out == "none"
         return
+    recipe = "tiny_peft" if override.startswith("train.freeze_") else "tiny_sft"
     with pytest.raises(Gemma3VLError, match=message):
-        build_config("tiny_sft", overrides=[override])
+        build_config(recipe, overrides=[override])
 
 
 def test_hf_dataset_columns_and_split_are_settings(tmp_path):
@@ -531,3 +534,21 @@ def test_schedule_is_linear_warmup_then_transformers_cosine_with_a_floor():
             expected = (step + 1) / warmup if step < warmup else floor + (1 - floor) * reference(step)
             assert warmup_cosine(step, warmup_steps=warmup, total_steps=steps, min_ratio=floor) == pytest.approx(
                 expected, rel=1e-12, abs=1e-15)
+
+
+def test_a_frozen_part_keeps_its_adapters_frozen_too(tmp_path):
+    """LoRA on the text decoder and the vision tower with ``train.freeze_language=true``: only the vision adapters
+    train (the text ones were made trainable again by the adapters, after the freeze)."""
+    from safetensors.torch import load_file
+
+    from gemma3vl.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny_peft", "--out", str(out), "train.steps=1", "optim.warmup_steps=0",
+                 "train.eval_every=0", "peft.include_vision=true", "train.freeze_language=true"]) == 0
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    text_b = [v for k, v in adapter.items() if "language_model" in k and "lora_B" in k]
+    vision_b = [v for k, v in adapter.items() if "vision_tower" in k and "lora_B" in k]
+    assert text_b and vision_b
+    assert all(not v.any() for v in text_b)  # B starts at zero and never moved
+    assert any(v.any() for v in vision_b)

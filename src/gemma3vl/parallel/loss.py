@@ -41,10 +41,13 @@ def chunk_gradients(
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None, group, vocab_start: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None, group, vocab_start: int,
+                grad_enabled: bool):
         """Sum of token losses; ``hidden`` [N, D] the same on every rank, ``weight`` [V/tp, D] this rank's rows,
-        ``targets`` [N] global token ids (all valid)."""
-        need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ``targets`` [N] global token ids (all valid). ``grad_enabled``: the caller's grad mode (``needs_input_grad``
+        reads True under ``torch.no_grad`` too: the held-out loss would compute gradients for nothing)."""
+        need_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        need_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         local_vocab = weight.shape[0]
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
@@ -88,7 +91,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (*scale_saved_gradients(ctx, grad_output), None, None, None, None, None)
+        return (*scale_saved_gradients(ctx, grad_output), None, None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(
@@ -110,5 +113,5 @@ def vocab_parallel_cross_entropy(
     if count == 0:
         return hidden.sum() * 0.0 + local.sum() * 0.0, 0
     summed = _VocabParallelCrossEntropy.apply(flat_hidden, local, flat_targets, chunk_size, softcap,
-                                              mesh.get_group(), vocab_start)
+                                              mesh.get_group(), vocab_start, torch.is_grad_enabled())
     return summed, count

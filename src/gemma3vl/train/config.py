@@ -214,6 +214,9 @@ class TrainConfig:
                 raise Gemma3VLError(f"data.eval_metric: {exc}") from None
         if not 0 < self.optim.lr < math.inf:
             raise Gemma3VLError(f"optim.lr={self.optim.lr} must be a finite number > 0")
+        from gemma3vl.train.schedule import check_optim_settings  # (schedule imports this module)
+
+        check_optim_settings(self.optim)  # betas, eps, weight decay, the floor: before anything loads
         if not 0 < t.grad_clip:  # clip_grad_norm_ to 0 zeroes every gradient: a run that learns nothing
             raise Gemma3VLError(f"train.grad_clip={t.grad_clip} must be > 0 (inf: no clipping)")
         at_least = {"train.log_every": (t.log_every, 1), "train.eval_every": (t.eval_every, 0),
@@ -241,6 +244,15 @@ class TrainConfig:
                                     f"are {', '.join(TEXT_PROJECTIONS)}")
             if not self.peft.targets and not self.peft.include_vision:
                 raise Gemma3VLError("peft.targets is empty and peft.include_vision=false: nothing to adapt")
+            text = bool(self.peft.targets) and not t.freeze_language
+            vision = self.peft.include_vision and not t.freeze_vision
+            if not text and not vision:  # a frozen part's adapters do not train
+                raise Gemma3VLError(
+                    "nothing to train: the adapters are on the "
+                    + ("text decoder" if self.peft.targets else "vision tower")
+                    + (" and the vision tower" if self.peft.targets and self.peft.include_vision else "")
+                    + ", which train.freeze_* freezes; unfreeze one, or adapt another part (peft.targets, "
+                      "peft.include_vision)")
         if self.parallel.pp_stages_per_rank < 1:
             raise Gemma3VLError(f"parallel.pp_stages_per_rank={self.parallel.pp_stages_per_rank} must be >= 1")
         for name in ("dp_replicate", "dp_shard", "tp", "pp", "cp"):

@@ -138,7 +138,7 @@ def check_layout(cfg: TrainConfig, world_size: int) -> ParallelDims:
     if cfg.parallel.cpu_offload and not dims.fsdp_enabled:
         raise Gemma3VLError("parallel.cpu_offload=true offloads FSDP shards: it needs more than one data-parallel "
                             "rank (torchrun with parallel.dp_shard > 1)")
-    if dims.pp > 1 and cfg.train.freeze_language and cfg.peft.method == "none":
+    if dims.pp > 1 and cfg.train.freeze_language:
         raise Gemma3VLError(
             f"train.freeze_language=true with parallel.pp={dims.pp}: only the vision tower and projector train, and "
             f"they are in the first pipeline stage: the other stages would have nothing to train; set parallel.pp=1 "
@@ -192,11 +192,12 @@ def build_sharded_model(cfg: TrainConfig, parallel: ParallelContext, device: tor
         if bridge.has_untied_head(cfg.model.path):
             model.text.add_untied_head()
     model = model.to(weight_dtype)
-    freeze(model, cfg)
     set_attention(model, cfg, device)
     extra: dict[str, torch.Tensor] = {}
     if cfg.peft.method != "none":
         apply_lora(model, lora_config(cfg))  # adapters made on the CPU, as one process makes them
+    freeze(model, cfg)  # after the adapters: a frozen part's adapters do not train either
+    if cfg.peft.method != "none":
         extra = {name: param.detach().clone() for name, param in model.named_parameters() if not param.is_meta}
         if cfg.peft.method == "dora":  # magnitudes from the base rows, read one module at a time
             extra.update(dora_magnitudes(cfg.model.path, model))
@@ -266,10 +267,10 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         # this rank's host memory, of which parallelize moves only the rank's shards to its device.
         sharded = parallel is not None and parallel.dims.world_size > 1
         model, model_config = load_model(cfg.model.path, device="cpu" if sharded else device, dtype=weight_dtype)
-        freeze(model, cfg)
         set_attention(model, cfg, device)
         if cfg.peft.method != "none":
             apply_lora(model, lora_config(cfg))
+        freeze(model, cfg)  # after the adapters: a frozen part's adapters do not train either
         if parallel is not None and parallel.dims.pp > 1:
             model = build_pipelined_model(model, cfg, parallel, compute_dtype)
         elif parallel is not None or p.activation_checkpoint != "none" or p.compile:
