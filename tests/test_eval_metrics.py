@@ -64,16 +64,40 @@ def test_vqa_accuracy_is_the_leave_one_out_average():
     assert vqa_accuracy("yes", []) == 0.0
 
 
+def test_vqa_contractions_are_the_official_table_not_every_apostrophe_less_form():
+    """Worked from vqaEval.py (GT-Vision-Lab/VQA): its contraction table is looked up with the lower-cased word,
+    so only its exact keys change. Before, every apostrophe-less spelling of a contraction was mapped, so "im",
+    "lets", "shes" and "couldntve" became "i'm", "let's", "she's", "couldn't've" where the script leaves them."""
+    for word in ("im", "ive", "lets", "shes", "couldntve", "owsat"):
+        assert normalise_vqa_answer(word) == word  # not keys of the table ("Im", "Ive" have a capital I there)
+    assert normalise_vqa_answer("dont") == "don't" and normalise_vqa_answer("couldnt've") == "couldn't've"
+    assert normalise_vqa_answer("somebody'd") == "somebodyd"  # the table maps this one the other way round
+    # the answer "I'm" is "i'm" there; ten humans who typed "im" (already in normal form) do not match it
+    assert vqa_accuracy("I'm", ["im"] * 10) == 0.0 and vqa_accuracy("im", ["im"] * 10) == 1.0
+    # periodStrip.sub("", text, re.UNICODE): the third argument is the count, so at most 32 periods go
+    assert normalise_vqa_answer("yes" + "." * 40) == "yes" + "." * 8
+
+
 # ------------------------------------------------------------------------------------------- ANLS
 def test_anls_by_hand():
     assert anls("Dear dr. Lobo", ["Dear Dr. Lobo", "Dr. Lobo"]) == 1.0  # case ignored
     assert anls("12/15/89", ["12/15/88"]) == pytest.approx(1 - 1 / 8)
-    assert anls("abcd", ["abxy"]) == 0.0  # NL = 0.5 is not below the threshold
+    assert anls("abcd", ["abxy"]) == 0.5  # NL = 0.5 is kept, as the RRC script keeps 1 - NL >= 0.5
     assert anls("abcde", ["abxye"]) == pytest.approx(0.6)  # NL = 0.4
     assert anls("  Denver   Broncos ", ["denver broncos"]) == 1.0  # stripped, whitespace collapsed
     assert anls("", ["x"]) == 0.0 and anls("", [""]) == 1.0
     assert anls("cat", ["dog", "cats"]) == pytest.approx(0.75)  # best reference
     assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+
+
+def test_anls_is_the_rrc_scripts():
+    """Worked from the official DocVQA / InfographicVQA (RRC) script: ``question_result = 1 - min(NL)``, set to 0
+    only when it is below 0.5; NL divides the distance of the normalised answers by the longer *raw* answer
+    (``max(len(answer.upper()), len(prediction.upper()))``). Before: 0 at NL = 0.5, and the normalised lengths."""
+    assert anls("12", ["13"]) == 0.5  # NL = 1/2: kept (0 before)
+    # reference stored as "abc  ": distance 1 ("abd" vs "abc"), divided by 5 raw characters -> 0.8 (2/3 before)
+    assert anls("abd", ["abc  "]) == pytest.approx(0.8)
+    assert anls("ab", ["xyz"]) == 0.0  # NL = 1
 
 
 # ---------------------------------------------------------------------------------- CORD / Donut
@@ -83,6 +107,18 @@ def test_document_normal_form_and_flattening():
                              "total": [{"total_price": ["10"]}]}
     assert sorted(flatten(gt)) == [("menu.cnt", "1"), ("menu.nm", "A"), ("menu.nm", "B"),
                                    ("total.total_price", "10")]
+
+
+def test_non_string_values_normalise_as_donuts_normalize_dict():
+    """Worked from Donut's JSONParseEvaluator.normalize_dict on json.loads'd answers: ``if not data: return {}``
+    drops a lone 0, 0.0 and false like an empty value; a lone true is ``str(True)``; a list of scalars keeps only
+    items whose type is str, int or float (no bools, no nulls). Before: 0 -> "0", false -> "false", true -> "true"
+    everywhere."""
+    doc = {"a": 0, "b": False, "c": True, "d": [True, None, 0, 1.5, "x"], "e": 0.0, "f": 2}
+    assert normalise(doc) == {"c": ["True"], "d": ["0", "1.5", "x"], "f": ["2"]}
+    assert field_counts({"cnt": 0}, {"cnt": "0"}) == (0, 0, 1)  # the answer has no field at all
+    assert ted_accuracy({"cnt": 0}, {"cnt": "0"}) == 0.0
+    assert field_counts({"cnt": [0]}, {"cnt": "0"}) == (1, 1, 1)  # inside a list, 0 is the text "0"
 
 
 def test_field_f1_is_micro_over_the_set():
@@ -189,6 +225,8 @@ def test_bleu4_equals_sacrebleu_on_the_corpus_and_sums_per_sample():
     # upper case is ignored, and a perfect answer scores 1
     assert score("bleu4", ["A MAN RIDES A HORSE ON THE BEACH"], [["a man rides a horse on the beach"]]) == \
         pytest.approx(1.0)
+    # text is NFC-composed first, as for every metric: a combining accent matches the precomposed letter
+    assert score("bleu4", ["caf\u00e9 au lait ok"], [["cafe\u0301 au lait ok"]]) == pytest.approx(1.0)
     # resamples recompute corpus BLEU from summed counts: against itself, every difference is 0
     stats = compute_stats(["bleu4"], hypotheses, references)["bleu4"]
     assert paired_bootstrap("bleu4", stats, stats, resamples=50) == (0.0, 0.0)
@@ -253,6 +291,7 @@ def test_bootstrap_recomputes_corpus_metrics_from_their_sums():
     ("106", ["100"], 0.0),          # 6% off
     ("95", ["100"], 1.0),           # exactly 5% off counts (<=)
     ("12%", ["0.12"], 1.0),         # a trailing % divides by 100
+    ("5%%", ["0.05"], 1.0),         # pix2struct rstrips every trailing % (0 before: "5%" is not a float)
     ("0.5", ["0"], 0.0),            # a zero reference: exact string match only
     ("0", ["0"], 1.0),
     ("Yes", ["yes"], 1.0),          # not numbers: case-insensitive exact match

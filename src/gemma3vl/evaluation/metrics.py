@@ -10,14 +10,17 @@ set's, and a bootstrap resample's all come from the same function, exactly.
   collapsed); 1 if the prediction equals any reference.
 * ``token_f1``: SQuAD's token-overlap F1 after that normalisation, best over the references.
 * ``vqa_accuracy``: the official VQA evaluation (Antol et al. 2015; ``vqaEval.py``): answers normalised
-  (punctuation, periods, number words, articles, contractions), then ``min(#matching humans / 3, 1)``
-  averaged over the leave-one-out subsets of the references (10 choose 9 for VQAv2's ten answers). The
-  official script skips normalisation when all references agree; we always normalise, so ``"Yes."`` scores
-  against ``["yes"] * 10`` as it does against mixed references. With a single reference there is no subset
-  to leave one out of: the score is then the normalised exact match.
-* ``anls``: Average Normalised Levenshtein Similarity (Biten et al. 2019, ST-VQA / DocVQA): answers lower
-  cased, stripped, inner whitespace collapsed; ``1 - NL`` when the normalised distance ``NL < 0.5``, else 0;
-  best over the references.
+  (punctuation, periods, number words, articles, the script's contraction table), then
+  ``min(#matching humans / 3, 1)`` averaged over the leave-one-out subsets of the references (10 choose 9 for
+  VQAv2's ten answers). The official script normalises the model's answer fully but the references only
+  partly (punctuation, and only when they disagree: VQAv2 stores them normalised already); we normalise the
+  references fully as well, which gives the same score on references in normal form and credits ``yes``
+  against references typed ``Yes`` (0 there). With a single reference there is no subset to leave one out of
+  (the script scores 0): the score is then the normalised exact match.
+* ``anls``: Average Normalised Levenshtein Similarity (Biten et al. 2019, ST-VQA / DocVQA) as the official
+  RRC script computes it: answers lower cased, stripped, inner whitespace collapsed, the distance divided by
+  the longer of the two answers as given; ``1 - NL`` when it is at least 0.5 (``NL <= 0.5``), else 0; best
+  over the references.
 * ``field_f1`` / ``field_precision`` / ``field_recall`` and ``ted_accuracy``: receipts (CORD) as Donut
   scores them (see ``tree_edit``); predictions are parsed as JSON, and one that is not JSON is empty.
 * ``bleu4``: corpus BLEU-4 by sacrebleu (``pip install 'gemma3vl[eval]'``), lower-cased, 13a tokenisation,
@@ -101,34 +104,41 @@ _PERIOD_NOT_IN_NUMBER = re.compile(r"\.(?!\d)")
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _VQA_ARTICLES = {"a", "an", "the"}
-# Contractions people type without their apostrophes ("dont") map to the apostrophe form, as the official
-# script's table does. Forms whose apostrophe-less spelling is an ordinary word (its, well, were, ill,
-# hell, shell, wed, shed, id) are left out, as they are there; "cant" and "wont" are in, as they are there.
-_CONTRACTIONS = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
-    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd've", "i'm",
-    "i've", "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've",
-    "mustn't", "must've", "needn't", "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd've",
-    "she's", "should've", "shouldn't", "shouldn't've", "somebody'd", "somebody'd've", "somebody'll",
-    "somebody's", "someone'd", "someone'd've", "someone'll", "someone's", "something'd", "something'd've",
-    "something'll", "that's", "there'd", "there'd've", "there're", "there's", "they'd", "they'd've",
-    "they'll", "they're", "they've", "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're",
-    "what's", "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll", "who're",
-    "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't", "wouldn't've", "y'all",
-    "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've",
-)
-
-
-def _apostrophe_variants(word: str) -> set[str]:
-    """``word`` with any non-empty subset of its apostrophes left out ("couldn't've" -> "couldntve", ...)."""
-    pieces = word.split("'")
-    variants = {pieces[0]}
-    for piece in pieces[1:]:
-        variants = {v + "'" + piece for v in variants} | {v + piece for v in variants}
-    return variants - {word}
-
-
-_CONTRACTION_MAP = {variant: word for word in _CONTRACTIONS for variant in _apostrophe_variants(word)}
+# The official script's contraction table, entry for entry (GT-Vision-Lab/VQA, vqaEval.py): a word is looked up
+# as it is after lower-casing, so only these exact spellings change. It is not "every apostrophe-less form":
+# "lets", "shes", "couldntve" and "owsat" are not in it (they stay as typed), "let's" and "she's" map to
+# themselves, and "somebody'd" maps to "somebodyd" (the other way round from the rest). The four keys with a
+# capital I ("Im", "Ive", "Id've", "I'dve") can never match a lower-cased word, so "im" stays "im" there too.
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+# The official script strips periods with ``periodStrip.sub("", text, re.UNICODE)``: the third positional argument
+# of ``Pattern.sub`` is ``count``, so at most re.UNICODE == 32 periods are removed. Kept, to score as it does.
+_PERIOD_STRIP_COUNT = 32
 
 
 def normalise_vqa_answer(answer: str) -> str:
@@ -142,9 +152,9 @@ def normalise_vqa_answer(answer: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = _PERIOD_NOT_IN_NUMBER.sub("", out)
+    out = _PERIOD_NOT_IN_NUMBER.sub("", out, count=_PERIOD_STRIP_COUNT)
     words = [_NUMBER_WORDS.get(word, word) for word in out.lower().split()]
-    words = [_CONTRACTION_MAP.get(word, word) for word in words if word not in _VQA_ARTICLES]
+    words = [_CONTRACTIONS.get(word, word) for word in words if word not in _VQA_ARTICLES]
     return " ".join(words)
 
 
@@ -167,17 +177,24 @@ ANLS_THRESHOLD = 0.5
 
 
 def anls(prediction: str, references: Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
-    """Biten et al. 2019 (ST-VQA, arXiv:1905.13648), eq. 1: ``s = 1 - NL`` if ``NL < tau`` else 0, tau = 0.5,
-    best over the references. At exactly ``NL = 0.5`` we follow the paper (0); the RRC / DocVQA evaluation script
-    thresholds ``1 - NL < 0.5`` instead and would give 0.5 there. Normalisation as that script does it: lower
-    case, stripped, inner whitespace collapsed (and NFC, see :func:`nfc`); distances are over code points."""
-    answer = " ".join(nfc(prediction).strip().lower().split())
+    """ANLS (Biten et al. 2019, ST-VQA, arXiv:1905.13648) as the official RRC evaluation script of DocVQA /
+    InfographicVQA computes it (and lmms-eval, which copies it): both answers lower-cased, stripped and their inner
+    whitespace collapsed; ``NL = Levenshtein(normalised) / max(len(raw answer), len(raw reference))`` (the lengths
+    of the strings as given, before stripping and collapsing, upper-cased as the script measures them, so a
+    reference stored with a trailing space is a character longer); ``1 - NL`` kept when it is at least the
+    threshold, else 0; best over the references. At ``NL = 0.5`` exactly the score is 0.5, as in the script and in
+    pix2struct's ``anls_metric`` (the paper's eq. 1 writes ``NL < 0.5``, which would give 0: "12" against "13"
+    scores 0.5 in the script). Text is NFC-composed first (see :func:`nfc`); distances are over code
+    points."""
+    raw = nfc(prediction)
+    answer = " ".join(raw.strip().lower().split())
     best = 0.0
     for reference in references:
-        truth = " ".join(nfc(reference).strip().lower().split())
-        longest = max(len(answer), len(truth))
+        truth_raw = nfc(reference)
+        truth = " ".join(truth_raw.strip().lower().split())
+        longest = max(len(raw.upper()), len(truth_raw.upper()))
         distance = edit_distance(answer, truth) / longest if longest else 0.0
-        if distance < threshold:
+        if 1.0 - distance >= threshold:
             best = max(best, 1.0 - distance)
     return best
 
@@ -187,9 +204,10 @@ RELAXED_TOLERANCE = 0.05
 
 
 def _relaxed_number(text: str) -> float | None:
-    """A number as ChartQA's relaxed accuracy reads one: Python's float, a trailing ``%`` dividing by 100."""
+    """A number as ChartQA's relaxed accuracy reads one: Python's float; text ending in ``%`` has every trailing
+    ``%`` removed (``rstrip``, as pix2struct does: "5%%" is 0.05) and is divided by 100."""
     try:
-        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
@@ -279,11 +297,12 @@ def bleu_signature(references: Sequence[Sequence[str]] = ()) -> str:
 
 def _bleu_stats(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
     """Per sample: matching n-gram counts (4), n-gram totals (4), hypothesis length, closest reference
-    length; their sums are exactly what sacrebleu's corpus_score sums."""
+    length; their sums are exactly what sacrebleu's corpus_score sums (on NFC-composed text, like every metric
+    here: sacrebleu itself compares code points, so it differs only on text that is not in NFC)."""
     bleu = _bleu()
     rows = []
     for prediction, refs in zip(predictions, references):
-        one = bleu.corpus_score([prediction], [[reference] for reference in refs] or [[""]])
+        one = bleu.corpus_score([nfc(prediction)], [[nfc(reference)] for reference in refs] or [[""]])
         rows.append([*one.counts, *one.totals, one.sys_len, one.ref_len])
     return np.array(rows, dtype=np.float64).reshape(-1, 10)
 

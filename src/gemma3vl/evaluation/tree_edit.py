@@ -5,10 +5,15 @@ A parsed document (CORD's ``gt_parse``) is a JSON tree. Donut scores a predictio
 * **TED accuracy**: ``max(0, 1 - TED(pred, gt) / TED(empty, gt))`` over the trees of the normalised JSON;
 * **field F1**: precision / recall over the flattened ``(key path, value)`` pairs, matched as multisets.
 
-Normalisation (Donut's ``JSONParseEvaluator``): keys sorted by ``(length, name)``; every value becomes a
-list (a lone object or string is a list of one); list items that are objects are normalised recursively;
-scalars become stripped strings; empty objects, empty lists, empty strings and nulls are dropped (Donut
-keeps a lone empty string; dropping it makes "absent" and "empty" score alike).
+Normalisation (Donut's ``JSONParseEvaluator.normalize_dict``): keys sorted by ``(length, name)``; every value
+becomes a list (a lone object or string is a list of one); list items that are objects are normalised
+recursively; scalars become stripped strings as Python writes them (``str``: ``true`` is ``True``, ``2.50`` is
+``2.5``); empty objects, empty lists, empty strings and nulls are dropped, and so, as in Donut (its ``if not
+data``), is a field whose value is a lone ``0``, ``0.0`` or ``false``; in a list of scalars only strings and
+numbers are kept (Donut's ``type(item) in {str, int, float}``: booleans and nulls are dropped there). One
+deliberate difference: a lone whitespace-only string is dropped like an empty one, where Donut keeps it as an
+empty leaf (its ``not data`` sees ``"  "`` as a value, then strips it to ``""``), so that "absent", ``""`` and
+``"  "`` score alike.
 
 Tree: the root, one node per key, one ``<subtree>`` node per object inside a list, one leaf per string.
 Costs (Donut's): inserting or removing a leaf costs its length and any other node 1; relabelling a leaf as a
@@ -146,7 +151,11 @@ def normalise(value: Any) -> Any:
     if isinstance(value, list):
         if value and all(isinstance(item, dict) for item in value):
             return [child for child in map(normalise, value) if child] or None
-        return [text for text in map(_scalar_text, value) if text] or None
+        # Donut keeps only items whose type is exactly str, int or float: not bools, nulls, nested lists or dicts
+        return [text for text in (_scalar_text(item) for item in value if type(item) in (str, int, float)) if text] \
+            or None
+    if not value:
+        return None  # Donut's ``if not data``: a lone 0, 0.0, false, null or "" is no value at all
     text = _scalar_text(value)
     return [text] if text else None
 
@@ -156,12 +165,8 @@ def _key_text(key: Any) -> str:
 
 
 def _scalar_text(value: Any) -> str:
-    """A leaf's text: stripped, NFC-composed (canonically equivalent spellings of "é" are one value; see
-    ``metrics.nfc``)."""
-    if value is None or isinstance(value, (dict, list)):
-        return ""  # nested lists inside scalar lists: Donut keeps only str/int/float items
-    if isinstance(value, bool):
-        return "true" if value else "false"
+    """A leaf's text as Donut writes it (``str(value).strip()``: ``True``, ``2.5``, ``0`` inside a list),
+    NFC-composed (canonically equivalent spellings of "é" are one value; see ``metrics.nfc``)."""
     return unicodedata.normalize("NFC", str(value)).strip()
 
 
