@@ -345,3 +345,118 @@ def test_pretty_printed_jsonl_is_read_whole(processor, tmp_path):
     assert sources(dataset) == [f"{mixed}:1", f"{mixed}:{len(mixed.read_text().splitlines())}"]
     assert "the line ends before its JSON value does" in dataset.summary().examples["invalid_json"]
     assert dataset.summary().examples["invalid_json"].startswith(f"{mixed}:2: ")
+
+
+def test_text_after_a_json_array_is_refused(processor, tmp_path):
+    """Two arrays in one file (concatenated exports) used to train on the first one only, the second dropped
+    without a word; any text after the closing ']' is now an error naming its line."""
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([good(0), good(1)]) + "\n" + json.dumps([good(2)]) + "\n")
+    with pytest.raises(Gemma3VLError, match=r"two\.json:2: text after the array's closing"):
+        ConversationDataset(DataConfig(path), processor)
+    path.write_text(json.dumps([good(0), good(1)], indent=1) + "\n\n")  # trailing space is fine
+    assert len(ConversationDataset(DataConfig(path), processor)) == 2
+    path.write_bytes(b"[" + json.dumps(good(0)).encode() + b",\n" + json.dumps(good(1)).encode().replace(b"1", b"\xe9")
+                     + b"]")
+    with pytest.raises(Gemma3VLError, match=r"two\.json:2: not UTF-8 text"):  # the line of the byte, not only its offset
+        ConversationDataset(DataConfig(path), processor)
+
+
+def _parquet(path, rows):
+    """``rows`` (dicts) as a parquet file, the schema inferred from all of them (nulls where a row lacks a key)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_struct_array(pa.array(rows)), str(path))
+    return path
+
+
+def test_hf_rows_read_nulls_as_missing_keys(processor, tmp_path, monkeypatch):
+    """A table holding both messages and LLaVA rows has a null 'messages' in the LLaVA rows (and null fields in
+    structs): those rows used to be invalid_schema bad records ("'messages' must be a non-empty list, got null")."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    write_pictures(tmp_path)
+    rows = [
+        {"messages": [user("What is in this picture?", "a.png"), {"role": "assistant", "content": [
+            {"type": "text", "text": "A red circle."}]}]},
+        {"image": "b.png", "conversations": [{"from": "human", "value": "<image>\nAnd this?"},
+                                             {"from": "gpt", "value": "A square."}]},
+        {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
+    table = _parquet(tmp_path / "mixed.parquet", rows)
+    lines = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    from_table = list(ConversationDataset(DataConfig(table, shuffle=False, on_bad_record="error"), processor))
+    from_lines = list(ConversationDataset(DataConfig(lines, shuffle=False, on_bad_record="error"), processor))
+    assert sources(from_table) == [f"{table}:row {i}" for i in range(3)]
+    assert [s.input_ids.tolist() for s in from_table] == [s.input_ids.tolist() for s in from_lines]
+    assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(from_table[:2], from_lines[:2]))
+
+
+def test_hf_image_columns_are_opened_under_the_data_settings(processor, tmp_path, monkeypatch):
+    """datasets decoded an Image column itself: a corrupt picture ended the run with PIL's traceback, the pixel
+    limit was checked only after the whole picture was decoded, and a path outside the dataset (or a URL) was
+    opened (fetched) whatever data.allow_outside_paths / allow_remote_images said. The pictures are now read
+    undecoded and opened as those of JSON records are."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    import pyarrow.parquet as pq
+
+    write_pictures(tmp_path / "data")
+    draw_picture("black cross").save(tmp_path / "outside.png")
+    png = (tmp_path / "data" / "a.png").read_bytes()
+    pictures = [{"bytes": png, "path": None}, {"bytes": b"not a picture", "path": None},
+                {"bytes": png[:150], "path": None}, {"bytes": None, "path": str(tmp_path / "outside.png")},
+                {"bytes": None, "path": "http://127.0.0.1:9/remote.png"}]
+    messages = [[{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": f"Q{i}?"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "A."}]}] for i in range(len(pictures))]
+    features = datasets.Dataset.from_dict({"messages": messages}).features
+    features["images"] = datasets.List(datasets.Image())
+    table = datasets.Dataset.from_dict({"messages": messages, "images": [[p] for p in pictures]}, features=features)
+    path = tmp_path / "data" / "pictures.parquet"
+    pq.write_table(table.data.table, str(path))  # (to_parquet would look the URL up)
+
+    def read(**settings):
+        dataset = ConversationDataset(DataConfig(path, shuffle=False, **settings), processor)
+        return sources(dataset), dataset.summary()
+
+    kept, summary = read()
+    assert kept == [f"{path}:row 0"]
+    assert dict(summary.skipped) == {"unreadable_image": 2, "image_outside_dataset": 1, "remote_image_refused": 1}
+    assert summary.examples["unreadable_image"].startswith(f"{path}:row 1: ")
+    assert read(allow_outside_paths=True)[0] == [f"{path}:row 0", f"{path}:row 3"]
+    with pytest.raises(BadRecord, match=r"row 0: .*96x64 = 6144 pixels is over the limit of 1000"):
+        list(ConversationDataset(DataConfig(path, shuffle=False, max_image_pixels=1000, on_bad_record="error"),
+                                 processor))
+
+
+def test_data_directories(processor, tmp_path, monkeypatch):
+    """A data directory's files are read by their kind, never as an image folder because pictures beside them
+    outnumber them (that ended in "no 'messages' column (columns: ['image'])"); its JSONL files are each read as one
+    file is: bad lines skipped and named by file and line (datasets' JSON reader made a bad line fatal, naming
+    nothing), image paths relative to the file, the split told by the files' names."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    tables = tmp_path / "tables"
+    write_pictures(tables / "images")
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}
+    rows = [{"messages": [user("What is in this picture?", "images/a.png"), answer]},
+            {"messages": [user("What is 1?"), answer]}]
+    _parquet(tables / "conversations.parquet", rows)
+    assert sources(ConversationDataset(DataConfig(tables, shuffle=False), processor)) == [
+        f"{tables}:row 0", f"{tables}:row 1"]
+
+    lines = tmp_path / "lines"
+    write_pictures(lines / "part")
+    first = write_jsonl(lines / "train-00000-of-00002.jsonl", [good(0), "{broken", good(2)])
+    second = write_jsonl(lines / "part" / "train-00001-of-00002.jsonl",
+                         [{"messages": [user("What is in this picture?", "b.png"), assistant("A square.")]},
+                          {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}])
+    test = write_jsonl(lines / "test-00000-of-00001.jsonl", [good(7)])
+    dataset = ConversationDataset(DataConfig(lines, shuffle=False), processor)
+    assert sources(dataset) == [f"{second}:1", f"{second}:2", f"{first}:1", f"{first}:3"]  # in path order
+    assert dataset.summary().examples["invalid_json"].startswith(f"{first}:2: ")
+    assert sources(ConversationDataset(DataConfig(lines, shuffle=False, split="test"), processor)) == [f"{test}:1"]
+    with pytest.raises(Gemma3VLError, match=r"no split 'validation' \(splits: \['test', 'train'\]\)"):
+        ConversationDataset(DataConfig(lines, split="validation"), processor)

@@ -127,3 +127,14 @@ def test_hf_style_image_values(layout):
     assert load(picture, layout) is picture
     with pytest.raises(BadRecord, match="not a readable image"):
         load(b"nope", layout)
+
+
+@pytest.mark.parametrize("ref", ["a\x00.png", "x" * 5000 + ".png", "d/" * 3000 + "a.png"])
+def test_paths_the_system_cannot_use_are_bad_records(layout, ref):
+    """A NUL byte or a name longer than the file system allows used to escape as ValueError / OSError from
+    Path.resolve(), a traceback that ended the run instead of a skipped record naming its line."""
+    with pytest.raises(BadRecord, match=r"^d\.jsonl:4: image ") as caught:
+        load(ref, layout)
+    assert caught.value.reason == "unreadable_image"
+    with pytest.raises(BadRecord):
+        load({"bytes": None, "path": ref}, layout, allow_outside_paths=True)

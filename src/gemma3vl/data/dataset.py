@@ -26,7 +26,7 @@ from typing import Any
 from gemma3vl.data.batch import Sample
 from gemma3vl.data.encode import ConversationEncoder
 from gemma3vl.data.images import ImageLoader
-from gemma3vl.data.records import BadRecord, parse_record
+from gemma3vl.data.records import BadRecord, Conversation, parse_record
 from gemma3vl.data.settings import DataConfig
 from gemma3vl.data.sources import open_records
 from gemma3vl.errors import Gemma3VLError
@@ -175,10 +175,7 @@ class ConversationDataset:
         """Record ``index`` encoded, or ``None`` when it is bad and ``on_bad_record`` is ``skip``."""
         self._summary.records += 1
         try:
-            raw, source = self.records.record(index)
-            conversation = parse_record(
-                raw, source, self.records.base_dir, record_format=self.config.record_format
-            )
+            conversation = self.conversation(index)
             sample, truncated = self.encoder.fit(self.encoder.encode_whole(conversation))
         except BadRecord as bad:
             if self.config.on_bad_record == "error":
@@ -189,6 +186,13 @@ class ConversationDataset:
         self._summary.truncated += int(truncated)
         self._summary.samples += 1
         return sample
+
+    def conversation(self, index: int) -> Conversation:
+        """Record ``index`` parsed (raises :class:`BadRecord`), its image paths relative to where they start."""
+        raw, source = self.records.record(index)
+        base_dir = getattr(self.records, "record_base_dir", None)  # (the files of a data directory)
+        return parse_record(raw, source, self.records.base_dir if base_dir is None else base_dir(index),
+                            record_format=self.config.record_format)
 
     def summary(self) -> DataSummary:
         return self._summary

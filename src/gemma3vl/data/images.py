@@ -77,8 +77,11 @@ class ImageLoader:
 
     def _open_file(self, value: str, base_dir: Path | None, source: str) -> Image.Image:
         root = (base_dir or Path.cwd()).resolve()
-        # resolve() follows symlinks, so a link pointing out of the dataset is caught like "../".
-        path = (root / value).resolve()
+        try:
+            # resolve() follows symlinks, so a link pointing out of the dataset is caught like "../".
+            path = (root / value).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, a symlink loop
+            raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: not a usable path ({exc})") from None
         if not self.allow_outside_paths and not path.is_relative_to(root):
             raise BadRecord(
                 source,
@@ -90,6 +93,8 @@ class ImageLoader:
             return load_image(path, self.max_image_pixels)  # decoded, size-checked, turned upright
         except Gemma3VLError as exc:
             raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: {exc}") from None
+        except (OSError, ValueError) as exc:  # e.g. is_file() on a name longer than the file system allows
+            raise BadRecord(source, UNREADABLE_IMAGE, f"image {value!r}: cannot open it ({exc})") from None
 
     def _fetch(self, url: str, source: str) -> Image.Image:
         if not self.allow_remote_images:

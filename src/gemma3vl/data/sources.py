@@ -1,4 +1,5 @@
-"""Where records come from: a JSONL file, a JSON array file (LLaVA's usual form), or a local HF dataset.
+"""Where records come from: a JSONL file, a JSON array file (LLaVA's usual form), a local HF dataset (a
+``save_to_disk`` directory, parquet files, a data directory of them), or a data directory of JSONL / JSON files.
 
 Every source gives random access by record index (the dataset shuffles an index order, and resumes by
 position in it) and a ``file:line`` label per record, so a bad record can be named. Reading a record's text
@@ -7,18 +8,26 @@ happens on access, so a malformed line is a bad *record*, skipped or fatal like 
 
 from __future__ import annotations
 
+import bisect
+import copy
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
-from gemma3vl.data.records import INVALID_JSON, BadRecord, parse_json_line
+from gemma3vl.data.records import INVALID_JSON, INVALID_SCHEMA, BadRecord, parse_json_line
 from gemma3vl.errors import Gemma3VLError
 
 # Record keys a Hugging Face dataset column can be mapped onto (DataConfig.columns: key -> column name).
 COLUMN_KEYS = ("messages", "images", "conversations", "image")
 
+logger = logging.getLogger("gemma3vl.data")
+
 
 class RecordSource(Protocol):
+    """(A source whose records' image paths start in different directories also has ``record_base_dir(index)``.)"""
+
     path: Path
     base_dir: Path  # where relative image paths start
 
@@ -150,6 +159,13 @@ class JsonArraySource:
             elif text[at : at + 1] != "]":
                 where = line + text.count("\n", counted, at)
                 raise Gemma3VLError(f"{path}:{where}: expected ',' or ']' between records")
+        end = _skip_space(text, at + 1)
+        if end < len(text):  # a second array, or any other text: its records would be lost without a word
+            where = line + text.count("\n", counted, end)
+            raise Gemma3VLError(
+                f"{path}:{where}: text after the array's closing ']' (a second array? one file holds one JSON array "
+                "of records, or one JSON object per line)"
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -164,34 +180,128 @@ class HFDatasetSource:
     ``columns`` maps record keys (``messages``, ``images``, ``conversations``, ``image``) to the dataset's
     column names; rows are read as records with those keys, so they parse like JSON records. Records are
     labelled ``path:row N`` (0-based rows).
+
+    A null in a column or a struct field is a key the record does not have (a table holding both ``messages`` and
+    LLaVA ``conversations`` rows has nulls in the other column). Images of an ``Image`` feature are read undecoded
+    (``{"bytes", "path"}``) and opened by :class:`gemma3vl.data.images.ImageLoader` under the data settings, as
+    those of JSON records: ``datasets`` would decode the whole picture before the pixel limit is checked, open
+    any path and fetch URLs, and a corrupt picture would end the run instead of being a bad record.
     """
 
-    def __init__(self, path: Path, *, split: str = "train", columns: dict[str, str] | None = None):
+    def __init__(
+        self, path: Path, *, split: str = "train", columns: dict[str, str] | None = None,
+        data_files: tuple[str, list[str]] | None = None,
+    ):
         self.path = path
         self.base_dir = path if path.is_dir() else path.parent
-        self.dataset = _load_hf_dataset(path, split)
-        names = set(self.dataset.column_names)
-        columns = dict(columns or {})
-        unknown = sorted(set(columns) - set(COLUMN_KEYS))
-        if unknown:
-            raise Gemma3VLError(f"columns: unknown key(s) {unknown}; map any of {list(COLUMN_KEYS)} to column names")
-        missing = sorted(column for column in columns.values() if column not in names)
-        if missing:
-            raise Gemma3VLError(f"{path}: no column(s) {missing}; the dataset has {sorted(names)}")
-        # Unmapped keys read the column of the same name when there is one.
-        self.columns = {key: columns.get(key, key) for key in COLUMN_KEYS if columns.get(key, key) in names}
-        if "messages" not in self.columns and "conversations" not in self.columns:
-            raise Gemma3VLError(
-                f"{path}: no 'messages' or 'conversations' column (columns: {sorted(names)}); map one with "
-                "data.columns=messages=<column> (gemma3vl train) or columns={'messages': '<column>'} (Python)"
-            )
+        dataset = _load_hf_dataset(path, split, data_files)
+        names = set(dataset.column_names)
+        self.columns = _column_keys(path, columns, names)
+        dataset = dataset.select_columns(list(dict.fromkeys(self.columns.values())))
+        self.dataset = dataset
+        self._rows = dataset.with_format("arrow")  # rows as pyarrow tables: nothing decoded
+        self._features = _undecoded_images(dataset.features)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def record(self, index: int) -> tuple[Any, str]:
-        row = self.dataset[index]
-        return {key: row[column] for key, column in self.columns.items()}, f"{self.path}:row {index}"
+        source = f"{self.path}:row {index}"
+        row = self._rows[index].to_pylist()[0]
+        try:
+            row = self._features.decode_example(row)  # what the dataset's features decode, but images
+        except Exception as exc:  # noqa: BLE001 (a feature's own decoding; the row is what is bad)
+            raise BadRecord(source, INVALID_SCHEMA, f"cannot decode the row ({type(exc).__name__}: {exc})") from None
+        return _without_nulls({key: row[column] for key, column in self.columns.items()}), source
+
+
+class JsonFilesSource:
+    """The JSONL / JSON array files of a data directory (one split's), each read as :func:`open_records` reads one
+    file, in file-name order: records are labelled with their own ``file:line``, a bad line is one bad record,
+    records need not share a schema, and image paths are relative to (and inside) the record's own file's
+    directory. ``columns`` renames record keys as for a Hugging Face dataset."""
+
+    def __init__(self, path: Path, files: list[Path], columns: dict[str, str] | None = None):
+        self.path = path
+        self.base_dir = path
+        self.columns = _column_keys(path, columns, None)
+        self.sources: list[RecordSource] = [_json_file(file) for file in files]
+        self.starts = [0]
+        for part in self.sources:
+            self.starts.append(self.starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def record(self, index: int) -> tuple[Any, str]:
+        at = self._file(index)
+        raw, source = self.sources[at].record(index - self.starts[at])
+        if self.columns is None or not isinstance(raw, dict):
+            return raw, source
+        return {key: raw[column] for key, column in self.columns.items() if column in raw}, source
+
+    def record_base_dir(self, index: int) -> Path:
+        """Where record ``index``'s relative image paths start: its own file's directory."""
+        return self.sources[self._file(index)].base_dir
+
+    def _file(self, index: int) -> int:
+        return bisect.bisect_right(self.starts, index) - 1
+
+
+def _column_keys(path: Path, columns: dict[str, str] | None, names: set[str] | None) -> dict[str, str] | None:
+    """Record key -> column for the keys a source reads (``names``: the dataset's columns; ``None`` for JSON
+    files, whose records keep their own keys unless ``columns`` maps some)."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(COLUMN_KEYS))
+    if unknown:
+        raise Gemma3VLError(f"columns: unknown key(s) {unknown}; map any of {list(COLUMN_KEYS)} to column names")
+    if names is None:
+        # Unmapped keys keep the key of the same name.
+        return {key: columns.get(key, key) for key in COLUMN_KEYS} if columns else None
+    missing = sorted(column for column in columns.values() if column not in names)
+    if missing:
+        raise Gemma3VLError(f"{path}: no column(s) {missing}; the dataset has {sorted(names)}")
+    # Unmapped keys read the column of the same name when there is one.
+    mapped = {key: columns.get(key, key) for key in COLUMN_KEYS if columns.get(key, key) in names}
+    if "messages" not in mapped and "conversations" not in mapped:
+        raise Gemma3VLError(
+            f"{path}: no 'messages' or 'conversations' column (columns: {sorted(names)}); map one with "
+            "data.columns=messages=<column> (gemma3vl train) or columns={'messages': '<column>'} (Python)"
+        )
+    return mapped
+
+
+def _without_nulls(value: Any) -> Any:
+    """A table row as the record it stands for: a null in a struct (or a column) is a key the record lacks, since a
+    table gives every row every column and every struct every field (``messages`` and ``conversations`` rows side by
+    side, ``from``/``value`` and ``role``/``content`` entries). Nulls inside lists stay (they are bad values)."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _undecoded_images(features: Any) -> Any:
+    """``features`` with every ``Image`` (nested in lists and structs too) left undecoded."""
+    import datasets
+
+    def visit(feature: Any) -> Any:
+        if isinstance(feature, datasets.Image):
+            plain = copy.copy(feature)
+            plain.decode = False
+            return plain
+        if isinstance(feature, dict):  # Features, or a struct
+            return type(feature)({key: visit(value) for key, value in feature.items()})
+        if isinstance(feature, (list, tuple)):  # the old spelling of a list feature: [feature]
+            return type(feature)(visit(value) for value in feature)
+        if hasattr(feature, "feature"):  # List, LargeList, Sequence
+            nested = copy.copy(feature)
+            nested.feature = visit(feature.feature)
+            return nested
+        return feature
+
+    return visit(features)
 
 
 def is_hf_dataset(path: str | Path, source_format: str = "auto") -> bool:
@@ -224,19 +334,29 @@ def open_records(
                                       for f in path.rglob("*.parquet"))
         return LayoutSource(path, layout, split=split if named else None)
     if is_hf_dataset(path, source_format):
-        return HFDatasetSource(path, split=split, columns=columns)
+        data_files = _directory_data_files(path, split) if _is_data_directory(path) else None
+        if data_files is not None and data_files[0] == "json":
+            return JsonFilesSource(path, [Path(file) for file in data_files[1]], columns)
+        return HFDatasetSource(path, split=split, columns=columns, data_files=data_files)
     if columns:
         raise Gemma3VLError("columns only apply to Hugging Face datasets (a directory or .parquet files)")
+    return _json_file(path)
+
+
+def _json_file(path: Path) -> RecordSource:
+    """A JSON array file when its first character is ``[``, else JSONL (or pretty-printed objects)."""
     with path.open("rb") as handle:
         head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return JsonArraySource(path) if head[:1] == b"[" else JsonlSource(path)
 
 
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise Gemma3VLError(f"{path}: not UTF-8 text ({exc})") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise Gemma3VLError(f"{path}:{line}: not UTF-8 text ({exc})") from None
 
 
 def _is_json(text: str) -> bool:
@@ -264,7 +384,71 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
-def _load_hf_dataset(path: Path, split: str) -> Any:
+def _is_data_directory(path: Path) -> bool:
+    """A directory of data files (not one written by ``save_to_disk``)."""
+    return path.is_dir() and not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+# The data files a directory's split is read from, by kind (the ``datasets`` builder that reads them).
+DATA_FILE_KINDS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
+# ``datasets``' folder datasets (imagefolder ...) take their other columns from these files.
+FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
+def _directory_data_files(path: Path, split: str) -> tuple[str, list[str]] | None:
+    """The kind and files of ``split`` in a data directory, the split told by Hugging Face's file naming
+    (``data/train-00000-of-00002.parquet``, ``train.jsonl``, ``train/`` ...; every file is ``train`` without
+    one), or ``None`` to leave the directory to ``datasets.load_dataset`` (a dataset card that declares configs,
+    a folder dataset's metadata file, files of no kind read here).
+
+    ``datasets`` itself would pick its builder by the most common extension, so pictures kept beside the data
+    (``images/*.png``) would turn the directory into an image folder without a conversation column.
+    """
+    try:
+        from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+    except ImportError:
+        return None  # (no datasets: _load_hf_dataset says so; an older one: it decides as before)
+    card = path / "README.md"
+    if card.is_file() and re.search(r"^configs:", _front_matter(card), re.MULTILINE):
+        return None
+    try:
+        splits = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    except EmptyDatasetError:
+        raise Gemma3VLError(f"{path}: no data files in this directory") from None
+    except Exception:  # noqa: BLE001 (another datasets version's internals: let load_dataset decide)
+        return None
+    if split not in splits:
+        raise Gemma3VLError(f"{path}: no split {split!r} (splits: {sorted(map(str, splits))})")
+    files = [str(file) for file in splits[split]]
+    if any(Path(file).name in FOLDER_METADATA for file in files):
+        return None
+    kinds: dict[str, list[str]] = {}
+    for file in files:
+        kind = DATA_FILE_KINDS.get(Path(file).suffix.lower())
+        if kind is not None:
+            kinds.setdefault(kind, []).append(file)
+    if not kinds:
+        return None
+    # The most common kind (parquet first on a draw), as datasets would choose among these.
+    kind = max(kinds, key=lambda name: (len(kinds[name]), name == "parquet", name == "arrow"))
+    ignored = sorted(file for other, named in kinds.items() if other != kind for file in named)
+    if ignored:
+        logger.warning("%s: reading the %d %s file(s) of split %r, not the %d other data file(s) (%s%s)", path,
+                       len(kinds[kind]), kind, split, len(ignored), ", ".join(ignored[:3]),
+                       ", ..." if len(ignored) > 3 else "")
+    return kind, sorted(kinds[kind])
+
+
+def _front_matter(card: Path) -> str:
+    """The YAML block opening a dataset card (``---`` ... ``---``), or ``""``."""
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return ""
+    end = text.find("\n---", 3)
+    return text[3:end] if end >= 0 else ""
+
+
+def _load_hf_dataset(path: Path, split: str, data_files: tuple[str, list[str]] | None = None) -> Any:
     try:
         import datasets
     except ImportError:
@@ -272,16 +456,20 @@ def _load_hf_dataset(path: Path, split: str) -> Any:
             f"{path}: reading a Hugging Face dataset needs the 'datasets' package (pip install datasets)"
         ) from None
     try:
-        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        if path.is_dir() and not _is_data_directory(path):
             loaded = datasets.load_from_disk(str(path))  # written by save_to_disk
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
                     raise Gemma3VLError(f"{path}: no split {split!r} (splits: {sorted(loaded)})")
                 loaded = loaded[split]
             return loaded
+        if data_files is not None:
+            kind, files = data_files
+            return datasets.load_dataset(kind, data_files=files, split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        kind = DATA_FILE_KINDS.get(path.suffix.lower(), "parquet")  # (data.format=hf on a .jsonl file too)
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Gemma3VLError:
         raise
     except Exception as exc:  # datasets raises many types; the path and the reason is what the user needs

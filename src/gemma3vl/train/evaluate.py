@@ -15,7 +15,7 @@ import torch
 
 from gemma3vl.data.dataset import ConversationDataset
 from gemma3vl.data.loader import BatchLoader
-from gemma3vl.data.records import BadRecord, Conversation, parse_record
+from gemma3vl.data.records import BadRecord, Conversation
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.model import Gemma3Model
 from gemma3vl.train.trainer import step_loss
@@ -62,9 +62,8 @@ class Evaluator:
         questions = []
         for index in range(min(self.accuracy_samples, len(self.dataset))):
             try:
-                raw, source = self.dataset.records.record(index)
-                conversation = parse_record(raw, source, self.dataset.records.base_dir,
-                                            record_format=self.dataset.config.record_format)
+                conversation = self.dataset.conversation(index)  # (image paths from the record's own file)
+                source = conversation.source
                 answer = " ".join(conversation.turns[-1].texts())
                 prompt = Conversation(conversation.turns[:-1], source, conversation.base_dir)
                 images = [encoder.image_loader.load(ref, prompt.base_dir, source) for ref in prompt.images]
