@@ -215,3 +215,13 @@ def test_chunk_bounds_never_cut_an_image_block():
             prefill_chunk_tokens()
     finally:
         del os.environ["GEMMA3VL_PREFILL_CHUNK"]
+
+
+def test_a_flex_prefill_threshold_that_is_not_a_number_is_named(monkeypatch):
+    """``GEMMA3VL_FLEX_PREFILL_MIN_TOKENS=lots`` is one error naming the variable, not a bare ValueError out of every
+    prefill (as ``GEMMA3VL_PREFILL_CHUNK`` already was)."""
+    from gemma3vl.infer.decode import prefill_backend
+
+    monkeypatch.setenv("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", "lots")
+    with pytest.raises(Gemma3VLError, match="GEMMA3VL_FLEX_PREFILL_MIN_TOKENS='lots'"):
+        prefill_backend(10, CPU)

@@ -321,6 +321,27 @@ def test_non_finite_sampling_values_are_bad_lines(runtime, workdir, value):
     assert items == [] and bad == 2, errors
 
 
+def test_lines_that_would_fail_past_parsing_are_bad_lines(runtime, workdir):
+    """What used to end the whole run with a traceback is a bad line: a lone surrogate (a JSON ``\\ud800`` escape:
+    the tokenizer and the UTF-8 answers file refuse it) in the prompt, the id or a stop string, JSON nested deeper
+    than Python's parser goes, an integer of more digits than Python converts or too large for a float, a seed no
+    ``torch.Generator`` takes. A surrogate pair is a character, and fine."""
+    prompts = workdir / "prompts.jsonl"
+    lines = ['{"prompt": "a \\ud800 b"}', '{"prompt": "hi", "id": "\\udfff"}', '{"prompt": "hi", "stop": ["x", "\\udc80"]}',
+             '{"prompt": "hi", "id": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             '{"prompt": "hi", "id": ' + "1" * 5000 + "}", '{"prompt": "hi", "temperature": 1' + "0" * 400 + "}",
+             json.dumps({"prompt": "hi", "temperature": 1.0, "seed": 2**64}), json.dumps({"prompt": "hi", "seed": -1}),
+             '{"prompt": "a \\ud83d\\ude00 b"}']
+    prompts.write_text("\n".join(lines) + "\n")
+    errors = []
+    items, bad = batch_module.read_batch_file(prompts, batch_module.BatchDefaults(), runtime, errors.append)
+    assert [(item.line, item.prompt) for item in items] == [(8, "hi"), (9, "a \U0001f600 b")]
+    assert bad == 7 and [error.split(": ", 1)[0] for error in errors] == [f"{prompts}:{n}" for n in range(1, 8)]
+    assert all("lone surrogate" in error for error in errors[:3]), errors
+    assert "nested too deeply" in errors[3] and "4300 digits" in errors[4]
+    assert "'temperature' must be a finite number" in errors[5] and f"seed={2**64} must be an integer" in errors[6]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
     (["--temperature", "-1"], "--temperature -1.0 must be > 0"),
@@ -328,6 +349,7 @@ def test_non_finite_sampling_values_are_bad_lines(runtime, workdir, value):
     (["--top-p", "2"], "--top-p 2.0 must be in (0, 1]"),
     (["--top-k", "0"], "--top-k 0 must be >= 1"),
     (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--seed", str(2**64)], f"--seed {2**64} must be an integer from -{2**63} to {2**64 - 1}"),
     (["--output", "{workdir}"], "is a directory (--output names the answers file"),
     (["--output", "{workdir}/prompts.jsonl/answers.jsonl"], "prompts.jsonl is a file, not a directory"),
 ])

@@ -207,3 +207,23 @@ def test_compiled_engine_on_cuda_equals_solo_generate(tmp_path):
         engine.step()
     for number, (text, images, sampling) in enumerate(requests):
         assert done[number].token_ids == alone(gpu, gpu.encode_prompt(text, images), sampling, 10)[0], number
+
+
+def test_an_ordinary_stop_token_ends_the_answer_without_its_text(runtime):
+    """A stop id that is an ordinary token (not ``<eos>``/``<end_of_turn>``, which decode to nothing): the engine's
+    answer is ``generate``'s, its text without the stop token's (it used to end with it), its token ids with it."""
+    greedy = runtime.sampling(max_new_tokens=12, greedy=True)
+    prompt = runtime.encode_prompt("Tell me a story about a blue square", [])
+    free, _ = alone(runtime, prompt, greedy, 12)
+    stop = next(token for token in free[2:] if runtime.tokenizer.decode([token], skip_special_tokens=True).strip())
+    stopping = replace(greedy, stop_token_ids=(*greedy.stop_token_ids, stop))
+    tokens, expected = alone(runtime, prompt, stopping, 12)
+    assert tokens[-1] == stop
+    done = {}
+    engine = ContinuousBatcher(runtime.model, runtime.tokenizer, slots=1, max_length=200)
+    engine.add(Row(prompt=prompt, max_new_tokens=12, on_finish=lambda c: done.setdefault("c", c)), stopping)
+    while engine.active:
+        engine.step()
+    completion = done["c"]
+    assert completion.text == expected and completion.finish_reason == "stop"
+    assert completion.token_ids == list(tokens)

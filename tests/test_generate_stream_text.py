@@ -48,3 +48,62 @@ def test_byte_fallback_runs_stream_exactly_the_decoded_text(tiny_decoding, monke
     scripted(monkeypatch, rows)
     result = generate_result(model, prompt, sampling=settings, tokenizer=tokenizer)
     assert result.tokens == rows and result.texts == expected
+
+
+def test_text_on_both_sides_of_a_skipped_turn_token_streams_the_decoded_text(tiny_decoding, monkeypatch):
+    """``decode(skip_special_tokens=True)`` skips every added token marked special, ``<start_of_turn>`` included,
+    which ``all_special_ids`` leaves out: byte runs on both sides of it decode as one run. "€" then a lone lead byte
+    across ``<start_of_turn>`` is one run that is not UTF-8 (four U+FFFD); "€" must not be streamed before it."""
+    model, tokenizer = tiny_decoding
+    vocab = tokenizer.get_vocab()
+    turn = vocab["<start_of_turn>"]
+    assert turn not in tokenizer.all_special_ids
+    plain = tokenizer.encode("the cat", add_special_tokens=False)
+    script = [*plain, *(vocab[f"<0x{b:02X}>"] for b in "€".encode()), turn, vocab["<0xF0>"]]
+    expected = tokenizer.decode(script, skip_special_tokens=True)
+    assert expected.endswith("\ufffd" * 4) and "€" not in expected
+    scripted(monkeypatch, [script])
+    sampling = Sampling(max_new_tokens=len(script))
+    deltas = [event.text_delta for event in stream_generate(model, torch.tensor([[2]]), sampling=sampling,
+                                                            tokenizer=tokenizer)]
+    assert "".join(deltas) == expected
+
+
+def test_a_stop_string_completed_by_a_byte_piece_stops_there(tiny_decoding, monkeypatch):
+    """A stop string whose last character comes in byte pieces ("é" = C3 A9) ends the answer at that byte, as
+    ``stop``: not only at the next ordinary piece (tokens generated past the stop), nor, at the token limit, as
+    ``length`` with the text cut all the same. For ``generate``, its stream and the server's engine
+    (``RowState``)."""
+    from gemma3vl.infer import engine as engine_module
+    from gemma3vl.infer.completion import Row
+    from gemma3vl.infer.conversation import EncodedPrompt
+    from gemma3vl.infer.engine import ContinuousBatcher
+
+    model, tokenizer = tiny_decoding
+    vocab = tokenizer.get_vocab()
+    plain = tokenizer.encode("the cat", add_special_tokens=False)
+    accent = [vocab["<0xC3>"], vocab["<0xA9>"]]
+    cjk = [vocab[f"<0x{b:02X}>"] for b in "中".encode()]
+    prompt = torch.tensor([[2]])
+    for script, limit in (([*plain, *accent], None), ([*plain, *accent, *cjk, *cjk], None), ([*plain, *accent], 40)):
+        stop_at = len(plain) + len(accent)
+        sampling = Sampling(max_new_tokens=limit or len(script), stop_strings=("é",))
+        monkeypatch.undo()
+        scripted(monkeypatch, [script])
+        result = generate_result(model, prompt, sampling=sampling, tokenizer=tokenizer)
+        assert (result.tokens, result.texts, result.finish_reasons) == ([script[:stop_at]], ["the cat"], ["stop"])
+        monkeypatch.undo()
+        scripted(monkeypatch, [script])
+        events = list(stream_generate(model, prompt, sampling=sampling, tokenizer=tokenizer))
+        assert "".join(event.text_delta for event in events) == "the cat" and len(events) == stop_at
+        assert events[-1].finish_reason == "stop"
+
+        monkeypatch.undo()
+        step = iter(script)
+        monkeypatch.setattr(engine_module, "choose_tokens", lambda scores, rows, active=None: torch.tensor([next(step)]))
+        engine, done = ContinuousBatcher(model, tokenizer, slots=1, max_length=64), []
+        engine.add(Row(prompt=EncodedPrompt(prompt[0]), max_new_tokens=sampling.max_new_tokens, stop_strings=("é",),
+                       on_finish=done.append), sampling)
+        while engine.active:
+            engine.step()
+        assert (done[0].token_ids, done[0].text, done[0].finish_reason) == (script[:stop_at], "the cat", "stop")

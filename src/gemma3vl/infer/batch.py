@@ -94,12 +94,35 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    """A finite JSON number (Python's json reads NaN, Infinity and 1e400 = inf too)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (Python's json reads NaN, Infinity and 1e400 = inf too; an integer too large for a float,
+    1 followed by 400 zeros, is not one either)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_stop(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate (``"\\ud800"`` in JSON) in the strings of ``value`` (keys included), or None.
+    Iterative: a line may nest as deeply as ``json.loads`` allows."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            found = next((char for char in item if "\ud800" <= char <= "\udfff"), None)
+            if found is not None:
+                return found
+        elif isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
+    return None
 
 
 def _line_schema(obj: dict, default: dict | None) -> dict | None:
@@ -119,8 +142,18 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise Gemma3VLError(f"not valid JSON ({exc})") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise Gemma3VLError(f"cannot read the JSON ({exc})") from None
+    except RecursionError:
+        raise Gemma3VLError("JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise Gemma3VLError("expected a JSON object like {\"prompt\": \"...\"}")
+    surrogate = _lone_surrogate(obj)
+    if surrogate is not None:
+        # JSON's \ud800 escapes decode to a lone surrogate, which is not text: the tokenizer and the UTF-8 answers
+        # file would fail on it (a traceback that ended the whole run)
+        raise Gemma3VLError(f"the line holds a lone surrogate ({surrogate.encode('unicode_escape').decode()}), "
+                            "which is not Unicode text")
     unknown = sorted(set(obj) - set(LINE_KEYS))
     if unknown:
         raise Gemma3VLError(f"unknown key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(LINE_KEYS)})")

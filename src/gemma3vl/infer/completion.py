@@ -94,6 +94,9 @@ class RowState:
         self.logprobs: list[TokenLogprob] | None = None if row.logprobs is None else []
         self.stop_logprob: TokenLogprob | None = None
         self._logprobs_sent = 0
+        # The stop token that ended the row: in the Completion's token ids, never in its text (a stop id may be an
+        # ordinary token, whose text ``generate`` leaves out too)
+        self._stop_token: int | None = None
 
     def emit(self, final: bool = False) -> None:
         """Hand out the text that can no longer change; with ``on_delta``, the logprobs of the tokens it came
@@ -113,7 +116,8 @@ class RowState:
         self.finish_reason = reason
         if reason not in (FINISH_CANCELLED, FINISH_ERROR):
             self.emit(final=True)
-        self.completion = Completion(text=self.text.final_text(), token_ids=list(self.text.token_ids),
+        token_ids = [*self.text.token_ids, *(() if self._stop_token is None else (self._stop_token,))]
+        self.completion = Completion(text=self.text.final_text(), token_ids=token_ids,
                                      finish_reason=reason, prompt_tokens=self.row.prompt.length,
                                      logprobs=self.logprobs, error=error, stop_logprob=self.stop_logprob)
         if self.row.on_finish is not None:
@@ -131,7 +135,7 @@ class RowState:
         if self.row.is_cancelled is not None and self.row.is_cancelled():
             self.finish(FINISH_CANCELLED)
         elif token in stop_ids:
-            self.text.token_ids.append(token)
+            self._stop_token = token
             if self.logprobs is not None:
                 self.stop_logprob = logprob
             self.finish(FINISH_STOP)

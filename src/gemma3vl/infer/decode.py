@@ -125,7 +125,12 @@ def prefill_backend(length: int, device: torch.device) -> str | None:
     bias it becomes) would take gigabytes (2 x 17 G entries at 131,072 tokens); below that, or on the CPU, the
     decoder's own ``attention_backend`` (``None``: unchanged). Short prompts keep SDPA, which needs no compiling:
     FlexAttention compiles once per new prompt shape, seconds that only a long prefill hides."""
-    threshold = int(os.environ.get("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", FLEX_PREFILL_MIN_TOKENS))
+    raw = os.environ.get("GEMMA3VL_FLEX_PREFILL_MIN_TOKENS", str(FLEX_PREFILL_MIN_TOKENS))
+    try:
+        threshold = int(raw)
+    except ValueError:  # (a bare ValueError out of every prefill, before)
+        raise Gemma3VLError(f"GEMMA3VL_FLEX_PREFILL_MIN_TOKENS={raw!r}: expected a number of tokens (0: never "
+                            "FlexAttention)") from None
     if device.type == "cuda" and threshold > 0 and length >= threshold:
         return "flex"
     return None

@@ -10,6 +10,8 @@ piece. For tokenizers without byte fallback a trailing U+FFFD also waits.
 
 Stop strings (OpenAI's ``stop``) are found in the decoded text; the answer is cut before the first one, and
 streaming holds back the last ``len(longest stop) - 1`` characters until it is clear they do not begin one.
+They are looked for after byte pieces too (the text the tokens would decode to, were the answer to end there),
+so a stop string whose last character comes in bytes ends the answer at its last byte.
 The final text is always ``decode(all tokens)`` (cut at a stop string), which is what ``gemma3vl generate``
 prints for the same tokens.
 """
@@ -23,24 +25,37 @@ from typing import Any
 REPLACEMENT = "\ufffd"
 
 
-_UNSETTLED_CACHE: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
+_TOKEN_CLASSES_CACHE: dict[int, tuple[weakref.ref, tuple[frozenset[int], frozenset[int]]]] = {}
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
-def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids after which the text is not final yet: byte-fallback pieces and special tokens (cached per
-    tokenizer: the hub vocabulary has 262k pieces)."""
-    cached = _UNSETTLED_CACHE.get(id(tokenizer))
+def _token_classes(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """(byte-fallback piece ids, every id after which the text is not final yet), cached per tokenizer (the hub
+    vocabulary has 262k pieces)."""
+    cached = _TOKEN_CLASSES_CACHE.get(id(tokenizer))
     if cached is not None and cached[0]() is tokenizer:
         return cached[1]
-    ids = {index for piece, index in tokenizer.get_vocab().items() if BYTE_PIECE.match(piece)}
+    byte_ids = frozenset(index for piece, index in tokenizer.get_vocab().items() if BYTE_PIECE.match(piece))
+    ids = set(byte_ids)
     ids.update(getattr(tokenizer, "all_special_ids", ()))
-    result = frozenset(ids)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(index for index, token in added.items() if getattr(token, "special", False))
+    result = (byte_ids, frozenset(ids))
     try:
-        _UNSETTLED_CACHE[id(tokenizer)] = (weakref.ref(tokenizer), result)
+        _TOKEN_CLASSES_CACHE[id(tokenizer)] = (weakref.ref(tokenizer), result)
     except TypeError:  # not weak-referenceable: compute again next time
         pass
     return result
+
+
+def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids after which the text is not final yet: byte-fallback pieces and special tokens.
+
+    Special tokens are every id ``decode(skip_special_tokens=True)`` skips: the added tokens marked special
+    (``added_tokens_decoder``), not only ``all_special_ids``, which leaves out ``<start_of_turn>`` and
+    ``<end_of_turn>``: a byte run on both sides of a skipped token decodes as one run, so the text before such a
+    token is not final either."""
+    return _token_classes(tokenizer)[1]
 
 
 class IncrementalText:
@@ -51,7 +66,7 @@ class IncrementalText:
         self.text = ""  # the final part of the decoded text: token_ids[:_settled] decode to it
         self.stop_index: int | None = None  # where the first stop string starts in ``text``
         self._settled = 0
-        self._unsettled_ids = unsettled_token_ids(tokenizer)
+        self._byte_ids, self._unsettled_ids = _token_classes(tokenizer)
         self._emitted = ""
         self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
 
@@ -59,14 +74,25 @@ class IncrementalText:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> bool:
-        """Append one generated token; True once a stop string has appeared in the text."""
+        """Append one generated token; True once a stop string has appeared in the text.
+
+        A byte piece leaves the text unsettled (a later byte may still turn a character of its run into U+FFFD),
+        but a stop string is looked for at once in the text the tokens decode to now: should the answer end here,
+        that is its text, so a stop string in it ends the answer with this token, as ``stop`` (not at the next
+        ordinary piece, tokens past the stop, nor, at the token limit, as ``length``). A special token adds no
+        text, so it cannot complete a stop string."""
         self.token_ids.append(token_id)
-        if self.stop_index is not None or token_id in self._unsettled_ids:
-            return self.stop_index is not None
+        if self.stop_index is not None:
+            return True
+        unsettled = token_id in self._unsettled_ids
+        if unsettled and not (self.stop_strings and token_id in self._byte_ids):
+            return False
         tail = self._decode(self.token_ids[self._settled:])
         if tail.endswith(REPLACEMENT):
             return False
         searched_from = max(0, len(self.text) - self._hold)
+        if unsettled and self._find_stop(self.text[searched_from:] + tail) is None:
+            return False  # (the text stays unsettled)
         self.text += tail
         self._settled = len(self.token_ids)
         self.stop_index = self._find_stop(self.text, searched_from)

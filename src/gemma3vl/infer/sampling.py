@@ -20,6 +20,8 @@ import torch
 from gemma3vl.errors import Gemma3VLError
 
 MAX_OCCURRENCE_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+# the seeds a torch.Generator takes: any 64-bit integer, signed or unsigned (derived_seed gives unsigned ones)
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass
@@ -56,6 +58,9 @@ class Sampling:
             raise Gemma3VLError(f"top_p={self.top_p} must be in (0, 1]")
         if not self.repetition_penalty > 0:
             raise Gemma3VLError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            # (torch.Generator.manual_seed's range; past it, it raises a bare ValueError at the first draw)
+            raise Gemma3VLError(f"seed={self.seed} must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
         if any(not stop for stop in self.stop_strings):
             raise Gemma3VLError(f"stop_strings={self.stop_strings!r} contains an empty string")
         for name in ("presence_penalty", "frequency_penalty"):
