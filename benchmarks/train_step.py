@@ -350,6 +350,11 @@ class TrainInputs:
     def tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    @property
+    def target_count(self) -> int:
+        """Positions with a target (after the shift): the rows the loss projects onto the vocabulary."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
     def ours(self, dtype: torch.dtype) -> Batch:
         targets = torch.full_like(self.labels, IGNORE)
         targets[:, :-1] = self.labels[:, 1:]
@@ -665,7 +670,8 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
         result.tokens_per_s = seq / step_s
         result.first_loss = first_loss
         result.peak_gib = peak_gib(device)
-        result.flops_per_step = step_flops(config, seq, 1, variant.mode)
+        # the LM head counted on the positions with a target, as the trainer's logged MFU counts it
+        result.flops_per_step = step_flops(config, seq, 1, variant.mode, targets=inputs.target_count)
         peak = peak_flops_per_second(device_name(device))
         result.mfu = result.flops_per_step / step_s / peak if peak else None
     # Everything the variant built was local to the runner: gone once its frames (and any traceback) are.

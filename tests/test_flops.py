@@ -69,8 +69,15 @@ def test_step_factors_and_the_vision_tower():
                  + 2 * config.mm_tokens_per_image * v.hidden_size * config.text.hidden_size)
     assert parts["vision"] == 2 * one_image
     assert flops.step_flops(config, 64, 2, "sft") == 3 * (text + 2 * one_image)
-    assert flops.step_flops(config, 64, 2, "peft") == 2 * text + 2 * one_image
+    # LoRA: the decoder's matmuls and the head backpropagate activations only (2 x), its attention has no weights
+    # and still computes dQ, dK, dV (3 x); the frozen tower runs forward only
+    peft = 2 * parts["text_matmul"] + 3 * parts["text_attention"]
+    assert flops.step_flops(config, 64, 2, "peft") == peft + 2 * one_image
     assert flops.step_flops(config, 64, 2, "sft", vision_trained=False) == 3 * text + 2 * one_image
+    # the LM head counts the positions that have a target (default: every token)
+    head_row = 2 * config.text.hidden_size * config.text.vocab_size  # one position's logits
+    assert flops.forward_flops(config, 64, 2, targets=40)["text_matmul"] == parts["text_matmul"] - 24 * head_row
+    assert flops.step_flops(config, 64, 2, "sft", targets=40) == flops.step_flops(config, 64, 2) - 3 * 24 * head_row
     with pytest.raises(ValueError, match="mode"):
         flops.step_flops(config, 64, 2, "dpo")
 
@@ -82,8 +89,11 @@ def test_segment_lengths_and_a_steps_batches():
     ids = torch.zeros_like(segments)
     info = TokenInfo(positions=torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 0]]), segment_ids=segments,
                      image_block_ids=torch.full_like(segments, -1))
-    batch = Batch(input_ids=ids, targets=torch.full_like(ids, IGNORE), info=info)
-    expected = flops.step_flops(config, [3, 2, 4], 0, "sft")
+    targets = torch.full_like(ids, IGNORE)
+    targets[0, :2] = targets[1, 1:3] = 7  # 4 positions with a target: the LM head's rows
+    batch = Batch(input_ids=ids, targets=targets, info=info)
+    expected = flops.step_flops(config, [3, 2, 4], 0, "sft", targets=4)
+    assert expected < flops.step_flops(config, [3, 2, 4], 0, "sft")
     assert flops.batch_step_flops(config, [batch, batch], "sft") == pytest.approx(2 * expected, rel=1e-12)
 
     class Shard:  # a context-parallel rank's view: the whole batch, one of ``degree`` slices
@@ -93,6 +103,62 @@ def test_segment_lengths_and_a_steps_batches():
         whole, shard = batch, Shard()
 
     assert flops.batch_step_flops(config, [SlicedBatch()], "sft") == pytest.approx(expected / 4, rel=1e-12)
+
+
+def oracle_step(config, trained: str, seq: int = 48, targets: int = 30):
+    """FLOPs of one training step of the tiny model (one image, ``targets`` positions with a target) as torch's
+    ``FlopCounterMode`` counts them, with each text layer's attention matmuls (dense in SDPA's math kernel: every
+    (query, key) pair) scaled to the pairs the layer's mask allows, as the model FLOPs count them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gemma3vl.model import Gemma3Model
+    from gemma3vl.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    model = Gemma3Model(config)
+    for param in model.parameters():
+        param.requires_grad_(trained == "all")
+    if trained == "patch_embed":  # only the first op of the tower trains: its layers backpropagate activations
+        model.vision.patch_embed.weight.requires_grad_(True)
+    text, m = config.text, config.mm_tokens_per_image
+    ids = torch.randint(10, text.vocab_size, (1, seq))
+    ids[0, 2:2 + m] = config.image_token_id
+    info = TokenInfo.for_tokens(ids, image_token_id=config.image_token_id)
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, seq - targets:] = ids[0, seq - targets:]
+    pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size)
+    counter = FlopCounterMode(display=False, depth=None)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        hidden = model.text(model.embed(ids, pixels), info)
+        loss, count = linear_cross_entropy(hidden, model.text.output_weight, labels)
+        loss.backward()
+    assert count == targets
+    by_module = counter.get_flop_counts()
+    total = counter.get_total_flops()
+    for i, kind in enumerate(text.layer_types):
+        dense = by_module[f"TextDecoder.layers.{i}.attn"][torch.ops.aten.bmm]
+        window = text.sliding_window if kind == SLIDING else None
+        total += dense * (flops.attended_pairs(seq, window) / seq**2 - 1)
+    return total, by_module
+
+
+@pytest.mark.parametrize("mode, trained", [("sft", "all"), ("peft", "patch_embed")])
+def test_step_flops_equal_torch_flop_counter(mode, trained):
+    """Every term against torch's own count of the step: the decoder's matmuls, attention (its backward 2 x its
+    forward even where nothing in the decoder trains), the LM head on the positions with a target only, the
+    tower and the projector. ``peft`` here: a frozen decoder and a frozen tower whose activations still need
+    gradients (``vision_adapted``), the state a LoRA'd model is in, without the adapters' own matmuls."""
+    config = tiny_config()
+    total, by_module = oracle_step(config, trained)
+    v = config.vision
+    patch_conv = 2 * v.num_patches * 3 * v.patch_size**2 * v.hidden_size  # forward FLOPs of the patch embedding
+    if mode == "sft":  # our count gives the patch embedding the 3 x of the tower; its input is pixels: no dX
+        total += patch_conv
+    ours = flops.step_flops(config, 48, 1, mode, vision_trained=mode == "sft", vision_adapted=mode == "peft",
+                            targets=30)
+    assert ours == pytest.approx(total, rel=1e-9)
+    assert torch.ops.aten.convolution_backward in by_module["VisionTower.patch_embed"]
 
 
 def test_the_benchmark_and_the_trainer_use_this_count(tmp_path, monkeypatch):

@@ -7,12 +7,15 @@ micro-batch (``train.micro_batch_size`` rows of ``seq``), ``L`` the decoder bloc
 
 * **States.** Full SFT keeps weights, gradients and AdamW's two moments in the weights' dtype: 16 bytes per
   parameter in fp32, 8 with ``model.dtype=bfloat16``. ``optim.cpu_offload`` (one GPU) moves the moments and an
-  fp32 master copy to the host (12 bytes per parameter there): 8 bytes on the GPU (4 in bf16). LoRA keeps the
-  base weights (4 bytes in fp32, 2 in bf16) and 16 bytes per adapter parameter. Tensor parallelism divides the
-  decoder and the embedding by ``tp`` (the vision tower is replicated over TP); FSDP divides everything by the
-  data-parallel degree times ``cp`` (context-parallel ranks hold the same parameters, FSDP shards over both).
-  Pipeline stages hold their own blocks (``pipeline.split_layers``); the first stage also the embedding and the
-  vision tower, the last a copy of the (tied) embedding for the loss.
+  fp32 master copy to the host (12 bytes per parameter there, and during the optimizer step a 4-byte fp32 copy
+  of every gradient beside them: 16): 8 bytes on the GPU (4 in bf16). LoRA keeps the base weights (4 bytes in
+  fp32, 2 in bf16) and, per adapter parameter, its weight, gradient and two moments in the same dtype (16 bytes,
+  8 in bf16). Tensor parallelism divides the decoder, the embedding and an untied output matrix by ``tp`` (the
+  vision tower is replicated over TP, and so is half of every adapter: ``lora_A`` of QKV and gate/up, ``lora_B``
+  of the output and down projections); FSDP divides everything by the data-parallel degree times ``cp``
+  (context-parallel ranks hold the same parameters, FSDP shards over both). Pipeline stages hold their own blocks
+  (``pipeline.split_layers``); the first stage also the embedding and the vision tower, the last the output
+  matrix for the loss (a copy of the tied embedding, or the untied ``lm_head``).
 * **Working copies.** Under FSDP the root unit (embedding, vision tower, projector) stays gathered in bf16 for
   the whole step (``parallel/fsdp.py`` says why), plus two gathered blocks (the current one and the prefetched
   one) and one block's gradients before they are reduce-scattered. Without FSDP, bf16 autocast caches a bf16
@@ -23,7 +26,9 @@ micro-batch (``train.micro_batch_size`` rows of ``seq``), ``L`` the decoder bloc
   (``2 (H + 2K) hd + 2 H hd + 6 D + 4 I``), with ``full`` only the block input (``2 D``) — both plus one whole
   block (``T W``) during its recomputation. So with full checkpointing: ``T (2 D L + W)``. Sequence parallelism
   divides the token-wise terms by ``tp``. Plus ``4 D`` a token for the embeddings and the final hidden states.
-  The vision tower is never checkpointed: about ``32 Dv + 6 Iv`` bytes per patch and layer per image.
+  The vision tower is never checkpointed: about ``32 Dv + 6 Iv`` bytes per patch and layer per image when it
+  trains (full fine-tuning); under LoRA it is frozen and its input is pixels, so it keeps nothing for backward
+  (and autocast keeps no bf16 copy of its weights).
 * **Attention masks.** FlexAttention (``model.attention=auto`` on CUDA, or ``flex``) builds a block-sparse mask
   (a few integers per 128 x 128 tile): no ``[T, T]`` term. SDPA (``--attention sdpa``) needs dense boolean masks
   of the two layer types and their float copy inside the kernel: ``4 B Tq Tk`` bytes (``Tq`` this rank's
@@ -85,24 +90,40 @@ class ModelCounts:
     layers: int
     embed: int
     vision: int  # tower + projector (replicated over TP)
-    other: int  # final norm, untied head
+    other: int  # final norm (replicated over TP)
     lora_block: int  # LoRA r16 on every text projection of one block
+    head: int = 0  # an untied output matrix (``text.lm_head``, vocab-parallel under TP); 0 when tied
+    lora_block_replicated: int = 0  # of ``lora_block``, what TP replicates (lora_A of QKV, gate/up; lora_B of o, down)
 
     @property
     def total(self) -> int:
-        return self.block * self.layers + self.embed + self.vision + self.other
+        return self.block * self.layers + self.embed + self.vision + self.other + self.head
+
+    @property
+    def tied(self) -> bool:
+        return self.head == 0
+
+    def lora_per_tp_rank(self, tp: int) -> float:
+        """One block's adapter parameters on one tensor-parallel rank."""
+        return self.lora_block_replicated + (self.lora_block - self.lora_block_replicated) / tp
 
 
 def load_config(model: str) -> Gemma3Config:
-    """``4b`` / ``12b`` / ``27b`` (the shipped hub configs) or a checkpoint directory."""
+    """``4b`` / ``12b`` / ``27b`` (the shipped hub configs) or a checkpoint directory (one that stores an output
+    matrix of its own gets an untied head, as the trainer builds it)."""
     preset = preset_path(model)
     if preset is not None:
         return Gemma3Config.from_file(preset)
     path = Path(model)
     if path.is_dir():
+        import dataclasses
+
         from gemma3vl import bridge
 
-        return bridge.read_config(path)
+        config = bridge.read_config(path)
+        if config.text.tie_word_embeddings and bridge.has_untied_head(path):
+            config = config.replace(text=dataclasses.replace(config.text, tie_word_embeddings=False))
+        return config
     raise Gemma3VLError(f"--model {model!r}: not 4b, 12b, 27b or a checkpoint directory")
 
 
@@ -116,11 +137,15 @@ def count_parameters(config: Gemma3Config, lora_rank: int = 16) -> ModelCounts:
     text = config.text
     q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
     d, i = text.hidden_size, text.intermediate_size
-    adapted = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]  # q k v o gate up down
+    adapted = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]  # q k v o gate up down (in, out)
+    head = model.text.lm_head
     return ModelCounts(
         config=config, block=block, layers=len(model.text.layers), embed=model.text.embed.weight.numel(),
         vision=vision, other=sum(p.numel() for p in model.text.norm.parameters()),
         lora_block=sum(lora_rank * (a + b) for a, b in adapted),
+        head=0 if head is None else head.weight.numel(),
+        # column-parallel q k v gate up: lora_A [r, D] whole on every rank; row-parallel o down: lora_B [D, r]
+        lora_block_replicated=7 * lora_rank * d,
     )
 
 
@@ -222,29 +247,33 @@ def _stage(counts: ModelCounts, *, blocks: int, first: bool, last: bool, pp: int
     embedding and vision tower, the last stage's loss."""
     text, vision = counts.config.text, counts.config.vision
     shards = dp * cp  # FSDP shards over the data- and context-parallel ranks
-    embeds = (1 if first else 0) + (1 if last and pp > 1 else 0)  # the tied output matrix: a copy on the last stage
-    sharded_text = (counts.block * blocks + counts.embed * embeds) / tp + (counts.other if last else 0)
+    # The output matrix: tied, the embedding (stage 0's, and a copy on the last stage); untied, the last's lm_head.
+    embeds = (1 if first else 0) + (1 if last and pp > 1 and counts.tied else 0)
+    outputs = counts.embed * embeds + (counts.head if last else 0)
+    sharded_text = (counts.block * blocks + outputs) / tp + (counts.other if last else 0)
     vision_here = counts.vision if first else 0
     per_rank = (sharded_text + vision_here) / shards
     weight_bytes = 2 if bf16_weights else 4
     host = 0.0
     if mode == "sft":
         trainable, trainable_block = per_rank, counts.block / tp
-        grad_bytes = weight_bytes
-        if cpu_offload:  # weights and gradients on the GPU; fp32 master and moments on the host
+        if cpu_offload:  # weights and gradients on the GPU; fp32 master and moments on the host, and in the
+            # optimizer step an fp32 copy of every gradient there too (``HostOffloadAdamW.step``)
             states = 2 * weight_bytes * per_rank
-            host = 12 * per_rank
+            host = 16 * per_rank
         else:  # weights, gradients, two AdamW moments, all in the weights' dtype
             states = 4 * weight_bytes * per_rank
-    else:
-        trainable, trainable_block = counts.lora_block * blocks / tp / shards, counts.lora_block / tp
-        grad_bytes = 4
-        states = weight_bytes * per_rank + 16 * trainable
+    else:  # adapters in the weights' dtype (made from the base weight), with their gradients and AdamW moments
+        trainable_block = counts.lora_per_tp_rank(tp)
+        trainable = trainable_block * blocks / shards
+        states = weight_bytes * per_rank + 4 * weight_bytes * trainable
+    grad_bytes = weight_bytes
     if shards > 1:  # FSDP: gathered root unit for the step, two gathered blocks, one block's gradient in flight
-        root = counts.embed * embeds / tp + vision_here
+        root = outputs / tp + vision_here
         working = 2 * root + 2 * 2 * counts.block / tp + 6 * trainable_block
-    else:  # autocast's bf16 copy of every weight
-        working = 0.0 if bf16_weights else 2 * (sharded_text + vision_here)
+    else:  # autocast's bf16 copy of every weight it keeps for the step (none of a frozen vision tower's)
+        kept_vision = vision_here if mode == "sft" else 0
+        working = 0.0 if bf16_weights else 2 * (sharded_text + kept_vision)
 
     d, i, hd = text.hidden_size, text.intermediate_size, text.head_dim
     heads, kv = text.num_attention_heads, text.num_key_value_heads
@@ -274,7 +303,7 @@ def _stage(counts: ModelCounts, *, blocks: int, first: bool, last: bool, pp: int
         mask = 4 * micro_batch * (seq / cp) * seq
         kept += mask
         one_block += mask
-    if first and vision is not None and images:
+    if first and vision is not None and images and mode == "sft":  # a frozen tower (LoRA) keeps nothing
         kept += images * micro_batch * vision.num_patches * vision.num_hidden_layers * (
             32 * vision.hidden_size + 6 * vision.intermediate_size)
     activations = in_flight * kept + once

@@ -181,6 +181,8 @@ class Trainer:
         trains_base = cfg.peft.method == "none"
         self.flops_mode = "sft" if trains_base and not cfg.train.freeze_language else "peft"
         self.vision_trained = trains_base and not cfg.train.freeze_vision
+        # adapters on the frozen tower: its backward computes activation gradients (2 x; its attention 3 x)
+        self.vision_adapted = (not trains_base and cfg.peft.include_vision and not cfg.train.freeze_vision)
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -234,7 +236,8 @@ class Trainer:
         micro_batches = self.feed.next_step()
         total_targets = sum(b.num_target_tokens for b in micro_batches)
         total_tokens = sum(b.num_tokens for b in micro_batches)
-        flops = batch_step_flops(self.model.config, micro_batches, self.flops_mode, vision_trained=self.vision_trained)
+        flops = batch_step_flops(self.model.config, micro_batches, self.flops_mode, vision_trained=self.vision_trained,
+                                 vision_adapted=self.vision_adapted)
         images = sum(b.num_images for b in micro_batches)
         if self.parallel is not None:
             total_targets, total_tokens, flops, images = self.parallel.sum_over_batch(
