@@ -160,8 +160,8 @@ def test_unrecognised_columns_are_a_clear_error(tmp_path):
     path = write_parquet(tmp_path / "odd.parquet", [{"picture": png(), "text": "x"}])
     with pytest.raises(Gemma3VLError, match=r"cannot tell the dataset layout from its columns \['picture', 'text'\]"):
         ExampleFile(path)
-    with pytest.raises(Gemma3VLError, match=r"the vqa layout needs column\(s\) image, question, answers or answer; "
-                                            r"the data has \['picture', 'text'\]"):
+    with pytest.raises(Gemma3VLError, match=r"the vqa layout needs column\(s\) image, question or query, answers or "
+                                            r"answer or label; the data has \['picture', 'text'\]"):
         ExampleFile(path, layout="vqa")
     with pytest.raises(Gemma3VLError, match="layout 'receipts' is not one of"):
         ExampleFile(path, layout="receipts")
@@ -220,3 +220,130 @@ def test_training_reads_the_layouts(processor, tmp_path):  # noqa: F811
     assert LayoutSource(path, "auto").references(0) == ["cross"] * 3
     with pytest.raises(Gemma3VLError, match="data layout must be one of"):
         DataConfig(path, layout="receipts")
+
+
+# ------------------------------------------------------------------------- hub datasets as they are published
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+VQAV2_ANSWERS = pa.list_(pa.struct([("answer", pa.string()), ("answer_confidence", pa.string()),
+                                    ("answer_id", pa.int64())]))
+
+
+def write_table(path, rows, schema):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(schema)), path)
+    return path
+
+
+def test_hub_vqa_datasets_read_with_their_own_columns(tmp_path):
+    """lmms-lab/DocVQA, lmms-lab/VQAv2 and HuggingFaceM4/ChartQA, with their columns, types and nesting. Before,
+    HuggingFaceM4/ChartQA (query, label) was 'cannot tell the dataset layout'."""
+    image = {"bytes": png(), "path": None}
+    docvqa = write_table(tmp_path / "docvqa" / "DocVQA" / "validation-00000-of-00001.parquet", [
+        {"questionId": "49153", "question": "What is the date?", "question_types": ["form"], "image": image,
+         "docId": 14465, "ucsf_document_id": "txpp0227", "ucsf_document_page_no": "10",
+         "answers": ["12/15/88", "December 15, 1988"], "data_split": "val"}],
+        [("questionId", pa.string()), ("question", pa.string()), ("question_types", pa.list_(pa.string())),
+         ("image", IMAGE), ("docId", pa.int64()), ("ucsf_document_id", pa.string()),
+         ("ucsf_document_page_no", pa.string()), ("answers", pa.list_(pa.string())), ("data_split", pa.string())])
+    example = ExampleFile(docvqa.parent, split="validation").example(0)
+    assert example.id == "49153" and example.references == ["12/15/88", "December 15, 1988"]
+    assert example.prompt_text == f"<image>What is the date?\n{VQA_SUFFIX}"
+
+    answers = ["2", "2", "two", "2", "3", "2", "2", "2", "2", "2"]
+    vqav2 = write_table(tmp_path / "vqav2" / "data" / "validation-00000-of-00001.parquet", [
+        {"question_type": "how many", "multiple_choice_answer": "2", "image_id": 42, "answer_type": "number",
+         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
+         "question_id": 42000, "question": "How many dogs?", "image": image}],
+        [("question_type", pa.string()), ("multiple_choice_answer", pa.string()), ("answers", VQAV2_ANSWERS),
+         ("image_id", pa.int64()), ("answer_type", pa.string()), ("question_id", pa.int64()),
+         ("question", pa.string()), ("image", IMAGE)])
+    example = ExampleFile(vqav2.parent.parent, split="validation").example(0)
+    assert example.id == 42000 and example.references == answers and example.target == "2"
+
+    chartqa = tmp_path / "chartqa" / "data"
+    for split, label in (("train", ["Yes"]), ("val", ["41.5"])):
+        write_table(chartqa / f"{split}-00000-of-00001-0f11003c77497969.parquet",
+                    [{"image": image, "query": "Highest value?", "label": label, "human_or_machine": 0}],
+                    [("image", IMAGE), ("query", pa.string()), ("label", pa.list_(pa.string())),
+                     ("human_or_machine", pa.int64())])
+    examples = ExampleFile(chartqa, split="val")
+    assert examples.layout == "vqa" and len(examples) == 1
+    example = examples.example(0)
+    assert example.references == ["41.5"] and example.prompt_text == f"<image>Highest value?\n{VQA_SUFFIX}"
+    # label is an answer only where there is no answers / answer column (not a class beside them)
+    mixed = write_parquet(tmp_path / "mixed.parquet", [{"image": image, "question": "Q?", "answer": "x", "label": 3}])
+    assert ExampleFile(mixed).example(0).references == ["x"]
+
+
+def test_test_splits_without_answers_are_unlabelled_rows(tmp_path):
+    """DocVQA / TextVQA / VQAv2 publish their test splits with null (or empty, or blank) answers: such a row is an
+    :class:`Unlabelled` bad row, never an example scored against nothing, and data with no labelled row is an
+    error saying so (before: "'answer' must be a string ..., got None", naming a column the data does not have,
+    then 'no usable example')."""
+    from gemma3vl.evaluation.layouts import Unlabelled
+    from gemma3vl.evaluation.runner import read_examples
+
+    image = {"bytes": png(), "path": None}
+    schema = [("question_id", pa.int64()), ("question", pa.string()), ("image", IMAGE), ("answers", VQAV2_ANSWERS)]
+    test = write_table(tmp_path / "vqav2" / "data" / "test-00000-of-00001.parquet",
+                       [{"question_id": i, "question": "How many?", "image": image, "answers": value}
+                        for i, value in enumerate((None, [], None))], schema)
+    examples = ExampleFile(test.parent.parent, split="test")
+    for index in range(3):
+        with pytest.raises(Unlabelled, match=rf"row {index}: 'answers' .*no answer to score against .*test split"):
+            examples.example(index)
+    with pytest.raises(Gemma3VLError, match=r"none of the 3 rows read has an answer to score against .*"
+                                            r"--split validation"):
+        read_examples(test.parent.parent, split="test")
+    blank = write_parquet(tmp_path / "textvqa-test.parquet",
+                          [{"question_id": 1, "question": "What brand?", "image": image, "answers": [""] * 10}])
+    with pytest.raises(Gemma3VLError, match="none of the 1 rows read has an answer"):
+        read_examples(blank)
+    # beside labelled rows: counted apart, the labelled ones read
+    write_table(tmp_path / "vqav2" / "data" / "validation-00000-of-00001.parquet",
+                [{"question_id": 9, "question": "How many?", "image": image,
+                  "answers": [{"answer": "2", "answer_confidence": "yes", "answer_id": 1}]}], schema)
+    found = read_examples(tmp_path / "vqav2")
+    assert [example.id for example in found.examples] == [9] and found.unlabelled == 3 and len(found.skipped) == 3
+
+
+def test_multiple_choice_data_is_refused_not_read_as_vqa(tmp_path):
+    """lmms-lab/ai2d (question, options, answer = the option's index): read as VQA, the question was asked
+    without its options and scored against "1"."""
+    ai2d = write_parquet(tmp_path / "ai2d.parquet", [
+        {"question": "Which stage is the larva?", "options": ["egg", "larva", "pupa", "adult"], "answer": "1",
+         "image": {"bytes": png(), "path": None}}])
+    with pytest.raises(Gemma3VLError, match=r"multiple-choice data \(column\(s\) options beside the question\)"):
+        ExampleFile(ai2d)
+    mmbench = write_parquet(tmp_path / "mmbench.parquet", [
+        {"index": 0, "question": "Which?", "hint": None, "A": "a", "B": "b", "C": "c", "D": "d", "answer": "A",
+         "image": png()}])
+    with pytest.raises(Gemma3VLError, match=r"column\(s\) A, B, C, D beside"):
+        ExampleFile(mmbench)
+
+
+def test_split_of_a_single_file_is_not_taken_from_a_directory_further_up(tmp_path):
+    """A train file anywhere under a directory named 'test' (~/test/cord/train-....parquet) was taken as a file
+    of split 'test'."""
+    train = tmp_path / "test" / "cord" / "train-00000-of-00001.parquet"
+    train.parent.mkdir(parents=True)
+    write_parquet(train, [{"image": png(), "ground_truth": json.dumps({"gt_parse": {}})}])
+    with pytest.raises(Gemma3VLError, match="is one file, not a file of split 'test'"):
+        ExampleFile(train, split="test")
+    assert len(ExampleFile(train, split="train")) == 1
+    in_split_directory = tmp_path / "data" / "test" / "0000.parquet"  # refs/convert/parquet's <split>/ files
+    in_split_directory.parent.mkdir(parents=True)
+    write_parquet(in_split_directory, [{"image": png(), "ground_truth": json.dumps({"gt_parse": {}})}])
+    assert len(ExampleFile(in_split_directory, split="test")) == 1
+
+
+def test_a_directory_without_parquet_files_says_how_to_give_json(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Gemma3VLError, match=r"empty: no parquet files in this directory$"):
+        ExampleFile(tmp_path / "empty")
+    (tmp_path / "qa" / "v1").mkdir(parents=True)
+    (tmp_path / "qa" / "v1" / "val.jsonl").write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}))
+    with pytest.raises(Gemma3VLError, match=r"a JSONL or JSON file is given as --data itself, e\.g\. "
+                                            r".*qa/v1/val\.jsonl"):
+        ExampleFile(tmp_path / "qa")
+    assert len(ExampleFile(tmp_path / "qa" / "v1" / "val.jsonl")) == 1

@@ -302,3 +302,85 @@ def test_eval_out_file_text_only_model_and_overlong_answers_are_one_clear_line(b
     text_only = write_tiny_checkpoint(tmp_path / "text", text_only=True)
     assert main(["eval", str(text_only), "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     assert "text-only" in capsys.readouterr().err
+
+
+def test_unlabelled_rows_are_noted_and_the_counts_add_up(tmp_path, monkeypatch, capsys):
+    """A directory of VQAv2's validation and test files read whole: the test rows (null answers) are bad rows the
+    report notes as unlabelled, not examples scored as wrong; rows read = scored + failed + bad rows. An unknown
+    --metric is refused before the data's first pass (before: after reading, and reporting, every row)."""
+    from gemma3vl.infer.runtime import InferenceRuntime
+    from test_eval_hardening import FakeRuntime
+
+    monkeypatch.setattr(InferenceRuntime, "load", classmethod(lambda cls, *a, **k: FakeRuntime([])))
+    (tmp_path / "model").mkdir()
+    data = tmp_path / "vqav2" / "data"
+    data.mkdir(parents=True)
+    answers = [{"answer": "four", "answer_confidence": "yes", "answer_id": i} for i in range(10)]
+    rows = [{"question_id": i, "question": "How many legs has a cat?", "answers": answers if i < 3 else None,
+             "image": {"bytes": b"not an image" if i == 2 else png(i), "path": None}} for i in range(8)]
+    pq.write_table(pa.Table.from_pylist(rows[:3]), data / "validation-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), data / "test-00000-of-00001.parquet")
+    command = ["eval", str(tmp_path / "model"), "--data", str(tmp_path / "vqav2"), "--out", str(tmp_path / "out")]
+
+    assert main(command + ["--metric", "vqa_acc"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown metric(s) vqa_acc" in err and "skipping" not in err
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "note: 5 of the 8 rows read have no answers" in err and "--split picks one split's files" in err
+    # the first rows without answers are named, then one line for the rest (a test split has thousands)
+    assert err.count("no answer to score against") == 3 and "skipping further rows without answers" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["examples"] == 8 and report["examples_scored"] == 2
+    assert len(report["rows_skipped"]) == 5 and len(report["model"]["failures"]) == 1
+    assert report["examples"] == report["examples_scored"] + len(report["rows_skipped"]) + \
+        len(report["model"]["failures"])
+    assert "5 of the 8 rows read have no answers" in report["notes"][0]
+    assert report["model"]["scores"]["exact_match"] == 1.0
+
+
+def test_a_resume_with_another_split_names_the_split_not_changed_files():
+    """Another --split reads other files of the same directory: the refusal said the data's files 'changed since
+    the first run', which they had not."""
+    from gemma3vl.evaluation.runner import _differences
+
+    first = {"data": "/d", "data_files": [["data/validation-0.parquet", 10, 1]], "split": "validation"}
+    now = {"data": "/d", "data_files": [["data/test-0.parquet", 10, 1]], "split": "test"}
+    assert _differences(first, now) == ["--split test (the first run: validation)"]
+    changed = {**first, "data_files": [["data/validation-0.parquet", 11, 2]]}
+    assert _differences(first, changed) == ["the files of --data /d changed since the first run "
+                                            "(data/validation-0.parquet)"]
+
+
+def test_resume_with_the_data_path_spelled_another_way(tmp_path, monkeypatch):
+    """The first run given --data relative to its directory, the resume the same data by its absolute path (or from
+    another directory): eval_run.json found the same data, then each answer line was refused as 'the data changed
+    since the first run', its source spelled with the other path."""
+    from gemma3vl.infer.runtime import InferenceRuntime
+    from test_eval_hardening import FakeRuntime
+
+    batches: list[int] = []
+    monkeypatch.setattr(InferenceRuntime, "load", classmethod(lambda cls, *a, **k: FakeRuntime(batches)))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "vqav2" / "data").mkdir(parents=True)
+    rows = [{"question_id": i, "question": "Is fire hot?", "answers": ["yes"] * 10,
+             "image": {"bytes": png(i), "path": None}} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "vqav2" / "data" / "validation-00000-of-00001.parquet")
+    real = FakeRuntime.complete
+
+    def stopped(self, rows, sampling):
+        if len(self.batches) == 1:
+            raise KeyboardInterrupt
+        return real(self, rows, sampling)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(FakeRuntime, "complete", stopped)
+    command = ["eval", "model", "--split", "validation", "--out", str(tmp_path / "out"), "--batch-size", "2"]
+    assert main(command + ["--data", "vqav2"]) == 130
+    monkeypatch.setattr(FakeRuntime, "complete", real)
+    batches.clear()
+    assert main(command + ["--data", str(tmp_path / "vqav2"), "--resume"]) == 0
+    assert sum(batches) == 3  # only the rows not answered before
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [line["prediction"] for line in lines] == ["yes"] * 5
+    assert lines[0]["source"] == f"{tmp_path / 'vqav2' / 'data' / 'validation-00000-of-00001.parquet'}:row 0"

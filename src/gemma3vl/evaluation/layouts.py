@@ -10,8 +10,11 @@ Layouts (detected from the columns, or named):
   ``gt_parse`` is the target. The prompt asks for the fields as JSON; the answer is ``gt_parse`` as compact
   JSON with sorted keys (one stable spelling, so training does not chase key order).
 * ``vqa``: VQAv2 / DocVQA / ChartQA / TextVQA: ``image``, ``question``, and ``answers`` (a list of strings,
-  or of ``{"answer": ...}`` objects as VQAv2 stores them) or ``answer``. The references are all the answers;
-  the answer trained on is the most frequent one (the first of the most frequent).
+  or of ``{"answer": ...}`` objects as VQAv2 stores them) or ``answer``; or ``query`` and ``label`` (the
+  HuggingFaceM4/ChartQA copy). The references are all the answers; the answer trained on is the most frequent
+  one (the first of the most frequent). A row without answers (a test split published without them) is an
+  :class:`Unlabelled` bad row. Multiple-choice data (an ``options`` / ``choices`` column) is refused: its
+  question would be asked without the options and its answer is an option's index.
 * ``caption``: ``image`` and ``caption`` or ``captions``; the first caption is trained on.
 * ``conversation``: the repository's own records (``messages`` or LLaVA ``conversations``); the last
   assistant turn is the answer and the only reference.
@@ -27,6 +30,7 @@ import binascii
 import bisect
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,12 @@ CORD_PROMPT = "Read this receipt and give its fields as JSON."
 VQA_SUFFIX = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Describe this image in one sentence."
 ID_COLUMNS = ("id", "question_id", "questionId", "image_id")
+QUESTION_COLUMNS = ("question", "query")  # query: HuggingFaceM4/ChartQA
+ANSWER_COLUMNS = ("answers", "answer", "label")  # label: HuggingFaceM4/ChartQA's list of answers
+# Multiple-choice data, refused by detect_layout: a column of options (AI2D, MMMU, ScienceQA), or one column per
+# option (MMBench's A, B, C, D; SEED-Bench's choice_a ...).
+CHOICE_COLUMNS = ("options", "choices")
+CHOICE_COLUMN = re.compile(r"(?:(?:choice|option)_?)?[A-Da-d]")
 
 # The metrics each layout reports unless --metric says otherwise.
 DEFAULT_METRICS = {
@@ -120,7 +130,9 @@ class RowFile:
         self.file_starts: list[int] = [0]  # the global index of each file's first row
         self.num_rows = 0
         whole = self.path.resolve()
-        if split is not None and self.path.is_file() and not _in_split(whole, Path(whole.anchor), split):
+        # A single file is of the split by its own name or its directory's (data/test/0000.parquet): not by any
+        # directory further up (a train file under ~/test/ is not of split 'test').
+        if split is not None and self.path.is_file() and not _in_split(whole, whole.parent.parent, split):
             # A single file is read whole: --split would silently be ignored, and a model scored on the
             # train file when the test split was asked for.
             raise Gemma3VLError(f"--split {split}: {self.path} is one file, not a file of split {split!r} "
@@ -228,7 +240,9 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
         return [path]
     every = sorted(path.rglob("*.parquet"))
     if not every:
-        raise Gemma3VLError(f"{path}: no parquet files in this directory")
+        json_files = sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".json") and f.is_file())
+        raise Gemma3VLError(f"{path}: no parquet files in this directory" + (
+            f" (a JSONL or JSON file is given as --data itself, e.g. {json_files[0]})" if json_files else ""))
     files = every
     if split is not None:
         files = [f for f in every if _in_split(f, path, split)]
@@ -271,20 +285,31 @@ def detect_layout(columns: list[str], where: str | Path) -> str:
         return "conversation"
     if "ground_truth" in names:
         return "cord"
-    if "question" in names and ("answers" in names or "answer" in names):
+    if ("question" in names and ("answers" in names or "answer" in names)) or \
+            ("query" in names and names & {"answers", "answer", "label"}):
+        lettered = sorted(name for name in names if CHOICE_COLUMN.fullmatch(name))
+        choices = sorted(names & set(CHOICE_COLUMNS)) or (lettered if len(lettered) >= 2 else [])
+        if choices:
+            # AI2D, ScienceQA, MMMU...: the answer is an option's index or letter, and the options are not in the
+            # question: asked as a VQA question it would be scored against "1".
+            raise Gemma3VLError(
+                f"{where}: multiple-choice data (column(s) {', '.join(choices)} beside the question) is not a layout "
+                "gemma3vl eval reads: the vqa layout would ask the question without its options and score the "
+                "answer against the option's index. Write the rows as conversations (messages) whose question lists "
+                "the options, with the expected letter as the answer")
         return "vqa"
     if "caption" in names or "captions" in names:
         return "caption"
     raise Gemma3VLError(
         f"{where}: cannot tell the dataset layout from its columns {sorted(names)}; expected CORD-v2 "
-        "(image, ground_truth), VQA (image, question, answers or answer), captions (image, caption or "
-        "captions) or conversations (messages); name it with --layout (data.layout when training)"
+        "(image, ground_truth), VQA (image, question, answers or answer; or query and label), captions (image, "
+        "caption or captions) or conversations (messages); name it with --layout (data.layout when training)"
     )
 
 
 REQUIRED_COLUMNS = {
     "cord": (("image",), ("ground_truth",)),
-    "vqa": (("image",), ("question",), ("answers", "answer")),
+    "vqa": (("image",), QUESTION_COLUMNS, ANSWER_COLUMNS),
     "caption": (("image",), ("caption", "captions")),
     "conversation": (("messages", "conversations"),),
 }
@@ -355,9 +380,10 @@ def to_example(row: dict, layout: str, source: str, index: int, base_dir: Path) 
         target = _cord_target(row.get("ground_truth"), source)
         prompt, references = CORD_PROMPT, [target]
     elif layout == "vqa":
-        question = row.get("question")
+        key = next((key for key in QUESTION_COLUMNS if not _missing(row.get(key))), QUESTION_COLUMNS[0])
+        question = row.get(key)
         if not isinstance(question, str) or not question.strip():
-            raise BadRecord(source, INVALID_SCHEMA, f"'question' must be a non-empty string, got {question!r}")
+            raise BadRecord(source, INVALID_SCHEMA, f"{key!r} must be a non-empty string, got {question!r}")
         references = _answers(row, source)
         # Blank answers stay references (as stored) but are never the target: a tie or a majority of blanks
         # would otherwise train on an empty answer.
@@ -385,11 +411,25 @@ def _cord_target(ground_truth: Any, source: str) -> str:
     return json.dumps(parsed["gt_parse"], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
+class Unlabelled(BadRecord):
+    """A row with nothing to score against: its answers are null or blank, as in the test splits the benchmarks
+    publish without their answers (DocVQA, TextVQA, VQAv2's test and test-dev)."""
+
+    def __init__(self, source: str, detail: str):
+        super().__init__(source, INVALID_SCHEMA, f"{detail}: no answer to score against (an unlabelled row, as in a "
+                                                 "test split published without its answers)")
+
+
 def _answers(row: dict, source: str) -> list[str]:
-    if not _missing(row.get("answers")):
-        value, key = row["answers"], "answers"
-    else:
-        value, key = row.get("answer"), "answer"
+    # label only where the data has neither answers nor answer (HuggingFaceM4/ChartQA), not a class beside them
+    columns = [key for key in ANSWER_COLUMNS if key in row and (key != "label" or not {"answers", "answer"} & set(row))]
+    key = next((key for key in columns if not _missing(row[key])), None)
+    if key is None:
+        named = columns[0] if columns else ANSWER_COLUMNS[0]
+        raise Unlabelled(source, f"{named!r} must be a string or a non-empty list of strings, got None")
+    value = row[key]
+    if isinstance(value, list) and not value:
+        raise Unlabelled(source, f"{key!r} must be a string or a non-empty list of strings, got []")
     if isinstance(value, list):  # VQAv2 keeps {"answer", "answer_confidence", "answer_id"} objects
         value = [item.get("answer") if isinstance(item, dict) else item for item in value]
     return _strings(value, key, source)
@@ -422,7 +462,7 @@ def _strings(value: Any, key: str, source: str) -> list[str]:
                                                 f"got {value!r}"[:300])
     if not any(text.strip() for text in texts):
         # An unlabelled row (a test split's blank answers) would score an empty answer as correct.
-        raise BadRecord(source, INVALID_SCHEMA, f"{key!r} holds no answer, only blank text: {value!r}"[:300])
+        raise Unlabelled(source, f"{key!r} holds no answer, only blank text: {value!r}"[:200])
     return texts
 
 

@@ -36,12 +36,13 @@ import numpy as np
 from gemma3vl.data.images import ImageLoader
 from gemma3vl.data.records import BadRecord, ImageRef, Turn
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.evaluation.layouts import Example, ExampleFile
+from gemma3vl.evaluation.layouts import Example, ExampleFile, Unlabelled
 from gemma3vl.evaluation.metrics import METRICS, compute_stats
 
 RUN_FILE = "eval_run.json"
 SYNC_EVERY_S = 2.0  # answers files are fsynced at most this often (and at the end)
 ANSWER_LOGS = ("answers.jsonl.partial", "compare_answers.jsonl.partial")  # model, --compare
+LISTED_UNLABELLED = 3  # rows without answers named one by one on stderr (a test split has thousands)
 COMPILED_ROW_LENGTH = 8192  # --compile: positions per engine row (prompt + answer), made once, unless told
 
 
@@ -56,6 +57,7 @@ class ExampleSet:
     layout: str
     examples: list[Example]
     skipped: list[str] = field(default_factory=list)  # one message per bad row
+    unlabelled: int = 0  # of the bad rows, those without answers (a test split published without them)
     rows: list[int] = field(default_factory=list)
     source: ExampleFile | None = None
     limit: int | None = None
@@ -79,12 +81,21 @@ def read_examples(path: str | Path, *, layout: str = "auto", split: str | None =
     for index, example in source.iter_examples(limit):
         if isinstance(example, BadRecord):
             found.skipped.append(str(example))
-            if report is not None:
+            found.unlabelled += isinstance(example, Unlabelled)
+            if report is not None and (not isinstance(example, Unlabelled) or found.unlabelled <= LISTED_UNLABELLED):
                 report(f"skipping {example}")
+            elif report is not None and found.unlabelled == LISTED_UNLABELLED + 1:
+                report("skipping further rows without answers (each is in report.json's rows_skipped)")
             continue
         found.examples.append(text_only(example))
         found.rows.append(index)
     if not found.examples:
+        if found.skipped and found.unlabelled == len(found.skipped):
+            raise Gemma3VLError(
+                f"{source.path}: none of the {len(found.skipped)} rows read has an answer to score against (e.g. "
+                f"{found.skipped[0]}). The test splits of DocVQA, InfographicVQA, TextVQA and VQAv2 (test, testdev) "
+                "are published without their answers (scored on the benchmark's own server): evaluate a split with "
+                "answers, e.g. --split validation")
         raise Gemma3VLError(f"{source.path}: no usable example" +
                             (f" (e.g. {found.skipped[0]})" if found.skipped else ""))
     return found
@@ -296,7 +307,7 @@ class AnswerLog:
                 raise Gemma3VLError(f"{self.path}:{number}: not an answer line of gemma3vl eval; remove the file to "
                                     "start the run again")
             example = self._sources.get(row)
-            if example is None or record.get("source") != example.source:
+            if example is None or not self._same_row(record.get("source"), example):
                 raise Gemma3VLError(
                     f"{self.path}:{number}: answers row {row} ({record.get('source')}), which is "
                     f"{'not an example of the data' if example is None else example.source} now: the data changed "
@@ -311,6 +322,25 @@ class AnswerLog:
                 os.truncate(self.path, len(complete))
             except OSError as exc:
                 raise Gemma3VLError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+
+    def _same_row(self, logged: Any, example: Example) -> bool:
+        """Whether a line's ``source`` names the row of ``example``: the same file of the data (its path under
+        ``--data``, however ``--data`` is spelled: relative then, absolute now, or from another directory; eval_run.json
+        has checked that it is the same data, file for file) and the same row."""
+        if logged == example.source:
+            return True
+        if not isinstance(logged, str):
+            return False
+        logged_file, _, logged_at = logged.rpartition(":")
+        file, _, at = example.source.rpartition(":")
+        if not logged_file or logged_at != at:
+            return False
+        root = Path(self._found.path)
+        try:
+            tail = Path(file).relative_to(root).parts if root.is_dir() else (Path(file).name,)
+        except ValueError:
+            return False
+        return bool(tail) and Path(logged_file).parts[-len(tail):] == tail
 
     @property
     def seconds(self) -> float:
@@ -481,6 +511,8 @@ def _differences(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
             path = key[:-len("_files")]
             if earlier.get(path) != now.get(path):
                 continue  # the path itself differs: said once
+            if key == "data_files" and earlier.get("split") != now.get("split"):
+                continue  # another split's files: the --split difference says it (the files did not change)
             first = {item[0]: list(item[1:]) for item in before or []}
             second = {item[0]: list(item[1:]) for item in after or []}
             changed = sorted(name for name in first.keys() | second.keys() if first.get(name) != second.get(name))
@@ -578,15 +610,20 @@ def run_eval(model_dir: str | Path, data: str | Path, *, out: str | Path, layout
     if resume and not out.is_dir():
         raise Gemma3VLError(f"--resume: {out} holds no unfinished eval run to resume (no such directory); run "
                             "without --resume to start one")
+    if metrics:  # before the data's first pass, which may read thousands of rows
+        names = check_metrics(metrics)
     if adapter is not None:
         from gemma3vl.evaluation.loading import check_adapter
 
         check_adapter(model_dir, adapter)
     found = read_examples(data, layout=layout, split=split, limit=limit, report=say)
     notes: list[str] = []
-    if metrics:
-        names = check_metrics(metrics)
-    else:
+    if found.unlabelled:
+        notes.append(f"{found.unlabelled} of the {len(found.examples) + len(found.skipped)} rows read have no answers "
+                     "(a test split published without them?) and are not scored"
+                     + ("" if split or not Path(found.path).is_dir() else "; --split picks one split's files"))
+        say(f"note: {notes[-1]}")
+    if not metrics:
         names = [name for name in DEFAULT_METRICS[found.layout] if metric_available(name)]
         left_out = [name for name in DEFAULT_METRICS[found.layout] if name not in names]
         if left_out:
