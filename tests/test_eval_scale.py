@@ -97,8 +97,9 @@ def test_continuous_answers_equal_the_fixed_batch_path_and_each_row_alone(models
         image = ImageLoader().load(example.turns[0].content[0], example.base_dir, example.source)
         prompt = runtime.encode_conversation([Turn("user", [image, example.turns[0].content[1]])])
         tokens = generate(runtime.model, prompt.input_ids[None], pixel_values=prompt.pixel_values, sampling=sampling)[0]
-        # (the answer's text is all its tokens decoded, the stop token too: special ones write nothing)
-        alone = runtime.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        # (the answer's text is its tokens decoded without the stop token, as `gemma3vl generate` prints it)
+        stop = set(sampling.stop_token_ids)
+        alone = runtime.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True).strip()
         assert answer == alone
 
     # and `gemma3vl eval` writes those answers

@@ -227,10 +227,12 @@ def test_an_out_that_is_not_shared_fails_at_start_on_every_node(workdir):
     agents, _ = start_two_nodes(workdir, "local", outs, *inputs(workdir, evaluate=False), *SETTINGS,
                                 "parallel.dp_shard=2")
     results = finish(agents)
-    for (code, stderr), out in zip(results, outs):
+    for node, ((code, stderr), out) in enumerate(zip(results, outs)):
         assert code != 0
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, stderr[-4000:]
+        # each node's one rank says what it found; a rank other than 0 with its number
+        prefix = "error:" if node == 0 else f"error (rank {node}):"
+        errors = [line for line in stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and errors[0].startswith(prefix), stderr[-4000:]
         assert f"--out {out} is not one directory shared by every node" in errors[0]
         assert f"rank 1 ({outs[1]} on " in errors[0] and "filesystem all nodes mount at the same path" in errors[0]
         assert not any(line.startswith("model:") for line in stderr.splitlines())  # before anything loads
