@@ -460,3 +460,23 @@ def test_data_directories(processor, tmp_path, monkeypatch):
     assert sources(ConversationDataset(DataConfig(lines, shuffle=False, split="test"), processor)) == [f"{test}:1"]
     with pytest.raises(Gemma3VLError, match=r"no split 'validation' \(splits: \['test', 'train'\]\)"):
         ConversationDataset(DataConfig(lines, split="validation"), processor)
+
+
+def test_a_split_is_not_chosen_from_a_source_without_splits(processor, tmp_path):
+    """A single parquet file or a ``save_to_disk`` Dataset has no splits: ``data.eval_split=test`` on it (the
+    training file given as held-out data) read the same rows, so the held-out loss was the training loss. A split
+    other than ``train`` is refused there, unless the file's own name or folder gives it."""
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Hello"}]]})
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "test").mkdir()
+    table.to_parquet(str(tmp_path / "test" / "0000.parquet"))
+    table.to_parquet(str(tmp_path / "test-00000-of-00001.parquet"))
+    for path in (tmp_path / "data.parquet", tmp_path / "saved"):
+        assert len(list(ConversationDataset(DataConfig(path, shuffle=False), processor))) == 1  # train: read whole
+        with pytest.raises(Gemma3VLError, match=r"read whole: it has no split 'test' to choose"):
+            ConversationDataset(DataConfig(path, split="test"), processor)
+    for path in (tmp_path / "test" / "0000.parquet", tmp_path / "test-00000-of-00001.parquet"):
+        assert len(list(ConversationDataset(DataConfig(path, shuffle=False, split="test"), processor))) == 1

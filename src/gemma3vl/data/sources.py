@@ -448,6 +448,18 @@ def _front_matter(card: Path) -> str:
     return text[3:end] if end >= 0 else ""
 
 
+def _check_unsplit(path: Path, split: str, what: str) -> None:
+    """A source without splits is read whole, whatever ``split`` says: asked for a split other than the default
+    (``train``) that its own name does not give (``test.parquet``, ``test-00000-of-00001.parquet``, ``test/``),
+    it is refused, not read: ``data.eval_split=test`` on the training file would evaluate on the training rows."""
+    if split == "train" or path.stem == split or path.name.startswith(f"{split}-") or path.parent.name == split:
+        return
+    raise Gemma3VLError(
+        f"{path}: {what}, read whole: it has no split {split!r} to choose (data.split / data.eval_split); give the "
+        f"held-out rows as their own file (data.eval_path / --eval-data), or a data directory or DatasetDict with "
+        f"splits")
+
+
 def _load_hf_dataset(path: Path, split: str, data_files: tuple[str, list[str]] | None = None) -> Any:
     try:
         import datasets
@@ -462,12 +474,15 @@ def _load_hf_dataset(path: Path, split: str, data_files: tuple[str, list[str]] |
                 if split not in loaded:
                     raise Gemma3VLError(f"{path}: no split {split!r} (splits: {sorted(loaded)})")
                 loaded = loaded[split]
+            else:
+                _check_unsplit(path, split, "one dataset saved without splits (save_to_disk of a Dataset)")
             return loaded
         if data_files is not None:
             kind, files = data_files
             return datasets.load_dataset(kind, data_files=files, split="train")
         if path.is_dir():
             return datasets.load_dataset(str(path), split=split)
+        _check_unsplit(path, split, "one file")
         kind = DATA_FILE_KINDS.get(path.suffix.lower(), "parquet")  # (data.format=hf on a .jsonl file too)
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Gemma3VLError:
