@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gemma3vl.errors import Gemma3VLError, on_every_rank
+from gemma3vl.errors import Gemma3VLError, SettingError, on_every_rank
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
@@ -136,15 +136,10 @@ def checked_sampling(args: argparse.Namespace, model_dir: Path, config) -> "Samp
     sampling = sampling_from(args, model_dir, config)
     try:
         sampling.validate()
-    except Gemma3VLError as exc:
-        message = str(exc)
-        field, _, rest = message.partition("=")
-        if not field.isidentifier() or not rest:
-            raise
-        value, _, reason = rest.partition(" ")
-        if getattr(args, field, None) is not None:
-            raise Gemma3VLError(f"--{field.replace('_', '-')} {value} {reason}") from None
-        raise Gemma3VLError(f"{processor_dir(model_dir) / 'generation_config.json'}: {message}") from None
+    except SettingError as exc:
+        if getattr(args, exc.name, None) is not None:
+            raise Gemma3VLError(f"--{exc.name.replace('_', '-')} {exc.value} {exc.requirement}") from None
+        raise Gemma3VLError(f"{processor_dir(model_dir) / 'generation_config.json'}: {exc}") from None
     return sampling
 
 

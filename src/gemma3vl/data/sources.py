@@ -448,11 +448,18 @@ def _front_matter(card: Path) -> str:
     return text[3:end] if end >= 0 else ""
 
 
+def in_split(file: Path, root: Path, split: str) -> bool:
+    """HF's naming: data/<split>-00000-of-00001.parquet, <split>.parquet, or files under <split>/ directories
+    (below ``root``)."""
+    return (file.name.startswith(f"{split}-") or file.stem == split
+            or split in file.relative_to(root).parts[:-1])
+
+
 def _check_unsplit(path: Path, split: str, what: str) -> None:
     """A source without splits is read whole, whatever ``split`` says: asked for a split other than the default
     (``train``) that its own name does not give (``test.parquet``, ``test-00000-of-00001.parquet``, ``test/``),
     it is refused, not read: ``data.eval_split=test`` on the training file would evaluate on the training rows."""
-    if split == "train" or path.stem == split or path.name.startswith(f"{split}-") or path.parent.name == split:
+    if split == "train" or in_split(path, path.parent.parent, split):  # (its own name or folder only)
         return
     raise Gemma3VLError(
         f"{path}: {what}, read whole: it has no split {split!r} to choose (data.split / data.eval_split); give the "

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Container, Iterator
 
 from gemma3vl.data.records import INVALID_SCHEMA, BadRecord, Conversation, ImageRef, Turn, parse_record
+from gemma3vl.data.sources import in_split
 from gemma3vl.errors import Gemma3VLError
 
 LAYOUTS = ("auto", "conversation", "cord", "vqa", "caption")
@@ -132,7 +133,7 @@ class RowFile:
         whole = self.path.resolve()
         # A single file is of the split by its own name or its directory's (data/test/0000.parquet): not by any
         # directory further up (a train file under ~/test/ is not of split 'test').
-        if split is not None and self.path.is_file() and not _in_split(whole, whole.parent.parent, split):
+        if split is not None and self.path.is_file() and not in_split(whole, whole.parent.parent, split):
             # A single file is read whole: --split would silently be ignored, and a model scored on the
             # train file when the test split was asked for.
             raise Gemma3VLError(f"--split {split}: {self.path} is one file, not a file of split {split!r} "
@@ -219,12 +220,6 @@ class RowFile:
 PARQUET_BATCH_ROWS = 16
 
 
-def _in_split(file: Path, root: Path, split: str) -> bool:
-    """HF's naming: data/<split>-00000-of-00001.parquet, <split>.parquet, or files under <split>/ directories."""
-    return (file.name.startswith(f"{split}-") or file.stem == split
-            or split in file.relative_to(root).parts[:-1])
-
-
 def _pyarrow(path: Path) -> tuple[Any, Any]:
     try:
         import pyarrow as pa
@@ -245,7 +240,7 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
             f" (a JSONL or JSON file is given as --data itself, e.g. {json_files[0]})" if json_files else ""))
     files = every
     if split is not None:
-        files = [f for f in every if _in_split(f, path, split)]
+        files = [f for f in every if in_split(f, path, split)]
         if not files:
             names = ", ".join(str(f.relative_to(path)) for f in every[:8])
             raise Gemma3VLError(f"{path}: no parquet file of split {split!r} among {names}")

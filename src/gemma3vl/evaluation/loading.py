@@ -156,8 +156,11 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge:
         raise Gemma3VLError(f"{weights_path}: cannot read ({exc})") from None
     tensors = {_modern_key(key): value for key, value in tensors.items()}
     lora = adapter_lora_config(model, config, adapter_dir)
-    apply_lora(model, lora)
-    keep_targeted_adapters(model, config)
+    apply_lora(model, lora, modules=lambda module: _targeted(module, config))  # (a regex may pick some layers)
+    for _, wrapped in lora_modules(model):
+        # held in float32, as peft does (autocast_adapter_dtype): the file's values reach the merge unrounded,
+        # which is then rounded once to the base's dtype (bf16 for the hub models)
+        wrapped.adapters.float()
     params = peft_named_parameters(model)
     missing = sorted(params.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - params.keys())
@@ -176,22 +179,6 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge:
     if merge:
         merge_lora(model)
     return lora
-
-
-def keep_targeted_adapters(model: torch.nn.Module, config: dict[str, Any]) -> None:
-    """After ``apply_lora`` (which adapts a projection in every layer alike): drop the adapters of the modules the
-    PEFT config does not target (a ``target_modules`` regex over some layers, ``exclude_modules``), unwrap what is
-    left without any, and hold the rest in float32, as peft does (``autocast_adapter_dtype``): the file's values
-    reach the merge unrounded, which is then rounded once to the base's dtype (bf16 for the hub models)."""
-    for name, module in lora_modules(model):
-        for projection, hf_module in zip(module.projections, module.hf_modules):
-            if projection in module.adapters and not _targeted(hf_module, config):
-                del module.adapters[projection]
-        if not len(module.adapters):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.merge())
-        else:
-            module.adapters.float()
 
 
 def check_adapter(model_dir: str | Path, adapter_dir: str | Path) -> None:

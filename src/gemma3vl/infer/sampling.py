@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from gemma3vl.errors import Gemma3VLError
+from gemma3vl.errors import Gemma3VLError, SettingError
 
 MAX_OCCURRENCE_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 # the seeds a torch.Generator takes: any 64-bit integer, signed or unsigned (derived_seed gives unsigned ones)
@@ -49,25 +49,25 @@ class Sampling:
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
-            raise Gemma3VLError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+            raise SettingError("max_new_tokens", self.max_new_tokens, "must be >= 1")
         if not self.greedy and self.temperature <= 0:
-            raise Gemma3VLError(f"temperature={self.temperature} must be > 0 (use greedy decoding for 0)")
+            raise SettingError("temperature", self.temperature, "must be > 0 (use greedy decoding for 0)")
         if self.top_k is not None and self.top_k < 1:
-            raise Gemma3VLError(f"top_k={self.top_k} must be >= 1")
+            raise SettingError("top_k", self.top_k, "must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise Gemma3VLError(f"top_p={self.top_p} must be in (0, 1]")
+            raise SettingError("top_p", self.top_p, "must be in (0, 1]")
         if not self.repetition_penalty > 0:
-            raise Gemma3VLError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+            raise SettingError("repetition_penalty", self.repetition_penalty, "must be > 0")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             # (torch.Generator.manual_seed's range; past it, it raises a bare ValueError at the first draw)
-            raise Gemma3VLError(f"seed={self.seed} must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+            raise SettingError("seed", self.seed, f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
         if any(not stop for stop in self.stop_strings):
-            raise Gemma3VLError(f"stop_strings={self.stop_strings!r} contains an empty string")
+            raise SettingError("stop_strings", repr(self.stop_strings), "contains an empty string")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -MAX_OCCURRENCE_PENALTY <= value <= MAX_OCCURRENCE_PENALTY:  # NaN fails too
-                raise Gemma3VLError(f"{name}={value} must be a number from -{MAX_OCCURRENCE_PENALTY:g} to "
-                                    f"{MAX_OCCURRENCE_PENALTY:g}")
+                raise SettingError(name, value, f"must be a number from -{MAX_OCCURRENCE_PENALTY:g} to "
+                                                f"{MAX_OCCURRENCE_PENALTY:g}")
         if self.grammar is not None and not self.stop_token_ids:
             raise Gemma3VLError("an answer that follows a grammar needs stop_token_ids: its grammar lets it end only "
                                 "with a stop token, once the JSON is complete")

@@ -212,16 +212,13 @@ class TrainConfig:
                 check_metrics(self.data.eval_metrics())
             except Gemma3VLError as exc:
                 raise Gemma3VLError(f"data.eval_metric: {exc}") from None
-        if not 0 < self.optim.lr < math.inf:
-            raise Gemma3VLError(f"optim.lr={self.optim.lr} must be a finite number > 0")
         from gemma3vl.train.schedule import check_optim_settings  # (schedule imports this module)
 
-        check_optim_settings(self.optim)  # betas, eps, weight decay, the floor: before anything loads
+        check_optim_settings(self.optim)  # lr, warmup, betas, eps, weight decay, the floor: before anything loads
         if not 0 < t.grad_clip:  # clip_grad_norm_ to 0 zeroes every gradient: a run that learns nothing
             raise Gemma3VLError(f"train.grad_clip={t.grad_clip} must be > 0 (inf: no clipping)")
         at_least = {"train.log_every": (t.log_every, 1), "train.eval_every": (t.eval_every, 0),
                     "checkpoint.every": (self.checkpoint.every, 0),
-                    "optim.warmup_steps": (self.optim.warmup_steps, 0),
                     "data.max_image_pixels": (self.data.max_image_pixels, 1),
                     "data.eval_accuracy_samples": (self.data.eval_accuracy_samples, 0),
                     "data.eval_max_new_tokens": (self.data.eval_max_new_tokens, 1),

@@ -118,7 +118,7 @@ def step_flops(config: Gemma3Config, seq: int | Sequence[int], images: int, mode
         vision = 3 * parts["vision"]
     elif vision_adapted and parts["vision"]:
         matmuls, attention = _vision_per_image(config)
-        vision = parts["vision"] / (matmuls + attention) * (2 * matmuls + 3 * attention)
+        vision = images * (2 * matmuls + 3 * attention)
     else:
         vision = parts["vision"]
     return text + vision

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -283,11 +284,13 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoraLinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLinear)]
 
 
-def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, config: LoraConfig, *, modules: Callable[[str], bool] | None = None) -> nn.Module:
     """Put adapters on ``config``'s targets of ``model`` (a ``Gemma3Model``), in place; returns ``model``.
 
     Every base parameter is frozen; only the adapters train. Base parameter names do not change. Apply it
     to a model whose weights are loaded: DoRA's magnitudes start from the base weights' row norms.
+    ``modules``: of the targeted projections, only those whose HF module name (peft's, e.g.
+    ``model.language_model.layers.3.self_attn.q_proj``) it accepts; default: the targets in every layer.
     """
     if lora_modules(model):
         raise Gemma3VLError("this model already has LoRA adapters (merge_lora them first)")
@@ -308,7 +311,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     for site in sites:
-        chosen = wanted[site.component] & set(site.projections)
+        chosen = {projection for projection, module in zip(site.projections, site.hf_modules)
+                  if projection in wanted[site.component] and (modules is None or modules(module))}
         if chosen:
             parent_name, _, child = site.module.rpartition(".")
             parent = model.get_submodule(parent_name)
