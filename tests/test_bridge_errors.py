@@ -110,6 +110,17 @@ def test_unknown_key_in_shard_not_in_index(sharded, tmp_path):
                                                               "'vision_tower.vision_model.head.probe'"))
 
 
+def test_index_entry_no_file_holds(sharded, tmp_path):
+    """An index listing a tensor no shard stores (an optional lm_head, or a name of no use) is not silently
+    dropped: transformers would try to read it."""
+    index = sharded / "model.safetensors.index.json"
+    raw = json.loads(index.read_text())
+    raw["weight_map"]["lm_head.weight"] = SHARD
+    index.write_text(json.dumps(raw))
+    assert_fails_cleanly(sharded, tmp_path / "out", re.escape(
+        f"{index}: lists tensor 'lm_head.weight' in {SHARD}, but no file holds it"))
+
+
 def test_wrong_shape(sharded, tmp_path):
     key, file = key_in(sharded, "layers.0.mlp.down_proj.weight")
     header, data = header_of(sharded / file)

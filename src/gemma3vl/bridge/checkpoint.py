@@ -169,6 +169,10 @@ class WeightFiles:
                     problems.append(f"{self.path_of(key)}: tensor {key!r} is not listed in {index}")
                 elif listed != self.where[key]:
                     problems.append(f"{index}: lists tensor {key!r} in {listed}, but it is in {self.where[key]}")
+            for key in sorted(set(self.weight_map) - self.keys()):
+                if key in expected and not expected[key][1]:
+                    continue  # already reported as missing, with the file the index names
+                problems.append(f"{index}: lists tensor {key!r} in {self.weight_map[key]}, but no file holds it")
         if problems:
             shown = problems[:MAX_PROBLEMS_SHOWN]
             more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
