@@ -50,6 +50,29 @@ def test_generate_stream_gives_the_same_text(vl_dir, capsys):
     assert capsys.readouterr().out == plain
 
 
+def test_generate_stream_stopped_with_ctrl_c_ends_its_line(vl_dir, capsys, monkeypatch):
+    """Ctrl-C while streaming: the text so far is printed whole, on a line of its own, and the exit code is 130."""
+    import gemma3vl.infer.generate as module
+    directory, picture = vl_dir
+    real_generate = module.generate
+
+    def interrupted(*args, on_step, **kwargs):
+        def step(tokens, finished):
+            on_step(tokens, finished)
+            if step.count == 3:
+                raise KeyboardInterrupt
+            step.count += 1
+        step.count = 0
+        return real_generate(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(module, "generate", interrupted)
+    argv = [str(directory), "--prompt", "Describe the image", "--image", str(picture), "--greedy",
+            "--max-new-tokens", "6", "--device", "cpu"]
+    assert main(["generate", *argv, "--stream"]) == 130
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and out.count("\n") == 1 and "interrupted" in err
+
+
 def test_not_an_image_is_a_clear_error(vl_dir, tmp_path, capsys):
     directory, _ = vl_dir
     fake = tmp_path / "fake.jpg"

@@ -264,10 +264,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
-    generate(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pixel_values,
-             sampling=sampling, on_step=stream, compile=args.compile,
-             on_compile_failure=lambda why: log(f"--compile: compiling the decode step failed ({why[:300]}); "
-                                                f"decoding eagerly"))
+    try:
+        generate(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pixel_values,
+                 sampling=sampling, on_step=stream, compile=args.compile,
+                 on_compile_failure=lambda why: log(f"--compile: compiling the decode step failed ({why[:300]}); "
+                                                    f"decoding eagerly"))
+    except KeyboardInterrupt:
+        if args.stream:  # the text so far ends its line, so the shell's prompt and "interrupted" start their own
+            sys.stdout.write(answer.delta(final=True) + "\n")
+            sys.stdout.flush()
+        raise
     elapsed = time.perf_counter() - started
     sys.stdout.write(answer.delta(final=True) + "\n")
     sys.stdout.flush()
