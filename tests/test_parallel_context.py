@@ -193,7 +193,7 @@ def _train_and_evaluate(trainer, evaluate) -> dict:
             "target_tokens": [r["target_tokens"] for r in records], "eval": evaluate()}
 
 
-def _pipeline_context_parallel_rank(rank: int, world: int, root: Path) -> None:
+def _pipeline_context_parallel_rank(rank: int, world: int, root: Path, schedule: str, tp: int) -> None:
     """One rank of PP2 x CP2, wired as ``gemma3vl train`` wires it: the model on meta, this rank's stage
     parallelized (FSDP over the stage's two context-parallel ranks) and filled by sharded loading, the feed
     handing out this rank's slices, the trainer's step; then the held-out loss as the evaluator computes it
@@ -210,15 +210,16 @@ def _pipeline_context_parallel_rank(rank: int, world: int, root: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        cfg = build_config("tiny_sft", overrides=PP_CP_SETTINGS)
+        cfg = build_config("tiny_sft", overrides=[*PP_CP_SETTINGS, f"parallel.pp_schedule={schedule}",
+                                                  f"parallel.tp={tp}"])
         config = bridge.read_config(root / "base")
         dims = ParallelDims.resolve(cfg.parallel_degrees(), world)
         dims.validate(config, seq_length=PP_CP_SEQ, pp_microbatches=2)
         device = torch.device("cpu")
-        context = ParallelContext.create(dims, device, sequence_parallel=False)
+        context = ParallelContext.create(dims, device, sequence_parallel=tp > 1)
         with torch.device("meta"):
             whole = Gemma3Model(config)
-        model = build_pipeline(whole, context, schedule="1f1b", stages_per_rank_setting=1, micro_batches=2,
+        model = build_pipeline(whole, context, schedule=schedule, stages_per_rank_setting=2, micro_batches=2,
                                micro_batch_size=2, seq_length=PP_CP_SEQ,
                                load=lambda stage: load_sharded(root / "base", stage, part_of=whole))
         cp_mesh = context.cp_mesh
@@ -241,10 +242,13 @@ def _pipeline_context_parallel_rank(rank: int, world: int, root: Path) -> None:
         dist.destroy_process_group()
 
 
-def test_pipeline_x_context_parallel_training_is_one_process_training(tiny):
-    """PP2 x CP2 (4 ranks): each stage's two ranks split every row, the stages pass each other the slices'
-    hidden states; 3 steps' losses, gradient norms and weights, and the held-out loss after them, equal one
-    process's (whose ``Trainer`` runs the same micro-batches)."""
+@pytest.mark.parametrize("schedule,tp", [("1f1b", 1), ("interleaved", 1), ("1f1b", 2)],
+                         ids=["pp2_cp2", "pp2_interleaved_cp2", "pp2_cp2_tp2_sp"])
+def test_pipeline_x_context_parallel_training_is_one_process_training(tiny, schedule, tp):
+    """PP2 x CP2 (4 ranks; with TP2 and sequence parallelism, 8): each stage's context-parallel ranks split every
+    row, the stages pass each other the slices' hidden states (interleaved: two stages a rank); 3 steps' losses,
+    gradient norms and weights, and the held-out loss after them, equal one process's (whose ``Trainer`` runs the
+    same micro-batches)."""
     from gemma3vl.train.config import build_config
     from gemma3vl.train.trainer import Trainer
 
@@ -263,7 +267,9 @@ def test_pipeline_x_context_parallel_training_is_one_process_training(tiny):
     expected = _train_and_evaluate(trainer, evaluate)
 
     (tiny / "store").unlink(missing_ok=True)
-    mp.start_processes(_pipeline_context_parallel_rank, args=(4, tiny), nprocs=4, join=True, start_method="fork")
+    world = 4 * tp
+    mp.start_processes(_pipeline_context_parallel_rank, args=(world, tiny, schedule, tp), nprocs=world, join=True,
+                       start_method="fork")
     got = torch.load(tiny / "pp2_cp2.pt")
     assert got["target_tokens"] == expected["target_tokens"]  # every target counted once
     for key in ("loss", "grad_norm"):
