@@ -307,3 +307,22 @@ def test_look_alike_architectures_are_refused_by_name(tiny_source, tmp_path):
            "ShieldGemma2ForImageClassification; expected 'gemma3'" in message
     with pytest.raises(Gemma3VLError, match="model_type='gemma3n' is not a Gemma 3 checkpoint"):
         Gemma3Config.from_hf_dict({"model_type": "gemma3n"})
+
+
+def test_a_siglip_pooling_head_is_kept_frozen_and_never_run(tmp_path):
+    """A Gemma 3 config whose vision_config leaves ``vision_use_head`` out (transformers' default: true, as a
+    ``Gemma3Config(vision_config={...})`` built by hand has it) stores SigLIP's pooling head, which Gemma 3 never
+    runs. Oracle: transformers' logits on such a checkpoint; the head's tensors come back bit for bit."""
+    raw = tiny_hf_config()
+    del raw["vision_config"]["vision_use_head"]
+    source = tmp_path / "hf"
+    build_reference(raw, 0).save_pretrained(source)
+    assert any(".head.probe" in key for key in tensors(source))
+    assert_same_logits_as_transformers(source)
+    model, config = load_model(source, device="cpu", dtype=torch.float32)
+    assert config.vision.use_head
+    head = dict(model.vision.head.named_parameters())
+    assert len(head) == 11 and not any(p.requires_grad for p in head.values())  # frozen: nothing trains it
+    bridge.import_checkpoint(source, tmp_path / "native", progress=False)
+    bridge.export_checkpoint(tmp_path / "native", tmp_path / "back", progress=False)
+    assert filecmp.cmp(source / "model.safetensors", tmp_path / "back" / "model.safetensors", shallow=False)

@@ -84,7 +84,7 @@ def test_text_only_config():
         (lambda c: c.update(model_type="llava"), "model_type='llava'"),
         (lambda c: c["text_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
         (lambda c: c["text_config"].update(hidden_activation="relu"), "hidden_activation='relu'"),
-        (lambda c: c["vision_config"].update(vision_use_head=True), "vision_use_head"),
+        (lambda c: c["vision_config"].update(vision_use_head="yes"), "vision_use_head='yes' must be true or false"),
         (lambda c: c["text_config"].update(num_key_value_heads=3), "num_key_value_heads=3"),
         (lambda c: c.update(mm_tokens_per_image=5), "mm_tokens_per_image=5"),
         (lambda c: c["text_config"].update(layer_types=["full_attention"]), "layer_types has 1"),

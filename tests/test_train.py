@@ -552,3 +552,27 @@ def test_a_frozen_part_keeps_its_adapters_frozen_too(tmp_path):
     assert text_b and vision_b
     assert all(not v.any() for v in text_b)  # B starts at zero and never moved
     assert any(v.any() for v in vision_b)
+
+
+def test_a_checkpoint_with_a_siglip_pooling_head_trains_and_exports_it_unchanged(tmp_path):
+    """``vision_use_head: true`` (transformers' default): the head Gemma 3 never runs is carried through a full
+    fine-tuning run untouched, and the export loads in transformers with every key (verify: its logits are ours)."""
+    from safetensors.torch import load_file
+
+    from conftest import build_reference
+    from gemma3vl.tiny import tiny_hf_config
+    from gemma3vl.tiny_tokenizer import write_tokenizer_and_processor
+
+    raw = tiny_hf_config()
+    raw["vision_config"]["vision_use_head"] = True
+    base, out = tmp_path / "base", tmp_path / "run"
+    build_reference(raw, 0).save_pretrained(base)
+    write_tokenizer_and_processor(base, raw)
+    assert main(["train", "--recipe", "tiny_sft", "--model", str(base), "--out", str(out), "train.steps=1",
+                 "optim.warmup_steps=0", "train.eval_every=0", "logging.progress=false"]) == 0
+    before, after = load_file(base / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    head = [key for key in before if ".head." in key]
+    assert len(head) == 11 and all(torch.equal(before[key], after[key]) for key in head)
+    assert any(not torch.equal(before[key], after[key]) for key in before if key not in head)  # it trained
+    assert main(["verify", str(out / "hf"), "--greedy-tokens", "0"]) == 0

@@ -29,11 +29,16 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
+def launch_rank() -> int:
+    """This process's rank under torchrun (``RANK``), 0 outside it."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def report_error(exc: Gemma3VLError) -> None:
     """``error: ...`` on stderr. Under torchrun (``WORLD_SIZE`` > 1) rank 0 prints it as is; another rank prints
     its own errors as ``error (rank N): ...`` and stays silent on one that every rank raised alike (rank 0 says
     it), so that a layout mistake on 64 ranks is one line, not 64."""
-    rank = int(os.environ.get("RANK", "0") or 0)
+    rank = launch_rank()
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or rank == 0:
         log(f"error: {exc}")
     elif not exc.same_on_every_rank:
@@ -445,10 +450,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = run_training(cfg, resume=args.resume)
     except TrainingStopped as stopped:  # SIGTERM / Ctrl-C: a checkpoint of the last whole step was saved
-        if os.environ.get("RANK", "0") == "0":
+        if launch_rank() == 0:
             log(f"stopped: {stopped}")
         return stopped.exit_code
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+    if launch_rank() == 0:  # under torchrun, rank 0 alone reports
         log(f"trained {result.steps} steps; final loss {result.final_loss}")
     return 0
 

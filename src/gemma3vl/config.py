@@ -126,6 +126,10 @@ class VisionConfig:
     patch_size: int = 16
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
+    # SigLIP's attention-pooling head (``vision_use_head``; transformers' default true, the hub's Gemma 3 false).
+    # Gemma 3 never runs it (it takes the tower's last hidden states), but a checkpoint that has it stores its
+    # weights: they are kept, frozen, and written back.
+    use_head: bool = False
 
     @property
     def patches_per_side(self) -> int:
@@ -527,10 +531,9 @@ def _vision_from_hf(raw: dict[str, Any], where: str) -> VisionConfig:
     model_type = raw.get("model_type", VISION_MODEL_TYPE)
     if model_type != VISION_MODEL_TYPE:
         raise Gemma3VLError(f"{where}: model_type={model_type!r}, expected {VISION_MODEL_TYPE!r}")
-    if raw.get("vision_use_head", True):
-        raise Gemma3VLError(
-            f"{where}: vision_use_head must be false for Gemma 3 (missing means true, transformers' default)"
-        )
+    use_head = raw.get("vision_use_head", True)  # transformers' SiglipVisionConfig default
+    if not isinstance(use_head, bool):
+        raise Gemma3VLError(f"{where}: vision_use_head={use_head!r} must be true or false")
     d = VisionConfig()
     vision = VisionConfig(
         hidden_size=_number(raw, "hidden_size", d.hidden_size, where),
@@ -542,6 +545,7 @@ def _vision_from_hf(raw: dict[str, Any], where: str) -> VisionConfig:
         patch_size=_number(raw, "patch_size", d.patch_size, where),
         layer_norm_eps=_number(raw, "layer_norm_eps", d.layer_norm_eps, where, float),
         hidden_act=raw.get("hidden_act", d.hidden_act),
+        use_head=use_head,
     )
     vision.validate(where)
     return vision
@@ -559,7 +563,7 @@ def _vision_to_hf(vision: VisionConfig) -> dict[str, Any]:
         "patch_size": vision.patch_size,
         "layer_norm_eps": vision.layer_norm_eps,
         "hidden_act": vision.hidden_act,
-        "vision_use_head": False,
+        "vision_use_head": vision.use_head,
     }
 
 

@@ -241,6 +241,21 @@ VISION_FINAL_RULES = (
     Rule("vision.post_norm.weight", ("post_layernorm.weight",), lambda d: [(d.Dv,)], init="layer_norm"),
     Rule("vision.post_norm.bias", ("post_layernorm.bias",), lambda d: [(d.Dv,)], init="bias"),
 )
+# SigLIP's pooling head, when the config has vision_use_head (kept, never run: see model/vision.py VisionHead).
+VISION_HEAD_RULES = (
+    Rule("vision.head.probe", ("head.probe",), lambda d: [(1, 1, d.Dv)]),
+    Rule("vision.head.attention.in_proj_weight", ("head.attention.in_proj_weight",), lambda d: [(3 * d.Dv, d.Dv)]),
+    Rule("vision.head.attention.in_proj_bias", ("head.attention.in_proj_bias",), lambda d: [(3 * d.Dv,)],
+         init="bias"),
+    Rule("vision.head.attention.out_proj.weight", ("head.attention.out_proj.weight",), lambda d: [(d.Dv, d.Dv)]),
+    Rule("vision.head.attention.out_proj.bias", ("head.attention.out_proj.bias",), lambda d: [(d.Dv,)], init="bias"),
+    Rule("vision.head.layernorm.weight", ("head.layernorm.weight",), lambda d: [(d.Dv,)], init="layer_norm"),
+    Rule("vision.head.layernorm.bias", ("head.layernorm.bias",), lambda d: [(d.Dv,)], init="bias"),
+    Rule("vision.head.mlp.fc1.weight", ("head.mlp.fc1.weight",), lambda d: [(d.Iv, d.Dv)]),
+    Rule("vision.head.mlp.fc1.bias", ("head.mlp.fc1.bias",), lambda d: [(d.Iv,)], init="bias"),
+    Rule("vision.head.mlp.fc2.weight", ("head.mlp.fc2.weight",), lambda d: [(d.Dv, d.Iv)]),
+    Rule("vision.head.mlp.fc2.bias", ("head.mlp.fc2.bias",), lambda d: [(d.Dv,)], init="bias"),
+)
 PROJECTOR_RULES = (
     _rms("projector.norm.weight", "mm_soft_emb_norm.weight", lambda d: d.Dv),
     # A plain [Dv, D] parameter used as x @ W (not an nn.Linear): kept as is, not transposed.
@@ -308,6 +323,8 @@ def build_mappings(config: Gemma3Config, layout: Layout, *, lm_head: bool | None
         mappings += section(VISION_EMBED_RULES, layout.vision)
         mappings += section(VISION_LAYER_RULES, layout.vision, config.vision.num_hidden_layers)
         mappings += section(VISION_FINAL_RULES, layout.vision)
+        if config.vision.use_head:
+            mappings += section(VISION_HEAD_RULES, layout.vision)
         mappings += section(PROJECTOR_RULES, layout.projector)
     return mappings
 
