@@ -28,7 +28,7 @@ from gemma3vl.train.metrics import read_metrics
 
 COMMON = [
     "train.steps=3", "checkpoint.every=2", "checkpoint.keep_last=5", "train.seq_length=128",
-    "train.global_batch_size=4", "train.micro_batch_size=1", "data.eval_accuracy_samples=0",
+    "train.global_batch_size=4", "train.micro_batch_size=1", "data.eval_accuracy_samples=3",
     "logging.progress=false", "logging.tensorboard=false", "optim.lr=0.05",
     # With packing, each data-parallel rank packs its own share, so which conversations share a step depends on
     # the layout; with one conversation per row every layout's step holds the same conversations as one process.
@@ -135,6 +135,18 @@ def assert_losses_match(got: dict[int, float], expected: dict[int, float]) -> No
         assert got[step] == pytest.approx(expected[step], rel=RTOL), f"step {step}"
 
 
+def assert_answers_match(out: Path, reference: Path) -> None:
+    """The held-out questions answered at each evaluation (under torchrun by rank 0's gathered copy) are one
+    process's answers, word for word."""
+    def answers(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "eval_answers.jsonl").read_text().splitlines()]
+
+    expected = answers(reference)
+    assert len(expected) == 3 * 2 and {row["step"] for row in expected} == {0, 3}  # 3 questions, at start and end
+    assert answers(out) == expected
+    assert losses(out, "eval_accuracy") == losses(reference, "eval_accuracy")
+
+
 def assert_weights_match(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(expected)
     for name, tensor in expected.items():
@@ -165,6 +177,7 @@ def test_layout_computes_what_one_process_computes(name, reference, workdir):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     if name == "tp2_sp":  # evaluated on the held-out set, like the reference (sequences padded for SP)
         assert_losses_match(losses(out, "eval_loss"), losses(reference, "eval_loss"))
+        assert_answers_match(out, reference)
     assert (out / "train_config.json").is_file() and (out / "data_summary.json").is_file()
 
 

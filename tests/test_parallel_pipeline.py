@@ -29,6 +29,7 @@ from test_sharded_load import assert_gathered_state_is_the_checkpoint
 
 from test_parallel_layouts import (  # noqa: F401 (fixtures)
     COMMON,
+    assert_answers_match,
     assert_losses_match,
     assert_single_process_export_is_the_same,
     assert_weights_match,
@@ -74,6 +75,7 @@ def test_pipeline_computes_what_one_process_computes(name, reference, workdir):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     if name == "pp2_1f1b":
         assert_losses_match(losses(out, "eval_loss"), losses(reference, "eval_loss"))
+        assert_answers_match(out, reference)  # the stages' tensors gathered on rank 0, which answers
 
 
 def test_pp2_checkpoint_continues_in_one_process(reference, workdir):

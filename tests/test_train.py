@@ -490,13 +490,18 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
              {"step": 2, "eval_loss": 4.5}, {"step": 3, "loss": 3.0}]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"step": 4, "lo')
+    answers = tmp_path / "eval_answers.jsonl"  # each evaluation's answers: kept up to the checkpoint's step too
+    answers.write_text("".join(json.dumps({"step": step, "index": 0, "answer": "a", "expected": "b"}) + "\n"
+                               for step in (0, 2, 4)))
     settings = LoggingSettings(tensorboard=False, progress=False)
     logger = MetricsLogger(tmp_path, settings, {}, total_steps=4, resume_step=2)
     logger.log({"step": 3, "loss": 3.5, "lr": 1e-3})
+    logger.answers(4, [{"index": 0, "answer": "c", "expected": "b"}])
     logger.close()
     assert read_metrics(path) == [*lines[:4], {"step": 3, "loss": 3.5, "lr": 1e-3}]
+    assert [(row["step"], row["answer"]) for row in read_metrics(answers)] == [(0, "a"), (2, "a"), (4, "c")]
     MetricsLogger(tmp_path, settings, {}, total_steps=4, resume_step=0).close()  # resumed before any checkpoint
-    assert read_metrics(path) == []
+    assert read_metrics(path) == [] and read_metrics(answers) == []
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -39,10 +39,16 @@ class Evaluator:
         slice_batch: Callable[[Any], Any] | None = None,
         sum_slices: Callable[[float, float], list[float]] | None = None,
         autocast: bool = True,
+        answering_model: Callable[[Gemma3Model], Gemma3Model | None] | None = None,
     ):
         """``slice_batch`` / ``sum_slices``: under context parallelism, each batch becomes this rank's slice of
         every row (``parallel.context.shard_batch``) and the slices' summed losses and target counts are added
-        over the context-parallel ranks, so a long held-out row is never held whole on one rank."""
+        over the context-parallel ranks, so a long held-out row is never held whole on one rank.
+
+        ``answering_model``: under torchrun, where the trained model is sharded and cannot generate, a collective that
+        gives rank 0 a whole plain copy of it (``None`` on the other ranks): rank 0 answers the questions with it
+        and sends every rank the answers."""
+        self.answering_model = answering_model
         self.slice_batch = slice_batch
         self.autocast = autocast  # as the training step (trainer.uses_autocast)
         self.sum_slices = sum_slices
@@ -98,6 +104,19 @@ class Evaluator:
     def accuracy(self, model: Gemma3Model) -> tuple[float | None, list[str]]:
         if not self.questions:
             return None, []
+        if self.answering_model is None:
+            return self._answer(model)
+        import torch.distributed as dist
+
+        whole = self.answering_model(model)  # collective
+        result = [None if whole is None else self._answer(whole)]
+        del whole
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the copy's memory back to the training steps
+        dist.broadcast_object_list(result, src=0)
+        return result[0]
+
+    def _answer(self, model: Gemma3Model) -> tuple[float | None, list[str]]:
         tokenizer = self.dataset.encoder.tokenizer
         correct, answers = 0, []
         for inputs, expected in self.questions:
@@ -120,6 +139,9 @@ class Evaluator:
             result: dict[str, Any] = {"eval_loss": self.loss(model)}
             accuracy, answers = self.accuracy(model)
             result["eval_accuracy"] = accuracy
+            # (not a metric: the trainer writes these to eval_answers.jsonl, not to metrics.jsonl)
+            result["eval_answers"] = [{"index": index, "answer": answer, "expected": expected}
+                                      for index, (answer, (_, expected)) in enumerate(zip(answers, self.questions))]
             if self.metrics and answers:
                 from gemma3vl.evaluation.metrics import METRICS, compute_stats
 

@@ -22,6 +22,9 @@ def peak_flops_per_second(device_name: str) -> float | None:
     return None
 
 
+ANSWERS_FILE = "eval_answers.jsonl"  # the answers of each evaluation's accuracy questions
+
+
 def drop_lost_steps(path: Path, resume_step: int) -> bool:
     """Before a resumed run appends to ``path`` (``metrics.jsonl``): keep only the records its checkpoint holds.
 
@@ -49,6 +52,7 @@ class MetricsLogger:
         self.out = out
         # (a fresh run's metrics.jsonl is removed before this: one still there is the stopped run's)
         resumed = drop_lost_steps(out / "metrics.jsonl", resume_step)
+        drop_lost_steps(out / ANSWERS_FILE, resume_step)
         self.jsonl = open(out / "metrics.jsonl", "a")
         self.history: list[dict[str, Any]] = []
         self.tensorboard = None
@@ -91,6 +95,11 @@ class MetricsLogger:
             self.wandb.log(clean, step=step)
         if self.progress is not None and "loss" in record:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+
+    def answers(self, step: int, answers: list[dict[str, Any]]) -> None:
+        """One line per held-out question answered at this evaluation, in ``eval_answers.jsonl``."""
+        with open(self.out / ANSWERS_FILE, "a") as file:
+            file.writelines(json.dumps({"step": step, **answer}, ensure_ascii=False) + "\n" for answer in answers)
 
     def advance(self) -> None:
         if self.progress is not None:

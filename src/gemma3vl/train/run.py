@@ -40,7 +40,7 @@ from gemma3vl.parallel.sharded_load import dora_magnitudes, load_sharded
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.evaluate import Evaluator
 from gemma3vl.train.lora import LoraConfig, apply_lora, merge_lora, parameter_summary
-from gemma3vl.train.metrics import MetricsLogger, plot_losses
+from gemma3vl.train.metrics import ANSWERS_FILE, MetricsLogger, plot_losses
 from gemma3vl.train.peft_export import write_peft_adapter
 from gemma3vl.train.steps import StepFeed
 from gemma3vl.train.trainer import Trainer, TrainResult, freeze, uses_autocast, write_run_config
@@ -66,6 +66,9 @@ class QuietLogger:
 
     def log(self, record: dict) -> None:
         self.history.append(record)
+
+    def answers(self, step: int, answers: list[dict]) -> None:
+        pass
 
     def advance(self) -> None:
         pass
@@ -299,31 +302,45 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         sum_slices = parallel.sum_over_cp
     evaluator = None
     if cfg.data.eval_path:
-        accuracy_samples = cfg.data.eval_accuracy_samples
-        if parallel is not None and accuracy_samples:
-            say("eval: answer accuracy by generation runs in one process only; under torchrun only the eval loss")
-            accuracy_samples = 0
         eval_data = ConversationDataset(data_config(cfg, cfg.data.eval_path, shuffle=False, held_out=True), processor)
+        answering = None
+        if parallel is not None:
+            # The sharded model cannot generate: rank 0 answers with a whole copy (the export's gather), in the
+            # compute dtype, while the other ranks wait for its answers.
+            answering = partial(gathered_model, parallel=parallel, cfg=cfg, device=device,
+                                dtype=compute_dtype or weight_dtype)
         evaluator = Evaluator(
             eval_data, micro_batch_size=cfg.train.micro_batch_size,
-            accuracy_samples=accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
+            accuracy_samples=cfg.data.eval_accuracy_samples, max_new_tokens=cfg.data.eval_max_new_tokens,
             stop_token_ids=model_config.stop_token_ids, device=device, metrics=cfg.data.eval_metrics(),
-            slice_batch=slice_batch, sum_slices=sum_slices, autocast=uses_autocast(cfg),
+            slice_batch=slice_batch, sum_slices=sum_slices, autocast=uses_autocast(cfg), answering_model=answering,
         )
     return Trainer(cfg, model, feed, out, device, evaluator, parallel=parallel), train_data
+
+
+def gathered_model(model: torch.nn.Module, parallel: ParallelContext, cfg: TrainConfig, device: torch.device,
+                   dtype: torch.dtype | None = None) -> Gemma3Model | None:
+    """The sharded ``model`` as one plain model on rank 0 (on ``device`` in ``dtype`` if given, else on the host
+    as trained); ``None`` on the other ranks. Collective: every rank gathers tensor by tensor (pipeline stages
+    send theirs on to rank 0)."""
+    if parallel.dims.pp > 1:
+        state = gather_pipeline_state(model, parallel, skip=model.pipeline.duplicate_names)
+    else:
+        state = gather_full_state(model, device)
+    if not is_main_process():
+        return None
+    whole = plain_model(lambda: _plain_like(cfg), state)
+    del state
+    return whole if dtype is None else whole.to(device=device, dtype=dtype)
 
 
 def export_results(trainer: Trainer, cfg: TrainConfig, out: Path) -> None:
     model = trainer.model
     if trainer.parallel is not None:
         # Every rank gathers tensor by tensor; rank 0 then holds one plain model and writes it as one process would.
-        if trainer.parallel.dims.pp > 1:  # (pipeline parallelism) each stage's tensors, sent on to rank 0
-            state = gather_pipeline_state(model, trainer.parallel, skip=model.pipeline.duplicate_names)
-        else:
-            state = gather_full_state(model, trainer.device)
-        if not is_main_process():
+        model = gathered_model(model, trainer.parallel, cfg, trainer.device)
+        if model is None:
             return
-        model = plain_model(lambda: _plain_like(cfg), state)
     if cfg.peft.method != "none":
         # adapter_config.json names the base for transformers (AutoPeftModel loads it from there); a native
         # directory is not one transformers can read, so it is left out rather than recorded.
@@ -404,8 +421,9 @@ def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
     if resume:
         trainer.resume(None if resume is True else Path(resume))
         say(f"resumed at step {trainer.step}")
-    elif main and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    elif main:  # a fresh run in a reused OUT: the last run's records go
+        for name in ("metrics.jsonl", ANSWERS_FILE):
+            (out / name).unlink(missing_ok=True)
     if main:
         write_run_config(cfg, out)
         logger = MetricsLogger(out, cfg.logging, cfg.to_dict(), cfg.train.steps, resume_step=trainer.step)

@@ -316,6 +316,9 @@ class Trainer:
         # (the held-out data shares the processor and its tokenizer with the training data's thread)
         with self.prefetch.paused() if self.prefetch is not None else nullcontext():
             result = self.evaluator(self.model)
+        answers = result.pop("eval_answers", None)
+        if answers:
+            logger.answers(self.step, answers)
         logger.log({"step": self.step, **result})
         loss, accuracy = result.get("eval_loss"), result.get("eval_accuracy")
         shown = [f"loss {loss:.4f}" if loss is not None else "", f"accuracy {accuracy:.1%}" if accuracy is not None else ""]
