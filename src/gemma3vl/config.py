@@ -23,7 +23,14 @@ from gemma3vl.errors import Gemma3VLError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
-SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
+# The MLP activations (text ``hidden_activation``, SigLIP ``hidden_act``) computed as transformers' ACT2FN entries of
+# the same names compute them (gemma3vl.model.layers.activation): Gemma 3's own gelu_pytorch_tanh, and the other
+# GELU forms a converted or hand-written config may name (MaxText's Gemma 3 configs say "gelu", the exact GELU).
+# "gelu_tanh" (no ACT2FN entry) is an older alias of gelu_pytorch_tanh, kept.
+SUPPORTED_ACTIVATIONS = (
+    "gelu_pytorch_tanh", "gelu_tanh", "gelu", "gelu_python", "gelu_new", "gelu_python_tanh", "gelu_accurate",
+    "gelu_fast", "quick_gelu", "gelu_10",
+)
 SUPPORTED_ROPE_TYPES = ("default", "linear")
 VL_MODEL_TYPE = "gemma3"
 TEXT_MODEL_TYPE = "gemma3_text"
@@ -99,7 +106,7 @@ class TextConfig:
         if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
             raise Gemma3VLError(
                 f"{where}: hidden_activation={self.hidden_activation!r} is not supported "
-                f"(Gemma 3 uses one of {SUPPORTED_ACTIVATIONS})"
+                f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)}; Gemma 3 uses gelu_pytorch_tanh)"
             )
         for name, rope in (("sliding_attention", self.rope_local), ("full_attention", self.rope_global)):
             if rope.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -154,7 +161,10 @@ class VisionConfig:
                 f"num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise Gemma3VLError(f"{where}: hidden_act={self.hidden_act!r} is not supported")
+            raise Gemma3VLError(
+                f"{where}: hidden_act={self.hidden_act!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)}; Gemma 3 uses gelu_pytorch_tanh)"
+            )
 
 
 @dataclass(frozen=True)
@@ -190,25 +200,30 @@ class Gemma3Config:
         ids = self.eos_token_id if self.is_vision_language else self.text.eos_token_id
         return tuple(ids) if isinstance(ids, (tuple, list)) else (int(ids),)
 
-    def validate(self) -> None:
+    def validate(self, where: str = "config") -> None:
         self.text.validate()
         if self.vision is None:
             return
         self.vision.validate()
-        side = self.tokens_per_side
         per_side = self.vision.patches_per_side
-        if side * side != self.mm_tokens_per_image or per_side % side:
+        side = self.tokens_per_side if self.mm_tokens_per_image > 0 else 0
+        if side == 0 or side * side != self.mm_tokens_per_image or per_side % side:
+            # transformers pools with kernel patches_per_side // isqrt(mm_tokens_per_image) and so gives another
+            # number of soft tokens per image than the config (and its processor) says: every image input fails.
+            made = (f"transformers' pooling would give {(per_side // (per_side // side)) ** 2} soft token(s) per "
+                    "image instead" if 0 < side <= per_side else "transformers cannot pool to it")
             raise Gemma3VLError(
-                f"config: mm_tokens_per_image={self.mm_tokens_per_image} must be a perfect square whose root "
-                f"divides the {per_side} patches per side (image_size/patch_size)"
+                f"{where}: mm_tokens_per_image={self.mm_tokens_per_image} must be a perfect square whose root "
+                f"divides the {per_side} patches per side (image_size/patch_size); {made}"
             )
         for name in ("boi_token_id", "eoi_token_id"):
             if not 0 <= getattr(self, name) < self.text.vocab_size:
-                raise Gemma3VLError(f"config: {name}={getattr(self, name)} is outside the vocabulary")
-        if not 0 <= self.image_token_id < self.text.vocab_size:
-            raise Gemma3VLError(
-                f"config: image_token_index={self.image_token_id} must be < vocab_size={self.text.vocab_size}"
-            )
+                raise Gemma3VLError(f"{where}: {name}={getattr(self, name)} is outside the vocabulary")
+        # image_token_index may lie past the embedding (a vocabulary without the soft token's row, as Gemma 3
+        # before its 64 extra rows): transformers then looks up row 0 for those ids, overwritten by the image
+        # features anyway, and so does TextDecoder.embed_tokens.
+        if self.image_token_id < 0:
+            raise Gemma3VLError(f"{where}: image_token_index={self.image_token_id} must not be negative")
 
     # ------------------------------------------------------------------ HF in
     @classmethod
@@ -269,7 +284,7 @@ class Gemma3Config:
                 f"{where}: model_type={model_type!r} is not a Gemma 3 checkpoint ({named}expected "
                 f"{VL_MODEL_TYPE!r}, Gemma3ForConditionalGeneration, or {TEXT_MODEL_TYPE!r}, Gemma3ForCausalLM)"
             )
-        cfg.validate()
+        cfg.validate(where)
         return cfg
 
     @classmethod
@@ -337,7 +352,7 @@ _TEXT_KEYS = (
     "num_key_value_heads", "head_dim", "query_pre_attn_scalar", "sliding_window", "layer_types",
     "sliding_window_pattern", "_sliding_window_pattern", "rope_parameters", "rope_scaling", "rope_theta",
     "rope_local_base_freq", "rms_norm_eps", "max_position_embeddings", "final_logit_softcapping",
-    "attn_logit_softcapping", "hidden_activation", "hidden_act", "pad_token_id", "bos_token_id",
+    "attn_logit_softcapping", "hidden_activation", "pad_token_id", "bos_token_id",
     "eos_token_id", "tie_word_embeddings", "use_bidirectional_attention", "attention_bias",
     "attention_dropout",
 )
@@ -369,6 +384,14 @@ def _number(raw: dict[str, Any], key: str, default: Any, where: str, kind: type 
 _NULL_IS_UNSET = {"bos_token_id", "pad_token_id", "eos_token_id"}
 
 
+def _scalar(raw: dict[str, Any], key: str, default: float, where: str) -> float:
+    """A positive number kept as written (an int stays an int, so the config writes back the same)."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise Gemma3VLError(f"{where}: {key}={value!r} must be a positive number")
+    return value
+
+
 def _ids(value: Any) -> int | tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(int(v) for v in value)
@@ -380,7 +403,8 @@ def _theta(raw: dict[str, Any], key: str, default: float, where: str) -> float:
     return default if raw.get(key) is None else _number(raw, key, default, where, float)
 
 
-def _rope_from_dict(entry: dict[str, Any], default_theta: float, where: str) -> RopeConfig:
+def _rope_from_dict(entry: dict[str, Any], default_theta: float, where: str,
+                    partial_default: Any = None) -> RopeConfig:
     if not isinstance(entry, dict):
         raise Gemma3VLError(f"{where}: expected an object, got {entry!r}")
     rope_type = entry.get("rope_type", entry.get("type", "default"))
@@ -389,6 +413,14 @@ def _rope_from_dict(entry: dict[str, Any], default_theta: float, where: str) -> 
             f"{where}: rope_type={rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     factor = float(entry.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    partial = entry.get("partial_rotary_factor", partial_default)
+    if rope_type != "default" and partial is not None and partial != 1:
+        # transformers' Gemma 3 ignores it for "default" tables and rotates only part of each head for the others,
+        # whose cos/sin then do not fit the head: its forward fails.
+        raise Gemma3VLError(
+            f"{where}: partial_rotary_factor={partial!r} with rope_type={rope_type!r} is not supported (Gemma 3 "
+            "rotates whole heads; transformers cannot run it either)"
+        )
     return RopeConfig(theta=_theta(entry, "rope_theta", default_theta, where), rope_type=rope_type, factor=factor)
 
 
@@ -421,14 +453,15 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
     # transformers fills what a layer type's entry leaves out from the legacy keys (rope_theta for global
     # layers, rope_local_base_freq for sliding ones) and merges a legacy rope_scaling into the global entry.
     global_theta = _theta(raw, "rope_theta", 1_000_000.0, where)
+    partial = raw.get("partial_rotary_factor")  # transformers copies a top-level one into each entry
     local_theta = _theta(raw, "rope_local_base_freq", 10_000.0, where)
     if isinstance(rope_parameters, dict) and (SLIDING in rope_parameters or FULL in rope_parameters):
         global_entry = rope_parameters.get(FULL) or {}
         if isinstance(global_entry, dict) and isinstance(raw.get("rope_scaling"), dict):
             global_entry = {**global_entry, **raw["rope_scaling"]}
         rope_local = _rope_from_dict(rope_parameters.get(SLIDING) or {}, local_theta,
-                                     f"{where}: rope_parameters.{SLIDING}")
-        rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_parameters.{FULL}")
+                                     f"{where}: rope_parameters.{SLIDING}", partial)
+        rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_parameters.{FULL}", partial)
     else:
         if isinstance(rope_parameters, dict) and rope_parameters and raw.get("rope_scaling") is None:
             # A flat dict (the form most models use in transformers 5): for Gemma 3, transformers reads only
@@ -446,10 +479,12 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
         scaling = raw.get("rope_scaling") or rope_parameters or {}
         global_entry = dict(scaling)
         global_entry.setdefault("rope_theta", global_theta)
-        rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_scaling")
+        rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_scaling", partial)
         rope_local = RopeConfig(theta=local_theta)
 
-    activation = raw.get("hidden_activation", raw.get("hidden_act", defaults.hidden_activation))
+    # Only ``hidden_activation``: Gemma3TextConfig keeps a ``hidden_act`` key (Gemma 1/2's name) as an inert
+    # attribute and runs its default, gelu_pytorch_tanh, so reading it would part from transformers.
+    activation = raw.get("hidden_activation", defaults.hidden_activation)
     softcap = raw.get("final_logit_softcapping")
     eos = raw.get("eos_token_id")
     eos = defaults.eos_token_id if eos is None else eos
@@ -461,7 +496,7 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
         num_attention_heads=_number(raw, "num_attention_heads", defaults.num_attention_heads, where),
         num_key_value_heads=_number(raw, "num_key_value_heads", defaults.num_key_value_heads, where),
         head_dim=_number(raw, "head_dim", defaults.head_dim, where),
-        query_pre_attn_scalar=raw.get("query_pre_attn_scalar", defaults.query_pre_attn_scalar),
+        query_pre_attn_scalar=_scalar(raw, "query_pre_attn_scalar", defaults.query_pre_attn_scalar, where),
         sliding_window=_number(raw, "sliding_window", defaults.sliding_window, where),
         layer_types=tuple(layer_types),
         rope_local=rope_local,

@@ -2,7 +2,8 @@
 streamed tensor by tensor.
 
 Layouts (layouts.py): ``hub`` and ``transformers5`` (vision-language), ``memory`` and ``memory4``
-(transformers 5 / 4.52-4.57 in-memory names: read; written on request), ``text`` (text-only). See convert.py
+(transformers 5 / 4.52-4.57 in-memory names: read; written on request), ``text`` (text-only), ``textmodel`` (a bare
+``Gemma3TextModel`` save). See convert.py
 for the native directory and its manifest.
 """
 

@@ -14,6 +14,9 @@ name of an untied output matrix. The per-tensor names under those prefixes are t
   versions hold. transformers 5 loads it. Read it; write it only when asked (its source export is ``hub``,
   what those versions' ``save_pretrained`` writes).
 * ``text``: ``Gemma3ForCausalLM`` (text-only checkpoints).
+* ``textmodel``: ``Gemma3TextModel`` (what ``AutoModel`` builds for a ``gemma3_text`` config), saved as is: the
+  decoder's names with no prefix and no output matrix. transformers' ``Gemma3ForCausalLM`` loads it whole (the
+  head tied to the embedding); a plain export gives it back in these names.
 """
 
 from __future__ import annotations
@@ -40,8 +43,13 @@ class Layout:
         """How specifically this layout explains ``key``: the length of its longest matching prefix, 0 if none."""
         if key == self.lm_head:
             return len(key)
+        if not self.text:  # no prefix (textmodel): only the decoder's own roots, and weaker than any prefix
+            return 1 if key.startswith(_DECODER_ROOTS) else 0
         prefixes = [p for p in (self.text, self.vision, self.projector) if p]
         return max((len(p) for p in prefixes if key.startswith(p)), default=0)
+
+
+_DECODER_ROOTS = ("embed_tokens.", "layers.", "norm.")
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -56,12 +64,13 @@ LAYOUTS: dict[str, Layout] = {
         Layout("memory4", text="model.language_model.", lm_head="lm_head.weight",
                vision="model.vision_tower.vision_model.", projector="model.multi_modal_projector."),
         Layout("text", text="model.", lm_head="lm_head.weight"),
+        Layout("textmodel", text="", lm_head="lm_head.weight"),
     )
 }
 # When the keys fit several layouts equally well (a VL checkpoint whose vision keys are all missing), the
 # first of these wins; validation then reports exactly which keys are missing.
-_PREFERENCE = ("hub", "transformers5", "memory", "memory4", "text")
-WRITABLE = ("hub", "transformers5", "memory", "memory4", "text")
+_PREFERENCE = ("hub", "transformers5", "memory", "memory4", "text", "textmodel")
+WRITABLE = ("hub", "transformers5", "memory", "memory4", "text", "textmodel")
 # The layouts that are read but not given back as they are by a plain (``source``) export: the names
 # transformers' save_pretrained writes for the same model instead.
 SOURCE_EXPORT = {"memory": "transformers5", "memory4": "hub"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,3 +86,52 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+_TANH_GELU_SLOPE = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation written out (transformers' gelu_new / gelu_python_tanh / gelu_accurate compute it
+    this way, not with the fused kernel, so their last bits differ from ``gelu_tanh``)."""
+    return 0.5 * x * (1.0 + torch.tanh(_TANH_GELU_SLOPE * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_erf_formula(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_clipped(x: torch.Tensor) -> torch.Tensor:
+    return torch.clip(F.gelu(x), -10.0, 10.0)
+
+
+# By the names of transformers' ACT2FN (the config's hidden_activation / hidden_act), each computing what that
+# entry computes; config.SUPPORTED_ACTIVATIONS lists the same names.
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "gelu": F.gelu,
+    "gelu_python": _gelu_erf_formula,
+    "gelu_new": _gelu_tanh_formula,
+    "gelu_python_tanh": _gelu_tanh_formula,
+    "gelu_accurate": _gelu_tanh_formula,
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": _quick_gelu,
+    "gelu_10": _gelu_clipped,
+}
+
+
+def activation(name: str):
+    """The MLP activation a config names (validated by the config; see ``ACTIVATIONS``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})") from None

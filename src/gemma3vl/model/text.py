@@ -16,7 +16,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from gemma3vl.config import FULL, SLIDING, TextConfig
 from gemma3vl.model.attention import TokenInfo, attend, dense_mask
 from gemma3vl.model.flex import DEFAULT_BLOCK_SIZE, attend_flex, block_mask, use_flex
-from gemma3vl.model.layers import FusedLinear, GemmaRMSNorm, Rotary, apply_rotary, gelu_tanh
+from gemma3vl.model.layers import FusedLinear, GemmaRMSNorm, Rotary, activation, apply_rotary
 
 
 class Cache(Protocol):
@@ -67,16 +67,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))`` with gate/up fused as ``[2, I, D]``."""
+    """GeGLU: ``down(act(gate(x)) * up(x))`` with gate/up fused as ``[2, I, D]``; ``act`` is the config's
+    ``hidden_activation`` (Gemma 3: tanh-approximated GELU)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
         self.gate_up = FusedLinear(2, config.intermediate_size, config.hidden_size)
         self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = activation(config.hidden_activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).unbind(-2)
-        return self.down(gelu_tanh(gate) * up)
+        return self.down(self.act(gate) * up)
 
 
 class DecoderBlock(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 
 from gemma3vl.config import VisionConfig
 from gemma3vl.model.attention import attend
-from gemma3vl.model.layers import FusedLinear, gelu_tanh
+from gemma3vl.model.layers import FusedLinear, activation
 
 
 class VisionAttention(nn.Module):
@@ -31,9 +31,10 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class VisionBlock(nn.Module):
