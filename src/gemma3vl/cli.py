@@ -102,6 +102,7 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_adapter(args.base_dir, args.adapter_dir)
     check_output_dir(Path(args.out_dir), args.overwrite, Path(args.base_dir), Path(args.adapter_dir))  # before loading
+    check_output_parents(Path(args.out_dir))
     with open_checkpoint(args.base_dir) as base:
         stored = {base.native_dtype(m) for m in base.mappings if not m.optional}
     # Held in the base's own dtype (bf16 for the hub models: half of float32's memory); each adapted projection is
@@ -112,6 +113,14 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
     out = bridge.export_model(model, args.base_dir, args.out_dir, layout=args.layout, overwrite=args.overwrite)
     log(f"merged {args.adapter_dir} into {args.base_dir} -> {out} in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def check_output_parents(out_dir: Path) -> None:
+    """An output directory under a regular file cannot be written: say so before the work (a merge loads and folds
+    the whole model first), not when the export begins."""
+    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise Gemma3VLError(f"{out_dir}: cannot write the output ({blocking} is a file, not a directory)")
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -158,9 +167,16 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
         if value is not None and not math.isfinite(value):
             raise Gemma3VLError(f"{flag} {value} must be a finite number")
     check_penalty_flags(args)
+    check_device_flag(args)
     if args.batch_size is not None and args.batch_size < 1:
         raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
-    return checked_sampling(args, Path(args.model_dir), bridge.read_config(args.model_dir))
+    config = bridge.read_config(args.model_dir)
+    sampling = checked_sampling(args, Path(args.model_dir), config)
+    context = config.text.max_position_embeddings
+    if args.batch is None and sampling.max_new_tokens >= context:  # no prompt fits beside it: say so before loading
+        raise Gemma3VLError(f"no prompt fits: with --max-new-tokens {sampling.max_new_tokens} that is over the "
+                            f"model's context of {context} (max_position_embeddings)")
+    return sampling
 
 
 def json_schema_flag(args: argparse.Namespace) -> dict | None:
@@ -186,6 +202,13 @@ def json_schema_flag(args: argparse.Namespace) -> dict | None:
     except Gemma3VLError as exc:
         raise Gemma3VLError(f"{path}: {exc}") from None
     return schema
+
+
+def check_device_flag(args: argparse.Namespace) -> None:
+    """``--device``, checked before anything loads (``load_model`` would say the same, later)."""
+    from gemma3vl.infer.loading import resolve_device
+
+    resolve_device(args.device)
 
 
 def check_penalty_flags(args: argparse.Namespace) -> None:
@@ -301,6 +324,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     if args.output is None:
         raise Gemma3VLError("--batch needs --output FILE.jsonl")
     batch_path, output_path = Path(args.batch), Path(args.output)
+    if batch_path.is_dir():
+        raise Gemma3VLError(f"{batch_path}: a directory, not a prompts file (--batch names a JSONL file)")
     if not batch_path.is_file():
         raise Gemma3VLError(f"{batch_path}: no such prompts file")
     check_output_path(output_path, batch_path)
@@ -324,12 +349,18 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- chat
 def cmd_chat(args: argparse.Namespace) -> int:
+    from gemma3vl import bridge
     from gemma3vl.infer.chat import ChatSession, run_chat
     from gemma3vl.infer.runtime import InferenceRuntime
 
+    # The flags, before the model loads (a bad one is one error, not a wait for the model first).
     check_penalty_flags(args)
+    check_device_flag(args)
+    check_system_flag(args.system)
+    if args.max_sequence_length < 2:  # (sizes --compile's cache; nonsense either way)
+        raise Gemma3VLError(f"--max-sequence-length {args.max_sequence_length} must be >= 2")
+    sampling = checked_sampling(args, Path(args.model_dir), bridge.read_config(args.model_dir))
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
-    sampling = checked_sampling(args, runtime.model_dir, runtime.config)
     log(runtime.describe())
     interactive = sys.stdin.isatty()
     if interactive:
@@ -339,6 +370,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
                           compile=args.compile and runtime.device.type == "cuda",
                           max_length=args.max_sequence_length, notes=log)
     return run_chat(session, sys.stdin, sys.stdout, sys.stderr, prompt="> " if interactive else "")
+
+
+def check_system_flag(system: str | None) -> None:
+    """``chat --system``, checked before the model loads: every turn renders it, so text the template cannot take
+    would fail every message of the chat, one by one."""
+    if system is None:
+        return
+    bad = next((index for index, char in enumerate(system) if "\ud800" <= char <= "\udfff"), None)
+    if bad is not None:  # undecodable bytes of the command line (Python keeps them as U+DC80..U+DCFF)
+        raise Gemma3VLError(f"--system is not UTF-8 text (character {bad + 1}); give it in UTF-8")
+    for placeholder in ("<start_of_image>", "<image_soft_token>"):
+        if placeholder in system:
+            raise Gemma3VLError(f"--system contains {placeholder}: images are attached with /image, not written")
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -356,8 +400,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         ("--max-n", args.max_n)):
         if value < 1:
             raise Gemma3VLError(f"{flag} {value} must be >= 1")
-    if args.batch_wait_ms < 0:
+    if not 0 <= args.batch_wait_ms < math.inf:
         raise Gemma3VLError(f"--batch-wait-ms {args.batch_wait_ms} must be >= 0")
+    if not 0 <= args.port <= 65535:
+        raise Gemma3VLError(f"--port {args.port} must be from 0 to 65535 (0 picks a free one)")
+    check_device_flag(args)
     if args.allow_local_images is not None and not Path(args.allow_local_images).is_dir():
         raise Gemma3VLError(f"--allow-local-images {args.allow_local_images}: not a directory")
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
@@ -374,7 +421,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         server = ChatCompletionServer(runtime, settings)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:
         raise Gemma3VLError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     stop = threading.Event()
     previous = {}
@@ -520,7 +567,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gemma3vl.demo import run_demo
 
-    return run_demo(Path(args.out), seed=args.seed)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise Gemma3VLError(f"--out {out}: exists and is not a directory")
+    check_output_parents(out)
+    return run_demo(out, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------- parser

@@ -120,6 +120,7 @@ class ConversationDataset:
         self.start = 0  # where in this epoch's order the ranks began striding (moves when resharded)
         self.rank, self.num_ranks = 0, 1
         self._summary = DataSummary()
+        self._reported: set[int] = set()  # bad records already logged (every read is counted, each logged once)
 
     def shard(self, rank: int, num_ranks: int) -> "ConversationDataset":
         """Read only data-parallel rank ``rank``'s share of ``num_ranks`` (call before iterating)."""
@@ -181,7 +182,9 @@ class ConversationDataset:
             if self.config.on_bad_record == "error":
                 raise
             self._summary.record_skip(bad)
-            logger.warning("skipping record %s", bad)
+            if index not in self._reported:  # not again each epoch (a small file) or each held-out evaluation
+                self._reported.add(index)
+                logger.warning("skipping record %s", bad)
             return None
         self._summary.truncated += int(truncated)
         self._summary.samples += 1

@@ -422,11 +422,12 @@ def _directory_data_files(path: Path, split: str) -> tuple[str, list[str]] | Non
     files = [str(file) for file in splits[split]]
     if any(Path(file).name in FOLDER_METADATA for file in files):
         return None
-    kinds: dict[str, list[str]] = {}
-    for file in files:
-        kind = DATA_FILE_KINDS.get(Path(file).suffix.lower())
-        if kind is not None:
-            kinds.setdefault(kind, []).append(file)
+    kinds = _by_kind(files)
+    if not kinds:
+        # The split's files hold no data file: Hugging Face's naming matched folders of pictures first (the tiny
+        # recipe's images-train/ beside train.jsonl is the train split, and train.jsonl is left out), which would
+        # load the directory as an image folder without a conversation column. Tell the split of the data files.
+        kinds = _by_kind(_data_files_of_split(path, split))
     if not kinds:
         return None
     # The most common kind (parquet first on a draw), as datasets would choose among these.
@@ -437,6 +438,54 @@ def _directory_data_files(path: Path, split: str) -> tuple[str, list[str]] | Non
                        len(kinds[kind]), kind, split, len(ignored), ", ".join(ignored[:3]),
                        ", ..." if len(ignored) > 3 else "")
     return kind, sorted(kinds[kind])
+
+
+def _by_kind(files: list[str]) -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {}
+    for file in files:
+        kind = DATA_FILE_KINDS.get(Path(file).suffix.lower())
+        if kind is not None:
+            kinds.setdefault(kind, []).append(file)
+    return kinds
+
+
+def _data_files_of_split(path: Path, split: str) -> list[str]:
+    """The data files (``.jsonl``, ``.parquet`` ...) under ``path`` of ``split``, told by Hugging Face's keywords
+    (``train``/``training``; ``validation``/``valid``/``dev``/``val``; ``test``/``testing``/``eval``/``evaluation``)
+    in their folder names first, then in their file names, as ``datasets`` tells them, but among data files only;
+    without any keyword every data file is ``train``. An error when data files exist but none is of ``split``."""
+    try:
+        from datasets.data_files import SPLIT_KEYWORDS
+    except ImportError:  # another datasets version: load_dataset decides, as before
+        return []
+    files = sorted(file for file in path.rglob("*")
+                   if file.is_file() and file.suffix.lower() in DATA_FILE_KINDS and file.name not in FOLDER_METADATA
+                   and not any(part.startswith(".") for part in file.relative_to(path).parts))
+    if not files:
+        return []
+
+    def split_of(texts: tuple[str, ...]) -> str | None:
+        for text in texts:
+            tokens = set(re.split(r"[-._ 0-9]+", text.lower()))
+            for name, keywords in SPLIT_KEYWORDS.items():
+                if tokens & set(keywords):
+                    return str(name)
+        return None
+
+    for part in ("folders", "names"):
+        splits: dict[str, list[str]] = {}
+        for file in files:
+            relative = file.relative_to(path)
+            found = split_of(relative.parts[:-1] if part == "folders" else (relative.name,))
+            if found is not None:
+                splits.setdefault(found, []).append(str(file))
+        if splits:
+            if split not in splits:
+                raise Gemma3VLError(f"{path}: no split {split!r} among its data files (splits: {sorted(splits)})")
+            return splits[split]
+    if split != "train":
+        raise Gemma3VLError(f"{path}: no split {split!r} among its data files (their names give none: all are train)")
+    return [str(file) for file in files]
 
 
 def _front_matter(card: Path) -> str:

@@ -175,8 +175,17 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
     schema = _line_schema(obj, defaults.json_schema)
     images = [base_dir / path for path in obj.get("images", [])]
-    for path in images:
-        if not path.is_file():
+    for name, path in zip(obj.get("images", []), images):
+        if not name or "\0" in name:
+            raise Gemma3VLError(f"'images' holds {'an empty path' if not name else f'a path with a NUL byte, {name!r}'}")
+        try:
+            if path.is_dir():
+                raise Gemma3VLError(f"{path}: a directory, not an image file")
+            found = path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte
+            raise Gemma3VLError(f"image {name[:200]!r}: not a usable path ({getattr(exc, 'strerror', None) or exc})"
+                                ) from None
+        if not found:
             raise Gemma3VLError(f"{path}: no such image file")
     if images and not runtime.config.is_vision_language:
         raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
@@ -204,14 +213,23 @@ def read_batch_file(path: Path, defaults: BatchDefaults, runtime: InferenceRunti
                     report: Callable[[str], None]) -> tuple[list[BatchItem], int]:
     """The valid items of ``path`` and the number of bad lines (each reported as ``FILE:LINE: reason``)."""
     try:
-        # utf-8-sig: a byte-order mark (Windows editors, PowerShell) is not part of line 1. JSONL lines end at
-        # "\n" only: str.splitlines would also split at U+2028, U+0085, ... which JSON strings may hold as is.
-        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
-    except (OSError, UnicodeDecodeError) as exc:
+        # JSONL lines end at "\n" only: str.splitlines would also split at U+2028, U+0085, ... which JSON strings
+        # may hold as is. Each line is decoded on its own, so a stray non-UTF-8 byte costs its line, not the run.
+        raw_lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
         raise Gemma3VLError(f"{path}: cannot read the prompts file ({exc})") from None
+    if raw_lines[0].startswith(b"\xef\xbb\xbf"):  # a byte-order mark (Windows editors, PowerShell): not part of line 1
+        raw_lines[0] = raw_lines[0][3:]
     items: list[BatchItem] = []
     bad = 0
-    for number, text in enumerate(lines, start=1):
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            report(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                   f"save the file as UTF-8")
+            bad += 1
+            continue
         if not text.strip():
             continue
         try:
@@ -286,6 +304,11 @@ def check_output_path(output_path: str | Path, input_path: str | Path) -> None:
         raise Gemma3VLError(f"{output_path}: cannot be written ({blocking} is a file, not a directory)")
     if output_path.exists() and output_path.resolve() == input_path.resolve():
         raise Gemma3VLError(f"{output_path}: the output would overwrite the prompts file")
+    partial = output_path.with_name(output_path.name + ".partial")
+    if input_path.exists() and partial.resolve() == input_path.resolve():
+        # the answers are written to OUTPUT.partial first, then renamed: the prompts file would be lost
+        raise Gemma3VLError(f"{output_path}: its answers are written to {partial} first, which is the prompts file; "
+                            f"choose another --output")
 
 
 def run_batch_file(runtime: InferenceRuntime, input_path: str | Path, output_path: str | Path, *,

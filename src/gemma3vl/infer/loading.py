@@ -22,8 +22,13 @@ def resolve_device(name: str | None, flag: str = "--device") -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise Gemma3VLError(f"{flag} {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu ...: torch knows the name, this toolkit runs on neither
+        raise Gemma3VLError(f"{flag} {name!r} is not a device gemma3vl runs on (auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise Gemma3VLError(f"{flag} {name} was asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise Gemma3VLError(f"{flag} {name}: there is no such CUDA device ({count} visible: cuda:0 to cuda:{count - 1})")
     return device
 
 

@@ -7,6 +7,7 @@ transformers produces for the same directory.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -22,6 +23,11 @@ from gemma3vl.errors import Gemma3VLError
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuses decompression bombs long before memory runs out
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' validation errors span several), for an ``error:`` line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def unreadable(exc: Exception) -> str:
     """Why Pillow could not read an image, for an error message: its own words without the address of the
     in-memory file it was given (``cannot identify image file <_io.BytesIO object at 0x7f...>``)."""
@@ -35,7 +41,7 @@ def processor_dir(model_dir: str | Path) -> Path:
     return side if (model_dir / "gemma3vl.json").is_file() and side.is_dir() else model_dir
 
 
-def load_processor(model_dir: str | Path, config: Gemma3Config) -> Any:
+def _load_processor(model_dir: str | Path, config: Gemma3Config) -> Any:
     """The checkpoint's own processor (VL) or tokenizer (text-only), offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoProcessor, AutoTokenizer
@@ -50,13 +56,100 @@ def load_processor(model_dir: str | Path, config: Gemma3Config) -> Any:
                 return AutoProcessor.from_pretrained(str(where))
             return AutoTokenizer.from_pretrained(str(where))
     except Exception as exc:  # transformers raises many types; the user needs the file and the reason
-        raise Gemma3VLError(f"{where}: cannot load the tokenizer/processor: {exc}") from None
+        raise Gemma3VLError(f"{where}: cannot load the tokenizer/processor: {one_line(exc)}") from None
+
+
+def load_processor(model_dir: str | Path, config: Gemma3Config) -> Any:
+    """The checkpoint's own processor (VL) or tokenizer (text-only), offline, checked: a chat template that is not
+    valid Jinja, or an image processor that cannot make the pictures the vision tower takes (``size``, ``image_mean``
+    ... of ``preprocessor_config.json``), is an error naming the file now, before any prompt, record or request
+    (otherwise a traceback from inside transformers at the first one, or a shape error in the forward)."""
+    processor = _load_processor(model_dir, config)
+    where = processor_dir(model_dir)
+    check_chat_template(processor, where)
+    if config.is_vision_language:
+        check_image_processor(processor, where, config)
+    return processor
+
+
+def chat_template_source(where: Path) -> Path:
+    """The file the checkpoint's chat template comes from, for error messages (the directory if none is found)."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (where / name).is_file():
+            return where / name
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        try:
+            if "chat_template" in json.loads((where / name).read_text(encoding="utf-8")):
+                return where / name
+        except (OSError, ValueError, TypeError):
+            continue
+    return where
+
+
+def _templates(processor: Any) -> list[str]:
+    found = []
+    for owner in (processor, tokenizer_of(processor)):
+        template = getattr(owner, "chat_template", None)
+        for text in (template.values() if isinstance(template, dict) else [template]):
+            if isinstance(text, str) and text and text not in found:
+                found.append(text)
+    return found
+
+
+def check_chat_template(processor: Any, where: Path) -> None:
+    """A chat template that does not compile is an error naming its file and line (jinja would otherwise raise
+    at the first prompt, deep inside transformers)."""
+    try:
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers: the first prompt reports it
+        return
+    for template in _templates(processor):
+        try:
+            _compile_jinja_template(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise Gemma3VLError(f"{chat_template_source(where)}: the chat template is not valid Jinja (line "
+                                f"{exc.lineno} of the template: {exc.message})") from None
+        except Exception:  # noqa: BLE001 - anything else: the first prompt says it, through apply_chat_template
+            return
+
+
+def check_image_processor(processor: Any, where: Path, config: Gemma3Config) -> None:
+    """Run the image processor on a tiny picture: its settings must give finite pixels of the size the vision
+    tower takes (``vision_config.image_size``)."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or config.vision is None:
+        return
+    source = where / "preprocessor_config.json"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = image_processor(images=[Image.new("RGB", (2, 2), (128, 128, 128))], return_tensors="pt",
+                                     do_pan_and_scan=False)["pixel_values"]
+    except Exception as exc:  # noqa: BLE001 - transformers and PIL raise many types for odd settings
+        raise Gemma3VLError(f"{source}: the image processor cannot prepare an image with these settings "
+                            f"({type(exc).__name__}: {one_line(exc)})") from None
+    size = int(config.vision.image_size)
+    if tuple(pixels.shape[-2:]) != (size, size):
+        raise Gemma3VLError(f"{source}: the image processor makes {pixels.shape[-2]}x{pixels.shape[-1]} pixel images "
+                            f"(its 'size'), but the vision tower takes {size}x{size} (vision_config.image_size in "
+                            f"config.json)")
+    if not torch.isfinite(pixels).all():
+        raise Gemma3VLError(f"{source}: the image processor's settings give non-finite pixel values (an "
+                            f"'image_std' of 0?)")
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, with its name), refusing huge ones."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            raise Gemma3VLError(f"{path}: a directory, not an image file")
+        found = path.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte
+        raise Gemma3VLError(f"{str(path)[:200]!r}: not a usable image path ({getattr(exc, 'strerror', None) or exc})"
+                            ) from None
+    if not found:
         raise Gemma3VLError(f"{path}: no such image file")
     try:
         with Image.open(path) as probe:
@@ -87,12 +180,26 @@ def apply_chat_template(processor: Any, messages: list[dict[str, Any]], image_kw
     """``messages`` through the checkpoint's chat template, ending with the model's turn (ids, mask and pixel
     values as tensors); ``no_template`` is the error when the checkpoint has none."""
     tokenizer = tokenizer_of(processor)
-    if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None) is None:
+    if not _templates(processor):  # none, or an empty chat_template.jinja
         raise Gemma3VLError(no_template)
-    return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-        **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
-    )
+    try:
+        return processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
+        )
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (raise_exception, an undefined value), or
+        # the processor's own errors: the file and the reason, not a traceback from inside transformers
+        raise Gemma3VLError(_processor_failure(exc)) from None
+
+
+def _processor_failure(exc: Exception) -> str:
+    """Why the template or processor refused a prompt, on one line. No file path: the server sends this to its
+    clients (a template that does not even compile is refused by name when the checkpoint loads)."""
+    import jinja2
+
+    if isinstance(exc, jinja2.TemplateError):
+        return f"the chat template refused the conversation: {one_line(exc)}"
+    return f"the processor cannot encode the prompt ({type(exc).__name__}: {one_line(exc)})"
 
 
 def upright(image: Image.Image, label: str) -> Image.Image:
@@ -152,6 +259,13 @@ def build_inputs(
     placeholder each in the text.
     """
     tokenizer = tokenizer_of(processor)
+    bad = next((index for index, char in enumerate(prompt) if "\ud800" <= char <= "\udfff"), None)
+    if bad is not None:
+        # a command-line argument in another encoding (Python keeps its undecodable bytes as U+DC80..U+DCFF): the
+        # tokenizer refuses such a string with a TypeError that names nothing
+        char = prompt[bad]
+        what = f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff" else f"lone surrogate U+{ord(char):04X}"
+        raise Gemma3VLError(f"the prompt is not UTF-8 text ({what} at character {bad + 1}); give it in UTF-8")
     if images and not config.is_vision_language:
         raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take --image")
     image_kwargs = pan_and_scan_settings(processor, pan_and_scan) if images else {}
@@ -176,11 +290,14 @@ def build_inputs(
         # the model never saw a doubled <bos> in training.
         bos = getattr(tokenizer, "bos_token", None)
         special = {"add_special_tokens": False} if bos and prompt.startswith(bos) else {}
-        if not config.is_vision_language:
-            encoded = tokenizer(prompt, return_tensors="pt", **special)
-        else:
-            encoded = processor(text=[prompt], images=[images] if images else None, return_tensors="pt",
-                                **image_kwargs, **special)
+        try:
+            if not config.is_vision_language:
+                encoded = tokenizer(prompt, return_tensors="pt", **special)
+            else:
+                encoded = processor(text=[prompt], images=[images] if images else None, return_tensors="pt",
+                                    **image_kwargs, **special)
+        except Exception as exc:  # noqa: BLE001 - the processor's errors, named (see apply_chat_template)
+            raise Gemma3VLError(_processor_failure(exc)) from None
     else:
         if placeholders:
             raise Gemma3VLError(

@@ -12,6 +12,7 @@ and the server's continuous batching (``engine.py``) put unrelated requests in o
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -52,6 +53,8 @@ class Sampling:
             raise SettingError("max_new_tokens", self.max_new_tokens, "must be >= 1")
         if not self.greedy and self.temperature <= 0:
             raise SettingError("temperature", self.temperature, "must be > 0 (use greedy decoding for 0)")
+        if not self.greedy and not math.isfinite(self.temperature):  # NaN passes the test above; inf samples noise
+            raise SettingError("temperature", self.temperature, "must be a finite number")
         if self.top_k is not None and self.top_k < 1:
             raise SettingError("top_k", self.top_k, "must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:

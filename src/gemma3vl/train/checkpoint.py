@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gemma3vl.errors import Gemma3VLError
@@ -127,10 +128,11 @@ def save_checkpoint(
             (staging / STATE_FILE).write_text(json.dumps(trainer_state))
             (staging / COMPLETE).write_text(f"step {step}\n")
             _fsync_tree(staging)
-    except OSError as exc:
+    except (OSError, CheckpointException) as exc:  # (a full disk inside dcp.save arrives as the latter)
         shutil.rmtree(staging, ignore_errors=True)
+        reason = exc if isinstance(exc, OSError) else _dcp_failure(exc)
         raise Gemma3VLError(
-            f"{root}: cannot write the checkpoint of step {step} ({exc}); earlier checkpoints are untouched"
+            f"{root}: cannot write the checkpoint of step {step} ({reason}); earlier checkpoints are untouched"
         ) from None
     if _is_main():
         if final.exists():  # e.g. resumed from an earlier step: retire the old one before it is deleted
@@ -140,6 +142,17 @@ def save_checkpoint(
         _prune(root, keep_last)
     _barrier()  # the checkpoint is complete for every rank before any goes on (or resumes from it)
     return final
+
+
+def _dcp_failure(exc: BaseException) -> str:
+    """What failed inside DCP, on one line. DCP wraps each rank's error (a full disk's ``OSError`` too) in a
+    ``CheckpointException``, a ``BaseException`` whose text is whole tracebacks; a Ctrl-C inside it stays one."""
+    failures = [pair[0] for pair in getattr(exc, "failures", {}).values() if isinstance(pair, tuple) and pair]
+    if any(isinstance(failure, KeyboardInterrupt) for failure in failures):
+        raise KeyboardInterrupt from None
+    first = failures[0] if failures else exc
+    text = " ".join(str(first).split())
+    return text if isinstance(first, OSError) else f"{type(first).__name__}: {text}" if text else type(first).__name__
 
 
 def _jsonable(value: Any) -> Any:
@@ -228,8 +241,11 @@ def load_checkpoint(
         raise Gemma3VLError(f"{path}: not a complete training checkpoint (no {COMPLETE} marker)")
     try:
         trainer_state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise Gemma3VLError(f"{path / STATE_FILE}: unreadable ({exc})") from None
+    if not isinstance(trainer_state, dict) or not {"step", "scheduler", "python_rng", "data"} <= set(trainer_state):
+        raise Gemma3VLError(f"{path / STATE_FILE}: not a trainer state (expected an object with step, scheduler, "
+                            f"data and python_rng)")
     check_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer, options=_OPTIONS)
     _check_same_trainable(path, model_state)
@@ -238,6 +254,9 @@ def load_checkpoint(
         warnings.simplefilter("ignore")
         try:
             dcp.load(state, checkpoint_id=str(path))
+        except CheckpointException as exc:  # (a truncated or corrupt shard file: DCP wraps what reading it raised)
+            raise Gemma3VLError(f"{path}: cannot load the checkpoint ({_dcp_failure(exc)}); its files are damaged "
+                                f"or incomplete: resume from another checkpoint (--resume PATH)") from None
         except Exception as exc:
             raise Gemma3VLError(f"{path}: cannot load the checkpoint into this model/optimizer ({exc})") from None
     set_state_dict(

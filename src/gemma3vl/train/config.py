@@ -427,20 +427,80 @@ def apply_mapping(cfg: TrainConfig, mapping: dict[str, Any], prefix: str = "", w
     return cfg
 
 
+def _yaml_loader() -> Any:
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error naming it and its line
+    (yaml keeps the last one silently: ``steps: 100`` then ``steps: 10`` would train 10 steps unnoticed)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # (<<: *anchor: its keys may be overridden here)
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice ("
+                        + (f"lines {seen[key]} and {line}" if seen[key] != line else f"line {line}") + ")",
+                        key_node.start_mark)
+                seen[key] = line
+            except TypeError:  # an unhashable key: yaml's own constructor says so
+                break
+        loader.flatten_mapping(node)
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key given twice in one object is an error (json keeps the last silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is given twice in one object")
+        seen[key] = value
+    return seen
+
+
+def _parse_error(exc: Exception) -> str:
+    """A YAML or JSON parse error on one line, with its line and column (yaml's own text spans several lines,
+    quoting the source with a caret under it)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is not None and problem:
+        context = getattr(exc, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+    return " ".join(str(exc).split())
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise Gemma3VLError(f"{path}: a directory, not a config file (--config names a YAML or JSON file)")
     if not path.is_file():
         raise Gemma3VLError(f"{path}: no such config file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Gemma3VLError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                            "a config file is YAML or JSON text") from None
+    except OSError as exc:
+        raise Gemma3VLError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_loader()) or {}
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except Exception as exc:
-        raise Gemma3VLError(f"{path}: cannot parse ({exc})") from None
+        raise Gemma3VLError(f"{path}: cannot parse ({_parse_error(exc)})") from None
     if not isinstance(data, dict):
         raise Gemma3VLError(f"{path}: expected a mapping at the top level")
     return data
@@ -451,6 +511,9 @@ def build_config(
 ) -> TrainConfig:
     """recipe defaults <- config file <- command-line overrides."""
     data = load_config_file(config_file) if config_file else {}
+    if not recipe_name and "recipe" in data and not isinstance(data["recipe"], str):
+        raise Gemma3VLError(f"{config_file}: recipe={data['recipe']!r}: expected a recipe name (a string; "
+                            "`gemma3vl recipes` lists them)")
     name = recipe_name or data.pop("recipe", None)
     cfg = recipe(name) if name else TrainConfig()
     data.pop("recipe", None)

@@ -80,6 +80,9 @@ class Evaluator:
                 )
             except BadRecord:
                 continue  # already reported by the dataset's own pass
+            except Exception:  # noqa: BLE001 - the chat template or processor refused the prompt (a template
+                # that raises on this conversation): the dataset's pass reports the record as encoding_failed
+                continue
             questions.append(({k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in inputs},
                               answer))
             layout_references = getattr(self.dataset.records, "references", None)

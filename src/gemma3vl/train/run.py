@@ -37,6 +37,7 @@ from gemma3vl.parallel.context import ContextParallelFeed, shard_batch
 from gemma3vl.parallel.distributed import check_shared_directory
 from gemma3vl.parallel.export import gather_full_state, gather_pipeline_state, plain_model
 from gemma3vl.parallel.sharded_load import dora_magnitudes, load_sharded
+from gemma3vl.train.checkpoint import COMPLETE
 from gemma3vl.train.config import TrainConfig
 from gemma3vl.train.evaluate import Evaluator
 from gemma3vl.train.lora import LoraConfig, apply_lora, merge_lora, parameter_summary
@@ -369,9 +370,43 @@ def _plain_like(cfg: TrainConfig) -> Gemma3Model:
     return model
 
 
+def check_paths(cfg: TrainConfig, out: Path) -> None:
+    """What the run reads and writes, checked before anything loads: ``OUT`` must be a directory that can be made,
+    the data must exist, and the model must not be one of the paths the run replaces (``OUT/hf``, ``OUT/adapter``,
+    ``OUT/checkpoints``; a native model's own ``hf/`` when ``OUT`` is that model): the export at the end would
+    overwrite the checkpoint the run started from."""
+    if out.exists() and not out.is_dir():
+        raise Gemma3VLError(f"--out {out}: exists and is not a directory")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise Gemma3VLError(f"--out {out}: cannot be made ({blocking} is a file, not a directory)")
+    for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+        if value is not None and not Path(value).exists():
+            raise Gemma3VLError(f"{value}: no such dataset file or directory ({key})")
+        if value is not None and Path(value).is_file() and Path(value).stat().st_size == 0:
+            raise Gemma3VLError(f"{value}: the dataset holds no records (an empty file; {key})")
+    if cfg.model.path is not None and Path(cfg.model.path).exists():
+        model, resolved = Path(cfg.model.path).resolve(), out.resolve()
+        if model == resolved and bridge.is_native_dir(model):
+            raise Gemma3VLError(f"--out {out} is the native model directory --model {cfg.model.path}: the run's export "
+                                f"to {out / 'hf'} would replace the model's own hf/ files; choose another --out")
+        for written in (resolved / "hf", resolved / "adapter", resolved / "checkpoints"):
+            if model == written or written in model.parents:
+                raise Gemma3VLError(
+                    f"--model {cfg.model.path} is {'inside ' if model != written else ''}{written}, which this run "
+                    f"replaces with its own output: choose another --out (or copy the model elsewhere first)")
+
+
 def run_training(cfg: TrainConfig, resume: str | bool | None = None) -> TrainResult:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_paths(cfg, out)  # (every rank alike under torchrun: rank 0 alone says it)
+    except Gemma3VLError as exc:
+        raise on_every_rank(exc)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Gemma3VLError(f"--out {out}: cannot be made ({exc.strerror or exc})") from None
     try:
         if launched_by_torchrun():
             # Join the other ranks first, and make sure OUT is one directory for all of them: the checks of OUT's
@@ -403,6 +438,9 @@ def check_resume_settings(saved_path: Path, current: dict[str, Any]) -> None:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError):
         return  # no record of the run's settings (an older run): the checkpoint's own checks still apply
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(section, {}), dict) for section, _ in RESUME_FIXED):
+        raise Gemma3VLError(f"{saved_path}: not the settings of a run (expected the object gemma3vl train writes); "
+                            "it is how --resume checks the run's adapter and freezing settings")
     changed = [f"{section}.{key}: {saved[section][key]!r} when the run started, {current[section][key]!r} now"
                for section, key in RESUME_FIXED
                if key in saved.get(section, {}) and saved[section][key] != current[section][key]]
@@ -414,6 +452,10 @@ def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
     # Both checks before anything loads (a 27B takes minutes to load only to be refused).
     if resume:
         check_resume_settings(out / "train_config.json", cfg.to_dict())
+        if resume is not True and not (Path(resume) / COMPLETE).is_file():
+            what = "no such directory" if not Path(resume).exists() else f"no {COMPLETE} marker"
+            raise on_every_rank(Gemma3VLError(f"--resume {resume}: not a complete training checkpoint ({what}); the "
+                                              f"checkpoints are OUT/checkpoints/step-*"))
     elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise Gemma3VLError(f"{out}: already holds checkpoints; pass --resume to continue, or choose another --out")
     trainer, _ = build_trainer(cfg, out)
