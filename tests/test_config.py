@@ -89,6 +89,10 @@ def test_text_only_config():
         (lambda c: c.update(mm_tokens_per_image=5), "mm_tokens_per_image=5"),
         (lambda c: c["text_config"].update(layer_types=["full_attention"]), "layer_types has 1"),
         (lambda c: c["vision_config"].update(patch_size=15), "patch_size=15"),
+        (lambda c: c["vision_config"].update(patch_size=0), "vision_config: patch_size=0 must be >= 1"),
+        (lambda c: c["text_config"].update(num_attention_heads=0), "text_config: num_attention_heads=0 must be >= 1"),
+        (lambda c: c["text_config"].update(hidden_size="64"), "text_config: hidden_size='64' is not an integer"),
+        (lambda c: c["text_config"].update(rope_scaling="linear"), "rope_scaling='linear' must be an object"),
         (lambda c: c["text_config"].update(sliding_window=None), "text_config: sliding_window is null; expected an int"),
         (lambda c: c["text_config"].update(rms_norm_eps=None), "text_config: rms_norm_eps is null; expected a number"),
         (lambda c: c["text_config"].update(hidden_size="wide"), "text_config: hidden_size='wide' is not an integer"),
@@ -109,6 +113,9 @@ def test_missing_and_broken_config_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(Gemma3VLError, match="not valid JSON"):
         Gemma3Config.from_file(tmp_path)
+    from gemma3vl.bridge import read_config  # a model path naming a file, not the checkpoint's directory
+    with pytest.raises(Gemma3VLError, match="config.json: a file, not a checkpoint directory"):
+        read_config(tmp_path / "config.json")
 
 
 def test_null_token_ids_mean_unset_as_in_transformers():

@@ -192,6 +192,19 @@ def test_launch_line_for_gpus_that_do_not_fill_8_gpu_nodes(capsys):
     assert "torchrun --nproc-per-node 6 --nnodes 2 " in printed
 
 
+def test_a_global_batch_the_data_parallel_ranks_cannot_share_is_never_recommended(four_b, capsys):
+    """train refuses train.global_batch_size not a multiple of micro-batch x data-parallel ranks: with 3 rows a step
+    on 8 GPUs the plan keeps only layouts of one data-parallel rank (the whole width in TP x CP x PP)."""
+    options = plan.candidates(four_b, 8, seq=4096, global_batch_size=3)
+    assert options and all(3 % o.dp == 0 for o in options)
+    assert main(["plan", "--model", "4b", "--gpus", "8", "--gpu-memory", "80", "--global-batch-size", "3"]) == 0
+    choice = plan.recommend(options, 80e9)
+    assert choice.dp == 1 and f"parallel.tp={choice.tp}" in capsys.readouterr().out
+    assert main(["plan", "--model", "4b", "--gpus", "3", "--gpu-memory", "80", "--global-batch-size", "1",
+                 "--micro-batch-size", "2"]) == 2
+    assert "--global-batch-size 1 is not a multiple of --micro-batch-size 2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gpu-memory", "nan"], "--gpu-memory"), (["--gpu-memory", "inf"], "--gpu-memory"),
     (["--gpu-memory", "80", "--images", "-1"], "--images -1 must be >= 0"),

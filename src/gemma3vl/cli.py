@@ -556,6 +556,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = plan.candidates(counts, args.gpus, seq=args.seq, micro_batch=args.micro_batch_size, mode=args.mode,
                               images=args.images, bf16_weights=args.bf16_weights, attention=args.attention,
                               global_batch_size=args.global_batch_size)
+    if not options:  # (only --global-batch-size leaves out every layout)
+        raise Gemma3VLError(f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+                            f"{args.micro_batch_size} x the data-parallel ranks of any layout of {args.gpus} GPU(s): "
+                            f"choose a multiple of {args.micro_batch_size} x a divisor of {args.gpus}")
     choice = plan.recommend(options, args.gpu_memory * 1e9)
     print(plan.format_plan(counts, options, choice, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, seq=args.seq,
                            mode=args.mode, micro_batch=args.micro_batch_size, bf16_weights=args.bf16_weights,

@@ -88,6 +88,10 @@ class TextConfig:
         return self.layer_types[layer] == SLIDING
 
     def validate(self, where: str = "text_config") -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise Gemma3VLError(f"{where}: {name}={getattr(self, name)} must be >= 1")
         if self.num_attention_heads % self.num_key_value_heads:
             raise Gemma3VLError(
                 f"{where}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -151,6 +155,10 @@ class VisionConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self, where: str = "vision_config") -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                     "image_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise Gemma3VLError(f"{where}: {name}={getattr(self, name)} must be >= 1")
         if self.image_size % self.patch_size:
             raise Gemma3VLError(
                 f"{where}: image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
@@ -304,6 +312,9 @@ class Gemma3Config:
                     f"{f', base model {base!r}' if base else ''}), not a model checkpoint: use its base model "
                     "(gemma3vl eval takes the adapter with --adapter) or merge the adapter into it first"
                 )
+            if path.parent.is_file():  # a model path that names a file (config.json itself, a .safetensors file)
+                raise Gemma3VLError(f"{path.parent}: a file, not a checkpoint directory (the directory that holds "
+                                    "config.json and the weights)")
             raise Gemma3VLError(f"{path}: no such file (a Gemma 3 checkpoint directory holds config.json)")
         try:
             raw = json.loads(path.read_text())
@@ -372,7 +383,8 @@ def _number(raw: dict[str, Any], key: str, default: Any, where: str, kind: type 
             return default
         raise Gemma3VLError(f"{where}: {key} is null; expected {'an integer' if kind is int else 'a number'}")
     try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        # (a number written as text, "64", is refused as transformers 5 refuses it, not converted)
+        if isinstance(value, (bool, str)) or (kind is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError):
@@ -477,6 +489,9 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
             rope_parameters = None
         # Legacy: rope_scaling applies to global layers only (reference §1.1).
         scaling = raw.get("rope_scaling") or rope_parameters or {}
+        if not isinstance(scaling, dict):
+            raise Gemma3VLError(f"{where}: rope_scaling={scaling!r} must be an object (e.g. "
+                                '{"rope_type": "linear", "factor": 8.0}) or null')
         global_entry = dict(scaling)
         global_entry.setdefault("rope_theta", global_theta)
         rope_global = _rope_from_dict(global_entry, global_theta, f"{where}: rope_scaling", partial)

@@ -336,7 +336,8 @@ def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None 
     optimizer on the host; on several, context-parallel degrees (powers of two), pipeline stages (1F1B), and
     both together (each stage's context-parallel ranks splitting every row).
 
-    ``global_batch_size`` (rows a step) sets the pipeline's micro-batches; without it, ``4 pp``."""
+    ``global_batch_size`` (rows a step) sets the pipeline's micro-batches (without it, ``4 pp``) and leaves out the
+    layouts whose data-parallel ranks cannot share it in whole micro-batches."""
     mode = kwargs.get("mode", "sft")
     micro_batch = kwargs.get("micro_batch", 1)
     kv = counts.config.text.num_key_value_heads
@@ -351,8 +352,10 @@ def candidates(counts: ModelCounts, gpus: int, *, global_batch_size: int | None 
     options = []
     for tp, cp, pp, offload in layouts:
         micro_batches = None
+        dp = gpus // (tp * cp * pp)
+        if global_batch_size and global_batch_size % (micro_batch * dp):
+            continue  # train refuses it: each data-parallel rank takes whole micro-batches of the step's rows
         if pp > 1 and global_batch_size:
-            dp = gpus // (tp * cp * pp)
             micro_batches = global_batch_size // (micro_batch * dp)
             if micro_batches < pp:
                 continue  # 1F1B needs at least pp micro-batches a step
