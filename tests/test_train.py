@@ -559,9 +559,10 @@ def test_a_frozen_part_keeps_its_adapters_frozen_too(tmp_path):
     assert any(v.any() for v in vision_b)
 
 
-def test_a_checkpoint_with_a_siglip_pooling_head_trains_and_exports_it_unchanged(tmp_path):
+def test_a_checkpoint_with_a_siglip_pooling_head_trains_and_exports_it_unchanged(tmp_path, capsys):
     """``vision_use_head: true`` (transformers' default): the head Gemma 3 never runs is carried through a full
-    fine-tuning run untouched, and the export loads in transformers with every key (verify: its logits are ours)."""
+    fine-tuning run untouched, and the export loads in transformers with every key (verify: its logits are ours).
+    The same checkpoint's ``attention_dropout`` (which gemma3vl does not apply) is said, not ignored silently."""
     from safetensors.torch import load_file
 
     from conftest import build_reference
@@ -570,11 +571,13 @@ def test_a_checkpoint_with_a_siglip_pooling_head_trains_and_exports_it_unchanged
 
     raw = tiny_hf_config()
     raw["vision_config"]["vision_use_head"] = True
+    raw["text_config"]["attention_dropout"] = 0.1
     base, out = tmp_path / "base", tmp_path / "run"
     build_reference(raw, 0).save_pretrained(base)
     write_tokenizer_and_processor(base, raw)
     assert main(["train", "--recipe", "tiny_sft", "--model", str(base), "--out", str(out), "train.steps=1",
                  "optim.warmup_steps=0", "train.eval_every=0", "logging.progress=false"]) == 0
+    assert "text_config.attention_dropout=0.1; gemma3vl trains without attention dropout" in capsys.readouterr().err
     before, after = load_file(base / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
     assert sorted(before) == sorted(after)
     head = [key for key in before if ".head." in key]

@@ -75,6 +75,8 @@ class TextConfig:
     bos_token_id: int = 2
     eos_token_id: int | tuple[int, ...] = 1
     tie_word_embeddings: bool = True
+    # Dropout on the attention weights in training (transformers applies it; gemma3vl does not: training says so)
+    attention_dropout: float = 0.0
 
     @property
     def queries_per_kv_head(self) -> int:
@@ -141,6 +143,7 @@ class VisionConfig:
     # Gemma 3 never runs it (it takes the tower's last hidden states), but a checkpoint that has it stores its
     # weights: they are kept, frozen, and written back.
     use_head: bool = False
+    attention_dropout: float = 0.0  # (as TextConfig's: not applied)
 
     @property
     def patches_per_side(self) -> int:
@@ -524,6 +527,7 @@ def _text_from_hf(raw: dict[str, Any], where: str) -> tuple[TextConfig, str]:
         bos_token_id=_number(raw, "bos_token_id", defaults.bos_token_id, where),
         eos_token_id=_ids(eos),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        attention_dropout=_number(raw, "attention_dropout", 0.0, where, float),
     )
     text.validate(where)
     return text, form
@@ -550,6 +554,8 @@ def _text_to_hf(text: TextConfig, form: str) -> dict[str, Any]:
         "eos_token_id": list(text.eos_token_id) if isinstance(text.eos_token_id, tuple) else text.eos_token_id,
         "tie_word_embeddings": text.tie_word_embeddings,
     }
+    if text.attention_dropout:
+        out["attention_dropout"] = text.attention_dropout
     if form == "v5":
         out["layer_types"] = list(text.layer_types)
         out["rope_parameters"] = {SLIDING: text.rope_local.to_hf(), FULL: text.rope_global.to_hf()}
@@ -596,6 +602,7 @@ def _vision_from_hf(raw: dict[str, Any], where: str) -> VisionConfig:
         layer_norm_eps=_number(raw, "layer_norm_eps", d.layer_norm_eps, where, float),
         hidden_act=raw.get("hidden_act", d.hidden_act),
         use_head=use_head,
+        attention_dropout=_number(raw, "attention_dropout", 0.0, where, float),
     )
     vision.validate(where)
     return vision
@@ -614,6 +621,7 @@ def _vision_to_hf(vision: VisionConfig) -> dict[str, Any]:
         "layer_norm_eps": vision.layer_norm_eps,
         "hidden_act": vision.hidden_act,
         "vision_use_head": vision.use_head,
+        **({"attention_dropout": vision.attention_dropout} if vision.attention_dropout else {}),
     }
 
 

@@ -281,6 +281,12 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
             parallelize(model, parallel, activation_checkpoint=p.activation_checkpoint, compile=p.compile,
                         compile_mode=p.compile_mode, param_dtype=compute_dtype, cpu_offload=p.cpu_offload)
     say(f"model: {cfg.model.path} on {device} ({weight_dtype}); {parameter_summary(model)}")
+    dropouts = [f"{part}.attention_dropout={value:g}" for part, value in
+                (("text_config", model_config.text.attention_dropout),
+                 ("vision_config", model_config.vision.attention_dropout if model_config.vision else 0.0)) if value]
+    if dropouts:
+        say(f"note: the checkpoint's config sets {' and '.join(dropouts)}; gemma3vl trains without attention dropout "
+            f"(transformers would drop attention weights in training)")
     if parallel is not None or p.activation_checkpoint != "none" or p.compile:
         misplaced = [name for name, param in model.named_parameters() if param.device.type != device.type]
         if misplaced and not p.cpu_offload:
