@@ -33,7 +33,7 @@ from gemma3vl.infer.completion import FINISH_ERROR, Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.engine import run_rows
 from gemma3vl.infer.generate import Sampling
-from gemma3vl.infer.prompt import load_image
+from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT
 
@@ -178,15 +178,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     for name, path in zip(obj.get("images", []), images):
         if not name or "\0" in name:
             raise Gemma3VLError(f"'images' holds {'an empty path' if not name else f'a path with a NUL byte, {name!r}'}")
-        try:
-            if path.is_dir():
-                raise Gemma3VLError(f"{path}: a directory, not an image file")
-            found = path.is_file()
-        except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte
-            raise Gemma3VLError(f"image {name[:200]!r}: not a usable path ({getattr(exc, 'strerror', None) or exc})"
-                                ) from None
-        if not found:
-            raise Gemma3VLError(f"{path}: no such image file")
+        check_image_file(path, name)
     if images and not runtime.config.is_vision_language:
         raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
     # A line that sets a sampling setting samples, as the same flags do on the command line without --greedy.

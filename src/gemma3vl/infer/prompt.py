@@ -139,18 +139,24 @@ def check_image_processor(processor: Any, where: Path, config: Gemma3Config) -> 
                             f"'image_std' of 0?)")
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image file fully (so a truncated file fails here, with its name), refusing huge ones."""
-    path = Path(path)
+def check_image_file(path: Path, label: str | None = None) -> None:
+    """``path`` names an existing image file: not a directory, not a path the filesystem refuses (too long, a NUL
+    byte), not missing; each a one-line error (``label``: how the user wrote the path, for the unusable one)."""
     try:
         if path.is_dir():
             raise Gemma3VLError(f"{path}: a directory, not an image file")
         found = path.is_file()
     except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte
-        raise Gemma3VLError(f"{str(path)[:200]!r}: not a usable image path ({getattr(exc, 'strerror', None) or exc})"
-                            ) from None
+        raise Gemma3VLError(f"image {(label or str(path))[:200]!r}: not a usable path "
+                            f"({getattr(exc, 'strerror', None) or exc})") from None
     if not found:
         raise Gemma3VLError(f"{path}: no such image file")
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here, with its name), refusing huge ones."""
+    path = Path(path)
+    check_image_file(path)
     try:
         with Image.open(path) as probe:
             width, height = probe.size
@@ -179,7 +185,6 @@ def apply_chat_template(processor: Any, messages: list[dict[str, Any]], image_kw
                         no_template: str) -> Any:
     """``messages`` through the checkpoint's chat template, ending with the model's turn (ids, mask and pixel
     values as tensors); ``no_template`` is the error when the checkpoint has none."""
-    tokenizer = tokenizer_of(processor)
     if not _templates(processor):  # none, or an empty chat_template.jinja
         raise Gemma3VLError(no_template)
     try:

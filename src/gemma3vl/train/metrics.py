@@ -98,7 +98,7 @@ class MetricsLogger:
 
     def answers(self, step: int, answers: list[dict[str, Any]]) -> None:
         """One line per held-out question answered at this evaluation, in ``eval_answers.jsonl``."""
-        with open(self.out / ANSWERS_FILE, "a") as file:
+        with open(self.out / ANSWERS_FILE, "a", encoding="utf-8") as file:
             file.writelines(json.dumps({"step": step, **answer}, ensure_ascii=False) + "\n" for answer in answers)
 
     def advance(self) -> None:
