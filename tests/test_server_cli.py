@@ -93,3 +93,23 @@ def test_serve_refuses_bad_settings_before_loading(model_dir, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert main(["serve", str(model_dir), "--max-batch-size", "0"]) == 2
     assert "--max-batch-size 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(model_dir, capsys, monkeypatch):
+    """A port another process listens on, or a host that is not this machine's, is said before the model loads."""
+    import socket
+
+    from gemma3vl.infer.runtime import InferenceRuntime
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the address was checked")
+
+    monkeypatch.setattr(InferenceRuntime, "load", never)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(model_dir), "--port", str(port), "--device", "cpu"]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", str(model_dir), "--host", "192.0.2.1", "--device", "cpu"]) == 2  # TEST-NET-1: not ours
+    assert "cannot listen on 192.0.2.1:8000" in capsys.readouterr().err

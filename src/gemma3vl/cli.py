@@ -386,6 +386,20 @@ def check_system_flag(system: str | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- serve
+def check_listen_address(host: str, port: int) -> None:
+    """Bind ``host:port`` as the server will (IPv4, address reuse on), and let go: a host that does not resolve or
+    is not this machine's, or a port another process listens on, is said before the model loads (minutes for a
+    27B), not after. (Another process could still take the port in between; the server then says the same.)"""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except (OSError, OverflowError, UnicodeError) as exc:
+            raise Gemma3VLError(f"cannot listen on {host}:{port}: {exc}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -407,6 +421,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_device_flag(args)
     if args.allow_local_images is not None and not Path(args.allow_local_images).is_dir():
         raise Gemma3VLError(f"--allow-local-images {args.allow_local_images}: not a directory")
+    check_listen_address(args.host, args.port)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     log(runtime.describe())
     settings = ServerSettings(
