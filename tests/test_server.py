@@ -266,6 +266,21 @@ def test_binds_loopback_by_default(runtime):
         quiet.stop()
 
 
+def test_listens_on_ipv6_loopback_when_asked(runtime):
+    """``--host ::1``: an IPv6 socket, and its URL with the address in brackets, which clients can reach."""
+    import urllib.request
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    with ChatCompletionServer(runtime, ServerSettings(host="::1", port=0), log=io.StringIO()) as live:
+        assert live.url.startswith("http://[::1]:")
+        with urllib.request.urlopen(live.url + "/health", timeout=30) as response:
+            assert response.status == 200
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def _with_image(url: str, count: int = 1) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": url}} for _ in range(count)]

@@ -387,12 +387,14 @@ def check_system_flag(system: str | None) -> None:
 
 # ---------------------------------------------------------------------------------------------- serve
 def check_listen_address(host: str, port: int) -> None:
-    """Bind ``host:port`` as the server will (IPv4, address reuse on), and let go: a host that does not resolve or
+    """Bind ``host:port`` as the server will (its address family, address reuse on), and let go: a host that does not resolve or
     is not this machine's, or a port another process listens on, is said before the model loads (minutes for a
     27B), not after. (Another process could still take the port in between; the server then says the same.)"""
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    from gemma3vl.infer.server import address_family
+
+    with socket.socket(address_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))

@@ -121,7 +121,7 @@ class ChatCompletionServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # (an IPv6 address in brackets)
 
     def log(self, line: str) -> None:
         with self._log_lock:
@@ -248,6 +248,11 @@ class ChatCompletionServer:
         return thread is not None and thread.is_alive()
 
 
+def address_family(host: str) -> int:
+    """The socket family for ``--host``: IPv6 for an IPv6 address (``::1``, ``::``), IPv4 for the rest."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -257,6 +262,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type, app: ChatCompletionServer):
         self.app = app
+        self.address_family = address_family(address[0])
         super().__init__(address, handler)
 
     def handle_error(self, request, client_address) -> None:
