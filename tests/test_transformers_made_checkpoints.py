@@ -147,3 +147,12 @@ def test_configs_transformers_cannot_use_are_one_clear_line():
         Gemma3Config.from_hf_dict(vl, where="x/config.json")
     with pytest.raises(Gemma3VLError, match=r"text_config: query_pre_attn_scalar=None must be a positive number"):
         Gemma3Config.from_hf_dict({**vl, "mm_tokens_per_image": 4, "text_config": text_only(query_pre_attn_scalar=None)})
+
+
+def test_every_activation_the_config_accepts_is_computed():
+    """config.SUPPORTED_ACTIVATIONS (what a config may name) and model.layers.ACTIVATIONS (what computes each) are
+    two lists kept in two modules (the config cannot import the model): they must name the same activations."""
+    from gemma3vl.config import SUPPORTED_ACTIVATIONS
+    from gemma3vl.model.layers import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(SUPPORTED_ACTIVATIONS)

@@ -102,7 +102,6 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     check_adapter(args.base_dir, args.adapter_dir)
     check_output_dir(Path(args.out_dir), args.overwrite, Path(args.base_dir), Path(args.adapter_dir))  # before loading
-    check_output_parents(Path(args.out_dir))
     with open_checkpoint(args.base_dir) as base:
         stored = {base.native_dtype(m) for m in base.mappings if not m.optional}
     # Held in the base's own dtype (bf16 for the hub models: half of float32's memory); each adapted projection is
@@ -113,14 +112,6 @@ def cmd_convert_merge(args: argparse.Namespace) -> int:
     out = bridge.export_model(model, args.base_dir, args.out_dir, layout=args.layout, overwrite=args.overwrite)
     log(f"merged {args.adapter_dir} into {args.base_dir} -> {out} in {time.perf_counter() - started:.1f}s")
     return 0
-
-
-def check_output_parents(out_dir: Path) -> None:
-    """An output directory under a regular file cannot be written: say so before the work (a merge loads and folds
-    the whole model first), not when the export begins."""
-    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise Gemma3VLError(f"{out_dir}: cannot write the output ({blocking} is a file, not a directory)")
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -377,8 +368,10 @@ def check_system_flag(system: str | None) -> None:
     would fail every message of the chat, one by one."""
     if system is None:
         return
-    bad = next((index for index, char in enumerate(system) if "\ud800" <= char <= "\udfff"), None)
-    if bad is not None:  # undecodable bytes of the command line (Python keeps them as U+DC80..U+DCFF)
+    from gemma3vl.infer.prompt import not_text_at
+
+    bad = not_text_at(system)
+    if bad is not None:
         raise Gemma3VLError(f"--system is not UTF-8 text (character {bad + 1}); give it in UTF-8")
     for placeholder in ("<start_of_image>", "<image_soft_token>"):
         if placeholder in system:
@@ -588,11 +581,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gemma3vl.demo import run_demo
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise Gemma3VLError(f"--out {out}: exists and is not a directory")
-    check_output_parents(out)
-    return run_demo(out, seed=args.seed)
+    return run_demo(Path(args.out), seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------- parser

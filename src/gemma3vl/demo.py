@@ -34,6 +34,13 @@ def say(step: str) -> None:
 
 def prepare_workdir(out: Path) -> None:
     """Use ``out`` for the demo; only ever clear a directory an earlier demo made."""
+    from gemma3vl.bridge.fsutil import blocking_file
+
+    if out.exists() and not out.is_dir():
+        raise Gemma3VLError(f"--out {out}: exists and is not a directory")
+    blocking = blocking_file(out)
+    if blocking is not None:
+        raise Gemma3VLError(f"{out}: cannot write the output ({blocking} is a file, not a directory)")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise Gemma3VLError(f"{out}: exists and is not a demo directory; choose another --out")

@@ -73,9 +73,15 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+def blocking_file(path: Path) -> Path | None:
+    """A parent of ``path`` that exists as a file, not a directory (so ``path`` cannot be made), or None."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+
+
 def check_output_dir(out_dir: Path, overwrite: bool, *inputs: Path) -> None:
-    """Refuse before any work: a non-empty ``out_dir`` (unless overwrite), a file in its place, or an
-    ``out_dir`` that is, is inside, or contains an input directory (overwriting would delete the input)."""
+    """Refuse before any work: a non-empty ``out_dir`` (unless overwrite), a file in its place or in place of one
+    of its parents, or an ``out_dir`` that is, is inside, or contains an input directory (overwriting would delete
+    the input)."""
     out = out_dir.resolve()
     for source in inputs:
         source = source.resolve()
@@ -85,6 +91,9 @@ def check_output_dir(out_dir: Path, overwrite: bool, *inputs: Path) -> None:
             raise Gemma3VLError(f"{out_dir}: the output directory cannot contain the input directory {source}")
     if out_dir.exists() and not out_dir.is_dir():
         raise Gemma3VLError(f"{out_dir}: exists and is not a directory")
+    blocking = blocking_file(out_dir)
+    if blocking is not None:
+        raise OutputNotWritten(out_dir, f"{blocking} is a file, not a directory", False)
     if out_dir.exists() and not _is_empty_dir(out_dir) and not overwrite:
         raise Gemma3VLError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
 
@@ -110,7 +119,7 @@ def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(staging)
         staging.mkdir()
     except OSError as exc:  # a read-only location, a file where a parent directory should be, ...
-        blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+        blocking = blocking_file(out_dir)
         reason = f"{blocking} is a file, not a directory" if blocking is not None else _reason(exc)
         raise OutputNotWritten(out_dir, reason, False) from None
     replaced = out_dir.exists() and not _is_empty_dir(out_dir)

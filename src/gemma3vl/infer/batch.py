@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from gemma3vl.bridge.fsutil import blocking_file
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_ERROR, Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt
@@ -291,7 +292,7 @@ def check_output_path(output_path: str | Path, input_path: str | Path) -> None:
     output_path, input_path = Path(output_path), Path(input_path)
     if output_path.is_dir():
         raise Gemma3VLError(f"{output_path}: is a directory (--output names the answers file, e.g. answers.jsonl)")
-    blocking = next((p for p in output_path.parents if p.exists() and not p.is_dir()), None)
+    blocking = blocking_file(output_path)
     if blocking is not None:
         raise Gemma3VLError(f"{output_path}: cannot be written ({blocking} is a file, not a directory)")
     if output_path.exists() and output_path.resolve() == input_path.resolve():

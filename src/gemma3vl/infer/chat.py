@@ -21,7 +21,7 @@ from gemma3vl.infer.cache import StaticKVCache
 from gemma3vl.infer.completion import Completion, Row
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.generate import Sampling
-from gemma3vl.infer.prompt import load_image
+from gemma3vl.infer.prompt import load_image, not_text_at
 from gemma3vl.infer.runtime import InferenceRuntime
 
 DEFAULT_COMPILED_LENGTH = 8192  # positions of a compiled chat's one cache (prompt + answer), unless told
@@ -162,14 +162,6 @@ def _decode_leniently(stream: TextIO) -> None:
             pass
 
 
-def _is_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def run_chat(session: ChatSession, input_stream: TextIO, output: TextIO, notes: TextIO, *, prompt: str = "") -> int:
     """Read lines until ``/exit`` or end of input; answer each message, streaming. Returns the exit code.
 
@@ -221,7 +213,7 @@ def run_chat(session: ChatSession, input_stream: TextIO, output: TextIO, notes: 
             continue
         if text.startswith("//"):
             text = text[1:]
-        if not _is_text(text):
+        if not_text_at(text) is not None:
             note("error: the message is not UTF-8 text; it was not sent" + _still_attached(session))
             continue
         try:

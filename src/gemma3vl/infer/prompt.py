@@ -23,6 +23,16 @@ from gemma3vl.errors import Gemma3VLError
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuses decompression bombs long before memory runs out
 
 
+def not_text_at(text: str) -> int | None:
+    """Where ``text`` stops being UTF-8 text (a lone surrogate: an undecodable byte of the command line or of
+    standard input, which Python keeps as U+DC80..U+DCFF, or a JSON ``\\ud800`` escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (transformers' validation errors span several), for an ``error:`` line."""
     return " ".join(str(exc).split()) or type(exc).__name__
@@ -264,10 +274,8 @@ def build_inputs(
     placeholder each in the text.
     """
     tokenizer = tokenizer_of(processor)
-    bad = next((index for index, char in enumerate(prompt) if "\ud800" <= char <= "\udfff"), None)
-    if bad is not None:
-        # a command-line argument in another encoding (Python keeps its undecodable bytes as U+DC80..U+DCFF): the
-        # tokenizer refuses such a string with a TypeError that names nothing
+    bad = not_text_at(prompt)
+    if bad is not None:  # (the tokenizer refuses such a string with a TypeError that names nothing)
         char = prompt[bad]
         what = f"byte 0x{ord(char) - 0xDC00:02x}" if "\udc80" <= char <= "\udcff" else f"lone surrogate U+{ord(char):04X}"
         raise Gemma3VLError(f"the prompt is not UTF-8 text ({what} at character {bad + 1}); give it in UTF-8")

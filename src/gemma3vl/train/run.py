@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from gemma3vl import bridge
+from gemma3vl.bridge.fsutil import blocking_file
 from gemma3vl.data.dataset import ConversationDataset, DataSummary
 from gemma3vl.data.loader import BatchLoader
 from gemma3vl.data.settings import DataConfig
@@ -383,7 +384,7 @@ def check_paths(cfg: TrainConfig, out: Path) -> None:
     overwrite the checkpoint the run started from."""
     if out.exists() and not out.is_dir():
         raise Gemma3VLError(f"--out {out}: exists and is not a directory")
-    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = blocking_file(out)
     if blocking is not None:
         raise Gemma3VLError(f"--out {out}: cannot be made ({blocking} is a file, not a directory)")
     for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
