@@ -1,12 +1,15 @@
 """The conversation schema: raw JSON-like records -> validated :class:`Conversation` objects.
 
-Two record shapes are accepted (one JSON object each)::
+Three record shapes are accepted (one JSON object each)::
 
     {"messages": [{"role": "system" | "user" | "assistant",
                    "content": "text" | [{"type": "image", "image": "a.png"}, {"type": "text", "text": "..."}]}]}
 
     {"image": "a.jpg" | ["a.jpg", "b.jpg"],               # LLaVA
      "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\n..."}]}
+
+    {"images": ["a.jpg", ...],                            # HuggingFaceM4/the_cauldron, FineVision
+     "texts": [{"user": "Question ...", "assistant": "Answer ...", "source": "..."}]}
 
 LLaVA speakers may also be ``user`` / ``assistant`` / ``model`` (Gemma's name for the assistant; a
 ``messages`` role may be ``model`` too). ShareGPT records whose ``conversations`` entries say ``role`` /
@@ -20,6 +23,10 @@ chat format), or be OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`
 leave out ``"image"`` and take their images, in order, from a top-level ``"images": [...]`` list (the TRL /
 Hugging Face datasets layout; ``"image"`` is accepted too, never both) — all of them or none.
 LLaVA ``<image>`` markers place the images; without markers the images open the first human turn.
+A ``texts`` entry is one user turn then one assistant turn (no system turn; keys other than ``user`` and
+``assistant`` are ignored); it is read as the LLaVA record with a ``human`` and a ``gpt`` entry per ``texts``
+entry, so its images (``images`` or ``image``) follow the LLaVA rules above. A record holding ``texts`` beside
+``messages`` or ``conversations`` is refused (a key whose value is null is a key the record lacks).
 
 Everything the Gemma chat template would choke on, or silently render differently from what the record
 says, is refused here with the record's ``file:line``: unknown roles, roles that do not alternate
@@ -131,27 +138,46 @@ def parse_json_line(text: str, source: str) -> Any:
 def parse_record(
     record: Any, source: str = "", base_dir: Path | None = None, *, record_format: str = "auto"
 ) -> Conversation:
-    """Validate one record (``record_format`` "auto", "messages" or "llava") into a :class:`Conversation`."""
+    """Validate one record (``record_format`` "auto", "messages", "llava" or "texts") into a :class:`Conversation`."""
     if not isinstance(record, dict):
         raise BadRecord(source, INVALID_SCHEMA, f"a record must be a JSON object, got {_kind(record)}")
     if record_format == "auto":
-        if "messages" in record:
-            record_format = "messages"
-        elif "conversations" in record:
-            record_format = "llava"
-        else:
-            keys = ", ".join(sorted(map(str, record))) or "none"
-            raise BadRecord(
-                source, INVALID_SCHEMA, f"a record needs 'messages' (or LLaVA 'conversations'); its keys: {keys}"
-            )
+        record_format = _detect_format(record, source)
     if record_format == "messages":
         turns = _messages_turns(record, source)
     elif record_format == "llava":
         turns = _llava_turns(record, source)
+    elif record_format == "texts":
+        turns = _texts_turns(record, source)
     else:
-        raise Gemma3VLError(f"unknown record format {record_format!r} (choose auto, messages or llava)")
+        raise Gemma3VLError(f"unknown record format {record_format!r} (choose auto, messages, llava or texts)")
     _check_roles(turns, source)
     return Conversation(turns, source, base_dir)
+
+
+# The key that tells each record shape (parse_record's record_format -> key).
+FORMAT_KEYS = {"messages": "messages", "llava": "conversations", "texts": "texts"}
+
+
+def _detect_format(record: dict, source: str) -> str:
+    """The record's shape, told by its key. ``messages`` is read before ``conversations`` when a record has both
+    (as it always was); ``texts`` beside either is refused, naming both keys. A key whose value is null is a key
+    the record lacks (a table's row has every column), unless every one of them is null."""
+    present = [key for key in FORMAT_KEYS.values() if key in record]
+    given = [key for key in present if record[key] is not None] or present
+    if "texts" in given and len(given) > 1:
+        named = ", ".join(map(repr, given[:-1])) + f" and {given[-1]!r}"
+        raise BadRecord(source, INVALID_SCHEMA, f"the record has {'both ' if len(given) == 2 else ''}{named}; give "
+                                                "only one of 'messages', 'conversations' or 'texts'")
+    for record_format, key in FORMAT_KEYS.items():
+        if key in given:
+            return record_format
+    keys = ", ".join(sorted(map(str, record))) or "none"
+    raise BadRecord(
+        source,
+        INVALID_SCHEMA,
+        f"a record needs 'messages' (or LLaVA 'conversations', or the_cauldron / FineVision 'texts'); its keys: {keys}",
+    )
 
 
 def _kind(value: Any) -> str:
@@ -366,6 +392,31 @@ def _llava_turns(record: dict, source: str) -> list[Turn]:
         text = first_user.content
         first_user.content = [ImageRef(image) for image in images] + ([text] if text.strip() else [])
     return turns
+
+
+def _texts_turns(record: dict, source: str) -> list[Turn]:
+    """``record["texts"]`` (HuggingFaceM4/the_cauldron, FineVision): each entry a ``user`` then an ``assistant``
+    turn, read as the LLaVA record with those entries, so the images (``images`` or ``image``) open the first user
+    turn unless ``<image>`` markers place them. Other keys of an entry (``source`` ...) are ignored."""
+    if "texts" not in record:
+        raise BadRecord(source, INVALID_SCHEMA, "a texts record needs 'texts'")
+    texts = record["texts"]
+    if not isinstance(texts, list) or not texts:
+        raise BadRecord(source, INVALID_SCHEMA, f"'texts' must be a non-empty list, got {_kind(texts)}")
+    conversations = []
+    for index, entry in enumerate(texts):
+        where = f"texts[{index}]"
+        if not isinstance(entry, dict):
+            raise BadRecord(source, INVALID_SCHEMA,
+                            f'{where} must be an object {{"user": ..., "assistant": ...}}, got {_kind(entry)}')
+        for key in ("user", "assistant"):
+            if key not in entry:
+                raise BadRecord(source, INVALID_SCHEMA, f"{where} needs '{key}' (each entry holds 'user' and "
+                                "'assistant')")
+            if not isinstance(entry[key], str):
+                raise BadRecord(source, INVALID_SCHEMA, f"{where}.{key} must be a string, got {_kind(entry[key])}")
+        conversations += [{"from": "human", "value": entry["user"]}, {"from": "gpt", "value": entry["assistant"]}]
+    return _llava_turns({**record, "conversations": conversations}, source)
 
 
 def _llava_entry(message: Any, source: str, where: str) -> tuple[Any, Any, tuple[str, str]]:

@@ -10,7 +10,7 @@ from gemma3vl.data.images import DEFAULT_MAX_REMOTE_BYTES
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS
 
-FORMATS = ("auto", "messages", "llava", "hf")
+FORMATS = ("auto", "messages", "llava", "texts", "hf")
 ON_BAD_RECORD = ("skip", "error")
 LAYOUTS = ("conversation", "auto", "cord", "vqa", "caption")  # as gemma3vl.evaluation.layouts.LAYOUTS
 
@@ -21,13 +21,14 @@ class DataConfig:
 
     ``format``: ``auto`` tells the file kind from the path (directory / ``.parquet`` -> HF dataset, a file
     starting with ``[`` -> JSON array, else JSONL, read whole when it turns out to be pretty-printed JSON) and the
-    schema per record (``messages`` or LLaVA
-    ``conversations``); ``messages`` / ``llava`` insist on one schema; ``hf`` forces a HF dataset.
+    schema per record (``messages``, LLaVA ``conversations``, or the_cauldron / FineVision ``texts``);
+    ``messages`` / ``llava`` / ``texts`` insist on one schema; ``hf`` forces a HF dataset.
     ``truncation``: ``turns`` drops whole trailing user+assistant pairs until the sample fits ``seq_length``
     (skipping it when even the first pair does not), ``skip`` skips any sample over ``seq_length``.
     ``on_bad_record``: ``skip`` logs the record's ``file:line`` and counts it in the summary, ``error`` stops.
     ``pan_and_scan``: ``None`` follows the checkpoint's ``preprocessor_config.json`` (as inference does).
-    ``columns``: for HF datasets, record key -> column name, e.g. ``{"messages": "chat", "images": "pictures"}``.
+    ``columns``: for HF datasets, record key -> column name, e.g. ``{"messages": "chat", "images": "pictures"}``
+    (keys: ``messages``, ``conversations``, ``texts``, ``images``, ``image``).
     ``shuffle`` / ``seed``: each epoch visits the records in an order fixed by ``(seed, epoch)``.
     ``layout``: ``conversation`` reads conversation records as above; ``cord``, ``vqa``, ``caption`` (or
     ``auto``, told from the columns) read the field's dataset layouts from parquet or JSONL and turn each row

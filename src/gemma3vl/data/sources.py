@@ -20,7 +20,7 @@ from gemma3vl.data.records import INVALID_JSON, INVALID_SCHEMA, BadRecord, parse
 from gemma3vl.errors import Gemma3VLError
 
 # Record keys a Hugging Face dataset column can be mapped onto (DataConfig.columns: key -> column name).
-COLUMN_KEYS = ("messages", "images", "conversations", "image")
+COLUMN_KEYS = ("messages", "images", "conversations", "image", "texts")
 
 logger = logging.getLogger("gemma3vl.data")
 
@@ -177,8 +177,8 @@ class JsonArraySource:
 class HFDatasetSource:
     """A local Hugging Face dataset (a ``save_to_disk`` directory, a data directory, or parquet files).
 
-    ``columns`` maps record keys (``messages``, ``images``, ``conversations``, ``image``) to the dataset's
-    column names; rows are read as records with those keys, so they parse like JSON records. Records are
+    ``columns`` maps record keys (``messages``, ``images``, ``conversations``, ``image``, ``texts``) to the
+    dataset's column names; rows are read as records with those keys, so they parse like JSON records. Records are
     labelled ``path:row N`` (0-based rows).
 
     A null in a column or a struct field is a key the record does not have (a table holding both ``messages`` and
@@ -263,10 +263,11 @@ def _column_keys(path: Path, columns: dict[str, str] | None, names: set[str] | N
         raise Gemma3VLError(f"{path}: no column(s) {missing}; the dataset has {sorted(names)}")
     # Unmapped keys read the column of the same name when there is one.
     mapped = {key: columns.get(key, key) for key in COLUMN_KEYS if columns.get(key, key) in names}
-    if "messages" not in mapped and "conversations" not in mapped:
+    if not {"messages", "conversations", "texts"} & set(mapped):
         raise Gemma3VLError(
-            f"{path}: no 'messages' or 'conversations' column (columns: {sorted(names)}); map one with "
-            "data.columns=messages=<column> (gemma3vl train) or columns={'messages': '<column>'} (Python)"
+            f"{path}: no 'messages' or 'conversations' column (nor the_cauldron / FineVision 'texts'; columns: "
+            f"{sorted(names)}); map one with data.columns=messages=<column> (gemma3vl train) or "
+            "columns={'messages': '<column>'} (Python)"
         )
     return mapped
 
@@ -274,7 +275,8 @@ def _column_keys(path: Path, columns: dict[str, str] | None, names: set[str] | N
 def _without_nulls(value: Any) -> Any:
     """A table row as the record it stands for: a null in a struct (or a column) is a key the record lacks, since a
     table gives every row every column and every struct every field (``messages`` and ``conversations`` rows side by
-    side, ``from``/``value`` and ``role``/``content`` entries). Nulls inside lists stay (they are bad values)."""
+    side, ``from``/``value`` and ``role``/``content`` entries, ``texts`` entries' own fields). Nulls inside lists
+    stay (they are bad values)."""
     if isinstance(value, dict):
         return {key: _without_nulls(item) for key, item in value.items() if item is not None}
     if isinstance(value, list):

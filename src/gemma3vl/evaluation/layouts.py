@@ -16,8 +16,9 @@ Layouts (detected from the columns, or named):
   :class:`Unlabelled` bad row. Multiple-choice data (an ``options`` / ``choices`` column) is refused: its
   question would be asked without the options and its answer is an option's index.
 * ``caption``: ``image`` and ``caption`` or ``captions``; the first caption is trained on.
-* ``conversation``: the repository's own records (``messages`` or LLaVA ``conversations``); the last
-  assistant turn is the answer and the only reference.
+* ``conversation``: the repository's own records (``messages``, LLaVA ``conversations``, or the
+  HuggingFaceM4/the_cauldron and FineVision ``images`` + ``texts`` rows); the last assistant turn is the answer
+  and the only reference, everything before it the prompt.
 
 Images are what Hugging Face datasets store: ``{"bytes": ..., "path": ...}`` objects, raw bytes, or paths
 (relative to the data file). In JSONL, bytes are base64 text, or a ``data:image/...;base64,`` URL.
@@ -51,6 +52,8 @@ ANSWER_COLUMNS = ("answers", "answer", "label")  # label: HuggingFaceM4/ChartQA'
 # option (MMBench's A, B, C, D; SEED-Bench's choice_a ...).
 CHOICE_COLUMNS = ("options", "choices")
 CHOICE_COLUMN = re.compile(r"(?:(?:choice|option)_?)?[A-Da-d]")
+# The conversation records' own columns (gemma3vl.data.records): messages, LLaVA / ShareGPT, the_cauldron / FineVision.
+CONVERSATION_COLUMNS = ("messages", "conversations", "texts")
 
 # The metrics each layout reports unless --metric says otherwise.
 DEFAULT_METRICS = {
@@ -276,7 +279,7 @@ def _read_parquet(path: Path, files: list[Path]) -> Any:
 # -------------------------------------------------------------------------------------------- layouts
 def detect_layout(columns: list[str], where: str | Path) -> str:
     names = set(columns)
-    if "messages" in names or "conversations" in names:
+    if names & set(CONVERSATION_COLUMNS):
         return "conversation"
     if "ground_truth" in names:
         return "cord"
@@ -298,7 +301,8 @@ def detect_layout(columns: list[str], where: str | Path) -> str:
     raise Gemma3VLError(
         f"{where}: cannot tell the dataset layout from its columns {sorted(names)}; expected CORD-v2 "
         "(image, ground_truth), VQA (image, question, answers or answer; or query and label), captions (image, "
-        "caption or captions) or conversations (messages); name it with --layout (data.layout when training)"
+        "caption or captions) or conversations (messages, LLaVA conversations, or the_cauldron / FineVision texts); "
+        "name it with --layout (data.layout when training)"
     )
 
 
@@ -306,7 +310,7 @@ REQUIRED_COLUMNS = {
     "cord": (("image",), ("ground_truth",)),
     "vqa": (("image",), QUESTION_COLUMNS, ANSWER_COLUMNS),
     "caption": (("image",), ("caption", "captions")),
-    "conversation": (("messages", "conversations"),),
+    "conversation": (CONVERSATION_COLUMNS,),
 }
 
 

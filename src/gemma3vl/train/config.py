@@ -34,7 +34,7 @@ class ModelSettings:
 class DataSettings:
     path: str | None = None  # JSONL of conversations, LLaVA JSON(L), or a local HF dataset; None in tiny recipes
     eval_path: str | None = None
-    format: str = "auto"  # auto | messages | llava | hf
+    format: str = "auto"  # auto | messages | llava | texts | hf
     packing: bool = True
     truncation: str = "turns"  # turns | skip
     on_bad_record: str = "skip"  # skip | error
@@ -191,7 +191,7 @@ class TrainConfig:
         choices = {
             "data.truncation": (self.data.truncation, ("turns", "skip")),
             "data.on_bad_record": (self.data.on_bad_record, ("skip", "error")),
-            "data.format": (self.data.format, ("auto", "messages", "llava", "hf")),
+            "data.format": (self.data.format, ("auto", "messages", "llava", "texts", "hf")),
             "data.layout": (self.data.layout, ("conversation", "auto", "cord", "vqa", "caption")),
             "peft.method": (self.peft.method, ("none", "lora", "dora")),
             "model.dtype": (self.model.dtype, ("auto", "float32", "bfloat16")),
