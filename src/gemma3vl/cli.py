@@ -14,8 +14,12 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gemma3vl.errors import Gemma3VLError, SettingError, on_every_rank
+
+if TYPE_CHECKING:
+    from gemma3vl.infer.sampling import Sampling
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
@@ -46,18 +50,13 @@ def report_error(exc: Gemma3VLError) -> None:
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    cleaned = text.strip().upper().replace(" ", "")
-    number = cleaned.rstrip("KMGIB")
-    unit = cleaned[len(number):]
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (``--max-shard-size``)."""
+    from gemma3vl.bridge.fsutil import parse_size as size_in_bytes
+
     try:
-        value = float(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
-    if unit not in units or value <= 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
-    return int(value * units[unit])
+        return size_in_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -90,26 +89,11 @@ def cmd_convert_export(args: argparse.Namespace) -> int:
 
 def cmd_convert_merge(args: argparse.Namespace) -> int:
     """``convert merge``: base checkpoint + PEFT adapter -> a complete HF checkpoint with the adapter folded in."""
-    import torch
-
-    from gemma3vl import bridge
-    from gemma3vl.bridge.checkpoint import open_checkpoint
-    from gemma3vl.bridge.fsutil import check_output_dir
-    from gemma3vl.bridge.safetensors_io import DTYPES
-    from gemma3vl.evaluation.loading import check_adapter, merge_adapter
-    from gemma3vl.infer.loading import load_model
+    from gemma3vl import api
 
     started = time.perf_counter()
-    check_adapter(args.base_dir, args.adapter_dir)
-    check_output_dir(Path(args.out_dir), args.overwrite, Path(args.base_dir), Path(args.adapter_dir))  # before loading
-    with open_checkpoint(args.base_dir) as base:
-        stored = {base.native_dtype(m) for m in base.mappings if not m.optional}
-    # Held in the base's own dtype (bf16 for the hub models: half of float32's memory); each adapted projection is
-    # merged in float32 and rounded once to it, and the export writes the base's dtypes anyway.
-    dtype = DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
-    model, _ = load_model(args.base_dir, device="cpu", dtype=dtype)
-    log(merge_adapter(model, args.adapter_dir))
-    out = bridge.export_model(model, args.base_dir, args.out_dir, layout=args.layout, overwrite=args.overwrite)
+    out = api.merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, layout=args.layout,
+                            overwrite=args.overwrite, report=log)
     log(f"merged {args.adapter_dir} into {args.base_dir} -> {out} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -459,27 +443,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- verify
 def cmd_verify(args: argparse.Namespace) -> int:
-    from gemma3vl import bridge, verify
-    from gemma3vl.infer.loading import load_model, resolve_device, resolve_dtype
+    from gemma3vl import api, verify
 
     if args.greedy_tokens < 0:
         raise Gemma3VLError(f"--greedy-tokens {args.greedy_tokens} must be >= 0 (0 skips the greedy comparison)")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    hf_dir = Path(args.model_dir)
-    if bridge.is_native_dir(hf_dir):
-        raise Gemma3VLError(f"{hf_dir}: verify needs the HF checkpoint directory (pass the native one with --native)")
-    config = bridge.read_config(hf_dir)
-    ours_dir = Path(args.native) if args.native else hf_dir
-    if args.native:
-        differ = verify.config_differences(config, bridge.read_config(ours_dir))
-        if differ:
-            raise Gemma3VLError(f"--native {ours_dir}: not the model of {hf_dir} (they differ in {', '.join(differ)})")
-    log(f"loading transformers' model from {hf_dir} ...")
-    reference = verify.load_reference(hf_dir, config, dtype, device)
-    log(f"loading ours from {ours_dir} ...")
-    ours, _ = load_model(ours_dir, device=device, dtype=dtype)
-    report = verify.compare(ours, reference, config, dtype=dtype, device=device, greedy_tokens=args.greedy_tokens)
+    check_device_flag(args)
+    report = api.verify_checkpoint(args.model_dir, native=args.native, device=args.device, dtype=args.dtype,
+                        greedy_tokens=args.greedy_tokens)
     print(json.dumps(verify.report_dict(report)) if args.json else verify.format_report(report))
     return 0 if report.passed else EXIT_VERIFY_FAILED
 

@@ -166,6 +166,7 @@ def cosine_of(expected: torch.Tensor, got: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(expected.flatten().double(), got.flatten().double(), dim=0))
 
 
+@torch.no_grad()  # logits only: no activations kept for a backward (the 27B's would not fit beside it)
 def compare(
     ours: Gemma3Model,
     reference,

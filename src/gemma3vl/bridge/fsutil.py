@@ -30,6 +30,21 @@ logger = logging.getLogger("gemma3vl.bridge")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
 
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (a ValueError saying what is wrong otherwise)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGIB")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+    if unit not in units or not 0 < value < float("inf"):
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    return int(value * units[unit])
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -1,0 +1,576 @@
+"""gemma3vl from Python: the command line's jobs as functions, and one loaded model to ask questions.
+
+    import gemma3vl
+
+    gemma3vl.convert_import("gemma-3-4b-it", "native-4b")             # HF -> native, bit for bit
+    model = gemma3vl.load("gemma-3-4b-it", device="cuda")              # an HF or native directory (+ adapter=)
+    model.generate("What is the total?", images=["receipt.jpg"], max_new_tokens=64)
+    for text in model.stream("Describe it.", images=["receipt.jpg"]):
+        print(text, end="", flush=True)
+    model.chat([{"role": "user", "content": [{"type": "image", "image": "receipt.jpg"},
+                                             {"type": "text", "text": "Who issued it?"}]}])
+    result = gemma3vl.fine_tune("gemma3_vl_4b_peft", model="gemma-3-4b-it", data="train.jsonl", out="runs/lora",
+                                settings={"train.steps": 200})
+    gemma3vl.merge_adapter("gemma-3-4b-it", "runs/lora/adapter", "merged")
+    gemma3vl.verify_checkpoint("merged")                              # transformers vs ours, same batch
+    gemma3vl.evaluate("merged", "test.parquet", out="eval")
+
+Each function is what its ``gemma3vl`` command runs (the command only parses flags and prints), with the same
+checks: bad input raises :class:`gemma3vl.Gemma3VLError` naming the parameter, file or key at fault.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image
+
+from gemma3vl.errors import Gemma3VLError, SettingError
+from gemma3vl.infer.completion import Completion, Row
+from gemma3vl.infer.conversation import EncodedPrompt, Turn
+from gemma3vl.infer.runtime import InferenceRuntime
+from gemma3vl.infer.sampling import Sampling
+
+ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
+
+# generate's default answer length (``gemma3vl generate --max-new-tokens``)
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+# ---------------------------------------------------------------------------------------------- a loaded model
+@dataclass
+class Answer:
+    """One answer with what ``generate(..., details=True)`` adds to its text."""
+
+    text: str
+    token_ids: list[int]  # the stop token included when one ended it
+    finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens)
+    prompt_tokens: int
+
+    @classmethod
+    def of(cls, completion: Completion) -> "Answer":
+        return cls(completion.text, list(completion.token_ids), completion.finish_reason, completion.prompt_tokens)
+
+
+class Model:
+    """A checkpoint loaded for generation (:func:`load`): its model, processor and generation defaults.
+
+    ``module`` is the plain ``torch.nn.Module`` (``gemma3vl.model.Gemma3Model``), ``processor`` the checkpoint's
+    own transformers processor (tokenizer, chat template, image processor).
+    """
+
+    def __init__(self, runtime: InferenceRuntime, *, compile: bool = False):
+        self.runtime = runtime
+        self.compile = compile
+
+    def __repr__(self) -> str:
+        return f"<gemma3vl.Model {self.runtime.describe()}>"
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.runtime.model
+
+    @property
+    def config(self) -> Any:
+        return self.runtime.config
+
+    @property
+    def processor(self) -> Any:
+        return self.runtime.processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.runtime.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    # ------------------------------------------------------------------------------------------ settings
+    def sampling(self, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, greedy: bool = False,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 json_schema: dict[str, Any] | bool | None = None) -> Sampling:
+        """The checkpoint's ``generation_config.json`` with these settings on top (None: not given), checked.
+        ``json_schema``: answers follow this JSON Schema (``True``: any JSON object; needs xgrammar)."""
+        _check_int("max_new_tokens", max_new_tokens, low=1)
+        if seed is not None:
+            _check_int("seed", seed)
+        if top_k is not None:
+            _check_int("top_k", top_k, low=1)
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("presence_penalty", presence_penalty),
+                            ("frequency_penalty", frequency_penalty)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise Gemma3VLError(f"{name}={value!r} must be a number")
+        if max_new_tokens >= self.runtime.context_length:
+            raise Gemma3VLError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                                f"of {self.runtime.context_length} tokens")
+        sampling = self.runtime.sampling(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, seed=seed, presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty)
+        sampling = replace(sampling, stop_strings=_stop_strings(stop))
+        if json_schema is not None and json_schema is not False:
+            from gemma3vl.infer.structured import ANY_OBJECT
+
+            if json_schema is not True and not isinstance(json_schema, dict):
+                raise Gemma3VLError(f"json_schema must be a JSON Schema (a dict) or True, got "
+                                    f"{type(json_schema).__name__}")
+            sampling = replace(sampling, grammar=self.runtime.json_grammar(
+                ANY_OBJECT if json_schema is True else json_schema))
+        try:
+            sampling.validate()
+        except SettingError as exc:
+            name = "stop" if exc.name == "stop_strings" else exc.name
+            raise Gemma3VLError(f"{name}={exc.value} {exc.requirement}") from None
+        return sampling
+
+    def encode(self, prompt: str, images: Sequence[ImageLike] | None = None, *, raw: bool = False,
+               pan_and_scan: bool | None = None) -> EncodedPrompt:
+        """The token ids (and pixel values) of one user prompt, exactly as ``gemma3vl generate`` builds them:
+        the checkpoint's chat template with the images first (``raw``: the text as it is, one
+        ``<start_of_image>`` in it per image)."""
+        if not isinstance(prompt, str):
+            raise Gemma3VLError(f"the prompt must be a string, got {type(prompt).__name__}")
+        return self.runtime.encode_prompt(prompt, _images(images, "images"), raw=raw, pan_and_scan=pan_and_scan)
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
+        """The token ids (and pixel values) of a conversation ending with a user message."""
+        return self.runtime.encode_conversation(_turns(messages), pan_and_scan=pan_and_scan)
+
+    # ------------------------------------------------------------------------------------------ answers
+    def generate(self, prompt: str | Sequence[str], images: Sequence[Any] | None = None, *,
+                 raw: bool = False, pan_and_scan: bool | None = None, batch_size: int = 8, details: bool = False,
+                 **settings: Any) -> str | Answer | list[str] | list[Answer]:
+        """Answer one prompt (a string) or many (a list of strings).
+
+        ``images``: for one prompt, its images (paths, ``data:`` URLs or PIL images); for a list of prompts, one
+        entry per prompt (a list of images, or None). ``settings``: :meth:`sampling`'s (``max_new_tokens``,
+        ``greedy``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
+        ``frequency_penalty``, ``json_schema``). Many prompts run through the continuous-batching engine of
+        ``gemma3vl generate --batch`` with ``batch_size`` rows; each answer is the one its prompt gets alone.
+        Returns the answer's text (``details``: an :class:`Answer`), or a list of them in prompt order.
+        """
+        sampling = self.sampling(**settings)
+        if isinstance(prompt, str):
+            encoded = self._fits(self.encode(prompt, images, raw=raw, pan_and_scan=pan_and_scan), sampling, "prompt")
+            completion = self._complete_one(encoded, sampling)
+            return Answer.of(completion) if details else completion.text
+        prompts = _prompt_list(prompt)
+        _check_int("batch_size", batch_size, low=1)
+        if images is None:
+            per_prompt: list[Any] = [None] * len(prompts)
+        elif isinstance(images, (str, Path, Image.Image)) or len(images) != len(prompts):
+            raise Gemma3VLError(f"with {len(prompts)} prompts, images must be a list of {len(prompts)} entries (each "
+                                "a list of images, or None)")
+        else:
+            per_prompt = list(images)
+        encoded = [self._fits(self.encode(text, extra, raw=raw, pan_and_scan=pan_and_scan), sampling,
+                              f"prompt[{index}]")
+                   for index, (text, extra) in enumerate(zip(prompts, per_prompt))]
+        completions = self._complete_many(encoded, sampling, batch_size)
+        return [Answer.of(c) if details else c.text for c in completions]
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None, details: bool = False,
+             **settings: Any) -> str | Answer:
+        """Answer the last user message of ``messages``: OpenAI's / transformers' chat format (``role`` system,
+        user or assistant; ``content`` a string or a list of ``{"type": "text", "text": ...}`` and
+        ``{"type": "image", "image": PATH | data: URL | PIL image}`` or ``{"type": "image_url", "image_url":
+        {"url": ...}}`` parts), through the checkpoint's chat template. ``settings`` as for :meth:`generate`."""
+        sampling = self.sampling(**settings)
+        encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan), sampling, "messages")
+        completion = self._complete_one(encoded, sampling)
+        return Answer.of(completion) if details else completion.text
+
+    def stream(self, prompt: str | Sequence[dict[str, Any]], images: Sequence[ImageLike] | None = None, *,
+               raw: bool = False, pan_and_scan: bool | None = None, **settings: Any) -> Iterator[str]:
+        """The answer to one prompt (a string, with ``images``) or a conversation (a list of messages, as
+        :meth:`chat` takes), piece by piece as it is generated: each piece is text that later tokens can no
+        longer change; the pieces joined are the answer ``generate`` / ``chat`` gives. Stopping the iteration
+        early (``break``) stops generating."""
+        sampling = self.sampling(**settings)
+        if isinstance(prompt, str):
+            encoded = self.encode(prompt, images, raw=raw, pan_and_scan=pan_and_scan)
+        else:
+            if images is not None:
+                raise Gemma3VLError("a conversation carries its images in its messages; drop images=")
+            encoded = self.encode_chat(prompt, pan_and_scan=pan_and_scan)
+        encoded = self._fits(encoded, sampling, "prompt")
+        return self._stream(encoded, sampling)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _fits(self, encoded: EncodedPrompt, sampling: Sampling, what: str) -> EncodedPrompt:
+        context = self.runtime.context_length
+        if encoded.length + sampling.max_new_tokens > context:
+            raise Gemma3VLError(f"the {what} is {encoded.length} tokens; with max_new_tokens="
+                                f"{sampling.max_new_tokens} that is over the model's context of {context}")
+        return encoded
+
+    def _complete_one(self, encoded: EncodedPrompt, sampling: Sampling, on_text: Any = None,
+                      is_cancelled: Any = None) -> Completion:
+        row = Row(prompt=encoded, max_new_tokens=sampling.max_new_tokens, stop_strings=sampling.stop_strings,
+                  on_text=on_text, is_cancelled=is_cancelled)
+        return self.runtime.complete([row], replace(sampling, stop_strings=()), compile=self.compile,
+                                     on_compile_failure=_warn_compile_failure)[0]
+
+    def _complete_many(self, prompts: list[EncodedPrompt], sampling: Sampling, slots: int) -> list[Completion]:
+        from gemma3vl.infer.engine import run_rows
+
+        answers: list[Completion | None] = [None] * len(prompts)
+
+        def rows() -> Iterator[tuple[Row, Sampling, int]]:
+            for index, encoded in enumerate(prompts):
+                def finished(completion: Completion, index: int = index) -> None:
+                    answers[index] = completion
+
+                yield (Row(prompt=encoded, max_new_tokens=sampling.max_new_tokens,
+                           stop_strings=sampling.stop_strings, on_finish=finished),
+                       replace(sampling, stop_strings=()), index)
+
+        run_rows(self.runtime, rows(), slots=min(slots, len(prompts)), compile=self.compile,
+                 report=_warn_compile_failure)
+        missing = [index for index, answer in enumerate(answers) if answer is None]
+        if missing:  # never expected: every row the engine takes ends with on_finish
+            raise Gemma3VLError(f"no answer was made for prompt(s) {missing}")
+        return answers  # type: ignore[return-value]
+
+    def _stream(self, encoded: EncodedPrompt, sampling: Sampling) -> Iterator[str]:
+        """Generation runs in a worker thread that hands text to this generator through a queue; closing the
+        generator (``break``) cancels the row, so the worker stops at its next token."""
+        pieces: queue.Queue = queue.Queue()
+        closed = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                self._complete_one(encoded, sampling, on_text=pieces.put, is_cancelled=closed.is_set)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, raised there
+                pieces.put(exc)
+            pieces.put(done)
+
+        worker = threading.Thread(target=work, name="gemma3vl-stream", daemon=True)
+        worker.start()
+        try:
+            while True:
+                piece = pieces.get()
+                if piece is done:
+                    return
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+        finally:
+            closed.set()
+            worker.join()
+
+
+def load(model_dir: str | Path, *, device: str | None = None, dtype: str | None = None,
+         adapter: str | Path | None = None, compile: bool = False) -> Model:
+    """Load a checkpoint for generation: an HF checkpoint directory (``google/gemma-3-*-it`` as downloaded) or
+    a native one (``convert_import``'s). ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``,
+    ``cuda:N``; ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on the CPU), ``float32``, ``bfloat16``,
+    ``float16``; ``adapter``: a PEFT LoRA/DoRA adapter directory merged into the weights at load; ``compile``:
+    decode through a compiled CUDA graph (CUDA only; the first answer compiles)."""
+    from gemma3vl.infer.loading import resolve_device, resolve_dtype
+
+    _check_directory("model_dir", model_dir)
+    if adapter is not None:
+        _check_directory("adapter", adapter)
+    resolved = resolve_device(device, flag="device")
+    resolve_dtype(dtype, resolved)  # an unknown name, before the model loads
+    runtime = InferenceRuntime.load(model_dir, device=str(resolved), dtype=dtype, adapter=adapter)
+    return Model(runtime, compile=compile)
+
+
+# ---------------------------------------------------------------------------------------------- the other jobs
+def convert_import(hf_dir: str | Path, out_dir: str | Path, *, max_shard_size: str | int = "5GB",
+                   overwrite: bool = False, progress: bool = False) -> Path:
+    """An HF checkpoint directory -> a native one (``gemma3vl convert import``); returns ``out_dir``."""
+    from gemma3vl import bridge
+
+    return Path(bridge.import_checkpoint(hf_dir, out_dir, max_shard_bytes=_shard_bytes(max_shard_size),
+                                         overwrite=overwrite, progress=progress))
+
+
+def convert_export(native_dir: str | Path, out_dir: str | Path, *, layout: str = "source",
+                   max_shard_size: str | int | None = None, overwrite: bool = False, progress: bool = False) -> Path:
+    """A native checkpoint -> an HF one in ``layout`` (``gemma3vl convert export``; ``source``: the layout it
+    was imported from); returns ``out_dir``."""
+    from gemma3vl import bridge
+
+    _check_layout(layout)
+    shard = None if max_shard_size is None else _shard_bytes(max_shard_size)
+    return Path(bridge.export_checkpoint(native_dir, out_dir, layout=layout, max_shard_bytes=shard,
+                                         overwrite=overwrite, progress=progress))
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, layout: str = "source",
+                  overwrite: bool = False, report: Any = None) -> Path:
+    """A base checkpoint + a PEFT LoRA/DoRA adapter -> a complete HF checkpoint with the adapter folded in
+    (``gemma3vl convert merge``); returns ``out_dir``. ``report`` hears what was merged (a callable)."""
+    from gemma3vl import bridge
+    from gemma3vl.bridge.checkpoint import open_checkpoint
+    from gemma3vl.bridge.fsutil import check_output_dir
+    from gemma3vl.bridge.safetensors_io import DTYPES
+    from gemma3vl.evaluation.loading import check_adapter
+    from gemma3vl.evaluation.loading import merge_adapter as merge_into
+    from gemma3vl.infer.loading import load_model
+
+    _check_layout(layout)
+    check_adapter(base_dir, adapter_dir)
+    check_output_dir(Path(out_dir), overwrite, Path(base_dir), Path(adapter_dir))  # before loading
+    with open_checkpoint(base_dir) as base:
+        stored = {base.native_dtype(m) for m in base.mappings if not m.optional}
+    # Held in the base's own dtype (bf16 for the hub models: half of float32's memory); each adapted projection is
+    # merged in float32 and rounded once to it, and the export writes the base's dtypes anyway.
+    dtype = DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
+    model, _ = load_model(base_dir, device="cpu", dtype=dtype)
+    note = merge_into(model, adapter_dir)
+    if report is not None:
+        report(note)
+    return Path(bridge.export_model(model, base_dir, out_dir, layout=layout, overwrite=overwrite))
+
+
+def fine_tune(recipe: str | None = None, *, config: str | Path | None = None, settings: dict[str, Any] | None = None,
+          model: str | Path | None = None, data: str | Path | None = None, eval_data: str | Path | None = None,
+          out: str | Path | None = None, resume: bool | str | Path = False) -> Any:
+    """Fine-tune (``gemma3vl train``): ``recipe`` (``gemma3vl recipes`` lists them) <- the ``config`` YAML/JSON
+    file <- ``settings`` (``{"train.steps": 200, "optim.lr": 1e-5, ...}``, the command line's
+    ``section.key=value`` overrides, typed or as strings) <- ``model`` / ``data`` / ``eval_data`` / ``out``.
+    ``resume``: True continues from the newest checkpoint in ``out``, a path from that checkpoint. Returns a
+    ``TrainResult`` (``steps``, ``final_loss``, ``history``: one dict of metrics per step). Under ``torchrun``,
+    call it on every rank."""
+    from gemma3vl.train.config import build_config, set_value
+    from gemma3vl.train.run import run_training
+
+    if settings is not None and not isinstance(settings, dict):
+        raise Gemma3VLError(f"settings must be a dict of 'section.key': value, got {type(settings).__name__}")
+    cfg = build_config(recipe, None if config is None else str(config), [])
+    for key, value in (settings or {}).items():
+        if not isinstance(key, str):
+            raise Gemma3VLError(f"settings: the key {key!r} must be a string like 'train.steps'")
+        set_value(cfg, key, value)
+    for key, value in (("model.path", model), ("data.path", data), ("data.eval_path", eval_data), ("out", out)):
+        if value is not None:
+            set_value(cfg, key, str(value))
+    cfg.validate()
+    return run_training(cfg, resume=str(resume) if isinstance(resume, Path) else (resume or None))
+
+
+def verify_checkpoint(model_dir: str | Path, *, native: str | Path | None = None, device: str | None = None,
+           dtype: str | None = None, greedy_tokens: int = 8) -> Any:
+    """Run transformers' model (the reference) and ours on the same synthetic image+text batch (``gemma3vl
+    verify``): ``model_dir`` is the HF checkpoint, ``native`` a native conversion of it to check instead of
+    loading ``model_dir`` into ours. Returns a ``VerifyReport`` (``passed``, ``failures``, the differences)."""
+    from gemma3vl import bridge
+    from gemma3vl import verify as checks
+    from gemma3vl.infer.loading import load_model, resolve_device, resolve_dtype
+
+    _check_int("greedy_tokens", greedy_tokens, low=0)
+    resolved = resolve_device(device, flag="device")
+    torch_dtype = resolve_dtype(dtype, resolved)
+    hf_dir = Path(model_dir)
+    if bridge.is_native_dir(hf_dir):
+        raise Gemma3VLError(f"{hf_dir}: verify needs the HF checkpoint directory (give the native one as "
+                            "--native / native=)")
+    config = bridge.read_config(hf_dir)
+    ours_dir = Path(native) if native is not None else hf_dir
+    if native is not None:
+        differ = checks.config_differences(config, bridge.read_config(ours_dir))
+        if differ:
+            raise Gemma3VLError(f"--native {ours_dir}: not the model of {hf_dir} (they differ in {', '.join(differ)})")
+    checks.log(f"loading transformers' model from {hf_dir} ...")
+    reference = checks.load_reference(hf_dir, config, torch_dtype, resolved)
+    checks.log(f"loading ours from {ours_dir} ...")
+    ours, _ = load_model(ours_dir, device=resolved, dtype=torch_dtype)
+    return checks.compare(ours, reference, config, dtype=torch_dtype, device=resolved, greedy_tokens=greedy_tokens)
+
+
+def evaluate(model_dir: str | Path, data: str | Path, *, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Score ``model_dir`` on a local dataset (``gemma3vl eval``); writes ``OUT/predictions.jsonl`` and
+    ``OUT/report.json`` and returns the report. ``options``: ``layout``, ``metrics`` (a list of names),
+    ``adapter``, ``compare`` (another model directory), ``limit``, ``batch_size``, ``max_new_tokens``, ``split``,
+    ``device``, ``dtype``, ``resume``, ``compile``, ``max_sequence_length`` (docs/evaluation.md)."""
+    from gemma3vl.evaluation.runner import run_eval
+
+    for name in ("batch_size", "max_new_tokens", "limit", "max_sequence_length"):
+        if options.get(name) is not None:
+            _check_int(name, options[name], low=1)
+    if options.get("max_sequence_length") is not None and not options.get("compile"):
+        raise Gemma3VLError("max_sequence_length sizes compile's rows: give compile=True too")
+    if isinstance(options.get("metrics"), str):
+        options["metrics"] = [name.strip() for name in options["metrics"].split(",") if name.strip()]
+    try:
+        return run_eval(model_dir, data, out=out, **options)
+    except TypeError as exc:  # an option run_eval does not take, named by Python
+        raise Gemma3VLError(f"evaluate: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_int(name: str, value: Any, *, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Gemma3VLError(f"{name}={value!r} must be an integer")
+    if low is not None and value < low:
+        raise Gemma3VLError(f"{name}={value} must be >= {low}")
+
+
+def _check_directory(name: str, path: Any) -> None:
+    if not isinstance(path, (str, Path)):
+        raise Gemma3VLError(f"{name} must be a directory path, got {type(path).__name__}")
+    if not Path(path).is_dir():
+        raise Gemma3VLError(f"{name} {path}: no such directory")
+
+
+def _check_layout(layout: str) -> None:
+    from gemma3vl.bridge.layouts import WRITABLE
+
+    if layout not in ("source", *WRITABLE):
+        raise Gemma3VLError(f"layout={layout!r} is not one of source, {', '.join(WRITABLE)}")
+
+
+def _shard_bytes(size: str | int) -> int:
+    from gemma3vl.bridge.fsutil import parse_size
+
+    if isinstance(size, bool) or not isinstance(size, (str, int)):
+        raise Gemma3VLError(f"max_shard_size={size!r} must be a size like '5GB' or a number of bytes")
+    if isinstance(size, int):
+        if size < 1:
+            raise Gemma3VLError(f"max_shard_size={size} must be >= 1 byte")
+        return size
+    try:
+        return parse_size(size)
+    except ValueError as exc:
+        raise Gemma3VLError(f"max_shard_size={size!r}: {exc}") from None
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise Gemma3VLError(f"stop must be a string or a list of strings, got {stop!r}")
+    return tuple(stop)
+
+
+def _prompt_list(prompts: Any) -> list[str]:
+    if not isinstance(prompts, (list, tuple)):
+        raise Gemma3VLError(f"the prompt must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise Gemma3VLError("the list of prompts is empty")
+    for index, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise Gemma3VLError(f"prompt[{index}] must be a string, got {type(text).__name__}")
+    return list(prompts)
+
+
+def _images(images: Any, name: str) -> list[Image.Image]:
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise Gemma3VLError(f"{name} must be a list of images (paths, data: URLs or PIL images), got "
+                            f"{type(images).__name__}")
+    return [_image(image, f"{name}[{index}]") for index, image in enumerate(images)]
+
+
+def _image(image: Any, where: str) -> Image.Image:
+    """A PIL image from a PIL image, a file path, or a ``data:image/...;base64,`` URL."""
+    from gemma3vl.data.images import DEFAULT_MAX_IMAGE_PIXELS
+    from gemma3vl.infer.prompt import load_image, unreadable, upright
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, Path) or (isinstance(image, str) and not image.lower().startswith(("data:", "http:",
+                                                                                             "https:"))):
+        if not str(image):
+            raise Gemma3VLError(f"{where} is an empty path")
+        return load_image(image)
+    if not isinstance(image, str):
+        raise Gemma3VLError(f"{where} must be a path, a data: URL or a PIL image, got {type(image).__name__}")
+    if not image.lower().startswith("data:"):
+        raise Gemma3VLError(f"{where}: {image[:60]} is a web address; download the image and give its path "
+                            "(gemma3vl fetches nothing from the network)")
+    header, comma, payload = image.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise Gemma3VLError(f"{where}: expected a base64 data URL (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise Gemma3VLError(f"{where}: the data URL is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > DEFAULT_MAX_IMAGE_PIXELS:
+                raise Gemma3VLError(f"{where}: {width}x{height} pixels is over the limit of {DEFAULT_MAX_IMAGE_PIXELS}")
+            probe.load()
+            decoded = probe.copy()
+    except Gemma3VLError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's many decoding errors, named
+        raise Gemma3VLError(f"{where}: not a readable image ({unreadable(exc)})") from None
+    return upright(decoded, where)
+
+
+def _turns(messages: Any) -> list[Turn]:
+    """OpenAI / transformers chat messages -> turns (PIL images in place)."""
+    if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
+        raise Gemma3VLError("messages must be a list of {'role': ..., 'content': ...} objects")
+    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+             "model": "assistant"}
+    turns = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise Gemma3VLError(f"{where} must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in roles:
+            raise Gemma3VLError(f"{where}.role must be one of {', '.join(roles)}; got {role!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts: list[Any] = [content]
+        elif isinstance(content, (list, tuple)):
+            parts = [_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)]
+        else:
+            raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
+        turns.append(Turn(roles[role], parts))
+    return turns
+
+
+def _part(part: Any, where: str) -> str | Image.Image:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise Gemma3VLError(f"{where} must be an object with a 'type' (text, image or image_url)")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise Gemma3VLError(f"{where}.text must be a string")
+        return part["text"]
+    if kind == "image":
+        given = [key for key in ("image", "url", "path") if part.get(key) is not None]
+        if len(given) != 1:
+            raise Gemma3VLError(f"{where}: an image part names its image with one of 'image', 'url' or 'path'")
+        return _image(part[given[0]], f"{where}.{given[0]}")
+    if kind == "image_url":
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url:
+            raise Gemma3VLError(f"{where}.image_url.url must be a non-empty string")
+        return _image(url, f"{where}.image_url.url")
+    raise Gemma3VLError(f"{where}.type {kind!r} is not one of text, image, image_url")
+
+
+def _warn_compile_failure(why: str) -> None:
+    import warnings
+
+    warnings.warn(f"compiling the decode step failed ({why[:300]}); decoding eagerly", RuntimeWarning, stacklevel=3)
