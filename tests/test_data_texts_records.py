@@ -106,9 +106,10 @@ def test_a_null_key_beside_texts_is_a_key_the_record_lacks():
         assert parse_record({other: None, "texts": [entry("Hi", "Hello")]}, "r:1").turns == expected
     messages = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     assert parse_record({**messages, "texts": None}, "r:1").turns == expected
-    # (messages beside conversations is read as messages, as it always was)
     llava = {"conversations": [human("Other"), gpt("Reply")]}
-    assert parse_record({**messages, **llava}, "r:1").turns == expected
+    with pytest.raises(BadRecord, match="the record has both 'messages' and 'conversations'") as refused:
+        parse_record({**messages, **llava}, "r:1")  # never read as one, the other's turns left out
+    assert refused.value.reason == "invalid_schema"
 
 
 # ------------------------------------------------------------------------------------------------ markers

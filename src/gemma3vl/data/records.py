@@ -25,8 +25,8 @@ Hugging Face datasets layout; ``"image"`` is accepted too, never both) — all o
 LLaVA ``<image>`` markers place the images; without markers the images open the first human turn.
 A ``texts`` entry is one user turn then one assistant turn (no system turn; keys other than ``user`` and
 ``assistant`` are ignored); it is read as the LLaVA record with a ``human`` and a ``gpt`` entry per ``texts``
-entry, so its images (``images`` or ``image``) follow the LLaVA rules above. A record holding ``texts`` beside
-``messages`` or ``conversations`` is refused (a key whose value is null is a key the record lacks).
+entry, so its images (``images`` or ``image``) follow the LLaVA rules above. A record holding two of ``messages``,
+``conversations`` and ``texts`` is refused (a key whose value is null is a key the record lacks).
 
 Everything the Gemma chat template would choke on, or silently render differently from what the record
 says, is refused here with the record's ``file:line``: unknown roles, roles that do not alternate
@@ -160,12 +160,12 @@ FORMAT_KEYS = {"messages": "messages", "llava": "conversations", "texts": "texts
 
 
 def _detect_format(record: dict, source: str) -> str:
-    """The record's shape, told by its key. ``messages`` is read before ``conversations`` when a record has both
-    (as it always was); ``texts`` beside either is refused, naming both keys. A key whose value is null is a key
+    """The record's shape, told by its key. A record holding two of the keys is refused, naming them: it would
+    otherwise be read as one shape with the other's turns silently left out. A key whose value is null is a key
     the record lacks (a table's row has every column), unless every one of them is null."""
     present = [key for key in FORMAT_KEYS.values() if key in record]
     given = [key for key in present if record[key] is not None] or present
-    if "texts" in given and len(given) > 1:
+    if len(given) > 1:
         named = ", ".join(map(repr, given[:-1])) + f" and {given[-1]!r}"
         raise BadRecord(source, INVALID_SCHEMA, f"the record has {'both ' if len(given) == 2 else ''}{named}; give "
                                                 "only one of 'messages', 'conversations' or 'texts'")
