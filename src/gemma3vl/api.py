@@ -21,9 +21,6 @@ checks: bad input raises :class:`gemma3vl.Gemma3VLError` naming the parameter, f
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -36,7 +33,8 @@ from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError, SettingError
 from gemma3vl.infer.completion import Completion, Row
-from gemma3vl.infer.conversation import EncodedPrompt, Turn
+from gemma3vl.infer.conversation import EncodedPrompt
+from gemma3vl.infer.messages import images_of, turns_of_messages
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 
@@ -141,11 +139,11 @@ class Model:
         ``<start_of_image>`` in it per image)."""
         if not isinstance(prompt, str):
             raise Gemma3VLError(f"the prompt must be a string, got {type(prompt).__name__}")
-        return self.runtime.encode_prompt(prompt, _images(images, "images"), raw=raw, pan_and_scan=pan_and_scan)
+        return self.runtime.encode_prompt(prompt, images_of(images, "images"), raw=raw, pan_and_scan=pan_and_scan)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
         """The token ids (and pixel values) of a conversation ending with a user message."""
-        return self.runtime.encode_conversation(_turns(messages), pan_and_scan=pan_and_scan)
+        return self.runtime.encode_conversation(turns_of_messages(messages), pan_and_scan=pan_and_scan)
 
     # ------------------------------------------------------------------------------------------ answers
     def generate(self, prompt: str | Sequence[str], images: Sequence[Any] | None = None, *,
@@ -470,104 +468,6 @@ def _prompt_list(prompts: Any) -> list[str]:
         if not isinstance(text, str):
             raise Gemma3VLError(f"prompt[{index}] must be a string, got {type(text).__name__}")
     return list(prompts)
-
-
-def _images(images: Any, name: str) -> list[Image.Image]:
-    if images is None:
-        return []
-    if isinstance(images, (str, Path, Image.Image)):
-        images = [images]
-    if not isinstance(images, (list, tuple)):
-        raise Gemma3VLError(f"{name} must be a list of images (paths, data: URLs or PIL images), got "
-                            f"{type(images).__name__}")
-    return [_image(image, f"{name}[{index}]") for index, image in enumerate(images)]
-
-
-def _image(image: Any, where: str) -> Image.Image:
-    """A PIL image from a PIL image, a file path, or a ``data:image/...;base64,`` URL."""
-    from gemma3vl.data.images import DEFAULT_MAX_IMAGE_PIXELS
-    from gemma3vl.infer.prompt import load_image, unreadable, upright
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, Path) or (isinstance(image, str) and not image.lower().startswith(("data:", "http:",
-                                                                                             "https:"))):
-        if not str(image):
-            raise Gemma3VLError(f"{where} is an empty path")
-        return load_image(image)
-    if not isinstance(image, str):
-        raise Gemma3VLError(f"{where} must be a path, a data: URL or a PIL image, got {type(image).__name__}")
-    if not image.lower().startswith("data:"):
-        raise Gemma3VLError(f"{where}: {image[:60]} is a web address; download the image and give its path "
-                            "(gemma3vl fetches nothing from the network)")
-    header, comma, payload = image.partition(",")
-    if not comma or not header.lower().endswith(";base64"):
-        raise Gemma3VLError(f"{where}: expected a base64 data URL (data:image/png;base64,...)")
-    try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise Gemma3VLError(f"{where}: the data URL is not valid base64") from None
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if width * height > DEFAULT_MAX_IMAGE_PIXELS:
-                raise Gemma3VLError(f"{where}: {width}x{height} pixels is over the limit of {DEFAULT_MAX_IMAGE_PIXELS}")
-            probe.load()
-            decoded = probe.copy()
-    except Gemma3VLError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL's many decoding errors, named
-        raise Gemma3VLError(f"{where}: not a readable image ({unreadable(exc)})") from None
-    return upright(decoded, where)
-
-
-def _turns(messages: Any) -> list[Turn]:
-    """OpenAI / transformers chat messages -> turns (PIL images in place)."""
-    if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
-        raise Gemma3VLError("messages must be a list of {'role': ..., 'content': ...} objects")
-    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-             "model": "assistant"}
-    turns = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise Gemma3VLError(f"{where} must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in roles:
-            raise Gemma3VLError(f"{where}.role must be one of {', '.join(roles)}; got {role!r}")
-        content = message.get("content")
-        if isinstance(content, str):
-            parts: list[Any] = [content]
-        elif isinstance(content, (list, tuple)):
-            parts = [_part(part, f"{where}.content[{i}]") for i, part in enumerate(content)]
-        else:
-            raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
-        turns.append(Turn(roles[role], parts))
-    return turns
-
-
-def _part(part: Any, where: str) -> str | Image.Image:
-    if isinstance(part, str):
-        return part
-    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-        raise Gemma3VLError(f"{where} must be an object with a 'type' (text, image or image_url)")
-    kind = part["type"]
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise Gemma3VLError(f"{where}.text must be a string")
-        return part["text"]
-    if kind == "image":
-        given = [key for key in ("image", "url", "path") if part.get(key) is not None]
-        if len(given) != 1:
-            raise Gemma3VLError(f"{where}: an image part names its image with one of 'image', 'url' or 'path'")
-        return _image(part[given[0]], f"{where}.{given[0]}")
-    if kind == "image_url":
-        value = part.get("image_url")
-        url = value.get("url") if isinstance(value, dict) else value
-        if not isinstance(url, str) or not url:
-            raise Gemma3VLError(f"{where}.image_url.url must be a non-empty string")
-        return _image(url, f"{where}.image_url.url")
-    raise Gemma3VLError(f"{where}.type {kind!r} is not one of text, image, image_url")
 
 
 def _warn_compile_failure(why: str) -> None:

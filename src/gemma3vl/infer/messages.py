@@ -1,0 +1,121 @@
+"""Chat messages in OpenAI's and transformers' form -> conversation turns with their images loaded.
+
+What ``gemma3vl.Model.chat`` / ``stream`` and ``generate --batch``'s ``messages`` lines take: ``{"role": ...,
+"content": "text" | [parts]}``, the parts ``{"type": "text", "text": ...}``, ``{"type": "image", "image": ...}``
+(or ``"url"`` / ``"path"``, transformers' spellings) and OpenAI's ``{"type": "image_url", "image_url": {"url":
+...}}``. An image is a PIL image, a file path or a ``data:image/...;base64,`` URL; web addresses are refused
+(nothing is fetched from the network). Errors name the message and part (``messages[1].content[0].image``).
+The server parses its requests itself (``openai_protocol``), answering with OpenAI's error objects.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.conversation import Turn
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image, unreadable, upright
+
+# Message roles and the turn each is ("developer" is OpenAI's newer name for system, "model" Gemma's for assistant).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
+
+
+def images_of(images: Any, name: str, base_dir: Path | None = None) -> list[Image.Image]:
+    """A list of images (or one) as PIL images; ``name`` names them in errors (``images[1]``)."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path, Image.Image)):
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise Gemma3VLError(f"{name} must be a list of images (paths, data: URLs or PIL images), got "
+                            f"{type(images).__name__}")
+    return [image_of(image, f"{name}[{index}]", base_dir) for index, image in enumerate(images)]
+
+
+def image_of(image: Any, where: str, base_dir: Path | None = None) -> Image.Image:
+    """A PIL image from a PIL image, a file path (relative to ``base_dir`` when given), or a
+    ``data:image/...;base64,`` URL; ``where`` names it in errors."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, Path) or (isinstance(image, str) and not image.lower().startswith(("data:", "http:",
+                                                                                             "https:"))):
+        if not str(image):
+            raise Gemma3VLError(f"{where} is an empty path")
+        return load_image(image if base_dir is None else base_dir / image)
+    if not isinstance(image, str):
+        raise Gemma3VLError(f"{where} must be a path, a data: URL or a PIL image, got {type(image).__name__}")
+    if not image.lower().startswith("data:"):
+        raise Gemma3VLError(f"{where}: {image[:60]} is a web address; download the image and give its path "
+                            "(gemma3vl fetches nothing from the network)")
+    header, comma, payload = image.partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise Gemma3VLError(f"{where}: expected a base64 data URL (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise Gemma3VLError(f"{where}: the data URL is not valid base64") from None
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > DEFAULT_MAX_IMAGE_PIXELS:
+                raise Gemma3VLError(f"{where}: {width}x{height} pixels is over the limit of {DEFAULT_MAX_IMAGE_PIXELS}")
+            probe.load()
+            decoded = probe.copy()
+    except Gemma3VLError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's many decoding errors, named
+        raise Gemma3VLError(f"{where}: not a readable image ({unreadable(exc)})") from None
+    return upright(decoded, where)
+
+
+def turns_of_messages(messages: Any, base_dir: Path | None = None) -> list[Turn]:
+    """OpenAI / transformers chat messages -> turns, images loaded in place (paths relative to ``base_dir``)."""
+    if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
+        raise Gemma3VLError("messages must be a list of {'role': ..., 'content': ...} objects")
+    turns = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise Gemma3VLError(f"{where} must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise Gemma3VLError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts: list[Any] = [content]
+        elif isinstance(content, (list, tuple)):
+            parts = [_part(part, f"{where}.content[{i}]", base_dir) for i, part in enumerate(content)]
+        else:
+            raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
+        turns.append(Turn(ROLES[role], parts))
+    return turns
+
+
+def _part(part: Any, where: str, base_dir: Path | None) -> str | Image.Image:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise Gemma3VLError(f"{where} must be an object with a 'type' (text, image or image_url)")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise Gemma3VLError(f"{where}.text must be a string")
+        return part["text"]
+    if kind == "image":
+        given = [key for key in ("image", "url", "path") if part.get(key) is not None]
+        if len(given) != 1:
+            raise Gemma3VLError(f"{where}: an image part names its image with one of 'image', 'url' or 'path'")
+        return image_of(part[given[0]], f"{where}.{given[0]}", base_dir)
+    if kind == "image_url":
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url:
+            raise Gemma3VLError(f"{where}.image_url.url must be a non-empty string")
+        return image_of(url, f"{where}.image_url.url", base_dir)
+    raise Gemma3VLError(f"{where}.type {kind!r} is not one of text, image, image_url")
