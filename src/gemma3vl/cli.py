@@ -449,7 +449,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"--greedy-tokens {args.greedy_tokens} must be >= 0 (0 skips the greedy comparison)")
     check_device_flag(args)
     report = api.verify_checkpoint(args.model_dir, native=args.native, device=args.device, dtype=args.dtype,
-                        greedy_tokens=args.greedy_tokens)
+                                   greedy_tokens=args.greedy_tokens)
     print(json.dumps(verify.report_dict(report)) if args.json else verify.format_report(report))
     return 0 if report.passed else EXIT_VERIFY_FAILED
 
