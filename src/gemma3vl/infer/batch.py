@@ -3,7 +3,15 @@
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
 per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty, and
 json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
-each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. The lines run on the server's
+each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
+of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenAI's / transformers' chat form, as
+``gemma3vl.infer.messages.turns_of_messages`` reads it (its image paths relative to the JSONL file too), ending
+with a user message; it is encoded through the checkpoint's chat template (``runtime.encode_conversation``, as
+``gemma3vl.Model.chat`` and the server do), ``--pan-and-scan`` applying, ``--raw`` not (a messages line under
+``--raw`` is a bad line). Its answer record carries ``"messages"`` (as given) where a prompt line's carries
+``"prompt"``. Either kind of line is checked when the file is read (its image files exist; a conversation's
+structure, none of its images decoded), and its images are decoded only when its turn comes. The lines run on the
+server's
 continuous-batching engine (``engine.ContinuousBatcher``) with ``--batch-size`` slots: the next line is encoded
 and joins the running batch as soon as a slot frees, so a short answer never waits for a long one, and lines with
 any mix of sampling settings share the batch (every row samples with its own settings and seeded generator, so
@@ -31,9 +39,10 @@ from typing import Any, Callable
 from gemma3vl.bridge.fsutil import blocking_file
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_ERROR, Completion, Row
-from gemma3vl.infer.conversation import EncodedPrompt
+from gemma3vl.infer.conversation import EncodedPrompt, check_turns
 from gemma3vl.infer.engine import run_rows
 from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT
@@ -41,8 +50,8 @@ from gemma3vl.infer.structured import ANY_OBJECT
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 PENALTY_KEYS = ("presence_penalty", "frequency_penalty")  # apply to greedy lines too: they do not turn sampling on
 JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
-LINE_KEYS = ("id", "prompt", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop", *PENALTY_KEYS,
-             *JSON_KEYS)
+LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop",
+             *PENALTY_KEYS, *JSON_KEYS)
 
 
 @dataclass
@@ -61,20 +70,22 @@ class BatchDefaults:
     frequency_penalty: float | None = None
     json_schema: dict | None = None  # --json (structured.ANY_OBJECT) or --json-schema's; None: free text
 
-
 @dataclass
 class BatchItem:
     line: int  # 1-based line number in the input file
-    prompt: str
+    prompt: str | None  # None on a messages line
     image_paths: list[Path]
     sampling: Sampling
     stop: tuple[str, ...] = ()
     id: Any = None
     has_id: bool = False
+    messages: list | None = None  # a messages line's conversation, as read (its images loaded by _encode)
+    base_dir: Path | None = None  # what the messages' image paths are relative to (the JSONL file's directory)
 
     def record(self, completion: Completion) -> dict[str, Any]:
         key = {"id": self.id} if self.has_id else {"index": self.line - 1}
-        return {**key, "prompt": self.prompt, "answer": completion.text, "tokens": completion.completion_tokens,
+        asked = {"prompt": self.prompt} if self.messages is None else {"messages": self.messages}
+        return {**key, **asked, "answer": completion.text, "tokens": completion.completion_tokens,
                 "finish_reason": completion.finish_reason}
 
 
@@ -137,6 +148,16 @@ def _line_schema(obj: dict, default: dict | None) -> dict | None:
     return default
 
 
+def _check_messages(messages: Any, base_dir: Path, runtime: InferenceRuntime) -> None:
+    """Refuse what encoding ``messages`` would refuse, decoding none of their images (each image file is only
+    checked to exist): their parts (``turns_of_messages``) and the chat template's rules (``check_turns``: roles,
+    their order, the last message a user one, images on a text-only checkpoint)."""
+    tokenizer = runtime.tokenizer
+    check_turns(turns_of_messages(messages, base_dir, decode=False), runtime.config,
+                getattr(tokenizer, "boi_token", None) or "<start_of_image>",
+                getattr(tokenizer, "image_token", None) or "<image_soft_token>")
+
+
 def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, runtime: InferenceRuntime) -> BatchItem:
     """One input line as a :class:`BatchItem` (a Gemma3VLError saying what is wrong otherwise)."""
     try:
@@ -158,8 +179,16 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     unknown = sorted(set(obj) - set(LINE_KEYS))
     if unknown:
         raise Gemma3VLError(f"unknown key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(LINE_KEYS)})")
-    if not isinstance(obj.get("prompt"), str):
-        raise Gemma3VLError("'prompt' (a string) is required")
+    conversation = "messages" in obj
+    if conversation and "prompt" in obj:
+        raise Gemma3VLError("give 'prompt' or 'messages', not both")
+    if conversation and "images" in obj:
+        raise Gemma3VLError("'images' does not go with 'messages': put the images in the messages' content parts "
+                            "({\"type\": \"image\", \"image\": \"PATH\"})")
+    if conversation and defaults.raw:
+        raise Gemma3VLError("--raw applies to prompt lines only, and this line gives 'messages'")
+    if not conversation and not isinstance(obj.get("prompt"), str):
+        raise Gemma3VLError("'prompt' (a string) is required, or 'messages' (a list of chat messages)")
     _check_type(obj, "images", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v),
                 "a list of file paths")
     _check_type(obj, "id", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or integer")
@@ -175,6 +204,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "json", lambda v: isinstance(v, bool), "true or false")
     _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
     schema = _line_schema(obj, defaults.json_schema)
+    if conversation:
+        _check_messages(obj["messages"], base_dir, runtime)
     images = [base_dir / path for path in obj.get("images", [])]
     for name, path in zip(obj.get("images", []), images):
         if not name or "\0" in name:
@@ -198,8 +229,9 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         sampling = replace(sampling, grammar=runtime.json_grammar(schema))
     sampling.validate()
     stop = obj.get("stop", ())
-    return BatchItem(line=line, prompt=obj["prompt"], image_paths=images, sampling=sampling,
-                     stop=(stop,) if isinstance(stop, str) else tuple(stop), id=obj.get("id"), has_id="id" in obj)
+    return BatchItem(line=line, prompt=obj.get("prompt"), image_paths=images, sampling=sampling,
+                     stop=(stop,) if isinstance(stop, str) else tuple(stop), id=obj.get("id"), has_id="id" in obj,
+                     messages=obj["messages"] if conversation else None, base_dir=base_dir)
 
 
 def read_batch_file(path: Path, defaults: BatchDefaults, runtime: InferenceRuntime,
@@ -253,10 +285,16 @@ class _OrderedWriter:
 
 
 def _encode(item: BatchItem, runtime: InferenceRuntime, defaults: BatchDefaults) -> EncodedPrompt:
-    images = [load_image(path) for path in item.image_paths]
-    prompt = runtime.encode_prompt(item.prompt, images, raw=defaults.raw, pan_and_scan=defaults.pan_and_scan)
+    if item.messages is not None:  # its images are loaded here, its structure was checked by parse_line
+        turns = turns_of_messages(item.messages, item.base_dir)
+        prompt = runtime.encode_conversation(turns, pan_and_scan=defaults.pan_and_scan)
+        what = "conversation"
+    else:
+        images = [load_image(path) for path in item.image_paths]
+        prompt = runtime.encode_prompt(item.prompt, images, raw=defaults.raw, pan_and_scan=defaults.pan_and_scan)
+        what = "prompt"
     if prompt.length + item.sampling.max_new_tokens > runtime.context_length:
-        raise Gemma3VLError(f"the prompt is {prompt.length} tokens; with max_new_tokens="
+        raise Gemma3VLError(f"the {what} is {prompt.length} tokens; with max_new_tokens="
                             f"{item.sampling.max_new_tokens} that is over the context of {runtime.context_length}")
     return prompt
 

@@ -20,10 +20,15 @@ from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.conversation import Turn
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image, unreadable, upright
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, load_image, unreadable, upright
 
 # Message roles and the turn each is ("developer" is OpenAI's newer name for system, "model" Gemma's for assistant).
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
+
+
+def _placeholder() -> Image.Image:
+    """What an image stands for when a conversation is only checked (``decode=False``)."""
+    return Image.new("RGB", (1, 1))
 
 
 def images_of(images: Any, name: str, base_dir: Path | None = None) -> list[Image.Image]:
@@ -38,16 +43,24 @@ def images_of(images: Any, name: str, base_dir: Path | None = None) -> list[Imag
     return [image_of(image, f"{name}[{index}]", base_dir) for index, image in enumerate(images)]
 
 
-def image_of(image: Any, where: str, base_dir: Path | None = None) -> Image.Image:
+def image_of(image: Any, where: str, base_dir: Path | None = None, *, decode: bool = True) -> Image.Image:
     """A PIL image from a PIL image, a file path (relative to ``base_dir`` when given), or a
-    ``data:image/...;base64,`` URL; ``where`` names it in errors."""
+    ``data:image/...;base64,`` URL; ``where`` names it in errors. ``decode=False``: check only what can be checked
+    without reading the picture (the file exists, the URL is a base64 data URL) and give a 1x1 placeholder."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, Path) or (isinstance(image, str) and not image.lower().startswith(("data:", "http:",
                                                                                              "https:"))):
         if not str(image):
             raise Gemma3VLError(f"{where} is an empty path")
-        return load_image(image if base_dir is None else base_dir / image)
+        path = Path(image) if base_dir is None else base_dir / image
+        try:
+            if decode:
+                return load_image(path)
+            check_image_file(path, str(image))
+        except Gemma3VLError as exc:
+            raise Gemma3VLError(f"{where}: {exc}") from None
+        return _placeholder()
     if not isinstance(image, str):
         raise Gemma3VLError(f"{where} must be a path, a data: URL or a PIL image, got {type(image).__name__}")
     if not image.lower().startswith("data:"):
@@ -56,6 +69,8 @@ def image_of(image: Any, where: str, base_dir: Path | None = None) -> Image.Imag
     header, comma, payload = image.partition(",")
     if not comma or not header.lower().endswith(";base64"):
         raise Gemma3VLError(f"{where}: expected a base64 data URL (data:image/png;base64,...)")
+    if not decode:
+        return _placeholder()
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -74,8 +89,9 @@ def image_of(image: Any, where: str, base_dir: Path | None = None) -> Image.Imag
     return upright(decoded, where)
 
 
-def turns_of_messages(messages: Any, base_dir: Path | None = None) -> list[Turn]:
-    """OpenAI / transformers chat messages -> turns, images loaded in place (paths relative to ``base_dir``)."""
+def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bool = True) -> list[Turn]:
+    """OpenAI / transformers chat messages -> turns, images loaded in place (paths relative to ``base_dir``).
+    ``decode=False`` checks the messages without decoding any image (each stands in as a 1x1 placeholder)."""
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise Gemma3VLError("messages must be a list of {'role': ..., 'content': ...} objects")
     turns = []
@@ -90,14 +106,14 @@ def turns_of_messages(messages: Any, base_dir: Path | None = None) -> list[Turn]
         if isinstance(content, str):
             parts: list[Any] = [content]
         elif isinstance(content, (list, tuple)):
-            parts = [_part(part, f"{where}.content[{i}]", base_dir) for i, part in enumerate(content)]
+            parts = [_part(part, f"{where}.content[{i}]", base_dir, decode) for i, part in enumerate(content)]
         else:
             raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
         turns.append(Turn(ROLES[role], parts))
     return turns
 
 
-def _part(part: Any, where: str, base_dir: Path | None) -> str | Image.Image:
+def _part(part: Any, where: str, base_dir: Path | None, decode: bool) -> str | Image.Image:
     if isinstance(part, str):
         return part
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -111,11 +127,11 @@ def _part(part: Any, where: str, base_dir: Path | None) -> str | Image.Image:
         given = [key for key in ("image", "url", "path") if part.get(key) is not None]
         if len(given) != 1:
             raise Gemma3VLError(f"{where}: an image part names its image with one of 'image', 'url' or 'path'")
-        return image_of(part[given[0]], f"{where}.{given[0]}", base_dir)
+        return image_of(part[given[0]], f"{where}.{given[0]}", base_dir, decode=decode)
     if kind == "image_url":
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, dict) else value
         if not isinstance(url, str) or not url:
             raise Gemma3VLError(f"{where}.image_url.url must be a non-empty string")
-        return image_of(url, f"{where}.image_url.url", base_dir)
+        return image_of(url, f"{where}.image_url.url", base_dir, decode=decode)
     raise Gemma3VLError(f"{where}.type {kind!r} is not one of text, image, image_url")
