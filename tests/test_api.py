@@ -264,3 +264,25 @@ def test_docs_python_md_names_the_real_functions_and_parameters():
         named = {p.split("=")[0].strip() for p in params.split(",")} - {"*", "**settings", "...", ""}
         named = {p.split(" ")[0] for p in named if not p.startswith("**")}
         assert named <= accepted, (name, named - accepted)
+
+
+def test_calls_from_threads_take_turns_and_answer_as_alone(model):
+    """Several threads asking at once (a stream among them) each get the answer they get alone."""
+    import threading
+
+    prompts = ["Say hello.", "Count to three.", "Name a colour.", "Tell me a story."]
+    alone = [model.generate(p, max_new_tokens=10, greedy=True) for p in prompts]
+    got: dict[int, str] = {}
+
+    def ask(index: int) -> None:
+        if index == 3:
+            got[index] = "".join(model.stream(prompts[index], max_new_tokens=10, greedy=True))
+        else:
+            got[index] = model.generate(prompts[index], max_new_tokens=10, greedy=True)
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [got.get(index) for index in range(len(prompts))] == alone

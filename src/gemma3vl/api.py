@@ -69,6 +69,10 @@ class Model:
     def __init__(self, runtime: InferenceRuntime, *, compile: bool = False):
         self.runtime = runtime
         self.compile = compile
+        # One generation at a time: calls from several threads (a web app's handlers, a stream being read while
+        # another answer is asked for) wait their turn instead of running the model (and, compiled, one CUDA graph)
+        # concurrently. Concurrency that batches is a list of prompts here, or ``gemma3vl serve``.
+        self._turn = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<gemma3vl.Model {self.runtime.describe()}>"
@@ -217,8 +221,9 @@ class Model:
                       is_cancelled: Any = None) -> Completion:
         row = Row(prompt=encoded, max_new_tokens=sampling.max_new_tokens, stop_strings=sampling.stop_strings,
                   on_text=on_text, is_cancelled=is_cancelled)
-        return self.runtime.complete([row], replace(sampling, stop_strings=()), compile=self.compile,
-                                     on_compile_failure=_warn_compile_failure)[0]
+        with self._turn:
+            return self.runtime.complete([row], replace(sampling, stop_strings=()), compile=self.compile,
+                                         on_compile_failure=_warn_compile_failure)[0]
 
     def _complete_many(self, prompts: list[EncodedPrompt], sampling: Sampling, slots: int) -> list[Completion]:
         from gemma3vl.infer.engine import run_rows
@@ -234,8 +239,9 @@ class Model:
                            stop_strings=sampling.stop_strings, on_finish=finished),
                        replace(sampling, stop_strings=()), index)
 
-        run_rows(self.runtime, rows(), slots=min(slots, len(prompts)), compile=self.compile,
-                 report=_warn_compile_failure)
+        with self._turn:
+            run_rows(self.runtime, rows(), slots=min(slots, len(prompts)), compile=self.compile,
+                     report=_warn_compile_failure)
         missing = [index for index, answer in enumerate(answers) if answer is None]
         if missing:  # never expected: every row the engine takes ends with on_finish
             raise Gemma3VLError(f"no answer was made for prompt(s) {missing}")
