@@ -26,6 +26,7 @@ from gemma3vl.pictures import draw_picture
 from gemma3vl.tiny import tiny_hf_config, write_tiny_checkpoint
 from gemma3vl.tiny_tokenizer import write_tokenizer_and_processor
 from test_api import reference_answer
+import test_generate_batch
 from test_generate_batch import write_jsonl
 
 MAX_NEW_TOKENS = 6
@@ -41,13 +42,7 @@ def model(model_dir):
     return gemma3vl.load(model_dir, device="cpu", dtype="float32")
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    (tmp_path / "pics").mkdir()
-    draw_picture("red circle").save(tmp_path / "pics" / "circle.png")
-    draw_picture("blue square").save(tmp_path / "pics" / "square.png")
-    (tmp_path / "pics" / "broken.png").write_bytes(b"not a png")
-    return tmp_path
+workdir = test_generate_batch.workdir  # pics/circle.png, pics/square.png, pics/broken.png
 
 
 def data_url(path) -> str:
