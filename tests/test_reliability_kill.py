@@ -1,14 +1,16 @@
-"""SIGKILL at random moments during an export and during a training-checkpoint save.
+"""SIGKILL at random and at chosen moments during an export, an import, a save of a model in memory
+(``save_native``, ``export_model``) and a training-checkpoint save.
 
-The real work runs in a child process (``gemma3vl.cli.main``: the code ``python -m gemma3vl`` runs) that is
-killed with SIGKILL after a seeded random delay. The child slows its own writes down with sleeps (hooks
-installed in the child only; the code under test is unchanged), so that the kills land mid-write without the
-tests being slow. Forking each run from one process that has already imported torch and gemma3vl keeps the
-import time out of every run.
+The real work runs in a child process (``gemma3vl.cli.main``: the code ``python -m gemma3vl`` runs; for the API
+calls, a few lines of Python) that is killed with SIGKILL after a seeded random delay, or just after it reaches a
+chosen phase. The child slows its own writes down with sleeps (hooks installed in the child only; the code
+under test is unchanged), so that the kills land mid-write without the tests being slow. Forking each run from
+one process that has already imported torch and gemma3vl keeps the import time out of every run.
 
-What must hold after each kill: what a reader finds under the output's name is complete (the previous export
-or the new one, file for file; complete training checkpoints only), a rerun cleans up after the killed one
-and succeeds, and training resumed after a kill mid-save gives the per-step losses of an uninterrupted run.
+What must hold after each kill: what a reader finds under the output's name is complete (the previous export,
+import or save or the new one, file for file; complete training checkpoints only), a rerun cleans up after the
+killed one and succeeds, and training resumed after a kill mid-save gives the per-step losses of an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from gemma3vl import bridge
-from gemma3vl.bridge.checkpoint import HFCheckpoint
+from gemma3vl.bridge.checkpoint import HFCheckpoint, open_checkpoint
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.train.metrics import read_metrics
 
@@ -52,7 +55,20 @@ def install_hooks(kind, events, pause):
                 time.sleep(pause)
             return result
         return wrapper
-    if kind.startswith("export"):
+    if kind.startswith("native"):  # save_native's own writes: the shards, the index, side files, manifest
+        import gemma3vl.bridge.from_model as from_model
+        real_native = from_model.write_in_canonical_order
+        def write_native(path, tensors, produce):
+            note("write " + path.name)
+            def produce_slowly(name):
+                time.sleep(pause)
+                return produce(name)
+            return real_native(path, tensors, produce_slowly)
+        from_model.write_in_canonical_order = write_native
+        from_model.write_index = slowed(from_model.write_index, "index", pause=20 * pause)
+        from_model.copy_file_durable = slowed(from_model.copy_file_durable, lambda _, target: "side " + target.name)
+        from_model.write_text_durable = slowed(from_model.write_text_durable, "manifest", pause=20 * pause)
+    if kind.startswith(("export", "native")):
         import gemma3vl.bridge.convert as convert, gemma3vl.bridge.fsutil as fsutil
         real_write = convert.write_safetensors
         def write(path, tensors, produce, metadata=None):
@@ -71,7 +87,7 @@ def install_hooks(kind, events, pause):
             return real_canonical(path, tensors, produce_slowly)
         convert.write_in_canonical_order = write_canonical
         fsutil.fsync_dir = slowed(fsutil.fsync_dir, "fsync-dir")
-        if kind == "export-two-renames":
+        if kind.endswith("two-renames"):
             fsutil._exchange = lambda a, b: False  # as on a filesystem without RENAME_EXCHANGE
         else:
             fsutil._exchange = slowed(fsutil._exchange, "swap", "swapped", pause=20 * pause)
@@ -113,7 +129,14 @@ for line in sys.stdin:
         try:
             if job["hooks"]:
                 install_hooks(job["hooks"], job["events"], job["pause"])
-            code = gemma3vl.cli.main(job["argv"])
+            if job.get("script"):  # Python run in the child, with what the server's setup defined
+                exec(job["script"], dict(globals()))
+                code = 0
+            else:
+                code = gemma3vl.cli.main(job["argv"])
+        except BaseException:
+            import traceback
+            traceback.print_exc()  # into the log, before os._exit
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -127,18 +150,19 @@ for line in sys.stdin:
 class ForkServer:
     """Runs ``gemma3vl`` commands in forked children that a test can kill at a moment of its choosing."""
 
-    def __init__(self, directory: Path, preload: str):
+    def __init__(self, directory: Path, preload: str, setup: str = ""):
         self.directory = directory
         env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen([sys.executable, "-c", f"import {preload}\n{FORK_SERVER}"],
+        self.process = subprocess.Popen([sys.executable, "-c", f"import {preload}\n{setup}\n{FORK_SERVER}"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self.jobs = 0
 
-    def start(self, argv: list[str], hooks: str | None = None, pause: float = 0.0) -> tuple[int, Path]:
+    def start(self, argv: list[str] | str, hooks: str | None = None, pause: float = 0.0) -> tuple[int, Path]:
+        """``argv``: a ``gemma3vl`` command line, or (a string) Python code for the child to run."""
         self.jobs += 1
         events = self.directory / f"events-{self.jobs}.txt"
-        job = {"argv": [str(a) for a in argv], "hooks": hooks, "pause": pause, "events": str(events),
-               "log": str(self.directory / f"log-{self.jobs}.txt")}
+        job = {"argv": [], "script": argv} if isinstance(argv, str) else {"argv": [str(a) for a in argv]}
+        job.update(hooks=hooks, pause=pause, events=str(events), log=str(self.directory / f"log-{self.jobs}.txt"))
         self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
         return json.loads(self.process.stdout.readline())["pid"], events
@@ -150,13 +174,13 @@ class ForkServer:
     def log(self) -> str:
         return (self.directory / f"log-{self.jobs}.txt").read_text()
 
-    def run(self, argv: list[str], hooks: str | None = None, pause: float = 0.0) -> int:
+    def run(self, argv: list[str] | str, hooks: str | None = None, pause: float = 0.0) -> int:
         self.start(argv, hooks, pause)
         code = os.waitstatus_to_exitcode(self.wait())
         assert code == 0, self.log()[-3000:]
         return code
 
-    def kill_after(self, argv: list[str], hooks: str, pause: float, event: str, delay: float) -> list[str]:
+    def kill_after(self, argv: list[str] | str, hooks: str, pause: float, event: str, delay: float) -> list[str]:
         """Start ``argv``, SIGKILL it ``delay`` seconds after it reaches a phase starting with ``event``;
         returns the phases it reached (the last ones tell where the kill landed)."""
         pid, events = self.start(argv, hooks, pause)
@@ -194,9 +218,10 @@ def _lines(path: Path) -> list[str]:
 
 @pytest.fixture
 def fork_server(tmp_path):
-    """A factory: ``fork_server(modules)`` preloads what the test's commands import, once."""
+    """A factory: ``fork_server(modules, setup="")`` preloads what the test's commands import (and runs the
+    Python code ``setup``: its names are the children's), once."""
     servers = []
-    yield lambda preload: servers.append(ForkServer(tmp_path, preload)) or servers[-1]
+    yield lambda preload, setup="": servers.append(ForkServer(tmp_path, preload, setup)) or servers[-1]
     for server in servers:
         server.close()
 
@@ -212,12 +237,14 @@ def leftovers(out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def killed_runs(fork_server, argv, trials, previous: Path, out: Path):
-    """For each (hooks, event, delay) trial: OUT reset to a copy of ``previous``, then ``argv`` run and killed
-    ``delay`` seconds after the child reaches ``event``; yields the trial and the phases the child reached."""
+def killed_runs(fork_server, argv, trials, previous: Path | None, out: Path):
+    """For each (hooks, event, delay) trial: OUT reset to a copy of ``previous`` (removed if None), then ``argv``
+    run and killed ``delay`` seconds after the child reaches ``event``; yields the trial and the phases the child
+    reached."""
     for hooks, event, delay in trials:
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(previous, out)
+        if previous is not None:
+            shutil.copytree(previous, out)
         yield hooks, event, delay, fork_server.kill_after(argv, hooks, 0.003, event, delay)
 
 
@@ -301,6 +328,167 @@ def test_import_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_pa
     fork_server.run(argv)
     assert digest(out) == new and leftovers(out) == []
     assert digest(hf) == hf_digest
+
+
+# ------------------------------------------------------------------------------------------------ save_native
+# The children's model: the tiny checkpoint HF, loaded once by the fork server (its forked children inherit it).
+SAVE_SETUP = """
+import torch
+from gemma3vl import bridge
+from gemma3vl.model import Gemma3Model
+HF = {hf!r}
+model = Gemma3Model(bridge.read_config(HF))  # load_model's steps, on the CPU (on "meta" the first costs seconds)
+bridge.load_weights(HF, model, device="cpu", dtype=torch.float32)
+"""
+
+
+def save_script(call: str, out: Path, shift: float = 0.0, **kwargs) -> str:
+    """Child code: every weight of SAVE_SETUP's model shifted by ``shift``, then ``bridge.<call>(model, HF, out,
+    **kwargs)`` (``save_native`` or ``export_model``)."""
+    arguments = "".join(f", {key}={value!r}" for key, value in kwargs.items())
+    return (f"with torch.no_grad():\n    for parameter in model.parameters():\n        parameter.add_({shift!r})\n"
+            f"bridge.{call}(model, HF, {str(out)!r}{arguments})\n")
+
+
+def loaded(directory: Path) -> dict[str, bytes]:
+    """What a loader pointed at ``directory`` finds (every header checked, as ``load_model`` reads it): native
+    tensor name -> the bytes of its value."""
+    with open_checkpoint(directory) as checkpoint:
+        return {m.native: checkpoint.read_native(m).contiguous().numpy().tobytes() for m in checkpoint.mappings}
+
+
+def hidden(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_save_native_killed_at_chosen_moments_leaves_the_old_or_the_new_directory(tmp_path, fork_server):
+    """`bridge.save_native` (a model in memory to a native directory) killed in each phase of its write: in the
+    shards, before the index, before the manifest, before and after the move into place (the atomic swap or,
+    on the fallback, between its two renames); into a fresh OUT and over a previous save. A loader pointed at
+    OUT finds the previous directory or the new one, tensor for tensor (nothing only on a fresh save, or
+    between the fallback's renames, whose next write puts the previous one back); what the kills leave is a
+    hidden ``.OUT.tmp-PID`` (``.OUT.old-PID``) that the next save removes, saying so; the rerun writes what an
+    uninterrupted save writes."""
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
+    fork_server = fork_server("gemma3vl.bridge, gemma3vl.model", SAVE_SETUP.format(hf=str(hf)))
+    fork_server.run(save_script("save_native", tmp_path / "reference", max_shard_bytes=450_000))
+    # The previous directory: every weight shifted by 1, in other shards, so a mixture of the two would show.
+    fork_server.run(save_script("save_native", tmp_path / "previous", 1.0, max_shard_bytes=200_000))
+    new, previous = digest(tmp_path / "reference"), digest(tmp_path / "previous")
+    new_weights, previous_weights = loaded(tmp_path / "reference"), loaded(tmp_path / "previous")
+    assert new_weights == loaded(hf)  # an uninterrupted save gives back the model's weights, bit for bit
+    assert all(previous_weights[name] != value for name, value in new_weights.items())
+    shards = lambda files: {files[name] for name in files if name.endswith(".safetensors")}  # noqa: E731
+    assert shards(previous).isdisjoint(shards(new)) and len(shards(previous)) > len(shards(new)) > 1
+    out = tmp_path / "out"
+    argv = save_script("save_native", out, max_shard_bytes=450_000, overwrite=True)
+    # 73 tensors with a 3 ms sleep before each: the shards alone last 0.22 s after the first "write" phase.
+    duration = 0.2
+    rng = random.Random(2)
+    fresh = [("native", "write", rng.uniform(0, duration)),
+             ("native", "manifest", 0.01),  # shards, index and side files written, not the manifest
+             ("native", "rename", 0.01),  # complete and fsynced in .OUT.tmp-PID, not yet renamed to OUT
+             ("native", "renamed", 0.01)]  # renamed, the parent directory not yet fsynced
+    over = [("native", "write", rng.uniform(0, duration)) for _ in range(3)]
+    over += [("native", "index", 0.01),  # every shard written, not the index
+             ("native", "manifest", 0.01),
+             ("native", "swap", 0.01),  # complete, before the atomic swap
+             ("native-two-renames", "renamed", 0.01),  # between the two renames: OUT is missing
+             ("native", "swapped", 0.01),  # after the swap, before the previous directory is deleted
+             ("native-two-renames", "write", rng.uniform(0, duration))]
+    landed = []
+    for trials, before in ((fresh, None), (over, tmp_path / "previous")):
+        for hooks, event, delay, phases in killed_runs(fork_server, argv, trials, before, out):
+            landed.append(phases[-2] if phases[-1] == "killed" else "after the end")
+            left = leftovers(out)
+            assert all(re.fullmatch(r"\.out\.(tmp|old)-\d+", name) for name in left), (phases[-3:], left)
+            if out.exists():
+                assert digest(out) in ((previous, new) if before else (new,)), (phases[-3:], sorted(digest(out)))
+                assert loaded(out) == (previous_weights if digest(out) == previous else new_weights)
+                continue
+            with pytest.raises(Gemma3VLError, match="no such directory"):  # nothing there, never half a one
+                loaded(out)
+            if before is None:  # a fresh save killed before its rename into place
+                assert "renamed" not in phases and left, (phases[-3:], left)
+                continue
+            # killed between "OUT aside" and "new into place": the previous directory is kept aside...
+            assert hooks == "native-two-renames" and phases[-2] == "renamed", phases[-3:]
+            (aside,) = out.parent.glob(f".{out.name}.old-*")
+            assert digest(aside) == previous
+            # ...and the next write to OUT puts it back first (here a save that refuses to overwrite it)
+            fork_server.start(save_script("save_native", out, max_shard_bytes=450_000))
+            assert os.waitstatus_to_exitcode(fork_server.wait()) != 0
+            assert "restored the previous output" in fork_server.log()
+            assert "exists and is not empty (pass overwrite=True" in fork_server.log()
+            assert digest(out) == previous and leftovers(out) == []
+    assert "after the end" not in landed and sum(name.startswith("write") for name in landed) >= 4, landed
+    for moment in ("index", "manifest", "swap", "swapped", "renamed"):
+        assert moment in landed, landed
+    assert any(name.startswith("rename .out.tmp-") for name in landed), landed
+
+    left = leftovers(out)
+    fork_server.run(argv)  # the rerun, undisturbed
+    assert left and all(f"removed {name}, left by process" in fork_server.log() for name in left), left
+    logs = "".join(p.read_text() for p in tmp_path.glob("log-*.txt"))
+    assert logs.count(", which was killed while writing") >= len(fresh) + len(over) - 1, landed
+    assert digest(out) == new and leftovers(out) == []
+    assert loaded(out) == new_weights
+    assert hidden(tmp_path) == []
+
+
+def test_export_model_killed_while_saving_its_native_copy_keeps_the_previous_export(tmp_path, fork_server):
+    """`export_model` (what training's final export to OUT/hf runs) first saves the model with `save_native`
+    into a hidden ``.OUT.native-PID``. Kills there (in its shards, before its manifest, just after its rename
+    into place, before the export starts) leave OUT the previous export, file for file; the next export (any
+    write to OUT: ``staged_output`` removes them too) removes both kinds of leftover (``..OUT.native-PID.tmp-PID``
+    and ``.OUT.native-PID``), saying so, and writes what an uninterrupted one writes."""
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
+    fork_server = fork_server("gemma3vl.bridge, gemma3vl.model", SAVE_SETUP.format(hf=str(hf)))
+    fork_server.run(save_script("export_model", tmp_path / "reference"))
+    fork_server.run(save_script("export_model", tmp_path / "previous", 1.0))
+    new, previous = digest(tmp_path / "reference"), digest(tmp_path / "previous")
+    assert new == digest(hf) and previous != new
+    out = tmp_path / "out"
+    argv = save_script("export_model", out, overwrite=True)
+    rng = random.Random(3)
+    trials = [("native", "write", rng.uniform(0, 0.2)) for _ in range(2)]
+    trials += [("native", "manifest", 0.01), ("native", "renamed", 0.01)]
+    landed = []
+    for _, _, _, phases in killed_runs(fork_server, argv, trials, tmp_path / "previous", out):
+        landed.append(phases[-2] if phases[-1] == "killed" else "after the end")
+        assert digest(out) == previous, (phases[-3:], sorted(digest(out)))
+        # what the kill left: the native copy's staging directory, or the whole copy once renamed into place
+        expected = [".out.native-PID"] if phases[-2] == "renamed" else ["..out.native-PID.tmp-PID"]
+        assert [re.sub(r"-\d+", "-PID", name) for name in hidden(tmp_path)] == expected, phases[-3:]
+    assert "after the end" not in landed and "manifest" in landed and "renamed" in landed, landed
+    assert sum(name.startswith("write") for name in landed) == 2, landed
+
+    fork_server.run(argv)
+    logs = "".join(p.read_text() for p in tmp_path.glob("log-*.txt"))
+    assert logs.count("the native copy of an export by process") == len(trials), landed
+    assert digest(out) == new and hidden(tmp_path) == []
+
+
+def test_a_killed_exports_native_copy_is_removed_by_the_next_convert_export(tmp_path, caplog):
+    """A native copy a killed ``export_model`` left beside OUT (a whole model) goes at the next write to OUT of any
+    kind (here ``convert export``), not only at the next ``export_model``; a running process's copy stays."""
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    native = bridge.import_checkpoint(write_tiny_checkpoint(tmp_path / "hf"), tmp_path / "native", progress=False)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended
+    left = [tmp_path / f".out.native-{dead}", tmp_path / f"..out.native-{dead}.tmp-{dead}"]
+    running = tmp_path / f".out.native-{os.getppid()}"  # a live process's (pytest's parent), not ours
+    for directory in (*left, running):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"x" * 1000)
+    bridge.export_checkpoint(native, tmp_path / "out", progress=False)
+    assert not any(path.exists() for path in left) and running.is_dir()
+    assert caplog.text.count("the native copy of an export by process") == 2
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -16,7 +16,8 @@ from torch import nn
 
 from gemma3vl.bridge.checkpoint import MANIFEST, NativeCheckpoint, open_checkpoint, write_index
 from gemma3vl.bridge.convert import SIDE_DIR, _manifest, export_checkpoint
-from gemma3vl.bridge.fsutil import OutputNotWritten, copy_file_durable, side_files, staged_output, write_text_durable
+from gemma3vl.bridge.fsutil import (OutputNotWritten, copy_file_durable, native_copy_dir, remove_native_leftovers,
+                                    side_files, staged_output, write_text_durable)
 from gemma3vl.bridge.safetensors_io import DTYPES, PlannedTensor, plan_shards, shard_file_name, write_in_canonical_order
 from gemma3vl.errors import Gemma3VLError
 
@@ -76,7 +77,8 @@ def export_model(
 ) -> Path:
     """A complete HF checkpoint of ``model`` in ``out_dir``: the base's layout, files and side files."""
     out_dir = Path(out_dir)
-    native = out_dir.parent / f".{out_dir.name}.native-tmp"
+    remove_native_leftovers(out_dir)  # a killed export's copy: a whole model on the disk
+    native = native_copy_dir(out_dir)  # removed below (a killed process's, by the next writer to out_dir)
     shutil.rmtree(native, ignore_errors=True)
     try:
         try:

@@ -200,10 +200,30 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def native_copy_dir(out_dir: Path) -> Path:
+    """Where ``export_model`` writes the native copy it exports ``out_dir`` from (hidden beside it, named by this
+    process, so that any later writer to ``out_dir`` can tell a killed process's copy and remove it)."""
+    return out_dir.parent / f".{out_dir.name}.native-{os.getpid()}"
+
+
+def remove_native_leftovers(out_dir: Path) -> None:
+    """Remove the native copies (:func:`native_copy_dir`) of killed exports to ``out_dir``, and their own
+    staging leftovers (``..OUT.native-PID.tmp-PID``, ``..OUT.native-PID.old-PID``): a whole model each."""
+    for prefix in (f".{out_dir.name}.native-", f"..{out_dir.name}.native-"):
+        for leftover in sorted(out_dir.parent.glob(f"{glob.escape(prefix)}*")):
+            pid = leftover.name[len(prefix):].split(".", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_running(int(pid)):
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.warning("%s: removed %s, the native copy of an export by process %s, which was killed", out_dir,
+                           leftover.name, pid)
+
+
 def _recover_leftovers(out_dir: Path) -> None:
     """Tidy what killed writers to ``out_dir`` left: an old output renamed aside while ``out_dir`` is
     missing is put back (it was the last complete one); other temporary directories of processes that are
     no longer running are removed. Directories of running processes are left alone."""
+    remove_native_leftovers(out_dir)
     for leftover in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*")):
         kind, _, pid = leftover.name[len(out_dir.name) + 2:].rpartition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _pid_running(int(pid)):
