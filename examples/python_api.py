@@ -1,7 +1,7 @@
 """The Python API end to end: convert, verify, answer (whole, streamed, batched, in a chat), fine-tune with LoRA,
 merge the adapter, answer again.
 
-    python examples/python_api.py                        # a tiny random model on the CPU, about a minute
+    python examples/python_api.py                        # a tiny random model on the CPU, about 30 s
     python examples/python_api.py --model gemma-3-4b-it --image receipt.jpg --data train.jsonl --device cuda
 
 With --model (a downloaded google/gemma-3-*-it directory) the same steps run on the real model: give --data

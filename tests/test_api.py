@@ -197,13 +197,16 @@ def test_convert_round_trip_and_verify(tiny_dir, tmp_path):
         gemma3vl.verify_checkpoint(native)
 
 
-def test_fine_tune_then_merge_then_answer(tmp_path):
+def test_fine_tune_then_merge_then_answer(tmp_path, capsys):
     out = tmp_path / "run"
     result = gemma3vl.fine_tune("tiny_peft", out=out, settings={
         "train.steps": 2, "train.seq_length": 128, "train.global_batch_size": 2, "train.micro_batch_size": 1,
         "data.eval_accuracy_samples": 2, "data.eval_max_new_tokens": 3, "logging.progress": "false"})
     assert result.steps == 2 and result.final_loss is not None
     assert [entry["step"] for entry in result.history if "loss" in entry] == [1, 2]
+    # tiny_peft warms up over 5 steps: a 2-step run never reaches its learning rate, and is told so
+    assert "note: optim.warmup_steps=5 is longer than train.steps=2: the run ends inside the warm-up, its " \
+        "learning rate reaching 2/5 of optim.lr=0.01 at the last step" in capsys.readouterr().err
     merged = gemma3vl.merge_adapter(out / "base", out / "adapter", tmp_path / "merged")
     with_adapter = gemma3vl.load(out / "base", device="cpu", dtype="float32", adapter=out / "adapter")
     plain = gemma3vl.load(merged, device="cpu", dtype="float32")

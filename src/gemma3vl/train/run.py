@@ -288,6 +288,10 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
     if dropouts:
         say(f"note: the checkpoint's config sets {' and '.join(dropouts)}; gemma3vl trains without attention dropout "
             f"(transformers would drop attention weights in training)")
+    if cfg.optim.warmup_steps > cfg.train.steps:
+        say(f"note: optim.warmup_steps={cfg.optim.warmup_steps} is longer than train.steps={cfg.train.steps}: the "
+            f"run ends inside the warm-up, its learning rate reaching {cfg.train.steps}/{cfg.optim.warmup_steps} of "
+            f"optim.lr={cfg.optim.lr:g} at the last step")
     if parallel is not None or p.activation_checkpoint != "none" or p.compile:
         misplaced = [name for name, param in model.named_parameters() if param.device.type != device.type]
         if misplaced and not p.cpu_offload:
