@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--data", help="training conversations for the LoRA step (default with --model: skip it)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="python-api-example")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 20 tiny, 50 real)")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():
@@ -69,13 +70,13 @@ def main() -> None:
 
     # 3. LoRA fine-tuning, then the adapter merged into a complete HF checkpoint.
     if args.model is None:
-        recipe, settings = "tiny_peft", {"train.steps": 20, "logging.progress": False}
+        recipe, settings = "tiny_peft", {"train.steps": args.steps or 20, "logging.progress": False}
     elif args.data is not None:
         size = model.config.text.num_hidden_layers  # 34, 48 or 62
         recipe = {34: "gemma3_vl_4b_peft", 48: "gemma3_vl_12b_peft", 62: "gemma3_vl_27b_peft"}.get(size)
         if recipe is None:
             raise SystemExit(f"{args.model}: not a 4B, 12B or 27B Gemma 3 checkpoint ({size} layers)")
-        settings = {"train.steps": 50}
+        settings = {"train.steps": args.steps or 50}
     else:
         print("no --data: fine-tuning skipped")
         return
