@@ -290,3 +290,11 @@ def test_calls_from_threads_take_turns_and_answer_as_alone(model):
     for thread in threads:
         thread.join(timeout=120)
     assert [got.get(index) for index in range(len(prompts))] == alone
+
+
+def test_the_command_says_its_version(capsys):
+    from gemma3vl.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"gemma3vl {gemma3vl.__version__}\n"

@@ -591,7 +591,10 @@ def add_penalty_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gemma3vl import __version__
+
     parser = argparse.ArgumentParser(prog="gemma3vl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gemma3vl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="convert between HF checkpoints and the native format")
