@@ -344,20 +344,32 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 
 
 def fine_tune(recipe: str | None = None, *, config: str | Path | None = None, settings: dict[str, Any] | None = None,
-          model: str | Path | None = None, data: str | Path | None = None, eval_data: str | Path | None = None,
-          out: str | Path | None = None, resume: bool | str | Path = False) -> Any:
+              model: str | Path | None = None, data: str | Path | None = None, eval_data: str | Path | None = None,
+              out: str | Path | None = None, resume: bool | str | Path = False) -> Any:
     """Fine-tune (``gemma3vl train``): ``recipe`` (``gemma3vl recipes`` lists them) <- the ``config`` YAML/JSON
     file <- ``settings`` (``{"train.steps": 200, "optim.lr": 1e-5, ...}``, the command line's
     ``section.key=value`` overrides, typed or as strings) <- ``model`` / ``data`` / ``eval_data`` / ``out``.
     ``resume``: True continues from the newest checkpoint in ``out``, a path from that checkpoint. Returns a
     ``TrainResult`` (``steps``, ``final_loss``, ``history``: one dict of metrics per step). Under ``torchrun``,
     call it on every rank."""
-    from gemma3vl.train.config import build_config, set_value
     from gemma3vl.train.run import run_training
+
+    cfg = training_config(recipe, config, settings=settings, model=model, data=data, eval_data=eval_data, out=out)
+    return run_training(cfg, resume=str(resume) if isinstance(resume, Path) else (resume or None))
+
+
+def training_config(recipe: str | None, config: str | Path | None = None, overrides: Sequence[str] = (), *,
+                    settings: dict[str, Any] | None = None, model: str | Path | None = None,
+                    data: str | Path | None = None, eval_data: str | Path | None = None,
+                    out: str | Path | None = None) -> Any:
+    """A run's checked ``TrainConfig``: the recipe <- the ``config`` file <- ``overrides`` (``section.key=value``
+    strings, the command line's) <- ``settings`` (a dict) <- the paths. What ``gemma3vl train`` and
+    :func:`fine_tune` both run."""
+    from gemma3vl.train.config import build_config, set_value
 
     if settings is not None and not isinstance(settings, dict):
         raise Gemma3VLError(f"settings must be a dict of 'section.key': value, got {type(settings).__name__}")
-    cfg = build_config(recipe, None if config is None else str(config), [])
+    cfg = build_config(recipe, None if config is None else str(config), list(overrides))
     for key, value in (settings or {}).items():
         if not isinstance(key, str):
             raise Gemma3VLError(f"settings: the key {key!r} must be a string like 'train.steps'")
@@ -366,11 +378,11 @@ def fine_tune(recipe: str | None = None, *, config: str | Path | None = None, se
         if value is not None:
             set_value(cfg, key, str(value))
     cfg.validate()
-    return run_training(cfg, resume=str(resume) if isinstance(resume, Path) else (resume or None))
+    return cfg
 
 
 def verify_checkpoint(model_dir: str | Path, *, native: str | Path | None = None, device: str | None = None,
-           dtype: str | None = None, greedy_tokens: int = 8) -> Any:
+                      dtype: str | None = None, greedy_tokens: int = 8) -> Any:
     """Run transformers' model (the reference) and ours on the same synthetic image+text batch (``gemma3vl
     verify``): ``model_dir`` is the HF checkpoint, ``native`` a native conversion of it to check instead of
     loading ``model_dir`` into ours. Returns a ``VerifyReport`` (``passed``, ``failures``, the differences)."""

@@ -456,7 +456,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from gemma3vl.train.config import build_config, set_value
+    from gemma3vl import api
     from gemma3vl.train.run import run_training
     from gemma3vl.train.trainer import TrainingStopped
 
@@ -466,12 +466,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         # `--resume train.steps=8`: argparse took the override for --resume's optional PATH
         args.overrides, args.resume = [args.resume, *args.overrides], True
     try:  # the command line and the settings: the same on every torchrun rank
-        cfg = build_config(args.recipe, args.config, args.overrides)
-        for key, value in (("model.path", args.model), ("data.path", args.data), ("data.eval_path", args.eval_data),
-                           ("out", args.out)):
-            if value is not None:
-                set_value(cfg, key, value)
-        cfg.validate()
+        cfg = api.training_config(args.recipe, args.config, args.overrides, model=args.model, data=args.data,
+                                  eval_data=args.eval_data, out=args.out)
     except Gemma3VLError as exc:
         raise on_every_rank(exc)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.conversation import Turn
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, check_image_file, load_image, unreadable, upright
+from gemma3vl.infer.prompt import check_image_file, decode_image, load_image
 
 # Message roles and the turn each is ("developer" is OpenAI's newer name for system, "model" Gemma's for assistant).
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
@@ -75,18 +74,7 @@ def image_of(image: Any, where: str, base_dir: Path | None = None, *, decode: bo
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise Gemma3VLError(f"{where}: the data URL is not valid base64") from None
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if width * height > DEFAULT_MAX_IMAGE_PIXELS:
-                raise Gemma3VLError(f"{where}: {width}x{height} pixels is over the limit of {DEFAULT_MAX_IMAGE_PIXELS}")
-            probe.load()
-            decoded = probe.copy()
-    except Gemma3VLError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - PIL's many decoding errors, named
-        raise Gemma3VLError(f"{where}: not a readable image ({unreadable(exc)})") from None
-    return upright(decoded, where)
+    return decode_image(data, where)
 
 
 def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bool = True) -> list[Turn]:

@@ -7,6 +7,7 @@ transformers produces for the same directory.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -167,20 +168,27 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     """Open an image file fully (so a truncated file fails here, with its name), refusing huge ones."""
     path = Path(path)
     check_image_file(path)
+    return decode_image(path, str(path), max_pixels)
+
+
+def decode_image(source: Path | bytes, label: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image file's or an encoded image's (``bytes``) pixels, upright (EXIF orientation applied, as transformers'
+    ``load_image`` does); one error naming ``label`` for an image over ``max_pixels`` (told from the header, before
+    the pixels are decompressed) or one that cannot be decoded."""
     try:
-        with Image.open(path) as probe:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as probe:
             width, height = probe.size
             if width * height > max_pixels:
                 raise Gemma3VLError(
-                    f"{path}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
+                    f"{label}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
                 )
             probe.load()
             image = probe.copy()
     except Gemma3VLError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        raise Gemma3VLError(f"{path}: not a readable image ({unreadable(exc)})") from None
-    return upright(image, str(path))
+        raise Gemma3VLError(f"{label}: not a readable image ({unreadable(exc)})") from None
+    return upright(image, label)
 
 
 def template_text(parts: list[Any]) -> str:
