@@ -2,8 +2,8 @@
 
 A training set is data from elsewhere; a record must not be able to make the trainer read
 ``../../etc/passwd``, follow a symlink out of the dataset directory, or fetch from the network, unless the
-user said so. Files go through :func:`gemma3vl.infer.prompt.load_image` (same pixel limit and errors as
-inference); in-memory images (``data:`` URLs, downloads, HF dataset bytes) get the same checks here.
+user said so. Files and in-memory images (``data:`` URLs, downloads, HF dataset bytes) are decoded by
+:func:`gemma3vl.infer.prompt.decode_image`, as in inference and the server (same pixel limit and messages).
 
 Hostile or broken files (tests/test_reliability_images.py tries each): zero-byte, truncated and corrupt files
 are refused with the record's ``file:line``, as is any image over ``max_image_pixels``, checked from the
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gemma3vl.data.records import (
     IMAGE_OUTSIDE_DATASET,
@@ -38,7 +37,7 @@ from gemma3vl.data.records import (
     ImageRef,
 )
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, load_image, unreadable, upright
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image
 
 DEFAULT_MAX_REMOTE_BYTES = 32 * 1024 * 1024
 REMOTE_TIMEOUT_S = 30.0
@@ -123,21 +122,9 @@ class ImageLoader:
 
     def _decode(self, data: bytes, label: str, source: str) -> Image.Image:
         try:
-            with Image.open(io.BytesIO(data)) as probe:
-                self._check_size(probe.size, label, source)
-                probe.load()  # decode now, so a truncated image fails here with its record
-                image = probe.copy()
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-            raise BadRecord(source, UNREADABLE_IMAGE, f"{label}: not a readable image ({unreadable(exc)})") from None
-        return _upright(image, label, source)
-
-
-def _upright(image: Image.Image, label: str, source: str) -> Image.Image:
-    """``image`` turned by its EXIF orientation tag; a corrupt EXIF block is a bad record."""
-    try:
-        return upright(image, label)
-    except Gemma3VLError as exc:
-        raise BadRecord(source, UNREADABLE_IMAGE, str(exc)) from None
+            return decode_image(data, label, self.max_image_pixels)  # decoded now: a truncated image fails here
+        except Gemma3VLError as exc:
+            raise BadRecord(source, UNREADABLE_IMAGE, str(exc)) from None
 
 
 def _data_url_bytes(url: str, source: str) -> bytes:

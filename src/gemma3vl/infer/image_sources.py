@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
-import io
 import os
 import urllib.error
 import urllib.parse
@@ -19,11 +18,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.openai_protocol import ApiError
-from gemma3vl.infer.prompt import unreadable, upright
+from gemma3vl.infer.prompt import ImageTooLarge, decode_image
 
 
 @dataclass
@@ -122,20 +121,8 @@ class ImageFetcher:
 
     def _decode(self, data: bytes, param: str) -> Image.Image:
         try:
-            with Image.open(io.BytesIO(data)) as probe:
-                width, height = probe.size
-                if width * height > self.limits.max_image_pixels:
-                    raise ApiError(413, f"'{param}': the image is {width}x{height} = {width * height} pixels, over "
-                                        f"the limit of {self.limits.max_image_pixels}", param=param,
-                                   code="image_too_large")
-                probe.load()
-                image = probe.copy()
-        except ApiError:
-            raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-            raise ApiError(400, f"'{param}': not a readable image ({unreadable(exc)})", param=param,
-                           code="invalid_image") from None
-        try:
-            return upright(image, f"'{param}'")  # EXIF orientation, as transformers' load_image
+            return decode_image(data, f"'{param}'", self.limits.max_image_pixels)
+        except ImageTooLarge as exc:
+            raise ApiError(413, str(exc), param=param, code="image_too_large") from None
         except Gemma3VLError as exc:
             raise ApiError(400, str(exc), param=param, code="invalid_image") from None

@@ -171,15 +171,20 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     return decode_image(path, str(path), max_pixels)
 
 
+class ImageTooLarge(Gemma3VLError):
+    """An image over the pixel limit (the server answers it with 413, a dataset with a bad record)."""
+
+
 def decode_image(source: Path | bytes, label: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An image file's or an encoded image's (``bytes``) pixels, upright (EXIF orientation applied, as transformers'
-    ``load_image`` does); one error naming ``label`` for an image over ``max_pixels`` (told from the header, before
-    the pixels are decompressed) or one that cannot be decoded."""
+    ``load_image`` does); one error naming ``label`` for an image over ``max_pixels`` (:class:`ImageTooLarge`, told
+    from the header, before the pixels are decompressed) or one that cannot be decoded. The one decoder for every
+    image source: files, data: URLs and downloads in prompts, requests and datasets."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as probe:
             width, height = probe.size
             if width * height > max_pixels:
-                raise Gemma3VLError(
+                raise ImageTooLarge(
                     f"{label}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
                 )
             probe.load()
