@@ -584,3 +584,22 @@ def test_a_checkpoint_with_a_siglip_pooling_head_trains_and_exports_it_unchanged
     assert len(head) == 11 and all(torch.equal(before[key], after[key]) for key in head)
     assert any(not torch.equal(before[key], after[key]) for key in before if key not in head)  # it trained
     assert main(["verify", str(out / "hf"), "--greedy-tokens", "0"]) == 0
+
+
+def test_the_loss_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """plot_losses draws on its own Figure: a notebook that fine-tunes keeps its backend (no matplotlib.use)."""
+    import matplotlib
+
+    from gemma3vl.train.metrics import plot_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in (1, 2, 3))
+                       + json.dumps({"step": 3, "eval_loss": 1.5}) + "\n")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert plot_losses(metrics, tmp_path / "loss.png") == tmp_path / "loss.png"
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

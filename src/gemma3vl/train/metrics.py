@@ -134,12 +134,10 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
     if not train and not evals:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a caller's (a notebook's) backend and figures stay theirs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axis = figure.subplots()
     if train:
         axis.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
@@ -149,6 +147,5 @@ def plot_losses(metrics_path: Path, png_path: Path) -> Path | None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
+    figure.savefig(png_path)  # the Agg canvas, chosen for .png
     return png_path
