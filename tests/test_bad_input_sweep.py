@@ -347,6 +347,9 @@ def test_demo_out_that_is_a_file_or_under_one(tmp_path, capsys):
         assert main(["demo", "--out", str(out)]) == 2
         assert words in error_of(capsys)
     assert notes.read_text() == "mine"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "0"]) == 2
+    assert "--steps 0 must be >= 1" in error_of(capsys)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_a_bad_record_is_logged_once_however_often_it_is_read(tiny, tmp_path, caplog):

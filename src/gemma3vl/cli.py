@@ -547,7 +547,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gemma3vl.demo import run_demo
 
-    return run_demo(Path(args.out), seed=args.seed)
+    if args.steps < 1:
+        raise Gemma3VLError(f"--steps {args.steps} must be >= 1")
+    return run_demo(Path(args.out), seed=args.seed, steps=args.steps)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -768,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="end-to-end run on a tiny random checkpoint (no network, no GPU)")
     demo.add_argument("--out", default="gemma3vl-demo", help="working directory (default: ./gemma3vl-demo)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int, default=300, metavar="N",
+                      help="fine-tuning steps in step 6 (default 300; 100 already learn, to about 40%%)")
     demo.set_defaults(func=cmd_demo)
 
     planner = commands.add_parser("plan", help="estimate per-GPU training memory per layout and recommend one")

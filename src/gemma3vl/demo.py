@@ -24,8 +24,8 @@ from gemma3vl.errors import Gemma3VLError
 MARKER = ".gemma3vl-demo"
 DEMO_TRAIN_RECORDS = 1024
 DEMO_EVAL_RECORDS = 48
-DEMO_TRAINING = ["train.steps=300", "optim.lr=0.005", "train.eval_every=100", "checkpoint.every=100",
-                 "data.eval_accuracy_samples=48"]
+DEMO_STEPS = 300
+DEMO_TRAINING = ["optim.lr=0.005", "data.eval_accuracy_samples=48"]  # and steps, evaluating and saving at each third
 
 
 def say(step: str) -> None:
@@ -72,7 +72,7 @@ def tensors_identical(first: Path, second: Path) -> tuple[int, list[str]]:
     return len(left), problems
 
 
-def run_demo(out: Path, seed: int = 0) -> int:
+def run_demo(out: Path, seed: int = 0, steps: int = DEMO_STEPS) -> int:
     from gemma3vl import bridge, verify
     from gemma3vl.infer.generate import Sampling, generate
     from gemma3vl.infer.loading import load_model
@@ -133,14 +133,14 @@ def run_demo(out: Path, seed: int = 0) -> int:
         print("error: generated tokens differ from transformers", file=sys.stderr)
         return 1
 
-    before, after, agreeing, asked = fine_tune(out, hf_dir, seed)
+    before, after, agreeing, asked = fine_tune(out, hf_dir, seed, steps)
     say(f"      transformers loads the export and gives the same answers: {agreeing} of {asked}")
     say(f"done in {time.perf_counter() - started:.1f}s; files in {out}")
     say(f"demo: held-out accuracy {before:.0%} -> {after:.0%}")
     return 0 if agreeing == asked else 1
 
 
-def fine_tune(out: Path, base_dir: Path, seed: int) -> tuple[float, float, int, int]:
+def fine_tune(out: Path, base_dir: Path, seed: int, steps: int) -> tuple[float, float, int, int]:
     """Steps 6 and 7: train on drawn shapes, then compare the export's answers with transformers'."""
     from gemma3vl import verify
     from gemma3vl.shapes import write_shapes_dataset
@@ -151,7 +151,9 @@ def fine_tune(out: Path, base_dir: Path, seed: int) -> tuple[float, float, int, 
     train_path = write_shapes_dataset(data, DEMO_TRAIN_RECORDS, seed=seed, name="train")
     eval_path = write_shapes_dataset(data, DEMO_EVAL_RECORDS, seed=seed, name="eval")
     cfg = recipe("tiny_sft")
-    apply_overrides(cfg, DEMO_TRAINING)
+    third = -(-steps // 3)  # rounded up: the last evaluation is the last step's
+    apply_overrides(cfg, [*DEMO_TRAINING, f"train.steps={steps}", f"train.eval_every={third}",
+                          f"checkpoint.every={third}"])
     cfg.model.path, cfg.data.path, cfg.data.eval_path = str(base_dir), str(train_path), str(eval_path)
     cfg.out = str(out / "finetune")
     cfg.train.seed = seed
