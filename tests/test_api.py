@@ -18,6 +18,8 @@ from gemma3vl.pictures import draw_picture
 from gemma3vl.tiny import tiny_hf_config, write_tiny_checkpoint
 from gemma3vl.tiny_tokenizer import write_tokenizer_and_processor
 
+import launch_ranks
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -237,9 +239,8 @@ def test_the_python_api_example_runs(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
-    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "example"), "--device", "cpu",
-                           "--steps", "3"],
-                          capture_output=True, text=True, timeout=600)
+    done = launch_ranks.run(["--out", str(tmp_path / "example"), "--device", "cpu", "--steps", "3"], timeout=600,
+                            script=str(script))  # `python examples/python_api.py ...`, forked from a preloaded server
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "verify: passed (cosine 1.000000)" in lines

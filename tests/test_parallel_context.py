@@ -4,7 +4,8 @@ losses, gradients and trained weights are one process's.
 * two gloo processes (and four: context x tensor + sequence parallel) on one packed batch with images whose
   blocks straddle the slice boundaries, and sliding windows shorter than the rows: loss and every parameter
   gradient equal the single-process ones;
-* the real command, ``torchrun --nproc-per-node 2 -m gemma3vl train ... parallel.cp=2`` with packing on: the
+* the command ``torchrun --nproc-per-node 2 -m gemma3vl train ... parallel.cp=2`` (ranks forked from a preloaded
+  server, launch_ranks.py) with packing on: the
   3 steps' losses and the trained weights equal one process's, and its checkpoint continues in one process;
 * pipeline x context parallel (4 ranks: 2 stages, each split over 2 context-parallel ranks) trains 3 steps on such
   batches as one process does (losses, gradient norms, weights, the held-out loss);
@@ -15,10 +16,8 @@ The reference is always our own single-process model, which ``test_parity.py`` c
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +40,7 @@ from gemma3vl.parallel.tensor import apply_tensor_parallel
 from gemma3vl.shapes import write_shapes_dataset
 from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.train.metrics import read_metrics
+from launch_ranks import run_job
 from test_parallel_layouts import assert_losses_match, assert_weights_match, exported, losses
 
 RTOL = 1e-5
@@ -328,10 +328,9 @@ def inputs(root: Path, *, evaluate: bool = False) -> list[str]:
 
 
 def torchrun(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "gemma3vl", "train", "--recipe", "tiny_sft", "--out", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    """``torchrun --standalone --nproc-per-node NPROC -m gemma3vl train ...``, its ranks forked from a preloaded
+    server (launch_ranks.py)."""
+    result = run_job(nproc, ["train", "--recipe", "tiny_sft", "--out", str(out), *args], timeout=TIMEOUT_S)
     assert result.returncode == 0, f"torchrun failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return result
 

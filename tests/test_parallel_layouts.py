@@ -1,8 +1,10 @@
 """Parallel layouts under torchrun (CPU, gloo): each computes what one process computes, checkpoints load in any
 other layout and continue, and exports from sharded models are the single-process export bit for bit.
 
-Every run is the real command, ``torchrun --nproc-per-node N -m gemma3vl train ...``, on the tiny model for 3
-optimizer steps, against one single-process reference run.
+Every run is the command ``torchrun --nproc-per-node N -m gemma3vl train ...`` on the tiny model for 3 optimizer
+steps, against one single-process reference run: the real ``torchrun`` for the FSDP2 layout, the SIGTERM and the
+world-size tests; for the others the same job with its ranks forked from a server that has imported torch once
+(launch_ranks.py: what torchrun's workers get, without its 10-17 s of start-up on 2 cores).
 
 Two settings make exact comparison possible, both explained where they are set: one sample per row
 (``data.packing=false``) and ``optim.eps=1``.
@@ -25,6 +27,8 @@ from gemma3vl.data.settings import DataConfig
 from gemma3vl.shapes import write_shapes_dataset
 from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.train.metrics import read_metrics
+
+from launch_ranks import run_job
 
 COMMON = [
     "train.steps=3", "checkpoint.every=2", "checkpoint.keep_last=5", "train.seq_length=128",
@@ -92,9 +96,15 @@ def reference(data):
     return out
 
 
-def torchrun(nproc: int, out: Path, *args: str, recipe: str = "tiny_sft") -> subprocess.CompletedProcess:
+def torchrun(nproc: int, out: Path, *args: str, recipe: str = "tiny_sft", real: bool = False
+             ) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node NPROC -m gemma3vl train ...``: the real command when ``real``, else
+    the same job with its ranks forked from a preloaded server (launch_ranks.py: no start-up imports)."""
+    argv = ["train", "--recipe", recipe, "--out", str(out), *args]
+    if not real:
+        return run_job(nproc, argv, timeout=TIMEOUT_S)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "gemma3vl", "train", "--recipe", recipe, "--out", str(out), *args]
+               "-m", "gemma3vl", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
@@ -112,7 +122,8 @@ def layout_run(name: str, reference: Path, workdir: Path) -> Path:
     if name not in _RUNS:
         nproc, settings = LAYOUTS[name]
         out = workdir / name
-        checked(torchrun(nproc, out, *inputs(workdir, evaluate=name == "tp2_sp"), *COMMON, *settings))
+        checked(torchrun(nproc, out, *inputs(workdir, evaluate=name == "tp2_sp"), *COMMON, *settings,
+                         real=name == "fsdp2"))
         _RUNS[name] = out
     return _RUNS[name]
 
@@ -235,7 +246,7 @@ def test_export_from_a_sharded_model_is_the_single_process_export_bit_for_bit(re
 
 # ---------------------------------------------------------------------------------------------- refusals
 def test_world_size_mismatch_fails_at_start_saying_what_to_change(reference, workdir):
-    result = torchrun(2, workdir / "mismatch", *inputs(workdir), *COMMON, "parallel.dp_shard=4")
+    result = torchrun(2, workdir / "mismatch", *inputs(workdir), *COMMON, "parallel.dp_shard=4", real=True)
     assert result.returncode != 0
     assert "dp_shard=4" in result.stderr and "2 processes were launched" in result.stderr
     assert "set parallel.dp_shard=-1" in result.stderr and "--nproc-per-node 4" in result.stderr

@@ -1,8 +1,8 @@
 """LoRA/DoRA under tensor parallelism, and an untied output matrix under tensor parallelism (CPU, gloo): each run
 computes what one process computes.
 
-Every run is the real command (``torchrun --nproc-per-node N -m gemma3vl train ...``) on the tiny model for 3
-optimizer steps, against a single-process run of the same recipe. The settings and helpers are
+Every run is the command ``torchrun --nproc-per-node N -m gemma3vl train ...`` (its ranks forked from a preloaded
+server, launch_ranks.py) on the tiny model for 3 optimizer steps, against a single-process run of the same recipe. The settings and helpers are
 ``test_parallel_layouts``'s (``data.packing=false`` and ``optim.eps=1`` are explained there). The adapters of a
 column-parallel projection (QKV, gate/up) have ``lora_B`` sharded with the base rows and ``lora_A`` replicated; those
 of a row-parallel one (o, down) ``lora_A`` sharded with the base columns and ``lora_B`` replicated; so the exports

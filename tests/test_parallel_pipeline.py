@@ -5,7 +5,8 @@ from the stages is the single-process export bit for bit; each rank of PP2 x TP2
 its own stage's shards (sharded loading); a layout the pipeline cannot take is refused saying what to change
 (``ParallelDims.validate``, which ``gemma3vl train`` runs before loading anything).
 
-Every run is the real command (``torchrun --nproc-per-node N -m gemma3vl train ...``) on the tiny model (4 decoder
+Every run is the command ``torchrun --nproc-per-node N -m gemma3vl train ...`` (ranks forked from a preloaded
+server, launch_ranks.py) on the tiny model (4 decoder
 blocks: 2 per stage, or 1 per stage with 2 stages per rank interleaved) for 3 optimizer steps of 4 micro-batches,
 against one single-process run. The settings and helpers are ``test_parallel_layouts``'s (``data.packing=false``
 and ``optim.eps=1`` are explained there); its data has conversations without images, so some micro-batches never
@@ -14,7 +15,6 @@ run the vision tower on stage 0.
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
@@ -24,7 +24,8 @@ from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.bridge import read_config
 from gemma3vl.cli import main
 
-from pipeline_workers import load_stages  # (a light module: each spawned rank imports it)
+import launch_ranks
+from pipeline_workers import load_stages  # (a light module: each rank imports it)
 from test_sharded_load import assert_gathered_state_is_the_checkpoint
 
 from test_parallel_layouts import (  # noqa: F401 (fixtures)
@@ -157,7 +158,7 @@ def test_each_pipeline_rank_reads_only_its_own_stage_shards(tmp_path):
     stages gathered are the checkpoint bit for bit."""
     model_dir = tmp_path / "base"
     write_tiny_checkpoint(model_dir)
-    mp.spawn(load_stages, args=(4, str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=4)
+    launch_ranks.spawn(load_stages, args=(4, str(tmp_path / "init"), str(model_dir), str(tmp_path)), nprocs=4)
     total = assert_gathered_state_is_the_checkpoint(model_dir, tmp_path / "state.pt")
     for rank in range(4):
         read, own, held = torch.load(tmp_path / f"read{rank}.pt", weights_only=True)

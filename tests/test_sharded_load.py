@@ -8,18 +8,18 @@ check (a) the gathered weights equal a single-process load bit for bit and (b) t
 checkpoint: its share, not the whole model — the memory bound of the issue, measured where it is decided.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gemma3vl.bridge.checkpoint import open_checkpoint
 from gemma3vl.bridge.convert import import_checkpoint
 from gemma3vl.infer.loading import load_model
 from gemma3vl.tiny import write_tiny_checkpoint
+
+import launch_ranks
 
 LAYOUTS = {  # name: (world size, dp_shard, tp, largest share of the checkpoint one rank may read)
     "fsdp2": (2, 2, 1, 0.55),
@@ -95,7 +95,7 @@ def assert_gathered_state_is_the_checkpoint(model_dir: Path, state_file: Path) -
 def test_sharded_load_reads_only_its_share_and_gives_the_checkpoint(checkpoints, tmp_path, layout):
     world, dp_shard, tp, share = LAYOUTS[layout]
     model_dir = checkpoints / ("native" if layout == "fsdp2" else "hf")
-    mp.spawn(_rank, args=(world, str(tmp_path / "init"), str(model_dir), dp_shard, tp, str(tmp_path)), nprocs=world)
+    launch_ranks.spawn(_rank, args=(world, str(tmp_path / "init"), str(model_dir), dp_shard, tp, str(tmp_path)), nprocs=world)
     total = assert_gathered_state_is_the_checkpoint(model_dir, tmp_path / "state.pt")
     for rank in range(world):
         read, own = torch.load(tmp_path / f"read{rank}.pt", weights_only=True)

@@ -5,8 +5,6 @@ Exports are checked with transformers (and peft for adapters) as the oracle, on 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import launch_ranks
 from conftest import assert_merged_equals_peft
 from gemma3vl import verify
 from gemma3vl.cli import main
@@ -184,30 +183,33 @@ def test_lora_run_adapter_loads_in_peft(tmp_path):
     assert_merged_equals_peft(out / "hf", out / "base", out / "adapter", changed_by=1e-3)
 
 
-def _train_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gemma3vl", "train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=6",
-            "checkpoint.every=2", "checkpoint.keep_last=5", "train.eval_every=0", *FAST, *extra]
+def _train_argv(out: Path, *extra: str) -> list[str]:
+    return ["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=6", "checkpoint.every=2",
+            "checkpoint.keep_last=5", "train.eval_every=0", *FAST, *extra]
 
 
 def test_resume_after_kill_gives_the_same_losses(tmp_path):
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    """``gemma3vl train`` in processes of their own (forked from a preloaded server, launch_ranks.py): one whole
+    run; one killed (SIGKILL) after its first checkpoint, then resumed: the same losses, bit for bit."""
     whole = tmp_path / "whole"
-    subprocess.run(_train_command(whole), check=True, env=env, capture_output=True)
+    done = launch_ranks.run(_train_argv(whole), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     killed = tmp_path / "killed"
     killed.mkdir()
     # share the base model and data so both runs read the same bytes
     for name in ("base", "data"):
         os.symlink(whole / name, killed / name)
-    process = subprocess.Popen(_train_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = launch_ranks.start(_train_argv(killed), os.devnull, os.devnull)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-00000002" / "COMPLETE").exists():
-        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert process.is_alive(), "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.kill()
+    process.join()
     assert not (killed / "hf").exists()
-    subprocess.run(_train_command(killed, "--resume"), check=True, env=env, capture_output=True)
+    done = launch_ranks.run(_train_argv(killed, "--resume"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     expected = last_per_step(read_metrics(whole / "metrics.jsonl"), "loss")
     got = last_per_step(read_metrics(killed / "metrics.jsonl"), "loss")
     assert sorted(expected) == list(range(1, 7))
