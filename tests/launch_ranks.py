@@ -61,11 +61,14 @@ def spawn(fn: Callable[..., None], args: tuple, nprocs: int) -> None:
 
 
 def start(argv: Sequence[str], stdout: str, stderr: str, *, env: dict[str, str] | None = None,
-          script: str | None = None, threads: int | None = None) -> Any:
-    """``python -m gemma3vl ARGV`` (or ``python SCRIPT ARGV``) started, forked from the preloaded server, its output
-    into the files ``stdout`` and ``stderr``; ``env`` added to its environment; ``threads``: torch's intra-op
-    threads (the machine's cores if None). Returns the ``multiprocessing.Process`` (pid, exitcode, kill, join)."""
-    process = forkserver().Process(target=_child, args=(list(argv), dict(env or {}), stdout, stderr, script, threads))
+          script: str | None = None, code: str | None = None, threads: int | None = None,
+          prepare: tuple[Callable[..., None], tuple] | None = None) -> Any:
+    """``python -m gemma3vl ARGV`` (or ``python SCRIPT ARGV``, or ``python -c CODE``) started, forked from the
+    preloaded server, its output appended to the files ``stdout`` and ``stderr``; ``env`` added to its environment;
+    ``threads``: torch's intra-op threads (the machine's cores if None); ``prepare``: ``(function, args)`` called in
+    the child first. Returns the ``multiprocessing.Process`` (pid, exitcode: negative when killed by a signal)."""
+    process = forkserver().Process(target=_child, args=(list(argv), dict(env or {}), stdout, stderr, script, code,
+                                                        threads, prepare))
     process.start()
     return process
 
@@ -81,8 +84,8 @@ def run(argv: Sequence[str], *, timeout: float, script: str | None = None) -> su
         return subprocess.CompletedProcess([script or "gemma3vl", *argv], process.exitcode, _text(out), _text(err))
 
 
-def _child(argv: list[str], env: dict[str, str], stdout: str, stderr: str, script: str | None,
-           threads: int | None) -> None:
+def _child(argv: list[str], env: dict[str, str], stdout: str, stderr: str, script: str | None, code_text: str | None,
+           threads: int | None, prepare: tuple[Callable[..., None], tuple] | None) -> None:
     """In the forked process: the environment, the output files, the command, its exit code."""
     os.environ.update(env)
     for path, fd in ((stdout, 1), (stderr, 2)):
@@ -94,7 +97,12 @@ def _child(argv: list[str], env: dict[str, str], stdout: str, stderr: str, scrip
         torch.set_num_threads(threads)
     code = 1
     try:
-        if script is None:
+        if prepare is not None:
+            prepare[0](*prepare[1])
+        if code_text is not None:
+            exec(compile(code_text, "<code>", "exec"), {"__name__": "__main__"})  # noqa: S102 - the test's own code
+            code = 0
+        elif script is None:
             from gemma3vl.cli import main
 
             code = main(argv)

@@ -34,149 +34,42 @@ from gemma3vl.bridge.checkpoint import HFCheckpoint, open_checkpoint
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.train.metrics import read_metrics
 
-# The child: imports once, then forks one grandchild per job read from stdin and reports its pid and status.
-# A job's hooks slow the grandchild's writes and append the phases it reaches to an events file.
-FORK_SERVER = r'''
-import json, os, sys, time
-import gemma3vl.cli
-
-def install_hooks(kind, events, pause):
-    import shutil
-    def note(what):
-        with open(events, "a") as handle:
-            handle.write(what + "\n")
-    def slowed(function, before, after=None, pause=pause):
-        def wrapper(*args, **kwargs):
-            note(before(*args, **kwargs) if callable(before) else before)
-            time.sleep(pause)
-            result = function(*args, **kwargs)
-            if after:
-                note(after)
-                time.sleep(pause)
-            return result
-        return wrapper
-    if kind.startswith("native"):  # save_native's own writes: the shards, the index, side files, manifest
-        import gemma3vl.bridge.from_model as from_model
-        real_native = from_model.write_in_canonical_order
-        def write_native(path, tensors, produce):
-            note("write " + path.name)
-            def produce_slowly(name):
-                time.sleep(pause)
-                return produce(name)
-            return real_native(path, tensors, produce_slowly)
-        from_model.write_in_canonical_order = write_native
-        from_model.write_index = slowed(from_model.write_index, "index", pause=20 * pause)
-        from_model.copy_file_durable = slowed(from_model.copy_file_durable, lambda _, target: "side " + target.name)
-        from_model.write_text_durable = slowed(from_model.write_text_durable, "manifest", pause=20 * pause)
-    if kind.startswith(("export", "native")):
-        import gemma3vl.bridge.convert as convert, gemma3vl.bridge.fsutil as fsutil
-        real_write = convert.write_safetensors
-        def write(path, tensors, produce, metadata=None):
-            note("write " + path.name)
-            def produce_slowly(name):
-                time.sleep(pause)
-                return produce(name)
-            return real_write(path, tensors, produce_slowly, metadata)
-        convert.write_safetensors = write
-        real_canonical = convert.write_in_canonical_order  # what import writes with
-        def write_canonical(path, tensors, produce):
-            note("write " + path.name)
-            def produce_slowly(name):
-                time.sleep(pause)
-                return produce(name)
-            return real_canonical(path, tensors, produce_slowly)
-        convert.write_in_canonical_order = write_canonical
-        fsutil.fsync_dir = slowed(fsutil.fsync_dir, "fsync-dir")
-        if kind.endswith("two-renames"):
-            fsutil._exchange = lambda a, b: False  # as on a filesystem without RENAME_EXCHANGE
-        else:
-            fsutil._exchange = slowed(fsutil._exchange, "swap", "swapped", pause=20 * pause)
-        os.rename = slowed(os.rename, lambda a, b, **kw: "rename " + os.path.basename(a), "renamed", pause=20 * pause)
-        shutil.rmtree = slowed(shutil.rmtree, lambda path, *a, **kw: "rmtree " + os.path.basename(path))
-    elif kind == "train":
-        import torch.distributed.checkpoint as dcp
-        import gemma3vl.train.checkpoint as checkpoint
-        dcp.save = slowed(dcp.save, lambda state, **kw: "save " + os.path.basename(kw["checkpoint_id"]), "saved")
-        writer = dcp.FileSystemWriter
-        writer.finish = slowed(writer.finish, "metadata")
-        checkpoint._fsync_tree = slowed(checkpoint._fsync_tree, "fsync", "fsynced")
-        os.replace = slowed(os.replace, lambda a, b, **kw: "replace " + os.path.basename(a), "replaced")
-        checkpoint._prune = slowed(checkpoint._prune, "prune", "pruned")
-        def remove_slowly(path, ignore_errors=False):  # file by file, the COMPLETE marker among the last
-            if not os.path.isdir(path):
-                if ignore_errors:
-                    return
-                raise FileNotFoundError(path)
-            note("rmtree " + os.path.basename(path))
-            for root, dirs, files in os.walk(path, topdown=False):
-                for name in sorted(files, reverse=True):
-                    time.sleep(pause)
-                    os.unlink(os.path.join(root, name))
-                for name in dirs:
-                    os.rmdir(os.path.join(root, name))
-            os.rmdir(path)
-        shutil.rmtree = remove_slowly
-
-for line in sys.stdin:
-    job = json.loads(line)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        code = 70
-        try:
-            if job["hooks"]:
-                install_hooks(job["hooks"], job["events"], job["pause"])
-            if job.get("script"):  # Python run in the child, with what the server's setup defined
-                exec(job["script"], dict(globals()))
-                code = 0
-            else:
-                code = gemma3vl.cli.main(job["argv"])
-        except BaseException:
-            import traceback
-            traceback.print_exc()  # into the log, before os._exit
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    print(json.dumps({"pid": pid}), flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"status": status}), flush=True)
-'''
+import launch_ranks
+from kill_hooks import install_hooks
 
 
 class ForkServer:
-    """Runs ``gemma3vl`` commands in forked children that a test can kill at a moment of its choosing."""
+    """Runs ``gemma3vl`` commands (or Python code) in processes forked from the preloaded server of
+    launch_ranks.py, which a test can kill at a moment of its choosing. A job's hooks (kill_hooks.py) slow its
+    writes and append the phases it reaches to an events file."""
 
-    def __init__(self, directory: Path, preload: str, setup: str = ""):
+    def __init__(self, directory: Path, setup: str = ""):
         self.directory = directory
-        env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen([sys.executable, "-c", f"import {preload}\n{setup}\n{FORK_SERVER}"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        self.setup = setup  # Python run before each job's code: its names are the code's
         self.jobs = 0
+        self.process = None
 
     def start(self, argv: list[str] | str, hooks: str | None = None, pause: float = 0.0) -> tuple[int, Path]:
         """``argv``: a ``gemma3vl`` command line, or (a string) Python code for the child to run."""
         self.jobs += 1
         events = self.directory / f"events-{self.jobs}.txt"
-        job = {"argv": [], "script": argv} if isinstance(argv, str) else {"argv": [str(a) for a in argv]}
-        job.update(hooks=hooks, pause=pause, events=str(events), log=str(self.directory / f"log-{self.jobs}.txt"))
-        self.process.stdin.write(json.dumps(job) + "\n")
-        self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())["pid"], events
+        log = str(self.directory / f"log-{self.jobs}.txt")
+        code = f"{self.setup}\n{argv}" if isinstance(argv, str) else None
+        self.process = launch_ranks.start([] if code else [str(a) for a in argv], log, log, code=code, threads=1,
+                                          prepare=(install_hooks, (hooks, str(events), pause)) if hooks else None)
+        return self.process.pid, events
 
     def wait(self) -> int:
-        """The child's wait status (see os.waitstatus_to_exitcode)."""
-        return json.loads(self.process.stdout.readline())["status"]
+        """The job's exit code (negative: killed by that signal)."""
+        self.process.join()
+        return self.process.exitcode
 
     def log(self) -> str:
         return (self.directory / f"log-{self.jobs}.txt").read_text()
 
     def run(self, argv: list[str] | str, hooks: str | None = None, pause: float = 0.0) -> int:
         self.start(argv, hooks, pause)
-        code = os.waitstatus_to_exitcode(self.wait())
+        code = self.wait()
         assert code == 0, self.log()[-3000:]
         return code
 
@@ -186,30 +79,18 @@ class ForkServer:
         pid, events = self.start(argv, hooks, pause)
         deadline = time.monotonic() + 120
         while not any(line.startswith(event) for line in _lines(events)):
-            assert time.monotonic() < deadline and _running(pid), f"never reached {event!r}: {self.log()[-3000:]}"
+            assert time.monotonic() < deadline and self.process.is_alive(), \
+                f"never reached {event!r}: {self.log()[-3000:]}"
             time.sleep(0.002)
         time.sleep(delay)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # it had finished: a kill "after the end" is a valid moment too
-        status = self.wait()
-        if not os.WIFSIGNALED(status):
-            assert os.waitstatus_to_exitcode(status) == 0, self.log()[-3000:]
-        return _lines(events) + (["killed"] if os.WIFSIGNALED(status) else ["finished"])
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
-        self.process.stdout.close()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # the fork server reaps its children at once: an ended one is gone
-    except ProcessLookupError:
-        return False
-    return True
+        code = self.wait()
+        if code >= 0:
+            assert code == 0, self.log()[-3000:]
+        return _lines(events) + (["killed"] if code < 0 else ["finished"])
 
 
 def _lines(path: Path) -> list[str]:
@@ -218,12 +99,9 @@ def _lines(path: Path) -> list[str]:
 
 @pytest.fixture
 def fork_server(tmp_path):
-    """A factory: ``fork_server(modules, setup="")`` preloads what the test's commands import (and runs the
-    Python code ``setup``: its names are the children's), once."""
-    servers = []
-    yield lambda preload, setup="": servers.append(ForkServer(tmp_path, preload, setup)) or servers[-1]
-    for server in servers:
-        server.close()
+    """A factory: ``fork_server(setup="")``, whose jobs run the Python code ``setup`` first (its names are the
+    jobs' code's)."""
+    return lambda setup="": ForkServer(tmp_path, setup)
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -254,7 +132,7 @@ def test_export_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_pa
     so, and writes the same files as an export that was never interrupted; the input is never touched."""
     from gemma3vl.tiny import write_tiny_checkpoint
 
-    fork_server = fork_server("gemma3vl.bridge")
+    fork_server = fork_server()
     hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
     native = bridge.import_checkpoint(hf, tmp_path / "native", progress=False)
     native_digest = digest(native)
@@ -307,7 +185,7 @@ def test_import_killed_at_random_moments_leaves_the_old_or_the_new_output(tmp_pa
     new one, and the undisturbed rerun cleans up and writes what an uninterrupted import writes."""
     from gemma3vl.tiny import write_tiny_checkpoint
 
-    fork_server = fork_server("gemma3vl.bridge")
+    fork_server = fork_server()
     hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
     hf_digest = digest(hf)
     fork_server.run(["convert", "import", hf, tmp_path / "reference"])
@@ -372,7 +250,7 @@ def test_save_native_killed_at_chosen_moments_leaves_the_old_or_the_new_director
     from gemma3vl.tiny import write_tiny_checkpoint
 
     hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
-    fork_server = fork_server("gemma3vl.bridge, gemma3vl.model", SAVE_SETUP.format(hf=str(hf)))
+    fork_server = fork_server(SAVE_SETUP.format(hf=str(hf)))
     fork_server.run(save_script("save_native", tmp_path / "reference", max_shard_bytes=450_000))
     # The previous directory: every weight shifted by 1, in other shards, so a mixture of the two would show.
     fork_server.run(save_script("save_native", tmp_path / "previous", 1.0, max_shard_bytes=200_000))
@@ -419,7 +297,7 @@ def test_save_native_killed_at_chosen_moments_leaves_the_old_or_the_new_director
             assert digest(aside) == previous
             # ...and the next write to OUT puts it back first (here a save that refuses to overwrite it)
             fork_server.start(save_script("save_native", out, max_shard_bytes=450_000))
-            assert os.waitstatus_to_exitcode(fork_server.wait()) != 0
+            assert fork_server.wait() != 0
             assert "restored the previous output" in fork_server.log()
             assert "exists and is not empty (pass overwrite=True" in fork_server.log()
             assert digest(out) == previous and leftovers(out) == []
@@ -447,7 +325,7 @@ def test_export_model_killed_while_saving_its_native_copy_keeps_the_previous_exp
     from gemma3vl.tiny import write_tiny_checkpoint
 
     hf = write_tiny_checkpoint(tmp_path / "hf", max_shard_bytes=450_000)
-    fork_server = fork_server("gemma3vl.bridge, gemma3vl.model", SAVE_SETUP.format(hf=str(hf)))
+    fork_server = fork_server(SAVE_SETUP.format(hf=str(hf)))
     fork_server.run(save_script("export_model", tmp_path / "reference"))
     fork_server.run(save_script("export_model", tmp_path / "previous", 1.0))
     new, previous = digest(tmp_path / "reference"), digest(tmp_path / "previous")
@@ -525,7 +403,7 @@ def test_training_killed_mid_save_resumes_to_the_same_losses(tmp_path, fork_serv
     the final export. After each kill every complete-looking checkpoint is whole, and ``--resume`` goes on from
     the newest; the per-step losses and gradient norms of the killed-and-resumed run equal an uninterrupted
     run's, bit for bit on the CPU, and the final export is complete."""
-    fork_server = fork_server("gemma3vl.train.run, gemma3vl.train.checkpoint, gemma3vl.bridge")
+    fork_server = fork_server()
     whole = tmp_path / "whole"
     fork_server.run(train_argv(whole))
     killed = tmp_path / "killed"
