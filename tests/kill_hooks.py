@@ -24,37 +24,24 @@ def install_hooks(kind: str, events: str, pause: float) -> None:
                 time.sleep(pause)
             return result
         return wrapper
-    if kind.startswith("native"):  # save_native's own writes: the shards, the index, side files, manifest
-        import gemma3vl.bridge.from_model as from_model
-        real_native = from_model.write_in_canonical_order
-        def write_native(path, tensors, produce):
+    def slow_writer(real):  # a shard writer (path, tensors, produce, *rest) that notes the file, sleeps per tensor
+        def write(path, tensors, produce, *rest, **kwargs):
             note("write " + path.name)
             def produce_slowly(name):
                 time.sleep(pause)
                 return produce(name)
-            return real_native(path, tensors, produce_slowly)
-        from_model.write_in_canonical_order = write_native
+            return real(path, tensors, produce_slowly, *rest, **kwargs)
+        return write
+    if kind.startswith("native"):  # save_native's own writes: the shards, the index, side files, manifest
+        import gemma3vl.bridge.from_model as from_model
+        from_model.write_in_canonical_order = slow_writer(from_model.write_in_canonical_order)
         from_model.write_index = slowed(from_model.write_index, "index", pause=20 * pause)
         from_model.copy_file_durable = slowed(from_model.copy_file_durable, lambda _, target: "side " + target.name)
         from_model.write_text_durable = slowed(from_model.write_text_durable, "manifest", pause=20 * pause)
     if kind.startswith(("export", "native")):
         import gemma3vl.bridge.convert as convert, gemma3vl.bridge.fsutil as fsutil
-        real_write = convert.write_safetensors
-        def write(path, tensors, produce, metadata=None):
-            note("write " + path.name)
-            def produce_slowly(name):
-                time.sleep(pause)
-                return produce(name)
-            return real_write(path, tensors, produce_slowly, metadata)
-        convert.write_safetensors = write
-        real_canonical = convert.write_in_canonical_order  # what import writes with
-        def write_canonical(path, tensors, produce):
-            note("write " + path.name)
-            def produce_slowly(name):
-                time.sleep(pause)
-                return produce(name)
-            return real_canonical(path, tensors, produce_slowly)
-        convert.write_in_canonical_order = write_canonical
+        convert.write_safetensors = slow_writer(convert.write_safetensors)
+        convert.write_in_canonical_order = slow_writer(convert.write_in_canonical_order)  # what import writes with
         fsutil.fsync_dir = slowed(fsutil.fsync_dir, "fsync-dir")
         if kind.endswith("two-renames"):
             fsutil._exchange = lambda a, b: False  # as on a filesystem without RENAME_EXCHANGE
