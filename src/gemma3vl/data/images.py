@@ -20,8 +20,6 @@ it is (whoever decoded it chose). So a rotated phone JPEG trains as the picture 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -37,7 +35,7 @@ from gemma3vl.data.records import (
     ImageRef,
 )
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image
+from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, data_url_bytes, decode_image, load_image
 
 DEFAULT_MAX_REMOTE_BYTES = 32 * 1024 * 1024
 REMOTE_TIMEOUT_S = 30.0
@@ -128,11 +126,8 @@ class ImageLoader:
 
 
 def _data_url_bytes(url: str, source: str) -> bytes:
-    """The payload of ``data:[<type>][;base64],<data>``; only base64 payloads carry binary images."""
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise BadRecord(source, UNREADABLE_IMAGE, "a data: URL image must look like data:image/png;base64,<data>")
+    """The payload of ``data:[<type>];base64,<data>``; only base64 payloads carry binary images."""
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadRecord(source, UNREADABLE_IMAGE, f"data: URL image: bad base64 ({exc})") from None
+        return data_url_bytes(url, "data: URL image")
+    except Gemma3VLError as exc:
+        raise BadRecord(source, UNREADABLE_IMAGE, str(exc)) from None

@@ -8,8 +8,6 @@ limit, pixels from the image header before the pixels are decompressed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import http.client
 import os
 import urllib.error
@@ -22,7 +20,7 @@ from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.openai_protocol import ApiError
-from gemma3vl.infer.prompt import ImageTooLarge, decode_image
+from gemma3vl.infer.prompt import ImageTooLarge, data_url_bytes, decode_image
 
 
 @dataclass
@@ -62,25 +60,16 @@ class ImageFetcher:
                              f"{self.limits.max_image_bytes} bytes", param=param, code="image_too_large")
 
     def _data_url_bytes(self, url: str, param: str) -> bytes:
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise ApiError(400, f"'{param}': expected a base64 data URL (data:image/png;base64,...)", param=param,
-                           code="invalid_image_url")
-        media_type = header[len("data:"):-len(";base64")].split(";")[0].strip().lower()
+        media_type = url.partition(",")[0][len("data:"):].split(";")[0].strip().lower()
         if media_type and not media_type.startswith("image/"):
             raise ApiError(400, f"'{param}': data URL media type {media_type!r} is not an image", param=param,
                            code="invalid_image_url")
-        payload = "".join(payload.split())
-        if len(payload) // 4 * 3 - 2 > self.limits.max_image_bytes:  # decoded size, before decoding it
-            raise self._too_big(len(payload) // 4 * 3, param)
         try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"'{param}': the data URL is not valid base64", param=param,
-                           code="invalid_image_url") from None
-        if len(data) > self.limits.max_image_bytes:
-            raise self._too_big(len(data), param)
-        return data
+            return data_url_bytes(url, f"'{param}'", self.limits.max_image_bytes)
+        except ImageTooLarge as exc:
+            raise ApiError(413, str(exc), param=param, code="image_too_large") from None
+        except Gemma3VLError as exc:
+            raise ApiError(400, str(exc), param=param, code="invalid_image_url") from None
 
     def _local_bytes(self, url: str, param: str) -> bytes:
         if self.local_dir is None:

@@ -10,8 +10,6 @@ The server parses its requests itself (``openai_protocol``), answering with Open
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from PIL import Image
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.conversation import Turn
-from gemma3vl.infer.prompt import check_image_file, decode_image, load_image
+from gemma3vl.infer.prompt import check_image_file, data_url_bytes, decode_image, load_image
 
 # Message roles and the turn each is ("developer" is OpenAI's newer name for system, "model" Gemma's for assistant).
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
@@ -45,7 +43,7 @@ def images_of(images: Any, name: str, base_dir: Path | None = None) -> list[Imag
 def image_of(image: Any, where: str, base_dir: Path | None = None, *, decode: bool = True) -> Image.Image:
     """A PIL image from a PIL image, a file path (relative to ``base_dir`` when given), or a
     ``data:image/...;base64,`` URL; ``where`` names it in errors. ``decode=False``: check only what can be checked
-    without reading the picture (the file exists, the URL is a base64 data URL) and give a 1x1 placeholder."""
+    without reading the picture (the file exists, the URL is valid base64) and give a 1x1 placeholder."""
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, Path) or (isinstance(image, str) and not image.lower().startswith(("data:", "http:",
@@ -65,16 +63,8 @@ def image_of(image: Any, where: str, base_dir: Path | None = None, *, decode: bo
     if not image.lower().startswith("data:"):
         raise Gemma3VLError(f"{where}: {image[:60]} is a web address; download the image and give its path "
                             "(gemma3vl fetches nothing from the network)")
-    header, comma, payload = image.partition(",")
-    if not comma or not header.lower().endswith(";base64"):
-        raise Gemma3VLError(f"{where}: expected a base64 data URL (data:image/png;base64,...)")
-    if not decode:
-        return _placeholder()
-    try:
-        data = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise Gemma3VLError(f"{where}: the data URL is not valid base64") from None
-    return decode_image(data, where)
+    data = data_url_bytes(image, where)  # with decode=False too: bad base64 is found when the file is read
+    return decode_image(data, where) if decode else _placeholder()
 
 
 def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bool = True) -> list[Turn]:
