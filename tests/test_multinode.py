@@ -20,16 +20,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gemma3vl.cli import main
 from gemma3vl.data.dataset import ConversationDataset
@@ -37,6 +34,8 @@ from gemma3vl.data.settings import DataConfig
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.shapes import write_shapes_dataset
 from gemma3vl.tiny import write_tiny_checkpoint
+import launch_ranks
+from launch_ranks import free_port
 from test_parallel_layouts import (COMMON, TIMEOUT_S, _worker_pid, assert_losses_match, assert_weights_match,
                                    exported, losses)
 
@@ -91,12 +90,6 @@ def workdir(tmp_path_factory):
 def inputs(root: Path, *, evaluate: bool = True) -> list[str]:
     args = ["--model", str(root / "base"), "--data", str(root / "data" / "train.jsonl")]
     return args + ["--eval-data", str(root / "data" / "eval.jsonl")] * evaluate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_two_nodes(root: Path, name: str, outs: tuple[Path, Path], *args: str, rendezvous: str = "static"):
@@ -323,7 +316,7 @@ def test_tp_groups_across_nodes_and_the_checkpoint_a_resume_takes(tmp_path):
     (tmp_path / "node1" / "checkpoints").mkdir(parents=True)
     (tmp_path / "mount").mkdir()
     (tmp_path / "mount" / "checkpoints").symlink_to(tmp_path / "checkpoints")
-    mp.start_processes(_two_ranks, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    launch_ranks.spawn(_two_ranks, args=(str(tmp_path),), nprocs=2)
 
 
 def test_the_planned_launch_line_for_several_nodes_has_a_rendezvous(capsys):

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -40,7 +39,7 @@ from gemma3vl.parallel.tensor import apply_tensor_parallel
 from gemma3vl.shapes import write_shapes_dataset
 from gemma3vl.tiny import write_tiny_checkpoint
 from gemma3vl.train.metrics import read_metrics
-from launch_ranks import run_job
+import launch_ranks
 from test_parallel_layouts import assert_losses_match, assert_weights_match, exported, losses
 
 RTOL = 1e-5
@@ -131,8 +130,8 @@ def test_context_parallel_ranks_compute_the_single_process_loss_and_gradients(ti
     summed.backward()
 
     (tiny / "store").unlink(missing_ok=True)
-    # fork: the ranks start in a second instead of importing everything again (no process group exists yet here)
-    mp.start_processes(_context_parallel_rank, args=(world, tp, checkpointing, tiny), nprocs=world, join=True, start_method="fork")
+    # forked from the preloaded server: the ranks start in a second, without this process's threads or state
+    launch_ranks.spawn(_context_parallel_rank, args=(world, tp, checkpointing, tiny), nprocs=world)
     got = torch.load(tiny / "context_parallel.pt")
     assert got["count"] == count and got["tokens"] == batch.num_tokens  # each target counted once
     assert got["loss"] == pytest.approx(summed.item(), rel=RTOL)
@@ -268,8 +267,7 @@ def test_pipeline_x_context_parallel_training_is_one_process_training(tiny, sche
 
     (tiny / "store").unlink(missing_ok=True)
     world = 4 * tp
-    mp.start_processes(_pipeline_context_parallel_rank, args=(world, tiny, schedule, tp), nprocs=world, join=True,
-                       start_method="fork")
+    launch_ranks.spawn(_pipeline_context_parallel_rank, args=(world, tiny, schedule, tp), nprocs=world)
     got = torch.load(tiny / "pp2_cp2.pt")
     assert got["target_tokens"] == expected["target_tokens"]  # every target counted once
     for key in ("loss", "grad_norm"):
@@ -330,7 +328,7 @@ def inputs(root: Path, *, evaluate: bool = False) -> list[str]:
 def torchrun(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node NPROC -m gemma3vl train ...``, its ranks forked from a preloaded
     server (launch_ranks.py)."""
-    result = run_job(nproc, ["train", "--recipe", "tiny_sft", "--out", str(out), *args], timeout=TIMEOUT_S)
+    result = launch_ranks.run_job(nproc, ["train", "--recipe", "tiny_sft", "--out", str(out), *args], timeout=TIMEOUT_S)
     assert result.returncode == 0, f"torchrun failed ({result.returncode}):\n{result.stderr[-4000:]}"
     return result
 

@@ -35,7 +35,9 @@ from gemma3vl.data.records import (
     ImageRef,
 )
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.prompt import DEFAULT_MAX_IMAGE_PIXELS, data_url_bytes, decode_image, load_image
+from gemma3vl.infer.prompt import (
+    DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, check_pixels, data_url_bytes, decode_image, load_image,
+)
 
 DEFAULT_MAX_REMOTE_BYTES = 32 * 1024 * 1024
 REMOTE_TIMEOUT_S = 30.0
@@ -110,13 +112,10 @@ class ImageLoader:
         return self._decode(data, f"image {url!r}", source)
 
     def _check_size(self, size: tuple[int, int], label: str, source: str) -> None:
-        width, height = size
-        if width * height > self.max_image_pixels:
-            raise BadRecord(
-                source,
-                UNREADABLE_IMAGE,
-                f"{label}: {width}x{height} = {width * height} pixels is over the limit of {self.max_image_pixels}",
-            )
+        try:
+            check_pixels(size, label, self.max_image_pixels)
+        except ImageTooLarge as exc:
+            raise BadRecord(source, UNREADABLE_IMAGE, str(exc)) from None
 
     def _decode(self, data: bytes, label: str, source: str) -> Image.Image:
         try:

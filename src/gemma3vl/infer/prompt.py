@@ -196,6 +196,13 @@ def data_url_bytes(url: str, label: str, max_bytes: int | None = None) -> bytes:
     return data
 
 
+def check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
+    """:class:`ImageTooLarge` naming ``label`` for an image of ``size`` (width, height) over ``max_pixels``."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{label}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
+
+
 def decode_image(source: Path | bytes, label: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An image file's or an encoded image's (``bytes``) pixels, upright (EXIF orientation applied, as transformers'
     ``load_image`` does); one error naming ``label`` for an image over ``max_pixels`` (:class:`ImageTooLarge`, told
@@ -203,11 +210,7 @@ def decode_image(source: Path | bytes, label: str, max_pixels: int = DEFAULT_MAX
     image source: files, data: URLs and downloads in prompts, requests and datasets."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as probe:
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"{label}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
-                )
+            check_pixels(probe.size, label, max_pixels)
             probe.load()
             image = probe.copy()
     except Gemma3VLError:
