@@ -16,7 +16,8 @@
 #
 # What lands in $OUT (within what the device tool brings back): run_all.log (every step's output), steps.tsv
 # (step, verdict, seconds), summary.md (the combined table), train_step-4b.json, train_step-4b-peft.json,
-# packing_gain-4b.json, train_step-4b-long.json, train_step-27b.json (cards over 100 GB only), generate-4b.json,
+# packing_gain-4b.json, train_step-4b-long.json, train_step-27b.json (cards over 100 GB only),
+# train_step-4b-frozen-vision.json, train_step-4b-offload.json, generate-4b.json,
 # flex_tune-4b.json, verify-4b.json (more than the device tool's 8 files: tar them, or split the parts).
 #
 # Time on an H200 (measured 2026-11-28; machine start not included; compiling dominates first steps):
@@ -28,23 +29,26 @@
 #   long 4b             286 s: 131,072 (first step 63 s, then 17 s), 16,384, 32,768, 65,536, transformers' rows
 #                       (its 65,536 and 131,072 rows run out of memory).
 #   27B LoRA            85 s (H200 only): ours fast (first step 47 s) and transformers + peft.
+#   levers 4b           unmeasured; ~150 s: SFT with the SigLIP tower frozen (ours fast and transformers, first
+#                       step compiles), then ours fast with AdamW's state on the host (optim.cpu_offload: ~52 GB
+#                       of host memory for the 4B's fp32 masters and moments; the update runs on the CPU).
 #   generate 4b         ~250 s with the default GENERATE_ARGS: the compiled step compiles in ~60 s per batch
 #                       size; eager batch 8 and transformers ~60 s; the long part ~60 s at 32,768 tokens (at 131,072, the default now: unmeasured). gpu_verify 4b ~150 s.
 #   flex_tune 4b        unmeasured; ~6 candidates x (compile ~15 s + timing): ~100 s.
 #   cuda tests          unmeasured; the two CUDA-only tests (compiled decode and engine): compiling, ~60-120 s.
 # PARTS picks and orders the steps (train = sft,lora). Default:
-# sft,generate,cudatests,flex,packing,27b,verify,lora,long: what the H200 runs of 2026-11-28 left unmeasured first
-# (the SFT step with the compiled loss and vision blocks and the clipping inside fused AdamW, with its profile;
+# sft,generate,cudatests,flex,packing,27b,levers,verify,lora,long: what the H200 runs of 2026-11-28 left unmeasured
+# first (the SFT step with the compiled loss and vision blocks and the clipping inside fused AdamW, with its profile;
 # generate's compiled-vs-eager tokens after the decode-attention and prefill changes, and the CUDA-only tests;
-# flex kernel options; the padded packing baseline; the 27B LoRA memory under the low-rank policy); the budget cuts
-# the last.
+# flex kernel options; the padded packing baseline; the 27B LoRA memory under the low-rank policy; the frozen
+# tower and the optimizer on the host); the budget cuts the last.
 
 set -u
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-bench-out}
 BUDGET_S=${BUDGET_S:-540}
-PARTS=${PARTS:-sft,generate,cudatests,flex,packing,27b,verify,lora,long}
+PARTS=${PARTS:-sft,generate,cudatests,flex,packing,27b,levers,verify,lora,long}
 PYTHON=${PYTHON:-python3}
 TINY=${TINY:-}
 mkdir -p "$OUT"
@@ -91,6 +95,7 @@ if [[ -n "$TINY" ]]; then
     TRAIN_COUNTS=(--warmup 1 --steps 1 --ac selective --profile)
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-96,128}")
     PACKING_COUNTS=(--warmup 1 --steps 1)
+    LEVER_COUNTS=(--warmup 1 --steps 1)
     FLEX_CHECK=(--flex-check 96)
     GENERATE_COUNTS=(--repeats 1 --new-tokens 8 --warmup-tokens 2 ${GENERATE_ARGS:-})
     NAME=tiny
@@ -100,6 +105,7 @@ else
     TRAIN_COUNTS=(--warmup 2 --steps 3 --profile)
     LONG_COUNTS=(--warmup 1 --steps 1 --seqs "${LONG_SEQS:-131072,16384,32768,65536}")
     PACKING_COUNTS=(--warmup 1 --steps 1 --conversations 48)
+    LEVER_COUNTS=(--warmup 1 --steps 2)
     FLEX_CHECK=(--flex-check 4096)
     GENERATE_COUNTS=(${GENERATE_ARGS:---order compiled,eager,graph,transformers,long --repeats 1 --profile --long-prompt 131072})
     NAME=4b
@@ -144,6 +150,14 @@ for part in "${PART_LIST[@]}"; do
             skip "train_step 27b LoRA" "needs a card with more than 100 GB (54 GB of bf16 weights)"
         fi
         ;;
+    levers)
+        # Issue 5's levers not yet timed on a GPU, at 4,096 tokens: the SigLIP tower frozen (both sides; against
+        # the sft part's trained tower), and AdamW's state on the host (ours only: transformers has no such setting).
+        step "train_step $NAME SFT frozen vision" 150 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" \
+            "${LEVER_COUNTS[@]}" --mode sft --ours-paths fast --freeze-vision --tag=-frozen-vision --out "$OUT"
+        step "train_step $NAME SFT AdamW on host" 150 "$PYTHON" benchmarks/train_step.py "${SIZE[@]}" \
+            "${LEVER_COUNTS[@]}" --mode sft --ours-paths fast --only ours --cpu-offload --tag=-offload --out "$OUT"
+        ;;
     flex)
         if [[ -n "$TINY" ]]; then
             skip "flex_tune $NAME" "needs CUDA (Triton kernel options)"
@@ -180,7 +194,7 @@ for part in "${PART_LIST[@]}"; do
         fi
         ;;
     *)
-        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, generate, cudatests, flex, verify)"
+        skip "$part" "unknown part (PARTS takes train (= sft,lora), sft, lora, packing, long, 27b, levers, generate, cudatests, flex, verify)"
         ;;
     esac
 done

@@ -30,6 +30,8 @@ grad clip 1.0) at one row per step (``global_batch_size = micro_batch_size = 1``
 * weights in bf16 (``model.dtype=bfloat16``: what transformers runs) or fp32 (``--ours-weights fp32``, the recipe
   default on CUDA: fp32 master weights, forward under bf16 autocast); ``--cpu-offload``: AdamW state on the host
   (``optim.cpu_offload``). PEFT: LoRA r16 on the text projections (``gemma3vl.train.lora``);
+  ``--freeze-vision``: the SigLIP tower frozen on both sides (ours: ``train.freeze_vision=true``; transformers: its
+  tower's parameters without gradients), its MFU counted as a forward only;
 * ``transformers``: ``Gemma3ForConditionalGeneration`` (sdpa) in bf16, ``loss.backward()``, clip, AdamW step;
   gradient checkpointing above 4,096 tokens (``--hf-checkpointing``; the anchor needed it to reach 16,384 at
   all); PEFT through ``peft.get_peft_model`` with the same LoRA settings and target modules.
@@ -577,7 +579,8 @@ def prepare_ours(variant: Variant, config: Gemma3Config, row_tokens: int, cfg, d
                                              else f" ({cfg.parallel.compile_mode})")
     result.settings = ", ".join([kernel, compiled if cfg.parallel.compile else "eager",
                                  f"AC {cfg.parallel.activation_checkpoint}",
-                                 "AdamW on host" if cfg.optim.cpu_offload else "AdamW"])
+                                 "AdamW on host" if cfg.optim.cpu_offload else "AdamW",
+                                 *(["vision frozen"] if cfg.train.freeze_vision else [])])
     describe_params(model, result)
     result.model_gib = allocated_gib(device)
     return model
@@ -611,12 +614,15 @@ def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens
 
         torch.manual_seed(args.seed)
         model = peft.get_peft_model(model, peft_config_for(config, cfg))
+    if cfg.train.freeze_vision:
+        vision_tower_of(model).requires_grad_(False)
     model.train()
     checkpointing = args.hf_checkpointing == "on" or (args.hf_checkpointing == "auto" and row_tokens > 4096)
     if checkpointing:  # what the anchor needed to reach 16,384 tokens at all
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    result.settings = "sdpa" + (", gradient checkpointing" if checkpointing else "") + ", AdamW"
+    result.settings = ("sdpa" + (", gradient checkpointing" if checkpointing else "") + ", AdamW"
+                       + (", vision frozen" if cfg.train.freeze_vision else ""))
     describe_params(model, result)
     result.model_gib = allocated_gib(device)
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -641,6 +647,14 @@ def prepare_transformers(variant: Variant, raw, config: Gemma3Config, row_tokens
     return step
 
 
+def vision_tower_of(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' SigLIP tower inside ``Gemma3ForConditionalGeneration`` (or a peft model around it)."""
+    for name, module in model.named_modules():
+        if name.endswith("vision_tower"):
+            return module
+    raise Gemma3VLError(f"no vision_tower in {type(model).__name__}")
+
+
 def run_transformers(
     variant: Variant, raw, config: Gemma3Config, inputs: TrainInputs, cfg, device, args, result: Result
 ):
@@ -652,6 +666,7 @@ def run_transformers(
 
 def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: torch.device, args) -> Result:
     cfg = recipe_config(args.model_name, variant.mode, seq, variant.weights)
+    cfg.train.freeze_vision = bool(getattr(args, "freeze_vision", False))  # (packing_gain.py has no flag)
     # The trainer autocasts fp32 weights to bf16 on CUDA only (gemma3vl.train.trainer.autocast_for).
     weights = "fp32 + bf16 autocast" if variant.weights == "fp32" and device.type == "cuda" else variant.weights
     result = Result(variant.impl, variant.mode, weights, cfg.recipe, seq,
@@ -671,7 +686,8 @@ def run_variant(variant: Variant, raw, config: Gemma3Config, seq: int, device: t
         result.first_loss = first_loss
         result.peak_gib = peak_gib(device)
         # the LM head counted on the positions with a target, as the trainer's logged MFU counts it
-        result.flops_per_step = step_flops(config, seq, 1, variant.mode, targets=inputs.target_count)
+        result.flops_per_step = step_flops(config, seq, 1, variant.mode, targets=inputs.target_count,
+                                           vision_trained=variant.mode == "sft" and not cfg.train.freeze_vision)
         peak = peak_flops_per_second(device_name(device))
         result.mfu = result.flops_per_step / step_s / peak if peak else None
     # Everything the variant built was local to the runner: gone once its frames (and any traceback) are.
@@ -930,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-checkpointing", default="auto", choices=["auto", "on", "off"],
                         help="transformers' gradient checkpointing (auto: on above 4,096 tokens, as the anchor)")
     parser.add_argument("--cpu-offload", action="store_true", help="ours: AdamW state on the host (optim.cpu_offload)")
+    parser.add_argument("--freeze-vision", action="store_true",
+                        help="the SigLIP tower frozen on both sides (ours: train.freeze_vision=true)")
     parser.add_argument("--profile", action="store_true",
                         help="ours: after the timed steps, one more step under torch.profiler; its top operators by "
                              "device time are printed and kept in the JSON (not part of the timings)")

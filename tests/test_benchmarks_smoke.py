@@ -383,6 +383,26 @@ def test_sweep_and_filters(tmp_path, capsys):
     assert last_line(capsys.readouterr().out).startswith("| ours | plain | gemma3_vl_4b_peft | bf16 | 64 |")
 
 
+def test_freeze_vision_freezes_the_same_tower_on_both_sides(tmp_path):
+    """``--freeze-vision``: ours (train.freeze_vision) and transformers (its vision_tower) train the same parameters
+    (all but the SigLIP tower's), start from the same loss, and the FLOP count takes the tower's forward only."""
+    code = train_step.main(["--tiny", "--device", "cpu", "--mode", "sft", "--ours-paths", "plain", "--freeze-vision",
+                            "--seq", "48", "--warmup", "0", "--steps", "1", "--out", str(tmp_path)])
+    assert code == 0
+    ours, theirs = json.loads((tmp_path / "train_step-tiny.json").read_text())["results"]
+    config = train_step.Gemma3Config.from_hf_dict(train_step.hf_config_dict("4b", tiny=True))
+    with torch.device("meta"):
+        tower = sum(p.numel() for p in train_step.Gemma3Model(config).vision.parameters())
+    for result in (ours, theirs):
+        assert result["status"] == "ok" and "vision frozen" in result["settings"]
+        assert result["trainable_params"] == result["total_params"] - tower
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=1e-3)
+    targets = train_step.TrainInputs.make(config, 48, torch.device("cpu"), 0).target_count
+    trained = train_step.step_flops(config, 48, 1, "sft", targets=targets)
+    frozen = train_step.step_flops(config, 48, 1, "sft", targets=targets, vision_trained=False)
+    assert ours["flops_per_step"] == theirs["flops_per_step"] == pytest.approx(frozen) and frozen < trained
+
+
 def test_a_variant_out_of_memory_is_not_tried_at_longer_lengths(monkeypatch, tmp_path):
     calls = []
 
