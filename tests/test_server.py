@@ -650,8 +650,8 @@ def test_image_sources_refuse_odd_urls_with_4xx_and_accept_an_upper_case_data_sc
 
 
 def test_requests_ended_by_stopping_the_server_get_503_unavailable(runtime):
-    """Ctrl-C with requests in flight: the running and the waiting ones, streamed or not, chat or legacy, are
-    all answered 503 ``unavailable`` (not ``generation_failed``, which says the generation itself went wrong)."""
+    """Ctrl-C with requests in flight: the running and the waiting ones, streamed or not, chat, legacy or Responses,
+    are all answered 503 ``unavailable`` (not ``generation_failed``, which says the generation itself went wrong)."""
     settings = ServerSettings(port=0, max_batch_size=1, max_tokens=2000)
     live = ChatCompletionServer(runtime, settings, log=io.StringIO()).start()
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "temperature": 0,
@@ -659,6 +659,8 @@ def test_requests_ended_by_stopping_the_server_get_503_unavailable(runtime):
     legacy = {"prompt": "hi", "max_tokens": 2000, "temperature": 0, "stop": ["never"]}
     requests = [("/v1/chat/completions", {**chat, "stream": stream}) for stream in (False, True, False, True)]
     requests += [("/v1/completions", {**legacy, "stream": stream}) for stream in (False, True)]
+    responses = {"input": "hi", "max_output_tokens": 2000, "temperature": 0, "stop": ["never"]}
+    requests += [("/v1/responses", {**responses, "stream": stream}) for stream in (False, True)]
     replies: dict[int, tuple[int, bytes]] = {}
 
     def send(index: int, path: str, body: dict) -> None:
@@ -684,7 +686,10 @@ def test_requests_ended_by_stopping_the_server_get_503_unavailable(runtime):
             assert status == 200
             events = [json.loads(line[len(b"data: "):]) for line in raw.splitlines()
                       if line.startswith(b"data: {")]
-            error = events[-1]["error"]
+            if requests[index][0] == "/v1/responses":  # an error event, then response.failed
+                assert [event["type"] for event in events[-2:]] == ["error", "response.failed"]
+                assert events[-2]["code"] == "unavailable"
+            error = events[-1]["response"]["error"] if "response" in events[-1] else events[-1]["error"]
         else:
             assert status == 503, raw
             error = json.loads(raw)["error"]

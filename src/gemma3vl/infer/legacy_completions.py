@@ -21,7 +21,6 @@ last entry it gets, taking it for the one token it asked for.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
+from gemma3vl.infer.completion import Completion
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.detokenize import BYTE_PIECE
 from gemma3vl.infer.logprobs import TokenLogprob
@@ -41,7 +40,7 @@ from gemma3vl.infer.openai_protocol import (
     SharedFields,
     _invalid,
     _is_int,
-    generation_error,
+    json_body,
     now,
     shared_fields,
     usage,
@@ -86,12 +85,7 @@ def _parse_prompt(value: Any) -> list[str | list[int]]:
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
     """Validate a ``/v1/completions`` body's syntax and field types (tokenizing and limits come later)."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    body = json_body(raw)
     if "prompt" not in body:
         hint = " (this is the legacy completions endpoint: send 'messages' to /v1/chat/completions)" \
             if "messages" in body else ""
@@ -331,17 +325,6 @@ def _response(completion_id: str, created: int, model: str, choices: list[dict],
     return body
 
 
-def _failure(app: "ChatCompletionServer", event: tuple) -> ApiError | None:
-    """The error a job's event stands for (None: an ordinary event)."""
-    if event[0] == "error":
-        return generation_error(event[1], stopping=app.stopping)
-    if event[0] == "done" and event[2].finish_reason == FINISH_CANCELLED:
-        return ApiError(503, "the server is shutting down", code="unavailable")
-    if event[0] == "done" and event[2].finish_reason == FINISH_ERROR:
-        return ApiError(500, event[2].error, code="generation_failed")
-    return None
-
-
 def _generated(app: "ChatCompletionServer", choice: _Choice, completion: Completion, start: int,
                limit: int) -> dict | None:
     """The legacy logprobs of a choice's generated tokens (and its stop token), their text from ``start``."""
@@ -393,7 +376,7 @@ def _complete(handler: Any, app: "ChatCompletionServer", request: CompletionRequ
         scored: list[TokenLogprob | None] = [None] * len(prompt.ids)
         done: dict[int, Completion] = {}
         for event in app.events(prompt.job, handler._client_gone):
-            error = _failure(app, event)
+            error = app.failure(event)
             if error is not None:
                 raise error
             if event[0] == "prompt_logprobs":
@@ -439,7 +422,7 @@ def _stream(handler: Any, app: "ChatCompletionServer", request: CompletionReques
         if request.echo and request.logprobs is None:
             echo([None] * len(prompt.ids))
         for event in app.events(prompt.job, handler._client_gone):
-            error = _failure(app, event)
+            error = app.failure(event)
             if error is not None:
                 record.status, record.detail = error.status, f"error in stream: {error.message}"
                 handler._write_chunk(_sse(error.body()))

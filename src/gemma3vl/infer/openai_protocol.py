@@ -246,16 +246,23 @@ def _parse_response_format(value: Any) -> dict[str, Any] | None:
     if not isinstance(spec, dict):
         raise ApiError(400, "Missing required parameter: 'response_format.json_schema' (an object with 'name' and "
                             "'schema').", param=param, code="missing_required_parameter")
+    return json_schema_of(spec, "response_format.json_schema", param)
+
+
+def json_schema_of(spec: dict, where: str, param: str) -> dict[str, Any]:
+    """The ``schema`` of a JSON-schema output format ``spec`` (``name``, ``schema``, optional ``strict`` and
+    ``description``), checked; ``where`` is its path in the request (chat completions' ``response_format.json_schema``,
+    the Responses API's ``text.format``), ``param`` the field errors name."""
     for key in ("name", "schema"):
         if key not in spec:
-            raise ApiError(400, f"Missing required parameter: 'response_format.json_schema.{key}'.", param=param,
+            raise ApiError(400, f"Missing required parameter: '{where}.{key}'.", param=param,
                            code="missing_required_parameter")
     if not isinstance(spec["name"], str) or not spec["name"]:
-        raise _invalid("'response_format.json_schema.name' must be a non-empty string", param)
+        raise _invalid(f"'{where}.name' must be a non-empty string", param)
     if not isinstance(spec["schema"], dict):
-        raise _invalid("'response_format.json_schema.schema' must be a JSON Schema object", param)
+        raise _invalid(f"'{where}.schema' must be a JSON Schema object", param)
     if not isinstance(spec.get("strict", False), (bool, type(None))):
-        raise _invalid("'response_format.json_schema.strict' must be a boolean", param)
+        raise _invalid(f"'{where}.strict' must be a boolean", param)
     return spec["schema"]
 
 
@@ -296,14 +303,20 @@ def shared_fields(body: dict) -> dict[str, Any]:
     )
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
-    """Validate a request body's syntax and field types (limits and image fetching come later)."""
+def json_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or the 400 ``invalid_json`` that says why it is not one."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Validate a request body's syntax and field types (limits and image fetching come later)."""
+    body = json_body(raw)
     if "messages" not in body:
         raise ApiError(400, "Missing required parameter: 'messages'.", param="messages",
                        code="missing_required_parameter")

@@ -1,5 +1,6 @@
-"""``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``, and
-the legacy ``/v1/completions``: :mod:`legacy_completions`).
+"""``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``,
+the legacy ``/v1/completions`` (:mod:`legacy_completions`) and the Responses API's ``/v1/responses``
+(:mod:`responses_api`)).
 
 Standard library only (``http.server`` with a thread per connection), so serving adds no dependency and
 the official ``openai`` client works against it unchanged. Each handler thread validates its request
@@ -33,6 +34,7 @@ from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
 from gemma3vl.infer.legacy_completions import TokenWidths, serve_completion
+from gemma3vl.infer.responses_api import serve_response
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
 from gemma3vl.infer.openai_protocol import (
     ApiError,
@@ -243,6 +245,17 @@ class ChatCompletionServer:
             if event[0] == "error" or not unfinished:
                 return
 
+    def failure(self, event: tuple) -> ApiError | None:
+        """The error a job's event stands for: a failed generation (500, or 503 when the server is stopping), a row
+        cancelled by a stopping server (503), a row that could not go on (500); None for an ordinary event."""
+        if event[0] == "error":
+            return generation_error(event[1], stopping=self.stopping)
+        if event[0] == "done" and event[2].finish_reason == FINISH_CANCELLED:
+            return ApiError(503, "the server is shutting down", code="unavailable")
+        if event[0] == "done" and event[2].finish_reason == FINISH_ERROR:
+            return ApiError(500, event[2].error, code="generation_failed")
+        return None
+
     def scheduler_alive(self) -> bool:
         thread = self.scheduler._thread
         return thread is not None and thread.is_alive()
@@ -438,18 +451,21 @@ class _Handler(BaseHTTPRequestHandler):
             if name != app.model_name:
                 raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
             self._send_json(200, models_object(app.model_name, app.created)["data"][0])
-        elif path in ("/v1/chat/completions", "/v1/completions"):
+        elif path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+        elif path.startswith("/v1/responses/"):
+            raise ApiError(404, "this server stores no responses (each answer is returned whole, or streamed, to the "
+                                "request that asked for it)", code="not_found")
         else:
             raise ApiError(404, f"no route {path}", code="unknown_url")
 
     def _post(self, record: RequestRecord) -> None:
         path = self._route()
         body = self._read_body()
-        if path == "/v1/completions":
+        if path in ("/v1/completions", "/v1/responses"):
             if self.app.stopping:
                 raise ApiError(503, "the server is shutting down", code="unavailable")
-            serve_completion(self, body, record)
+            (serve_completion if path == "/v1/completions" else serve_response)(self, body, record)
             return
         if path != "/v1/chat/completions":
             if path in ("/health", "/v1/models"):
@@ -494,15 +510,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, job: Job, record: RequestRecord) -> None:
         done: dict[int, Completion] = {}
         for event in self.app.events(job, self._client_gone):
-            if event[0] == "error":
-                raise generation_error(event[1], stopping=self.app.stopping)
+            error = self.app.failure(event)
+            if error is not None:
+                raise error
             if event[0] == "done":
-                _, index, completion = event
-                if completion.finish_reason == FINISH_CANCELLED:
-                    raise ApiError(503, "the server is shutting down", code="unavailable")
-                if completion.finish_reason == FINISH_ERROR:
-                    raise ApiError(500, completion.error, code="generation_failed")
-                done[index] = completion
+                done[event[1]] = event[2]
         completions = [done[index] for index in range(job.n)]
         counts = self._finished(job, completions, record, stream=False)
         choices = [choice_object(index, c.text, c.finish_reason, self.app.logprobs(c.logprobs))

@@ -1,0 +1,360 @@
+"""``POST /v1/responses``: OpenAI's Responses API, for the clients that speak it rather than chat completions
+(the OpenAI Agents SDK, ``client.responses.create`` / ``.stream`` / ``.parse``).
+
+A request is read into the same :class:`ChatRequest` a chat completion is (the same limits, images, chat template,
+sampling and JSON output), so the two endpoints give the same answer to the same conversation:
+
+* ``input``: a string (one user message), or a list of messages ``{"role", "content"}`` (``"type": "message"``
+  optional) whose content is a string or a list of ``input_text`` / ``input_image`` parts (``image_url``: a
+  ``data:`` URL, or a file or http(s) URL under the server's image settings) and, for earlier assistant turns,
+  ``output_text`` (or ``refusal``) parts;
+* ``instructions``: the system message (joined before a leading system or developer message of ``input``: Gemma's
+  template takes one);
+* ``max_output_tokens``, ``temperature``, ``top_p``, ``stream``, ``text.format`` (``text``, ``json_object``, or
+  ``json_schema`` with ``name`` / ``schema`` / ``strict``), ``metadata`` (echoed back), and the chat endpoint's
+  extensions (``top_k``, ``seed``, ``stop``, the penalties).
+
+What this server does not do is refused with a 400 naming the field, never ignored: tools and tool calls, stored
+responses (``previous_response_id``, ``conversation``: it keeps none, so ``store`` is answered ``false``; send the
+whole conversation in ``input``), background runs, reasoning settings, ``include``, ``truncation: auto``, prompt
+templates, log-probabilities.
+
+The answer is a ``response`` object whose one output item is the assistant ``message`` (one ``output_text``
+part); ``status`` is ``completed``, or ``incomplete`` with ``incomplete_details.reason: max_output_tokens`` when
+the token limit ended it. Streamed, it is OpenAI's sequence of server-sent events (``event:`` and ``data:`` lines,
+each with a ``sequence_number``): ``response.created``, ``response.in_progress``, ``response.output_item.added``,
+``response.content_part.added``, ``response.output_text.delta`` per piece of text, ``response.output_text.done``,
+``response.content_part.done``, ``response.output_item.done``, then ``response.completed`` (or
+``response.incomplete``) with the whole response and its usage; a generation that fails sends ``error`` and
+``response.failed``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gemma3vl.infer.completion import FINISH_LENGTH, Completion
+from gemma3vl.infer.openai_protocol import (
+    ROLE_ALIASES,
+    UNSUPPORTED_UNLESS_DEFAULT,
+    ApiError,
+    ChatRequest,
+    ImagePart,
+    RequestMessage,
+    _invalid,
+    _is_int,
+    json_body,
+    json_schema_of,
+    now,
+    shared_fields,
+)
+from gemma3vl.infer.scheduler import Job, QueueFull
+
+if TYPE_CHECKING:
+    from gemma3vl.infer.server import RequestRecord
+
+# Fields of the Responses API this server does not implement: refused unless they hold their harmless value.
+RESPONSES_UNSUPPORTED = {
+    **UNSUPPORTED_UNLESS_DEFAULT,
+    "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools is "none"
+    "previous_response_id": lambda v: v is None,
+    "conversation": lambda v: v is None,
+    "background": lambda v: v in (None, False),
+    "reasoning": lambda v: v is None or (isinstance(v, dict) and all(x is None for x in v.values())),
+    "include": lambda v: v in (None, []),
+    "truncation": lambda v: v in (None, "disabled"),
+    "prompt": lambda v: v is None,
+    "max_tool_calls": lambda v: v is None,
+    "top_logprobs": lambda v: v in (None, 0),
+    "n": lambda v: v in (None, 1),
+}
+WHY_UNSUPPORTED = {
+    "previous_response_id": "this server stores no responses: send the whole conversation in 'input'",
+    "conversation": "this server stores no conversations: send the whole conversation in 'input'",
+    "tools": "this server has no tool calling",
+    "tool_choice": "this server has no tool calling",
+}
+PART_TEXT = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
+
+
+@dataclass
+class ResponseRequest:
+    """A ``/v1/responses`` request: the chat request it is answered as, and what the response echoes."""
+
+    chat: ChatRequest
+    instructions: str | None = None
+    metadata: dict[str, str] | None = None
+    text_format: dict[str, Any] | None = None  # as given ({"type": "text"} when absent)
+
+
+def _unsupported(key: str) -> ApiError:
+    why = WHY_UNSUPPORTED.get(key, "this server does not support it")
+    return ApiError(400, f"'{key}' is not supported by this server ({why})", param=key, code="unsupported_parameter")
+
+
+def _parse_part(part: Any, param: str, role: str) -> str | ImagePart:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _invalid(f"'{param}' must be an object with a 'type'", param)
+    kind = part["type"]
+    if kind in PART_TEXT:
+        key = PART_TEXT[kind]
+        if not isinstance(part.get(key), str):
+            raise _invalid(f"'{param}.{key}' must be a string", f"{param}.{key}")
+        return part[key]
+    if kind == "input_image":
+        if role != "user":
+            raise _invalid(f"'{param}': images can only be sent in user messages", param)
+        url = part.get("image_url")
+        if part.get("file_id") is not None and url is None:
+            raise ApiError(400, f"'{param}.file_id': this server has no file storage; send the image as "
+                                "'image_url' (a data: URL)", param=f"{param}.file_id", code="unsupported_parameter")
+        if not isinstance(url, str) or not url:
+            raise _invalid(f"'{param}.image_url' must be a non-empty string (a data: URL, or a URL the server may "
+                           "fetch)", f"{param}.image_url")
+        return ImagePart(url=url, param=f"{param}.image_url")
+    raise _invalid(f"'{param}.type' {kind!r} is not supported (use 'input_text' or 'input_image'; 'output_text' "
+                   "in assistant messages)", f"{param}.type", "unsupported_content_type")
+
+
+def _parse_item(item: Any, index: int) -> RequestMessage:
+    param = f"input[{index}]"
+    if not isinstance(item, dict):
+        raise _invalid(f"'{param}' must be a message object with 'role' and 'content'", param)
+    kind = item.get("type", "message")
+    if kind != "message":
+        raise ApiError(400, f"'{param}.type' {kind!r} is not supported: this server takes messages only (it has no "
+                            "tool calls or stored items)", param=f"{param}.type", code="unsupported_content_type")
+    role = item.get("role")
+    if role not in ROLE_ALIASES:
+        raise _invalid(f"'{param}.role' must be one of system, developer, user, assistant; got {role!r}",
+                       f"{param}.role")
+    content = item.get("content")
+    if isinstance(content, str):
+        parts: list[str | ImagePart] = [content]
+    elif isinstance(content, list):
+        parts = [_parse_part(part, f"{param}.content[{i}]", ROLE_ALIASES[role]) for i, part in enumerate(content)]
+    elif "content" not in item:
+        raise ApiError(400, f"Missing required parameter: '{param}.content'.", param=f"{param}.content",
+                       code="missing_required_parameter")
+    else:
+        raise _invalid(f"'{param}.content' must be a string or a list of content parts", f"{param}.content")
+    return RequestMessage(role=ROLE_ALIASES[role], parts=parts)
+
+
+def _parse_input(value: Any, instructions: str | None) -> list[RequestMessage]:
+    if isinstance(value, str):
+        messages = [RequestMessage(role="user", parts=[value])]
+    elif isinstance(value, list) and value:
+        messages = [_parse_item(item, i) for i, item in enumerate(value)]
+    else:
+        raise _invalid("'input' must be a string or a non-empty list of messages", "input")
+    if instructions is not None:
+        if messages[0].role == "system":  # one system message: the instructions, then the input's own
+            first = messages[0]
+            text = "".join(part for part in first.parts if isinstance(part, str))
+            messages[0] = RequestMessage(role="system", parts=[instructions + ("\n\n" + text if text else "")])
+        else:
+            messages.insert(0, RequestMessage(role="system", parts=[instructions]))
+    return messages
+
+
+def _parse_text_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``text.format``: (the JSON Schema the answer follows or None, the format as the response echoes it)."""
+    if text is None:
+        return None, None
+    if not isinstance(text, dict):
+        raise _invalid("'text' must be an object like {\"format\": {\"type\": \"text\"}}", "text")
+    unknown = sorted(set(text) - {"format", "verbosity"})
+    if unknown:
+        raise _invalid(f"'text.{unknown[0]}' is not a field this server knows", f"text.{unknown[0]}")
+    if text.get("verbosity") not in (None, "medium"):
+        raise _unsupported("text.verbosity")
+    spec = text.get("format")
+    if spec is None:
+        return None, None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None, spec
+    if kind == "json_object":
+        return {"type": "object"}, spec
+    if kind == "json_schema":
+        return json_schema_of(spec, "text.format", "text.format"), spec
+    raise _invalid(f"'text.format' must be an object whose 'type' is 'text', 'json_object' or 'json_schema', got "
+                   f"{spec!r}", "text.format")
+
+
+def parse_response_request(raw: bytes) -> ResponseRequest:
+    """Validate a ``/v1/responses`` body (limits, images and the template come later, as for chat requests)."""
+    body = json_body(raw)
+    if "input" not in body:
+        raise ApiError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+    for key, harmless in RESPONSES_UNSUPPORTED.items():
+        if key in body and not harmless(body[key]):
+            raise _unsupported(key)
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _invalid("'instructions' must be a string", "instructions")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise _invalid("'metadata' must be an object of string values", "metadata")
+    max_tokens = body.get("max_output_tokens")
+    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 1):
+        raise _invalid(f"'max_output_tokens' must be an integer >= 1, got {max_tokens!r}", "max_output_tokens")
+    options = body.get("stream_options")  # the Responses API's: {"include_obfuscation": bool}; nothing to obfuscate
+    if options is not None and (not body.get("stream") or not isinstance(options, dict)):
+        raise _invalid("'stream_options' must be an object, and only when 'stream' is true", "stream_options")
+    schema, text_format = _parse_text_format(body.get("text"))
+    chat = ChatRequest(
+        messages=_parse_input(body["input"], instructions),
+        max_tokens=max_tokens,
+        max_tokens_param="max_output_tokens",
+        **shared_fields({key: value for key, value in body.items() if key != "stream_options"}),
+        json_schema=schema,
+    )
+    return ResponseRequest(chat=chat, instructions=instructions, metadata=metadata, text_format=text_format)
+
+
+# ---------------------------------------------------------------------------------------------- objects
+def response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class ResponseBuilder:
+    """The ``response`` object of one request as it goes: in progress, then completed, incomplete or failed."""
+
+    def __init__(self, request: ResponseRequest, model: str):
+        self.request = request
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.created = now()
+        self.model = model
+
+    def text_part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def message(self, text: str | None, status: str) -> dict[str, Any]:
+        """The assistant message item (``text`` None: no content part yet)."""
+        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
+                "content": [] if text is None else [self.text_part(text)]}
+
+    def response(self, status: str, output: list[dict[str, Any]], *, completion: Completion | None = None,
+                 error: ApiError | None = None) -> dict[str, Any]:
+        chat = self.request.chat
+        incomplete = completion is not None and completion.finish_reason == FINISH_LENGTH
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None if error is None else {"code": error.code or error.type, "message": error.message},
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "instructions": self.request.instructions,
+            "max_output_tokens": chat.max_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": False,
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "store": False,
+            "temperature": 1.0 if chat.temperature is None else chat.temperature,
+            "text": {"format": self.request.text_format or {"type": "text"}},
+            "tool_choice": "none",
+            "tools": [],
+            "top_p": 1.0 if chat.top_p is None else chat.top_p,
+            "truncation": "disabled",
+            "usage": None if completion is None else response_usage(completion.prompt_tokens,
+                                                                     completion.completion_tokens),
+            "metadata": self.request.metadata or {},
+        }
+
+    def finished(self, completion: Completion) -> tuple[str, dict[str, Any]]:
+        """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response."""
+        status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
+        output = [self.message(completion.text, status)]
+        return status, self.response(status, output, completion=completion)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+def serve_response(handler: Any, body: bytes, record: "RequestRecord") -> None:
+    """Answer one ``/v1/responses`` request on ``handler`` (the server's request handler)."""
+    app = handler.app
+    request = parse_response_request(body)
+    job = app.prepare(request.chat)
+    try:
+        app.scheduler.submit(job)
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
+                       type="rate_limit_error") from None
+    builder = ResponseBuilder(request, app.model_name)
+    try:
+        if request.chat.stream:
+            _stream(handler, job, builder, record)
+        else:
+            _complete(handler, job, builder, record)
+    except BaseException:  # the client went away, a write timed out, a bug: nobody will read the rest
+        job.cancel()
+        raise
+
+
+def _complete(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRecord") -> None:
+    app = handler.app
+    completion = None
+    for event in app.events(job, handler._client_gone):
+        error = app.failure(event)
+        if error is not None:
+            raise error
+        if event[0] == "done":
+            completion = event[2]
+    handler._finished(job, [completion], record, stream=False)
+    handler._send_json(200, builder.finished(completion)[1])
+
+
+class _EventWriter:
+    """Server-sent events of the Responses API: ``event: TYPE`` and ``data: {...}``, numbered in order."""
+
+    def __init__(self, handler: Any):
+        self.handler = handler
+        self.sequence = 0
+
+    def send(self, kind: str, **fields: Any) -> None:
+        from gemma3vl.infer.server import _json_bytes
+
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        self.handler._write_chunk(b"event: " + kind.encode() + b"\ndata: " + _json_bytes(data) + b"\n\n")
+
+
+def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRecord") -> None:
+    app = handler.app
+    where = {"item_id": builder.message_id, "output_index": 0, "content_index": 0}
+    handler.start_event_stream()
+    events = _EventWriter(handler)
+    events.send("response.created", response=builder.response("in_progress", []))
+    events.send("response.in_progress", response=builder.response("in_progress", []))
+    events.send("response.output_item.added", output_index=0, item=builder.message(None, "in_progress"))
+    events.send("response.content_part.added", **where, part=builder.text_part(""))
+    for event in app.events(job, handler._client_gone):
+        error = app.failure(event)
+        if error is not None:
+            record.status, record.detail = error.status, f"error in stream: {error.message}"
+            events.send("error", code=error.code or error.type, message=error.message, param=None)
+            events.send("response.failed", response=builder.response("failed", [], error=error))
+            job.cancel()
+            break
+        if event[0] == "text":
+            _, _, (text, _) = event
+            events.send("response.output_text.delta", **where, delta=text, logprobs=[])
+        elif event[0] == "done":
+            completion = event[2]
+            handler._finished(job, [completion], record, stream=True)
+            status, response = builder.finished(completion)
+            events.send("response.output_text.done", **where, text=completion.text, logprobs=[])
+            events.send("response.content_part.done", **where, part=builder.text_part(completion.text))
+            events.send("response.output_item.done", output_index=0, item=response["output"][0])
+            events.send(f"response.{status}", response=response)
+    handler._write_chunk(b"")  # end of the chunked body

@@ -1,0 +1,203 @@
+"""``POST /v1/responses`` (OpenAI's Responses API) on the live server, driven by the official ``openai`` client
+(``responses.create``, streamed and not, ``responses.stream``, ``responses.parse``) and raw HTTP.
+
+The oracle for every answer is transformers' own ``apply_chat_template`` on the equivalent chat messages followed by
+``generate`` (``test_server.reference_answer``), greedy: a Responses request must be answered exactly as the same
+conversation sent to ``/v1/chat/completions``. The model is the tiny random one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+
+from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
+from gemma3vl.pictures import draw_picture
+from test_server import data_url, post_json, post_raw, reference_answer
+
+MAX_TOKENS = 12
+LIMIT = 160  # the JSON-schema answer's token limit: the schema below ends well within it on the tiny model
+PATH = "/v1/responses"
+STREAM_ORDER = ["response.created", "response.in_progress", "response.output_item.added",
+                "response.content_part.added"]
+STREAM_END = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=LIMIT)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        yield live
+
+
+def image_input(text: str, kind: str) -> tuple[list[dict], list[dict]]:
+    """The same question as Responses ``input`` and as chat messages."""
+    url = data_url(draw_picture(kind))
+    responses = [{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                              {"type": "input_text", "text": text}]}]
+    chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+    return responses, chat
+
+
+def test_an_image_question_is_answered_as_generate_answers_it(server, client, runtime):
+    responses_input, messages = image_input("What is in the picture?", "red circle")
+    response = client.responses.create(model=server.model_name, input=responses_input, temperature=0,
+                                       max_output_tokens=MAX_TOKENS)
+    text, finish, prompt_tokens, completion_tokens = reference_answer(runtime, messages)
+    assert response.output_text == text
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.model == server.model_name and isinstance(response.created_at, (int, float))
+    [message] = response.output
+    assert (message.type, message.role, message.id[:4]) == ("message", "assistant", "msg_")
+    assert [part.type for part in message.content] == ["output_text"]
+    if finish == "length":
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    else:
+        assert response.status == "completed" and response.incomplete_details is None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (prompt_tokens, completion_tokens)
+    assert response.usage.total_tokens == prompt_tokens + completion_tokens
+    assert response.max_output_tokens == MAX_TOKENS and response.store is False
+
+
+def test_instructions_are_the_system_message_and_earlier_turns_go_through_the_template(server, client, runtime):
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "output_text", "text": "Hello there"}]},
+               {"role": "user", "content": [{"type": "input_text", "text": "Question number 2"}]}]
+    response = client.responses.create(model=server.model_name, instructions="Be brief.", input=history,
+                                       temperature=0, max_output_tokens=MAX_TOKENS, metadata={"run": "a"})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Question number 2"}]
+    assert response.output_text == reference_answer(runtime, messages)[0]
+    assert response.instructions == "Be brief." and response.metadata == {"run": "a"}
+    # a developer message of its own too: one system message, the instructions first (Gemma's template takes one)
+    merged = client.responses.create(model=server.model_name, instructions="Be brief.", temperature=0,
+                                     max_output_tokens=MAX_TOKENS,
+                                     input=[{"role": "developer", "content": "Answer in French."}, history[0]])
+    expected = reference_answer(runtime, [{"role": "system", "content": "Be brief.\n\nAnswer in French."},
+                                          {"role": "user", "content": "hi"}])[0]
+    assert merged.output_text == expected
+    # a plain string is one user message
+    plain = client.responses.create(model=server.model_name, input="hi", temperature=0, max_output_tokens=MAX_TOKENS)
+    assert plain.output_text == reference_answer(runtime, [{"role": "user", "content": "hi"}])[0]
+
+
+def test_the_stream_is_openais_event_sequence_and_adds_up_to_the_answer(server, client, runtime):
+    responses_input, messages = image_input("Describe it", "blue square and green star")
+    events = list(client.responses.create(model=server.model_name, input=responses_input, temperature=0,
+                                          max_output_tokens=MAX_TOKENS, stream=True))
+    text, finish, prompt_tokens, completion_tokens = reference_answer(runtime, messages)
+    kinds = [event.type for event in events]
+    deltas = [event for event in events if event.type == "response.output_text.delta"]
+    final = "response.incomplete" if finish == "length" else "response.completed"
+    assert kinds == STREAM_ORDER + ["response.output_text.delta"] * len(deltas) + STREAM_END + [final]
+    assert deltas and "".join(event.delta for event in deltas) == text
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert len({event.response.id for event in (events[0], events[1], events[-1])}) == 1
+    message_id = events[2].item.id
+    assert all(event.item_id == message_id for event in deltas)
+    assert events[-4].text == text and events[-2].item.content[0].text == text
+    last = events[-1].response
+    assert last.output_text == text and last.status == final.removeprefix("response.")
+    assert (last.usage.input_tokens, last.usage.output_tokens) == (prompt_tokens, completion_tokens)
+
+
+def test_the_wire_format_names_each_event_and_ends_without_done(server, runtime):
+    status, content_type, raw = post_raw(server, json.dumps(
+        {"model": server.model_name, "input": "Question number 0", "stream": True, "temperature": 0,
+         "max_output_tokens": MAX_TOKENS}).encode(), path=PATH)
+    assert status == 200 and content_type.startswith("text/event-stream")
+    blocks = raw.decode().split("\n\n")
+    assert blocks[-1] == "" and "[DONE]" not in raw.decode()
+    kinds = []
+    for block in blocks[:-1]:
+        event_line, data_line = block.split("\n")
+        kinds.append(json.loads(data_line.removeprefix("data: "))["type"])
+        assert event_line == f"event: {kinds[-1]}"
+    text = reference_answer(runtime, [{"role": "user", "content": "Question number 0"}])[0]
+    assert kinds.count("response.output_text.delta") > 3 and len(text) > 3  # text as it comes, not all at the end
+
+
+def test_json_schema_output_through_parse_and_the_stream_helper(server, client):
+    """``responses.parse`` with a pydantic model (the client sends it as a strict ``json_schema`` format) gets a
+    parsed object; ``responses.stream`` puts the same greedy answer together and ends with ``response.completed``."""
+    pytest.importorskip("xgrammar")
+    pydantic = pytest.importorskip("pydantic")
+
+    class Receipt(pydantic.BaseModel):
+        store: str = pydantic.Field(pattern="^[a-z ]{1,10}$")
+        paid: bool
+        method: str = pydantic.Field(json_schema_extra={"enum": ["cash", "card"]})
+
+    settings = dict(model=server.model_name, input="Read this receipt", temperature=0, max_output_tokens=LIMIT)
+    parsed = client.responses.parse(**settings, text_format=Receipt)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, Receipt)
+    assert parsed.output_parsed.method in ("cash", "card")
+    assert parsed.text.format.type == "json_schema" and parsed.text.format.name == "Receipt"
+    with client.responses.stream(**settings, text_format=Receipt) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == parsed.output_text
+    assert final.output_parsed == parsed.output_parsed
+    # json_object, sampled with a seed (an extension, as on the chat endpoint): the chat endpoint's answer
+    chat = client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=LIMIT, temperature=1, seed=1,
+                                          response_format={"type": "json_object"})
+    any_object = client.responses.create(model=server.model_name, input="hi", max_output_tokens=LIMIT, temperature=1,
+                                         extra_body={"seed": 1}, text={"format": {"type": "json_object"}})
+    assert any_object.output_text == chat.choices[0].message.content
+    assert isinstance(json.loads(any_object.output_text), dict)
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({}, "input", "missing_required_parameter"),
+    ({"input": []}, "input", "invalid_value"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools",
+     "unsupported_parameter"),
+    ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
+    ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include", "unsupported_parameter"),
+    ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning", "unsupported_parameter"),
+    ({"input": "hi", "truncation": "auto"}, "truncation", "unsupported_parameter"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input[0].type",
+     "unsupported_content_type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0].type",
+     "unsupported_content_type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
+     "input[0].content[0].file_id", "unsupported_parameter"),
+    ({"input": [{"role": "assistant", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+     "input[0].content[0]", "invalid_value"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "invalid_value"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+    ({"input": "hi", "max_output_tokens": LIMIT + 1}, "max_output_tokens", "invalid_value"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format", "invalid_value"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format",
+     "missing_required_parameter"),
+    ({"input": "hi", "metadata": {"a": 1}}, "metadata", "invalid_value"),
+    ({"input": "hi", "instructions": ["a"]}, "instructions", "invalid_value"),
+    ({"input": "hi", "model": "another"}, "model", "model_not_found"),
+    ({"input": [{"role": "assistant", "content": "x"}]}, "messages", "invalid_conversation"),
+])
+def test_what_the_server_does_not_do_is_refused_naming_the_field(server, body, param, code):
+    status, reply = post_json(server, body, path=PATH)
+    assert 400 <= status < 500 and reply["error"]["param"] == param and reply["error"]["code"] == code, reply
+    assert post_json(server, {"input": "hi", "max_output_tokens": 2}, path=PATH)[0] == 200  # still serving
+
+
+def test_harmless_fields_are_accepted(server):
+    status, reply = post_json(server, {"input": "hi", "max_output_tokens": 2, "tools": [], "tool_choice": "auto",
+                                       "store": True, "truncation": "disabled", "include": [], "user": "u1",
+                                       "reasoning": {"effort": None}, "parallel_tool_calls": True,
+                                       "text": {"format": {"type": "text"}}}, path=PATH)
+    assert status == 200 and reply["status"] in ("completed", "incomplete") and reply["store"] is False
+
+
+def test_stored_responses_are_not_found_and_the_route_takes_post(server, client):
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        client.responses.retrieve("resp_123")
+    status, _, raw = post_raw(server, b"", path=PATH, method="GET")
+    assert status == 405 and json.loads(raw)["error"]["code"] == "method_not_allowed"
