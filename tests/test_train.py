@@ -103,6 +103,7 @@ def test_config_file_values_of_the_right_type(tmp_path):
     ("data.max_image_pixels=0", "data.max_image_pixels=0 must be >= 1"),
     ("data.eval_max_new_tokens=0", "data.eval_max_new_tokens=0 must be >= 1"),
     ("optim.beta1=1.5", r"optim.beta1=1.5 must be in \[0, 1\)"),
+    ("optim.schedule=step", "optim.schedule='step' is not one of cosine, linear, constant"),
     ("train.freeze_language=true", "nothing to train: the adapters are on the text decoder, which train.freeze_"),
     ("out=none", None),
 ])
@@ -541,6 +542,36 @@ def test_schedule_is_linear_warmup_then_transformers_cosine_with_a_floor():
             expected = (step + 1) / warmup if step < warmup else floor + (1 - floor) * reference(step)
             assert warmup_cosine(step, warmup_steps=warmup, total_steps=steps, min_ratio=floor) == pytest.approx(
                 expected, rel=1e-12, abs=1e-15)
+
+
+def test_linear_and_constant_schedules_decay_as_transformers_ones():
+    """``optim.schedule=linear`` / ``constant``: after our warmup, transformers' get_linear_schedule_with_warmup
+    (above the floor) and get_constant_schedule_with_warmup (the oracles); the run's scheduler follows the setting."""
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    from gemma3vl.train.config import OptimSettings
+    from gemma3vl.train.schedule import build_scheduler, schedule_factor
+
+    def sgd():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    for warmup, steps, floor in [(0, 7, 0.1), (3, 10, 0.1), (2, 3, 0.0), (4, 4, 0.5), (5, 3, 0.1)]:
+        linear = get_linear_schedule_with_warmup(sgd(), warmup, steps).lr_lambdas[0]
+        constant = get_constant_schedule_with_warmup(sgd(), warmup).lr_lambdas[0]
+        for step in range(steps):
+            warming = step < warmup
+            for schedule, expected in (("linear", floor + (1 - floor) * linear(step)), ("constant", constant(step))):
+                got = schedule_factor(step, schedule=schedule, warmup_steps=warmup, total_steps=steps,
+                                      min_ratio=floor)
+                assert got == pytest.approx((step + 1) / warmup if warming else expected, rel=1e-12, abs=1e-15)
+    settings = OptimSettings(lr=2.0, warmup_steps=2, schedule="linear", min_lr_ratio=0.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+    scheduler, rates = build_scheduler(optimizer, settings, total_steps=6), []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1.0, 2.0, 2.0, 1.5, 1.0, 0.5])  # the peak at steps W and W + 1, then down to 0
 
 
 def test_a_frozen_part_keeps_its_adapters_frozen_too(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 
 from gemma3vl.errors import Gemma3VLError
 
+SCHEDULES = ("cosine", "linear", "constant")  # optim.schedule: the learning rate's decay after the warmup
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # parallel.compile_mode: torch.compile modes for blocks
 
 
@@ -101,7 +102,8 @@ class OptimSettings:
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    schedule: str = "cosine"  # after the warmup: cosine | linear (decay to lr * min_lr_ratio) | constant
+    min_lr_ratio: float = 0.1  # the decay's floor: lr * min_lr_ratio, reached one step after the last
     fused: str = "auto"  # auto: fused AdamW on CUDA
     # One process: AdamW's moments and an fp32 master copy of the weights live in host memory and the step runs
     # on the CPU (gemma3vl.train.schedule.HostOffloadAdamW); frees 12 bytes per trained parameter on the GPU.
@@ -200,6 +202,7 @@ class TrainConfig:
             "parallel.pp_schedule": (self.parallel.pp_schedule, ("1f1b", "interleaved")),
             "parallel.compile_mode": (self.parallel.compile_mode, COMPILE_MODES),
             "optim.fused": (self.optim.fused, ("auto", "true", "false")),
+            "optim.schedule": (self.optim.schedule, SCHEDULES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW (fused on CUDA), linear warmup then cosine decay.
+"""Optimizer and learning-rate schedule: AdamW (fused on CUDA), linear warmup then a cosine (default), linear or
+no decay (``optim.schedule``).
 
 ``optim.cpu_offload`` swaps AdamW for :class:`HostOffloadAdamW`, which keeps the optimizer's state on the host.
 """
@@ -13,22 +14,35 @@ from torch.optim.adam import adam
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.parallel.distributed import total_grad_norm
-from gemma3vl.train.config import OptimSettings
+from gemma3vl.train.config import SCHEDULES, OptimSettings
+
+
+def schedule_factor(step: int, *, schedule: str = "cosine", warmup_steps: int, total_steps: int,
+                    min_ratio: float) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based) of ``total_steps`` (``N``).
+
+    Warmup: step ``s < W`` trains at ``(s + 1) / W`` (the last warmup step at the peak). Then, from the peak at step
+    ``W`` towards ``min_ratio`` (``r``), with ``p = (s - W) / (N - W)``: ``cosine``, the cosine of transformers'
+    ``get_cosine_schedule_with_warmup``, ``r + (1 - r) * (1 + cos(pi * p)) / 2``; ``linear``, that of
+    ``get_linear_schedule_with_warmup``, ``r + (1 - r) * (1 - p)``; ``constant`` (``get_constant_schedule_with_warmup``)
+    stays at the peak. The decays would reach ``r`` at step ``N``, one past the last (so with ``r = 0`` the last
+    step still trains); with ``W >= N`` the run ends inside the warmup."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    if schedule == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    if schedule != "cosine":
+        raise Gemma3VLError(f"optim.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based) of ``total_steps`` (``N``).
-
-    Warmup: step ``s < W`` trains at ``(s + 1) / W`` (the last warmup step at the peak). Then the cosine of
-    transformers' ``get_cosine_schedule_with_warmup``, from the peak at step ``W`` towards ``min_ratio``:
-    ``min_ratio + (1 - min_ratio) * (1 + cos(pi * (s - W) / (N - W))) / 2``. It would reach ``min_ratio`` at
-    step ``N``, one past the last (so with ``min_ratio = 0`` the last step still trains); with ``W >= N`` the
-    run ends inside the warmup."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """``schedule_factor`` of the default schedule, ``cosine``."""
+    return schedule_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
 
 
 class HostOffloadAdamW(torch.optim.Optimizer):
@@ -214,7 +228,6 @@ def clip_in_fused_step(
 def build_scheduler(optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(
-            step, warmup_steps=settings.warmup_steps, total_steps=total_steps, min_ratio=settings.min_lr_ratio
-        ),
+        lambda step: schedule_factor(step, schedule=settings.schedule, warmup_steps=settings.warmup_steps,
+                                     total_steps=total_steps, min_ratio=settings.min_lr_ratio),
     )
