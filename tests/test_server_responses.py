@@ -160,7 +160,8 @@ def test_json_schema_output_through_parse_and_the_stream_helper(server, client):
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools",
      "unsupported_parameter"),
     ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
-    ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include", "unsupported_parameter"),
+    ({"input": "hi", "include": "message.output_text.logprobs"}, "include", "invalid_value"),
+    ({"input": "hi", "top_logprobs": 21}, "top_logprobs", "invalid_value"),
     ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning", "unsupported_parameter"),
     ({"input": "hi", "truncation": "auto"}, "truncation", "unsupported_parameter"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input[0].type",
@@ -190,10 +191,33 @@ def test_what_the_server_does_not_do_is_refused_naming_the_field(server, body, p
 
 def test_harmless_fields_are_accepted(server):
     status, reply = post_json(server, {"input": "hi", "max_output_tokens": 2, "tools": [], "tool_choice": "auto",
-                                       "store": True, "truncation": "disabled", "include": [], "user": "u1",
+                                       "store": True, "truncation": "disabled", "user": "u1",
+                                       "include": ["reasoning.encrypted_content", "message.input_image.image_url"],
                                        "reasoning": {"effort": None}, "parallel_tool_calls": True,
                                        "text": {"format": {"type": "text"}}}, path=PATH)
     assert status == 200 and reply["status"] in ("completed", "incomplete") and reply["store"] is False
+    assert reply["output"][0]["content"][0]["logprobs"] == []  # none asked for
+
+
+def test_logprobs_are_the_chat_endpoints(server, client):
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs``: the output text's per-token logprobs,
+    the same items as the chat endpoint gives for the same conversation (greedy); streamed, the deltas carry them."""
+    settings = dict(model=server.model_name, temperature=0)
+    chat = client.chat.completions.create(**settings, messages=[{"role": "user", "content": "Question number 1"}],
+                                          max_tokens=MAX_TOKENS, logprobs=True, top_logprobs=2)
+    expected = [item.model_dump() for item in chat.choices[0].logprobs.content]
+    asked = dict(**settings, input="Question number 1", max_output_tokens=MAX_TOKENS, top_logprobs=2,
+                 include=["message.output_text.logprobs"])
+    response = client.responses.create(**asked)
+    part = response.output[0].content[0]
+    assert part.text == chat.choices[0].message.content and len(expected) > 3
+    assert [item.model_dump() for item in part.logprobs] == expected and response.top_logprobs == 2
+    events = list(client.responses.create(**asked, stream=True))
+    streamed = [item.model_dump() for event in events if event.type == "response.output_text.delta"
+                for item in event.logprobs]
+    assert streamed == expected
+    done = next(event for event in events if event.type == "response.output_text.done")
+    assert [item.model_dump() for item in done.logprobs] == expected
 
 
 def test_stored_responses_are_not_found_and_the_route_takes_post(server, client):

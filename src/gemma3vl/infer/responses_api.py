@@ -16,8 +16,10 @@ sampling and JSON output), so the two endpoints give the same answer to the same
 
 What this server does not do is refused with a 400 naming the field, never ignored: tools and tool calls, stored
 responses (``previous_response_id``, ``conversation``: it keeps none, so ``store`` is answered ``false``; send the
-whole conversation in ``input``), background runs, reasoning settings, ``include``, ``truncation: auto``, prompt
-templates, log-probabilities.
+whole conversation in ``input``), background runs, reasoning settings, ``truncation: auto``, prompt templates.
+``include: ["message.output_text.logprobs"]`` (or ``top_logprobs``, 0 to 20) gives the output text's per-token
+log-probabilities, as the chat endpoint computes them; ``include``'s other values name items these answers never
+hold (reasoning, tool calls, echoed inputs) and change nothing.
 
 The answer is a ``response`` object whose one output item is the assistant ``message`` (one ``output_text``
 part); ``status`` is ``completed``, or ``incomplete`` with ``incomplete_details.reason: max_output_tokens`` when
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.infer.completion import FINISH_LENGTH, Completion
 from gemma3vl.infer.openai_protocol import (
@@ -41,6 +43,7 @@ from gemma3vl.infer.openai_protocol import (
     UNSUPPORTED_UNLESS_DEFAULT,
     ApiError,
     ChatRequest,
+    MAX_TOP_LOGPROBS,
     ImagePart,
     RequestMessage,
     _invalid,
@@ -53,6 +56,7 @@ from gemma3vl.infer.openai_protocol import (
 from gemma3vl.infer.scheduler import Job, QueueFull
 
 if TYPE_CHECKING:
+    from gemma3vl.infer.logprobs import TokenLogprob
     from gemma3vl.infer.server import RequestRecord
 
 # Fields of the Responses API this server does not implement: refused unless they hold their harmless value.
@@ -63,11 +67,9 @@ RESPONSES_UNSUPPORTED = {
     "conversation": lambda v: v is None,
     "background": lambda v: v in (None, False),
     "reasoning": lambda v: v is None or (isinstance(v, dict) and all(x is None for x in v.values())),
-    "include": lambda v: v in (None, []),
     "truncation": lambda v: v in (None, "disabled"),
     "prompt": lambda v: v is None,
     "max_tool_calls": lambda v: v is None,
-    "top_logprobs": lambda v: v in (None, 0),
     "n": lambda v: v in (None, 1),
 }
 WHY_UNSUPPORTED = {
@@ -77,6 +79,9 @@ WHY_UNSUPPORTED = {
     "tool_choice": "this server has no tool calling",
 }
 PART_TEXT = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
+# ``include`` asks for extra data in the answer; only this one concerns what the server produces (the others name
+# tool calls, reasoning items or echoed inputs, which its answers never hold, so asking for them changes nothing)
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
 
 
 @dataclass
@@ -200,6 +205,12 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
     if metadata is not None and not (isinstance(metadata, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise _invalid("'metadata' must be an object of string values", "metadata")
+    include = body.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(item, str) for item in include)):
+        raise _invalid("'include' must be a list of strings", "include")
+    top = body.get("top_logprobs")
+    if top is not None and not (_is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise _invalid(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}", "top_logprobs")
     max_tokens = body.get("max_output_tokens")
     if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 1):
         raise _invalid(f"'max_output_tokens' must be an integer >= 1, got {max_tokens!r}", "max_output_tokens")
@@ -213,6 +224,8 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
         max_tokens_param="max_output_tokens",
         **shared_fields({key: value for key, value in body.items() if key != "stream_options"}),
         json_schema=schema,
+        logprobs=INCLUDE_LOGPROBS in (include or ()) or bool(top),  # top_logprobs alone asks for them too
+        top_logprobs=top or 0,
     )
     return ResponseRequest(chat=chat, instructions=instructions, metadata=metadata, text_format=text_format)
 
@@ -227,20 +240,22 @@ def response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]
 class ResponseBuilder:
     """The ``response`` object of one request as it goes: in progress, then completed, incomplete or failed."""
 
-    def __init__(self, request: ResponseRequest, model: str):
+    def __init__(self, request: ResponseRequest, model: str,
+                 logprob_items: Callable[[list[TokenLogprob] | None], list[dict[str, Any]]]):
         self.request = request
+        self.logprob_items = logprob_items  # OpenAI's per-token logprob items ([] when the request asks for none)
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = now()
         self.model = model
 
-    def text_part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def text_part(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
-    def message(self, text: str | None, status: str) -> dict[str, Any]:
-        """The assistant message item (``text`` None: no content part yet)."""
+    def message(self, part: dict[str, Any] | None, status: str) -> dict[str, Any]:
+        """The assistant message item (``part`` None: no content part yet)."""
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [] if text is None else [self.text_part(text)]}
+                "content": [] if part is None else [part]}
 
     def response(self, status: str, output: list[dict[str, Any]], *, completion: Completion | None = None,
                  error: ApiError | None = None) -> dict[str, Any]:
@@ -265,6 +280,7 @@ class ResponseBuilder:
             "text": {"format": self.request.text_format or {"type": "text"}},
             "tool_choice": "none",
             "tools": [],
+            "top_logprobs": chat.top_logprobs,
             "top_p": 1.0 if chat.top_p is None else chat.top_p,
             "truncation": "disabled",
             "usage": None if completion is None else response_usage(completion.prompt_tokens,
@@ -275,8 +291,8 @@ class ResponseBuilder:
     def finished(self, completion: Completion) -> tuple[str, dict[str, Any]]:
         """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
-        output = [self.message(completion.text, status)]
-        return status, self.response(status, output, completion=completion)
+        part = self.text_part(completion.text, self.logprob_items(completion.logprobs))
+        return status, self.response(status, [self.message(part, status)], completion=completion)
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -290,7 +306,7 @@ def serve_response(handler: Any, body: bytes, record: "RequestRecord") -> None:
     except QueueFull as exc:
         raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
                        type="rate_limit_error") from None
-    builder = ResponseBuilder(request, app.model_name)
+    builder = ResponseBuilder(request, app.model_name, lambda entries: (app.logprobs(entries) or {}).get("content", []))
     try:
         if request.chat.stream:
             _stream(handler, job, builder, record)
@@ -347,14 +363,15 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
             job.cancel()
             break
         if event[0] == "text":
-            _, _, (text, _) = event
-            events.send("response.output_text.delta", **where, delta=text, logprobs=[])
+            _, _, (text, entries) = event
+            events.send("response.output_text.delta", **where, delta=text, logprobs=builder.logprob_items(entries))
         elif event[0] == "done":
             completion = event[2]
             handler._finished(job, [completion], record, stream=True)
             status, response = builder.finished(completion)
-            events.send("response.output_text.done", **where, text=completion.text, logprobs=[])
-            events.send("response.content_part.done", **where, part=builder.text_part(completion.text))
+            part = response["output"][0]["content"][0]
+            events.send("response.output_text.done", **where, text=completion.text, logprobs=part["logprobs"])
+            events.send("response.content_part.done", **where, part=part)
             events.send("response.output_item.done", output_index=0, item=response["output"][0])
             events.send(f"response.{status}", response=response)
     handler._write_chunk(b"")  # end of the chunked body
