@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -379,6 +380,23 @@ def check_listen_address(host: str, port: int) -> None:
             raise Gemma3VLError(f"cannot listen on {host}:{port}: {exc}") from None
 
 
+def allowed_origins(value: str | None) -> tuple[str, ...]:
+    """``--allowed-origins``: ``*``, or a comma list of web origins (``scheme://host[:port]``, as browsers send them in
+    ``Origin``: no path, no trailing slash); anything else is refused, naming it."""
+    if value is None:
+        return ()
+    origins = tuple(item.strip() for item in value.split(",") if item.strip())
+    if not origins:
+        raise Gemma3VLError("--allowed-origins: give '*' or origins like https://chat.example.com")
+    for origin in origins:
+        parsed = urllib.parse.urlsplit(origin)
+        if origin != "*" and (parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path
+                              or parsed.query or parsed.fragment):
+            raise Gemma3VLError(f"--allowed-origins: {origin!r} is not a web origin (scheme://host[:port], no path, "
+                                "as browsers send it), nor '*'")
+    return origins
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -400,6 +418,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_device_flag(args)
     if args.allow_local_images is not None and not Path(args.allow_local_images).is_dir():
         raise Gemma3VLError(f"--allow-local-images {args.allow_local_images}: not a directory")
+    origins = allowed_origins(args.allowed_origins)
     check_listen_address(args.host, args.port)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     log(runtime.describe())
@@ -411,7 +430,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_local_images=args.allow_local_images, allow_remote_images=args.allow_remote_images,
         pan_and_scan=True if args.pan_and_scan else None, max_waiting=args.max_waiting,
         max_sequence_length=args.max_sequence_length, compile_decode=args.compile, max_n=args.max_n,
-        api_key=args.api_key or os.environ.get("GEMMA3VL_API_KEY") or None,
+        api_key=args.api_key or os.environ.get("GEMMA3VL_API_KEY") or None, allowed_origins=origins,
     )
     try:
         server = ChatCompletionServer(runtime, settings)
@@ -698,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-local-images", default=None, metavar="DIR",
                        help="let image_url name files, confined to DIR (default: data: URLs only)")
     serve.add_argument("--allow-remote-images", action="store_true", help="let image_url be an http(s) URL")
+    serve.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                       help="let web pages from these origins (a comma list of scheme://host[:port], or '*') call "
+                            "the server from a browser (CORS; default: none)")
     serve.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
     serve.add_argument("--max-waiting", type=int, default=256, metavar="N",
                        help="requests that may wait for a free batch slot; more are answered 429 (256)")

@@ -80,6 +80,8 @@ class ServerSettings:
     connection_timeout_s: float = 120.0
     # when set, every route but /health needs "Authorization: Bearer <api_key>" (what OpenAI clients send)
     api_key: str | None = None
+    # origins whose web pages may call the server from a browser (CORS); "*": any; empty: none (no CORS headers)
+    allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass
@@ -318,6 +320,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.app.log(f"{self.client_address[0]} http error: {format % args}")
 
     # ------------------------------------------------------------------------------------ plumbing
+    def _cors_origin(self) -> str | None:
+        """The ``Access-Control-Allow-Origin`` this request gets: its ``Origin`` when allowed (``*`` when any is),
+        else None (no CORS header: the browser keeps the answer from the page)."""
+        allowed = self.app.settings.allowed_origins
+        headers = getattr(self, "headers", None)  # none yet when the request line itself was bad
+        origin = headers.get("Origin") if headers is not None else None
+        if not allowed or not origin:
+            return None
+        return "*" if "*" in allowed else origin if origin in allowed else None
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """The status line, then (for a browser's request from an allowed origin) the CORS header: on every
+        answer, errors and streams included, so that the page can read them."""
+        super().send_response(code, message)
+        origin = self._cors_origin()
+        if origin is not None:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            if origin != "*":
+                self.send_header("Vary", "Origin")
+
+    def _preflight(self) -> bool:
+        """Answer a browser's CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from an allowed
+        origin with 204 and what it may send; False when this is not one (the caller answers it as before)."""
+        if self.command != "OPTIONS" or "Access-Control-Request-Method" not in self.headers:
+            return False
+        if self._cors_origin() is None:
+            return False
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def _send_json(self, status: int, obj: Any) -> None:
         body = _json_bytes(obj)
         self.send_response(status)
@@ -351,6 +389,10 @@ class _Handler(BaseHTTPRequestHandler):
         record = RequestRecord()
         started = time.perf_counter()
         self._streaming = False
+        if self._preflight():  # before the key check: browsers send no credentials with a preflight
+            self.app.log(f'{self.client_address[0]} "{self.command} {self.path}" 204 CORS preflight from '
+                         f'{self.headers.get("Origin")}')
+            return
         try:
             try:
                 self._check_api_key()
