@@ -60,7 +60,7 @@ def test_an_image_question_is_answered_as_generate_answers_it(server, client, ru
         assert response.status == "completed" and response.incomplete_details is None
     assert (response.usage.input_tokens, response.usage.output_tokens) == (prompt_tokens, completion_tokens)
     assert response.usage.total_tokens == prompt_tokens + completion_tokens
-    assert response.max_output_tokens == MAX_TOKENS and response.store is False
+    assert response.max_output_tokens == MAX_TOKENS and response.store is True  # kept (previous_response_id)
 
 
 def test_instructions_are_the_system_message_and_earlier_turns_go_through_the_template(server, client, runtime):
@@ -156,7 +156,10 @@ def test_json_schema_output_through_parse_and_the_stream_helper(server, client):
 @pytest.mark.parametrize("body, param, code", [
     ({}, "input", "missing_required_parameter"),
     ({"input": []}, "input", "invalid_value"),
-    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "previous_response_not_found"),
+    ({"input": "hi", "previous_response_id": 7}, "previous_response_id", "invalid_value"),
+    ({"input": "hi", "store": "yes"}, "store", "invalid_value"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_parameter"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools",
      "unsupported_parameter"),
     ({"input": "hi", "background": True}, "background", "unsupported_parameter"),
@@ -195,7 +198,7 @@ def test_harmless_fields_are_accepted(server):
                                        "include": ["reasoning.encrypted_content", "message.input_image.image_url"],
                                        "reasoning": {"effort": None}, "parallel_tool_calls": True,
                                        "text": {"format": {"type": "text"}}}, path=PATH)
-    assert status == 200 and reply["status"] in ("completed", "incomplete") and reply["store"] is False
+    assert status == 200 and reply["status"] in ("completed", "incomplete") and reply["store"] is True
     assert reply["output"][0]["content"][0]["logprobs"] == []  # none asked for
 
 
@@ -220,8 +223,72 @@ def test_logprobs_are_the_chat_endpoints(server, client):
     assert [item.model_dump() for item in done.logprobs] == expected
 
 
-def test_stored_responses_are_not_found_and_the_route_takes_post(server, client):
-    with pytest.raises(openai.NotFoundError, match="stores no responses"):
-        client.responses.retrieve("resp_123")
+def test_previous_response_id_continues_the_kept_conversation(server, client, runtime):
+    """A kept response's conversation (its input, its predecessors', its answer) goes before the next input; its
+    ``instructions`` do not (OpenAI's rule); streamed answers are kept too; retrieve gives the response as answered."""
+    settings = dict(model=server.model_name, temperature=0, max_output_tokens=MAX_TOKENS)
+    first = client.responses.create(**settings, instructions="Be brief.", input="Question number 1")
+    assert first.store is True and first.previous_response_id is None
+    second = client.responses.create(**settings, previous_response_id=first.id, input="Question number 2")
+    turns = [{"role": "user", "content": "Question number 1"}, {"role": "assistant", "content": first.output_text},
+             {"role": "user", "content": "Question number 2"}]
+    assert second.output_text == reference_answer(runtime, turns)[0] and second.previous_response_id == first.id
+    events = list(client.responses.create(**settings, previous_response_id=second.id, stream=True,
+                                          instructions="Answer in French.", input="Question number 3"))
+    third = events[-1].response
+    turns += [{"role": "assistant", "content": second.output_text}, {"role": "user", "content": "Question number 3"}]
+    assert third.output_text == reference_answer(runtime, [{"role": "system", "content": "Answer in French."},
+                                                           *turns])[0]
+    assert third.store is True and client.responses.retrieve(third.id).output_text == third.output_text
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError, match="never kept, deleted"):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError, match="previous_response_not_found|not found"):
+        client.responses.create(**settings, previous_response_id=first.id, input="again")
+    again = client.responses.create(**settings, previous_response_id=second.id, input="Question number 3")
+    # the second's kept conversation (which holds the first's turns) outlives the first's deletion
+    assert again.output_text == reference_answer(runtime, turns)[0]
+    unkept = client.responses.create(**settings, input="hi", store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)
+
+
+def test_the_store_drops_the_least_recently_used_within_its_budget():
+    from gemma3vl.infer.openai_protocol import RequestMessage
+    from gemma3vl.infer.responses_api import ResponseStore
+
+    def response(name: str) -> dict:
+        return {"id": name, "text": "x" * 100}
+
+    turns = [RequestMessage(role="user", parts=["y" * 100])]
+    size = len(json.dumps(response("a"))) + 100
+    store = ResponseStore(max_bytes=2 * size)
+    assert store.put(response("a"), turns) and store.put(response("b"), turns)
+    assert store.get("a") is not None  # a is now the most recently used: b goes first
+    assert store.put(response("c"), turns) and len(store) == 2
+    assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
+    assert store.delete("a") and not store.delete("a") and store.put(response("d"), turns) and len(store) == 2
+    assert not store.put({"id": "big", "text": "z" * (2 * size)}, turns) and store.get("big") is None
+    assert not ResponseStore(max_bytes=0).put(response("e"), turns)
+
+
+def test_a_server_that_keeps_no_responses(runtime):
+    settings = ServerSettings(port=0, max_batch_size=1, max_tokens=2, response_store_bytes=0)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        status, reply = post_json(live, {"input": "hi"}, path=PATH)
+        assert status == 200 and reply["store"] is False
+        status, reply = post_json(live, {"input": "hi", "previous_response_id": reply["id"]}, path=PATH)
+        assert status == 400 and reply["error"]["code"] == "unsupported_parameter"
+        assert "--response-store 0" in reply["error"]["message"]
+
+
+def test_the_route_takes_post_and_unknown_ids_are_404(server):
     status, _, raw = post_raw(server, b"", path=PATH, method="GET")
     assert status == 405 and json.loads(raw)["error"]["code"] == "method_not_allowed"
+    for method in ("GET", "DELETE"):
+        status, _, raw = post_raw(server, b"", path=PATH + "/resp_missing", method=method)
+        assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
+    status, _, raw = post_raw(server, b"", path="/v1/models", method="DELETE")
+    assert status == 405

@@ -60,6 +60,11 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def parse_size_or_zero(text: str) -> int:
+    """``parse_size``, or 0 (a setting that 0 turns off)."""
+    return 0 if text.strip() == "0" else parse_size(text)
+
+
 # ---------------------------------------------------------------------------------------------- convert
 def cmd_convert_import(args: argparse.Namespace) -> int:
     from gemma3vl import bridge
@@ -431,6 +436,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pan_and_scan=True if args.pan_and_scan else None, max_waiting=args.max_waiting,
         max_sequence_length=args.max_sequence_length, compile_decode=args.compile, max_n=args.max_n,
         api_key=args.api_key or os.environ.get("GEMMA3VL_API_KEY") or None, allowed_origins=origins,
+        response_store_bytes=args.response_store,
     )
     try:
         server = ChatCompletionServer(runtime, settings)
@@ -717,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-local-images", default=None, metavar="DIR",
                        help="let image_url name files, confined to DIR (default: data: URLs only)")
     serve.add_argument("--allow-remote-images", action="store_true", help="let image_url be an http(s) URL")
+    serve.add_argument("--response-store", type=parse_size_or_zero, default=parse_size("64MiB"), metavar="SIZE",
+                       help="memory for the Responses API's kept responses (previous_response_id, GET/DELETE "
+                            "/v1/responses/ID), least recently used dropped first (64MiB; 0: keep none)")
     serve.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                        help="let web pages from these origins (a comma list of scheme://host[:port], or '*') call "
                             "the server from a browser (CORS; default: none)")

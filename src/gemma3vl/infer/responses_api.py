@@ -14,9 +14,13 @@ sampling and JSON output), so the two endpoints give the same answer to the same
   ``json_schema`` with ``name`` / ``schema`` / ``strict``), ``metadata`` (echoed back), and the chat endpoint's
   extensions (``top_k``, ``seed``, ``stop``, the penalties).
 
-What this server does not do is refused with a 400 naming the field, never ignored: tools and tool calls, stored
-responses (``previous_response_id``, ``conversation``: it keeps none, so ``store`` is answered ``false``; send the
-whole conversation in ``input``), background runs, reasoning settings, ``truncation: auto``, prompt templates.
+Answers are kept in memory (``store``, true unless the request says false, within the server's
+``response_store_bytes``, the least recently used dropped first) for ``previous_response_id``, which continues the
+conversation a kept response answered (its input, its predecessors', and its answer; not its ``instructions``, as
+OpenAI's), and for ``GET`` / ``DELETE /v1/responses/ID``. Kept responses do not survive a restart.
+
+What this server does not do is refused with a 400 naming the field, never ignored: tools and tool calls,
+``conversation`` objects, background runs, reasoning settings, ``truncation: auto``, prompt templates.
 ``include: ["message.output_text.logprobs"]`` (or ``top_logprobs``, 0 to 20) gives the output text's per-token
 log-probabilities, as the chat endpoint computes them; ``include``'s other values name items these answers never
 hold (reasoning, tool calls, echoed inputs) and change nothing.
@@ -33,8 +37,11 @@ each with a ``sequence_number``): ``response.created``, ``response.in_progress``
 
 from __future__ import annotations
 
+import json
+import threading
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.infer.completion import FINISH_LENGTH, Completion
@@ -63,7 +70,6 @@ if TYPE_CHECKING:
 RESPONSES_UNSUPPORTED = {
     **UNSUPPORTED_UNLESS_DEFAULT,
     "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools is "none"
-    "previous_response_id": lambda v: v is None,
     "conversation": lambda v: v is None,
     "background": lambda v: v in (None, False),
     "reasoning": lambda v: v is None or (isinstance(v, dict) and all(x is None for x in v.values())),
@@ -73,8 +79,8 @@ RESPONSES_UNSUPPORTED = {
     "n": lambda v: v in (None, 1),
 }
 WHY_UNSUPPORTED = {
-    "previous_response_id": "this server stores no responses: send the whole conversation in 'input'",
-    "conversation": "this server stores no conversations: send the whole conversation in 'input'",
+    "conversation": "this server keeps no conversation objects: send the conversation in 'input', or continue a kept "
+                    "response with 'previous_response_id'",
     "tools": "this server has no tool calling",
     "tool_choice": "this server has no tool calling",
 }
@@ -89,9 +95,60 @@ class ResponseRequest:
     """A ``/v1/responses`` request: the chat request it is answered as, and what the response echoes."""
 
     chat: ChatRequest
+    input: list[RequestMessage]  # the request's own messages (without its instructions)
     instructions: str | None = None
     metadata: dict[str, str] | None = None
     text_format: dict[str, Any] | None = None  # as given ({"type": "text"} when absent)
+    store: bool = True
+    previous_response_id: str | None = None
+
+
+@dataclass
+class KeptResponse:
+    response: dict[str, Any]  # as answered
+    conversation: list[RequestMessage]  # what it answered (without its instructions), then its answer
+    size: int  # bytes counted against the store's budget
+
+
+class ResponseStore:
+    """The responses kept for ``previous_response_id`` and ``GET`` / ``DELETE /v1/responses/ID``: at most
+    ``max_bytes`` of them (their JSON, texts and image URLs counted), the least recently used dropped first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[str, KeptResponse] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, response: dict[str, Any], conversation: list[RequestMessage]) -> bool:
+        """Keep ``response`` (False: it alone is over the budget, or storing is off)."""
+        size = len(json.dumps(response)) + sum(
+            len(part) if isinstance(part, str) else len(part.url) for message in conversation for part in message.parts)
+        if size > self.max_bytes:
+            return False
+        with self._lock:
+            while self._kept and self._bytes + size > self.max_bytes:
+                self._bytes -= self._kept.popitem(last=False)[1].size
+            self._kept[response["id"]] = KeptResponse(response, conversation, size)
+            self._bytes += size
+        return True
+
+    def get(self, response_id: str) -> KeptResponse | None:
+        with self._lock:
+            kept = self._kept.get(response_id)
+            if kept is not None:
+                self._kept.move_to_end(response_id)
+            return kept
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            kept = self._kept.pop(response_id, None)
+            if kept is not None:
+                self._bytes -= kept.size
+            return kept is not None
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def _unsupported(key: str) -> ApiError:
@@ -148,21 +205,23 @@ def _parse_item(item: Any, index: int) -> RequestMessage:
     return RequestMessage(role=ROLE_ALIASES[role], parts=parts)
 
 
-def _parse_input(value: Any, instructions: str | None) -> list[RequestMessage]:
+def _parse_input(value: Any) -> list[RequestMessage]:
     if isinstance(value, str):
-        messages = [RequestMessage(role="user", parts=[value])]
-    elif isinstance(value, list) and value:
-        messages = [_parse_item(item, i) for i, item in enumerate(value)]
-    else:
-        raise _invalid("'input' must be a string or a non-empty list of messages", "input")
-    if instructions is not None:
-        if messages[0].role == "system":  # one system message: the instructions, then the input's own
-            first = messages[0]
-            text = "".join(part for part in first.parts if isinstance(part, str))
-            messages[0] = RequestMessage(role="system", parts=[instructions + ("\n\n" + text if text else "")])
-        else:
-            messages.insert(0, RequestMessage(role="system", parts=[instructions]))
-    return messages
+        return [RequestMessage(role="user", parts=[value])]
+    if isinstance(value, list) and value:
+        return [_parse_item(item, i) for i, item in enumerate(value)]
+    raise _invalid("'input' must be a string or a non-empty list of messages", "input")
+
+
+def with_instructions(messages: list[RequestMessage], instructions: str | None) -> list[RequestMessage]:
+    """``messages`` with ``instructions`` as the system message: before a leading system message's own text (Gemma's
+    template takes one system message), or a new one."""
+    if instructions is None:
+        return messages
+    if messages and messages[0].role == "system":
+        text = "".join(part for part in messages[0].parts if isinstance(part, str))
+        return [RequestMessage(role="system", parts=[instructions + ("\n\n" + text if text else "")]), *messages[1:]]
+    return [RequestMessage(role="system", parts=[instructions]), *messages]
 
 
 def _parse_text_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -217,9 +276,16 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
     options = body.get("stream_options")  # the Responses API's: {"include_obfuscation": bool}; nothing to obfuscate
     if options is not None and (not body.get("stream") or not isinstance(options, dict)):
         raise _invalid("'stream_options' must be an object, and only when 'stream' is true", "stream_options")
+    store = body.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise _invalid("'store' must be a boolean", "store")
+    previous = body.get("previous_response_id")
+    if previous is not None and (not isinstance(previous, str) or not previous):
+        raise _invalid("'previous_response_id' must be a response id string", "previous_response_id")
     schema, text_format = _parse_text_format(body.get("text"))
+    own = _parse_input(body["input"])
     chat = ChatRequest(
-        messages=_parse_input(body["input"], instructions),
+        messages=with_instructions(own, instructions),
         max_tokens=max_tokens,
         max_tokens_param="max_output_tokens",
         **shared_fields({key: value for key, value in body.items() if key != "stream_options"}),
@@ -227,7 +293,25 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
         logprobs=INCLUDE_LOGPROBS in (include or ()) or bool(top),  # top_logprobs alone asks for them too
         top_logprobs=top or 0,
     )
-    return ResponseRequest(chat=chat, instructions=instructions, metadata=metadata, text_format=text_format)
+    return ResponseRequest(chat=chat, input=own, instructions=instructions, metadata=metadata,
+                           text_format=text_format, store=store is not False, previous_response_id=previous)
+
+
+def continue_from(request: ResponseRequest, store: ResponseStore) -> list[RequestMessage]:
+    """The conversation ``request`` answers: the kept one of its ``previous_response_id`` (if any), then its own
+    input; a 404 ``previous_response_not_found`` for an id not kept (never, or dropped from the store)."""
+    if request.previous_response_id is None:
+        return request.input
+    if store.max_bytes == 0:
+        raise ApiError(400, "'previous_response_id': this server keeps no responses (serve --response-store 0); "
+                            "send the whole conversation in 'input'", param="previous_response_id",
+                       code="unsupported_parameter")
+    kept = store.get(request.previous_response_id)
+    if kept is None:
+        raise ApiError(404, f"Previous response with id '{request.previous_response_id}' not found (never kept, "
+                            "deleted, or dropped for room: this server keeps responses in memory only)",
+                       param="previous_response_id", code="previous_response_not_found")
+    return [*kept.conversation, *request.input]
 
 
 # ---------------------------------------------------------------------------------------------- objects
@@ -248,6 +332,8 @@ class ResponseBuilder:
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = now()
         self.model = model
+        self.stored = False  # kept in the server's ResponseStore
+        self.conversation: list[RequestMessage] = request.input  # what it answers, its previous responses' included
 
     def text_part(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
@@ -273,9 +359,9 @@ class ResponseBuilder:
             "model": self.model,
             "output": output,
             "parallel_tool_calls": False,
-            "previous_response_id": None,
+            "previous_response_id": self.request.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
-            "store": False,
+            "store": self.stored,
             "temperature": 1.0 if chat.temperature is None else chat.temperature,
             "text": {"format": self.request.text_format or {"type": "text"}},
             "tool_choice": "none",
@@ -288,11 +374,17 @@ class ResponseBuilder:
             "metadata": self.request.metadata or {},
         }
 
-    def finished(self, completion: Completion) -> tuple[str, dict[str, Any]]:
-        """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response."""
+    def finished(self, completion: Completion, store: ResponseStore) -> tuple[str, dict[str, Any]]:
+        """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response, kept in
+        ``store`` (with the conversation it answered) when the request asks for it and it fits."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
         part = self.text_part(completion.text, self.logprob_items(completion.logprobs))
-        return status, self.response(status, [self.message(part, status)], completion=completion)
+        self.stored = self.request.store and store.max_bytes > 0
+        response = self.response(status, [self.message(part, status)], completion=completion)
+        if self.stored:
+            answered = [*self.conversation, RequestMessage(role="assistant", parts=[completion.text])]
+            self.stored = response["store"] = store.put(response, answered)
+        return status, response
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -300,13 +392,15 @@ def serve_response(handler: Any, body: bytes, record: "RequestRecord") -> None:
     """Answer one ``/v1/responses`` request on ``handler`` (the server's request handler)."""
     app = handler.app
     request = parse_response_request(body)
-    job = app.prepare(request.chat)
+    conversation = continue_from(request, app.responses)
+    job = app.prepare(replace(request.chat, messages=with_instructions(conversation, request.instructions)))
     try:
         app.scheduler.submit(job)
     except QueueFull as exc:
         raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
                        type="rate_limit_error") from None
     builder = ResponseBuilder(request, app.model_name, lambda entries: (app.logprobs(entries) or {}).get("content", []))
+    builder.conversation = conversation
     try:
         if request.chat.stream:
             _stream(handler, job, builder, record)
@@ -327,7 +421,7 @@ def _complete(handler: Any, job: Job, builder: ResponseBuilder, record: "Request
         if event[0] == "done":
             completion = event[2]
     handler._finished(job, [completion], record, stream=False)
-    handler._send_json(200, builder.finished(completion)[1])
+    handler._send_json(200, builder.finished(completion, app.responses)[1])
 
 
 class _EventWriter:
@@ -368,7 +462,7 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
         elif event[0] == "done":
             completion = event[2]
             handler._finished(job, [completion], record, stream=True)
-            status, response = builder.finished(completion)
+            status, response = builder.finished(completion, app.responses)
             part = response["output"][0]["content"][0]
             events.send("response.output_text.done", **where, text=completion.text, logprobs=part["logprobs"])
             events.send("response.content_part.done", **where, part=part)

@@ -34,7 +34,7 @@ from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
 from gemma3vl.infer.legacy_completions import TokenWidths, serve_completion
-from gemma3vl.infer.responses_api import serve_response
+from gemma3vl.infer.responses_api import ResponseStore, serve_response
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
 from gemma3vl.infer.openai_protocol import (
     ApiError,
@@ -82,6 +82,8 @@ class ServerSettings:
     api_key: str | None = None
     # origins whose web pages may call the server from a browser (CORS); "*": any; empty: none (no CORS headers)
     allowed_origins: tuple[str, ...] = ()
+    # memory for the Responses API's kept responses (previous_response_id, GET/DELETE /v1/responses/ID); 0: none
+    response_store_bytes: int = 64 * 2**20
 
 
 @dataclass
@@ -108,6 +110,7 @@ class ChatCompletionServer:
                                         max_length=self.settings.max_sequence_length,
                                         compile=self.settings.compile_decode)
         self.token_texts = TokenTexts(runtime.tokenizer, runtime.lock)
+        self.responses = ResponseStore(self.settings.response_store_bytes)
         self.completion_widths = TokenWidths(runtime.tokenizer, runtime.lock)  # /v1/completions' text_offset
         with runtime.lock:
             self.tokenizer_size = len(runtime.tokenizer)
@@ -472,7 +475,27 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:  # noqa: N802
         self._logged(self._not_allowed)
 
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT  # not the stdlib's 501 HTML page
+    do_PATCH = do_OPTIONS = do_PUT  # not the stdlib's 501 HTML page
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._logged(self._delete)
+
+    def _delete(self, record: RequestRecord) -> None:
+        path = self._route()
+        if not path.startswith("/v1/responses/"):
+            self._not_allowed(record)
+        kept = self._kept_response(path)
+        self.app.responses.delete(kept.response["id"])
+        self._send_json(200, {"id": kept.response["id"], "object": "response", "deleted": True})
+
+    def _kept_response(self, path: str):
+        """The kept response ``/v1/responses/ID`` names, or its 404."""
+        response_id = urllib.parse.unquote(path[len("/v1/responses/"):])
+        kept = self.app.responses.get(response_id)
+        if kept is None:
+            raise ApiError(404, f"No response with id '{response_id}' (never kept, deleted, or dropped for room: this "
+                                "server keeps responses in memory only)", param="response_id", code="not_found")
+        return kept
 
     def _route(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -496,8 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
         elif path.startswith("/v1/responses/"):
-            raise ApiError(404, "this server stores no responses (each answer is returned whole, or streamed, to the "
-                                "request that asked for it)", code="not_found")
+            self._send_json(200, self._kept_response(path).response)
         else:
             raise ApiError(404, f"no route {path}", code="unknown_url")
 
