@@ -34,7 +34,6 @@ from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
 from gemma3vl.infer.legacy_completions import TokenWidths, serve_completion
-from gemma3vl.infer.responses_api import ResponseStore, serve_response
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
 from gemma3vl.infer.openai_protocol import (
     ApiError,
@@ -52,6 +51,7 @@ from gemma3vl.infer.openai_protocol import (
     parse_chat_request,
     usage,
 )
+from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, serve_response
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.structured import StructuredOutputUnavailable
 
@@ -351,7 +351,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._cors_origin() is None:
             return False
         self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
         self.send_header("Access-Control-Allow-Headers",
                          self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
@@ -484,11 +484,13 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._route()
         if not path.startswith("/v1/responses/"):
             self._not_allowed(record)
+        if "Content-Length" in self.headers:  # read, so that a kept-alive connection's next request starts clean
+            self._read_body()
         kept = self._kept_response(path)
         self.app.responses.delete(kept.response["id"])
         self._send_json(200, {"id": kept.response["id"], "object": "response", "deleted": True})
 
-    def _kept_response(self, path: str):
+    def _kept_response(self, path: str) -> KeptResponse:
         """The kept response ``/v1/responses/ID`` names, or its 404."""
         response_id = urllib.parse.unquote(path[len("/v1/responses/"):])
         kept = self.app.responses.get(response_id)
@@ -598,24 +600,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(chunk(chunk_choice(index, {"role": "assistant", "content": ""})))
         completions: list[Completion] = []
         for event in self.app.events(job, self._client_gone):
-            if event[0] == "text":
-                _, index, (text, logprobs) = event
-                self._write_chunk(chunk(chunk_choice(index, {"content": text}, logprobs=self.app.logprobs(logprobs))))
-            elif event[0] == "error":
-                error = generation_error(event[1], stopping=self.app.stopping)
-                record.status, record.detail = error.status, f"error in stream: {event[1]}"
-                self._write_chunk(_sse(error.body()))
-            elif event[2].finish_reason == FINISH_CANCELLED:
-                error = ApiError(503, "the server is shutting down", code="unavailable")
-                record.status, record.detail = 503, "cancelled"
-                self._write_chunk(_sse(error.body()))
-                break
-            elif event[2].finish_reason == FINISH_ERROR:
-                error = ApiError(500, event[2].error, code="generation_failed")
-                record.status, record.detail = 500, f"error in stream: {event[2].error}"
+            error = self.app.failure(event)
+            if error is not None:
+                record.status, record.detail = error.status, f"error in stream: {error.message}"
                 self._write_chunk(_sse(error.body()))
                 job.cancel()  # the other choices' answers would go unread
                 break
+            if event[0] == "text":
+                _, index, (text, logprobs) = event
+                self._write_chunk(chunk(chunk_choice(index, {"content": text}, logprobs=self.app.logprobs(logprobs))))
             else:
                 _, index, completion = event
                 completions.append(completion)
