@@ -178,8 +178,12 @@ def _parse_part(part: Any, param: str) -> str | ImagePart:
                    "unsupported_content_type")
 
 
-def _parse_message(message: Any, index: int) -> RequestMessage:
-    param = f"messages[{index}]"
+def parse_message(message: Any, param: str,
+                  parse_part: Callable[[Any, str], str | ImagePart] | None = None) -> RequestMessage:
+    """One message (``{"role", "content"}``, named ``param`` in errors): its role (``developer`` read as ``system``)
+    and its parts, a string content being one text part; a list content's parts read by ``parse_part`` (chat
+    completions' ``text`` / ``image_url`` parts by default). Images only in user messages."""
+    parse_part = parse_part or _parse_part
     if not isinstance(message, dict):
         raise _invalid(f"'{param}' must be an object with 'role' and 'content'", param)
     role = message.get("role")
@@ -190,7 +194,7 @@ def _parse_message(message: Any, index: int) -> RequestMessage:
     if isinstance(content, str):
         parts: list[str | ImagePart] = [content]
     elif isinstance(content, list):
-        parts = [_parse_part(part, f"{param}.content[{i}]") for i, part in enumerate(content)]
+        parts = [parse_part(part, f"{param}.content[{i}]") for i, part in enumerate(content)]
     elif "content" not in message:
         raise ApiError(400, f"Missing required parameter: '{param}.content'.", param=f"{param}.content",
                        code="missing_required_parameter")
@@ -338,7 +342,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
                 raise _invalid(f"'{key}' must be an integer >= 1, got {value!r}", key)
             max_tokens, max_tokens_param = value, key
     return ChatRequest(
-        messages=[_parse_message(message, i) for i, message in enumerate(messages)],
+        messages=[parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)],
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
         **shared_fields(body),

@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.infer.completion import FINISH_LENGTH, Completion
 from gemma3vl.infer.openai_protocol import (
-    ROLE_ALIASES,
     UNSUPPORTED_UNLESS_DEFAULT,
     ApiError,
     ChatRequest,
@@ -58,6 +57,7 @@ from gemma3vl.infer.openai_protocol import (
     json_body,
     json_schema_of,
     now,
+    parse_message,
     shared_fields,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
@@ -156,7 +156,7 @@ def _unsupported(key: str) -> ApiError:
     return ApiError(400, f"'{key}' is not supported by this server ({why})", param=key, code="unsupported_parameter")
 
 
-def _parse_part(part: Any, param: str, role: str) -> str | ImagePart:
+def _parse_part(part: Any, param: str) -> str | ImagePart:
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise _invalid(f"'{param}' must be an object with a 'type'", param)
     kind = part["type"]
@@ -166,8 +166,6 @@ def _parse_part(part: Any, param: str, role: str) -> str | ImagePart:
             raise _invalid(f"'{param}.{key}' must be a string", f"{param}.{key}")
         return part[key]
     if kind == "input_image":
-        if role != "user":
-            raise _invalid(f"'{param}': images can only be sent in user messages", param)
         url = part.get("image_url")
         if part.get("file_id") is not None and url is None:
             raise ApiError(400, f"'{param}.file_id': this server has no file storage; send the image as "
@@ -182,27 +180,11 @@ def _parse_part(part: Any, param: str, role: str) -> str | ImagePart:
 
 def _parse_item(item: Any, index: int) -> RequestMessage:
     param = f"input[{index}]"
-    if not isinstance(item, dict):
-        raise _invalid(f"'{param}' must be a message object with 'role' and 'content'", param)
-    kind = item.get("type", "message")
+    kind = item.get("type", "message") if isinstance(item, dict) else "message"
     if kind != "message":
         raise ApiError(400, f"'{param}.type' {kind!r} is not supported: this server takes messages only (it has no "
                             "tool calls or stored items)", param=f"{param}.type", code="unsupported_content_type")
-    role = item.get("role")
-    if role not in ROLE_ALIASES:
-        raise _invalid(f"'{param}.role' must be one of system, developer, user, assistant; got {role!r}",
-                       f"{param}.role")
-    content = item.get("content")
-    if isinstance(content, str):
-        parts: list[str | ImagePart] = [content]
-    elif isinstance(content, list):
-        parts = [_parse_part(part, f"{param}.content[{i}]", ROLE_ALIASES[role]) for i, part in enumerate(content)]
-    elif "content" not in item:
-        raise ApiError(400, f"Missing required parameter: '{param}.content'.", param=f"{param}.content",
-                       code="missing_required_parameter")
-    else:
-        raise _invalid(f"'{param}.content' must be a string or a list of content parts", f"{param}.content")
-    return RequestMessage(role=ROLE_ALIASES[role], parts=parts)
+    return parse_message(item, param, _parse_part)
 
 
 def _parse_input(value: Any) -> list[RequestMessage]:
