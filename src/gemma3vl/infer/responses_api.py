@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.infer.completion import FINISH_LENGTH, Completion
 from gemma3vl.infer.openai_protocol import (
+    MAX_TOP_LOGPROBS,
     UNSUPPORTED_UNLESS_DEFAULT,
     ApiError,
     ChatRequest,
-    MAX_TOP_LOGPROBS,
     ImagePart,
     RequestMessage,
     _invalid,
@@ -152,8 +152,9 @@ class ResponseStore:
 
 
 def _unsupported(key: str) -> ApiError:
-    why = WHY_UNSUPPORTED.get(key, "this server does not support it")
-    return ApiError(400, f"'{key}' is not supported by this server ({why})", param=key, code="unsupported_parameter")
+    why = WHY_UNSUPPORTED.get(key)
+    message = f"'{key}' is not supported: {why}" if why else f"'{key}' is not supported by this server"
+    return ApiError(400, message, param=key, code="unsupported_parameter")
 
 
 def _parse_part(part: Any, param: str) -> str | ImagePart:
