@@ -263,6 +263,9 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(monkeypatch, 
     import gemma3vl.cli as cli
     from gemma3vl.errors import Gemma3VLError, on_every_rank
 
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+
     def run(rank: int, world: int, exc: Gemma3VLError) -> str:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -271,10 +274,11 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(monkeypatch, 
 
     layout = on_every_rank(Gemma3VLError("parallel.tp=3 does not divide 8 attention heads"))
     own = Gemma3VLError("data.jsonl line 7: image not found")
-    assert run(0, 4, layout) == "error: parallel.tp=3 does not divide 8 attention heads\n"
-    assert run(3, 4, layout) == ""
+    assert run(0, 4, layout) == "error: parallel.tp=3 does not divide 8 attention heads\n" and waits == []
+    # the silent rank leaves rank 0 time to print it before a launcher stops every rank on this one's exit
+    assert run(3, 4, layout) == "" and waits == [cli.SILENT_RANK_EXIT_DELAY_S]
     assert run(3, 4, own) == "error (rank 3): data.jsonl line 7: image not found\n"
-    assert run(0, 1, own) == "error: data.jsonl line 7: image not found\n"
+    assert run(0, 1, own) == "error: data.jsonl line 7: image not found\n" and len(waits) == 1
 
 
 def test_train_marks_a_bad_setting_as_raised_by_every_rank(tmp_path, monkeypatch, capsys):
@@ -283,6 +287,7 @@ def test_train_marks_a_bad_setting_as_raised_by_every_rank(tmp_path, monkeypatch
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "SILENT_RANK_EXIT_DELAY_S", 0.0)
     code = cli.main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path / "o"), "train.steps=-3"])
     assert code == cli.EXIT_BAD_INPUT and capsys.readouterr().err == ""
     monkeypatch.setenv("RANK", "0")

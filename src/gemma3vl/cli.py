@@ -34,6 +34,9 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
+SILENT_RANK_EXIT_DELAY_S = 3.0  # how long a rank that leaves an every-rank error to rank 0 waits before exiting
+
+
 def launch_rank() -> int:
     """This process's rank under torchrun (``RANK``), 0 outside it."""
     return int(os.environ.get("RANK", "0") or 0)
@@ -48,6 +51,10 @@ def report_error(exc: Gemma3VLError) -> None:
         log(f"error: {exc}")
     elif not exc.same_on_every_rank:
         log(f"error (rank {rank}): {exc}")
+    else:
+        # torchrun stops every rank as soon as one exits with an error: leaving at once, this rank could get rank 0
+        # (which raises the same error about now) killed before it prints it, and the job would end without a word
+        time.sleep(SILENT_RANK_EXIT_DELAY_S)
 
 
 def parse_size(text: str) -> int:
