@@ -701,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_option(chat)
     chat.set_defaults(func=cmd_chat)
 
-    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)")
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/responses, /v1/completions)")
     serve.add_argument("model_dir", help="HF checkpoint directory or native directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
