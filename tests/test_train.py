@@ -533,14 +533,14 @@ def test_schedule_is_linear_warmup_then_transformers_cosine_with_a_floor():
     """docs/training.md's formula; the oracle for the decay is transformers' get_cosine_schedule_with_warmup."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from gemma3vl.train.schedule import warmup_cosine
+    from gemma3vl.train.schedule import schedule_factor
 
     for warmup, steps, floor in [(0, 7, 0.1), (3, 10, 0.1), (2, 3, 0.0), (4, 4, 0.5), (5, 3, 0.1)]:
         reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
                                                     warmup, steps).lr_lambdas[0]
         for step in range(steps):
             expected = (step + 1) / warmup if step < warmup else floor + (1 - floor) * reference(step)
-            assert warmup_cosine(step, warmup_steps=warmup, total_steps=steps, min_ratio=floor) == pytest.approx(
+            assert schedule_factor(step, warmup_steps=warmup, total_steps=steps, min_ratio=floor) == pytest.approx(
                 expected, rel=1e-12, abs=1e-15)
 
 

@@ -113,7 +113,7 @@ def test_a_resumed_run_trains_with_its_own_learning_rate_and_weight_decay(tmp_pa
     ``optim.lr`` / ``optim.weight_decay``; the moments and the schedule's position are still the checkpoint's."""
     from gemma3vl.train.config import build_config
     from gemma3vl.train.run import build_trainer
-    from gemma3vl.train.schedule import warmup_cosine
+    from gemma3vl.train.schedule import schedule_factor
 
     def trainer(*overrides: str):
         cfg = build_config("tiny_sft", overrides=[
@@ -134,5 +134,5 @@ def test_a_resumed_run_trains_with_its_own_learning_rate_and_weight_decay(tmp_pa
     assert resumed.scheduler.last_epoch == 2
     assert [group["weight_decay"] for group in resumed.optimizer.param_groups] == [0.0, 0.0]
     record = resumed.train_step()
-    assert record["lr"] == 1e-3 * warmup_cosine(2, warmup_steps=2, total_steps=6, min_ratio=0.1)
-    assert resumed.train_step()["lr"] == 1e-3 * warmup_cosine(3, warmup_steps=2, total_steps=6, min_ratio=0.1)
+    assert record["lr"] == 1e-3 * schedule_factor(2, warmup_steps=2, total_steps=6, min_ratio=0.1)
+    assert resumed.train_step()["lr"] == 1e-3 * schedule_factor(3, warmup_steps=2, total_steps=6, min_ratio=0.1)

@@ -174,7 +174,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
 
 
 class ImageTooLarge(Gemma3VLError):
-    """An image over the pixel limit (the server answers it with 413, a dataset with a bad record)."""
+    """An image over a size limit, pixels or bytes (the server answers it with 413, a dataset with a bad record)."""
 
 
 def data_url_bytes(url: str, label: str, max_bytes: int | None = None) -> bytes:

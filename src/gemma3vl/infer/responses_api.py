@@ -95,7 +95,9 @@ class ResponseRequest:
     """A ``/v1/responses`` request: the chat request it is answered as, and what the response echoes."""
 
     chat: ChatRequest
-    input: list[RequestMessage]  # the request's own messages (without its instructions)
+    # the request's own messages, without its instructions (also chat.messages, until serving puts the answered
+    # conversation together: continue_from, with_instructions)
+    input: list[RequestMessage]
     instructions: str | None = None
     metadata: dict[str, str] | None = None
     text_format: dict[str, Any] | None = None  # as given ({"type": "text"} when absent)
@@ -268,7 +270,7 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
     schema, text_format = _parse_text_format(body.get("text"))
     own = _parse_input(body["input"])
     chat = ChatRequest(
-        messages=with_instructions(own, instructions),
+        messages=own,  # the conversation it answers is put together when served (continue_from, with_instructions)
         max_tokens=max_tokens,
         max_tokens_param="max_output_tokens",
         **shared_fields({key: value for key, value in body.items() if key != "stream_options"}),
@@ -307,16 +309,15 @@ def response_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]
 class ResponseBuilder:
     """The ``response`` object of one request as it goes: in progress, then completed, incomplete or failed."""
 
-    def __init__(self, request: ResponseRequest, model: str,
+    def __init__(self, request: ResponseRequest, model: str, conversation: list[RequestMessage],
                  logprob_items: Callable[[list[TokenLogprob] | None], list[dict[str, Any]]]):
         self.request = request
+        self.conversation = conversation  # what it answers (its previous responses' turns included)
         self.logprob_items = logprob_items  # OpenAI's per-token logprob items ([] when the request asks for none)
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = now()
         self.model = model
-        self.stored = False  # kept in the server's ResponseStore
-        self.conversation: list[RequestMessage] = request.input  # what it answers, its previous responses' included
 
     def text_part(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
@@ -327,7 +328,7 @@ class ResponseBuilder:
                 "content": [] if part is None else [part]}
 
     def response(self, status: str, output: list[dict[str, Any]], *, completion: Completion | None = None,
-                 error: ApiError | None = None) -> dict[str, Any]:
+                 error: ApiError | None = None, stored: bool = False) -> dict[str, Any]:
         chat = self.request.chat
         incomplete = completion is not None and completion.finish_reason == FINISH_LENGTH
         return {
@@ -344,7 +345,7 @@ class ResponseBuilder:
             "parallel_tool_calls": False,
             "previous_response_id": self.request.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
-            "store": self.stored,
+            "store": stored,
             "temperature": 1.0 if chat.temperature is None else chat.temperature,
             "text": {"format": self.request.text_format or {"type": "text"}},
             "tool_choice": "none",
@@ -362,11 +363,11 @@ class ResponseBuilder:
         ``store`` (with the conversation it answered) when the request asks for it and it fits."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
         part = self.text_part(completion.text, self.logprob_items(completion.logprobs))
-        self.stored = self.request.store and store.max_bytes > 0
-        response = self.response(status, [self.message(part, status)], completion=completion)
-        if self.stored:
+        keep = self.request.store and store.max_bytes > 0
+        response = self.response(status, [self.message(part, status)], completion=completion, stored=keep)
+        if keep:
             answered = [*self.conversation, RequestMessage(role="assistant", parts=[completion.text])]
-            self.stored = response["store"] = store.put(response, answered)
+            response["store"] = store.put(response, answered)  # False: over the store's whole budget
         return status, response
 
 
@@ -382,8 +383,8 @@ def serve_response(handler: Any, body: bytes, record: "RequestRecord") -> None:
     except QueueFull as exc:
         raise ApiError(429, f"the server is busy ({exc}); retry later", code="server_busy",
                        type="rate_limit_error") from None
-    builder = ResponseBuilder(request, app.model_name, lambda entries: (app.logprobs(entries) or {}).get("content", []))
-    builder.conversation = conversation
+    builder = ResponseBuilder(request, app.model_name, conversation,
+                              lambda entries: (app.logprobs(entries) or {}).get("content", []))
     try:
         if request.chat.stream:
             _stream(handler, job, builder, record)

@@ -40,10 +40,6 @@ def schedule_factor(step: int, *, schedule: str = "cosine", warmup_steps: int, t
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """``schedule_factor`` of the default schedule, ``cosine``."""
-    return schedule_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, min_ratio=min_ratio)
-
 
 class HostOffloadAdamW(torch.optim.Optimizer):
     """AdamW whose state lives in host memory: per trained parameter an fp32 master copy and the two moments
