@@ -120,10 +120,10 @@ def test_verify_passes_and_detects_a_wrong_model(vl_dir, tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    """The demo as the README runs it, with a third of its fine-tuning steps (100 reach ~40% held-out accuracy;
-    the README's command, 300 steps, is run as written before each release)."""
+    """The demo as the README runs it, with a fifth of its fine-tuning steps (60 reach 35% held-out accuracy with
+    seed 0; the README's command, 300 steps, is run as written before each release)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "100"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "60"]) == 0
     printed = capsys.readouterr().out
     assert "round trip bitwise identical" in printed
     assert "PASS" in printed

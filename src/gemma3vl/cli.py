@@ -810,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="gemma3vl-demo", help="working directory (default: ./gemma3vl-demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=300, metavar="N",
-                      help="fine-tuning steps in step 6 (default 300; 100 already learn, to about 40%%)")
+                      help="fine-tuning steps in step 6 (default 300; 100 already reach about 50%%)")
     demo.set_defaults(func=cmd_demo)
 
     planner = commands.add_parser("plan", help="estimate per-GPU training memory per layout and recommend one")
