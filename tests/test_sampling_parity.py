@@ -51,7 +51,9 @@ def hf_text_model():
 def hf_processors(model, s: Sampling, ids: torch.Tensor, mask: torch.Tensor) -> LogitsProcessorList:
     config = GenerationConfig(do_sample=not s.greedy, temperature=s.temperature, top_k=s.top_k or 0,
                               top_p=s.top_p if s.top_p is not None else 1.0,
-                              repetition_penalty=s.repetition_penalty)
+                              repetition_penalty=s.repetition_penalty,
+                              # OpenAI's logit_bias is transformers' sequence_bias with one-token sequences
+                              sequence_bias=[[[token], bias] for token, bias in s.logit_bias] or None)
     return model._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
                                        encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
                                        logits_processor=LogitsProcessorList(), device="cpu",
@@ -79,11 +81,21 @@ def random_case(rng: random.Random, generator: torch.Generator, vocab: int) -> t
     return logits
 
 
+def random_logit_bias(rng: random.Random, vocab: int) -> tuple[tuple[int, float], ...]:
+    """No bias (most rows), or a few tokens biased by -100 (banned), +100 (all but forced) or amounts in between."""
+    if rng.random() < 0.6:
+        return ()
+    tokens = rng.sample(range(vocab), rng.randint(1, min(5, vocab)))
+    return tuple(sorted((token, rng.choice([-100.0, 100.0, -2.5, 0.75, 7.0, 0.0])) for token in tokens))
+
+
 def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
-    """Repetition penalty (prompt with left padding and image soft tokens, then generated tokens), temperature
-    (down to 0.05: probabilities that underflow to 0), top-k and top-p with ties at both cuts, -inf logits, the
-    off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one vectorised pass equals, bit
-    for bit, the processors transformers' ``generate`` assembles from the same ``GenerationConfig``."""
+    """Logit bias (OpenAI's; transformers' one-token ``sequence_bias``: up to +-100, on tokens the other steps then
+    filter or penalise), repetition penalty (prompt with left padding and image soft tokens, then generated
+    tokens), temperature (down to 0.05: probabilities that underflow to 0), top-k and top-p with ties at both
+    cuts, -inf logits, the off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one
+    vectorised pass equals, bit for bit, the processors transformers' ``generate`` assembles from the same
+    ``GenerationConfig``."""
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
     padding_seen = oracle_counts_left_padding_as_seen(hf_text_model)
     for case in range(150):
@@ -92,7 +104,8 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
                              temperature=rng.choice([1.0, 0.7, 1.3, 0.05, 2.0]),
                              top_k=rng.choice([None, 1, 2, 3, 5, 10, vocab, vocab + 5]),
                              top_p=rng.choice([None, 1.0, 0.95, 0.9, 0.5, 0.3, 0.1]),
-                             repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7, 2.0]))
+                             repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7, 2.0]),
+                             logit_bias=random_logit_bias(rng, vocab))
                     for _ in range(batch)]
         width = rng.randint(2, 10)
         ids = torch.randint(0, vocab, (batch, width), generator=generator)
@@ -194,6 +207,23 @@ def test_batched_greedy_with_an_eos_list_equals_transformers(vl, penalty):
         assert tokens == free[row][:len(tokens)]  # a finished row changes nothing in the others
         assert result.finish_reasons[row] == ("stop" if tokens[-1] in eos else "length")
     assert len(result.tokens[1]) <= 4 and result.finish_reasons[0] == "stop" and len(result.tokens[0]) <= 10
+
+
+def test_batched_greedy_with_logit_bias_equals_transformers(vl):
+    """OpenAI's logit_bias against transformers' ``generate`` with the same biases as one-token ``sequence_bias``:
+    three left-padded rows with images, each row's first free token banned (-100) and two tokens pushed up (the
+    same settings on every row, as transformers takes them). The answers change, and equal transformers'."""
+    reference, ours, config = vl
+    batch = verify.synthetic_batch(config)
+    args = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    free = generate(ours, batch["input_ids"], sampling=Sampling(max_new_tokens=8), **args)
+    bias = {**{row[0]: -100.0 for row in free}, 17: 4.0, 33: 2.5}
+    entries = tuple(sorted(bias.items()))
+    biased = generate(ours, batch["input_ids"], sampling=Sampling(max_new_tokens=8, logit_bias=entries), **args)
+    expected = hf_batched(reference, config, batch, 8, eos=[],
+                          sequence_bias=[[[token], value] for token, value in entries])
+    assert biased == expected
+    assert all(row[0] != free_row[0] for row, free_row in zip(biased, free))
 
 
 # ------------------------------------------------------------------------------------------ stop strings

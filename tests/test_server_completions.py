@@ -325,7 +325,7 @@ def test_through_the_openai_client(server, client, runtime, hf_model):
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("fields, status, param", [
     ({"suffix": "the end"}, 400, "suffix"),
-    ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"best_of": 3}, 400, "best_of"),
     ({"best_of": 2, "n": 3}, 400, "best_of"),
     ({"prompt": []}, 400, "prompt"),

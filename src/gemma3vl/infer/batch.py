@@ -1,8 +1,8 @@
 """``gemma3vl generate --batch``: a JSONL file of prompts in, a JSONL file of answers out.
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
-per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty, and
-json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
+per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty,
+logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
 of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenAI's / transformers' chat form, as
 ``gemma3vl.infer.messages.turns_of_messages`` reads it (its image paths relative to the JSONL file too), ending
@@ -51,7 +51,7 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 PENALTY_KEYS = ("presence_penalty", "frequency_penalty")  # apply to greedy lines too: they do not turn sampling on
 JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
 LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop",
-             *PENALTY_KEYS, *JSON_KEYS)
+             *PENALTY_KEYS, "logit_bias", *JSON_KEYS)
 
 
 @dataclass
@@ -224,6 +224,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         seed=obj.get("seed", defaults.seed),
         presence_penalty=obj.get("presence_penalty", defaults.presence_penalty),
         frequency_penalty=obj.get("frequency_penalty", defaults.frequency_penalty),
+        logit_bias=obj.get("logit_bias"),  # (checked there: an object of token ids in this vocabulary)
     )
     if schema is not None:
         sampling = replace(sampling, grammar=runtime.json_grammar(schema))

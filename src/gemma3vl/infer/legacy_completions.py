@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import Completion
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.detokenize import BYTE_PIECE
@@ -42,6 +41,7 @@ from gemma3vl.infer.openai_protocol import (
     _is_int,
     json_body,
     now,
+    request_sampling,
     shared_fields,
     usage,
 )
@@ -247,17 +247,7 @@ def prepare_completion(app: "ChatCompletionServer", request: CompletionRequest) 
     if request.max_tokens > settings.max_tokens:
         raise ApiError(400, f"max_tokens={request.max_tokens} is over this server's limit of {settings.max_tokens}",
                        param="max_tokens", code="invalid_value")
-    greedy = request.temperature == 0 or request.top_p == 0
-    try:
-        sampling = app.runtime.sampling(
-            max_new_tokens=max(request.max_tokens, 1), greedy=greedy,
-            temperature=None if greedy else request.temperature, top_k=request.top_k,
-            top_p=None if greedy else request.top_p, seed=request.seed,
-            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        )
-        sampling.validate()
-    except Gemma3VLError as exc:
-        raise ApiError(400, str(exc), code="invalid_value") from None
+    sampling = request_sampling(app.runtime, request, max(request.max_tokens, 1))
     context = app.scheduler.max_length
     prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
     jobs = []

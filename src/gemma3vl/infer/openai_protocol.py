@@ -18,8 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from gemma3vl.errors import Gemma3VLError, SettingError
+
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
+    from gemma3vl.infer.runtime import InferenceRuntime
+    from gemma3vl.infer.sampling import Sampling
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -44,7 +48,6 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none"),
-    "logit_bias": lambda v: v in (None, {}),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
@@ -118,6 +121,7 @@ class SharedFields:
     include_usage: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, Any] | None = None  # {token id: bias}; its entries are checked against the vocabulary later
 
 
 @dataclass(kw_only=True)
@@ -293,6 +297,9 @@ def shared_fields(body: dict) -> dict[str, Any]:
         if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
             raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
         include_usage = bool(options.get("include_usage"))
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None and not isinstance(logit_bias, dict):
+        raise _invalid("'logit_bias' must be an object mapping token ids to biases from -100 to 100", "logit_bias")
     return dict(
         model=model,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -304,7 +311,28 @@ def shared_fields(body: dict) -> dict[str, Any]:
         include_usage=include_usage,
         presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
+        logit_bias=logit_bias or None,
     )
+
+
+def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_tokens: int) -> Sampling:
+    """The :class:`Sampling` of a request's shared fields on top of the checkpoint's defaults, checked: a value out
+    of range (a ``logit_bias`` token outside the vocabulary, ...) is a 400 naming its field. Temperature 0 or top-p
+    0 mean greedy decoding, as OpenAI's API reads them."""
+    greedy = request.temperature == 0 or request.top_p == 0
+    try:
+        sampling = runtime.sampling(
+            max_new_tokens=max_new_tokens, greedy=greedy, temperature=None if greedy else request.temperature,
+            top_k=request.top_k, top_p=None if greedy else request.top_p, seed=request.seed,
+            presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+            logit_bias=request.logit_bias,
+        )
+        sampling.validate()
+    except SettingError as exc:
+        raise ApiError(400, str(exc), param=exc.name, code="invalid_value") from None
+    except Gemma3VLError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+    return sampling
 
 
 def json_body(raw: bytes) -> dict[str, Any]:

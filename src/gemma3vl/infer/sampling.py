@@ -1,7 +1,8 @@
 """How each row picks its next token: per-row settings, transformers' logits processors, a seeded draw.
 
-Logits are processed in float32 as transformers does: repetition penalty (greedy rows too), then OpenAI's
-presence and frequency penalties (greedy rows too, as vLLM applies them), then temperature, top-k, top-p; then
+Logits are processed in float32 as transformers does: OpenAI's ``logit_bias`` (transformers' single-token
+``sequence_bias``), the repetition penalty (greedy rows too), then OpenAI's presence and frequency penalties
+(greedy rows too, as vLLM applies them), then temperature, top-k, top-p; then
 argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
 the processors transformers' ``generate`` assembles, bit for bit on the CPU (tests/test_sampling_parity.py); the
 draw does not reproduce transformers' ``torch.multinomial`` tokens for the same seed. Every setting is per row,
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -23,6 +24,35 @@ from gemma3vl.errors import Gemma3VLError, SettingError
 MAX_OCCURRENCE_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 # the seeds a torch.Generator takes: any 64-bit integer, signed or unsigned (derived_seed gives unsigned ones)
 SEED_RANGE = (-(2**63), 2**64 - 1)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token in practice, 100 all but forces it
+
+
+def logit_bias_entries(bias: Mapping[Any, Any] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` ({token id: bias}; the ids as JSON gives them, decimal strings, or ints) as sorted
+    ``(id, bias)`` pairs, checked: ids of this vocabulary (0 to ``vocab_size - 1``), each once, and finite biases
+    from -100 to 100. A :class:`SettingError` named ``logit_bias`` says which entry is wrong and why."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, Mapping):
+        raise SettingError("logit_bias", repr(bias), "must be an object mapping token ids to biases")
+    low, high = LOGIT_BIAS_RANGE
+    entries: dict[int, float] = {}
+    for key, value in bias.items():
+        entry = f"{{{key!r}: {value!r}}}"
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            token = key
+        else:
+            raise SettingError("logit_bias", entry, "has a key that is not a token id (a non-negative integer)")
+        if not 0 <= token < vocab_size:
+            raise SettingError("logit_bias", entry, f"names a token outside the vocabulary (ids 0 to {vocab_size - 1})")
+        if token in entries:
+            raise SettingError("logit_bias", entry, f"gives token {token} a second time")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN too
+            raise SettingError("logit_bias", entry, f"has a bias that is not a number from {low:g} to {high:g}")
+        entries[token] = float(value)
+    return tuple(sorted(entries.items()))
 
 
 @dataclass
@@ -44,6 +74,9 @@ class Sampling:
     # has appeared, and frequency_penalty per time it has; 0 = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's logit_bias as (token id, bias) pairs (``logit_bias_entries``), added to the logits before anything
+    # else here, greedy rows too
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # an ``xgrammar.CompiledGrammar`` the answer follows (``structured.JsonGrammars``: JSON output); None: free text.
     # Its mask comes before every other step here, so the row samples from within the grammar.
     grammar: Any = None
@@ -71,6 +104,11 @@ class Sampling:
             if not -MAX_OCCURRENCE_PENALTY <= value <= MAX_OCCURRENCE_PENALTY:  # NaN fails too
                 raise SettingError(name, value, f"must be a number from -{MAX_OCCURRENCE_PENALTY:g} to "
                                                 f"{MAX_OCCURRENCE_PENALTY:g}")
+        low, high = LOGIT_BIAS_RANGE  # (logit_bias_entries checks these too; the vocabulary: dense_logit_bias)
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not low <= bias <= high:
+                raise SettingError("logit_bias", (token, bias), f"must pair a token id >= 0 with a bias from {low:g} "
+                                                                f"to {high:g}")
         if self.grammar is not None and not self.stop_token_ids:
             raise Gemma3VLError("an answer that follows a grammar needs stop_token_ids: its grammar lets it end only "
                                 "with a stop token, once the JSON is complete")
@@ -114,6 +152,8 @@ class RowSampling:
     top_p_cut: torch.Tensor
     max_top_k: int  # the largest top-k of a row that filters (top_k < vocab); 0: no row does
     any_top_p: bool  # whether a sampled row has top_p < 1 (transformers adds TopPLogitsWarper then only)
+    # float32 [B, V]: each row's logit_bias, zero elsewhere; None when no row has one
+    logit_bias: torch.Tensor | None = None
 
     @classmethod
     def from_samplings(
@@ -152,11 +192,27 @@ class RowSampling:
             top_p_cut=column([1.0 - p for p in top_p], torch.float32),
             max_top_k=max((k for k in top_k if k < vocab_size), default=0),
             any_top_p=any(p < 1.0 for p in top_p),
+            logit_bias=dense_logit_bias(samplings, vocab_size, device),
         )
 
     @property
     def any_sampled(self) -> bool:
         return any(self.sampled)
+
+
+def dense_logit_bias(samplings: Sequence[Sampling], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """float32 [B, V]: each row's ``logit_bias`` at its tokens, 0 elsewhere (built on the host, copied once); None
+    when no row has one."""
+    if not any(s.logit_bias for s in samplings):
+        return None
+    bias = torch.zeros(len(samplings), vocab_size, dtype=torch.float32)
+    for row, sampling in enumerate(samplings):
+        if sampling.logit_bias:
+            tokens, values = zip(*sampling.logit_bias)
+            if max(tokens) >= vocab_size:
+                raise SettingError("logit_bias", max(tokens), f"is outside the vocabulary (ids 0 to {vocab_size - 1})")
+            bias[row, list(tokens)] = torch.tensor(values, dtype=torch.float32)
+    return bias.to(device)
 
 
 def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
@@ -184,8 +240,9 @@ def count_tokens(counts: torch.Tensor, tokens: torch.Tensor) -> None:
 
 def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None,
                    counts: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: repetition penalty
-    (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
+    """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: each row's
+    ``logit_bias`` added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), the
+    repetition penalty (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
     multiplied), then, given ``counts`` (float32 [B, V]: how often each token was generated so far), OpenAI's
     penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)``
     subtracted (a row whose penalties are 0 keeps its scores bit for bit), then for sampled rows temperature,
@@ -195,6 +252,8 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
     Top-p sorts the scores top-k left, as ``TopPLogitsWarper`` does: with ties at the cut, which of the tied
     tokens go depends on that sort's order."""
     scores = logits
+    if rows.logit_bias is not None:
+        scores = scores + rows.logit_bias
     if seen is not None:
         penalty = rows.repetition_penalty[:, None]
         scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.sampling import logit_bias_entries
 from gemma3vl.infer.prompt import processor_dir
 
 
@@ -53,6 +54,7 @@ def resolve_sampling(
     seed: int | None = None,
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
+    logit_bias: Mapping[Any, Any] | None = None,
 ) -> Sampling:
     """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given).
 
@@ -61,7 +63,8 @@ def resolve_sampling(
     keeps the 50 most likely tokens, as it would there. The generation config's ``repetition_penalty`` applies too
     (there is no setting for it here), greedy or not, as it does in transformers. The presence and frequency
     penalties (OpenAI's; transformers' generation config has none) are off unless given, and do not turn
-    sampling on: they apply to greedy decoding too."""
+    sampling on: they apply to greedy decoding too; so does ``logit_bias`` (OpenAI's {token id: bias}, checked
+    against the vocabulary here)."""
     stop_ids = stop_token_ids(defaults, config)
     sample = bool(defaults.get("do_sample", False)) and not greedy
     if temperature is not None or top_k is not None or top_p is not None:
@@ -81,6 +84,7 @@ def resolve_sampling(
         repetition_penalty=_default(defaults, "repetition_penalty", float),
         presence_penalty=presence_penalty or 0.0,
         frequency_penalty=frequency_penalty or 0.0,
+        logit_bias=logit_bias_entries(logit_bias, config.text.vocab_size),
     )
 
 

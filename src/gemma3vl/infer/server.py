@@ -49,6 +49,7 @@ from gemma3vl.infer.openai_protocol import (
     new_completion_id,
     now,
     parse_chat_request,
+    request_sampling,
     usage,
 )
 from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, serve_response
@@ -192,16 +193,7 @@ class ChatCompletionServer:
             raise ApiError(400, f"This server's maximum context length is {context} tokens; "
                                 f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
                            param="messages", code="context_length_exceeded")
-        greedy = request.temperature == 0 or request.top_p == 0
-        try:
-            sampling = self.runtime.sampling(
-                max_new_tokens=max_tokens, greedy=greedy, temperature=None if greedy else request.temperature,
-                top_k=request.top_k, top_p=None if greedy else request.top_p, seed=request.seed,
-                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            )
-            sampling.validate()
-        except Gemma3VLError as exc:
-            raise ApiError(400, str(exc), code="invalid_value") from None
+        sampling = request_sampling(self.runtime, request, max_tokens)
         if request.json_schema is not None:
             sampling = replace(sampling, grammar=self.json_grammar(request.json_schema))
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
