@@ -51,7 +51,7 @@ def hf_text_model():
 def hf_processors(model, s: Sampling, ids: torch.Tensor, mask: torch.Tensor) -> LogitsProcessorList:
     config = GenerationConfig(do_sample=not s.greedy, temperature=s.temperature, top_k=s.top_k or 0,
                               top_p=s.top_p if s.top_p is not None else 1.0,
-                              repetition_penalty=s.repetition_penalty,
+                              repetition_penalty=s.repetition_penalty, min_p=s.min_p,
                               # OpenAI's logit_bias is transformers' sequence_bias with one-token sequences
                               sequence_bias=[[[token], bias] for token, bias in s.logit_bias] or None)
     return model._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
@@ -93,7 +93,7 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
     """Logit bias (OpenAI's; transformers' one-token ``sequence_bias``: up to +-100, on tokens the other steps then
     filter or penalise), repetition penalty (prompt with left padding and image soft tokens, then generated
     tokens), temperature (down to 0.05: probabilities that underflow to 0), top-k and top-p with ties at both
-    cuts, -inf logits, the off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one
+    cuts, min-p after them (up to 1: only the likeliest tokens left), -inf logits, the off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one
     vectorised pass equals, bit for bit, the processors transformers' ``generate`` assembles from the same
     ``GenerationConfig``."""
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
@@ -104,6 +104,7 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
                              temperature=rng.choice([1.0, 0.7, 1.3, 0.05, 2.0]),
                              top_k=rng.choice([None, 1, 2, 3, 5, 10, vocab, vocab + 5]),
                              top_p=rng.choice([None, 1.0, 0.95, 0.9, 0.5, 0.3, 0.1]),
+                             min_p=rng.choice([None, None, 0.0, 0.05, 0.2, 0.5, 1.0]),
                              repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7, 2.0]),
                              logit_bias=random_logit_bias(rng, vocab))
                     for _ in range(batch)]

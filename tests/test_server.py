@@ -324,8 +324,10 @@ BAD_REQUESTS = {
                           "invalid_value"),
     "JSON nested too deep": (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
     "an integer of 5000 digits": (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", 400, "invalid_json"),
-    "vLLM's repetition_penalty": ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1.2}, 400,
-                                  "unsupported_parameter"),
+    "vLLM's min_tokens": ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 3}, 400,
+                          "unsupported_parameter"),
+    "repetition_penalty of 0": ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0}, 400,
+                                "invalid_value"),
     "image URL that does not parse": (_with_image("http://[::1/cat.png"), 400, "invalid_image_url"),
 }
 

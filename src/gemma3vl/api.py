@@ -100,20 +100,22 @@ class Model:
     # ------------------------------------------------------------------------------------------ settings
     def sampling(self, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, greedy: bool = False,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None, min_p: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
-                 logit_bias: dict[int | str, float] | None = None,
+                 repetition_penalty: float | None = None, logit_bias: dict[int | str, float] | None = None,
                  json_schema: dict[str, Any] | bool | None = None) -> Sampling:
         """The checkpoint's ``generation_config.json`` with these settings on top (None: not given), checked.
-        ``logit_bias``: OpenAI's, ``{token id: bias from -100 to 100}`` added to the logits (-100 bans a token).
+        ``min_p`` and ``repetition_penalty``: transformers' (and vLLM's); ``logit_bias``: OpenAI's,
+        ``{token id: bias from -100 to 100}`` added to the logits (-100 bans a token).
         ``json_schema``: answers follow this JSON Schema (``True``: any JSON object; needs xgrammar)."""
         _check_int("max_new_tokens", max_new_tokens, low=1)
         if seed is not None:
             _check_int("seed", seed)
         if top_k is not None:
             _check_int("top_k", top_k, low=1)
-        for name, value in (("temperature", temperature), ("top_p", top_p), ("presence_penalty", presence_penalty),
-                            ("frequency_penalty", frequency_penalty)):
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                            ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                            ("repetition_penalty", repetition_penalty)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise Gemma3VLError(f"{name}={value!r} must be a number")
         if max_new_tokens >= self.runtime.context_length:
@@ -121,7 +123,8 @@ class Model:
                                 f"of {self.runtime.context_length} tokens")
         sampling = self.runtime.sampling(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                                          top_k=top_k, top_p=top_p, seed=seed, presence_penalty=presence_penalty,
-                                         frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+                                         frequency_penalty=frequency_penalty, logit_bias=logit_bias, min_p=min_p,
+                                         repetition_penalty=repetition_penalty)
         sampling = replace(sampling, stop_strings=_stop_strings(stop))
         if json_schema is not None and json_schema is not False:
             from gemma3vl.infer.structured import ANY_OBJECT
@@ -159,8 +162,8 @@ class Model:
 
         ``images``: for one prompt, its images (paths, ``data:`` URLs or PIL images); for a list of prompts, one
         entry per prompt (a list of images, or None). ``settings``: :meth:`sampling`'s (``max_new_tokens``,
-        ``greedy``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
-        ``frequency_penalty``, ``logit_bias``, ``json_schema``). Many prompts run through the continuous-batching engine of
+        ``greedy``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``, ``presence_penalty``,
+        ``frequency_penalty``, ``repetition_penalty``, ``logit_bias``, ``json_schema``). Many prompts run through the continuous-batching engine of
         ``gemma3vl generate --batch`` with ``batch_size`` rows; each answer is the one its prompt gets alone.
         Returns the answer's text (``details``: an :class:`Answer`), or a list of them in prompt order.
         """

@@ -124,9 +124,11 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
         seed=args.seed,
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -151,7 +153,8 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
     they give with the checkpoint's generation config."""
     from gemma3vl import bridge
 
-    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)):
+    for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p), ("--min-p", args.min_p),
+                        ("--repetition-penalty", args.repetition_penalty)):
         if value is not None and not math.isfinite(value):
             raise Gemma3VLError(f"{flag} {value} must be a finite number")
     check_penalty_flags(args)
@@ -323,10 +326,10 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
     log(runtime.describe())
     note_compile(args.compile, runtime.device)
     defaults = BatchDefaults(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, raw=args.raw,
+                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, raw=args.raw,
                              pan_and_scan=True if args.pan_and_scan else None,
                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                             json_schema=schema)
+                             repetition_penalty=args.repetition_penalty, json_schema=schema)
     started = time.perf_counter()
     summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
                              batch_size=args.batch_size if args.batch_size is not None else 8,
@@ -608,16 +611,16 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--min-p", type=float, default=None, metavar="P",
+                        help="after top-p, drop tokens less likely than P times the likeliest (0..1; 0: off)")
     parser.add_argument("--seed", type=int, default=None)
-    add_penalty_options(parser)
-
-
-def add_penalty_options(parser: argparse.ArgumentParser) -> None:
-    """OpenAI's presence and frequency penalties (read by ``sampling_from``)."""
     parser.add_argument("--presence-penalty", type=float, default=None, metavar="P",
                         help="subtract P from the logit of every token the answer already holds (-2..2; 0: off)")
     parser.add_argument("--frequency-penalty", type=float, default=None, metavar="F",
                         help="subtract F per time a token occurs in the answer so far (-2..2; 0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                        help="transformers' penalty on every token of the prompt and answer (> 0; 1: off; "
+                             "default: the checkpoint's generation config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -657,13 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model_dir", help="HF checkpoint directory or native directory")
     gen.add_argument("--prompt", default=None, help="the prompt (required unless --batch)")
     gen.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="at most N new tokens (128)")
-    gen.add_argument("--greedy", action="store_true", help="argmax decoding (default: the checkpoint's sampling)")
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    add_penalty_options(gen)
+    add_sampling_options(gen, max_new_tokens=128)
     gen.add_argument("--raw", action="store_true", help="feed the prompt without the chat template")
     gen.add_argument("--pan-and-scan", action="store_true", help="add pan & scan crops of each image")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")

@@ -1,8 +1,8 @@
 """``gemma3vl generate --batch``: a JSONL file of prompts in, a JSONL file of answers out.
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
-per-line max_new_tokens, temperature, top_k, top_p, seed, greedy, stop, presence_penalty, frequency_penalty,
-logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
+per-line max_new_tokens, temperature, top_k, top_p, min_p, seed, greedy, stop, presence_penalty,
+frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
 of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenAI's / transformers' chat form, as
 ``gemma3vl.infer.messages.turns_of_messages`` reads it (its image paths relative to the JSONL file too), ending
@@ -47,8 +47,9 @@ from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p")
-PENALTY_KEYS = ("presence_penalty", "frequency_penalty")  # apply to greedy lines too: they do not turn sampling on
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+# apply to greedy lines too: they do not turn sampling on
+PENALTY_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
 LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop",
              *PENALTY_KEYS, "logit_bias", *JSON_KEYS)
@@ -63,11 +64,13 @@ class BatchDefaults:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     seed: int | None = None
     raw: bool = False
     pan_and_scan: bool | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     json_schema: dict | None = None  # --json (structured.ANY_OBJECT) or --json-schema's; None: free text
 
 @dataclass
@@ -196,6 +199,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "temperature", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
     _check_type(obj, "top_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check_type(obj, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    _check_type(obj, "min_p", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
     _check_type(obj, "seed", _is_int, "an integer")
     _check_type(obj, "greedy", lambda v: isinstance(v, bool), "true or false")
     _check_type(obj, "stop", _is_stop, "a string or a list of strings")
@@ -221,9 +225,11 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         temperature=obj.get("temperature", defaults.temperature),
         top_k=obj.get("top_k", defaults.top_k),
         top_p=obj.get("top_p", defaults.top_p),
+        min_p=obj.get("min_p", defaults.min_p),
         seed=obj.get("seed", defaults.seed),
         presence_penalty=obj.get("presence_penalty", defaults.presence_penalty),
         frequency_penalty=obj.get("frequency_penalty", defaults.frequency_penalty),
+        repetition_penalty=obj.get("repetition_penalty", defaults.repetition_penalty),
         logit_bias=obj.get("logit_bias"),  # (checked there: an object of token ids in this vocabulary)
     )
     if schema is not None:

@@ -13,9 +13,10 @@ limit; 422 a valid request this checkpoint cannot serve (images for a text-only 
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
@@ -54,11 +55,8 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "web_search_options": lambda v: v is None,
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
-    "repetition_penalty": lambda v: v in (None, 1, 1.0),
-    "min_p": lambda v: v in (None, 0, 0.0),
+    # (vLLM's repetition_penalty, min_p, ignore_eos and stop_token_ids are implemented: shared_fields)
     "min_tokens": lambda v: v in (None, 0),
-    "ignore_eos": lambda v: v in (None, False),
-    "stop_token_ids": lambda v: v in (None, []),
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "guided_json": lambda v: v is None,
@@ -122,6 +120,12 @@ class SharedFields:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, Any] | None = None  # {token id: bias}; its entries are checked against the vocabulary later
+    # vLLM's extensions (the openai client's extra_body): transformers' min-p and repetition penalty (None: the
+    # checkpoint's generation config), no stop at the checkpoint's EOS ids, more stop token ids
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(kw_only=True)
@@ -300,6 +304,16 @@ def shared_fields(body: dict) -> dict[str, Any]:
     logit_bias = body.get("logit_bias")
     if logit_bias is not None and not isinstance(logit_bias, dict):
         raise _invalid("'logit_bias' must be an object mapping token ids to biases from -100 to 100", "logit_bias")
+    repetition_penalty = body.get("repetition_penalty")
+    if repetition_penalty is not None and not (_is_number(repetition_penalty) and 0 < repetition_penalty < math.inf):
+        raise _invalid(f"'repetition_penalty' must be a number > 0, got {repetition_penalty!r}", "repetition_penalty")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise _invalid("'ignore_eos' must be a boolean", "ignore_eos")
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None and not (isinstance(stop_token_ids, list)
+                                           and all(_is_int(t) and t >= 0 for t in stop_token_ids)):
+        raise _invalid("'stop_token_ids' must be a list of token ids", "stop_token_ids")
     return dict(
         model=model,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -312,21 +326,34 @@ def shared_fields(body: dict) -> dict[str, Any]:
         presence_penalty=_number(body, "presence_penalty", *PENALTY_RANGE) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", *PENALTY_RANGE) or 0.0,
         logit_bias=logit_bias or None,
+        min_p=_number(body, "min_p", 0.0, 1.0),
+        repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
+        ignore_eos=bool(ignore_eos),
+        stop_token_ids=tuple(stop_token_ids or ()),
     )
 
 
 def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_tokens: int) -> Sampling:
     """The :class:`Sampling` of a request's shared fields on top of the checkpoint's defaults, checked: a value out
     of range (a ``logit_bias`` token outside the vocabulary, ...) is a 400 naming its field. Temperature 0 or top-p
-    0 mean greedy decoding, as OpenAI's API reads them."""
+    0 mean greedy decoding, as OpenAI's API reads them. The answer stops at the checkpoint's EOS ids (not with
+    vLLM's ``ignore_eos``) and at ``stop_token_ids``."""
     greedy = request.temperature == 0 or request.top_p == 0
+    vocab = runtime.config.text.vocab_size
+    outside = [token for token in request.stop_token_ids if token >= vocab]
+    if outside:
+        raise _invalid(f"'stop_token_ids' holds {outside[0]}, outside the vocabulary (ids 0 to {vocab - 1})",
+                       "stop_token_ids")
     try:
         sampling = runtime.sampling(
             max_new_tokens=max_new_tokens, greedy=greedy, temperature=None if greedy else request.temperature,
             top_k=request.top_k, top_p=None if greedy else request.top_p, seed=request.seed,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-            logit_bias=request.logit_bias,
+            logit_bias=request.logit_bias, min_p=None if greedy else request.min_p,
+            repetition_penalty=request.repetition_penalty,
         )
+        stops = () if request.ignore_eos else sampling.stop_token_ids
+        sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})))
         sampling.validate()
     except SettingError as exc:
         raise ApiError(400, str(exc), param=exc.name, code="invalid_value") from None

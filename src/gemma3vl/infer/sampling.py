@@ -2,7 +2,7 @@
 
 Logits are processed in float32 as transformers does: OpenAI's ``logit_bias`` (transformers' single-token
 ``sequence_bias``), the repetition penalty (greedy rows too), then OpenAI's presence and frequency penalties
-(greedy rows too, as vLLM applies them), then temperature, top-k, top-p; then
+(greedy rows too, as vLLM applies them), then temperature, top-k, top-p, min-p; then
 argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
 the processors transformers' ``generate`` assembles, bit for bit on the CPU (tests/test_sampling_parity.py); the
 draw does not reproduce transformers' ``torch.multinomial`` tokens for the same seed. Every setting is per row,
@@ -66,6 +66,8 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    # transformers' / vLLM's min-p: after top-p, drop tokens less likely than min_p x the likeliest; None / 0: off
+    min_p: float | None = None
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     repetition_penalty: float = 1.0  # transformers' semantics; 1.0 = off
@@ -92,8 +94,10 @@ class Sampling:
             raise SettingError("top_k", self.top_k, "must be >= 1")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise SettingError("top_p", self.top_p, "must be in (0, 1]")
-        if not self.repetition_penalty > 0:
-            raise SettingError("repetition_penalty", self.repetition_penalty, "must be > 0")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise SettingError("min_p", self.min_p, "must be in [0, 1]")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise SettingError("repetition_penalty", self.repetition_penalty, "must be a finite number > 0")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             # (torch.Generator.manual_seed's range; past it, it raises a bare ValueError at the first draw)
             raise SettingError("seed", self.seed, f"must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
@@ -140,6 +144,7 @@ class RowSampling:
     temperature: torch.Tensor  # float32
     top_k: torch.Tensor  # long, vocab size = off
     top_p: torch.Tensor  # float32, 1.0 = off
+    min_p: torch.Tensor  # float32, 0.0 = off
     repetition_penalty: torch.Tensor  # float32, 1.0 = off
     presence_penalty: torch.Tensor  # float32, 0.0 = off
     frequency_penalty: torch.Tensor  # float32, 0.0 = off
@@ -152,6 +157,7 @@ class RowSampling:
     top_p_cut: torch.Tensor
     max_top_k: int  # the largest top-k of a row that filters (top_k < vocab); 0: no row does
     any_top_p: bool  # whether a sampled row has top_p < 1 (transformers adds TopPLogitsWarper then only)
+    any_min_p: bool  # whether a sampled row has min_p > 0
     # float32 [B, V]: each row's logit_bias, zero elsewhere; None when no row has one
     logit_bias: torch.Tensor | None = None
 
@@ -177,11 +183,13 @@ class RowSampling:
 
         top_k = when_sampled([min(s.top_k or vocab_size, vocab_size) for s in samplings], vocab_size)
         top_p = when_sampled([float(s.top_p or 1.0) for s in samplings], 1.0)
+        min_p = when_sampled([float(s.min_p or 0.0) for s in samplings], 0.0)
         return cls(
             greedy=column([s.greedy for s in samplings], torch.bool),
             temperature=column(when_sampled([s.temperature for s in samplings], 1.0), torch.float32),
             top_k=column(top_k, torch.long),
             top_p=column(top_p, torch.float32),
+            min_p=column(min_p, torch.float32),
             repetition_penalty=column([s.repetition_penalty for s in samplings], torch.float32),
             presence_penalty=column([s.presence_penalty for s in samplings], torch.float32),
             frequency_penalty=column([s.frequency_penalty for s in samplings], torch.float32),
@@ -192,6 +200,7 @@ class RowSampling:
             top_p_cut=column([1.0 - p for p in top_p], torch.float32),
             max_top_k=max((k for k in top_k if k < vocab_size), default=0),
             any_top_p=any(p < 1.0 for p in top_p),
+            any_min_p=any(p > 0.0 for p in min_p),
             logit_bias=dense_logit_bias(samplings, vocab_size, device),
         )
 
@@ -247,7 +256,8 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
     penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)``
     subtracted (a row whose penalties are 0 keeps its scores bit for bit), then for sampled rows temperature,
     top-k (keep scores >= the k-th largest, ties kept), top-p (sort what top-k left, drop the low tail whose mass is
-    <= 1 - p, always keeping the top token). A row whose top-k or top-p does not filter (top_k >= V, top_p = 1) is
+    <= 1 - p, always keeping the top token), min-p (``MinPLogitsWarper``: drop the tokens whose probability after
+    the steps before is under ``min_p`` times the likeliest one's). A row whose top-k or top-p does not filter (top_k >= V, top_p = 1) is
     left as it is, as transformers adds no warper for it.
     Top-p sorts the scores top-k left, as ``TopPLogitsWarper`` does: with ties at the cut, which of the tied
     tokens go depends on that sort's order."""
@@ -276,6 +286,11 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
         drop = (tail_mass <= rows.top_p_cut[:, None]) & (rows.top_p < 1)[:, None]
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if rows.any_min_p:  # (rows with min_p 0 drop nothing: no probability is < 0)
+        probs = scores.softmax(dim=-1)
+        drop = probs < rows.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        drop.scatter_(1, probs.argmax(dim=-1, keepdim=True), False)
+        scores = scores.masked_fill(drop, float("-inf"))
     return scores
 
 

@@ -55,19 +55,22 @@ def resolve_sampling(
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
     logit_bias: Mapping[Any, Any] | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
 ) -> Sampling:
     """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given).
 
     As transformers' ``generate``: a generation-config value that is absent or ``null`` takes transformers' global
     default (temperature 1.0, top-k 50, top-p 1.0), so sampling from a checkpoint whose config names no top-k still
-    keeps the 50 most likely tokens, as it would there. The generation config's ``repetition_penalty`` applies too
-    (there is no setting for it here), greedy or not, as it does in transformers. The presence and frequency
+    keeps the 50 most likely tokens, as it would there; its ``min_p`` too. The generation config's
+    ``repetition_penalty`` applies unless ``repetition_penalty`` is given, greedy or not, as it does in
+    transformers. The presence and frequency
     penalties (OpenAI's; transformers' generation config has none) are off unless given, and do not turn
     sampling on: they apply to greedy decoding too; so does ``logit_bias`` (OpenAI's {token id: bias}, checked
     against the vocabulary here)."""
     stop_ids = stop_token_ids(defaults, config)
     sample = bool(defaults.get("do_sample", False)) and not greedy
-    if temperature is not None or top_k is not None or top_p is not None:
+    if temperature is not None or top_k is not None or top_p is not None or min_p is not None:
         sample = not greedy
     if temperature == 0:
         sample = False
@@ -77,11 +80,13 @@ def resolve_sampling(
         temperature=temperature if temperature is not None else _default(defaults, "temperature", float),
         top_k=top_k if top_k is not None else _default(defaults, "top_k", int),
         top_p=top_p if top_p is not None else _default(defaults, "top_p", float),
+        min_p=min_p if min_p is not None else _default(defaults, "min_p", float),
         seed=seed,
         stop_token_ids=stop_ids,
         pad_token_id=config.text.pad_token_id,
         # transformers applies the generation config's repetition penalty to greedy and sampled decoding alike
-        repetition_penalty=_default(defaults, "repetition_penalty", float),
+        repetition_penalty=(repetition_penalty if repetition_penalty is not None
+                            else _default(defaults, "repetition_penalty", float)),
         presence_penalty=presence_penalty or 0.0,
         frequency_penalty=frequency_penalty or 0.0,
         logit_bias=logit_bias_entries(logit_bias, config.text.vocab_size),
@@ -89,7 +94,7 @@ def resolve_sampling(
 
 
 # transformers' GenerationConfig._get_default_generation_params: what generate uses for a value left unset
-TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
 
 
 def _default(defaults: dict[str, Any], key: str, kind: type) -> Any:

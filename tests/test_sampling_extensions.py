@@ -1,10 +1,13 @@
-"""OpenAI's ``logit_bias`` ({token id: bias from -100 to 100}, added to the logits before every other step) where
-users give it: the server's chat and legacy completions (and, as an extension, the Responses API), ``generate
---batch`` lines and the Python API; bad values are a 400 / an error naming ``logit_bias``.
+"""Sampling settings beyond temperature / top-k / top-p where users give them: OpenAI's ``logit_bias`` ({token id:
+bias from -100 to 100}, added to the logits before every other step), transformers' ``min_p`` and
+``repetition_penalty``, and vLLM's ``ignore_eos`` and ``stop_token_ids``; on the server's chat and legacy
+completions (and, as an extension, the Responses API), ``generate`` and ``--batch`` lines, and the Python API. Bad
+values are a 400 / an error naming the field.
 
 The oracle is transformers itself (tiny random fp32 model): the server's answers equal our ``generate`` with the
-same biases, which equals transformers' ``generate`` with them as one-token ``sequence_bias``
-(test_sampling_parity.py, which also checks each step's scores bit for bit against transformers' processors)."""
+same settings, which equals transformers' ``generate`` with them (logit_bias as one-token ``sequence_bias``;
+test_sampling_parity.py, which also checks each step's scores bit for bit against transformers' processors, min-p
+and the repetition penalty included)."""
 
 from __future__ import annotations
 
@@ -130,3 +133,99 @@ def test_python_api_takes_logit_bias(runtime, word_token):
         runtime.tokenizer.decode([word_token] * 3)
     with pytest.raises(Gemma3VLError, match="logit_bias=.*outside the vocabulary"):
         model.generate("hi", greedy=True, max_new_tokens=3, logit_bias={10**6: 1})
+
+
+# ---------------------------------------------------------------------------------------------- vLLM's extensions
+def chat(server, **fields) -> dict:
+    status, reply = post_json(server, {"messages": [{"role": "user", "content": "Tell me"}], "max_tokens": MAX_TOKENS,
+                                       **fields})
+    assert status == 200, reply
+    return reply
+
+
+def test_min_p_one_leaves_only_the_likeliest_token_and_repetition_penalty_reaches_the_answer(server, runtime):
+    """min_p=1 drops every token less likely than the likeliest: a sampled request (temperature 1.5, any seed)
+    answers as greedy decoding does. repetition_penalty overrides the checkpoint's, as ``generate`` with it
+    answers."""
+    greedy = chat(server, temperature=0)["choices"][0]["message"]["content"]
+    for seed in (1, 2):
+        sampled = chat(server, temperature=1.5, seed=seed, min_p=1.0)["choices"][0]["message"]["content"]
+        assert sampled == greedy
+    messages = [{"role": "user", "content": "Tell me"}]
+    stop = tuple(set(runtime.config.stop_token_ids))
+    penalised = []
+    for penalty in (0.5, 3.0):
+        expected = reference_answer(runtime, messages, sampling=Sampling(
+            max_new_tokens=MAX_TOKENS, stop_token_ids=stop, repetition_penalty=penalty))[0]
+        assert chat(server, temperature=0, repetition_penalty=penalty)["choices"][0]["message"]["content"] == expected
+        penalised.append(expected)
+    assert any(answer != greedy for answer in penalised)  # (the penalty changes this prompt's answer)
+
+
+def test_ignore_eos_and_stop_token_ids(server, runtime, word_token):
+    """+100 on an EOS token ends the answer at once; with ``ignore_eos`` it runs to max_tokens. A token in
+    ``stop_token_ids`` ends the answer there (finish_reason stop), its text left out as vLLM leaves it out."""
+    eos = runtime.config.stop_token_ids[0]
+    ended = chat(server, temperature=0, logit_bias={str(eos): 100})
+    assert (ended["choices"][0]["finish_reason"], ended["usage"]["completion_tokens"]) == ("stop", 1)
+    running = chat(server, temperature=0, logit_bias={str(eos): 100}, ignore_eos=True)
+    assert (running["choices"][0]["finish_reason"], running["usage"]["completion_tokens"]) == ("length", MAX_TOKENS)
+    stopped = chat(server, temperature=0, logit_bias={str(word_token): 100}, stop_token_ids=[word_token])
+    choice = stopped["choices"][0]
+    assert (choice["finish_reason"], choice["message"]["content"], stopped["usage"]["completion_tokens"]) == \
+        ("stop", "", 1)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": "high"}, "min_p"),
+    ({"repetition_penalty": -1}, "repetition_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"ignore_eos": "yes"}, "ignore_eos"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": [999999]}, "stop_token_ids"),
+    ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"ignore_eos": True, "response_format": {"type": "json_object"}}, "ignore_eos"),
+])
+def test_bad_extension_values_are_a_400_naming_the_field(server, fields, param):
+    status, reply = post_json(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields})
+    assert status == 400 and reply["error"]["param"] == param, reply
+
+
+def test_generate_flags_min_p_and_repetition_penalty(runtime, capsys):
+    from gemma3vl.cli import main
+
+    common = ["generate", str(runtime.model_dir), "--prompt", "Tell me", "--max-new-tokens", "4", "--device", "cpu"]
+    assert main([*common, "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    assert main([*common, "--temperature", "1.5", "--seed", "3", "--min-p", "1"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert main([*common, "--greedy", "--repetition-penalty", "0.5"]) == 0
+    assert capsys.readouterr().out != greedy
+    for flag, value, says in (("--min-p", "2", "--min-p 2.0 must be in [0, 1]"),
+                              ("--repetition-penalty", "0", "--repetition-penalty 0.0 must be a finite number > 0"),
+                              ("--min-p", "nan", "--min-p nan must be a finite number")):
+        assert main([*common, flag, value]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_batch_lines_and_the_python_api_take_min_p_and_repetition_penalty(runtime, tmp_path, capsys):
+    from gemma3vl.api import Model
+    from gemma3vl.cli import main
+
+    model = Model(runtime)
+    greedy = model.generate("Tell me", greedy=True, max_new_tokens=4)
+    assert model.generate("Tell me", temperature=1.5, seed=4, min_p=1.0, max_new_tokens=4) == greedy
+    penalised = model.generate("Tell me", greedy=True, repetition_penalty=0.5, max_new_tokens=4)
+    assert penalised != greedy
+    lines = [{"prompt": "Tell me", "temperature": 1.5, "seed": 4, "min_p": 1.0},
+             {"prompt": "Tell me", "greedy": True, "repetition_penalty": 0.5},
+             {"prompt": "Tell me", "min_p": 7}]
+    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", str(runtime.model_dir), "--batch", str(source), "--output", str(answers),
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 1
+    assert f"{source}:3: 'min_p' must be a number in [0, 1]" in capsys.readouterr().err
+    assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == [greedy, penalised]
+    with pytest.raises(Gemma3VLError, match="repetition_penalty"):
+        model.generate("Tell me", repetition_penalty=-2)
