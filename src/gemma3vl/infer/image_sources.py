@@ -13,8 +13,10 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
@@ -64,12 +66,8 @@ class ImageFetcher:
         if media_type and not media_type.startswith("image/"):
             raise ApiError(400, f"'{param}': data URL media type {media_type!r} is not an image", param=param,
                            code="invalid_image_url")
-        try:
+        with image_errors(param, "invalid_image_url"):
             return data_url_bytes(url, f"'{param}'", self.limits.max_image_bytes)
-        except ImageTooLarge as exc:
-            raise ApiError(413, str(exc), param=param, code="image_too_large") from None
-        except Gemma3VLError as exc:
-            raise ApiError(400, str(exc), param=param, code="invalid_image_url") from None
 
     def _local_bytes(self, url: str, param: str) -> bytes:
         if self.local_dir is None:
@@ -109,9 +107,17 @@ class ImageFetcher:
         return data
 
     def _decode(self, data: bytes, param: str) -> Image.Image:
-        try:
+        with image_errors(param, "invalid_image"):
             return decode_image(data, f"'{param}'", self.limits.max_image_pixels)
-        except ImageTooLarge as exc:
-            raise ApiError(413, str(exc), param=param, code="image_too_large") from None
-        except Gemma3VLError as exc:
-            raise ApiError(400, str(exc), param=param, code="invalid_image") from None
+
+
+@contextmanager
+def image_errors(param: str, code: str) -> Iterator[None]:
+    """An image over a limit as OpenAI's 413 ``image_too_large``, any other unreadable image as a 400 ``code``,
+    each naming ``param``."""
+    try:
+        yield
+    except ImageTooLarge as exc:
+        raise ApiError(413, str(exc), param=param, code="image_too_large") from None
+    except Gemma3VLError as exc:
+        raise ApiError(400, str(exc), param=param, code=code) from None

@@ -27,7 +27,7 @@ import urllib.parse
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, NoReturn, TextIO
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
@@ -462,7 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._logged(self._post)
 
-    def _not_allowed(self, record: RequestRecord) -> None:
+    def _not_allowed(self, record: RequestRecord) -> NoReturn:
         if "Content-Length" in self.headers:
             self._read_body()
         raise ApiError(405, f"{self.command} is not allowed on {self.path}", code="method_not_allowed")
@@ -478,7 +478,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _delete(self, record: RequestRecord) -> None:
         path = self._route()
         if not path.startswith("/v1/responses/"):
-            self._not_allowed(record)
+            return self._not_allowed(record)  # (it raises the 405)
         if "Content-Length" in self.headers:  # read, so that a kept-alive connection's next request starts clean
             self._read_body()
         kept = self._kept_response(path)
