@@ -2,7 +2,8 @@
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
 per-line max_new_tokens, temperature, top_k, top_p, min_p, seed, greedy, stop, presence_penalty,
-frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a JSON object) or json_schema (a JSON Schema the answer follows)}``;
+frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a
+JSON object) or json_schema (a JSON Schema the answer follows)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
 of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenAI's / transformers' chat form, as
 ``gemma3vl.infer.messages.turns_of_messages`` reads it (its image paths relative to the JSONL file too), ending

@@ -249,16 +249,16 @@ def count_tokens(counts: torch.Tensor, tokens: torch.Tensor) -> None:
 
 def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None,
                    counts: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: each row's
-    ``logit_bias`` added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), the
-    repetition penalty (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
+    """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: each row's ``logit_bias``
+    added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), the repetition penalty
+    (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
     multiplied), then, given ``counts`` (float32 [B, V]: how often each token was generated so far), OpenAI's
-    penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)``
-    subtracted (a row whose penalties are 0 keeps its scores bit for bit), then for sampled rows temperature,
-    top-k (keep scores >= the k-th largest, ties kept), top-p (sort what top-k left, drop the low tail whose mass is
-    <= 1 - p, always keeping the top token), min-p (``MinPLogitsWarper``: drop the tokens whose probability after
-    the steps before is under ``min_p`` times the likeliest one's). A row whose top-k or top-p does not filter (top_k >= V, top_p = 1) is
-    left as it is, as transformers adds no warper for it.
+    penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted
+    (a row whose penalties are 0 keeps its scores bit for bit), then for sampled rows temperature, top-k (keep
+    scores >= the k-th largest, ties kept), top-p (sort what top-k left, drop the low tail whose mass is <= 1 - p,
+    always keeping the top token), min-p (``MinPLogitsWarper``: drop the tokens whose probability after the steps
+    before is under ``min_p`` times the likeliest one's). A row whose top-k or top-p does not filter (top_k >= V,
+    top_p = 1) is left as it is, as transformers adds no warper for it.
     Top-p sorts the scores top-k left, as ``TopPLogitsWarper`` does: with ties at the cut, which of the tied
     tokens go depends on that sort's order."""
     scores = logits
