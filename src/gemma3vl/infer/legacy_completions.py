@@ -238,9 +238,7 @@ def _encode(app: "ChatCompletionServer", prompt: str | list[int]) -> tuple[list[
 def prepare_completion(app: "ChatCompletionServer", request: CompletionRequest) -> list[PromptJob]:
     """Check limits, tokenize every prompt, and make one scheduler job per prompt."""
     settings = app.settings
-    if request.model is not None and request.model != app.model_name:
-        raise ApiError(404, f"The model '{request.model}' does not exist; this server serves "
-                            f"'{app.model_name}'.", param="model", code="model_not_found")
+    app.check_model(request.model)
     if request.n > settings.max_n:
         raise ApiError(400, f"n={request.n} is over this server's limit of {settings.max_n}", param="n",
                        code="invalid_value")

@@ -16,7 +16,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
@@ -139,10 +139,6 @@ class ChatRequest(SharedFields):
     # response_format json_object / json_schema: the JSON Schema the answer follows ({"type": "object"} for
     # json_object); None: free text
     json_schema: dict[str, Any] | None = None
-    image_count: int = field(init=False, default=0)
-
-    def __post_init__(self) -> None:
-        self.image_count = sum(isinstance(p, ImagePart) for m in self.messages for p in m.parts)
 
 
 def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:

@@ -1,6 +1,6 @@
 """``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``,
-the legacy ``/v1/completions`` (:mod:`legacy_completions`) and the Responses API's ``/v1/responses``
-(:mod:`responses_api`)).
+the legacy ``/v1/completions`` (:mod:`legacy_completions`), the Responses API's ``/v1/responses``
+(:mod:`responses_api`), and vLLM's ``/tokenize`` and ``/detokenize`` (:mod:`tokenize_api`)).
 
 Standard library only (``http.server`` with a thread per connection), so serving adds no dependency and
 the official ``openai`` client works against it unchanged. Each handler thread validates its request
@@ -31,7 +31,7 @@ from typing import Any, Callable, NoReturn, TextIO
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import FINISH_CANCELLED, FINISH_ERROR, Completion
-from gemma3vl.infer.conversation import Turn
+from gemma3vl.infer.conversation import EncodedPrompt, Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
 from gemma3vl.infer.legacy_completions import TokenWidths, serve_completion
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
@@ -39,6 +39,7 @@ from gemma3vl.infer.openai_protocol import (
     ApiError,
     ChatRequest,
     ImagePart,
+    RequestMessage,
     choice_object,
     chunk_choice,
     chunk_object,
@@ -55,6 +56,7 @@ from gemma3vl.infer.openai_protocol import (
 from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, serve_response
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.structured import StructuredOutputUnavailable
+from gemma3vl.infer.tokenize_api import serve_tokenizer
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
@@ -159,33 +161,43 @@ class ChatCompletionServer:
         self.stop()
 
     # ------------------------------------------------------------------------------------ request -> job
+    def check_model(self, model: str | None) -> None:
+        """A request's ``model``, when given, must be the one served: else OpenAI's 404."""
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                           param="model", code="model_not_found")
+
+    def encode_messages(self, messages: list[RequestMessage]) -> EncodedPrompt:
+        """A conversation as the model reads it: its images counted against the limit and fetched, the chat
+        template applied (with the generation prompt); a 4xx naming ``messages`` when that cannot be done."""
+        images = sum(isinstance(part, ImagePart) for message in messages for part in message.parts)
+        if images > self.settings.images.max_images:
+            raise ApiError(400, f"the request has {images} images, over the limit of "
+                                f"{self.settings.images.max_images}", param="messages", code="too_many_images")
+        if images and not self.runtime.config.is_vision_language:
+            raise ApiError(422, "this is a text-only Gemma 3 checkpoint: it cannot take images",
+                           param="messages", code="images_not_supported")
+        turns = [
+            Turn(message.role, [self.images.fetch(p.url, p.param) if isinstance(p, ImagePart) else p
+                                for p in message.parts])
+            for message in messages
+        ]
+        try:
+            return self.runtime.encode_conversation(turns, pan_and_scan=self.settings.pan_and_scan)
+        except Gemma3VLError as exc:
+            raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
+
     def prepare(self, request: ChatRequest) -> Job:
         """Check limits, fetch images, encode the conversation, and make the scheduler job."""
         settings = self.settings
-        if request.model is not None and request.model != self.model_name:
-            raise ApiError(404, f"The model '{request.model}' does not exist; this server serves "
-                                f"'{self.model_name}'.", param="model", code="model_not_found")
-        if request.image_count > settings.images.max_images:
-            raise ApiError(400, f"the request has {request.image_count} images, over the limit of "
-                                f"{settings.images.max_images}", param="messages", code="too_many_images")
-        if request.image_count and not self.runtime.config.is_vision_language:
-            raise ApiError(422, "this is a text-only Gemma 3 checkpoint: it cannot take images",
-                           param="messages", code="images_not_supported")
+        self.check_model(request.model)
         if request.n > settings.max_n:
             raise ApiError(400, f"n={request.n} is over this server's limit of {settings.max_n}", param="n",
                            code="invalid_value")
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
             raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
-        turns = [
-            Turn(message.role, [self.images.fetch(p.url, p.param) if isinstance(p, ImagePart) else p
-                                for p in message.parts])
-            for message in request.messages
-        ]
-        try:
-            prompt = self.runtime.encode_conversation(turns, pan_and_scan=settings.pan_and_scan)
-        except Gemma3VLError as exc:
-            raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
+        prompt = self.encode_messages(request.messages)
         context = self.scheduler.max_length
         room = context - prompt.length
         max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)
@@ -513,7 +525,7 @@ class _Handler(BaseHTTPRequestHandler):
             if name != app.model_name:
                 raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
             self._send_json(200, models_object(app.model_name, app.created)["data"][0])
-        elif path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        elif path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"):
             raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
         elif path.startswith("/v1/responses/"):
             self._send_json(200, self._kept_response(path).response)
@@ -527,6 +539,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self.app.stopping:
                 raise ApiError(503, "the server is shutting down", code="unavailable")
             (serve_completion if path == "/v1/completions" else serve_response)(self, body, record)
+            return
+        if path in ("/tokenize", "/detokenize"):
+            serve_tokenizer(self, path, body, record)
             return
         if path != "/v1/chat/completions":
             if path in ("/health", "/v1/models"):
