@@ -218,6 +218,8 @@ def test_seeded_sampling_is_reproducible_and_equals_generate(server, client, run
 def test_models_and_health(server, client):
     assert [model.id for model in client.models.list().data] == [server.model_name]
     assert client.models.retrieve(server.model_name).id == server.model_name
+    # vLLM's max_model_len: the positions one request may take (the scheduler's rows), which clients size by
+    assert client.models.list().data[0].max_model_len == server.scheduler.max_length > 0
     status, _, raw = post_raw(server, b"", path="/health", method="GET")
     health = json.loads(raw)
     assert status == 200 and health["status"] == "ok" and health["model"] == server.model_name

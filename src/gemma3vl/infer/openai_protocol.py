@@ -475,5 +475,8 @@ def chunk_object(completion_id: str, created: int, model: str, choices: list[dic
     return chunk
 
 
-def models_object(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "gemma3vl"}]}
+def models_object(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """``GET /v1/models``: the one model served, with vLLM's ``max_model_len`` (the positions a request may take,
+    prompt and answer together), which clients read to size their requests."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "gemma3vl",
+                                        "max_model_len": max_model_len}]}

@@ -519,12 +519,12 @@ class _Handler(BaseHTTPRequestHandler):
                 health["compile_error"] = app.scheduler.compile_error
             self._send_json(200, health)
         elif path == "/v1/models":
-            self._send_json(200, models_object(app.model_name, app.created))
+            self._send_json(200, models_object(app.model_name, app.created, app.scheduler.max_length))
         elif path.startswith("/v1/models/"):
             name = urllib.parse.unquote(path[len("/v1/models/"):])  # the openai client sends a/b as a%2Fb
             if name != app.model_name:
                 raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-            self._send_json(200, models_object(app.model_name, app.created)["data"][0])
+            self._send_json(200, models_object(app.model_name, app.created, app.scheduler.max_length)["data"][0])
         elif path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"):
             raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
         elif path.startswith("/v1/responses/"):
