@@ -15,8 +15,8 @@ from typing import Any, Mapping
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.generate import Sampling
-from gemma3vl.infer.sampling import logit_bias_entries
 from gemma3vl.infer.prompt import processor_dir
+from gemma3vl.infer.sampling import logit_bias_entries
 
 
 def read_generation_defaults(model_dir: str | Path) -> dict[str, Any]:
@@ -64,10 +64,9 @@ def resolve_sampling(
     default (temperature 1.0, top-k 50, top-p 1.0), so sampling from a checkpoint whose config names no top-k still
     keeps the 50 most likely tokens, as it would there; its ``min_p`` too. The generation config's
     ``repetition_penalty`` applies unless ``repetition_penalty`` is given, greedy or not, as it does in
-    transformers. The presence and frequency
-    penalties (OpenAI's; transformers' generation config has none) are off unless given, and do not turn
-    sampling on: they apply to greedy decoding too; so does ``logit_bias`` (OpenAI's {token id: bias}, checked
-    against the vocabulary here)."""
+    transformers. The presence and frequency penalties (OpenAI's; transformers' generation config has none) are
+    off unless given, and do not turn sampling on: they apply to greedy decoding too; so does ``logit_bias``
+    (OpenAI's {token id: bias}, checked against the vocabulary here)."""
     stop_ids = stop_token_ids(defaults, config)
     sample = bool(defaults.get("do_sample", False)) and not greedy
     if temperature is not None or top_k is not None or top_p is not None or min_p is not None:
