@@ -229,3 +229,19 @@ def test_batch_lines_and_the_python_api_take_min_p_and_repetition_penalty(runtim
     assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == [greedy, penalised]
     with pytest.raises(Gemma3VLError, match="repetition_penalty"):
         model.generate("Tell me", repetition_penalty=-2)
+
+
+def test_the_generation_configs_min_p_and_repetition_penalty_apply_unless_given(runtime):
+    """As transformers' ``generate`` reads a checkpoint's generation config: its ``min_p`` filters sampled answers
+    (a given ``min_p`` replaces it, and sets sampling on as top-p does), its ``repetition_penalty`` applies
+    unless one is given."""
+    from gemma3vl.infer.sampling_defaults import resolve_sampling
+
+    defaults = {"do_sample": True, "min_p": 0.3, "repetition_penalty": 1.2}
+    config = runtime.config
+    taken = resolve_sampling(defaults, config, max_new_tokens=4)
+    assert (taken.greedy, taken.min_p, taken.repetition_penalty) == (False, 0.3, 1.2)
+    given = resolve_sampling(defaults, config, max_new_tokens=4, min_p=0.05, repetition_penalty=1.0)
+    assert (given.min_p, given.repetition_penalty) == (0.05, 1.0)
+    assert not resolve_sampling({}, config, max_new_tokens=4).min_p
+    assert resolve_sampling({"do_sample": False}, config, max_new_tokens=4, min_p=0.1).greedy is False
