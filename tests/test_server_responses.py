@@ -292,3 +292,34 @@ def test_the_route_takes_post_and_unknown_ids_are_404(server):
         assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
     status, _, raw = post_raw(server, b"", path="/v1/models", method="DELETE")
     assert status == 405
+
+
+def test_input_items_list_what_a_kept_response_answered(server, client):
+    """``client.responses.input_items.list``: the kept conversation before the answer (a previous response's turns
+    included, instructions not), latest first by default, paged by ``limit`` / ``after`` (the client's
+    auto-pagination walks every page), images' URLs only with ``include``."""
+    settings = dict(model=server.model_name, temperature=0, max_output_tokens=3)
+    images, _ = image_input("What is it?", "red circle")
+    first = client.responses.create(**settings, instructions="Be brief.", input=images)
+    second = client.responses.create(**settings, previous_response_id=first.id, input="And now?")
+    items = client.responses.input_items.list(second.id, order="asc")
+    shapes = [(item.role, [part.type for part in item.content]) for item in items.data]
+    assert shapes == [("user", ["input_image", "input_text"]), ("assistant", ["output_text"]),
+                      ("user", ["input_text"])]
+    assert items.data[1].content[0].text == first.output_text and items.data[2].content[0].text == "And now?"
+    assert items.data[0].content[0].image_url is None and items.has_more is False
+    with_urls = client.responses.input_items.list(second.id, order="asc", include=["message.input_image.image_url"])
+    assert with_urls.data[0].content[0].image_url == images[0]["content"][0]["image_url"]
+    latest_first = client.responses.input_items.list(second.id)
+    assert [item.id for item in latest_first.data] == [item.id for item in reversed(items.data)]
+    page = client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [item.id for item in page.data] == [item.id for item in items.data[:2]] and page.has_more
+    assert [item.id for item in page] == [item.id for item in items.data]  # auto-pagination: after=last_id
+    # the first response's one input item (ids are each response's own: msg_<its hex>_<position>)
+    (only,) = client.responses.input_items.list(first.id).data
+    assert only.content == items.data[0].content and only.id == f"msg_{first.id.removeprefix('resp_')}_0"
+    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=msg_nope", "after")):
+        status, _, raw = post_raw(server, b"", path=f"{PATH}/{second.id}/input_items?{query}", method="GET")
+        assert status == 400 and json.loads(raw)["error"]["param"] == param
+    status, _, raw = post_raw(server, b"", path=f"{PATH}/resp_missing/input_items", method="GET")
+    assert status == 404

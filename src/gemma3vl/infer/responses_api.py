@@ -371,6 +371,57 @@ class ResponseBuilder:
         return status, response
 
 
+# ---------------------------------------------------------------------------------------------- input items
+INPUT_IMAGE_URLS = "message.input_image.image_url"  # the include value that asks for input images' URLs
+
+
+def input_items_page(kept: KeptResponse, query: dict[str, list[str]]) -> dict[str, Any]:
+    """``GET /v1/responses/ID/input_items``: the items a kept response answered (its conversation before its answer,
+    earlier turns of a ``previous_response_id`` chain included, its instructions not), as OpenAI's list page.
+    ``query`` (``urllib.parse.parse_qs``): ``order`` ``desc`` (the default: latest first) or ``asc``, ``limit`` 1
+    to 100 (20), ``after`` an item id (the page starts after it, in that order), ``include`` (``include[]``)
+    ``message.input_image.image_url`` for input images' URLs (null otherwise). Item ids are the response's own:
+    ``msg_<response hex>_<position>``, the same at every call."""
+
+    def one(key: str) -> str | None:
+        values = query.get(key)
+        return None if not values else values[-1]
+
+    order = one("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise _invalid(f"'order' must be 'asc' or 'desc', got {order!r}", "order")
+    limit_text = one("limit") or "20"
+    if not (limit_text.isascii() and limit_text.isdigit() and 1 <= int(limit_text) <= 100):
+        raise _invalid(f"'limit' must be an integer from 1 to 100, got {limit_text!r}", "limit")
+    urls = INPUT_IMAGE_URLS in [*query.get("include", []), *query.get("include[]", [])]
+    prefix = f"msg_{kept.response['id'].removeprefix('resp_')}_"
+    items = [_input_item(f"{prefix}{index}", message, urls) for index, message in enumerate(kept.conversation[:-1])]
+    if order == "desc":
+        items.reverse()
+    after = one("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise _invalid(f"'after': no item {after!r} in this response's input items", "after")
+        items = items[ids.index(after) + 1:]
+    page = items[:int(limit_text)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
+
+
+def _input_item(item_id: str, message: RequestMessage, urls: bool) -> dict[str, Any]:
+    """One kept message as a Responses item: an input message (``input_text`` / ``input_image`` parts), or an
+    earlier answer as an output message (``output_text``)."""
+    if message.role == "assistant":
+        content = [{"type": "output_text", "text": part, "annotations": [], "logprobs": []}
+                   for part in message.parts if isinstance(part, str)]
+    else:
+        content = [{"type": "input_text", "text": part} if isinstance(part, str) else
+                   {"type": "input_image", "detail": "auto", "file_id": None, "image_url": part.url if urls else None}
+                   for part in message.parts]
+    return {"id": item_id, "type": "message", "role": message.role, "status": "completed", "content": content}
+
+
 # ---------------------------------------------------------------------------------------------- serving
 def serve_response(handler: Any, body: bytes, record: "RequestRecord") -> None:
     """Answer one ``/v1/responses`` request on ``handler`` (the server's request handler)."""

@@ -53,7 +53,7 @@ from gemma3vl.infer.openai_protocol import (
     request_sampling,
     usage,
 )
-from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, serve_response
+from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, input_items_page, serve_response
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.structured import StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
@@ -527,6 +527,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, models_object(app.model_name, app.created, app.scheduler.max_length)["data"][0])
         elif path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"):
             raise ApiError(405, f"use POST for {path}", code="method_not_allowed")
+        elif path.startswith("/v1/responses/") and path.endswith("/input_items"):
+            kept = self._kept_response(path.removesuffix("/input_items"))
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            self._send_json(200, input_items_page(kept, query))
         elif path.startswith("/v1/responses/"):
             self._send_json(200, self._kept_response(path).response)
         else:
