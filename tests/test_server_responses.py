@@ -323,3 +323,5 @@ def test_input_items_list_what_a_kept_response_answered(server, client):
         assert status == 400 and json.loads(raw)["error"]["param"] == param
     status, _, raw = post_raw(server, b"", path=f"{PATH}/resp_missing/input_items", method="GET")
     assert status == 404
+    status, _, raw = post_raw(server, b"", path=f"{PATH}/{second.id}/input_items", method="DELETE")
+    assert status == 405 and client.responses.retrieve(second.id).id == second.id

@@ -489,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _delete(self, record: RequestRecord) -> None:
         path = self._route()
-        if not path.startswith("/v1/responses/"):
+        if not path.startswith("/v1/responses/") or path.endswith("/input_items"):
             return self._not_allowed(record)  # (it raises the 405)
         if "Content-Length" in self.headers:  # read, so that a kept-alive connection's next request starts clean
             self._read_body()
