@@ -96,6 +96,7 @@ def test_legacy_completions_and_responses_take_logit_bias(server, runtime, word_
     ({"-1": 5}, "not a token id"),
     ({"five": 5}, "not a token id"),
     ({"999999": 5}, "outside the vocabulary"),
+    ({"9" * 5000: 5}, "outside the vocabulary"),
     ({"5": 1, "05": 2}, "a second time"),
     ([5, 10], "must be an object"),
 ])

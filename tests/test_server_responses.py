@@ -318,7 +318,8 @@ def test_input_items_list_what_a_kept_response_answered(server, client):
     # the first response's one input item (ids are each response's own: msg_<its hex>_<position>)
     (only,) = client.responses.input_items.list(first.id).data
     assert only.content == items.data[0].content and only.id == f"msg_{first.id.removeprefix('resp_')}_0"
-    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=msg_nope", "after")):
+    for query, param in (("limit=0", "limit"), ("limit=" + "9" * 5000, "limit"), ("limit=%C2%B2", "limit"),
+                         ("order=up", "order"), ("after=msg_nope", "after")):
         status, _, raw = post_raw(server, b"", path=f"{PATH}/{second.id}/input_items?{query}", method="GET")
         assert status == 400 and json.loads(raw)["error"]["param"] == param
     status, _, raw = post_raw(server, b"", path=f"{PATH}/resp_missing/input_items", method="GET")

@@ -391,7 +391,7 @@ def input_items_page(kept: KeptResponse, query: dict[str, list[str]]) -> dict[st
     if order not in ("asc", "desc"):
         raise _invalid(f"'order' must be 'asc' or 'desc', got {order!r}", "order")
     limit_text = one("limit") or "20"
-    if not (limit_text.isascii() and limit_text.isdigit() and 1 <= int(limit_text) <= 100):
+    if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3 and 1 <= int(limit_text) <= 100):
         raise _invalid(f"'limit' must be an integer from 1 to 100, got {limit_text!r}", "limit")
     urls = INPUT_IMAGE_URLS in [*query.get("include", []), *query.get("include[]", [])]
     prefix = f"msg_{kept.response['id'].removeprefix('resp_')}_"

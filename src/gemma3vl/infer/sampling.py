@@ -38,9 +38,10 @@ def logit_bias_entries(bias: Mapping[Any, Any] | None, vocab_size: int) -> tuple
     low, high = LOGIT_BIAS_RANGE
     entries: dict[int, float] = {}
     for key, value in bias.items():
-        entry = f"{{{key!r}: {value!r}}}"
+        shown = repr(key) if len(repr(key)) <= 40 else f"{repr(key)[:36]}...{repr(key)[-1]}"
+        entry = f"{{{shown}: {value!r}}}"
         if isinstance(key, str) and key.isascii() and key.isdigit():
-            token = int(key)
+            token = int(key) if len(key) <= 19 else vocab_size  # (int() refuses 4,300 digits and more)
         elif isinstance(key, int) and not isinstance(key, bool):
             token = key
         else:
