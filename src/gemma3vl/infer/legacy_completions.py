@@ -205,16 +205,23 @@ class PromptJob:
     echo_pieces: list[str]  # per prompt token, the text it takes in ``echo_text``
 
 
+def text_prompt_ids(runtime: Any, prompt: str, add_special_tokens: bool = True) -> tuple[list[int], bool]:
+    """A text prompt's token ids as this endpoint reads text (``/tokenize`` too), and whether ``<bos>`` was added:
+    it is, unless ``add_special_tokens`` is false or the text starts with it already."""
+    tokenizer = runtime.tokenizer
+    bos = getattr(tokenizer, "bos_token", None)
+    added_bos = add_special_tokens and not (bos and prompt.startswith(bos))
+    with runtime.lock:
+        return list(tokenizer(prompt, add_special_tokens=added_bos)["input_ids"]), added_bos
+
+
 def _encode(app: "ChatCompletionServer", prompt: str | list[int]) -> tuple[list[int], str, list[str]]:
     """(ids, echo text, per-token pieces of it) of one prompt; a 400 naming ``prompt`` when it cannot be used."""
     runtime, widths = app.runtime, app.completion_widths
     tokenizer = runtime.tokenizer
-    vocab = min(runtime.config.text.vocab_size, app.tokenizer_size)
+    vocab = app.token_id_limit
     if isinstance(prompt, str):
-        bos = getattr(tokenizer, "bos_token", None)
-        added_bos = not (bos and prompt.startswith(bos))
-        with runtime.lock:
-            ids = list(tokenizer(prompt, add_special_tokens=added_bos)["input_ids"])
+        ids, added_bos = text_prompt_ids(runtime, prompt)
     else:
         ids, added_bos = prompt, False
         bad = [token for token in ids if not 0 <= token < vocab]

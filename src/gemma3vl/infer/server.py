@@ -160,6 +160,11 @@ class ChatCompletionServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    @property
+    def token_id_limit(self) -> int:
+        """One past the largest token id a request may give: ids the model and the tokenizer both have."""
+        return min(self.runtime.config.text.vocab_size, self.tokenizer_size)
+
     # ------------------------------------------------------------------------------------ request -> job
     def check_model(self, model: str | None) -> None:
         """A request's ``model``, when given, must be the one served: else OpenAI's 404."""

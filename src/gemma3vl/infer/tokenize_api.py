@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gemma3vl.infer.legacy_completions import text_prompt_ids
 from gemma3vl.infer.openai_protocol import _invalid, _is_int, json_body, parse_message
 
 if TYPE_CHECKING:
@@ -33,10 +34,7 @@ def tokenize(app: ChatCompletionServer, body: dict[str, Any]) -> dict[str, Any]:
         prompt = body["prompt"]
         if not isinstance(prompt, str):
             raise _invalid("'prompt' must be a string", "prompt")
-        bos = getattr(runtime.tokenizer, "bos_token", None)
-        add_special = body.get("add_special_tokens", True) and not (bos and prompt.startswith(bos))
-        with runtime.lock:
-            ids = list(runtime.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+        ids, _ = text_prompt_ids(runtime, prompt, add_special_tokens=body.get("add_special_tokens", True))
     else:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
@@ -57,7 +55,7 @@ def detokenize(app: ChatCompletionServer, body: dict[str, Any]) -> dict[str, Any
     """The answer to a ``/detokenize`` request body."""
     app.check_model(body.get("model"))
     tokens = body.get("tokens")
-    vocab = min(app.runtime.config.text.vocab_size, app.tokenizer_size)
+    vocab = app.token_id_limit
     if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
         raise _invalid("'tokens' must be a list of token ids", "tokens")
     outside = [t for t in tokens if not 0 <= t < vocab]
