@@ -7,11 +7,25 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+MAX_WORKERS = 4  # pytest-xdist's -n auto: many tests start processes of their own (ranks, CLIs, servers)
+# the cores this process may run on (a container's cpuset, not the host's count)
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # an xdist worker: the cores are shared among the workers, and the processes their tests start
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, CORES // _WORKERS)))
 
 import pytest
 import torch
 
 from gemma3vl.tiny import tiny_hf_config
+
+if _WORKERS > 1 and os.environ["OMP_NUM_THREADS"].isdigit():  # (torch may have read it before it was set here)
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core, at most ``MAX_WORKERS``."""
+    return max(1, min(CORES, MAX_WORKERS))
 
 
 def build_reference(raw: dict, seed: int = 0):
