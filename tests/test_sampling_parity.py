@@ -53,7 +53,10 @@ def hf_processors(model, s: Sampling, ids: torch.Tensor, mask: torch.Tensor) -> 
                               top_p=s.top_p if s.top_p is not None else 1.0,
                               repetition_penalty=s.repetition_penalty, min_p=s.min_p,
                               # OpenAI's logit_bias is transformers' sequence_bias with one-token sequences
-                              sequence_bias=[[[token], bias] for token, bias in s.logit_bias] or None)
+                              sequence_bias=[[[token], bias] for token, bias in s.logit_bias] or None,
+                              min_new_tokens=s.min_new_tokens or None)
+    if s.min_new_tokens:  # (what generate's _prepare_special_tokens sets from the EOS ids)
+        config._eos_token_tensor = torch.tensor(s.stop_token_ids)
     return model._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
                                        encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
                                        logits_processor=LogitsProcessorList(), device="cpu",
@@ -93,7 +96,9 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
     """Logit bias (OpenAI's; transformers' one-token ``sequence_bias``: up to +-100, on tokens the other steps then
     filter or penalise), repetition penalty (prompt with left padding and image soft tokens, then generated
     tokens), temperature (down to 0.05: probabilities that underflow to 0), top-k and top-p with ties at both
-    cuts, min-p after them (up to 1: only the likeliest tokens left), -inf logits, the off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one
+    cuts, min-p after them (up to 1: only the likeliest tokens left), the stop tokens of a row short of its
+    ``min_new_tokens`` masked (``MinNewTokensLengthLogitsProcessor``: at the first step, at the second, or not),
+    -inf logits, the off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one
     vectorised pass equals, bit for bit, the processors transformers' ``generate`` assembles from the same
     ``GenerationConfig``."""
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
@@ -106,7 +111,9 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
                              top_p=rng.choice([None, 1.0, 0.95, 0.9, 0.5, 0.3, 0.1]),
                              min_p=rng.choice([None, None, 0.0, 0.05, 0.2, 0.5, 1.0]),
                              repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7, 2.0]),
-                             logit_bias=random_logit_bias(rng, vocab))
+                             logit_bias=random_logit_bias(rng, vocab),
+                             min_new_tokens=rng.choice([0, 0, 1, 2]),
+                             stop_token_ids=tuple(rng.sample(range(vocab), rng.randint(1, 3))))
                     for _ in range(batch)]
         width = rng.randint(2, 10)
         ids = torch.randint(0, vocab, (batch, width), generator=generator)
@@ -120,9 +127,9 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
         processors = [hf_processors(hf_text_model, s, ids[row:row + 1], mask[row:row + 1])
                       for row, s in enumerate(settings)]
         sequence = ids
-        for _step in range(2):  # the prompt, then the prompt and one generated token
+        for step in range(2):  # the prompt, then the prompt and one generated token
             logits = torch.stack([random_case(rng, generator, vocab) for _ in range(batch)])
-            got = process_logits(logits.clone(), rows, seen)
+            got = process_logits(logits.clone(), rows, seen, generated=[step] * batch)
             for row in range(batch):
                 shown = sequence[row:row + 1]
                 if padding_seen:  # (an older oracle) its padding holds a token the row has seen anyway
@@ -225,6 +232,34 @@ def test_batched_greedy_with_logit_bias_equals_transformers(vl):
                           sequence_bias=[[[token], value] for token, value in entries])
     assert biased == expected
     assert all(row[0] != free_row[0] for row, free_row in zip(biased, free))
+
+
+def test_batched_greedy_with_min_new_tokens_equals_transformers(vl):
+    """``min_new_tokens`` (vLLM's ``min_tokens``) against transformers' ``generate(min_new_tokens=...)``: a stop
+    token pushed up by +100 ends every left-padded row (with images) at once, unless the row is short of its
+    minimum, when its stop tokens are masked: then each row ends at exactly its minimum + 1 tokens, as in
+    transformers. Per-row minimums in one batch give each row the answer of its own setting."""
+    reference, ours, config = vl
+    batch = verify.synthetic_batch(config)
+    args = dict(attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    forced = 17
+    eos = (*config.stop_token_ids, forced)
+    settings = dict(max_new_tokens=8, logit_bias=((forced, 100.0),), stop_token_ids=eos)
+    at_once = generate(ours, batch["input_ids"], sampling=Sampling(**settings), **args)
+    assert at_once == [[forced]] * 3
+    answers = {}
+    for minimum in (3, 5):
+        result = generate_result(ours, batch["input_ids"], sampling=Sampling(**settings, min_new_tokens=minimum),
+                                 **args)
+        expected = hf_batched(reference, config, batch, 8, eos=eos, sequence_bias=[[[forced], 100.0]],
+                              min_new_tokens=minimum)
+        assert result.tokens == expected
+        assert all(len(row) == minimum + 1 and row[-1] == forced for row in result.tokens)
+        assert result.finish_reasons == ["stop"] * 3
+        answers[minimum] = result.tokens
+    mixed = generate(ours, batch["input_ids"], **args,
+                     sampling=[Sampling(**settings, min_new_tokens=m) for m in (5, 0, 3)])
+    assert mixed == [answers[5][0], at_once[1], answers[3][2]]
 
 
 # ------------------------------------------------------------------------------------------ stop strings

@@ -103,16 +103,21 @@ class Model:
                  seed: int | None = None, stop: str | Sequence[str] | None = None, min_p: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict[int | str, float] | None = None,
-                 json_schema: dict[str, Any] | bool | None = None) -> Sampling:
+                 json_schema: dict[str, Any] | bool | None = None, min_new_tokens: int | None = None) -> Sampling:
         """The checkpoint's ``generation_config.json`` with these settings on top (None: not given), checked.
         ``min_p`` and ``repetition_penalty``: transformers' (and vLLM's); ``logit_bias``: OpenAI's,
-        ``{token id: bias from -100 to 100}`` added to the logits (-100 bans a token).
+        ``{token id: bias from -100 to 100}`` added to the logits (-100 bans a token). ``min_new_tokens``:
+        transformers' (vLLM's ``min_tokens``), no stop before that many tokens (at most ``max_new_tokens``).
         ``json_schema``: answers follow this JSON Schema (``True``: any JSON object; needs xgrammar)."""
         _check_int("max_new_tokens", max_new_tokens, low=1)
         if seed is not None:
             _check_int("seed", seed)
         if top_k is not None:
             _check_int("top_k", top_k, low=1)
+        if min_new_tokens is not None:
+            _check_int("min_new_tokens", min_new_tokens, low=0)
+            if min_new_tokens > max_new_tokens:
+                raise Gemma3VLError(f"min_new_tokens={min_new_tokens} must be at most max_new_tokens={max_new_tokens}")
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
                             ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
                             ("repetition_penalty", repetition_penalty)):
@@ -124,7 +129,7 @@ class Model:
         sampling = self.runtime.sampling(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                                          top_k=top_k, top_p=top_p, seed=seed, presence_penalty=presence_penalty,
                                          frequency_penalty=frequency_penalty, logit_bias=logit_bias, min_p=min_p,
-                                         repetition_penalty=repetition_penalty)
+                                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
         sampling = replace(sampling, stop_strings=_stop_strings(stop))
         if json_schema is not None and json_schema is not False:
             from gemma3vl.infer.structured import ANY_OBJECT
@@ -132,8 +137,9 @@ class Model:
             if json_schema is not True and not isinstance(json_schema, dict):
                 raise Gemma3VLError(f"json_schema must be a JSON Schema (a dict) or True, got "
                                     f"{type(json_schema).__name__}")
+            # (a given min_new_tokens stays, and validate refuses it; the checkpoint's does not apply to JSON)
             sampling = replace(sampling, grammar=self.runtime.json_grammar(
-                ANY_OBJECT if json_schema is True else json_schema))
+                ANY_OBJECT if json_schema is True else json_schema), min_new_tokens=min_new_tokens or 0)
         try:
             sampling.validate()
         except SettingError as exc:
@@ -163,8 +169,9 @@ class Model:
         ``images``: for one prompt, its images (paths, ``data:`` URLs or PIL images); for a list of prompts, one
         entry per prompt (a list of images, or None). ``settings``: :meth:`sampling`'s (``max_new_tokens``,
         ``greedy``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``, ``presence_penalty``,
-        ``frequency_penalty``, ``repetition_penalty``, ``logit_bias``, ``json_schema``). Many prompts run through the continuous-batching engine of
-        ``gemma3vl generate --batch`` with ``batch_size`` rows; each answer is the one its prompt gets alone.
+        ``frequency_penalty``, ``repetition_penalty``, ``logit_bias``, ``min_new_tokens``, ``json_schema``). Many
+        prompts run through the continuous-batching engine of ``gemma3vl generate --batch`` with ``batch_size``
+        rows; each answer is the one its prompt gets alone.
         Returns the answer's text (``details``: an :class:`Answer`), or a list of them in prompt order.
         """
         sampling = self.sampling(**settings)

@@ -129,6 +129,7 @@ def sampling_from(args: argparse.Namespace, model_dir: Path, config) -> "Samplin
         presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
         repetition_penalty=args.repetition_penalty,
+        min_new_tokens=args.min_new_tokens,
     )
 
 
@@ -144,6 +145,9 @@ def checked_sampling(args: argparse.Namespace, model_dir: Path, config) -> "Samp
         if getattr(args, exc.name, None) is not None:
             raise Gemma3VLError(f"--{exc.name.replace('_', '-')} {exc.value} {exc.requirement}") from None
         raise Gemma3VLError(f"{processor_dir(model_dir) / 'generation_config.json'}: {exc}") from None
+    if args.min_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
+        raise Gemma3VLError(f"--min-new-tokens {args.min_new_tokens} must be at most --max-new-tokens "
+                            f"{args.max_new_tokens}")
     return sampling
 
 
@@ -159,6 +163,9 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
             raise Gemma3VLError(f"{flag} {value} must be a finite number")
     check_penalty_flags(args)
     check_device_flag(args)
+    if args.min_new_tokens and (args.json or args.json_schema is not None):
+        raise Gemma3VLError("--min-new-tokens does not go with --json / --json-schema: a JSON answer ends when its "
+                            "object does")
     if args.batch_size is not None and args.batch_size < 1:
         raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
     config = bridge.read_config(args.model_dir)
@@ -253,7 +260,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from gemma3vl.infer.structured import JsonGrammars
 
         grammars = JsonGrammars(tokenizer_of(processor), config.text.vocab_size, sampling.stop_token_ids)
-        sampling = replace(sampling, grammar=grammars.compile(schema))
+        # (a JSON answer ends with its object: the checkpoint's min_new_tokens does not apply)
+        sampling = replace(sampling, grammar=grammars.compile(schema), min_new_tokens=0)
     inputs = build_inputs(
         processor, config, args.prompt, images, raw=args.raw, pan_and_scan=True if args.pan_and_scan else None
     )
@@ -329,7 +337,8 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, raw=args.raw,
                              pan_and_scan=True if args.pan_and_scan else None,
                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                             repetition_penalty=args.repetition_penalty, json_schema=schema)
+                             repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
+                             json_schema=schema)
     started = time.perf_counter()
     summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
                              batch_size=args.batch_size if args.batch_size is not None else 8,
@@ -613,6 +622,9 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--min-p", type=float, default=None, metavar="P",
                         help="after top-p, drop tokens less likely than P times the likeliest (0..1; 0: off)")
+    parser.add_argument("--min-new-tokens", type=int, default=None, metavar="N",
+                        help="no stop token (nor stop string) before N new tokens (transformers' min_new_tokens; "
+                             "default: the checkpoint's generation config)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--presence-penalty", type=float, default=None, metavar="P",
                         help="subtract P from the logit of every token the answer already holds (-2..2; 0: off)")

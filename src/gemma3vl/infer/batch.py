@@ -1,7 +1,7 @@
 """``gemma3vl generate --batch``: a JSONL file of prompts in, a JSONL file of answers out.
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
-per-line max_new_tokens, temperature, top_k, top_p, min_p, seed, greedy, stop, presence_penalty,
+per-line max_new_tokens, min_new_tokens, temperature, top_k, top_p, min_p, seed, greedy, stop, presence_penalty,
 frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a
 JSON object) or json_schema (a JSON Schema the answer follows)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
@@ -52,8 +52,8 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
 PENALTY_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
-LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", *SAMPLING_KEYS, "seed", "greedy", "stop",
-             *PENALTY_KEYS, "logit_bias", *JSON_KEYS)
+LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", "min_new_tokens", *SAMPLING_KEYS, "seed",
+             "greedy", "stop", *PENALTY_KEYS, "logit_bias", *JSON_KEYS)
 
 
 @dataclass
@@ -61,6 +61,7 @@ class BatchDefaults:
     """The command line's settings, which a line's own keys override."""
 
     max_new_tokens: int = 128
+    min_new_tokens: int | None = None  # None: the checkpoint's generation config's
     greedy: bool = False
     temperature: float | None = None
     top_k: int | None = None
@@ -197,6 +198,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
                 "a list of file paths")
     _check_type(obj, "id", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string or integer")
     _check_type(obj, "max_new_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check_type(obj, "min_new_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check_type(obj, "temperature", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
     _check_type(obj, "top_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check_type(obj, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
@@ -220,6 +222,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
     # A line that sets a sampling setting samples, as the same flags do on the command line without --greedy.
     greedy = obj.get("greedy", defaults.greedy and not any(key in obj for key in SAMPLING_KEYS))
+    minimum = obj.get("min_new_tokens", defaults.min_new_tokens)  # None: the checkpoint's
     sampling = runtime.sampling(
         max_new_tokens=obj.get("max_new_tokens", defaults.max_new_tokens),
         greedy=greedy,
@@ -232,9 +235,13 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         frequency_penalty=obj.get("frequency_penalty", defaults.frequency_penalty),
         repetition_penalty=obj.get("repetition_penalty", defaults.repetition_penalty),
         logit_bias=obj.get("logit_bias"),  # (checked there: an object of token ids in this vocabulary)
+        min_new_tokens=minimum,
     )
+    if minimum is not None and minimum > sampling.max_new_tokens:
+        raise Gemma3VLError(f"min_new_tokens={minimum} is over max_new_tokens={sampling.max_new_tokens}")
     if schema is not None:
-        sampling = replace(sampling, grammar=runtime.json_grammar(schema))
+        # a given min_new_tokens stays (and validate refuses it: the answer ends with its JSON), the checkpoint's goes
+        sampling = replace(sampling, grammar=runtime.json_grammar(schema), min_new_tokens=minimum or 0)
     sampling.validate()
     stop = obj.get("stop", ())
     return BatchItem(line=line, prompt=obj.get("prompt"), image_paths=images, sampling=sampling,

@@ -318,7 +318,7 @@ class DecodeStep:
                           stacklevel=3)
 
 
-def to_device_async(values: list[bool], device: torch.device) -> torch.Tensor:
+def to_device_async(values: list[bool] | list[int], device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without waiting for the GPU's queued work (pinned memory, async copy; a plain
     ``torch.tensor(values, device=cuda)`` copies from pageable memory and so waits for the stream)."""
     host = torch.tensor(values)

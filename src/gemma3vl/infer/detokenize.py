@@ -14,6 +14,10 @@ They are looked for after byte pieces too (the text the tokens would decode to, 
 so a stop string whose last character comes in bytes ends the answer at its last byte.
 The final text is always ``decode(all tokens)`` (cut at a stop string), which is what ``gemma3vl generate``
 prints for the same tokens.
+
+With ``min_tokens`` (vLLM's ``min_tokens``, transformers' ``min_new_tokens``), a stop string counts only where it
+ends after the text of the first ``min_tokens`` tokens, as vLLM looks for stop strings only in the text of the
+tokens past the minimum (one may begin before it).
 """
 
 from __future__ import annotations
@@ -59,9 +63,12 @@ def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 class IncrementalText:
-    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = (), min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
+        self.min_tokens = min_tokens
+        # where the text of the first min_tokens tokens ends: a stop string must end past it (None: not known yet)
+        self._minimum_end: int | None = 0 if min_tokens == 0 else None
         self.token_ids: list[int] = []
         self.text = ""  # the final part of the decoded text: token_ids[:_settled] decode to it
         self.stop_index: int | None = None  # where the first stop string starts in ``text``
@@ -84,6 +91,8 @@ class IncrementalText:
         self.token_ids.append(token_id)
         if self.stop_index is not None:
             return True
+        if self._minimum_end is None and len(self.token_ids) == self.min_tokens and self.stop_strings:
+            self._minimum_end = len(self._decode(self.token_ids))
         unsettled = token_id in self._unsettled_ids
         if unsettled and not (self.stop_strings and token_id in self._byte_ids):
             return False
@@ -91,15 +100,20 @@ class IncrementalText:
         if tail.endswith(REPLACEMENT):
             return False
         searched_from = max(0, len(self.text) - self._hold)
-        if unsettled and self._find_stop(self.text[searched_from:] + tail) is None:
+        if unsettled and self._find_stop(self.text[searched_from:] + tail, offset=searched_from) is None:
             return False  # (the text stays unsettled)
         self.text += tail
         self._settled = len(self.token_ids)
         self.stop_index = self._find_stop(self.text, searched_from)
         return self.stop_index is not None
 
-    def _find_stop(self, text: str, start: int = 0) -> int | None:
-        found = [i for i in (text.find(s, start) for s in self.stop_strings) if i >= 0]
+    def _find_stop(self, text: str, start: int = 0, offset: int = 0) -> int | None:
+        """Where the first stop string in ``text[start:]`` begins, of those ending past the minimum's text (``text``
+        being the answer's text from its character ``offset`` on)."""
+        if self._minimum_end is None:
+            return None
+        found = [text.find(s, max(start, self._minimum_end - offset - len(s) + 1)) for s in self.stop_strings]
+        found = [i for i in found if i >= 0]
         return min(found) if found else None
 
     def final_text(self) -> str:

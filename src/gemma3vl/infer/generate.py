@@ -137,14 +137,16 @@ def _steps(
         # how often each row generated each token (presence / frequency penalties)
         occurrences = torch.zeros(batch, vocab, device=device) if rows.any_occurrence_penalty else None
         pads = torch.tensor([s.pad_token_id for s in samplings], device=device)
-        texts = [None if tokenizer is None else IncrementalText(tokenizer, s.stop_strings) for s in samplings]
+        texts = [None if tokenizer is None else IncrementalText(tokenizer, s.stop_strings, s.min_new_tokens)
+                 for s in samplings]
         reasons: list[str | None] = [None] * batch
         counts = [0] * batch
         for index in range(steps):
             active = [reason is None for reason in reasons]
             if grammars is not None:
                 logits = grammars.mask(logits)
-            tokens = choose_tokens(process_logits(logits, rows, seen, occurrences), rows, active)
+            generated = None if rows.min_stops is None else to_device_async(counts, device)
+            tokens = choose_tokens(process_logits(logits, rows, seen, occurrences, generated), rows, active)
             tokens = torch.where(to_device_async(active, device), tokens, pads)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)

@@ -55,8 +55,7 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "web_search_options": lambda v: v is None,
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
-    # (vLLM's repetition_penalty, min_p, ignore_eos and stop_token_ids are implemented: shared_fields)
-    "min_tokens": lambda v: v in (None, 0),
+    # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos and stop_token_ids are implemented: shared_fields)
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "guided_json": lambda v: v is None,
@@ -121,11 +120,13 @@ class SharedFields:
     frequency_penalty: float = 0.0
     logit_bias: dict[str, Any] | None = None  # {token id: bias}; its entries are checked against the vocabulary later
     # vLLM's extensions (the openai client's extra_body): transformers' min-p and repetition penalty (None: the
-    # checkpoint's generation config), no stop at the checkpoint's EOS ids, more stop token ids
+    # checkpoint's generation config), no stop at the checkpoint's EOS ids, more stop token ids, no stop before
+    # min_tokens tokens (None: the checkpoint's generation config's min_new_tokens)
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -310,6 +311,9 @@ def shared_fields(body: dict) -> dict[str, Any]:
     if stop_token_ids is not None and not (isinstance(stop_token_ids, list)
                                            and all(_is_int(t) and t >= 0 for t in stop_token_ids)):
         raise _invalid("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    min_tokens = body.get("min_tokens")
+    if min_tokens is not None and not (_is_int(min_tokens) and min_tokens >= 0):
+        raise _invalid(f"'min_tokens' must be an integer >= 0, got {min_tokens!r}", "min_tokens")
     return dict(
         model=model,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -326,6 +330,7 @@ def shared_fields(body: dict) -> dict[str, Any]:
         repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
         ignore_eos=bool(ignore_eos),
         stop_token_ids=tuple(stop_token_ids or ()),
+        min_tokens=min_tokens,
     )
 
 
@@ -333,7 +338,11 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
     """The :class:`Sampling` of a request's shared fields on top of the checkpoint's defaults, checked: a value out
     of range (a ``logit_bias`` token outside the vocabulary, ...) is a 400 naming its field. Temperature 0 or top-p
     0 mean greedy decoding, as OpenAI's API reads them. The answer stops at the checkpoint's EOS ids (not with
-    vLLM's ``ignore_eos``) and at ``stop_token_ids``."""
+    vLLM's ``ignore_eos``) and at ``stop_token_ids``, not before ``min_tokens`` tokens (at most ``max_new_tokens``,
+    the answer's limit, as vLLM checks)."""
+    if request.min_tokens is not None and request.min_tokens > max_new_tokens:
+        raise _invalid(f"'min_tokens' ({request.min_tokens}) must be at most the answer's token limit "
+                       f"({max_new_tokens})", "min_tokens")
     greedy = request.temperature == 0 or request.top_p == 0
     vocab = runtime.config.text.vocab_size
     outside = [token for token in request.stop_token_ids if token >= vocab]
@@ -346,7 +355,7 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
             top_k=request.top_k, top_p=None if greedy else request.top_p, seed=request.seed,
             presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
             logit_bias=request.logit_bias, min_p=None if greedy else request.min_p,
-            repetition_penalty=request.repetition_penalty,
+            repetition_penalty=request.repetition_penalty, min_new_tokens=request.min_tokens,
         )
         stops = () if request.ignore_eos else sampling.stop_token_ids
         sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})))

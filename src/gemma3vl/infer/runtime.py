@@ -79,12 +79,13 @@ class InferenceRuntime:
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  logit_bias: Mapping[Any, Any] | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None) -> Sampling:
+                 repetition_penalty: float | None = None, min_new_tokens: int | None = None) -> Sampling:
         """The checkpoint's generation defaults with these settings on top (None: not given)."""
         return resolve_sampling(self.generation_defaults, self.config, max_new_tokens=max_new_tokens,
                                 greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                logit_bias=logit_bias, min_p=min_p, repetition_penalty=repetition_penalty)
+                                logit_bias=logit_bias, min_p=min_p, repetition_penalty=repetition_penalty,
+                                min_new_tokens=min_new_tokens)
 
     def json_grammar(self, schema: dict[str, Any]) -> Any:
         """The compiled grammar (for ``Sampling.grammar``) of answers following the JSON Schema ``schema``

@@ -2,8 +2,9 @@
 
 Logits are processed in float32 as transformers does: OpenAI's ``logit_bias`` (transformers' single-token
 ``sequence_bias``), the repetition penalty (greedy rows too), then OpenAI's presence and frequency penalties
-(greedy rows too, as vLLM applies them), then temperature, top-k, top-p, min-p; then
-argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
+(greedy rows too, as vLLM applies them), the stop tokens of rows short of their ``min_new_tokens`` masked
+(transformers' ``MinNewTokensLengthLogitsProcessor``, vLLM's ``min_tokens``), then temperature, top-k, top-p,
+min-p; then argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
 the processors transformers' ``generate`` assembles, bit for bit on the CPU (tests/test_sampling_parity.py); the
 draw does not reproduce transformers' ``torch.multinomial`` tokens for the same seed. Every setting is per row,
 and each row draws from its own generator, so a row's tokens do not depend on the rest of the batch: ``generate``
@@ -73,6 +74,9 @@ class Sampling:
     pad_token_id: int = 0
     repetition_penalty: float = 1.0  # transformers' semantics; 1.0 = off
     stop_strings: tuple[str, ...] = ()  # checked on the decoded text; needs generate(tokenizer=...)
+    # transformers' min_new_tokens, vLLM's min_tokens: no stop token (stop_token_ids) is drawn before this many new
+    # tokens, and a stop string counts only where it ends after their text (``detokenize.IncrementalText``)
+    min_new_tokens: int = 0
     # OpenAI's, over the tokens generated so far (not the prompt): a token's logit loses presence_penalty once it
     # has appeared, and frequency_penalty per time it has; 0 = off
     presence_penalty: float = 0.0
@@ -114,9 +118,15 @@ class Sampling:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not low <= bias <= high:
                 raise SettingError("logit_bias", (token, bias), f"must pair a token id >= 0 with a bias from {low:g} "
                                                                 f"to {high:g}")
+        if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise SettingError("min_new_tokens", self.min_new_tokens, "must be an integer >= 0")
         if self.grammar is not None and not self.stop_token_ids:
             raise Gemma3VLError("an answer that follows a grammar needs stop_token_ids: its grammar lets it end only "
                                 "with a stop token, once the JSON is complete")
+        if self.grammar is not None and self.min_new_tokens:
+            # (once its JSON is complete, the grammar allows only a stop token, which min_new_tokens would forbid)
+            raise SettingError("min_new_tokens", self.min_new_tokens, "does not go with a grammar (JSON output): "
+                                                                      "the answer ends when its JSON does")
 
     @property
     def occurrence_penalty(self) -> bool:
@@ -161,6 +171,10 @@ class RowSampling:
     any_min_p: bool  # whether a sampled row has min_p > 0
     # float32 [B, V]: each row's logit_bias, zero elsewhere; None when no row has one
     logit_bias: torch.Tensor | None = None
+    # long [B]: each row's min_new_tokens, and bool [B, V]: its stop tokens (those masked until then); None when no
+    # row has a minimum
+    min_new_tokens: torch.Tensor | None = None
+    min_stops: torch.Tensor | None = None
 
     @classmethod
     def from_samplings(
@@ -203,7 +217,20 @@ class RowSampling:
             any_top_p=any(p < 1.0 for p in top_p),
             any_min_p=any(p > 0.0 for p in min_p),
             logit_bias=dense_logit_bias(samplings, vocab_size, device),
+            **minimum_length_masks(samplings, vocab_size, device),
         )
+
+    def short_rows(self, generated: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
+        """bool [B, V]: the stop tokens each row may not draw yet, ``generated`` ([B]: how many tokens each row has
+        generated so far) being short of its ``min_new_tokens``; None when no row has a minimum."""
+        if self.min_stops is None:
+            return None
+        if generated is None:
+            raise Gemma3VLError("a row has min_new_tokens: process_logits needs how many tokens each row generated")
+        if not isinstance(generated, torch.Tensor):
+            generated = torch.tensor(list(generated), dtype=torch.long)
+        short = generated.to(self.min_new_tokens.device, non_blocking=True) < self.min_new_tokens
+        return self.min_stops & short[:, None]
 
     @property
     def any_sampled(self) -> bool:
@@ -223,6 +250,20 @@ def dense_logit_bias(samplings: Sequence[Sampling], vocab_size: int, device: tor
                 raise SettingError("logit_bias", max(tokens), f"is outside the vocabulary (ids 0 to {vocab_size - 1})")
             bias[row, list(tokens)] = torch.tensor(values, dtype=torch.float32)
     return bias.to(device)
+
+
+def minimum_length_masks(samplings: Sequence[Sampling], vocab_size: int, device: torch.device) -> dict[str, Any]:
+    """``RowSampling``'s ``min_new_tokens`` (long [B]) and ``min_stops`` (bool [B, V]: the stop token ids of each
+    row with a minimum), built on the host and copied once; both None when no row has a minimum."""
+    if not any(s.min_new_tokens and s.stop_token_ids for s in samplings):
+        return {"min_new_tokens": None, "min_stops": None}
+    stops = torch.zeros(len(samplings), vocab_size, dtype=torch.bool)
+    for row, sampling in enumerate(samplings):
+        inside = [token for token in sampling.stop_token_ids if 0 <= token < vocab_size]
+        if sampling.min_new_tokens and inside:
+            stops[row, inside] = True
+    minimum = torch.tensor([s.min_new_tokens for s in samplings], dtype=torch.long)
+    return {"min_new_tokens": minimum.to(device), "min_stops": stops.to(device)}
 
 
 def row_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
@@ -249,13 +290,16 @@ def count_tokens(counts: torch.Tensor, tokens: torch.Tensor) -> None:
 
 
 def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None,
-                   counts: torch.Tensor | None = None) -> torch.Tensor:
+                   counts: torch.Tensor | None = None,
+                   generated: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: each row's ``logit_bias``
     added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), the repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
     multiplied), then, given ``counts`` (float32 [B, V]: how often each token was generated so far), OpenAI's
     penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted
-    (a row whose penalties are 0 keeps its scores bit for bit), then for sampled rows temperature, top-k (keep
+    (a row whose penalties are 0 keeps its scores bit for bit), then, given ``generated`` ([B]: the tokens each row
+    has generated so far; needed when a row has ``min_new_tokens``), the stop tokens of the rows short of their
+    minimum set to -inf (``MinNewTokensLengthLogitsProcessor``), then for sampled rows temperature, top-k (keep
     scores >= the k-th largest, ties kept), top-p (sort what top-k left, drop the low tail whose mass is <= 1 - p,
     always keeping the top token), min-p (``MinPLogitsWarper``: drop the tokens whose probability after the steps
     before is under ``min_p`` times the likeliest one's). A row whose top-k or top-p does not filter (top_k >= V,
@@ -271,6 +315,9 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
     if counts is not None:
         scores = scores - rows.frequency_penalty[:, None] * counts
         scores = scores - rows.presence_penalty[:, None] * (counts > 0)
+    blocked = rows.short_rows(generated)
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
     if not rows.any_sampled:
         return scores
     scores = scores / rows.temperature[:, None]

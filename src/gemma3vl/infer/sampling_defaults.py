@@ -57,6 +57,7 @@ def resolve_sampling(
     logit_bias: Mapping[Any, Any] | None = None,
     min_p: float | None = None,
     repetition_penalty: float | None = None,
+    min_new_tokens: int | None = None,
 ) -> Sampling:
     """A :class:`Sampling` from the generation-config ``defaults`` and explicit settings (None: not given).
 
@@ -66,7 +67,8 @@ def resolve_sampling(
     ``repetition_penalty`` applies unless ``repetition_penalty`` is given, greedy or not, as it does in
     transformers. The presence and frequency penalties (OpenAI's; transformers' generation config has none) are
     off unless given, and do not turn sampling on: they apply to greedy decoding too; so does ``logit_bias``
-    (OpenAI's {token id: bias}, checked against the vocabulary here)."""
+    (OpenAI's {token id: bias}, checked against the vocabulary here). ``min_new_tokens`` (vLLM's ``min_tokens``)
+    replaces the generation config's, which transformers reads too."""
     stop_ids = stop_token_ids(defaults, config)
     sample = bool(defaults.get("do_sample", False)) and not greedy
     if temperature is not None or top_k is not None or top_p is not None or min_p is not None:
@@ -89,11 +91,15 @@ def resolve_sampling(
         presence_penalty=presence_penalty or 0.0,
         frequency_penalty=frequency_penalty or 0.0,
         logit_bias=logit_bias_entries(logit_bias, config.text.vocab_size),
+        # (transformers adds no MinNewTokensLengthLogitsProcessor for a value <= 0)
+        min_new_tokens=(min_new_tokens if min_new_tokens is not None
+                        else max(0, _default(defaults, "min_new_tokens", int))),
     )
 
 
 # transformers' GenerationConfig._get_default_generation_params: what generate uses for a value left unset
-TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
+TRANSFORMERS_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0,
+                         "min_new_tokens": 0}
 
 
 def _default(defaults: dict[str, Any], key: str, kind: type) -> Any:

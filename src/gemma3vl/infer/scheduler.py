@@ -302,7 +302,8 @@ class BatchScheduler:
 
     def _direct_choices(self, job: Job) -> None:
         device = self.engine.device
-        states = [RowState(job.row(index), self.runtime.tokenizer) for index in range(job.n)]
+        states = [RowState(job.row(index), self.runtime.tokenizer, job.choice_sampling(index).min_new_tokens)
+                  for index in range(job.n)]
         tokens: list[int] = []
         reported: dict = {}
         if job.prompt_logprobs is not None or job.max_new_tokens:
@@ -316,7 +317,7 @@ class BatchScheduler:
             logits = scores.last_logits[None].repeat(job.n, 1)
             ids = job.prompt.input_ids.to(device)[None].repeat(job.n, 1)
             seen = seen_tokens(ids, torch.ones_like(ids), vocab) if rows.any_penalty else None
-            chosen = choose_tokens(process_logits(logits, rows, seen), rows)
+            chosen = choose_tokens(process_logits(logits, rows, seen, generated=[0] * job.n), rows)
             tokens = chosen.tolist()
             if job.logprobs is not None:
                 reported = LogprobRows.of([job.logprobs] * job.n, device).compute(logits, chosen).by_row(tokens)

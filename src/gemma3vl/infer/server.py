@@ -211,11 +211,13 @@ class ChatCompletionServer:
                                 f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
                            param="messages", code="context_length_exceeded")
         sampling = request_sampling(self.runtime, request, max_tokens)
-        if request.json_schema is not None and request.ignore_eos:
-            raise ApiError(400, "'ignore_eos' does not go with a JSON response_format: a JSON answer ends with the "
-                                "end of its object, at an EOS token", param="ignore_eos", code="invalid_value")
+        for name, given in (("ignore_eos", request.ignore_eos), ("min_tokens", request.min_tokens)):
+            if request.json_schema is not None and given:
+                raise ApiError(400, f"'{name}' does not go with a JSON response_format: a JSON answer ends with "
+                                    "the end of its object, at an EOS token", param=name, code="invalid_value")
         if request.json_schema is not None:
-            sampling = replace(sampling, grammar=self.json_grammar(request.json_schema))
+            # (a JSON answer ends with its object: a checkpoint's min_new_tokens does not apply)
+            sampling = replace(sampling, grammar=self.json_grammar(request.json_schema), min_new_tokens=0)
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
                    n=request.n, logprobs=request.top_logprobs if request.logprobs else None)
 
