@@ -54,11 +54,13 @@ def hf_processors(model, s: Sampling, ids: torch.Tensor, mask: torch.Tensor) -> 
                               repetition_penalty=s.repetition_penalty, min_p=s.min_p,
                               # OpenAI's logit_bias is transformers' sequence_bias with one-token sequences
                               sequence_bias=[[[token], bias] for token, bias in s.logit_bias] or None,
-                              min_new_tokens=s.min_new_tokens or None)
+                              min_new_tokens=s.min_new_tokens or None, num_beams=1, num_return_sequences=1)
     if s.min_new_tokens:  # (what generate's _prepare_special_tokens sets from the EOS ids)
         config._eos_token_tensor = torch.tensor(s.stop_token_ids)
+    # vLLM's allowed_token_ids is transformers' prefix_allowed_tokens_fn answering the same ids at every step
+    allowed = (lambda batch_id, input_ids: list(s.allowed_token_ids)) if s.allowed_token_ids else None
     return model._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
-                                       encoder_input_ids=ids, prefix_allowed_tokens_fn=None,
+                                       encoder_input_ids=ids, prefix_allowed_tokens_fn=allowed,
                                        logits_processor=LogitsProcessorList(), device="cpu",
                                        model_kwargs={"attention_mask": mask})
 
@@ -98,6 +100,7 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
     tokens), temperature (down to 0.05: probabilities that underflow to 0), top-k and top-p with ties at both
     cuts, min-p after them (up to 1: only the likeliest tokens left), the stop tokens of a row short of its
     ``min_new_tokens`` masked (``MinNewTokensLengthLogitsProcessor``: at the first step, at the second, or not),
+    vLLM's ``allowed_token_ids`` (transformers' ``PrefixConstrainedLogitsProcessor`` with the same ids each step),
     -inf logits, the off values (top_k >= V, top_p = 1, temperature 1, penalty 1): each row of our one
     vectorised pass equals, bit for bit, the processors transformers' ``generate`` assembles from the same
     ``GenerationConfig``."""
@@ -113,7 +116,8 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
                              repetition_penalty=rng.choice([1.0, 1.0, 1.3, 0.7, 2.0]),
                              logit_bias=random_logit_bias(rng, vocab),
                              min_new_tokens=rng.choice([0, 0, 1, 2]),
-                             stop_token_ids=tuple(rng.sample(range(vocab), rng.randint(1, 3))))
+                             stop_token_ids=tuple(rng.sample(range(vocab), rng.randint(1, 3))),
+                             allowed_token_ids=rng.choice([(), (), tuple(sorted(rng.sample(range(vocab), 4)))]))
                     for _ in range(batch)]
         width = rng.randint(2, 10)
         ids = torch.randint(0, vocab, (batch, width), generator=generator)
@@ -129,6 +133,9 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
         sequence = ids
         for step in range(2):  # the prompt, then the prompt and one generated token
             logits = torch.stack([random_case(rng, generator, vocab) for _ in range(batch)])
+            for row, s in enumerate(settings):  # (a row left with no finite logit at all has no answer to compare)
+                if s.allowed_token_ids and logits[row, list(s.allowed_token_ids)].isinf().all():
+                    logits[row, s.allowed_token_ids[0]] = 0.0
             got = process_logits(logits.clone(), rows, seen, generated=[step] * batch)
             for row in range(batch):
                 shown = sequence[row:row + 1]

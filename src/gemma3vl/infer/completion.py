@@ -86,10 +86,13 @@ class _EveryRowDone(Exception):
 class RowState:
     """One row's progress: its streamed text, and its end (stop token, stop string, its own limit, or cancelled)."""
 
-    def __init__(self, row: Row, tokenizer: Any, min_tokens: int = 0):
-        """``min_tokens``: the row's ``Sampling.min_new_tokens`` (its stop strings count only past their text)."""
+    def __init__(self, row: Row, tokenizer: Any, sampling: Sampling | None = None):
+        """``sampling``: the row's, for how its stop strings count (``min_new_tokens``: only past the minimum's text;
+        ``include_stop_strings``: kept in the text)."""
         self.row = row
-        self.text = IncrementalText(tokenizer, row.stop_strings, min_tokens)
+        sampling = sampling or Sampling()
+        self.text = IncrementalText(tokenizer, row.stop_strings, sampling.min_new_tokens,
+                                    sampling.include_stop_strings)
         self.finish_reason: str | None = None
         self.completion: Completion | None = None
         self.logprobs: list[TokenLogprob] | None = None if row.logprobs is None else []
@@ -171,7 +174,7 @@ def complete(
     if not rows:
         return []
     sampling = replace(sampling, max_new_tokens=max(row.max_new_tokens for row in rows))
-    states = [RowState(row, tokenizer, sampling.min_new_tokens) for row in rows]
+    states = [RowState(row, tokenizer, sampling) for row in rows]
     stop_ids = set(sampling.stop_token_ids)
     batch = collate_left_padded([row.prompt for row in rows], sampling.pad_token_id)
 

@@ -17,7 +17,8 @@ prints for the same tokens.
 
 With ``min_tokens`` (vLLM's ``min_tokens``, transformers' ``min_new_tokens``), a stop string counts only where it
 ends after the text of the first ``min_tokens`` tokens, as vLLM looks for stop strings only in the text of the
-tokens past the minimum (one may begin before it).
+tokens past the minimum (one may begin before it). With ``include_stop`` (vLLM's ``include_stop_str_in_output``) the
+text is cut after the stop string instead of before it.
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 class IncrementalText:
-    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = (), min_tokens: int = 0):
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = (), min_tokens: int = 0,
+                 include_stop: bool = False):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.min_tokens = min_tokens
+        self.include_stop = include_stop
+        self._stop_cut: int | None = None  # where the text ends at its stop string (after it with include_stop)
         # where the text of the first min_tokens tokens ends: a stop string must end past it (None: not known yet)
         self._minimum_end: int | None = 0 if min_tokens == 0 else None
         self.token_ids: list[int] = []
@@ -104,23 +108,26 @@ class IncrementalText:
             return False  # (the text stays unsettled)
         self.text += tail
         self._settled = len(self.token_ids)
-        self.stop_index = self._find_stop(self.text, searched_from)
+        found = self._find_stop(self.text, searched_from)
+        if found is not None:
+            self.stop_index, self._stop_cut = found[0], found[1 if self.include_stop else 0]
         return self.stop_index is not None
 
-    def _find_stop(self, text: str, start: int = 0, offset: int = 0) -> int | None:
-        """Where the first stop string in ``text[start:]`` begins, of those ending past the minimum's text (``text``
-        being the answer's text from its character ``offset`` on)."""
+    def _find_stop(self, text: str, start: int = 0, offset: int = 0) -> tuple[int, int] | None:
+        """Where the first stop string in ``text[start:]`` begins and ends, of those ending past the minimum's text
+        (``text`` being the answer's text from its character ``offset`` on); two beginning at one place: the
+        shorter."""
         if self._minimum_end is None:
             return None
-        found = [text.find(s, max(start, self._minimum_end - offset - len(s) + 1)) for s in self.stop_strings]
-        found = [i for i in found if i >= 0]
+        found = [(i, i + len(s)) for s in self.stop_strings
+                 if (i := text.find(s, max(start, self._minimum_end - offset - len(s) + 1))) >= 0]
         return min(found) if found else None
 
     def final_text(self) -> str:
-        """``decode(all tokens)``, cut before the first stop string."""
+        """``decode(all tokens)``, cut before the first stop string (after it with ``include_stop``)."""
         text = self._decode(self.token_ids)
-        cut = self._find_stop(text)
-        return text if cut is None else text[:cut]
+        found = self._find_stop(text)
+        return text if found is None else text[:found[1 if self.include_stop else 0]]
 
     def delta(self, final: bool = False) -> str:
         """Text not handed out yet that can no longer change (everything left when ``final``)."""
@@ -128,8 +135,8 @@ class IncrementalText:
             text = self.final_text()
             if not text.startswith(self._emitted):
                 return ""  # the decoder rewrote already-streamed text (never seen with Gemma tokenizers)
-        elif self.stop_index is not None:
-            text = self.text[: self.stop_index]
+        elif self._stop_cut is not None:
+            text = self.text[: self._stop_cut]
         else:
             text = self.text[: max(len(self._emitted), len(self.text) - self._hold)]
         out = text[len(self._emitted):]

@@ -51,7 +51,7 @@ class _Slot:
     """What an occupied slot holds: the request's progress and how it samples."""
 
     def __init__(self, row: Row, sampling: Sampling, tokenizer: Any, device: torch.device, tag: Any):
-        self.state = RowState(row, tokenizer, sampling.min_new_tokens)
+        self.state = RowState(row, tokenizer, sampling)
         self.sampling = sampling
         self.generator = row_generator(sampling, device)
         self.stop_ids = set(sampling.stop_token_ids)

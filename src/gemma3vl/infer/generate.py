@@ -137,7 +137,8 @@ def _steps(
         # how often each row generated each token (presence / frequency penalties)
         occurrences = torch.zeros(batch, vocab, device=device) if rows.any_occurrence_penalty else None
         pads = torch.tensor([s.pad_token_id for s in samplings], device=device)
-        texts = [None if tokenizer is None else IncrementalText(tokenizer, s.stop_strings, s.min_new_tokens)
+        texts = [None if tokenizer is None
+                 else IncrementalText(tokenizer, s.stop_strings, s.min_new_tokens, s.include_stop_strings)
                  for s in samplings]
         reasons: list[str | None] = [None] * batch
         counts = [0] * batch

@@ -60,6 +60,7 @@ class CompletionRequest(SharedFields):
     n: int = 1
     logprobs: int | None = None  # alternatives per token (0 .. 20); None: no logprobs
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: false sends a text prompt without the <bos> otherwise added
 
 
 def _parse_prompt(value: Any) -> list[str | list[int]]:
@@ -114,6 +115,9 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise _invalid("'echo' must be a boolean", "echo")
+    add_special_tokens = body.get("add_special_tokens")
+    if add_special_tokens is not None and not isinstance(add_special_tokens, bool):
+        raise _invalid("'add_special_tokens' must be a boolean", "add_special_tokens")
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 0):
         raise _invalid(f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", "max_tokens")
@@ -124,6 +128,7 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
         n=n,
         logprobs=logprobs,
         echo=bool(echo),
+        add_special_tokens=add_special_tokens is not False,
     )
 
 
@@ -215,13 +220,14 @@ def text_prompt_ids(runtime: Any, prompt: str, add_special_tokens: bool = True) 
         return list(tokenizer(prompt, add_special_tokens=added_bos)["input_ids"]), added_bos
 
 
-def _encode(app: "ChatCompletionServer", prompt: str | list[int]) -> tuple[list[int], str, list[str]]:
+def _encode(app: "ChatCompletionServer", prompt: str | list[int],
+            add_special_tokens: bool = True) -> tuple[list[int], str, list[str]]:
     """(ids, echo text, per-token pieces of it) of one prompt; a 400 naming ``prompt`` when it cannot be used."""
     runtime, widths = app.runtime, app.completion_widths
     tokenizer = runtime.tokenizer
     vocab = app.token_id_limit
     if isinstance(prompt, str):
-        ids, added_bos = text_prompt_ids(runtime, prompt)
+        ids, added_bos = text_prompt_ids(runtime, prompt, add_special_tokens)
     else:
         ids, added_bos = prompt, False
         bad = [token for token in ids if not 0 <= token < vocab]
@@ -257,7 +263,7 @@ def prepare_completion(app: "ChatCompletionServer", request: CompletionRequest) 
     prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
     jobs = []
     for prompt in request.prompts:
-        ids, echo_text, pieces = _encode(app, prompt)
+        ids, echo_text, pieces = _encode(app, prompt, request.add_special_tokens)
         if len(ids) + request.max_tokens > context:
             raise ApiError(400, f"This server's maximum context length is {context} tokens; the prompt takes "
                                 f"{len(ids)} and max_tokens asks for {request.max_tokens} more.", param="prompt",

@@ -55,13 +55,34 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "web_search_options": lambda v: v is None,
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
-    # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos and stop_token_ids are implemented: shared_fields)
+    # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output and
+    # allowed_token_ids are implemented: shared_fields)
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "guided_json": lambda v: v is None,
     "guided_regex": lambda v: v is None,
     "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "bad_words": lambda v: v in (None, []),
+    "logits_processors": lambda v: v in (None, []),
+    "truncate_prompt_tokens": lambda v: v is None,
+    "prompt_logprobs": lambda v: v is None,
+    "skip_special_tokens": lambda v: v in (None, True),
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "return_tokens_as_token_ids": lambda v: v in (None, False),
+}
+# vLLM's chat-only extensions, which change how the conversation is read: refused by the chat and Responses
+# endpoints unless they hold their harmless value (``echo`` is the legacy endpoint's own, implemented there)
+CHAT_UNSUPPORTED_UNLESS_DEFAULT = {
+    "echo": lambda v: v in (None, False),
+    "add_generation_prompt": lambda v: v in (None, True),
+    "continue_final_message": lambda v: v in (None, False),
+    "add_special_tokens": lambda v: v in (None, False),
+    "chat_template": lambda v: v is None,
+    "chat_template_kwargs": lambda v: v in (None, {}),
+    "documents": lambda v: v in (None, []),
+    "mm_processor_kwargs": lambda v: v in (None, {}),
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit integer
 
@@ -127,6 +148,8 @@ class SharedFields:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int | None = None
+    include_stop_str_in_output: bool = False  # the answer's text ends after its stop string, not before it
+    allowed_token_ids: tuple[int, ...] = ()  # the answer holds only these tokens (); every token)
 
 
 @dataclass(kw_only=True)
@@ -314,6 +337,13 @@ def shared_fields(body: dict) -> dict[str, Any]:
     min_tokens = body.get("min_tokens")
     if min_tokens is not None and not (_is_int(min_tokens) and min_tokens >= 0):
         raise _invalid(f"'min_tokens' must be an integer >= 0, got {min_tokens!r}", "min_tokens")
+    include_stop = body.get("include_stop_str_in_output")
+    if include_stop is not None and not isinstance(include_stop, bool):
+        raise _invalid("'include_stop_str_in_output' must be a boolean", "include_stop_str_in_output")
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None and not (isinstance(allowed, list) and allowed and all(_is_int(t) and t >= 0
+                                                                                   for t in allowed)):
+        raise _invalid("'allowed_token_ids' must be a non-empty list of token ids", "allowed_token_ids")
     return dict(
         model=model,
         temperature=_number(body, "temperature", 0.0, 2.0),
@@ -331,6 +361,8 @@ def shared_fields(body: dict) -> dict[str, Any]:
         ignore_eos=bool(ignore_eos),
         stop_token_ids=tuple(stop_token_ids or ()),
         min_tokens=min_tokens,
+        include_stop_str_in_output=bool(include_stop),
+        allowed_token_ids=tuple(sorted(set(allowed or ()))),
     )
 
 
@@ -345,10 +377,10 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
                        f"({max_new_tokens})", "min_tokens")
     greedy = request.temperature == 0 or request.top_p == 0
     vocab = runtime.config.text.vocab_size
-    outside = [token for token in request.stop_token_ids if token >= vocab]
-    if outside:
-        raise _invalid(f"'stop_token_ids' holds {outside[0]}, outside the vocabulary (ids 0 to {vocab - 1})",
-                       "stop_token_ids")
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        outside = [token for token in getattr(request, name) if token >= vocab]
+        if outside:
+            raise _invalid(f"'{name}' holds {outside[0]}, outside the vocabulary (ids 0 to {vocab - 1})", name)
     try:
         sampling = runtime.sampling(
             max_new_tokens=max_new_tokens, greedy=greedy, temperature=None if greedy else request.temperature,
@@ -358,7 +390,9 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
             repetition_penalty=request.repetition_penalty, min_new_tokens=request.min_tokens,
         )
         stops = () if request.ignore_eos else sampling.stop_token_ids
-        sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})))
+        sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})),
+                           include_stop_strings=request.include_stop_str_in_output,
+                           allowed_token_ids=request.allowed_token_ids)
         sampling.validate()
     except SettingError as exc:
         raise ApiError(400, str(exc), param=exc.name, code="invalid_value") from None
@@ -387,7 +421,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
-    for key, harmless in UNSUPPORTED_UNLESS_DEFAULT.items():
+    for key, harmless in {**UNSUPPORTED_UNLESS_DEFAULT, **CHAT_UNSUPPORTED_UNLESS_DEFAULT}.items():
         if key in body and not harmless(body[key]):
             raise ApiError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     n = body.get("n")

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.infer.completion import FINISH_LENGTH, Completion
 from gemma3vl.infer.openai_protocol import (
+    CHAT_UNSUPPORTED_UNLESS_DEFAULT,
     MAX_TOP_LOGPROBS,
     UNSUPPORTED_UNLESS_DEFAULT,
     ApiError,
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 # Fields of the Responses API this server does not implement: refused unless they hold their harmless value.
 RESPONSES_UNSUPPORTED = {
     **UNSUPPORTED_UNLESS_DEFAULT,
+    **CHAT_UNSUPPORTED_UNLESS_DEFAULT,
     "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools is "none"
     "conversation": lambda v: v is None,
     "background": lambda v: v in (None, False),

@@ -1,14 +1,15 @@
 """How each row picks its next token: per-row settings, transformers' logits processors, a seeded draw.
 
 Logits are processed in float32 as transformers does: OpenAI's ``logit_bias`` (transformers' single-token
-``sequence_bias``), the repetition penalty (greedy rows too), then OpenAI's presence and frequency penalties
-(greedy rows too, as vLLM applies them), the stop tokens of rows short of their ``min_new_tokens`` masked
-(transformers' ``MinNewTokensLengthLogitsProcessor``, vLLM's ``min_tokens``), then temperature, top-k, top-p,
-min-p; then argmax for greedy rows and a seeded draw for the others. The processed scores equal those of
-the processors transformers' ``generate`` assembles, bit for bit on the CPU (tests/test_sampling_parity.py); the
-draw does not reproduce transformers' ``torch.multinomial`` tokens for the same seed. Every setting is per row,
-and each row draws from its own generator, so a row's tokens do not depend on the rest of the batch: ``generate``
-and the server's continuous batching (``engine.py``) put unrelated requests in one batch.
+``sequence_bias``) and vLLM's ``allowed_token_ids`` (every other token -inf), the repetition penalty (greedy rows
+too), then OpenAI's presence and frequency penalties (greedy rows too, as vLLM applies them), the stop tokens of
+rows short of their ``min_new_tokens`` masked (transformers' ``MinNewTokensLengthLogitsProcessor``, vLLM's
+``min_tokens``), then temperature, top-k, top-p, min-p; then argmax for greedy rows and a seeded draw for the
+others. The processed scores equal those of the processors transformers' ``generate`` assembles, bit for bit on
+the CPU (tests/test_sampling_parity.py); the draw does not reproduce transformers' ``torch.multinomial`` tokens
+for the same seed. Every setting is per row, and each row draws from its own generator, so a row's tokens do not
+depend on the rest of the batch: ``generate`` and the server's continuous batching (``engine.py``) put unrelated
+requests in one batch.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class Sampling:
     # transformers' min_new_tokens, vLLM's min_tokens: no stop token (stop_token_ids) is drawn before this many new
     # tokens, and a stop string counts only where it ends after their text (``detokenize.IncrementalText``)
     min_new_tokens: int = 0
+    # vLLM's include_stop_str_in_output: the text ends after its stop string instead of before it
+    include_stop_strings: bool = False
+    # vLLM's allowed_token_ids: the row draws only these tokens (their logits kept, every other one -inf); ()
+    # = every token
+    allowed_token_ids: tuple[int, ...] = ()
     # OpenAI's, over the tokens generated so far (not the prompt): a token's logit loses presence_penalty once it
     # has appeared, and frequency_penalty per time it has; 0 = off
     presence_penalty: float = 0.0
@@ -118,6 +124,11 @@ class Sampling:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0 or not low <= bias <= high:
                 raise SettingError("logit_bias", (token, bias), f"must pair a token id >= 0 with a bias from {low:g} "
                                                                 f"to {high:g}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+            raise SettingError("allowed_token_ids", self.allowed_token_ids, "must be token ids (integers >= 0)")
+        if self.grammar is not None and self.allowed_token_ids:
+            raise SettingError("allowed_token_ids", "(given)", "does not go with a grammar (JSON output): the grammar "
+                                                               "decides which tokens the answer may hold")
         if isinstance(self.min_new_tokens, bool) or not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise SettingError("min_new_tokens", self.min_new_tokens, "must be an integer >= 0")
         if self.grammar is not None and not self.stop_token_ids:
@@ -175,6 +186,9 @@ class RowSampling:
     # row has a minimum
     min_new_tokens: torch.Tensor | None = None
     min_stops: torch.Tensor | None = None
+    # bool [B, V]: the tokens each row may draw (every token for a row without allowed_token_ids); None when no row
+    # restricts them
+    allowed: torch.Tensor | None = None
 
     @classmethod
     def from_samplings(
@@ -218,6 +232,7 @@ class RowSampling:
             any_min_p=any(p > 0.0 for p in min_p),
             logit_bias=dense_logit_bias(samplings, vocab_size, device),
             **minimum_length_masks(samplings, vocab_size, device),
+            allowed=allowed_tokens(samplings, vocab_size, device),
         )
 
     def short_rows(self, generated: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
@@ -250,6 +265,21 @@ def dense_logit_bias(samplings: Sequence[Sampling], vocab_size: int, device: tor
                 raise SettingError("logit_bias", max(tokens), f"is outside the vocabulary (ids 0 to {vocab_size - 1})")
             bias[row, list(tokens)] = torch.tensor(values, dtype=torch.float32)
     return bias.to(device)
+
+
+def allowed_tokens(samplings: Sequence[Sampling], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+    """bool [B, V]: each row's ``allowed_token_ids`` (all True for a row without); None when no row has them."""
+    if not any(s.allowed_token_ids for s in samplings):
+        return None
+    allowed = torch.ones(len(samplings), vocab_size, dtype=torch.bool)
+    for row, sampling in enumerate(samplings):
+        if sampling.allowed_token_ids:
+            if max(sampling.allowed_token_ids) >= vocab_size:
+                raise SettingError("allowed_token_ids", max(sampling.allowed_token_ids),
+                                   f"is outside the vocabulary (ids 0 to {vocab_size - 1})")
+            allowed[row] = False
+            allowed[row, list(sampling.allowed_token_ids)] = True
+    return allowed.to(device)
 
 
 def minimum_length_masks(samplings: Sequence[Sampling], vocab_size: int, device: torch.device) -> dict[str, Any]:
@@ -293,7 +323,8 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
                    counts: torch.Tensor | None = None,
                    generated: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: each row's ``logit_bias``
-    added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), the repetition penalty
+    added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), every token outside
+    a row's ``allowed_token_ids`` set to -inf (vLLM's), the repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
     multiplied), then, given ``counts`` (float32 [B, V]: how often each token was generated so far), OpenAI's
     penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted
@@ -309,6 +340,8 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
     scores = logits
     if rows.logit_bias is not None:
         scores = scores + rows.logit_bias
+    if rows.allowed is not None:
+        scores = scores.masked_fill(~rows.allowed, float("-inf"))
     if seen is not None:
         penalty = rows.repetition_penalty[:, None]
         scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)

@@ -302,8 +302,8 @@ class BatchScheduler:
 
     def _direct_choices(self, job: Job) -> None:
         device = self.engine.device
-        states = [RowState(job.row(index), self.runtime.tokenizer, job.choice_sampling(index).min_new_tokens)
-                  for index in range(job.n)]
+        tokenizer = self.runtime.tokenizer
+        states = [RowState(job.row(index), tokenizer, job.choice_sampling(index)) for index in range(job.n)]
         tokens: list[int] = []
         reported: dict = {}
         if job.prompt_logprobs is not None or job.max_new_tokens:

@@ -211,10 +211,12 @@ class ChatCompletionServer:
                                 f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
                            param="messages", code="context_length_exceeded")
         sampling = request_sampling(self.runtime, request, max_tokens)
-        for name, given in (("ignore_eos", request.ignore_eos), ("min_tokens", request.min_tokens)):
+        for name, given in (("ignore_eos", request.ignore_eos), ("min_tokens", request.min_tokens),
+                            ("allowed_token_ids", request.allowed_token_ids)):
             if request.json_schema is not None and given:
-                raise ApiError(400, f"'{name}' does not go with a JSON response_format: a JSON answer ends with "
-                                    "the end of its object, at an EOS token", param=name, code="invalid_value")
+                raise ApiError(400, f"'{name}' does not go with a JSON response_format: the JSON grammar decides the "
+                                    "answer's tokens, and it ends with its object, at an EOS token", param=name,
+                               code="invalid_value")
         if request.json_schema is not None:
             # (a JSON answer ends with its object: a checkpoint's min_new_tokens does not apply)
             sampling = replace(sampling, grammar=self.json_grammar(request.json_schema), min_new_tokens=0)

@@ -1,0 +1,164 @@
+"""vLLM's request fields beyond sampling that clients send through the openai client's ``extra_body``:
+``include_stop_str_in_output`` (the text ends after its stop string), ``allowed_token_ids`` (the answer holds
+only these tokens) and the legacy endpoint's ``add_special_tokens`` are implemented; the ones that would change the answer and are not (``bad_words``,
+``skip_special_tokens: false``, ``chat_template``, ``continue_final_message``, ...) are a 400 naming them, never
+silently ignored.
+
+The oracle is transformers itself (tiny random fp32 model): ``allowed_token_ids`` is transformers'
+``PrefixConstrainedLogitsProcessor`` with the same ids each step, bit for bit in test_sampling_parity.py's
+processors test; here the server's answers equal our ``generate`` with the same settings."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.detokenize import IncrementalText
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
+from test_sampling_extensions import word_token  # noqa: F401  (a fixture)
+from test_server import post_json, reference_answer
+
+MAX_TOKENS = 5
+PROMPT = [{"role": "user", "content": "Tell me"}]
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        yield live
+
+
+def chat(server, **fields) -> dict:
+    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **fields})
+    assert status == 200, reply
+    return reply
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string(server, runtime, word_token):  # noqa: F811
+    """Every token the word (+100), ``stop`` the word: the text ends before it, or, with
+    ``include_stop_str_in_output``, after it (streamed too, and on the legacy endpoint)."""
+    tokenizer = runtime.tokenizer
+    text = tokenizer.decode([word_token])
+    word = text.strip()
+    bias = {str(word_token): 100}
+    cut = text.find(word)
+    before = chat(server, logit_bias=bias, stop=[word])["choices"][0]
+    after = chat(server, logit_bias=bias, stop=[word], include_stop_str_in_output=True)["choices"][0]
+    assert (before["message"]["content"], before["finish_reason"]) == (text[:cut], "stop")
+    assert (after["message"]["content"], after["finish_reason"]) == (text[:cut + len(word)], "stop")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        chunks = client.chat.completions.create(model=server.model_name, messages=PROMPT, max_tokens=MAX_TOKENS,
+                                                temperature=0, stop=[word], logit_bias=bias, stream=True,
+                                                extra_body={"include_stop_str_in_output": True})
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text[:cut + len(word)]
+        legacy = client.completions.create(model=server.model_name, prompt="Tell me", max_tokens=MAX_TOKENS,
+                                           temperature=0, stop=[word], logit_bias=bias,
+                                           extra_body={"include_stop_str_in_output": True})
+        assert legacy.choices[0].text == text[:cut + len(word)]
+
+
+def test_a_stop_string_kept_in_the_text_cuts_what_follows_it(tiny_decoding):
+    """The tokens of "the cat sat. END here": stop ". E" ends the text at "the cat sat", or with the stop kept at
+    "the cat sat. E"; the rest of the token that completes it ('E' is one) is never kept."""
+    _, tokenizer = tiny_decoding
+    script = tokenizer.encode("the cat sat. END here", add_special_tokens=False)
+    for include, text in ((False, "the cat sat"), (True, "the cat sat. E")):
+        answer = IncrementalText(tokenizer, (". E", "END"), include_stop=include)
+        streamed = ""
+        for token in script:
+            stopped = answer.add(token)
+            streamed += answer.delta(final=stopped)
+            if stopped:
+                break
+        assert (answer.final_text(), streamed) == (text, text)
+
+
+def prompt_ids(runtime):
+    from gemma3vl.infer.messages import turns_of_messages
+
+    return runtime.encode_conversation(turns_of_messages(PROMPT)).input_ids[None]
+
+
+def test_allowed_token_ids_restrict_the_answer(server, runtime):
+    """The answer holds only the allowed tokens (no stop token among them: it runs to max_tokens), and is the one
+    ``generate`` gives with the same ``allowed_token_ids``; a request sent with it, without them, is answered as
+    alone (its batch row is not restricted)."""
+    allowed = (5, 17, 33, 40)
+    stop = tuple(runtime.config.stop_token_ids)
+    tokens = generate(runtime.model, prompt_ids(runtime),
+                      sampling=Sampling(max_new_tokens=MAX_TOKENS, stop_token_ids=stop, allowed_token_ids=allowed))[0]
+    assert set(tokens) <= set(allowed) and len(tokens) == MAX_TOKENS
+    with ThreadPoolExecutor(2) as pool:
+        restricted, plain = pool.map(lambda extra: chat(server, **extra), [{"allowed_token_ids": list(allowed)}, {}])
+    assert restricted["choices"][0]["message"]["content"] == runtime.tokenizer.decode(tokens,
+                                                                                      skip_special_tokens=True)
+    assert restricted["usage"]["completion_tokens"] == MAX_TOKENS
+    assert plain["choices"][0]["message"]["content"] == reference_answer(runtime, PROMPT, max_tokens=MAX_TOKENS)[0]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+    ({"allowed_token_ids": 5}, "allowed_token_ids"),
+    ({"allowed_token_ids": [5], "response_format": {"type": "json_object"}}, "allowed_token_ids"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
+])
+def test_bad_values_are_a_400_naming_the_field(server, fields, param):
+    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": 2, **fields})
+    assert (status, reply["error"]["param"]) == (400, param), reply
+
+
+@pytest.mark.parametrize("field, value", [
+    ("bad_words", ["cat"]), ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
+    ("truncate_prompt_tokens", 5), ("prompt_logprobs", 1), ("structured_outputs", {"json": {}}),
+    ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
+    ("echo", True), ("add_generation_prompt", False), ("continue_final_message", True),
+    ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}),
+    ("documents", [{"text": "d"}]), ("mm_processor_kwargs", {"do_pan_and_scan": True}),
+])
+def test_vllm_fields_not_implemented_are_refused_not_ignored(server, field, value):
+    """Each would change the answer: a 400 ``unsupported_parameter`` naming it, on chat completions and the
+    Responses API; with its harmless value (vLLM's default) the request is answered."""
+    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": 2, field: value})
+    assert (status, reply["error"]["param"], reply["error"]["code"]) == (400, field, "unsupported_parameter")
+    status, reply = post_json(server, {"input": "hi", "max_output_tokens": 2, field: value}, path="/v1/responses")
+    assert (status, reply["error"]["param"]) == (400, field), reply
+
+
+def test_the_harmless_values_are_answered(server):
+    harmless = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "echo": False,
+                "add_generation_prompt": True, "continue_final_message": False, "add_special_tokens": False,
+                "bad_words": [], "chat_template_kwargs": {}, "include_stop_str_in_output": False}
+    assert chat(server, max_tokens=2, **harmless)["usage"]["completion_tokens"] >= 1
+
+
+def test_generate_takes_allowed_token_ids(runtime):
+    ids = prompt_ids(runtime)
+    restricted = generate(runtime.model, ids, sampling=Sampling(max_new_tokens=4, allowed_token_ids=(7, 8)))[0]
+    assert set(restricted) <= {7, 8} and len(restricted) == 4
+    with pytest.raises(Gemma3VLError, match="allowed_token_ids"):
+        generate(runtime.model, ids, sampling=Sampling(max_new_tokens=2, allowed_token_ids=(10**9,)))
+
+
+def test_legacy_completions_take_add_special_tokens(server, runtime):
+    """vLLM's ``add_special_tokens: false`` on ``/v1/completions``: the text prompt goes without the ``<bos>``
+    otherwise added, answering as the same tokens sent as ids; ``true`` (the default) adds it."""
+    ids = runtime.tokenizer("Tell me", add_special_tokens=False)["input_ids"]
+    answers = {}
+    for name, body in (("default", {"prompt": "Tell me"}), ("bare", {"prompt": "Tell me", "add_special_tokens": False}),
+                       ("ids", {"prompt": ids}), ("true", {"prompt": "Tell me", "add_special_tokens": True})):
+        status, reply = post_json(server, {**body, "max_tokens": MAX_TOKENS, "temperature": 0},
+                                  path="/v1/completions")
+        assert status == 200, reply
+        answers[name] = (reply["choices"][0]["text"], reply["usage"]["prompt_tokens"])
+    assert answers["bare"] == answers["ids"] and answers["bare"][1] == len(ids)
+    assert answers["default"] == answers["true"] and answers["default"][1] == len(ids) + 1
+    status, reply = post_json(server, {"prompt": "hi", "add_special_tokens": "no"}, path="/v1/completions")
+    assert (status, reply["error"]["param"]) == (400, "add_special_tokens")
