@@ -136,7 +136,7 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
             for row, s in enumerate(settings):  # (a row left with no finite logit at all has no answer to compare)
                 if s.allowed_token_ids and logits[row, list(s.allowed_token_ids)].isinf().all():
                     logits[row, s.allowed_token_ids[0]] = 0.0
-            got = process_logits(logits.clone(), rows, seen, generated=[step] * batch)
+            got = process_logits(logits.clone(), rows, seen, answers=sequence[:, width:].tolist())
             for row in range(batch):
                 shown = sequence[row:row + 1]
                 if padding_seen:  # (an older oracle) its padding holds a token the row has seen anyway
@@ -148,6 +148,31 @@ def test_processed_logits_equal_transformers_processors_bitwise(hf_text_model):
             if seen is not None:
                 seen.scatter_(1, new[:, None], True)
             sequence = torch.cat([sequence, new[:, None]], dim=1)
+
+
+def test_bad_words_ban_as_transformers_no_bad_words_processor_over_the_answer():
+    """``bad_words_ids`` (vLLM's ``bad_words`` once tokenized) against transformers' ``NoBadWordsLogitsProcessor``
+    run over the answer alone (vLLM looks at the answer's tokens, not the prompt's): random answers and banned
+    sequences of one to three tokens over a four-token alphabet (so that they often match), on rows with and
+    without bad words in one batch, with random logits: every row's scores equal transformers', bit for bit."""
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    rng, generator = random.Random(1), torch.Generator().manual_seed(1)
+    vocab, outside = 12, 11  # (the answers' tokens and the bad words' are < 4: the token before each answer is not)
+    for case in range(200):
+        batch = rng.choice([1, 3])
+        bad = [tuple({tuple(rng.randrange(4) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))})
+               if rng.random() < 0.8 else () for _ in range(batch)]
+        rows = RowSampling.from_samplings([Sampling(bad_words_ids=words) for words in bad], vocab, CPU)
+        answers = [[rng.randrange(4) for _ in range(rng.randint(0, 5))] for _ in range(batch)]
+        logits = torch.stack([random_case(rng, generator, vocab) for _ in range(batch)])
+        got = process_logits(logits.clone(), rows, answers=answers)
+        for row, words in enumerate(bad):
+            expected = logits[row:row + 1].clone()
+            if words:
+                shown = torch.tensor([[outside, *answers[row]]])
+                expected = NoBadWordsLogitsProcessor([list(w) for w in words], eos_token_id=outside)(shown, expected)
+            assert torch.equal(got[row], expected[0]), (case, words, answers[row])
 
 
 def test_top_p_cuts_at_one_minus_p_worked_out_in_float64():

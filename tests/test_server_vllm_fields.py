@@ -1,12 +1,12 @@
 """vLLM's request fields beyond sampling that clients send through the openai client's ``extra_body``:
 ``include_stop_str_in_output`` (the text ends after its stop string), ``allowed_token_ids`` (the answer holds
-only these tokens) and the legacy endpoint's ``add_special_tokens`` are implemented; the ones that would change the answer and are not (``bad_words``,
-``skip_special_tokens: false``, ``chat_template``, ``continue_final_message``, ...) are a 400 naming them, never
+only these tokens), ``bad_words`` (nor these words) and the legacy endpoint's ``add_special_tokens`` are
+implemented; the ones that would change the answer and are not (``skip_special_tokens: false``, ``chat_template``, ``continue_final_message``, ...) are a 400 naming them, never
 silently ignored.
 
 The oracle is transformers itself (tiny random fp32 model): ``allowed_token_ids`` is transformers'
-``PrefixConstrainedLogitsProcessor`` with the same ids each step, bit for bit in test_sampling_parity.py's
-processors test; here the server's answers equal our ``generate`` with the same settings."""
+``PrefixConstrainedLogitsProcessor`` with the same ids each step, and ``bad_words`` its ``NoBadWordsLogitsProcessor``
+over the answer, both bit for bit in test_sampling_parity.py; here the server's answers equal our ``generate`` with the same settings."""
 
 from __future__ import annotations
 
@@ -102,7 +102,44 @@ def test_allowed_token_ids_restrict_the_answer(server, runtime):
     assert plain["choices"][0]["message"]["content"] == reference_answer(runtime, PROMPT, max_tokens=MAX_TOKENS)[0]
 
 
+def test_bad_words_are_tokenized_as_vllm_tokenizes_them(runtime):
+    """A word as it tokenizes at the start of a text, and with a space before it when that gives another first
+    token and as many tokens; leading spaces stripped first; each sequence once."""
+    from gemma3vl.infer.openai_protocol import bad_words_token_ids
+
+    def ids(text):
+        return tuple(runtime.tokenizer.encode(text, add_special_tokens=False))
+
+    assert ids("cat")[0] != ids(" cat")[0] and len(ids("cat")) == len(ids(" cat")) == 3
+    assert bad_words_token_ids(runtime, ["cat", "  cat"]) == (ids("cat"), ids(" cat"))
+    assert len(ids("the")) != len(ids(" the"))  # (" the" is one token of the tiny vocabulary)
+    assert bad_words_token_ids(runtime, ["the"]) == (ids("the"),)
+
+
+def test_bad_words_keep_a_word_out_of_the_answer(server, runtime):
+    """+100 on "a" makes every token of the answer "a"; with ``bad_words: ["a"]`` neither "a" nor " a" is in it,
+    and the answer is ``generate``'s with the same banned sequences."""
+    from gemma3vl.infer.openai_protocol import bad_words_token_ids
+
+    (a,) = runtime.tokenizer.encode("a", add_special_tokens=False)
+    bias = {str(a): 100}
+    assert chat(server, logit_bias=bias)["choices"][0]["message"]["content"] == "a" * MAX_TOKENS
+    banned = bad_words_token_ids(runtime, ["a"])
+    assert len(banned) == 2 and all(len(words) == 1 for words in banned)
+    stop = tuple(runtime.config.stop_token_ids)
+    tokens = generate(runtime.model, prompt_ids(runtime), sampling=Sampling(
+        max_new_tokens=MAX_TOKENS, stop_token_ids=stop, logit_bias=((a, 100.0),), bad_words_ids=banned))[0]
+    assert not {words[0] for words in banned} & set(tokens)
+    reply = chat(server, logit_bias=bias, bad_words=["a"])
+    expected = runtime.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
+    assert reply["choices"][0]["message"]["content"] == expected
+    assert reply["usage"]["completion_tokens"] == len(tokens)
+
+
 @pytest.mark.parametrize("fields, param", [
+    ({"bad_words": "a"}, "bad_words"),
+    ({"bad_words": [" "]}, "bad_words"),
+    ({"bad_words": [5]}, "bad_words"),
     ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
     ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
@@ -116,7 +153,7 @@ def test_bad_values_are_a_400_naming_the_field(server, fields, param):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("bad_words", ["cat"]), ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
+    ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
     ("truncate_prompt_tokens", 5), ("prompt_logprobs", 1), ("structured_outputs", {"json": {}}),
     ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
     ("echo", True), ("add_generation_prompt", False), ("continue_final_message", True),

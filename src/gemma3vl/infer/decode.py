@@ -318,15 +318,6 @@ class DecodeStep:
                           stacklevel=3)
 
 
-def to_device_async(values: list[bool] | list[int], device: torch.device) -> torch.Tensor:
-    """A small host list on ``device`` without waiting for the GPU's queued work (pinned memory, async copy; a plain
-    ``torch.tensor(values, device=cuda)`` copies from pageable memory and so waits for the stream)."""
-    host = torch.tensor(values)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 class HostCopy:
     """A device tensor's values on the host, copied in stream order without waiting for work queued after it:
     ``tolist()`` waits only for the copy (an event), not for the steps launched since."""

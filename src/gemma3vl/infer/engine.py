@@ -32,7 +32,7 @@ import torch
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.cache import SlotKVCache
 from gemma3vl.infer.completion import FINISH_CANCELLED, Row, RowState
-from gemma3vl.infer.decode import DecodeStep, HostCopy, prefill, prompt_hidden_states, to_device_async
+from gemma3vl.infer.decode import DecodeStep, HostCopy, prefill, prompt_hidden_states
 from gemma3vl.infer.logprobs import LogprobRows, PromptScores, scores_of_hidden_states
 from gemma3vl.infer.sampling import (
     RowSampling,
@@ -185,11 +185,10 @@ class ContinuousBatcher:
         seen = self.seen if rows.any_penalty else None
         counts = self.counts if rows.any_occurrence_penalty else None
         logits = self.logits if self.grammars is None else self.grammars.mask(self.logits)
-        generated = None
-        if rows.min_stops is not None:  # (the tokens each row has so far: its text's, as a stop token ends a row)
-            generated = to_device_async([0 if slot is None else len(slot.state.text.token_ids)
-                                         for slot in self.slots], self.device)
-        tokens = choose_tokens(process_logits(logits, rows, seen, counts, generated), rows, occupied)
+        answers = None
+        if rows.needs_answers:  # (each row's tokens so far: its text's, as a stop token ends a row)
+            answers = [() if slot is None else slot.state.text.token_ids for slot in self.slots]
+        tokens = choose_tokens(process_logits(logits, rows, seen, counts, answers), rows, occupied)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         if counts is not None:

@@ -27,7 +27,6 @@ from gemma3vl.infer.decode import (  # noqa: F401  (re-exported: generate's publ
     give_back,
     make_cache,
     prefill,
-    to_device_async,
 )
 from gemma3vl.infer.detokenize import IncrementalText
 from gemma3vl.infer.sampling import (  # noqa: F401  (re-exported)
@@ -38,6 +37,7 @@ from gemma3vl.infer.sampling import (  # noqa: F401  (re-exported)
     process_logits,
     row_generator,
     seen_tokens,
+    to_device_async,
 )
 from gemma3vl.infer.structured import GrammarRows
 from gemma3vl.model import Gemma3Model, TokenInfo
@@ -142,12 +142,12 @@ def _steps(
                  for s in samplings]
         reasons: list[str | None] = [None] * batch
         counts = [0] * batch
+        answers: list[list[int]] = [[] for _ in range(batch)]  # each row's tokens so far (min_new_tokens, bad words)
         for index in range(steps):
             active = [reason is None for reason in reasons]
             if grammars is not None:
                 logits = grammars.mask(logits)
-            generated = None if rows.min_stops is None else to_device_async(counts, device)
-            tokens = choose_tokens(process_logits(logits, rows, seen, occurrences, generated), rows, active)
+            tokens = choose_tokens(process_logits(logits, rows, seen, occurrences, answers), rows, active)
             tokens = torch.where(to_device_async(active, device), tokens, pads)
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
@@ -166,6 +166,7 @@ def _steps(
             for row, token in enumerate(chosen.tolist()):
                 if reasons[row] is None:
                     counts[row] += 1
+                    answers[row].append(token)
                     events.append(row_event(row, token, counts[row], samplings[row], texts[row]))
                     reasons[row] = events[-1].finish_reason
                     if grammars is not None:  # a GrammarError (a dead end, never expected) ends the whole call

@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gemma3vl.errors import Gemma3VLError, SettingError
 
@@ -55,8 +55,8 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "web_search_options": lambda v: v is None,
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
-    # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output and
-    # allowed_token_ids are implemented: shared_fields)
+    # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
+    # allowed_token_ids and bad_words are implemented: shared_fields)
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "guided_json": lambda v: v is None,
@@ -64,7 +64,6 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None,
     "structured_outputs": lambda v: v is None,
-    "bad_words": lambda v: v in (None, []),
     "logits_processors": lambda v: v in (None, []),
     "truncate_prompt_tokens": lambda v: v is None,
     "prompt_logprobs": lambda v: v is None,
@@ -150,6 +149,7 @@ class SharedFields:
     min_tokens: int | None = None
     include_stop_str_in_output: bool = False  # the answer's text ends after its stop string, not before it
     allowed_token_ids: tuple[int, ...] = ()  # the answer holds only these tokens (); every token)
+    bad_words: tuple[str, ...] = ()  # words the answer never holds (vLLM's: tokenized by bad_words_token_ids)
 
 
 @dataclass(kw_only=True)
@@ -340,6 +340,10 @@ def shared_fields(body: dict) -> dict[str, Any]:
     include_stop = body.get("include_stop_str_in_output")
     if include_stop is not None and not isinstance(include_stop, bool):
         raise _invalid("'include_stop_str_in_output' must be a boolean", "include_stop_str_in_output")
+    bad_words = body.get("bad_words")
+    if bad_words is not None and not (isinstance(bad_words, list) and all(isinstance(w, str) and w.strip()
+                                                                           for w in bad_words)):
+        raise _invalid("'bad_words' must be a list of words (non-blank strings)", "bad_words")
     allowed = body.get("allowed_token_ids")
     if allowed is not None and not (isinstance(allowed, list) and allowed and all(_is_int(t) and t >= 0
                                                                                    for t in allowed)):
@@ -363,7 +367,23 @@ def shared_fields(body: dict) -> dict[str, Any]:
         min_tokens=min_tokens,
         include_stop_str_in_output=bool(include_stop),
         allowed_token_ids=tuple(sorted(set(allowed or ()))),
+        bad_words=tuple(bad_words or ()),
     )
+
+
+def bad_words_token_ids(runtime: InferenceRuntime, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """vLLM's ``bad_words`` as the token sequences it bans: each word (leading spaces stripped) as it tokenizes at
+    the start of a text, and with a space before it (a word in the middle of a text) when that gives another first
+    token and as many tokens (vLLM's rule)."""
+    sequences: list[tuple[int, ...]] = []
+    with runtime.lock:  # (the tokenizer, shared with the model thread)
+        for word in words:
+            alone = tuple(runtime.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(runtime.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            sequences.append(alone)
+            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+                sequences.append(spaced)
+    return tuple(dict.fromkeys(sequences))
 
 
 def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_tokens: int) -> Sampling:
@@ -392,7 +412,8 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
         stops = () if request.ignore_eos else sampling.stop_token_ids
         sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})),
                            include_stop_strings=request.include_stop_str_in_output,
-                           allowed_token_ids=request.allowed_token_ids)
+                           allowed_token_ids=request.allowed_token_ids,
+                           bad_words_ids=bad_words_token_ids(runtime, request.bad_words))
         sampling.validate()
     except SettingError as exc:
         raise ApiError(400, str(exc), param=exc.name, code="invalid_value") from None

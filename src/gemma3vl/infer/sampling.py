@@ -83,6 +83,9 @@ class Sampling:
     # vLLM's allowed_token_ids: the row draws only these tokens (their logits kept, every other one -inf); ()
     # = every token
     allowed_token_ids: tuple[int, ...] = ()
+    # transformers' bad_words_ids, over the answer's tokens (not the prompt's, as vLLM's bad_words): a sequence's last
+    # token is banned wherever the answer so far ends with the rest of it (a one-token sequence: always)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
     # OpenAI's, over the tokens generated so far (not the prompt): a token's logit loses presence_penalty once it
     # has appeared, and frequency_penalty per time it has; 0 = off
     presence_penalty: float = 0.0
@@ -126,6 +129,9 @@ class Sampling:
                                                                 f"to {high:g}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
             raise SettingError("allowed_token_ids", self.allowed_token_ids, "must be token ids (integers >= 0)")
+        if any(not words or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in words)
+               for words in self.bad_words_ids):
+            raise SettingError("bad_words_ids", self.bad_words_ids, "must be non-empty sequences of token ids")
         if self.grammar is not None and self.allowed_token_ids:
             raise SettingError("allowed_token_ids", "(given)", "does not go with a grammar (JSON output): the grammar "
                                                                "decides which tokens the answer may hold")
@@ -143,6 +149,15 @@ class Sampling:
     def occurrence_penalty(self) -> bool:
         """Whether the presence or frequency penalty is on (the tokens generated so far must be counted)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def to_device_async(values: list[bool] | list[int], device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the GPU's queued work (pinned memory, async copy; a plain
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory and so waits for the stream)."""
+    host = torch.tensor(values)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def derived_seed(seed: int, index: int) -> int:
@@ -189,6 +204,8 @@ class RowSampling:
     # bool [B, V]: the tokens each row may draw (every token for a row without allowed_token_ids); None when no row
     # restricts them
     allowed: torch.Tensor | None = None
+    # per row its bad_words_ids; () when no row has any
+    bad_words_ids: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     @classmethod
     def from_samplings(
@@ -233,19 +250,40 @@ class RowSampling:
             logit_bias=dense_logit_bias(samplings, vocab_size, device),
             **minimum_length_masks(samplings, vocab_size, device),
             allowed=allowed_tokens(samplings, vocab_size, device),
+            bad_words_ids=tuple(s.bad_words_ids for s in samplings) if any(s.bad_words_ids for s in samplings) else (),
         )
 
-    def short_rows(self, generated: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
-        """bool [B, V]: the stop tokens each row may not draw yet, ``generated`` ([B]: how many tokens each row has
-        generated so far) being short of its ``min_new_tokens``; None when no row has a minimum."""
-        if self.min_stops is None:
+    @property
+    def needs_answers(self) -> bool:
+        """Whether ``process_logits`` needs the tokens each row has generated so far (``answers``)."""
+        return self.min_stops is not None or bool(self.bad_words_ids)
+
+    def banned(self, answers: Sequence[Sequence[int]] | None, vocab_size: int) -> torch.Tensor | None:
+        """bool [B, V]: what each row may not draw now, given ``answers`` (each row's tokens so far): its stop
+        tokens while it is short of its ``min_new_tokens``, and the last token of each of its ``bad_words_ids``
+        whose rest the answer ends with. None when no row has either setting."""
+        if not self.needs_answers:
             return None
-        if generated is None:
-            raise Gemma3VLError("a row has min_new_tokens: process_logits needs how many tokens each row generated")
-        if not isinstance(generated, torch.Tensor):
-            generated = torch.tensor(list(generated), dtype=torch.long)
-        short = generated.to(self.min_new_tokens.device, non_blocking=True) < self.min_new_tokens
-        return self.min_stops & short[:, None]
+        if answers is None or len(answers) != len(self.sampled):
+            raise Gemma3VLError("a row has min_new_tokens or bad_words_ids: process_logits needs each row's answer "
+                                "so far (answers=)")
+        device = self.greedy.device
+        banned = torch.zeros(len(answers), vocab_size, dtype=torch.bool, device=device)
+        if self.min_stops is not None:
+            short = to_device_async([len(answer) for answer in answers], device) < self.min_new_tokens
+            banned |= self.min_stops & short[:, None]
+        rows, tokens = [], []
+        for row, (sequences, answer) in enumerate(zip(self.bad_words_ids, answers)):
+            for sequence in sequences:
+                prefix = len(sequence) - 1
+                if prefix == 0 or (len(answer) >= prefix and list(answer[len(answer) - prefix:]) == list(
+                        sequence[:-1])):
+                    if sequence[-1] < vocab_size:
+                        rows.append(row)
+                        tokens.append(sequence[-1])
+        if rows:
+            banned[to_device_async(rows, device), to_device_async(tokens, device)] = True
+        return banned
 
     @property
     def any_sampled(self) -> bool:
@@ -321,16 +359,17 @@ def count_tokens(counts: torch.Tensor, tokens: torch.Tensor) -> None:
 
 def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor | None = None,
                    counts: torch.Tensor | None = None,
-                   generated: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+                   answers: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """float32 [B, V] logits -> scores, as transformers' processors do them, in its order: each row's ``logit_bias``
     added (``SequenceBiasLogitsProcessor`` with one-token sequences; vLLM adds it first too), every token outside
     a row's ``allowed_token_ids`` set to -inf (vLLM's), the repetition penalty
     (``RepetitionPenaltyLogitsProcessor``: positive logits of seen tokens divided by the penalty, negative ones
     multiplied), then, given ``counts`` (float32 [B, V]: how often each token was generated so far), OpenAI's
     penalties as vLLM applies them: ``frequency_penalty * count`` and ``presence_penalty * (count > 0)`` subtracted
-    (a row whose penalties are 0 keeps its scores bit for bit), then, given ``generated`` ([B]: the tokens each row
-    has generated so far; needed when a row has ``min_new_tokens``), the stop tokens of the rows short of their
-    minimum set to -inf (``MinNewTokensLengthLogitsProcessor``), then for sampled rows temperature, top-k (keep
+    (a row whose penalties are 0 keeps its scores bit for bit), then, given ``answers`` (each row's tokens so far;
+    needed when a row has ``min_new_tokens`` or ``bad_words_ids``), the stop tokens of the rows short of their
+    minimum set to -inf (``MinNewTokensLengthLogitsProcessor``) and so are the bad words' banned tokens
+    (``NoBadWordsLogitsProcessor`` over the answer), then for sampled rows temperature, top-k (keep
     scores >= the k-th largest, ties kept), top-p (sort what top-k left, drop the low tail whose mass is <= 1 - p,
     always keeping the top token), min-p (``MinPLogitsWarper``: drop the tokens whose probability after the steps
     before is under ``min_p`` times the likeliest one's). A row whose top-k or top-p does not filter (top_k >= V,
@@ -348,7 +387,7 @@ def process_logits(logits: torch.Tensor, rows: RowSampling, seen: torch.Tensor |
     if counts is not None:
         scores = scores - rows.frequency_penalty[:, None] * counts
         scores = scores - rows.presence_penalty[:, None] * (counts > 0)
-    blocked = rows.short_rows(generated)
+    blocked = rows.banned(answers, scores.shape[-1])
     if blocked is not None:
         scores = scores.masked_fill(blocked, float("-inf"))
     if not rows.any_sampled:

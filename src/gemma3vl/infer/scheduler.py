@@ -317,7 +317,7 @@ class BatchScheduler:
             logits = scores.last_logits[None].repeat(job.n, 1)
             ids = job.prompt.input_ids.to(device)[None].repeat(job.n, 1)
             seen = seen_tokens(ids, torch.ones_like(ids), vocab) if rows.any_penalty else None
-            chosen = choose_tokens(process_logits(logits, rows, seen, generated=[0] * job.n), rows)
+            chosen = choose_tokens(process_logits(logits, rows, seen, answers=[()] * job.n), rows)
             tokens = chosen.tolist()
             if job.logprobs is not None:
                 reported = LogprobRows.of([job.logprobs] * job.n, device).compute(logits, chosen).by_row(tokens)

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.decode import to_device_async
+from gemma3vl.infer.sampling import to_device_async
 
 INSTALL_HINT = "pip install 'gemma3vl[structured]'"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}  # JSON mode (OpenAI's json_object): any JSON object
