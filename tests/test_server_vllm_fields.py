@@ -105,26 +105,22 @@ def test_allowed_token_ids_restrict_the_answer(server, runtime):
 def test_bad_words_are_tokenized_as_vllm_tokenizes_them(runtime):
     """A word as it tokenizes at the start of a text, and with a space before it when that gives another first
     token and as many tokens; leading spaces stripped first; each sequence once."""
-    from gemma3vl.infer.openai_protocol import bad_words_token_ids
-
     def ids(text):
         return tuple(runtime.tokenizer.encode(text, add_special_tokens=False))
 
     assert ids("cat")[0] != ids(" cat")[0] and len(ids("cat")) == len(ids(" cat")) == 3
-    assert bad_words_token_ids(runtime, ["cat", "  cat"]) == (ids("cat"), ids(" cat"))
+    assert runtime.bad_words_ids(["cat", "  cat"]) == (ids("cat"), ids(" cat"))
     assert len(ids("the")) != len(ids(" the"))  # (" the" is one token of the tiny vocabulary)
-    assert bad_words_token_ids(runtime, ["the"]) == (ids("the"),)
+    assert runtime.bad_words_ids(["the"]) == (ids("the"),)
 
 
 def test_bad_words_keep_a_word_out_of_the_answer(server, runtime):
     """+100 on "a" makes every token of the answer "a"; with ``bad_words: ["a"]`` neither "a" nor " a" is in it,
     and the answer is ``generate``'s with the same banned sequences."""
-    from gemma3vl.infer.openai_protocol import bad_words_token_ids
-
     (a,) = runtime.tokenizer.encode("a", add_special_tokens=False)
     bias = {str(a): 100}
     assert chat(server, logit_bias=bias)["choices"][0]["message"]["content"] == "a" * MAX_TOKENS
-    banned = bad_words_token_ids(runtime, ["a"])
+    banned = runtime.bad_words_ids(["a"])
     assert len(banned) == 2 and all(len(words) == 1 for words in banned)
     stop = tuple(runtime.config.stop_token_ids)
     tokens = generate(runtime.model, prompt_ids(runtime), sampling=Sampling(
@@ -199,3 +195,27 @@ def test_legacy_completions_take_add_special_tokens(server, runtime):
     assert answers["default"] == answers["true"] and answers["default"][1] == len(ids) + 1
     status, reply = post_json(server, {"prompt": "hi", "add_special_tokens": "no"}, path="/v1/completions")
     assert (status, reply["error"]["param"]) == (400, "add_special_tokens")
+
+
+def test_batch_lines_and_the_python_api_take_bad_words(runtime, tmp_path, capsys):
+    """The same words banned on a ``--batch`` line and through ``Model.generate``: the answer the server gives."""
+    import json
+
+    from gemma3vl.api import Model
+    from gemma3vl.cli import main
+
+    (a,) = runtime.tokenizer.encode("a", add_special_tokens=False)
+    model = Model(runtime)
+    free = model.generate("Tell me", greedy=True, max_new_tokens=4, logit_bias={a: 100})
+    banned = model.generate("Tell me", greedy=True, max_new_tokens=4, logit_bias={a: 100}, bad_words=["a"])
+    assert free == "a" * 4 and "a" not in banned
+    lines = [{"prompt": "Tell me", "greedy": True, "logit_bias": {str(a): 100}, "bad_words": ["a"]},
+             {"prompt": "Tell me", "bad_words": "a"}]
+    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", str(runtime.model_dir), "--batch", str(source), "--output", str(answers),
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 1
+    assert f"{source}:2: 'bad_words' must be a list of words (non-blank strings)" in capsys.readouterr().err
+    assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == [banned]
+    with pytest.raises(Gemma3VLError, match="bad_words must be a list of words"):
+        model.generate("Tell me", bad_words="a")

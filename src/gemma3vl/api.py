@@ -103,11 +103,13 @@ class Model:
                  seed: int | None = None, stop: str | Sequence[str] | None = None, min_p: float | None = None,
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict[int | str, float] | None = None,
-                 json_schema: dict[str, Any] | bool | None = None, min_new_tokens: int | None = None) -> Sampling:
+                 json_schema: dict[str, Any] | bool | None = None, min_new_tokens: int | None = None,
+                 bad_words: Sequence[str] | None = None) -> Sampling:
         """The checkpoint's ``generation_config.json`` with these settings on top (None: not given), checked.
         ``min_p`` and ``repetition_penalty``: transformers' (and vLLM's); ``logit_bias``: OpenAI's,
         ``{token id: bias from -100 to 100}`` added to the logits (-100 bans a token). ``min_new_tokens``:
         transformers' (vLLM's ``min_tokens``), no stop before that many tokens (at most ``max_new_tokens``).
+        ``bad_words``: vLLM's, words the answer never holds (``InferenceRuntime.bad_words_ids``).
         ``json_schema``: answers follow this JSON Schema (``True``: any JSON object; needs xgrammar)."""
         _check_int("max_new_tokens", max_new_tokens, low=1)
         if seed is not None:
@@ -130,7 +132,8 @@ class Model:
                                          top_k=top_k, top_p=top_p, seed=seed, presence_penalty=presence_penalty,
                                          frequency_penalty=frequency_penalty, logit_bias=logit_bias, min_p=min_p,
                                          repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
-        sampling = replace(sampling, stop_strings=_stop_strings(stop))
+        sampling = replace(sampling, stop_strings=_stop_strings(stop),
+                           bad_words_ids=_bad_words(self.runtime, bad_words))
         if json_schema is not None and json_schema is not False:
             from gemma3vl.infer.structured import ANY_OBJECT
 
@@ -169,9 +172,9 @@ class Model:
         ``images``: for one prompt, its images (paths, ``data:`` URLs or PIL images); for a list of prompts, one
         entry per prompt (a list of images, or None). ``settings``: :meth:`sampling`'s (``max_new_tokens``,
         ``greedy``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``, ``presence_penalty``,
-        ``frequency_penalty``, ``repetition_penalty``, ``logit_bias``, ``min_new_tokens``, ``json_schema``). Many
-        prompts run through the continuous-batching engine of ``gemma3vl generate --batch`` with ``batch_size``
-        rows; each answer is the one its prompt gets alone.
+        ``frequency_penalty``, ``repetition_penalty``, ``logit_bias``, ``min_new_tokens``, ``bad_words``,
+        ``json_schema``). Many prompts run through the continuous-batching engine of ``gemma3vl generate --batch``
+        with ``batch_size`` rows; each answer is the one its prompt gets alone.
         Returns the answer's text (``details``: an :class:`Answer`), or a list of them in prompt order.
         """
         sampling = self.sampling(**settings)
@@ -477,6 +480,15 @@ def _shard_bytes(size: str | int) -> int:
         return parse_size(size)
     except ValueError as exc:
         raise Gemma3VLError(f"max_shard_size={size!r}: {exc}") from None
+
+
+def _bad_words(runtime: InferenceRuntime, words: Sequence[str] | None) -> tuple[tuple[int, ...], ...]:
+    """``bad_words`` (a list of non-blank strings) as the token sequences they ban."""
+    if words is None:
+        return ()
+    if isinstance(words, str) or not all(isinstance(word, str) and word.strip() for word in words):
+        raise Gemma3VLError(f"bad_words must be a list of words (non-blank strings), got {words!r}")
+    return runtime.bad_words_ids(words)
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:

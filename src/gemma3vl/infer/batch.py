@@ -2,7 +2,8 @@
 
 Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file], "id": ..., and optional
 per-line max_new_tokens, min_new_tokens, temperature, top_k, top_p, min_p, seed, greedy, stop, presence_penalty,
-frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), and json (true: the answer is a
+frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), bad_words (vLLM's: words the answer
+never holds), and json (true: the answer is a
 JSON object) or json_schema (a JSON Schema the answer follows)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
 of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenAI's / transformers' chat form, as
@@ -53,7 +54,7 @@ SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 PENALTY_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
 LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", "min_new_tokens", *SAMPLING_KEYS, "seed",
-             "greedy", "stop", *PENALTY_KEYS, "logit_bias", *JSON_KEYS)
+             "greedy", "stop", *PENALTY_KEYS, "logit_bias", "bad_words", *JSON_KEYS)
 
 
 @dataclass
@@ -208,6 +209,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "stop", _is_stop, "a string or a list of strings")
     for key in PENALTY_KEYS:  # (their range: sampling.validate() below)
         _check_type(obj, key, _is_number, "a finite number")
+    _check_type(obj, "bad_words", lambda v: isinstance(v, list) and all(isinstance(w, str) and w.strip() for w in v),
+                "a list of words (non-blank strings)")
     _check_type(obj, "json", lambda v: isinstance(v, bool), "true or false")
     _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
     schema = _line_schema(obj, defaults.json_schema)
@@ -237,6 +240,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         logit_bias=obj.get("logit_bias"),  # (checked there: an object of token ids in this vocabulary)
         min_new_tokens=minimum,
     )
+    sampling = replace(sampling, bad_words_ids=runtime.bad_words_ids(obj.get("bad_words", ())))
     if minimum is not None and minimum > sampling.max_new_tokens:
         raise Gemma3VLError(f"min_new_tokens={minimum} is over max_new_tokens={sampling.max_new_tokens}")
     if schema is not None:

@@ -17,7 +17,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
 
@@ -149,7 +149,7 @@ class SharedFields:
     min_tokens: int | None = None
     include_stop_str_in_output: bool = False  # the answer's text ends after its stop string, not before it
     allowed_token_ids: tuple[int, ...] = ()  # the answer holds only these tokens (); every token)
-    bad_words: tuple[str, ...] = ()  # words the answer never holds (vLLM's: tokenized by bad_words_token_ids)
+    bad_words: tuple[str, ...] = ()  # words the answer never holds (vLLM's: tokenized by runtime.bad_words_ids)
 
 
 @dataclass(kw_only=True)
@@ -371,21 +371,6 @@ def shared_fields(body: dict) -> dict[str, Any]:
     )
 
 
-def bad_words_token_ids(runtime: InferenceRuntime, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-    """vLLM's ``bad_words`` as the token sequences it bans: each word (leading spaces stripped) as it tokenizes at
-    the start of a text, and with a space before it (a word in the middle of a text) when that gives another first
-    token and as many tokens (vLLM's rule)."""
-    sequences: list[tuple[int, ...]] = []
-    with runtime.lock:  # (the tokenizer, shared with the model thread)
-        for word in words:
-            alone = tuple(runtime.tokenizer.encode(word.lstrip(), add_special_tokens=False))
-            spaced = tuple(runtime.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-            sequences.append(alone)
-            if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
-                sequences.append(spaced)
-    return tuple(dict.fromkeys(sequences))
-
-
 def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_tokens: int) -> Sampling:
     """The :class:`Sampling` of a request's shared fields on top of the checkpoint's defaults, checked: a value out
     of range (a ``logit_bias`` token outside the vocabulary, ...) is a 400 naming its field. Temperature 0 or top-p
@@ -413,7 +398,7 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
         sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})),
                            include_stop_strings=request.include_stop_str_in_output,
                            allowed_token_ids=request.allowed_token_ids,
-                           bad_words_ids=bad_words_token_ids(runtime, request.bad_words))
+                           bad_words_ids=runtime.bad_words_ids(request.bad_words))
         sampling.validate()
     except SettingError as exc:
         raise ApiError(400, str(exc), param=exc.name, code="invalid_value") from None

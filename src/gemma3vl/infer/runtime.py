@@ -12,11 +12,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from gemma3vl.config import Gemma3Config
+from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.completion import Completion, Row, complete
 from gemma3vl.infer.conversation import EncodedPrompt, Turn, encode_conversation
 from gemma3vl.infer.generate import Sampling
@@ -96,6 +97,22 @@ class InferenceRuntime:
                 self._grammars = JsonGrammars(self.tokenizer, self.config.text.vocab_size,
                                               self.json_grammar_stop_ids)
         return self._grammars.compile(schema)
+
+    def bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's ``bad_words`` as the token sequences they ban (``Sampling.bad_words_ids``): each word (leading
+        spaces stripped) as it tokenizes at the start of a text, and with a space before it (a word in the middle
+        of a text) when that gives another first token and as many tokens (vLLM's rule); each sequence once."""
+        sequences: list[tuple[int, ...]] = []
+        with self.lock:  # (the tokenizer, shared with the server's model thread)
+            for word in words:
+                alone = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+                spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+                if not alone:
+                    raise Gemma3VLError(f"bad word {word!r} has no tokens")
+                sequences.append(alone)
+                if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+                    sequences.append(spaced)
+        return tuple(dict.fromkeys(sequences))
 
     @property
     def json_grammar_stop_ids(self) -> list[int]:
