@@ -181,13 +181,13 @@ for part in "${PART_LIST[@]}"; do
     cudatests)
         # The tests that skip without CUDA (compiled decode == eager decode; the compiled server engine == generate
         # alone; xgrammar's CUDA mask == the CPU mask, skipped where the image has no xgrammar), on tiny models: they
-        # take the compile time only. Needs pytest in the image.
+        # take the compile time only. Needs pytest in the image (not pytest-xdist: pyproject's `-n auto` is dropped).
         if [[ -n "$TINY" ]]; then
             skip "cuda tests" "needs CUDA"
         elif ! "$PYTHON" -c "import pytest" 2>/dev/null; then
             skip "cuda tests" "pytest is not installed"
         else
-            step "cuda tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs \
+            step "cuda tests" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist -o addopts= -rs \
                 tests/test_generate_engine.py::test_compiled_decode_on_cuda_equals_eager \
                 tests/test_generate_continuous.py::test_compiled_engine_on_cuda_equals_solo_generate \
                 tests/test_structured_output.py::test_the_cuda_mask_equals_the_cpu_mask

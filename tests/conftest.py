@@ -23,6 +23,7 @@ if _WORKERS > 1 and os.environ["OMP_NUM_THREADS"].isdigit():  # (torch may have 
     torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
+@pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: without xdist, `-p no:xdist`, it is never called)
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): one worker per core, at most ``MAX_WORKERS``."""
     return max(1, min(CORES, MAX_WORKERS))

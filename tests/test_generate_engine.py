@@ -366,8 +366,8 @@ def test_reused_cache_and_bad_arguments(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_compiled_decode_on_cuda_equals_eager(hf_checkpoint):
-    """GPU only: compile=True (inductor + CUDA graphs) gives the eager tokens, greedy and per-row sampled, and
-    calls without a cache of their own reuse one (the captured graph is replayed, not captured again)."""
+    """GPU only: compile=True (inductor + CUDA graphs) gives the eager tokens, greedy and per-row sampled (with
+    allowed tokens, a minimum length and bad words too), and calls without a cache of their own reuse one (the captured graph is replayed, not captured again)."""
     from gemma3vl.infer.generate import _spare_caches
 
     directory, _ = hf_checkpoint()
@@ -379,8 +379,10 @@ def test_compiled_decode_on_cuda_equals_eager(hf_checkpoint):
     spare = _spare_caches[ours][3]
     assert generate(ours, batch["input_ids"], sampling=greedy, compile=True, **batch_args(batch)) == eager
     assert _spare_caches[ours][3] is spare
+    stops = tuple(config.stop_token_ids)
     mixed = [Sampling(max_new_tokens=20, greedy=False, temperature=0.9, top_k=40, seed=1, repetition_penalty=1.2),
-             Sampling(max_new_tokens=12, greedy=False, top_p=0.9, seed=2), Sampling(max_new_tokens=20)]
+             Sampling(max_new_tokens=12, greedy=False, top_p=0.9, seed=2, allowed_token_ids=tuple(range(3, 60))),
+             Sampling(max_new_tokens=20, min_new_tokens=6, stop_token_ids=stops, bad_words_ids=((17,), (5, 6)))]
     assert generate(ours, batch["input_ids"], sampling=mixed, compile=True, **batch_args(batch)) == generate(
         ours, batch["input_ids"], sampling=mixed, **batch_args(batch))
 
