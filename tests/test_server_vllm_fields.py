@@ -152,7 +152,7 @@ def test_bad_values_are_a_400_naming_the_field(server, fields, param):
     ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
     ("truncate_prompt_tokens", 5), ("prompt_logprobs", 1), ("structured_outputs", {"json": {}}),
     ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
-    ("echo", True), ("add_generation_prompt", False), ("continue_final_message", True),
+    ("echo", True), ("add_generation_prompt", False),
     ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}),
     ("documents", [{"text": "d"}]), ("mm_processor_kwargs", {"do_pan_and_scan": True}),
 ])

@@ -159,9 +159,12 @@ class Model:
             raise Gemma3VLError(f"the prompt must be a string, got {type(prompt).__name__}")
         return self.runtime.encode_prompt(prompt, images_of(images, "images"), raw=raw, pan_and_scan=pan_and_scan)
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
-        """The token ids (and pixel values) of a conversation ending with a user message."""
-        return self.runtime.encode_conversation(turns_of_messages(messages), pan_and_scan=pan_and_scan)
+    def encode_chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None,
+                    continue_final_message: bool = False) -> EncodedPrompt:
+        """The token ids (and pixel values) of a conversation ending with a user message (with
+        ``continue_final_message``: ending inside its last, assistant, message, for the model to continue it)."""
+        return self.runtime.encode_conversation(turns_of_messages(messages),
+                                                pan_and_scan=pan_and_scan, continue_final=continue_final_message)
 
     # ------------------------------------------------------------------------------------------ answers
     def generate(self, prompt: str | Sequence[str], images: Sequence[Any] | None = None, *,
@@ -198,13 +201,16 @@ class Model:
         return [Answer.of(c) if details else c.text for c in completions]
 
     def chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None, details: bool = False,
-             **settings: Any) -> str | Answer:
+             continue_final_message: bool = False, **settings: Any) -> str | Answer:
         """Answer the last user message of ``messages``: OpenAI's / transformers' chat format (``role`` system,
         user or assistant; ``content`` a string or a list of ``{"type": "text", "text": ...}`` and
         ``{"type": "image", "image": PATH | data: URL | PIL image}`` or ``{"type": "image_url", "image_url":
-        {"url": ...}}`` parts), through the checkpoint's chat template. ``settings`` as for :meth:`generate`."""
+        {"url": ...}}`` parts), through the checkpoint's chat template. ``continue_final_message``: the last message
+        is the assistant's, and the answer continues it (transformers' option: the answer is the continuation
+        only). ``settings`` as for :meth:`generate`."""
         sampling = self.sampling(**settings)
-        encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan), sampling, "messages")
+        encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan,
+                                              continue_final_message=continue_final_message), sampling, "messages")
         completion = self._complete_one(encoded, sampling)
         return Answer.of(completion) if details else completion.text
 

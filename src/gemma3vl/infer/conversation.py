@@ -74,8 +74,10 @@ def rendered_text(turn: Turn) -> str:
 
 
 def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<start_of_image>",
-                image_token: str | None = "<image_soft_token>") -> None:
-    """Refuse what the template would turn into a wrong prompt, with a message saying which turn."""
+                image_token: str | None = "<image_soft_token>", continue_final: bool = False) -> None:
+    """Refuse what the template would turn into a wrong prompt, with a message saying which turn. The last turn is
+    the user's (the model answers it), or with ``continue_final`` an assistant one with text (the model goes on
+    with it)."""
     if not turns:
         raise Gemma3VLError("the conversation is empty")
     # Typed as text, <image_soft_token> becomes an image slot with no image behind it: the model's forward
@@ -108,24 +110,31 @@ def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<star
                 f"{turns[index].role!r} one (after an optional system message, user and assistant messages must "
                 "alternate, starting with user)"
             )
-    if turns[-1].role != "user":
+    if continue_final:
+        if turns[-1].role != "assistant" or not turns[-1].text.strip():
+            raise Gemma3VLError("to continue the final message, the last message must be an assistant message with "
+                                "text (the model goes on with it)")
+    elif turns[-1].role != "user":
         raise Gemma3VLError("the last message must be a user message (the model answers it)")
 
 
 def encode_conversation(
-    processor: Any, config: Gemma3Config, turns: list[Turn], *, pan_and_scan: bool | None = None
+    processor: Any, config: Gemma3Config, turns: list[Turn], *, pan_and_scan: bool | None = None,
+    continue_final: bool = False,
 ) -> EncodedPrompt:
-    """Token ids (and pixel values) of ``turns`` through the chat template, ending with the model's turn."""
+    """Token ids (and pixel values) of ``turns`` through the chat template, ending with the model's turn; with
+    ``continue_final`` (transformers' ``continue_final_message``), inside the last, assistant, turn: its text left
+    open for the model to continue."""
     tokenizer = tokenizer_of(processor)
     check_turns(turns, config, getattr(tokenizer, "boi_token", None) or "<start_of_image>",
-                getattr(tokenizer, "image_token", None) or "<image_soft_token>")
+                getattr(tokenizer, "image_token", None) or "<image_soft_token>", continue_final)
     has_images = any(turn.images for turn in turns)
     image_kwargs = pan_and_scan_settings(processor, pan_and_scan) if has_images else {}
     messages = [_template_message(turn) for turn in turns]  # text-only: check_turns refused images
     try:
         encoded = apply_chat_template(processor, messages, image_kwargs,
                                       no_template="the checkpoint has no chat template, so it cannot hold a "
-                                                  "conversation")
+                                                  "conversation", continue_final=continue_final)
     except Gemma3VLError:
         raise
     except Exception as exc:  # jinja's TemplateError (roles must alternate), processor errors

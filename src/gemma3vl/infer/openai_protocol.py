@@ -72,11 +72,10 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "return_tokens_as_token_ids": lambda v: v in (None, False),
 }
 # vLLM's chat-only extensions, which change how the conversation is read: refused by the chat and Responses
-# endpoints unless they hold their harmless value (``echo`` is the legacy endpoint's own, implemented there)
+# endpoints unless they hold their harmless value (``echo`` is the legacy endpoint's own, implemented there;
+# ``continue_final_message`` with ``add_generation_prompt: false`` is the chat endpoint's: parse_chat_request)
 CHAT_UNSUPPORTED_UNLESS_DEFAULT = {
     "echo": lambda v: v in (None, False),
-    "add_generation_prompt": lambda v: v in (None, True),
-    "continue_final_message": lambda v: v in (None, False),
     "add_special_tokens": lambda v: v in (None, False),
     "chat_template": lambda v: v is None,
     "chat_template_kwargs": lambda v: v in (None, {}),
@@ -163,6 +162,9 @@ class ChatRequest(SharedFields):
     # response_format json_object / json_schema: the JSON Schema the answer follows ({"type": "object"} for
     # json_object); None: free text
     json_schema: dict[str, Any] | None = None
+    # vLLM's (transformers' apply_chat_template option): the last, assistant, message is left open and the answer
+    # continues it (the answer holds only the continuation)
+    continue_final_message: bool = False
 
 
 def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:
@@ -450,7 +452,28 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         json_schema=_parse_response_format(body.get("response_format")),
+        continue_final_message=continue_final_message_of(body),
     )
+
+
+def continue_final_message_of(body: dict) -> bool:
+    """vLLM's ``continue_final_message`` (with ``add_generation_prompt`` false or left out): the chat template
+    without a generation prompt, the last message open. ``add_generation_prompt: false`` alone would have the model
+    write the next turn's header itself: refused."""
+    continuing, prompt = body.get("continue_final_message"), body.get("add_generation_prompt")
+    for name, value in (("continue_final_message", continuing), ("add_generation_prompt", prompt)):
+        if value is not None and not isinstance(value, bool):
+            raise _invalid(f"'{name}' must be a boolean", name)
+    if continuing and prompt:
+        raise _invalid("'continue_final_message' and 'add_generation_prompt' cannot both be true: the final message "
+                       "is continued, or the model starts a new one", "continue_final_message")
+    if prompt is False and not continuing:
+        raise ApiError(400, "'add_generation_prompt': false is supported only with 'continue_final_message': true",
+                       param="add_generation_prompt", code="unsupported_parameter")
+    if continuing and body.get("response_format") not in (None, {"type": "text"}):
+        raise _invalid("'continue_final_message' does not go with a JSON response_format: the JSON answer starts "
+                       "afresh", "continue_final_message")
+    return bool(continuing)
 
 
 # ---------------------------------------------------------------------------------------------- responses

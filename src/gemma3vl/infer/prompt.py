@@ -229,14 +229,17 @@ def template_text(parts: list[Any]) -> str:
 
 
 def apply_chat_template(processor: Any, messages: list[dict[str, Any]], image_kwargs: dict[str, Any], *,
-                        no_template: str) -> Any:
+                        no_template: str, continue_final: bool = False) -> Any:
     """``messages`` through the checkpoint's chat template, ending with the model's turn (ids, mask and pixel
-    values as tensors); ``no_template`` is the error when the checkpoint has none."""
+    values as tensors); ``no_template`` is the error when the checkpoint has none. ``continue_final``:
+    transformers' ``continue_final_message``, the last (assistant) message left open for the model to continue,
+    with no generation prompt after it."""
     if not _templates(processor):  # none, or an empty chat_template.jinja
         raise Gemma3VLError(no_template)
     try:
         return processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            messages, add_generation_prompt=not continue_final, continue_final_message=continue_final,
+            tokenize=True, return_dict=True, return_tensors="pt",
             **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
         )
     except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (raise_exception, an undefined value), or

@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 RESPONSES_UNSUPPORTED = {
     **UNSUPPORTED_UNLESS_DEFAULT,
     **CHAT_UNSUPPORTED_UNLESS_DEFAULT,
+    "add_generation_prompt": lambda v: v in (None, True),
+    "continue_final_message": lambda v: v in (None, False),
     "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools is "none"
     "conversation": lambda v: v is None,
     "background": lambda v: v in (None, False),

@@ -119,9 +119,11 @@ class InferenceRuntime:
         """The stop tokens JSON grammars end at (the checkpoint's EOS ids and ``<end_of_turn>``)."""
         return list(stop_token_ids(self.generation_defaults, self.config))
 
-    def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None) -> EncodedPrompt:
+    def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None,
+                            continue_final: bool = False) -> EncodedPrompt:
         with self.lock:
-            return encode_conversation(self.processor, self.config, turns, pan_and_scan=pan_and_scan)
+            return encode_conversation(self.processor, self.config, turns, pan_and_scan=pan_and_scan,
+                                       continue_final=continue_final)
 
     def encode_prompt(self, prompt: str, images: list, *, raw: bool = False,
                       pan_and_scan: bool | None = None) -> EncodedPrompt:

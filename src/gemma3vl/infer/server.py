@@ -172,9 +172,10 @@ class ChatCompletionServer:
             raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
-    def encode_messages(self, messages: list[RequestMessage]) -> EncodedPrompt:
+    def encode_messages(self, messages: list[RequestMessage], continue_final: bool = False) -> EncodedPrompt:
         """A conversation as the model reads it: its images counted against the limit and fetched, the chat
-        template applied (with the generation prompt); a 4xx naming ``messages`` when that cannot be done."""
+        template applied (with the generation prompt, or with ``continue_final`` the last, assistant, message left
+        open); a 4xx naming ``messages`` when that cannot be done."""
         images = sum(isinstance(part, ImagePart) for message in messages for part in message.parts)
         if images > self.settings.images.max_images:
             raise ApiError(400, f"the request has {images} images, over the limit of "
@@ -188,7 +189,8 @@ class ChatCompletionServer:
             for message in messages
         ]
         try:
-            return self.runtime.encode_conversation(turns, pan_and_scan=self.settings.pan_and_scan)
+            return self.runtime.encode_conversation(turns, pan_and_scan=self.settings.pan_and_scan,
+                                                    continue_final=continue_final)
         except Gemma3VLError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
 
@@ -202,7 +204,7 @@ class ChatCompletionServer:
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
             raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
-        prompt = self.encode_messages(request.messages)
+        prompt = self.encode_messages(request.messages, request.continue_final_message)
         context = self.scheduler.max_length
         room = context - prompt.length
         max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gemma3vl.infer.legacy_completions import text_prompt_ids
-from gemma3vl.infer.openai_protocol import _invalid, _is_int, json_body, parse_message
+from gemma3vl.infer.openai_protocol import _invalid, _is_int, continue_final_message_of, json_body, parse_message
 
 if TYPE_CHECKING:
     from gemma3vl.infer.server import ChatCompletionServer, RequestRecord
@@ -39,10 +39,9 @@ def tokenize(app: ChatCompletionServer, body: dict[str, Any]) -> dict[str, Any]:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             raise _invalid("'messages' must be a non-empty list", "messages")
-        if body.get("add_generation_prompt") is False:
-            raise _invalid("'add_generation_prompt': false is not supported: conversations are tokenized as the chat "
-                           "endpoint reads them, ending with the generation prompt", "add_generation_prompt")
-        encoded = app.encode_messages([parse_message(m, f"messages[{i}]") for i, m in enumerate(messages)])
+        continuing = continue_final_message_of(body)  # (as the chat endpoint reads it)
+        encoded = app.encode_messages([parse_message(m, f"messages[{i}]") for i, m in enumerate(messages)],
+                                      continuing)
         ids = encoded.input_ids.tolist()
     strings = None
     if body.get("return_token_strs"):
