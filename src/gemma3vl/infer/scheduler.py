@@ -37,11 +37,12 @@ from typing import Any
 import torch
 
 from gemma3vl.infer import structured
-from gemma3vl.infer.completion import FINISH_LENGTH, Row, RowState
+from gemma3vl.infer.completion import FINISH_LENGTH, Completion, Row, RowState
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.engine import ContinuousBatcher
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.logprobs import LogprobRows, score_prompt
+from gemma3vl.infer.metrics import ServingMetrics
 from gemma3vl.infer.sampling import RowSampling, choose_tokens, derived_seed, process_logits, row_generator, seen_tokens
 
 _job_numbers = itertools.count()
@@ -73,6 +74,9 @@ class Job:
     admitted: int = 0  # choices given a slot so far (the scheduler's count)
     ended: int = 0  # choices whose rows have ended (the scheduler's count)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    metrics: ServingMetrics | None = None  # the server's, set when the job is queued
+    _texts: int = 0  # choices that have handed out text (or ended)
+    _finished: int = 0  # choices that have ended
 
     def cancel(self) -> None:
         """Nobody waits for this answer any more (the client went away)."""
@@ -84,11 +88,30 @@ class Job:
 
     def row(self, index: int = 0) -> Row:
         """Choice ``index``'s row."""
+        def on_delta(text: str, logprobs: Any) -> None:
+            self._noted()
+            self.events.put(("text", index, (text, logprobs)))
+
+        def on_finish(completion: Completion) -> None:
+            self._noted(completion)
+            self.events.put(("done", index, completion))
+
         return Row(prompt=self.prompt, max_new_tokens=self.max_new_tokens, stop_strings=self.stop_strings,
-                   logprobs=self.logprobs,
-                   on_delta=lambda text, logprobs: self.events.put(("text", index, (text, logprobs))),
-                   on_finish=lambda completion: self.events.put(("done", index, completion)),
-                   is_cancelled=lambda: self.cancelled)
+                   logprobs=self.logprobs, on_delta=on_delta, on_finish=on_finish, is_cancelled=lambda: self.cancelled)
+
+    def _noted(self, completion: Completion | None = None) -> None:
+        """The metrics of a choice's text (the job's first: time to first token) or end (the job's last: its
+        latency). Called on the scheduler's thread only."""
+        if self.metrics is None:
+            return
+        if self._texts == 0:
+            self.metrics.first_token(self.queued_at)
+        self._texts += 1
+        if completion is not None:
+            self.metrics.choice_done(completion.completion_tokens, completion.finish_reason)
+            self._finished += 1
+            if self._finished == self.n:
+                self.metrics.job_done(self.queued_at)
 
     @property
     def direct(self) -> bool:
@@ -128,6 +151,7 @@ class BatchScheduler:
         self.compile_error: str | None = None
         self.structured_output = "starting"  # /health: JSON output "ready", "unavailable: ..." or "failed: ..."
         self.ready = False  # /health: the engine's warm-ups (compiling, JSON output) are done; requests wait till then
+        self.metrics: ServingMetrics | None = None  # the server's /metrics, given the jobs as they are queued
 
     def start(self) -> None:
         self.engine = ContinuousBatcher(self.runtime.model, self.runtime.tokenizer, slots=self.max_batch_size,
@@ -148,6 +172,7 @@ class BatchScheduler:
                 return job
             if self.max_waiting is not None and len(self._pending) >= self.max_waiting:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
+            self._measure(job)
             self._pending.append(job)
             self._cond.notify_all()
         return job
@@ -161,9 +186,16 @@ class BatchScheduler:
                 return jobs
             if self.max_waiting is not None and len(self._pending) + len(jobs) > self.max_waiting:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
+            for job in jobs:
+                self._measure(job)
             self._pending.extend(jobs)
             self._cond.notify_all()
         return jobs
+
+    def _measure(self, job: Job) -> None:
+        if self.metrics is not None:
+            job.metrics = self.metrics
+            self.metrics.admitted(job.prompt.length)
 
     def stats(self) -> dict[str, int]:
         with self._cond:

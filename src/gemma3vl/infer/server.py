@@ -1,9 +1,10 @@
 """``gemma3vl serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/models``, ``/health``,
 the legacy ``/v1/completions`` (:mod:`legacy_completions`), the Responses API's ``/v1/responses``
-(:mod:`responses_api`), and vLLM's ``/tokenize`` and ``/detokenize`` (:mod:`tokenize_api`)).
+(:mod:`responses_api`), vLLM's ``/tokenize`` and ``/detokenize`` (:mod:`tokenize_api`), and Prometheus'
+``/metrics`` (:mod:`metrics`)).
 
-Standard library only (``http.server`` with a thread per connection), so serving adds no dependency and
-the official ``openai`` client works against it unchanged. Each handler thread validates its request
+The standard library's ``http.server`` (a thread per connection), so the official ``openai`` client works
+against it unchanged. Each handler thread validates its request
 (:mod:`openai_protocol`), fetches and checks its images (:mod:`image_sources`), encodes the conversation
 with the checkpoint's chat template, and queues it for the :class:`BatchScheduler`, the one thread that
 runs the model (continuous batching: a request joins the running batch at the next decode step); answers come
@@ -35,6 +36,8 @@ from gemma3vl.infer.conversation import EncodedPrompt, Turn
 from gemma3vl.infer.image_sources import ImageFetcher, ImageLimits
 from gemma3vl.infer.legacy_completions import TokenWidths, serve_completion
 from gemma3vl.infer.logprobs import TokenLogprob, TokenTexts
+from gemma3vl.infer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gemma3vl.infer.metrics import ServingMetrics
 from gemma3vl.infer.openai_protocol import (
     ApiError,
     ChatRequest,
@@ -112,6 +115,8 @@ class ChatCompletionServer:
                                         max_waiting=self.settings.max_waiting,
                                         max_length=self.settings.max_sequence_length,
                                         compile=self.settings.compile_decode)
+        self.metrics = ServingMetrics(self.scheduler.stats)
+        self.scheduler.metrics = self.metrics
         self.token_texts = TokenTexts(runtime.tokenizer, runtime.lock)
         self.responses = ResponseStore(self.settings.response_store_bytes)
         self.completion_widths = TokenWidths(runtime.tokenizer, runtime.lock)  # /v1/completions' text_offset
@@ -378,9 +383,11 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _send_json(self, status: int, obj: Any) -> None:
-        body = _json_bytes(obj)
+        self._send_bytes(status, _json_bytes(obj), "application/json")
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -431,6 +438,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             record.detail = (record.detail + " client disconnected").strip()
             self.close_connection = True
+        self.app.metrics.answered(self._route(), record.status)
         self.app.log(f'{self.client_address[0]} "{self.command} {self.path}" {record.status} '
                      f"{time.perf_counter() - started:.3f}s {record.detail}".rstrip())
 
@@ -529,6 +537,8 @@ class _Handler(BaseHTTPRequestHandler):
             if app.scheduler.compile_error:  # serving with the eager decode step instead
                 health["compile_error"] = app.scheduler.compile_error
             self._send_json(200, health)
+        elif path == "/metrics":
+            self._send_bytes(200, app.metrics.exposition(), METRICS_CONTENT_TYPE)
         elif path == "/v1/models":
             self._send_json(200, models_object(app.model_name, app.created, app.scheduler.max_length))
         elif path.startswith("/v1/models/"):
@@ -559,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
             serve_tokenizer(self, path, body, record)
             return
         if path != "/v1/chat/completions":
-            if path in ("/health", "/v1/models"):
+            if path in ("/health", "/v1/models", "/metrics"):
                 raise ApiError(405, f"use GET for {path}", code="method_not_allowed")
             raise ApiError(404, f"no route {path}", code="unknown_url")
         if self.app.stopping:
