@@ -16,7 +16,7 @@ import pytest
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
-from test_server import decode_data_url, image_messages, post_json
+from test_server import hf_messages, image_messages, post_json
 
 MAX_TOKENS = 5
 
@@ -35,16 +35,7 @@ def prefilled(kind="red circle"):
 
 
 def transformers_ids(runtime, messages):
-    hf_messages = []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, list):
-            content = [{"type": "image", "image": decode_data_url(part["image_url"]["url"])}
-                       if part["type"] == "image_url" else part for part in content]
-        else:
-            content = [{"type": "text", "text": content}]
-        hf_messages.append({"role": message["role"], "content": content})
-    return runtime.processor.apply_chat_template(hf_messages, add_generation_prompt=False,
+    return runtime.processor.apply_chat_template(hf_messages(messages), add_generation_prompt=False,
                                                  continue_final_message=True, tokenize=True, return_dict=True,
                                                  return_tensors="pt")
 

@@ -82,9 +82,9 @@ def server(runtime):
         yield live
 
 
-def reference_answer(runtime, messages, max_tokens=MAX_TOKENS, sampling=None):
-    """(text, finish_reason, prompt_tokens, completion_tokens) from transformers' chat template + generate."""
-    hf_messages = []
+def hf_messages(messages):
+    """OpenAI-style messages (images as data: URLs) in transformers' form (PIL images)."""
+    converted = []
     for message in messages:
         content = message["content"]
         if isinstance(content, list):
@@ -92,8 +92,13 @@ def reference_answer(runtime, messages, max_tokens=MAX_TOKENS, sampling=None):
                        if part["type"] == "image_url" else part for part in content]
         else:
             content = [{"type": "text", "text": content}]
-        hf_messages.append({"role": message["role"], "content": content})
-    encoded = runtime.processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=True,
+        converted.append({"role": message["role"], "content": content})
+    return converted
+
+
+def reference_answer(runtime, messages, max_tokens=MAX_TOKENS, sampling=None):
+    """(text, finish_reason, prompt_tokens, completion_tokens) from transformers' chat template + generate."""
+    encoded = runtime.processor.apply_chat_template(hf_messages(messages), add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt")
     stop_ids = set(runtime.config.stop_token_ids)
     sampling = sampling or Sampling(max_new_tokens=max_tokens, stop_token_ids=tuple(stop_ids))
