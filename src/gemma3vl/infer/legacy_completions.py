@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +41,7 @@ from gemma3vl.infer.openai_protocol import (
     _is_int,
     json_body,
     now,
+    prompt_logprobs_object,
     request_sampling,
     shared_fields,
     usage,
@@ -260,7 +261,10 @@ def prepare_completion(app: "ChatCompletionServer", request: CompletionRequest) 
                        param="max_tokens", code="invalid_value")
     sampling = request_sampling(app.runtime, request, max(request.max_tokens, 1))
     context = app.scheduler.max_length
-    prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+    # the prompt's scores: for echo with logprobs, and for vLLM's prompt_logprobs (as many alternatives as the
+    # larger asks; each is cut to its own)
+    asked = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
+    prompt_logprobs = max(asked) if asked else None
     jobs = []
     for prompt in request.prompts:
         ids, echo_text, pieces = _encode(app, prompt, request.add_special_tokens)
@@ -304,6 +308,13 @@ class _Choice:
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
                 "text_offset": _offsets(pieces, self.length, limit)}
+
+
+def _cut(entries: list[TokenLogprob | None], top: int | None) -> list[TokenLogprob | None]:
+    """``entries`` with at most ``top`` alternatives each (the prompt may have been scored for more)."""
+    if top is None:
+        return entries
+    return [None if entry is None else replace(entry, top=entry.top[:top]) for entry in entries]
 
 
 def _merge(parts: list[dict[str, list] | None]) -> dict[str, list] | None:
@@ -390,10 +401,14 @@ def _complete(handler: Any, app: "ChatCompletionServer", request: CompletionRequ
             choice = _Choice(app, request)
             echoed = prompt.echo_text if request.echo else ""
             text = echoed + completion.text
-            head = choice.logprobs(scored, prompt.ids, prompt.echo_pieces) if request.echo else None
+            head = choice.logprobs(_cut(scored, request.logprobs), prompt.ids, prompt.echo_pieces) \
+                if request.echo else None
             tail = _generated(app, choice, completion, len(echoed), len(text))
             choices.append(_choice_object(number * request.n + index, text, _merge([head, tail]),
                                           completion.finish_reason))
+            if request.prompt_logprobs is not None:  # (vLLM's, on each choice)
+                choices[-1]["prompt_logprobs"] = prompt_logprobs_object(scored, request.prompt_logprobs,
+                                                                        app.token_texts)
     counts = _log(record, prompts, completions, stream=False)
     handler._send_json(200, _response(f"cmpl-{uuid.uuid4().hex}", now(), app.model_name, choices, counts))
 

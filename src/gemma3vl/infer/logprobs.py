@@ -31,6 +31,9 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    # a prompt token's rank in its distribution, as vLLM counts it (how many tokens are at least as likely: 1 for
+    # the likeliest); None where not computed (generated tokens)
+    rank: int | None = None
 
 
 class LogprobRows:
@@ -105,17 +108,19 @@ class PromptScores:
 
 
 @torch.no_grad()
-def score_prompt(model: Any, input_ids: torch.Tensor, top: int | None) -> PromptScores:
-    """The prompt logprobs of ``input_ids`` [T] (text only) for the legacy completions endpoint's ``echo`` with
-    ``logprobs``: one forward over the prompt (``decode.prompt_hidden_states``: chunked with a cache past
-    ``GEMMA3VL_PREFILL_CHUNK`` tokens, as ``decode.prefill``), then :func:`scores_of_hidden_states`. ``top`` None: no
-    prompt logprobs, only ``last_logits`` (and no logits but the last are computed)."""
+def score_prompt(model: Any, input_ids: torch.Tensor, top: int | None,
+                 pixel_values: torch.Tensor | None = None) -> PromptScores:
+    """The prompt logprobs of ``input_ids`` [T] (with its images' ``pixel_values``) for the legacy completions
+    endpoint's ``echo`` with ``logprobs`` and vLLM's ``prompt_logprobs``: one forward over the prompt
+    (``decode.prompt_hidden_states``: chunked with a cache past ``GEMMA3VL_PREFILL_CHUNK`` tokens, as
+    ``decode.prefill``), then :func:`scores_of_hidden_states`. ``top`` None: no prompt logprobs, only
+    ``last_logits`` (and no logits but the last are computed)."""
     from gemma3vl.infer.decode import prompt_hidden_states
     from gemma3vl.model import TokenInfo
 
     ids = input_ids[None]
     info = TokenInfo.for_tokens(ids, image_token_id=model.image_token_id)
-    hidden = prompt_hidden_states(model, ids, info, cache=None, last_only=top is None)[0]  # [T or 1, D]
+    hidden = prompt_hidden_states(model, ids, info, pixel_values, cache=None, last_only=top is None)[0]  # [T|1, D]
     return scores_of_hidden_states(model, input_ids, hidden, top)
 
 
@@ -125,8 +130,8 @@ def scores_of_hidden_states(model: Any, input_ids: torch.Tensor, hidden: torch.T
     """The prompt logprobs of ``input_ids`` [T] from the decoder's final hidden states over it (``hidden`` [T, D];
     [1, D] of the last column when ``top`` is None): the logits of every position, a few hundred positions at a time (a
     [T, V] float32 array for a long prompt and Gemma's 262k vocabulary would be gigabytes), their ``log_softmax``
-    (float32, the raw model distribution as for generated tokens); the next token's value and the top ``top``
-    (value, id) pairs reach the host."""
+    (float32, the raw model distribution as for generated tokens); the next token's value, its rank (vLLM's: the
+    number of tokens at least as likely) and the top ``top`` (value, id) pairs reach the host."""
     length = input_ids.shape[0]
     last_logits = model.text.logits(hidden[-1:]).float()[0]
     entries: list[TokenLogprob | None] = [None]
@@ -137,12 +142,14 @@ def scores_of_hidden_states(model: Any, input_ids: torch.Tensor, hidden: torch.T
     for start in range(0, length - 1, step):
         stop = min(start + step, length - 1)
         logprobs = model.text.logits(hidden[start:stop]).float().log_softmax(dim=-1)  # position t predicts t + 1
-        chosen = logprobs.gather(1, targets[start:stop, None])[:, 0].tolist()
+        chosen_values = logprobs.gather(1, targets[start:stop, None])
+        ranks = (logprobs >= chosen_values).sum(dim=-1).tolist()
+        chosen = chosen_values[:, 0].tolist()
         if top:
             best = logprobs.topk(top, dim=-1)
             pairs = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
         else:
             pairs = [[] for _ in chosen]
-        entries += [TokenLogprob(token, value, alternatives)
-                    for token, value, alternatives in zip(targets[start:stop].tolist(), chosen, pairs)]
+        entries += [TokenLogprob(token, value, alternatives, rank)
+                    for token, value, alternatives, rank in zip(targets[start:stop].tolist(), chosen, pairs, ranks)]
     return PromptScores(entries, last_logits)

@@ -56,7 +56,7 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
     # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
-    # allowed_token_ids and bad_words are implemented: shared_fields)
+    # allowed_token_ids, bad_words and prompt_logprobs are implemented: shared_fields)
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "guided_json": lambda v: v is None,
@@ -66,7 +66,6 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "structured_outputs": lambda v: v is None,
     "logits_processors": lambda v: v in (None, []),
     "truncate_prompt_tokens": lambda v: v is None,
-    "prompt_logprobs": lambda v: v is None,
     "skip_special_tokens": lambda v: v in (None, True),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "return_tokens_as_token_ids": lambda v: v in (None, False),
@@ -149,6 +148,7 @@ class SharedFields:
     include_stop_str_in_output: bool = False  # the answer's text ends after its stop string, not before it
     allowed_token_ids: tuple[int, ...] = ()  # the answer holds only these tokens (); every token)
     bad_words: tuple[str, ...] = ()  # words the answer never holds (vLLM's: tokenized by runtime.bad_words_ids)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives' (None: none)
 
 
 @dataclass(kw_only=True)
@@ -346,6 +346,13 @@ def shared_fields(body: dict) -> dict[str, Any]:
     if bad_words is not None and not (isinstance(bad_words, list) and all(isinstance(w, str) and w.strip()
                                                                            for w in bad_words)):
         raise _invalid("'bad_words' must be a list of words (non-blank strings)", "bad_words")
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None:
+        if not (_is_int(prompt_logprobs) and 0 <= prompt_logprobs <= MAX_TOP_LOGPROBS):
+            raise _invalid(f"'prompt_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per "
+                           f"prompt token), got {prompt_logprobs!r}", "prompt_logprobs")
+        if stream:
+            raise _invalid("'prompt_logprobs' does not go with 'stream' (as in vLLM)", "prompt_logprobs")
     allowed = body.get("allowed_token_ids")
     if allowed is not None and not (isinstance(allowed, list) and allowed and all(_is_int(t) and t >= 0
                                                                                    for t in allowed)):
@@ -370,6 +377,7 @@ def shared_fields(body: dict) -> dict[str, Any]:
         include_stop_str_in_output=bool(include_stop),
         allowed_token_ids=tuple(sorted(set(allowed or ()))),
         bad_words=tuple(bad_words or ()),
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -501,6 +509,27 @@ def logprobs_object(entries: list[TokenLogprob], token_text: Callable[[int], tup
     content = [{**token(entry.token_id, entry.logprob), "top_logprobs": [token(*pair) for pair in entry.top]}
                for entry in entries]
     return {"content": content, "refusal": None}
+
+
+def prompt_logprobs_object(entries: list[TokenLogprob | None], top: int,
+                           token_text: Callable[[int], tuple[str, list[int]]]) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first, which nothing predicts) a dict from token
+    id to ``{"logprob", "rank", "decoded_token"}``: the prompt's own token (its rank: how many tokens are at least
+    as likely), then the ``top`` likeliest (ranks 1 to ``top``), each token once."""
+
+    def item(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_text(token_id)[0]}
+
+    listed: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            listed.append(None)
+            continue
+        tokens = {str(entry.token_id): item(entry.token_id, entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top[:top], start=1):
+            tokens.setdefault(str(token_id), item(token_id, logprob, rank))
+        listed.append(tokens)
+    return listed
 
 
 def choice_object(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:

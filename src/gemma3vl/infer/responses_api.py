@@ -72,6 +72,7 @@ RESPONSES_UNSUPPORTED = {
     **UNSUPPORTED_UNLESS_DEFAULT,
     **CHAT_UNSUPPORTED_UNLESS_DEFAULT,
     "add_generation_prompt": lambda v: v in (None, True),
+    "prompt_logprobs": lambda v: v is None,
     "continue_final_message": lambda v: v in (None, False),
     "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools is "none"
     "conversation": lambda v: v is None,

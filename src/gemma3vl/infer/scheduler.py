@@ -15,9 +15,10 @@ one prefill: ``ContinuousBatcher.add``), each its own sample (a seeded job's cho
 ``derived_seed(seed, i)``). Its rows take free slots as they come, oldest job first, so a job may start with
 some of its rows and the rest join as slots free; it counts as one waiting job until its last row has a slot.
 
-The legacy completions endpoint's jobs may ask for ``prompt_logprobs`` (``echo`` with ``logprobs``): the log-probability
-of every prompt token, from one forward over the prompt, sent as a ``("prompt_logprobs", entries)`` event before
-anything else. A *direct* job, one that asks for no token (``max_tokens: 0``), or for one token with prompt logprobs
+A job may ask for ``prompt_logprobs`` (the legacy completions endpoint's ``echo`` with ``logprobs``, vLLM's
+``prompt_logprobs`` on either completions endpoint): the log-probability of every prompt token (images included),
+from one forward over the prompt, sent as a ``("prompt_logprobs", entries)`` event before anything else. A
+*direct* job, one that asks for no token (``max_tokens: 0``), or for one token with prompt logprobs
 (lm-evaluation-harness's loglikelihood requests), takes no engine slot and no decode step: it is answered here,
 between two engine steps, from that one forward (``logprobs.score_prompt``; its one token chosen from the last
 position's logits as the engine would choose it, each choice with its own sampling). A generating job's prompt is
@@ -316,7 +317,10 @@ class BatchScheduler:
             self._running = [job for job in self._running if job not in stopped]
 
     def _score(self, job: Job):
-        return score_prompt(self.runtime.model, job.prompt.input_ids.to(self.engine.device), job.prompt_logprobs)
+        device = self.engine.device
+        pixels = job.prompt.pixel_values
+        return score_prompt(self.runtime.model, job.prompt.input_ids.to(device), job.prompt_logprobs,
+                            None if pixels is None else pixels.to(device))
 
     @torch.no_grad()
     def _answer_direct(self, job: Job) -> None:

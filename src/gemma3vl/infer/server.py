@@ -53,6 +53,7 @@ from gemma3vl.infer.openai_protocol import (
     new_completion_id,
     now,
     parse_chat_request,
+    prompt_logprobs_object,
     request_sampling,
     usage,
 )
@@ -228,7 +229,8 @@ class ChatCompletionServer:
             # (a JSON answer ends with its object: a checkpoint's min_new_tokens does not apply)
             sampling = replace(sampling, grammar=self.json_grammar(request.json_schema), min_new_tokens=0)
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
-                   n=request.n, logprobs=request.top_logprobs if request.logprobs else None)
+                   n=request.n, logprobs=request.top_logprobs if request.logprobs else None,
+                   prompt_logprobs=request.prompt_logprobs)
 
     def json_grammar(self, schema: dict) -> Any:
         """The compiled grammar of ``response_format``'s schema (compiled here, in the request's thread, once per
@@ -610,17 +612,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _complete(self, job: Job, record: RequestRecord) -> None:
         done: dict[int, Completion] = {}
+        scored = None
         for event in self.app.events(job, self._client_gone):
             error = self.app.failure(event)
             if error is not None:
                 raise error
             if event[0] == "done":
                 done[event[1]] = event[2]
+            elif event[0] == "prompt_logprobs":
+                scored = event[1]
         completions = [done[index] for index in range(job.n)]
         counts = self._finished(job, completions, record, stream=False)
         choices = [choice_object(index, c.text, c.finish_reason, self.app.logprobs(c.logprobs))
                    for index, c in enumerate(completions)]
-        self._send_json(200, completion_object(new_completion_id(), now(), self.app.model_name, choices, counts))
+        body = completion_object(new_completion_id(), now(), self.app.model_name, choices, counts)
+        if job.prompt_logprobs is not None:  # (vLLM's, beside the choices)
+            body["prompt_logprobs"] = prompt_logprobs_object(scored or [], job.prompt_logprobs, self.app.token_texts)
+        self._send_json(200, body)
 
     def _stream(self, job: Job, request: ChatRequest, record: RequestRecord) -> None:
         completion_id, created, model = new_completion_id(), now(), self.app.model_name
