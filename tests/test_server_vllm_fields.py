@@ -150,7 +150,7 @@ def test_bad_values_are_a_400_naming_the_field(server, fields, param):
 
 @pytest.mark.parametrize("field, value", [
     ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
-    ("truncate_prompt_tokens", 5), ("structured_outputs", {"json": {}}),
+    ("truncate_prompt_tokens", 5),
     ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
     ("echo", True), ("add_generation_prompt", False),
     ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}),

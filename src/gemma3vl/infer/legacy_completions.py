@@ -259,7 +259,8 @@ def prepare_completion(app: "ChatCompletionServer", request: CompletionRequest) 
     if request.max_tokens > settings.max_tokens:
         raise ApiError(400, f"max_tokens={request.max_tokens} is over this server's limit of {settings.max_tokens}",
                        param="max_tokens", code="invalid_value")
-    sampling = request_sampling(app.runtime, request, max(request.max_tokens, 1))
+    sampling = app.constrained(request_sampling(app.runtime, request, max(request.max_tokens, 1)), request,
+                               request.guided)
     context = app.scheduler.max_length
     # the prompt's scores: for echo with logprobs, and for vLLM's prompt_logprobs (as many alternatives as the
     # larger asks; each is cut to its own)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
+from gemma3vl.infer.structured import Constraint
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -56,14 +57,9 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
     # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
-    # allowed_token_ids, bad_words and prompt_logprobs are implemented: shared_fields)
+    # allowed_token_ids, bad_words, prompt_logprobs, guided_* and structured_outputs are implemented: shared_fields)
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
-    "guided_json": lambda v: v is None,
-    "guided_regex": lambda v: v is None,
-    "guided_choice": lambda v: v is None,
-    "guided_grammar": lambda v: v is None,
-    "structured_outputs": lambda v: v is None,
     "logits_processors": lambda v: v in (None, []),
     "truncate_prompt_tokens": lambda v: v is None,
     "skip_special_tokens": lambda v: v in (None, True),
@@ -149,6 +145,9 @@ class SharedFields:
     allowed_token_ids: tuple[int, ...] = ()  # the answer holds only these tokens (); every token)
     bad_words: tuple[str, ...] = ()  # words the answer never holds (vLLM's: tokenized by runtime.bad_words_ids)
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives' (None: none)
+    # vLLM's guided_json / guided_regex / guided_choice / guided_grammar, or structured_outputs: what the answer must
+    # be (None: free text, or the chat endpoint's response_format)
+    guided: Constraint | None = None
 
 
 @dataclass(kw_only=True)
@@ -353,6 +352,7 @@ def shared_fields(body: dict) -> dict[str, Any]:
                            f"prompt token), got {prompt_logprobs!r}", "prompt_logprobs")
         if stream:
             raise _invalid("'prompt_logprobs' does not go with 'stream' (as in vLLM)", "prompt_logprobs")
+    guided = guided_constraint(body)
     allowed = body.get("allowed_token_ids")
     if allowed is not None and not (isinstance(allowed, list) and allowed and all(_is_int(t) and t >= 0
                                                                                    for t in allowed)):
@@ -378,7 +378,62 @@ def shared_fields(body: dict) -> dict[str, Any]:
         allowed_token_ids=tuple(sorted(set(allowed or ()))),
         bad_words=tuple(bad_words or ()),
         prompt_logprobs=prompt_logprobs,
+        guided=guided,
     )
+
+
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+STRUCTURED_OUTPUTS_KINDS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
+                            "json_object": "json"}
+
+
+def guided_constraint(body: dict) -> Constraint | None:
+    """vLLM's structured-output fields as one :class:`Constraint`: ``guided_json`` (a JSON Schema, or its JSON
+    text), ``guided_regex``, ``guided_choice`` (a list of strings), ``guided_grammar`` (EBNF), or the newer
+    ``structured_outputs`` object holding one of ``json`` / ``regex`` / ``choice`` / ``grammar`` / ``json_object``.
+    At most one; whether xgrammar can compile it is the server's check."""
+    given = [(name, body[name]) for name in (*GUIDED_FIELDS, "structured_outputs") if body.get(name) is not None]
+    if len(given) > 1:
+        raise _invalid(f"give one structured-output constraint, not {' and '.join(name for name, _ in given)}",
+                       given[1][0])
+    if not given:
+        return None
+    name, value = given[0]
+    if name == "structured_outputs":
+        if not isinstance(value, dict):
+            raise _invalid("'structured_outputs' must be an object", name)
+        kinds = [key for key in STRUCTURED_OUTPUTS_KINDS if value.get(key) not in (None, False)]
+        others = sorted(key for key in value if key not in STRUCTURED_OUTPUTS_KINDS and value[key] is not None)
+        if others:
+            raise ApiError(400, f"'structured_outputs.{others[0]}' is not supported by this server", param=name,
+                           code="unsupported_parameter")
+        if len(kinds) != 1:
+            raise _invalid("'structured_outputs' must hold one of 'json', 'regex', 'choice', 'grammar' or "
+                           "'json_object'", name)
+        key = kinds[0]
+        if key == "json_object":
+            if value[key] is not True:
+                raise _invalid("'structured_outputs.json_object' must be true", name)
+            return Constraint("json", {"type": "object"}, name)
+        return _constraint(STRUCTURED_OUTPUTS_KINDS[key], value[key], f"structured_outputs.{key}", name)
+    return _constraint(GUIDED_FIELDS[name], value, name, name)
+
+
+def _constraint(kind: str, value: Any, where: str, param: str) -> Constraint:
+    if kind == "json":
+        if isinstance(value, str):  # (vLLM takes the schema's JSON text too)
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise _invalid(f"'{where}' must be a JSON Schema (an object, or its JSON text)", param) from None
+        if not isinstance(value, dict):
+            raise _invalid(f"'{where}' must be a JSON Schema (an object, or its JSON text)", param)
+    elif kind == "choice":
+        if not (isinstance(value, list) and value and all(isinstance(choice, str) and choice for choice in value)):
+            raise _invalid(f"'{where}' must be a non-empty list of non-empty strings", param)
+    elif not (isinstance(value, str) and value):
+        raise _invalid(f"'{where}' must be a non-empty string", param)
+    return Constraint(kind, value, param)
 
 
 def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_tokens: int) -> Sampling:

@@ -24,7 +24,7 @@ from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.loading import load_model
 from gemma3vl.infer.prompt import build_inputs, load_processor, tokenizer_of
 from gemma3vl.infer.sampling_defaults import read_generation_defaults, resolve_sampling, stop_token_ids
-from gemma3vl.infer.structured import JsonGrammars
+from gemma3vl.infer.structured import Constraint, JsonGrammars
 
 
 @dataclass
@@ -92,11 +92,16 @@ class InferenceRuntime:
         """The compiled grammar (for ``Sampling.grammar``) of answers following the JSON Schema ``schema``
         (``structured.ANY_OBJECT``: any JSON object), compiled once per distinct schema. A Gemma3VLError when
         xgrammar is missing or cannot use the schema."""
+        return self.grammar(Constraint("json", schema))
+
+    def grammar(self, constraint: Constraint) -> Any:
+        """The compiled grammar of ``constraint`` (JSON, a regular expression, a choice or an EBNF grammar),
+        compiled once per distinct one; a Gemma3VLError when xgrammar is missing or cannot use it."""
         with self.lock:  # the tokenizer, read once to make the compiler
             if self._grammars is None:
                 self._grammars = JsonGrammars(self.tokenizer, self.config.text.vocab_size,
                                               self.json_grammar_stop_ids)
-        return self._grammars.compile(schema)
+        return self._grammars.compile_constraint(constraint)
 
     def bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """vLLM's ``bad_words`` as the token sequences they ban (``Sampling.bad_words_ids``): each word (leading

@@ -59,7 +59,8 @@ from gemma3vl.infer.openai_protocol import (
 )
 from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, input_items_page, serve_response
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
-from gemma3vl.infer.structured import StructuredOutputUnavailable
+from gemma3vl.infer.sampling import Sampling
+from gemma3vl.infer.structured import Constraint, StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
@@ -219,28 +220,39 @@ class ChatCompletionServer:
                                 f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
                            param="messages", code="context_length_exceeded")
         sampling = request_sampling(self.runtime, request, max_tokens)
-        for name, given in (("ignore_eos", request.ignore_eos), ("min_tokens", request.min_tokens),
-                            ("allowed_token_ids", request.allowed_token_ids)):
-            if request.json_schema is not None and given:
-                raise ApiError(400, f"'{name}' does not go with a JSON response_format: the JSON grammar decides the "
-                                    "answer's tokens, and it ends with its object, at an EOS token", param=name,
-                               code="invalid_value")
+        constraint = request.guided
         if request.json_schema is not None:
-            # (a JSON answer ends with its object: a checkpoint's min_new_tokens does not apply)
-            sampling = replace(sampling, grammar=self.json_grammar(request.json_schema), min_new_tokens=0)
+            if constraint is not None:
+                raise ApiError(400, f"give one structured-output constraint, not response_format and "
+                                    f"'{constraint.param}'", param=constraint.param, code="invalid_value")
+            constraint = Constraint("json", request.json_schema, "response_format")
+        sampling = self.constrained(sampling, request, constraint)
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
                    n=request.n, logprobs=request.top_logprobs if request.logprobs else None,
                    prompt_logprobs=request.prompt_logprobs)
 
-    def json_grammar(self, schema: dict) -> Any:
-        """The compiled grammar of ``response_format``'s schema (compiled here, in the request's thread, once per
-        distinct schema); a schema xgrammar cannot use, or no xgrammar, is a 400 naming ``response_format``."""
+    def constrained(self, sampling: Sampling, request: Any, constraint: Constraint | None) -> Sampling:
+        """``sampling`` with the grammar of ``constraint`` (response_format's JSON, or vLLM's guided_* /
+        structured_outputs; compiled here, in the request's thread, once per distinct one): a constraint xgrammar
+        cannot use, or no xgrammar, is a 400 naming its field; so are the settings that do not go with a grammar."""
+        if constraint is None:
+            return sampling
+        against = "a JSON response_format" if constraint.param == "response_format" else f"'{constraint.param}'"
+        for name, given in (("ignore_eos", request.ignore_eos), ("min_tokens", request.min_tokens),
+                            ("allowed_token_ids", request.allowed_token_ids),
+                            ("continue_final_message", getattr(request, "continue_final_message", False))):
+            if given:
+                raise ApiError(400, f"'{name}' does not go with {against}: the grammar decides the answer's tokens, "
+                                    "and it ends where the grammar does, at an EOS token", param=name,
+                               code="invalid_value")
         try:
-            return self.runtime.json_grammar(schema)
+            grammar = self.runtime.grammar(constraint)
         except StructuredOutputUnavailable as exc:
-            raise ApiError(400, str(exc), param="response_format", code="unsupported_parameter") from None
+            raise ApiError(400, str(exc), param=constraint.param, code="unsupported_parameter") from None
         except Gemma3VLError as exc:
-            raise ApiError(400, str(exc), param="response_format", code="invalid_value") from None
+            raise ApiError(400, str(exc), param=constraint.param, code="invalid_value") from None
+        # (the answer ends where its grammar does: a checkpoint's min_new_tokens does not apply)
+        return replace(sampling, grammar=grammar, min_new_tokens=0)
 
     def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
         """OpenAI's ``logprobs`` object for ``entries`` (None: the request asked for none)."""

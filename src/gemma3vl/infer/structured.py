@@ -31,7 +31,10 @@ string without that problem (the tests' schemas use one).
 
 Grammars are compiled once per distinct schema (``JsonGrammars``: one ``GrammarCompiler`` per tokenizer, the
 compiled grammars kept by the schema's canonical JSON text, the least recently used dropped past
-``CACHE_SIZE``).
+``CACHE_SIZE``). The same compiler takes vLLM's other constraints (``guided_regex``, ``guided_choice``,
+``guided_grammar``, or ``structured_outputs``' ``regex`` / ``choice`` / ``grammar``): a regular expression the
+whole answer matches, one of a list of strings, or an EBNF grammar in xgrammar's (GBNF-like) syntax whose rule
+``root`` the answer is (:class:`Constraint`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -53,6 +57,35 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}  # JSON mode (OpenAI's json_obje
 CACHE_SIZE = 64  # compiled grammars kept per tokenizer
 # xgrammar's C++ errors start with "[12:00:00] /project/cpp/json_schema_converter.cc:5082: "
 _LOG_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: ")
+
+
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What an answer must be: ``json`` (``value`` a JSON Schema dict), ``regex`` (a regular expression the whole
+    answer matches), ``choice`` (one of a list of strings) or ``grammar`` (EBNF, its rule ``root``); ``param``
+    names the request field it came from, for errors."""
+
+    kind: str
+    value: Any
+    param: str = "response_format"
+
+    def key(self) -> str:
+        """The canonical text grammars are compiled and cached by."""
+        if self.kind == "json":
+            return "json:" + schema_text(self.value)
+        if self.kind == "choice":
+            return "choice:" + json.dumps(list(self.value), ensure_ascii=False)
+        return f"{self.kind}:{self.value}"
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """xgrammar EBNF whose ``root`` is exactly one of ``choices`` (quotes, backslashes and control characters
+    escaped in the string literals)."""
+    # (a JSON string literal: "...", with \" \\ \n \t \uXXXX escapes, which xgrammar's EBNF reads alike)
+    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
 
 
 class StructuredOutputUnavailable(Gemma3VLError):
@@ -161,7 +194,12 @@ class JsonGrammars:
     def compile(self, schema: Any) -> Any:
         """The ``xgrammar.CompiledGrammar`` of answers following the JSON Schema ``schema`` (a dict; ``ANY_OBJECT``
         for any JSON object). A schema xgrammar cannot use is a Gemma3VLError saying why (and is not kept)."""
-        text = schema_text(schema)
+        return self.compile_constraint(Constraint("json", schema))
+
+    def compile_constraint(self, constraint: Constraint) -> Any:
+        """The ``xgrammar.CompiledGrammar`` of ``constraint`` (compiled once per distinct one); one xgrammar cannot
+        use is a Gemma3VLError saying why (and is not kept)."""
+        text = constraint.key()
         with self._lock:
             compiled = self._compiled.get(text)
             first = compiled is None
@@ -173,12 +211,24 @@ class JsonGrammars:
             self._compiled.move_to_end(text)
         if first:
             try:
-                compiled.set_result(self.compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True))
+                compiled.set_result(self._compile(constraint))
             except Exception as exc:
                 with self._lock:
                     self._compiled.pop(text, None)
-                compiled.set_exception(Gemma3VLError(f"xgrammar cannot use this JSON schema: {_xgrammar_message(exc)}"))
+                what = {"json": "JSON schema", "regex": "regular expression", "choice": "choice",
+                        "grammar": "grammar"}[constraint.kind]
+                compiled.set_exception(Gemma3VLError(f"xgrammar cannot use this {what}: {_xgrammar_message(exc)}"))
         return compiled.result()
+
+    def _compile(self, constraint: Constraint) -> Any:
+        if constraint.kind == "json":
+            return self.compiler.compile_json_schema(schema_text(constraint.value), any_whitespace=False,
+                                                     strict_mode=True)
+        if constraint.kind == "regex":
+            return self.compiler.compile_regex(constraint.value)
+        if constraint.kind == "choice":
+            return self.compiler.compile_grammar(choice_grammar(constraint.value))
+        return self.compiler.compile_grammar(constraint.value)
 
 
 class GrammarRows:

@@ -1,0 +1,100 @@
+"""vLLM's structured-output fields on the chat and legacy completions endpoints, on xgrammar as JSON output is:
+``guided_choice`` (one of a list of strings), ``guided_regex`` (a regular expression the whole answer matches),
+``guided_grammar`` (EBNF, rule ``root``), ``guided_json`` (as ``response_format``'s ``json_schema``), and the
+newer ``structured_outputs`` object holding one of them (or ``json_object``). Greedy answers under a constraint
+equal our ``generate`` under the same compiled grammar; bad constraints are a 400 naming their field.
+
+(The tiny random model's free answers match none of these constraints: what it writes here is the grammar's
+doing. The oracle for the unconstrained decoding is transformers, in test_server.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+
+from gemma3vl.infer.generate import Sampling, generate
+from gemma3vl.infer.messages import turns_of_messages
+from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
+from gemma3vl.infer.structured import Constraint
+from test_server import post_json
+
+pytest.importorskip("xgrammar")
+
+MAX_TOKENS = 12
+PROMPT = [{"role": "user", "content": "Answer me"}]
+CHOICES = ["yes", "no", "maybe so"]
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS)
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        yield live
+
+
+def chat(server, **fields) -> dict:
+    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **fields})
+    assert status == 200, reply
+    return reply["choices"][0]
+
+
+def generated(runtime, constraint: Constraint) -> str:
+    """Our ``generate`` under the same grammar, greedy, on the same conversation."""
+    ids = runtime.encode_conversation(turns_of_messages(PROMPT)).input_ids[None]
+    stop = tuple(runtime.json_grammar_stop_ids)
+    tokens = generate(runtime.model, ids, sampling=Sampling(max_new_tokens=MAX_TOKENS, stop_token_ids=stop,
+                                                            grammar=runtime.grammar(constraint)))[0]
+    return runtime.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True)
+
+
+def test_guided_choice_regex_and_grammar(server, runtime):
+    choice = chat(server, guided_choice=CHOICES)
+    assert (choice["message"]["content"] in CHOICES, choice["finish_reason"]) == (True, "stop")
+    assert choice["message"]["content"] == generated(runtime, Constraint("choice", CHOICES))
+    assert chat(server, structured_outputs={"choice": CHOICES})["message"]["content"] == choice["message"]["content"]
+    pattern = r"[0-9]{3}-[a-z]{2}"
+    matched = chat(server, guided_regex=pattern)
+    assert re.fullmatch(pattern, matched["message"]["content"]) and matched["finish_reason"] == "stop"
+    assert matched["message"]["content"] == generated(runtime, Constraint("regex", pattern))
+    grammar = 'root ::= "a" ("b" | "c")+'
+    parsed = chat(server, structured_outputs={"grammar": grammar}, max_tokens=6)
+    assert re.fullmatch(r"a[bc]+", parsed["message"]["content"])
+
+
+def test_guided_json_equals_response_format(server):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    as_response_format = chat(server, max_tokens=MAX_TOKENS,
+                              response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    for fields in ({"guided_json": schema}, {"guided_json": json.dumps(schema)},
+                   {"structured_outputs": {"json": schema}}):
+        assert chat(server, **fields)["message"]["content"] == as_response_format["message"]["content"]
+    json_object = chat(server, response_format={"type": "json_object"})["message"]["content"]
+    assert chat(server, structured_outputs={"json_object": True})["message"]["content"] == json_object
+
+
+def test_legacy_completions_take_guided_choice(server):
+    status, reply = post_json(server, {"prompt": "Answer:", "max_tokens": MAX_TOKENS, "temperature": 0,
+                                       "guided_choice": CHOICES}, path="/v1/completions")
+    assert status == 200, reply
+    assert reply["choices"][0]["text"] in CHOICES and reply["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"guided_choice": CHOICES, "guided_regex": "a"}, "guided_choice"),  # (the second in guided_json, _regex, ...)
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a", 3]}, "guided_choice"),
+    ({"guided_regex": "("}, "guided_regex"),
+    ({"guided_grammar": "root ::= ("}, "guided_grammar"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
+    ({"structured_outputs": "a"}, "structured_outputs"),
+    ({"guided_choice": CHOICES, "response_format": {"type": "json_object"}}, "guided_choice"),
+    ({"guided_choice": CHOICES, "min_tokens": 2}, "min_tokens"),
+])
+def test_bad_constraints_are_a_400_naming_the_field(server, fields, param):
+    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": 2, **fields})
+    assert (status, reply["error"]["param"]) == (400, param), reply
