@@ -98,3 +98,33 @@ def test_legacy_completions_take_guided_choice(server):
 def test_bad_constraints_are_a_400_naming_the_field(server, fields, param):
     status, reply = post_json(server, {"messages": PROMPT, "max_tokens": 2, **fields})
     assert (status, reply["error"]["param"]) == (400, param), reply
+
+
+def test_batch_lines_and_the_python_api_take_regex_choice_and_grammar(runtime, tmp_path, capsys):
+    """The same constraints on ``generate --batch`` lines and in ``Model.generate``: the answers the server's
+    engine gives them (greedy)."""
+    from gemma3vl.api import Model
+    from gemma3vl.cli import main
+    from gemma3vl.errors import Gemma3VLError
+
+    model = Model(runtime)
+    chosen = model.generate("Answer me", greedy=True, max_new_tokens=MAX_TOKENS, choice=CHOICES)
+    matched = model.generate("Answer me", greedy=True, max_new_tokens=MAX_TOKENS, regex=r"[0-9]{3}-[a-z]{2}")
+    parsed = model.generate("Answer me", greedy=True, max_new_tokens=6, grammar='root ::= "a" ("b" | "c")+')
+    assert chosen in CHOICES and re.fullmatch(r"[0-9]{3}-[a-z]{2}", matched) and re.fullmatch("a[bc]+", parsed)
+    lines = [{"prompt": "Answer me", "greedy": True, "choice": CHOICES},
+             {"prompt": "Answer me", "greedy": True, "regex": r"[0-9]{3}-[a-z]{2}"},
+             {"prompt": "Answer me", "choice": CHOICES, "regex": "a"},
+             {"prompt": "Answer me", "choice": []}]
+    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["generate", str(runtime.model_dir), "--batch", str(source), "--output", str(answers),
+                 "--max-new-tokens", str(MAX_TOKENS), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"{source}:3: give one of" in err and "not 'regex' and 'choice'" in err
+    assert f"{source}:4: 'choice' must be a non-empty list of non-empty strings" in err
+    assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == [chosen, matched]
+    with pytest.raises(Gemma3VLError, match="give one of json_schema, regex, choice and grammar"):
+        model.generate("Answer me", regex="a", choice=["b"])
+    with pytest.raises(Gemma3VLError, match="xgrammar cannot use this regular expression"):
+        model.generate("Answer me", regex="(")

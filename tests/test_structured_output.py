@@ -489,7 +489,8 @@ def test_batch_lines_ask_for_json(model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{prompts}:2: 'json_schema' must be a JSON Schema (an object), got 'receipt.json'" in err
     assert f"{prompts}:4: 'json' must be true or false, got 'yes'" in err
-    assert f"{prompts}:5: give 'json' or 'json_schema', not both" in err
+    assert f"{prompts}:5: give one of 'json', 'json_schema', 'regex', 'choice', 'grammar', not 'json' and " \
+           "'json_schema'" in err
     assert f"{prompts}:6: xgrammar cannot use this JSON schema: Unsupported type" in err
     records = {record["id"]: record for record in map(json.loads, answers.read_text().splitlines())}
     assert list(records) == ["schema", "object", "plain"]

@@ -37,6 +37,7 @@ from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.messages import images_of, turns_of_messages
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
+from gemma3vl.infer.structured import Constraint
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -104,12 +105,16 @@ class Model:
                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
                  repetition_penalty: float | None = None, logit_bias: dict[int | str, float] | None = None,
                  json_schema: dict[str, Any] | bool | None = None, min_new_tokens: int | None = None,
-                 bad_words: Sequence[str] | None = None) -> Sampling:
+                 bad_words: Sequence[str] | None = None, regex: str | None = None,
+                 choice: Sequence[str] | None = None, grammar: str | None = None) -> Sampling:
         """The checkpoint's ``generation_config.json`` with these settings on top (None: not given), checked.
         ``min_p`` and ``repetition_penalty``: transformers' (and vLLM's); ``logit_bias``: OpenAI's,
         ``{token id: bias from -100 to 100}`` added to the logits (-100 bans a token). ``min_new_tokens``:
         transformers' (vLLM's ``min_tokens``), no stop before that many tokens (at most ``max_new_tokens``).
         ``bad_words``: vLLM's, words the answer never holds (``InferenceRuntime.bad_words_ids``).
+        ``regex`` / ``choice`` / ``grammar``: vLLM's guided decoding, the answer a full match of a regular
+        expression, one of a list of strings, or an EBNF grammar's ``root`` (xgrammar's syntax); one constraint,
+        ``json_schema`` included.
         ``json_schema``: answers follow this JSON Schema (``True``: any JSON object; needs xgrammar)."""
         _check_int("max_new_tokens", max_new_tokens, low=1)
         if seed is not None:
@@ -134,15 +139,10 @@ class Model:
                                          repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
         sampling = replace(sampling, stop_strings=_stop_strings(stop),
                            bad_words_ids=_bad_words(self.runtime, bad_words))
-        if json_schema is not None and json_schema is not False:
-            from gemma3vl.infer.structured import ANY_OBJECT
-
-            if json_schema is not True and not isinstance(json_schema, dict):
-                raise Gemma3VLError(f"json_schema must be a JSON Schema (a dict) or True, got "
-                                    f"{type(json_schema).__name__}")
-            # (a given min_new_tokens stays, and validate refuses it; the checkpoint's does not apply to JSON)
-            sampling = replace(sampling, grammar=self.runtime.json_grammar(
-                ANY_OBJECT if json_schema is True else json_schema), min_new_tokens=min_new_tokens or 0)
+        constraint = _constraint(json_schema, regex, choice, grammar)
+        if constraint is not None:
+            # (a given min_new_tokens stays, and validate refuses it; the checkpoint's does not apply to a grammar)
+            sampling = replace(sampling, grammar=self.runtime.grammar(constraint), min_new_tokens=min_new_tokens or 0)
         try:
             sampling.validate()
         except SettingError as exc:
@@ -486,6 +486,30 @@ def _shard_bytes(size: str | int) -> int:
         return parse_size(size)
     except ValueError as exc:
         raise Gemma3VLError(f"max_shard_size={size!r}: {exc}") from None
+
+
+def _constraint(json_schema: Any, regex: Any, choice: Any, grammar: Any) -> Constraint | None:
+    """The one structured-output constraint of :meth:`Model.sampling`'s arguments (None: free text)."""
+    from gemma3vl.infer.structured import ANY_OBJECT
+
+    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("choice", choice),
+                                      ("grammar", grammar)) if value is not None and value is not False]
+    if len(given) > 1:
+        raise Gemma3VLError(f"give one of json_schema, regex, choice and grammar, not {' and '.join(given)}")
+    if not given:
+        return None
+    if given[0] == "json_schema":
+        if json_schema is not True and not isinstance(json_schema, dict):
+            raise Gemma3VLError(f"json_schema must be a JSON Schema (a dict) or True, got {type(json_schema).__name__}")
+        return Constraint("json", ANY_OBJECT if json_schema is True else json_schema, "json_schema")
+    if given[0] == "choice":
+        if isinstance(choice, str) or not (choice and all(isinstance(c, str) and c for c in choice)):
+            raise Gemma3VLError(f"choice must be a non-empty list of non-empty strings, got {choice!r}")
+        return Constraint("choice", list(choice), "choice")
+    value = regex if given[0] == "regex" else grammar
+    if not isinstance(value, str) or not value:
+        raise Gemma3VLError(f"{given[0]} must be a non-empty string, got {value!r}")
+    return Constraint(given[0], value, given[0])
 
 
 def _bad_words(runtime: InferenceRuntime, words: Sequence[str] | None) -> tuple[tuple[int, ...], ...]:

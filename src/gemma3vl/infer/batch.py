@@ -4,7 +4,7 @@ Each input line is ``{"prompt": ..., "images": [paths relative to the JSONL file
 per-line max_new_tokens, min_new_tokens, temperature, top_k, top_p, min_p, seed, greedy, stop, presence_penalty,
 frequency_penalty, repetition_penalty, logit_bias (OpenAI's {"token id": bias}), bad_words (vLLM's: words the answer
 never holds), and json (true: the answer is a
-JSON object) or json_schema (a JSON Schema the answer follows)}``;
+JSON object) or json_schema (a JSON Schema the answer follows), or regex / choice / grammar (vLLM's guided decoding)}``;
 each prompt is built exactly as ``gemma3vl generate --prompt`` builds it. A line may give ``"messages"`` instead
 of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenAI's / transformers' chat form, as
 ``gemma3vl.infer.messages.turns_of_messages`` reads it (its image paths relative to the JSONL file too), ending
@@ -47,12 +47,14 @@ from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
-from gemma3vl.infer.structured import ANY_OBJECT
+from gemma3vl.infer.structured import ANY_OBJECT, Constraint
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
 PENALTY_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
-JSON_KEYS = ("json", "json_schema")  # the answer's format: any JSON object, or one following a JSON Schema
+# the answer's format: any JSON object, one following a JSON Schema, a regular expression's full match, one of a
+# list of strings, an EBNF grammar's root (one of them)
+JSON_KEYS = ("json", "json_schema", "regex", "choice", "grammar")
 LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", "min_new_tokens", *SAMPLING_KEYS, "seed",
              "greedy", "stop", *PENALTY_KEYS, "logit_bias", "bad_words", *JSON_KEYS)
 
@@ -143,15 +145,18 @@ def _lone_surrogate(value: Any) -> str | None:
     return None
 
 
-def _line_schema(obj: dict, default: dict | None) -> dict | None:
-    """The JSON Schema a line's answer follows: its own ``json_schema`` or ``json``, else the command line's."""
-    if "json" in obj and "json_schema" in obj:
-        raise Gemma3VLError("give 'json' or 'json_schema', not both")
-    if "json_schema" in obj:
-        return obj["json_schema"]
-    if "json" in obj:
-        return ANY_OBJECT if obj["json"] else None
-    return default
+def _line_constraint(obj: dict, default: dict | None) -> Constraint | None:
+    """What a line's answer must be: its own ``json_schema``, ``json``, ``regex``, ``choice`` or ``grammar`` (one of
+    them), else the command line's JSON Schema."""
+    given = [key for key in JSON_KEYS if key in obj]
+    if len(given) > 1:
+        raise Gemma3VLError(f"give one of {', '.join(map(repr, JSON_KEYS))}, not {' and '.join(map(repr, given))}")
+    if not given:
+        return None if default is None else Constraint("json", default, "json_schema")
+    key = given[0]
+    if key == "json":
+        return Constraint("json", ANY_OBJECT, key) if obj["json"] else None
+    return Constraint("json" if key == "json_schema" else key, obj[key], key)
 
 
 def _check_messages(messages: Any, base_dir: Path, runtime: InferenceRuntime) -> None:
@@ -213,7 +218,11 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
                 "a list of words (non-blank strings)")
     _check_type(obj, "json", lambda v: isinstance(v, bool), "true or false")
     _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
-    schema = _line_schema(obj, defaults.json_schema)
+    _check_type(obj, "regex", lambda v: isinstance(v, str) and v, "a regular expression (a non-empty string)")
+    _check_type(obj, "choice", lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v),
+                "a non-empty list of non-empty strings")
+    _check_type(obj, "grammar", lambda v: isinstance(v, str) and v, "an EBNF grammar (a non-empty string)")
+    constraint = _line_constraint(obj, defaults.json_schema)
     if conversation:
         _check_messages(obj["messages"], base_dir, runtime)
     images = [base_dir / path for path in obj.get("images", [])]
@@ -243,9 +252,10 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     sampling = replace(sampling, bad_words_ids=runtime.bad_words_ids(obj.get("bad_words", ())))
     if minimum is not None and minimum > sampling.max_new_tokens:
         raise Gemma3VLError(f"min_new_tokens={minimum} is over max_new_tokens={sampling.max_new_tokens}")
-    if schema is not None:
-        # a given min_new_tokens stays (and validate refuses it: the answer ends with its JSON), the checkpoint's goes
-        sampling = replace(sampling, grammar=runtime.json_grammar(schema), min_new_tokens=minimum or 0)
+    if constraint is not None:
+        # a given min_new_tokens stays (and validate refuses it: the answer ends with its grammar), the checkpoint's
+        # goes
+        sampling = replace(sampling, grammar=runtime.grammar(constraint), min_new_tokens=minimum or 0)
     sampling.validate()
     stop = obj.get("stop", ())
     return BatchItem(line=line, prompt=obj.get("prompt"), image_paths=images, sampling=sampling,
