@@ -128,3 +128,27 @@ def test_batch_lines_and_the_python_api_take_regex_choice_and_grammar(runtime, t
         model.generate("Answer me", regex="a", choice=["b"])
     with pytest.raises(Gemma3VLError, match="xgrammar cannot use this regular expression"):
         model.generate("Answer me", regex="(")
+
+
+def test_generate_flags_regex_and_choice(runtime, tmp_path, capsys):
+    """``generate --choice`` (repeated) and ``--regex``: the Python API's answers; ``--batch`` lines take the flag as
+    their default; a regular expression xgrammar cannot use is one error before the model loads."""
+    from gemma3vl.api import Model
+    from gemma3vl.cli import main
+
+    model = Model(runtime)
+    common = ["generate", str(runtime.model_dir), "--prompt", "Answer me", "--greedy", "--device", "cpu",
+              "--max-new-tokens", str(MAX_TOKENS)]
+    assert main([*common, *[flag for choice in CHOICES for flag in ("--choice", choice)]]) == 0
+    chosen = capsys.readouterr().out.strip()
+    assert chosen == model.generate("Answer me", greedy=True, max_new_tokens=MAX_TOKENS, choice=CHOICES)
+    assert main([*common, "--regex", r"[0-9]{3}-[a-z]{2}"]) == 0
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", capsys.readouterr().out.strip())
+    assert main([*common, "--regex", "("]) == 2
+    assert "--regex '(': xgrammar cannot use this regular expression" in capsys.readouterr().err
+    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"prompt": "Answer me", "greedy": True}) + "\n")
+    assert main(["generate", str(runtime.model_dir), "--batch", str(source), "--output", str(answers),
+                 "--max-new-tokens", str(MAX_TOKENS), "--device", "cpu",
+                 *[flag for choice in CHOICES for flag in ("--choice", choice)]]) == 0
+    assert json.loads(answers.read_text())["answer"] == chosen

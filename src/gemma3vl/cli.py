@@ -21,6 +21,7 @@ from gemma3vl.errors import Gemma3VLError, SettingError, on_every_rank
 
 if TYPE_CHECKING:
     from gemma3vl.infer.sampling import Sampling
+    from gemma3vl.infer.structured import Constraint
 
 EXIT_BAD_INPUT = 2
 EXIT_VERIFY_FAILED = 1
@@ -163,9 +164,9 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
             raise Gemma3VLError(f"{flag} {value} must be a finite number")
     check_penalty_flags(args)
     check_device_flag(args)
-    if args.min_new_tokens and (args.json or args.json_schema is not None):
-        raise Gemma3VLError("--min-new-tokens does not go with --json / --json-schema: a JSON answer ends when its "
-                            "object does")
+    if args.min_new_tokens and (args.json or args.json_schema is not None or args.regex or args.choice):
+        raise Gemma3VLError("--min-new-tokens does not go with --json / --json-schema / --regex / --choice: such an "
+                            "answer ends where its grammar does")
     if args.batch_size is not None and args.batch_size < 1:
         raise Gemma3VLError(f"--batch-size {args.batch_size} must be >= 1")
     config = bridge.read_config(args.model_dir)
@@ -175,6 +176,30 @@ def check_generate_flags(args: argparse.Namespace) -> "Sampling":
         raise Gemma3VLError(f"no prompt fits: with --max-new-tokens {sampling.max_new_tokens} that is over the "
                             f"model's context of {context} (max_position_embeddings)")
     return sampling
+
+
+def answer_constraint(args: argparse.Namespace) -> "Constraint | None":
+    """What ``--json`` / ``--json-schema FILE`` / ``--regex PATTERN`` / ``--choice TEXT`` (repeated) ask answers to
+    be (None: free text), checked before the model loads: a schema or a regular expression xgrammar cannot use is one
+    error naming it."""
+    from gemma3vl.infer.structured import Constraint, load_xgrammar
+
+    schema = json_schema_flag(args)
+    if schema is not None:
+        return Constraint("json", schema, "--json-schema" if args.json_schema is not None else "--json")
+    if args.regex is None and not args.choice:
+        return None
+    xgr = load_xgrammar()
+    if args.choice:
+        if not all(args.choice):
+            raise Gemma3VLError("--choice takes non-empty strings")
+        return Constraint("choice", list(args.choice), "--choice")
+    try:
+        xgr.Grammar.from_regex(args.regex)
+    except Exception as exc:  # noqa: BLE001 (xgrammar's errors)
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Gemma3VLError(f"--regex {args.regex!r}: xgrammar cannot use this regular expression ({why})") from None
+    return Constraint("regex", args.regex, "--regex")
 
 
 def json_schema_flag(args: argparse.Namespace) -> dict | None:
@@ -244,7 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is None:
         raise Gemma3VLError("give --prompt TEXT (or --batch FILE.jsonl --output FILE.jsonl)")
     sampling = check_generate_flags(args)
-    schema = json_schema_flag(args)
+    constraint = answer_constraint(args)
     model_dir = Path(args.model_dir)
     images = [load_image(path) for path in args.image]
     if args.adapter is not None:
@@ -256,12 +281,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         log(merge_adapter(model, args.adapter))
     processor = load_processor(model_dir, config)
-    if schema is not None:
+    if constraint is not None:
         from gemma3vl.infer.structured import JsonGrammars
 
         grammars = JsonGrammars(tokenizer_of(processor), config.text.vocab_size, sampling.stop_token_ids)
-        # (a JSON answer ends with its object: the checkpoint's min_new_tokens does not apply)
-        sampling = replace(sampling, grammar=grammars.compile(schema), min_new_tokens=0)
+        # (the answer ends where its grammar does: the checkpoint's min_new_tokens does not apply)
+        sampling = replace(sampling, grammar=grammars.compile_constraint(constraint), min_new_tokens=0)
     inputs = build_inputs(
         processor, config, args.prompt, images, raw=args.raw, pan_and_scan=True if args.pan_and_scan else None
     )
@@ -306,8 +331,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     count = len(answer.token_ids)
     log(f"{count} tokens in {elapsed:.2f}s ({count / max(elapsed, 1e-9):.1f} tokens/s)")
-    if schema is not None and not stopped:
-        log(f"the answer reached --max-new-tokens {sampling.max_new_tokens} before its JSON was complete")
+    if constraint is not None and not stopped:
+        what = "JSON" if constraint.kind == "json" else constraint.param
+        log(f"the answer reached --max-new-tokens {sampling.max_new_tokens} before its {what} was complete")
     return 0
 
 
@@ -329,7 +355,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
         raise Gemma3VLError(f"{batch_path}: no such prompts file")
     check_output_path(output_path, batch_path)
     check_generate_flags(args)
-    schema = json_schema_flag(args)
+    constraint = answer_constraint(args)
     runtime = InferenceRuntime.load(args.model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     log(runtime.describe())
     note_compile(args.compile, runtime.device)
@@ -338,7 +364,7 @@ def cmd_generate_batch(args: argparse.Namespace) -> int:
                              pan_and_scan=True if args.pan_and_scan else None,
                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                              repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
-                             json_schema=schema)
+                             constraint=constraint)
     started = time.perf_counter()
     summary = run_batch_file(runtime, batch_path, output_path, defaults=defaults,
                              batch_size=args.batch_size if args.batch_size is not None else 8,
@@ -682,6 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "pip install 'gemma3vl[structured]')")
     answer_format.add_argument("--json-schema", default=None, metavar="FILE",
                                help="the answer is JSON following the JSON Schema in FILE (as --json)")
+    answer_format.add_argument("--regex", default=None, metavar="PATTERN",
+                               help="the answer is a full match of this regular expression (as --json)")
+    answer_format.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                               help="the answer is one of these strings (repeat the flag for each; as --json)")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     gen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     gen.add_argument("--batch", default=None, metavar="PROMPTS.jsonl",

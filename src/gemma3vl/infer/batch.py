@@ -76,7 +76,8 @@ class BatchDefaults:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    json_schema: dict | None = None  # --json (structured.ANY_OBJECT) or --json-schema's; None: free text
+    # what answers must be: --json (structured.ANY_OBJECT) / --json-schema's JSON, --regex, --choice; None: free text
+    constraint: Constraint | None = None
 
 @dataclass
 class BatchItem:
@@ -145,14 +146,14 @@ def _lone_surrogate(value: Any) -> str | None:
     return None
 
 
-def _line_constraint(obj: dict, default: dict | None) -> Constraint | None:
+def _line_constraint(obj: dict, default: Constraint | None) -> Constraint | None:
     """What a line's answer must be: its own ``json_schema``, ``json``, ``regex``, ``choice`` or ``grammar`` (one of
     them), else the command line's JSON Schema."""
     given = [key for key in JSON_KEYS if key in obj]
     if len(given) > 1:
         raise Gemma3VLError(f"give one of {', '.join(map(repr, JSON_KEYS))}, not {' and '.join(map(repr, given))}")
     if not given:
-        return None if default is None else Constraint("json", default, "json_schema")
+        return default
     key = given[0]
     if key == "json":
         return Constraint("json", ANY_OBJECT, key) if obj["json"] else None
@@ -222,7 +223,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "choice", lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v),
                 "a non-empty list of non-empty strings")
     _check_type(obj, "grammar", lambda v: isinstance(v, str) and v, "an EBNF grammar (a non-empty string)")
-    constraint = _line_constraint(obj, defaults.json_schema)
+    constraint = _line_constraint(obj, defaults.constraint)
     if conversation:
         _check_messages(obj["messages"], base_dir, runtime)
     images = [base_dir / path for path in obj.get("images", [])]
