@@ -8,23 +8,19 @@ The oracle is transformers itself (tiny random fp32 model): the prompt's tokens 
 
 from __future__ import annotations
 
-import io
-
 import openai
 import pytest
 
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.infer.messages import turns_of_messages
-from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
-from test_server import hf_messages, image_messages, post_json
+from test_server import hf_messages, image_messages, live_server, post_json
 
 MAX_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
 def server(runtime):
-    settings = ServerSettings(port=0, max_batch_size=2, batch_wait_s=0.05, max_tokens=MAX_TOKENS)
-    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+    with live_server(runtime, max_batch_size=2, batch_wait_s=0.05, max_tokens=MAX_TOKENS) as live:
         yield live
 
 

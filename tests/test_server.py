@@ -8,6 +8,7 @@ JSON error and leave the server serving.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import http.client
@@ -124,6 +125,20 @@ def post_raw(server, body: bytes, path="/v1/chat/completions", headers=None, met
         return response.status, response.getheader("Content-Type"), response.read()
     finally:
         connection.close()
+
+
+@contextlib.contextmanager
+def live_server(runtime, **settings):
+    """A server on a free loopback port with these ``ServerSettings``, its log kept out of the test's output."""
+    with ChatCompletionServer(runtime, ServerSettings(port=0, **settings), log=io.StringIO()) as live:
+        yield live
+
+
+def chat_reply(server, messages, max_tokens, **fields) -> dict:
+    """A greedy chat completion's answer (a 200 asserted)."""
+    status, reply = post_json(server, {"messages": messages, "max_tokens": max_tokens, "temperature": 0, **fields})
+    assert status == 200, reply
+    return reply
 
 
 def post_json(server, obj, **kwargs):

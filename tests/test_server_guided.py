@@ -9,7 +9,6 @@ doing. The oracle for the unconstrained decoding is transformers, in test_server
 
 from __future__ import annotations
 
-import io
 import json
 import re
 
@@ -17,9 +16,8 @@ import pytest
 
 from gemma3vl.infer.generate import Sampling, generate
 from gemma3vl.infer.messages import turns_of_messages
-from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
 from gemma3vl.infer.structured import Constraint
-from test_server import post_json
+from test_server import chat_reply, live_server, post_json
 
 pytest.importorskip("xgrammar")
 
@@ -30,15 +28,12 @@ CHOICES = ["yes", "no", "maybe so"]
 
 @pytest.fixture(scope="module")
 def server(runtime):
-    settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS)
-    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+    with live_server(runtime, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS) as live:
         yield live
 
 
 def chat(server, **fields) -> dict:
-    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **fields})
-    assert status == 200, reply
-    return reply["choices"][0]
+    return chat_reply(server, PROMPT, **{"max_tokens": MAX_TOKENS, **fields})["choices"][0]
 
 
 def generated(runtime, constraint: Constraint) -> str:

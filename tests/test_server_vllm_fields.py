@@ -10,7 +10,6 @@ over the answer, both bit for bit in test_sampling_parity.py; here the server's 
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -19,9 +18,8 @@ import pytest
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.detokenize import IncrementalText
 from gemma3vl.infer.generate import Sampling, generate
-from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
 from test_sampling_extensions import word_token  # noqa: F401  (a fixture)
-from test_server import post_json, reference_answer
+from test_server import chat_reply, live_server, post_json, reference_answer
 
 MAX_TOKENS = 5
 PROMPT = [{"role": "user", "content": "Tell me"}]
@@ -29,15 +27,12 @@ PROMPT = [{"role": "user", "content": "Tell me"}]
 
 @pytest.fixture(scope="module")
 def server(runtime):
-    settings = ServerSettings(port=0, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS)
-    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+    with live_server(runtime, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS) as live:
         yield live
 
 
 def chat(server, **fields) -> dict:
-    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **fields})
-    assert status == 200, reply
-    return reply
+    return chat_reply(server, PROMPT, **{"max_tokens": MAX_TOKENS, **fields})
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(server, runtime, word_token):  # noqa: F811
