@@ -1,12 +1,13 @@
 """vLLM's request fields beyond sampling that clients send through the openai client's ``extra_body``:
 ``include_stop_str_in_output`` (the text ends after its stop string), ``allowed_token_ids`` (the answer holds
-only these tokens), ``bad_words`` (nor these words) and the legacy endpoint's ``add_special_tokens`` are
-implemented; the ones that would change the answer and are not (``skip_special_tokens: false``, ``chat_template``, ``continue_final_message``, ...) are a 400 naming them, never
-silently ignored.
+only these tokens), ``bad_words`` (nor these words), ``skip_special_tokens: false`` and the legacy endpoint's
+``add_special_tokens`` are implemented; the ones that would change the answer and are not
+(``spaces_between_special_tokens: false``, ``chat_template``, ...) are a 400 naming them, never silently ignored.
 
 The oracle is transformers itself (tiny random fp32 model): ``allowed_token_ids`` is transformers'
 ``PrefixConstrainedLogitsProcessor`` with the same ids each step, and ``bad_words`` its ``NoBadWordsLogitsProcessor``
-over the answer, both bit for bit in test_sampling_parity.py; here the server's answers equal our ``generate`` with the same settings."""
+over the answer, both bit for bit in test_sampling_parity.py; here the server's answers equal our ``generate`` with
+the same settings, and ``skip_special_tokens: false`` text transformers' ``decode(skip_special_tokens=False)``."""
 
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def test_bad_values_are_a_400_naming_the_field(server, fields, param):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("skip_special_tokens", False), ("spaces_between_special_tokens", False),
+    ("spaces_between_special_tokens", False),
     ("truncate_prompt_tokens", 5),
     ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
     ("echo", True), ("add_generation_prompt", False),
@@ -214,3 +215,24 @@ def test_batch_lines_and_the_python_api_take_bad_words(runtime, tmp_path, capsys
     assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == [banned]
     with pytest.raises(Gemma3VLError, match="bad_words must be a list of words"):
         model.generate("Tell me", bad_words="a")
+
+
+def test_skip_special_tokens_false_keeps_special_tokens_in_the_text(server, runtime):
+    """+100 on ``<start_of_image>`` (special, not a stop token): its text is left out by default, as transformers'
+    ``decode(skip_special_tokens=True)`` leaves it out, and kept with ``skip_special_tokens: false``, streamed too."""
+    tokenizer = runtime.tokenizer
+    boi = tokenizer.convert_tokens_to_ids("<start_of_image>")
+    assert boi in tokenizer.all_special_ids and boi not in runtime.config.stop_token_ids
+    bias = {str(boi): 100}
+    assert chat(server, logit_bias=bias)["choices"][0]["message"]["content"] == ""
+    kept = tokenizer.decode([boi] * MAX_TOKENS, skip_special_tokens=False)
+    assert kept == "<start_of_image>" * MAX_TOKENS
+    reply = chat(server, logit_bias=bias, skip_special_tokens=False)
+    assert reply["choices"][0]["message"]["content"] == kept
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        chunks = client.chat.completions.create(model=server.model_name, messages=PROMPT, max_tokens=MAX_TOKENS,
+                                                temperature=0, logit_bias=bias, stream=True,
+                                                extra_body={"skip_special_tokens": False})
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == kept
+    status, bad = post_json(server, {"messages": PROMPT, "skip_special_tokens": "no"})
+    assert (status, bad["error"]["param"]) == (400, "skip_special_tokens")

@@ -87,12 +87,12 @@ class RowState:
     """One row's progress: its streamed text, and its end (stop token, stop string, its own limit, or cancelled)."""
 
     def __init__(self, row: Row, tokenizer: Any, sampling: Sampling | None = None):
-        """``sampling``: the row's, for how its stop strings count (``min_new_tokens``: only past the minimum's text;
-        ``include_stop_strings``: kept in the text)."""
+        """``sampling``: the row's, for how its text is made (``min_new_tokens``: stop strings count only past the
+        minimum's text; ``include_stop_strings``: kept in the text; ``skip_special_tokens``)."""
         self.row = row
         sampling = sampling or Sampling()
         self.text = IncrementalText(tokenizer, row.stop_strings, sampling.min_new_tokens,
-                                    sampling.include_stop_strings)
+                                    sampling.include_stop_strings, sampling.skip_special_tokens)
         self.finish_reason: str | None = None
         self.completion: Completion | None = None
         self.logprobs: list[TokenLogprob] | None = None if row.logprobs is None else []

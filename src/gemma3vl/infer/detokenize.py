@@ -18,7 +18,9 @@ prints for the same tokens.
 With ``min_tokens`` (vLLM's ``min_tokens``, transformers' ``min_new_tokens``), a stop string counts only where it
 ends after the text of the first ``min_tokens`` tokens, as vLLM looks for stop strings only in the text of the
 tokens past the minimum (one may begin before it). With ``include_stop`` (vLLM's ``include_stop_str_in_output``) the
-text is cut after the stop string instead of before it.
+text is cut after the stop string instead of before it. With ``skip_special=False`` (vLLM's
+``skip_special_tokens: false``) special tokens are text like any other (``<start_of_image>``); only byte pieces
+then hold the text back.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def unsettled_token_ids(tokenizer: Any) -> frozenset[int]:
 
 class IncrementalText:
     def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...] = (), min_tokens: int = 0,
-                 include_stop: bool = False):
+                 include_stop: bool = False, skip_special: bool = True):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.min_tokens = min_tokens
@@ -77,12 +79,15 @@ class IncrementalText:
         self.text = ""  # the final part of the decoded text: token_ids[:_settled] decode to it
         self.stop_index: int | None = None  # where the first stop string starts in ``text``
         self._settled = 0
+        self.skip_special = skip_special
         self._byte_ids, self._unsettled_ids = _token_classes(tokenizer)
+        if not skip_special:  # (a special token is text then: it no longer joins the byte runs on its two sides)
+            self._unsettled_ids = self._byte_ids
         self._emitted = ""
         self._hold = max((len(s) for s in self.stop_strings), default=1) - 1
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
     def add(self, token_id: int) -> bool:
         """Append one generated token; True once a stop string has appeared in the text.

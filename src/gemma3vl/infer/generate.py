@@ -138,7 +138,8 @@ def _steps(
         occurrences = torch.zeros(batch, vocab, device=device) if rows.any_occurrence_penalty else None
         pads = torch.tensor([s.pad_token_id for s in samplings], device=device)
         texts = [None if tokenizer is None
-                 else IncrementalText(tokenizer, s.stop_strings, s.min_new_tokens, s.include_stop_strings)
+                 else IncrementalText(tokenizer, s.stop_strings, s.min_new_tokens, s.include_stop_strings,
+                                      s.skip_special_tokens)
                  for s in samplings]
         reasons: list[str | None] = [None] * batch
         counts = [0] * batch

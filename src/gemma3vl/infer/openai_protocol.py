@@ -57,12 +57,12 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
     # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
-    # allowed_token_ids, bad_words, prompt_logprobs, guided_* and structured_outputs are implemented: shared_fields)
+    # allowed_token_ids, bad_words, prompt_logprobs, guided_*, structured_outputs and skip_special_tokens are
+    # implemented: shared_fields)
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "logits_processors": lambda v: v in (None, []),
     "truncate_prompt_tokens": lambda v: v is None,
-    "skip_special_tokens": lambda v: v in (None, True),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "return_tokens_as_token_ids": lambda v: v in (None, False),
 }
@@ -142,6 +142,7 @@ class SharedFields:
     stop_token_ids: tuple[int, ...] = ()
     min_tokens: int | None = None
     include_stop_str_in_output: bool = False  # the answer's text ends after its stop string, not before it
+    skip_special_tokens: bool = True  # False: special tokens (<start_of_image>, ...) stay in the answer's text
     allowed_token_ids: tuple[int, ...] = ()  # the answer holds only these tokens (); every token)
     bad_words: tuple[str, ...] = ()  # words the answer never holds (vLLM's: tokenized by runtime.bad_words_ids)
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many alternatives' (None: none)
@@ -339,8 +340,10 @@ def shared_fields(body: dict) -> dict[str, Any]:
     if min_tokens is not None and not (_is_int(min_tokens) and min_tokens >= 0):
         raise _invalid(f"'min_tokens' must be an integer >= 0, got {min_tokens!r}", "min_tokens")
     include_stop = body.get("include_stop_str_in_output")
-    if include_stop is not None and not isinstance(include_stop, bool):
-        raise _invalid("'include_stop_str_in_output' must be a boolean", "include_stop_str_in_output")
+    skip_special = body.get("skip_special_tokens")
+    for name, value in (("include_stop_str_in_output", include_stop), ("skip_special_tokens", skip_special)):
+        if value is not None and not isinstance(value, bool):
+            raise _invalid(f"'{name}' must be a boolean", name)
     bad_words = body.get("bad_words")
     if bad_words is not None and not (isinstance(bad_words, list) and all(isinstance(w, str) and w.strip()
                                                                            for w in bad_words)):
@@ -375,6 +378,7 @@ def shared_fields(body: dict) -> dict[str, Any]:
         stop_token_ids=tuple(stop_token_ids or ()),
         min_tokens=min_tokens,
         include_stop_str_in_output=bool(include_stop),
+        skip_special_tokens=skip_special is not False,
         allowed_token_ids=tuple(sorted(set(allowed or ()))),
         bad_words=tuple(bad_words or ()),
         prompt_logprobs=prompt_logprobs,
@@ -462,6 +466,7 @@ def request_sampling(runtime: InferenceRuntime, request: SharedFields, max_new_t
         stops = () if request.ignore_eos else sampling.stop_token_ids
         sampling = replace(sampling, stop_token_ids=tuple(sorted({*stops, *request.stop_token_ids})),
                            include_stop_strings=request.include_stop_str_in_output,
+                           skip_special_tokens=request.skip_special_tokens,
                            allowed_token_ids=request.allowed_token_ids,
                            bad_words_ids=runtime.bad_words_ids(request.bad_words))
         sampling.validate()

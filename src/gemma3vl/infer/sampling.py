@@ -80,6 +80,8 @@ class Sampling:
     min_new_tokens: int = 0
     # vLLM's include_stop_str_in_output: the text ends after its stop string instead of before it
     include_stop_strings: bool = False
+    # vLLM's skip_special_tokens: False keeps special tokens (<start_of_image>, ...) in the text (stop tokens never)
+    skip_special_tokens: bool = True
     # vLLM's allowed_token_ids: the row draws only these tokens (their logits kept, every other one -inf); ()
     # = every token
     allowed_token_ids: tuple[int, ...] = ()
