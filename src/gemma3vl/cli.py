@@ -182,23 +182,22 @@ def answer_constraint(args: argparse.Namespace) -> "Constraint | None":
     """What ``--json`` / ``--json-schema FILE`` / ``--regex PATTERN`` / ``--choice TEXT`` (repeated) ask answers to
     be (None: free text), checked before the model loads: a schema or a regular expression xgrammar cannot use is one
     error naming it."""
-    from gemma3vl.infer.structured import Constraint, load_xgrammar
+    from gemma3vl.infer.structured import Constraint, check_regex, load_xgrammar
 
     schema = json_schema_flag(args)
     if schema is not None:
         return Constraint("json", schema, "--json-schema" if args.json_schema is not None else "--json")
     if args.regex is None and not args.choice:
         return None
-    xgr = load_xgrammar()
+    load_xgrammar()  # missing: say so now, not after loading the model
     if args.choice:
         if not all(args.choice):
             raise Gemma3VLError("--choice takes non-empty strings")
         return Constraint("choice", list(args.choice), "--choice")
     try:
-        xgr.Grammar.from_regex(args.regex)
-    except Exception as exc:  # noqa: BLE001 (xgrammar's errors)
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Gemma3VLError(f"--regex {args.regex!r}: xgrammar cannot use this regular expression ({why})") from None
+        check_regex(args.regex)
+    except Gemma3VLError as exc:
+        raise Gemma3VLError(f"--regex {args.regex!r}: {exc}") from None
     return Constraint("regex", args.regex, "--regex")
 
 

@@ -142,7 +142,6 @@ def _steps(
                                       s.skip_special_tokens)
                  for s in samplings]
         reasons: list[str | None] = [None] * batch
-        counts = [0] * batch
         answers: list[list[int]] = [[] for _ in range(batch)]  # each row's tokens so far (min_new_tokens, bad words)
         for index in range(steps):
             active = [reason is None for reason in reasons]
@@ -166,9 +165,8 @@ def _steps(
             events = []
             for row, token in enumerate(chosen.tolist()):
                 if reasons[row] is None:
-                    counts[row] += 1
                     answers[row].append(token)
-                    events.append(row_event(row, token, counts[row], samplings[row], texts[row]))
+                    events.append(row_event(row, token, len(answers[row]), samplings[row], texts[row]))
                     reasons[row] = events[-1].finish_reason
                     if grammars is not None:  # a GrammarError (a dead end, never expected) ends the whole call
                         grammars.advance(row, token, ended=reasons[row] is not None)

@@ -76,7 +76,7 @@ class Job:
     ended: int = 0  # choices whose rows have ended (the scheduler's count)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: ServingMetrics | None = None  # the server's, set when the job is queued
-    _texts: int = 0  # choices that have handed out text (or ended)
+    _first_token_seen: bool = False  # a choice has handed out text (or ended)
     _finished: int = 0  # choices that have ended
 
     def cancel(self) -> None:
@@ -105,9 +105,9 @@ class Job:
         latency). Called on the scheduler's thread only."""
         if self.metrics is None:
             return
-        if self._texts == 0:
+        if not self._first_token_seen:
+            self._first_token_seen = True
             self.metrics.first_token(self.queued_at)
-        self._texts += 1
         if completion is not None:
             self.metrics.choice_done(completion.completion_tokens, completion.finish_reason)
             self._finished += 1

@@ -158,6 +158,16 @@ def check_schema(schema: Any) -> str:
     return text
 
 
+def check_regex(pattern: str) -> None:
+    """Check that xgrammar can turn the regular expression ``pattern`` into a grammar (no tokenizer needed: before
+    a model loads)."""
+    xgr = load_xgrammar()
+    try:
+        xgr.Grammar.from_regex(pattern)
+    except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own errors
+        raise Gemma3VLError(f"xgrammar cannot use this regular expression: {_xgrammar_message(exc)}") from None
+
+
 def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int]) -> Any:
     """xgrammar's view of the vocabulary: the model's ``vocab_size`` ids (those past the tokenizer's are never
     allowed), ``stop_token_ids`` as its stop tokens, and every other special token (which the answer's text leaves
