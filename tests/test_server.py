@@ -324,7 +324,7 @@ BAD_REQUESTS = {
                                  "invalid_value"),
     "max_tokens over the limit": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1},
                                   400, "invalid_value"),
-    "unsupported tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+    "unsupported tools": ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "custom"}]}, 400,
                           "unsupported_parameter"),
     "logit_bias out of range": ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, 400,
                                 "invalid_value"),

@@ -281,7 +281,7 @@ def test_bad_new_fields_get_an_openai_400_naming_the_field(server, case):
 
 
 def test_the_server_still_refuses_what_it_does_not_implement(server):
-    for fields in ({"tools": [{"type": "function"}]}, {"functions": [{"name": "f"}]}):
+    for fields in ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, {"functions": [{"name": "f"}]}):
         status, reply = post_json(server, {"messages": HI, **fields})
         assert (status, reply["error"]["code"]) == (400, "unsupported_parameter")
     status, reply = post_json(server, {"messages": HI, "max_tokens": 2, "top_logprobs": 0, "logprobs": False})

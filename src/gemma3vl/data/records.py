@@ -23,6 +23,14 @@ chat format), or be OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`
 leave out ``"image"`` and take their images, in order, from a top-level ``"images": [...]`` list (the TRL /
 Hugging Face datasets layout; ``"image"`` is accepted too, never both) — all of them or none.
 LLaVA ``<image>`` markers place the images; without markers the images open the first human turn.
+A ``messages`` record may hold function calling, as OpenAI's chat requests and transformers' chat-template
+convention write it: a top-level ``"tools"`` (a list of ``{"type": "function", "function": {"name", "description",
+"parameters"}}``, bare function objects, or that list's JSON text), assistant messages with ``"tool_calls"``
+(``[{"id", "type": "function", "function": {"name", "arguments"}}]``; ``arguments`` a JSON object or its text; ``id``
+optional; ``content`` may then be null or left out) and ``"tool"`` messages (the result as content; ``tool_call_id``
+optional: the first call not yet answered). They are written as plain turns exactly as the server writes them
+(:mod:`gemma3vl.infer.tool_calls`: functions in the system message, calls as ``[name(key=value)]`` in the assistant
+turn, which is trained on, results in a user turn), so a model fine-tuned on them is served the prompt it learned.
 A ``texts`` entry is one user turn then one assistant turn (no system turn; keys other than ``user`` and
 ``assistant`` are ignored); it is read as the LLaVA record with a ``human`` and a ``gpt`` entry per ``texts``
 entry, so its images (``images`` or ``image``) follow the LLaVA rules above. A record holding two of ``messages``,
@@ -44,6 +52,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.tool_calls import Message, ToolError, ToolUse, converse, parse_history_calls, parse_tools
 
 ROLES = ("system", "user", "assistant")
 # "model" is Gemma's own name for the assistant; its chat template renders "model" and "assistant" alike.
@@ -143,6 +152,8 @@ def parse_record(
         raise BadRecord(source, INVALID_SCHEMA, f"a record must be a JSON object, got {_kind(record)}")
     if record_format == "auto":
         record_format = _detect_format(record, source)
+    if record.get("tools") not in (None, [], "") and record_format != "messages":
+        raise BadRecord(source, INVALID_SCHEMA, f"'tools' is read only in 'messages' records, not {record_format} ones")
     if record_format == "messages":
         turns = _messages_turns(record, source)
     elif record_format == "llava":
@@ -197,20 +208,75 @@ def _messages_turns(
     if not isinstance(messages, list) or not messages:
         raise BadRecord(source, INVALID_SCHEMA, f"'messages' must be a non-empty list, got {_kind(messages)}")
     shared_images = _record_images(record, source)
-    known = list(dict.fromkeys([*ROLES, *aliases]))
+    known = list(dict.fromkeys([*ROLES, *aliases, TOOL_ROLE]))
     turns = []
+    calls: list[tuple[tuple, str | None]] = []  # each message's tool calls, and the call a tool message answers
     for index, message in enumerate(messages):
         where = f"{key}[{index}]"
         if not isinstance(message, dict):
             raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
-        if "role" not in message or "content" not in message:
+        role = message.get("role")
+        made = _tool_fields(message, role, source, where)
+        if "role" not in message or ("content" not in message and not made[0]):
             raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'role' and 'content'")
-        role = message["role"]
-        if not isinstance(role, str) or (role not in ROLES and role not in aliases):
+        if not isinstance(role, str) or (role not in ROLES and role not in aliases and role != TOOL_ROLE):
             raise BadRecord(source, UNKNOWN_ROLE, f"{where} has role {role!r}; roles are {', '.join(known)}")
-        turns.append(Turn(aliases.get(role, role), _content(message["content"], source, where)))
+        content = message.get("content")
+        turns.append(Turn(aliases.get(role, role), [] if content is None and made[0] else
+                          _content(content, source, where)))
+        calls.append(made)
+        if role == TOOL_ROLE and turns[-1].images:
+            raise BadRecord(source, INVALID_SCHEMA, f"{where}: a tool message's result is text; images go in user turns")
     _fill_shared_images(turns, shared_images, source)
-    return turns
+    tools = _record_tools(record, source)
+    if tools is None and not any(made[0] or turn.role == TOOL_ROLE for made, turn in zip(calls, turns)):
+        return turns
+    written = [Message(turn.role, [turn.content] if isinstance(turn.content, str) else list(turn.content),
+                       made[0], made[1]) for turn, made in zip(turns, calls)]
+    try:
+        plain = converse(written, tools)
+    except ToolError as exc:
+        raise BadRecord(source, ROLE_ORDER, str(exc).replace("messages[", f"{key}[")) from None
+    return [Turn(m.role, m.parts[0] if len(m.parts) == 1 and isinstance(m.parts[0], str) else m.parts)
+            for m in plain]
+
+
+TOOL_ROLE = "tool"
+
+
+def _tool_fields(message: dict, role: Any, source: str, where: str) -> tuple[tuple, str | None]:
+    """An assistant message's ``tool_calls`` and a tool message's ``tool_call_id`` (None: not given)."""
+    calls: tuple = ()
+    if role in ("assistant", *ROLE_ALIASES) and message.get("tool_calls") not in (None, []):
+        try:
+            calls = parse_history_calls(message["tool_calls"], f"{where}.tool_calls", need_ids=False)
+        except ToolError as exc:
+            raise BadRecord(source, INVALID_SCHEMA, str(exc)) from None
+    call_id = message.get("tool_call_id") if role == TOOL_ROLE else None
+    if call_id is not None and not (isinstance(call_id, str) and call_id):
+        raise BadRecord(source, INVALID_SCHEMA, f"{where}.tool_call_id must be a non-empty string")
+    return calls, call_id
+
+
+def _record_tools(record: dict, source: str) -> ToolUse | None:
+    """The record's ``tools`` (None: none): OpenAI's list, bare function objects, or the list's JSON text."""
+    value = record.get("tools")
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise BadRecord(source, INVALID_SCHEMA, f"'tools' is a string but not JSON: {exc}") from None
+    if not value:
+        return None
+    if isinstance(value, list):
+        value = [{"type": "function", "function": entry} if isinstance(entry, dict) and "type" not in entry
+                 and "name" in entry else entry for entry in value]
+    try:
+        return ToolUse(tools=parse_tools(value))
+    except ToolError as exc:
+        raise BadRecord(source, INVALID_SCHEMA, str(exc)) from None
 
 
 def _content(content: Any, source: str, where: str) -> str | list[Part]:

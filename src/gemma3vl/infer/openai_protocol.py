@@ -24,6 +24,7 @@ from gemma3vl.infer.structured import Constraint
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
+    from gemma3vl.infer.tool_calls import ToolCall, ToolUse
     from gemma3vl.infer.runtime import InferenceRuntime
     from gemma3vl.infer.sampling import Sampling
 
@@ -44,7 +45,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty and frequency_penalty, as OpenAI's
 
 # Fields whose non-default values would change the answer in ways this server does not implement: refused
-# with a 400 rather than ignored. Each maps to a predicate telling whether the given value is harmless.
+# with a 400 rather than ignored. Each maps to a predicate telling whether the given value is harmless. (The chat
+# endpoint implements tools: TOOL_FIELDS; the legacy and Responses endpoints refuse them.)
 UNSUPPORTED_UNLESS_DEFAULT = {
     "tools": lambda v: v in (None, []),
     "tool_choice": lambda v: v in (None, "none"),
@@ -54,6 +56,7 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
     "web_search_options": lambda v: v is None,
+    "parallel_tool_calls": lambda v: v in (None, True),
     # other servers' sampling extensions (vLLM's, sent through the openai client's extra_body): silently ignoring
     # them would change the answer without a word
     # (vLLM's repetition_penalty, min_p, min_tokens, ignore_eos, stop_token_ids, include_stop_str_in_output,
@@ -78,6 +81,7 @@ CHAT_UNSUPPORTED_UNLESS_DEFAULT = {
     "mm_processor_kwargs": lambda v: v in (None, {}),
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit integer
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")  # the chat endpoint's (tool_calls.tool_use_of)
 
 
 class ApiError(Exception):
@@ -114,8 +118,10 @@ class ImagePart:
 
 @dataclass
 class RequestMessage:
-    role: str  # system, user or assistant ("developer" arrives as "system")
+    role: str  # system, user, assistant ("developer" arrives as "system") or, on the chat endpoint, tool
     parts: list[str | ImagePart]
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
 
 @dataclass(kw_only=True)
@@ -165,6 +171,7 @@ class ChatRequest(SharedFields):
     # vLLM's (transformers' apply_chat_template option): the last, assistant, message is left open and the answer
     # continues it (the answer holds only the continuation)
     continue_final_message: bool = False
+    tool_use: ToolUse | None = None  # tools, tool_choice, parallel_tool_calls (None: no tools)
 
 
 def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:
@@ -209,20 +216,39 @@ def _parse_part(part: Any, param: str) -> str | ImagePart:
 
 
 def parse_message(message: Any, param: str,
-                  parse_part: Callable[[Any, str], str | ImagePart] | None = None) -> RequestMessage:
+                  parse_part: Callable[[Any, str], str | ImagePart] | None = None, *,
+                  tool_messages: bool = False) -> RequestMessage:
     """One message (``{"role", "content"}``, named ``param`` in errors): its role (``developer`` read as ``system``)
     and its parts, a string content being one text part; a list content's parts read by ``parse_part`` (chat
-    completions' ``text`` / ``image_url`` parts by default). Images only in user messages."""
+    completions' ``text`` / ``image_url`` parts by default). Images only in user messages. With ``tool_messages``
+    (the chat endpoint), also ``tool`` messages (``tool_call_id``, and the result as content) and an assistant
+    message's ``tool_calls`` (its content then may be null)."""
+    from gemma3vl.infer.tool_calls import ToolError, parse_history_calls
+
     parse_part = parse_part or _parse_part
     if not isinstance(message, dict):
         raise _invalid(f"'{param}' must be an object with 'role' and 'content'", param)
     role = message.get("role")
-    if role not in ROLE_ALIASES:
-        raise _invalid(f"'{param}.role' must be one of system, developer, user, assistant; got {role!r}",
-                       f"{param}.role")
+    roles = [*ROLE_ALIASES, *(("tool",) if tool_messages else ())]
+    if role not in roles:
+        raise _invalid(f"'{param}.role' must be one of {', '.join(roles)}; got {role!r}", f"{param}.role")
     content = message.get("content")
+    calls: tuple[ToolCall, ...] = ()
+    call_id = None
+    try:
+        if tool_messages and role == "assistant" and message.get("tool_calls") not in (None, []):
+            calls = parse_history_calls(message["tool_calls"], f"{param}.tool_calls")
+    except ToolError as exc:
+        raise _invalid(str(exc), exc.param) from None
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise ApiError(400, f"Missing required parameter: '{param}.tool_call_id' (the id of the call it "
+                                "answers).", param=f"{param}.tool_call_id", code="missing_required_parameter")
     if isinstance(content, str):
         parts: list[str | ImagePart] = [content]
+    elif content is None and calls:
+        parts = []
     elif isinstance(content, list):
         parts = [parse_part(part, f"{param}.content[{i}]") for i, part in enumerate(content)]
     elif "content" not in message:
@@ -230,10 +256,10 @@ def parse_message(message: Any, param: str,
                        code="missing_required_parameter")
     else:
         raise _invalid(f"'{param}.content' must be a string or a list of content parts", f"{param}.content")
-    role = ROLE_ALIASES[role]
+    role = ROLE_ALIASES.get(role, role)
     if role != "user" and any(isinstance(p, ImagePart) for p in parts):
         raise _invalid(f"'{param}': images can only be sent in user messages", f"{param}.content")
-    return RequestMessage(role=role, parts=parts)
+    return RequestMessage(role=role, parts=parts, tool_calls=calls, tool_call_id=call_id)
 
 
 def _parse_stop(value: Any) -> tuple[str, ...]:
@@ -498,8 +524,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
     for key, harmless in {**UNSUPPORTED_UNLESS_DEFAULT, **CHAT_UNSUPPORTED_UNLESS_DEFAULT}.items():
-        if key in body and not harmless(body[key]):
+        if key in body and key not in TOOL_FIELDS and not harmless(body[key]):
             raise ApiError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+    tool_use = tool_use_of_body(body)
     n = body.get("n")
     if n is not None and not (_is_int(n) and n >= 1):
         raise _invalid(f"'n' must be an integer >= 1, got {n!r}", "n")
@@ -512,7 +539,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
                 raise _invalid(f"'{key}' must be an integer >= 1, got {value!r}", key)
             max_tokens, max_tokens_param = value, key
     return ChatRequest(
-        messages=[parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)],
+        messages=[parse_message(message, f"messages[{i}]", tool_messages=True) for i, message in enumerate(messages)],
         max_tokens=max_tokens,
         max_tokens_param=max_tokens_param,
         **shared_fields(body),
@@ -521,7 +548,26 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         top_logprobs=top_logprobs,
         json_schema=_parse_response_format(body.get("response_format")),
         continue_final_message=continue_final_message_of(body),
+        tool_use=tool_use,
     )
+
+
+def tool_use_of_body(body: dict) -> ToolUse | None:
+    """A chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (:mod:`gemma3vl.infer.tool_calls`),
+    a 400 naming the field at fault. A forced call (``required`` or a named function) is decoded under its own
+    grammar: not with another structured-output constraint."""
+    from gemma3vl.infer.tool_calls import ToolError, tool_use_of
+
+    try:
+        use = tool_use_of(body)
+    except ToolError as exc:
+        raise _invalid(str(exc), exc.param, exc.code) from None
+    if use is not None and use.forced:
+        for name in ("response_format", *GUIDED_FIELDS, "structured_outputs"):
+            if body.get(name) not in (None, {"type": "text"}):
+                raise _invalid(f"'tool_choice' {use.choice!r} does not go with '{name}': a forced call's answer has "
+                               "its own grammar", "tool_choice")
+    return use
 
 
 def continue_final_message_of(body: dict) -> bool:

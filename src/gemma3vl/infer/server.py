@@ -62,6 +62,8 @@ from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, StreamedCalls, ToolError, ToolUse, answer_calls, converse, \
+    forced_schema, message_object
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
@@ -179,10 +181,16 @@ class ChatCompletionServer:
             raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
-    def encode_messages(self, messages: list[RequestMessage], continue_final: bool = False) -> EncodedPrompt:
-        """A conversation as the model reads it: its images counted against the limit and fetched, the chat
-        template applied (with the generation prompt, or with ``continue_final`` the last, assistant, message left
-        open); a 4xx naming ``messages`` when that cannot be done."""
+    def encode_messages(self, messages: list[RequestMessage], continue_final: bool = False,
+                        tool_use: ToolUse | None = None) -> EncodedPrompt:
+        """A conversation as the model reads it: its images counted against the limit and fetched, tools and tool
+        messages written as plain turns (:func:`tool_calls.converse`), the chat template applied (with the
+        generation prompt, or with ``continue_final`` the last, assistant, message left open); a 4xx naming
+        ``messages`` when that cannot be done."""
+        try:
+            messages = [RequestMessage(m.role, m.parts) for m in converse(messages, tool_use)]
+        except ToolError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
         images = sum(isinstance(part, ImagePart) for message in messages for part in message.parts)
         if images > self.settings.images.max_images:
             raise ApiError(400, f"the request has {images} images, over the limit of "
@@ -211,7 +219,7 @@ class ChatCompletionServer:
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
             raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
-        prompt = self.encode_messages(request.messages, request.continue_final_message)
+        prompt = self.encode_messages(request.messages, request.continue_final_message, request.tool_use)
         context = self.scheduler.max_length
         room = context - prompt.length
         max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)
@@ -226,6 +234,8 @@ class ChatCompletionServer:
                 raise ApiError(400, f"give one structured-output constraint, not response_format and "
                                     f"'{constraint.param}'", param=constraint.param, code="invalid_value")
             constraint = Constraint("json", request.json_schema, "response_format")
+        if request.tool_use is not None and request.tool_use.forced:  # (parse_chat_request refused two constraints)
+            constraint = Constraint("json", forced_schema(request.tool_use), "tool_choice")
         sampling = self.constrained(sampling, request, constraint)
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
                    n=request.n, logprobs=request.top_logprobs if request.logprobs else None,
@@ -599,7 +609,7 @@ class _Handler(BaseHTTPRequestHandler):
             if request.stream:
                 self._stream(job, request, record)
             else:
-                self._complete(job, record)
+                self._complete(job, request, record)
         except BaseException:  # the client went away, a write timed out, a bug: nobody will read the rest
             job.cancel()
             raise
@@ -622,7 +632,7 @@ class _Handler(BaseHTTPRequestHandler):
                          f"stream={'yes' if stream else 'no'}" + (f" n={job.n}" if job.n > 1 else ""))
         return counts
 
-    def _complete(self, job: Job, record: RequestRecord) -> None:
+    def _complete(self, job: Job, request: ChatRequest, record: RequestRecord) -> None:
         done: dict[int, Completion] = {}
         scored = None
         for event in self.app.events(job, self._client_gone):
@@ -635,8 +645,13 @@ class _Handler(BaseHTTPRequestHandler):
                 scored = event[1]
         completions = [done[index] for index in range(job.n)]
         counts = self._finished(job, completions, record, stream=False)
-        choices = [choice_object(index, c.text, c.finish_reason, self.app.logprobs(c.logprobs))
-                   for index, c in enumerate(completions)]
+        choices = []
+        for index, c in enumerate(completions):
+            calls = answer_calls(c.text, request.tool_use) if c.finish_reason == "stop" else None
+            choice = choice_object(index, c.text, FINISH_TOOL_CALLS if calls else c.finish_reason,
+                                   self.app.logprobs(c.logprobs))
+            choice["message"] = message_object(c.text, calls)
+            choices.append(choice)
         body = completion_object(new_completion_id(), now(), self.app.model_name, choices, counts)
         if job.prompt_logprobs is not None:  # (vLLM's, beside the choices)
             body["prompt_logprobs"] = prompt_logprobs_object(scored or [], job.prompt_logprobs, self.app.token_texts)
@@ -654,6 +669,9 @@ class _Handler(BaseHTTPRequestHandler):
         for index in range(job.n):
             self._write_chunk(chunk(chunk_choice(index, {"role": "assistant", "content": ""})))
         completions: list[Completion] = []
+        use = request.tool_use
+        # each choice's text held back while it may be tool calls (tool_calls.StreamedCalls)
+        held = [StreamedCalls(use) for _ in range(job.n)] if use is not None and use.offered else None
         for event in self.app.events(job, self._client_gone):
             error = self.app.failure(event)
             if error is not None:
@@ -663,11 +681,25 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             if event[0] == "text":
                 _, index, (text, logprobs) = event
-                self._write_chunk(chunk(chunk_choice(index, {"content": text}, logprobs=self.app.logprobs(logprobs))))
+                delta = (text, logprobs) if held is None else held[index].feed(text, logprobs)
+                if delta is not None:
+                    self._write_chunk(chunk(chunk_choice(index, {"content": delta[0]},
+                                                         logprobs=self.app.logprobs(delta[1]))))
             else:
                 _, index, completion = event
                 completions.append(completion)
-                self._write_chunk(chunk(chunk_choice(index, {}, completion.finish_reason)))
+                reason = completion.finish_reason
+                if held is not None and held[index].holding:
+                    calls = answer_calls(completion.text, use) if reason == "stop" else None
+                    text, logprobs = held[index].release()
+                    if calls:
+                        reason = FINISH_TOOL_CALLS
+                        delta = {"tool_calls": [call.wire(position) for position, call in enumerate(calls)]}
+                    else:
+                        delta = {"content": text}
+                    if calls or text or logprobs:
+                        self._write_chunk(chunk(chunk_choice(index, delta, logprobs=self.app.logprobs(logprobs))))
+                self._write_chunk(chunk(chunk_choice(index, {}, reason)))
         if len(completions) == job.n:
             counts = self._finished(job, completions, record, stream=True)
             if include_usage:

@@ -5,7 +5,7 @@ the text of token ids.
 ``/tokenize`` takes ``prompt`` (text, read as ``/v1/completions`` reads it: ``<bos>`` added unless
 ``add_special_tokens`` is false or the text starts with it) or ``messages`` (a chat conversation, read as
 ``/v1/chat/completions`` reads it: images fetched under the same rules and limits, the chat template applied with
-the generation prompt, each image as its 256 soft tokens), and answers ``{"count", "max_model_len", "tokens",
+the generation prompt, each image as its 256 soft tokens; ``tools`` and ``tool_choice`` too), and answers ``{"count", "max_model_len", "tokens",
 "token_strs"}`` (``token_strs`` with ``return_token_strs: true``, else null). ``/detokenize`` takes ``tokens`` and
 answers ``{"prompt"}``, special tokens kept, as vLLM decodes them.
 """
@@ -15,7 +15,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gemma3vl.infer.legacy_completions import text_prompt_ids
-from gemma3vl.infer.openai_protocol import _invalid, _is_int, continue_final_message_of, json_body, parse_message
+from gemma3vl.infer.openai_protocol import (
+    _invalid,
+    _is_int,
+    continue_final_message_of,
+    json_body,
+    parse_message,
+    tool_use_of_body,
+)
 
 if TYPE_CHECKING:
     from gemma3vl.infer.server import ChatCompletionServer, RequestRecord
@@ -39,9 +46,9 @@ def tokenize(app: ChatCompletionServer, body: dict[str, Any]) -> dict[str, Any]:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:
             raise _invalid("'messages' must be a non-empty list", "messages")
-        continuing = continue_final_message_of(body)  # (as the chat endpoint reads it)
-        encoded = app.encode_messages([parse_message(m, f"messages[{i}]") for i, m in enumerate(messages)],
-                                      continuing)
+        continuing = continue_final_message_of(body)  # (as the chat endpoint reads it, tools included)
+        encoded = app.encode_messages([parse_message(m, f"messages[{i}]", tool_messages=True)
+                                       for i, m in enumerate(messages)], continuing, tool_use_of_body(body))
         ids = encoded.input_ids.tolist()
     strings = None
     if body.get("return_token_strs"):

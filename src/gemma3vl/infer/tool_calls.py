@@ -1,0 +1,573 @@
+"""Function calling (OpenAI's ``tools``, ``tool_choice``, ``tool_calls`` and ``tool`` messages) for Gemma 3.
+
+Gemma 3's chat template has no place for tools: it takes system, user and assistant turns. Google's guidance for
+function calling with Gemma 3 is a prompt that lists the functions and asks for calls written as a Python-style
+list, ``[name(parameter=value, ...), ...]`` (vLLM's ``pythonic`` tool parser reads the same form). This module
+turns an OpenAI conversation with tools into such plain turns, and reads an answer back as tool calls:
+
+* the functions (name, description, JSON Schema of the parameters) and how to call them go into the system
+  message (after its own text: Gemma's template puts it at the top of the first user turn);
+* an earlier assistant message's ``tool_calls`` are written as the list of calls the model would have written
+  (``[get_weather(city="Paris")]``, after the message's text, if any);
+* ``tool`` messages (each answering one of the calls of the assistant message before them) become a user turn
+  holding each result in a ```` ```tool_output ```` block, in order; a user message right after them joins that turn
+  (the template wants user and assistant turns to alternate);
+* an answer that is, whole, a list of calls to the request's functions (in a ```` ```tool_code ```` or
+  ```` ```python ```` fence or not; a bare call without brackets too) comes back as ``tool_calls`` with
+  ``finish_reason: "tool_calls"``; any other answer is the message's text, as it is;
+* ``tool_choice: "required"`` and a named function are decoded under a grammar (as vLLM does): the named function's
+  arguments as one JSON object of its parameters' schema, or a JSON list of ``{"name", "parameters"}`` calls to
+  any of the functions; the prompt asks for that JSON, and the answer is read back as the calls.
+
+Values in calls are Python or JSON literals (strings, numbers, ``True`` / ``true``, ``None`` / ``null``, lists,
+dicts); a call's ``arguments`` are their JSON text. Function names follow OpenAI's rule (letters, digits, ``_``,
+``-``; at most 64), so a name need not be a Python identifier: the calls are read by this module's own scanner,
+not by ``eval``. The same rendering serves training data (``data.records``): a model fine-tuned on conversations
+with tools is served with the prompt it was trained on.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gemma3vl.infer.logprobs import TokenLogprob
+
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+_CALL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_KEY = re.compile(r"[^\s=(),\[\]{}'\"]+")
+_FENCE = re.compile(r"^```[A-Za-z_]*[ \t]*\n(.*?)\n?```$", re.DOTALL)
+_LITERAL_NAMES = {"True": True, "False": False, "None": None, "true": True, "false": False, "null": None}
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+MODES = ("none", "auto", "required")
+FINISH_TOOL_CALLS = "tool_calls"
+
+
+class ToolError(ValueError):
+    """A request's tools, tool choice or tool messages cannot be used; ``param`` is the field at fault."""
+
+    def __init__(self, message: str, param: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One function the model may call: ``parameters`` is a JSON Schema of its arguments (an object)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = field(default_factory=lambda: dict(NO_PARAMETERS))
+
+    def listing(self) -> dict[str, Any]:
+        """The function as the prompt lists it."""
+        entry: dict[str, Any] = {"name": self.name}
+        if self.description:
+            entry["description"] = self.description
+        entry["parameters"] = self.parameters
+        return entry
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call: ``arguments`` is the JSON text of an object (OpenAI's ``function.arguments``)."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: new_call_id())
+
+    def wire(self, index: int | None = None) -> dict[str, Any]:
+        """OpenAI's form: ``{"id", "type": "function", "function": {"name", "arguments"}}`` (streamed: with its
+        ``index``)."""
+        call: dict[str, Any] = {} if index is None else {"index": index}
+        call.update({"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}})
+        return call
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A request's tools and how they may be called: ``choice`` is ``auto``, ``required``, ``none`` or
+    ``function`` (then ``name`` says which); ``parallel`` false asks for at most one call."""
+
+    tools: tuple[Tool, ...]
+    choice: str = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def offered(self) -> bool:
+        """Whether the model is offered the functions (``tool_choice: "none"`` does not offer them)."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        """Whether the answer must be a call (``required`` or a named function): decoded under a grammar."""
+        return self.choice in ("required", "function")
+
+    @property
+    def names(self) -> set[str]:
+        return {tool.name for tool in self.tools}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+# ------------------------------------------------------------------------------------------- request fields
+def _object(value: Any, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ToolError(f"'{param}' must be an object", param)
+    return value
+
+
+def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
+    """OpenAI's ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]``."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ToolError(f"'{param}' must be a list of tools", param)
+    tools: list[Tool] = []
+    for index, entry in enumerate(value):
+        where = f"{param}[{index}]"
+        entry = _object(entry, where)
+        if entry.get("type") != "function":
+            raise ToolError(f"'{where}.type' {entry.get('type')!r} is not supported (only 'function' tools)",
+                            f"{where}.type", "unsupported_parameter")
+        function = _object(entry.get("function"), f"{where}.function")
+        tools.append(parse_function(function, f"{where}.function"))
+    seen: set[str] = set()
+    for index, tool in enumerate(tools):
+        if tool.name in seen:
+            raise ToolError(f"'{param}[{index}]': the function name {tool.name!r} is given twice", f"{param}[{index}]")
+        seen.add(tool.name)
+    return tuple(tools)
+
+
+def parse_function(function: dict[str, Any], where: str) -> Tool:
+    """One function's ``name``, ``description`` and ``parameters`` (``strict`` is accepted: the grammar of a forced
+    call follows the schema whatever it says)."""
+    name = function.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ToolError(f"'{where}.name' must be 1 to 64 letters, digits, '_' or '-', got {name!r}", f"{where}.name")
+    description = function.get("description")
+    if description is not None and not isinstance(description, str):
+        raise ToolError(f"'{where}.description' must be a string", f"{where}.description")
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = dict(NO_PARAMETERS)
+    elif not isinstance(parameters, dict):
+        raise ToolError(f"'{where}.parameters' must be a JSON Schema object", f"{where}.parameters")
+    if not isinstance(function.get("strict", False), (bool, type(None))):
+        raise ToolError(f"'{where}.strict' must be a boolean", f"{where}.strict")
+    return Tool(name=name, description=description, parameters=parameters)
+
+
+def parse_tool_choice(value: Any, tools: tuple[Tool, ...], param: str = "tool_choice") -> tuple[str, str | None]:
+    """OpenAI's ``tool_choice``: ``none`` / ``auto`` / ``required``, or ``{"type": "function", "function": {"name"}}``
+    (the default: ``auto`` with tools, ``none`` without)."""
+    if value is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(value, str):
+        if value not in MODES:
+            raise ToolError(f"'{param}' must be one of none, auto, required or a function, got {value!r}", param)
+        if value != "none" and not tools:
+            raise ToolError(f"'{param}' {value!r} needs 'tools'", param)
+        return value, None
+    choice = _object(value, param)
+    if choice.get("type") != "function":
+        raise ToolError(f"'{param}.type' {choice.get('type')!r} is not supported (use 'function')", f"{param}.type",
+                        "unsupported_parameter")
+    function = _object(choice.get("function"), f"{param}.function")
+    name = function.get("name")
+    if name not in {tool.name for tool in tools}:
+        raise ToolError(f"'{param}.function.name' {name!r} is not one of the request's tools", f"{param}.function.name")
+    return "function", name
+
+
+def tool_use_of(body: dict[str, Any]) -> ToolUse | None:
+    """A chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``; None when it gives no tools."""
+    tools = parse_tools(body.get("tools"))
+    choice, name = parse_tool_choice(body.get("tool_choice"), tools)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ToolError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    if not tools:
+        return None
+    return ToolUse(tools=tools, choice=choice, name=name, parallel=parallel is not False)
+
+
+def parse_history_calls(value: Any, param: str, *, need_ids: bool = True) -> tuple[ToolCall, ...]:
+    """An assistant message's ``tool_calls`` (``[{"id", "type": "function", "function": {"name", "arguments"}}]``,
+    ``arguments`` the JSON text of an object). Without ``need_ids`` (training data, in transformers' chat-template
+    convention), ``id`` may be left out and ``arguments`` may be the object itself."""
+    if not isinstance(value, list):
+        raise ToolError(f"'{param}' must be a list of tool calls", param)
+    calls = []
+    for index, entry in enumerate(value):
+        where = f"{param}[{index}]"
+        entry = _object(entry, where)
+        call_id = entry.get("id")
+        if call_id is None and not need_ids:
+            call_id = new_call_id()
+        if not isinstance(call_id, str) or not call_id:
+            raise ToolError(f"'{where}.id' must be a non-empty string", f"{where}.id")
+        if entry.get("type", "function") != "function":
+            raise ToolError(f"'{where}.type' must be 'function'", f"{where}.type")
+        function = _object(entry.get("function"), f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise ToolError(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name")
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict) and not need_ids:
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ToolError(f"'{where}.function.arguments' must be the JSON text of an object, got {arguments!r}",
+                            f"{where}.function.arguments")
+        calls.append(ToolCall(name=name, arguments=arguments, id=call_id))
+    return tuple(calls)
+
+
+# -------------------------------------------------------------------------------------------------- prompt
+def instructions(use: ToolUse) -> str:
+    """What the system message gains: the functions, and how to call them."""
+    listing = "\n".join(json.dumps(tool.listing(), ensure_ascii=False) for tool in use.tools)
+    head = f"You can call these functions (each with a JSON Schema of its parameters):\n{listing}\n\n"
+    if use.choice == "function":
+        return head + (f"Call the function {use.name} now: answer with only its arguments, as one JSON object.")
+    if use.choice == "required":
+        many = "one or more calls" if use.parallel else "exactly one call"
+        return head + (f"Call functions now: answer with only a JSON list of {many}, each "
+                       '{"name": <function name>, "parameters": <its arguments as a JSON object>}.')
+    many = "one or more calls" if use.parallel else "one call at most"
+    return head + (f"To call functions, answer with only a list of {many}, nothing else:\n"
+                   "[function_name(parameter=value, ...), ...]\n"
+                   "Write each value as a Python or JSON literal (strings in double quotes). Each call's result comes "
+                   "back in a ```tool_output block. When no function is needed, answer normally.")
+
+
+def literal(value: Any) -> str:
+    """A JSON value as the Python literal a call writes it with (strings in double quotes, ``True``, ``None``)."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(literal(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"not a JSON value: {value!r}")
+
+
+def calls_text(calls: tuple[ToolCall, ...] | list[ToolCall]) -> str:
+    """Calls as the model writes them: ``[name(key=value, ...), ...]``."""
+    written = []
+    for call in calls:
+        arguments = json.loads(call.arguments)
+        written.append(f"{call.name}(" + ", ".join(f"{key}={literal(value)}" for key, value in arguments.items())
+                       + ")")
+    return "[" + ", ".join(written) + "]"
+
+
+def output_block(text: str) -> str:
+    """A tool's result as the user turn carries it."""
+    return f"```tool_output\n{text}\n```"
+
+
+# ---------------------------------------------------------------------------------------------- the answer
+class _NotACall(Exception):
+    pass
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _value_end(text: str, pos: int) -> int:
+    """Where the literal starting at ``pos`` ends: at a ``,`` or ``)`` outside brackets and strings."""
+    depth = 0
+    while pos < len(text):
+        char = text[pos]
+        if char in "\"'":
+            quote = text[pos:pos + 3] if text[pos:pos + 3] in ('"""', "'''") else char
+            pos += len(quote)
+            while not text.startswith(quote, pos):
+                if pos >= len(text):
+                    raise _NotACall
+                pos += 2 if text[pos] == "\\" else 1
+            pos += len(quote)
+            continue
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            if depth == 0:
+                return pos
+            depth -= 1
+        elif char == "," and depth == 0:
+            return pos
+        pos += 1
+    raise _NotACall
+
+
+def _json_value(node: ast.AST) -> Any:
+    """The JSON value of a literal's syntax tree (``true`` / ``null`` read as JSON's); anything else is no call."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, bool, int, float))):
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            raise _NotACall  # JSON has no NaN or infinities
+        return node.value
+    if isinstance(node, ast.Name) and node.id in _LITERAL_NAMES:
+        return _LITERAL_NAMES[node.id]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _json_value(node.operand)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _NotACall
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_json_value(item) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(key is None for key in node.keys):
+            raise _NotACall
+        keys = [_json_value(key) for key in node.keys]
+        if not all(isinstance(key, str) for key in keys):
+            raise _NotACall
+        return {key: _json_value(value) for key, value in zip(keys, node.values)}
+    raise _NotACall
+
+
+def _literal_value(source: str) -> Any:
+    try:
+        tree = ast.parse(source.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError):
+        raise _NotACall from None
+    return _json_value(tree.body)
+
+
+def _scan_calls(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``[name(key=value, ...), ...]``, whole, as (name, arguments) pairs."""
+    if not (text.startswith("[") and text.endswith("]")):
+        raise _NotACall
+    calls: list[tuple[str, dict[str, Any]]] = []
+    pos = _skip(text, 1)
+    while text[pos] != "]":
+        match = _CALL_NAME.match(text, pos)
+        if match is None:
+            raise _NotACall
+        name, pos = match.group(), _skip(text, match.end())
+        if not text.startswith("(", pos):
+            raise _NotACall
+        pos = _skip(text, pos + 1)
+        arguments: dict[str, Any] = {}
+        while text[pos] != ")":
+            key = _KEY.match(text, pos)
+            if key is None or key.group() in arguments:
+                raise _NotACall
+            pos = _skip(text, key.end())
+            if not text.startswith("=", pos) or text.startswith("==", pos):
+                raise _NotACall
+            start = _skip(text, pos + 1)
+            pos = _value_end(text, start)
+            arguments[key.group()] = _literal_value(text[start:pos])
+            pos = _skip(text, pos)
+            if text[pos] == ",":
+                pos = _skip(text, pos + 1)
+            elif text[pos] != ")":
+                raise _NotACall
+        calls.append((name, arguments))
+        pos = _skip(text, pos + 1)
+        if text[pos] == ",":
+            pos = _skip(text, pos + 1)
+        elif text[pos] != "]":
+            raise _NotACall
+    if pos != len(text) - 1 or not calls:
+        raise _NotACall
+    return calls
+
+
+def _unfenced(text: str) -> str:
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    return fenced.group(1).strip() if fenced else text
+
+
+def parse_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
+    """The answer ``text`` as calls to ``use``'s functions, or None when it is not (then it is the answer's text):
+    the whole answer a list of calls (fenced or not; a bare call too), every name one of the functions, at most one
+    call unless parallel calls are allowed."""
+    body = _unfenced(text)
+    try:
+        try:
+            scanned = _scan_calls(body)
+        except (_NotACall, IndexError):
+            scanned = _scan_calls(f"[{body}]")  # a bare call, or calls without brackets
+    except (_NotACall, IndexError, RecursionError):
+        return None
+    names = use.names
+    if any(name not in names for name, _ in scanned) or (len(scanned) > 1 and not use.parallel):
+        return None
+    return [ToolCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)) for name, arguments in scanned]
+
+
+def forced_schema(use: ToolUse) -> dict[str, Any]:
+    """The JSON Schema a forced answer follows: the named function's parameters, or (``required``) a list of
+    ``{"name", "parameters"}`` calls to any of the functions."""
+    if use.choice == "function":
+        return next(tool.parameters for tool in use.tools if tool.name == use.name)
+    options = [{"type": "object", "properties": {"name": {"const": tool.name}, "parameters": tool.parameters},
+                "required": ["name", "parameters"], "additionalProperties": False} for tool in use.tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": options[0] if len(options) == 1 else {"anyOf": options}}
+    if not use.parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def forced_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
+    """A forced answer (JSON under :func:`forced_schema`) as calls; None when it is incomplete (the token limit
+    cut it)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if use.choice == "function":
+        return [ToolCall(name=use.name, arguments=json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) \
+            else None
+    if not (isinstance(value, list) and value and all(isinstance(call, dict) for call in value)):
+        return None
+    return [ToolCall(name=call["name"], arguments=json.dumps(call["parameters"], ensure_ascii=False))
+            for call in value]
+
+
+def answer_calls(text: str, use: ToolUse | None) -> list[ToolCall] | None:
+    """The calls an answer makes under ``use`` (None: it is text)."""
+    if use is None or not use.offered:
+        return None
+    return forced_calls(text, use) if use.forced else parse_calls(text, use)
+
+
+def may_become_calls(text: str, use: ToolUse) -> bool:
+    """Whether an answer starting with ``text`` may still turn out to be calls (a stream holds its text back
+    while it may)."""
+    if use.forced:
+        return True
+    start = text.lstrip()
+    if not start or start[0] in "[`":
+        return True
+    match = _CALL_NAME.match(start)
+    if match is None:
+        return False
+    word, rest = match.group(), start[match.end():]
+    if not rest:
+        return any(name.startswith(word) for name in use.names)
+    return word in use.names and (not rest.strip() or rest.lstrip().startswith("("))
+
+
+class StreamedCalls:
+    """One streamed choice's text, held back while it may become calls: ``feed`` says what to send now,
+    ``finish`` what to send at the end (the held text, or the calls)."""
+
+    def __init__(self, use: ToolUse):
+        self.use = use
+        self.holding = True
+        self.held: list[str] = []
+        self.held_logprobs: list[TokenLogprob] | None = None
+
+    def feed(self, text: str, logprobs: list[TokenLogprob] | None) -> tuple[str, list[TokenLogprob] | None] | None:
+        """The delta to send now (text and logprobs), or None while held."""
+        if not self.holding:
+            return text, logprobs
+        self.held.append(text)
+        if logprobs is not None:
+            self.held_logprobs = [*(self.held_logprobs or ()), *logprobs]
+        if may_become_calls("".join(self.held), self.use):
+            return None
+        self.holding = False
+        return self.release()
+
+    def release(self) -> tuple[str, list[TokenLogprob] | None]:
+        text, logprobs = "".join(self.held), self.held_logprobs
+        self.held, self.held_logprobs = [], None
+        return text, logprobs
+
+
+@dataclass
+class Message:
+    """A message as :func:`converse` reads it (the server's ``RequestMessage`` has the same fields) and writes it
+    (system, user and assistant only): ``parts`` are text and images, in order."""
+
+    role: str
+    parts: list[Any]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # a tool message's; None: the first call not yet answered (training data)
+
+
+def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
+    """``messages`` (objects with ``role``, ``parts``, ``tool_calls``, ``tool_call_id``: :class:`Message`) as plain
+    system / user / assistant messages: the functions in the system message, earlier calls as the assistant wrote
+    them, tool results in a user turn. A ``tool`` message must answer a call of the assistant message before it
+    (OpenAI's rule): a :class:`ToolError` naming it otherwise."""
+    plain: list[Message] = []
+    pending: list[str] = []  # the calls the last assistant message made, not yet answered
+    from_tools = False  # whether plain[-1] is the user turn of tool results
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        role, parts = message.role, list(message.parts)
+        if role == "tool":
+            answers = message.tool_call_id if message.tool_call_id is not None else next(iter(pending), None)
+            if answers not in pending:
+                said = "" if message.tool_call_id is None else f"; {message.tool_call_id!r} is not one of them (or " \
+                                                                 "is answered already)"
+                raise ToolError(f"'{where}': a 'tool' message must answer one of the 'tool_calls' of the assistant "
+                                f"message before it{said}", f"{where}.tool_call_id")
+            pending.remove(answers)
+            block = output_block("".join(part for part in parts if isinstance(part, str)))
+            if from_tools:
+                plain[-1].parts[-1] += "\n" + block
+            else:
+                plain.append(Message("user", [block]))
+                from_tools = True
+            continue
+        if role == "user" and from_tools:
+            first = parts[0] if parts else ""
+            if isinstance(first, str):
+                plain[-1].parts[-1] += "\n\n" + first
+                parts = parts[1:]
+            plain[-1].parts.extend(parts)
+            from_tools = False
+            continue
+        from_tools = False
+        calls = tuple(getattr(message, "tool_calls", ()) or ())
+        if calls:
+            text = "".join(part for part in parts if isinstance(part, str)).strip()
+            parts = [(text + "\n" if text else "") + calls_text(calls)]
+            pending = [call.id for call in calls]
+        else:
+            pending = []
+        plain.append(Message(role, parts))
+    if use is not None and use.offered:
+        if plain and plain[0].role == "system":
+            text = "".join(part for part in plain[0].parts if isinstance(part, str))
+            plain[0] = Message("system", [f"{text}\n\n{instructions(use)}" if text.strip() else instructions(use)])
+        else:
+            plain.insert(0, Message("system", [instructions(use)]))
+    return plain
+
+
+def message_object(text: str, calls: list[ToolCall] | None) -> dict[str, Any]:
+    """A choice's ``message``: its text, or its calls (``content`` null)."""
+    if calls is None:
+        return {"role": "assistant", "content": text, "refusal": None}
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call.wire() for call in calls]}

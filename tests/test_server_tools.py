@@ -1,0 +1,253 @@
+"""Function calling on the chat endpoint: OpenAI's ``tools`` / ``tool_choice`` / ``parallel_tool_calls``, assistant
+``tool_calls`` and ``tool`` messages in the history, and answers read back as ``tool_calls``.
+
+The prompt's oracle is transformers: the conversation with tools must give the token ids transformers'
+``apply_chat_template`` gives for the plain turns ``tool_calls`` documents (functions in the system message, calls
+written as ``[name(key=value)]``, results in ```` ```tool_output ```` blocks). The tiny random model never writes
+a call on its own, so the answers that are calls are written under a grammar here (``guided_regex`` with ``auto``;
+``required`` and named functions are decoded under their own JSON grammar, as the server does for any model)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gemma3vl.infer.tool_calls import (
+    Tool,
+    ToolCall,
+    ToolUse,
+    calls_text,
+    instructions,
+    may_become_calls,
+    output_block,
+    parse_calls,
+)
+from test_server import chat_reply, live_server, post_json
+
+MAX_TOKENS = 80
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "[A-Z][a-z]{1,8}"}},
+                   "required": ["city"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get-time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "pattern": "[A-Z]{3}"}}, "required": ["zone"],
+    "additionalProperties": False}}}
+TOOLS = [WEATHER, CLOCK]
+USE = ToolUse(tools=tuple(Tool(t["function"]["name"], t["function"].get("description"), t["function"]["parameters"])
+                          for t in TOOLS))
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALL = '[get_weather(city="Paris")]'
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    with live_server(runtime, max_batch_size=4, batch_wait_s=0.05, max_tokens=MAX_TOKENS) as live:
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------------------- reading calls
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+argument_names = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["get_weather", "get-time"]),
+                          st.dictionaries(argument_names, json_values, max_size=4)), min_size=1, max_size=3))
+def test_calls_as_written_in_the_prompt_read_back_as_the_same_calls(calls):
+    written = [ToolCall(name, json.dumps(arguments)) for name, arguments in calls]
+    read = parse_calls(calls_text(written), USE)
+    assert [(call.name, json.loads(call.arguments)) for call in read] == [(n, a) for n, a in calls]
+
+
+@pytest.mark.parametrize("text, expected", [
+    (CALL, [("get_weather", {"city": "Paris"})]),
+    ('```tool_code\nget_weather(city="Paris")\n```', [("get_weather", {"city": "Paris"})]),
+    ("```python\n[get_weather(city='Paris'), get-time(zone='CET')]\n```",
+     [("get_weather", {"city": "Paris"}), ("get-time", {"zone": "CET"})]),
+    ('  get_weather( city = "Par,is)" , )  ', [("get_weather", {"city": "Par,is)"})]),
+    ("[get-time(zone=null, days=[1, -2.5, true], extra={'a': None})]",
+     [("get-time", {"zone": None, "days": [1, -2.5, True], "extra": {"a": None}})]),
+    ("It is sunny in Paris.", None),
+    ("[get_weather(city=open('x'))]", None),  # not a literal: never evaluated
+    ("[unknown(city='Paris')]", None),  # not one of the request's functions
+    ("[get_weather('Paris')]", None),  # arguments are named
+    ("[get_weather(city='Paris', city='Rome')]", None),
+    ("I will call [get_weather(city='Paris')]", None),  # the whole answer must be the calls
+    ("[get_weather(city='Paris')", None),
+    ("[]", None),
+])
+def test_which_answers_are_calls(text, expected):
+    calls = parse_calls(text, USE)
+    assert (None if calls is None else [(c.name, json.loads(c.arguments)) for c in calls]) == expected
+
+
+def test_parallel_calls_only_when_allowed():
+    two = "[get_weather(city='Paris'), get-time(zone='CET')]"
+    assert len(parse_calls(two, USE)) == 2
+    single = ToolUse(tools=USE.tools, parallel=False)
+    assert parse_calls(two, single) is None and len(parse_calls(CALL, single)) == 1
+    assert "one call at most" in instructions(single)
+
+
+@pytest.mark.parametrize("prefix, held", [("", True), ("  [get", True), ("```", True), ("get_wea", True),
+                                          ("get-time (", True), ("The weather", False), ("get_weather is", False),
+                                          ("42", False)])
+def test_a_stream_holds_text_only_while_it_may_become_calls(prefix, held):
+    assert may_become_calls(prefix, USE) is held
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def tokenize(server, messages, **fields) -> list[int]:
+    status, reply = post_json(server, {"messages": messages, **fields}, path="/tokenize")
+    assert status == 200, reply
+    return reply["tokens"]
+
+
+def transformers_ids(runtime, messages) -> list[int]:
+    """transformers' ``apply_chat_template`` on plain turns (the oracle)."""
+    encoded = runtime.processor.apply_chat_template(
+        [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages],
+        add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"][0])
+
+
+def test_the_prompt_with_tools_and_tool_results_is_the_documented_plain_conversation(server, runtime):
+    history = [
+        {"role": "system", "content": "Be brief."},
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get-time", "arguments": '{"zone": "CET"}'}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "14:00"},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "Sunny, 21 C"}]},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    plain = [
+        {"role": "system", "content": "Be brief.\n\n" + instructions(USE)},
+        *QUESTION,
+        {"role": "assistant", "content": '[get_weather(city="Paris"), get-time(zone="CET")]'},
+        {"role": "user", "content": output_block("14:00") + "\n" + output_block("Sunny, 21 C") + "\n\nAnd tomorrow?"},
+    ]
+    assert tokenize(server, history, tools=TOOLS) == transformers_ids(runtime, plain)
+    # tool_choice "none": the functions are not offered, the history is still written out
+    assert tokenize(server, history, tools=TOOLS, tool_choice="none") == transformers_ids(
+        runtime, [{"role": "system", "content": "Be brief."}, *plain[1:]])
+    # no system message: the functions make one
+    assert tokenize(server, QUESTION, tools=TOOLS) == transformers_ids(
+        runtime, [{"role": "system", "content": instructions(USE)}, *QUESTION])
+
+
+# ----------------------------------------------------------------------------------------------- answers
+def test_an_answer_that_is_a_call_comes_back_as_tool_calls(client):
+    reply = client.chat.completions.create(model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0,
+                                           max_tokens=MAX_TOKENS, extra_body={"guided_regex": re.escape(CALL)})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", "get_weather", {"city": "Paris"})
+    assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+
+
+def test_a_streamed_call_comes_as_one_tool_calls_delta_and_text_streams_as_text(client):
+    def streamed(regex):
+        chunks = list(client.chat.completions.create(
+            model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS, stream=True,
+            extra_body={"guided_regex": regex}))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        return ("".join(d.content or "" for d in deltas), [t for d in deltas for t in d.tool_calls or ()],
+                [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason])
+
+    text, calls, finish = streamed(re.escape(CALL))
+    assert (text, finish) == ("", ["tool_calls"])
+    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in calls] == [
+        (0, "get_weather", {"city": "Paris"})]
+    text, calls, finish = streamed("Sunny in Paris")
+    assert (text, calls, finish) == ("Sunny in Paris", [], ["stop"])
+
+
+def test_text_answers_are_unchanged_by_tools_the_model_does_not_call(server):
+    with_tools = chat_reply(server, QUESTION, MAX_TOKENS, tools=TOOLS, tool_choice="none")["choices"][0]
+    assert with_tools["message"]["content"] == chat_reply(server, QUESTION, MAX_TOKENS)["choices"][0]["message"][
+        "content"]
+    assert "tool_calls" not in with_tools["message"] and with_tools["finish_reason"] in ("stop", "length")
+
+
+def test_a_named_function_or_required_forces_a_call(client):
+    named = client.chat.completions.create(
+        model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}).choices[0]
+    assert named.finish_reason == "tool_calls"
+    (call,) = named.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert re.fullmatch(r"[A-Z][a-z]{1,8}", json.loads(call.function.arguments)["city"])
+    required = client.chat.completions.create(
+        model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
+        tool_choice="required", parallel_tool_calls=False).choices[0]
+    assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1
+    call = required.message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get-time")
+    assert set(json.loads(call.function.arguments)) == ({"city"} if call.function.name == "get_weather" else {"zone"})
+
+
+def test_a_conversation_goes_on_after_tool_results(client):
+    reply = client.chat.completions.create(model="tiny-gemma3", tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
+                                           messages=[*QUESTION, {"role": "assistant", "tool_calls": [
+                                               {"id": "c1", "type": "function", "function": {
+                                                   "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                                               {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}],
+                                           extra_body={"guided_regex": "It is sunny"})
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("It is sunny", "stop")
+
+
+# ------------------------------------------------------------------------------------------------- errors
+CALLED = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1]"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools[0].function.parameters"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages[1].tool_call_id"),
+    ({"messages": [*QUESTION, CALLED, {"role": "tool", "tool_call_id": "c2", "content": "x"}]},
+     "messages[2].tool_call_id"),
+    ({"messages": [*QUESTION, CALLED, {"role": "tool", "content": "x"}]}, "messages[2].tool_call_id"),
+    ({"messages": [*QUESTION, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{city: Paris}"}}]}]}, "messages[1].tool_calls[0].function.arguments"),
+])
+def test_bad_tools_are_a_400_naming_the_field(server, fields, param):
+    status, reply = post_json(server, {"messages": QUESTION, "max_tokens": 4, **fields})
+    assert status == 400, reply
+    assert reply["error"]["param"] == param, reply
+
+
+def test_the_legacy_and_responses_endpoints_still_refuse_tools(server):
+    status, reply = post_json(server, {"prompt": "x", "tools": TOOLS}, path="/v1/completions")
+    assert (status, reply["error"]["param"]) == (400, "tools")
+    status, reply = post_json(server, {"input": "x", "tools": [{"type": "function", "name": "f"}]},
+                              path="/v1/responses")
+    assert (status, reply["error"]["param"]) == (400, "tools")
