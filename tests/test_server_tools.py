@@ -245,9 +245,62 @@ def test_bad_tools_are_a_400_naming_the_field(server, fields, param):
     assert reply["error"]["param"] == param, reply
 
 
-def test_the_legacy_and_responses_endpoints_still_refuse_tools(server):
+def test_the_legacy_endpoint_still_refuses_tools(server):
     status, reply = post_json(server, {"prompt": "x", "tools": TOOLS}, path="/v1/completions")
     assert (status, reply["error"]["param"]) == (400, "tools")
-    status, reply = post_json(server, {"input": "x", "tools": [{"type": "function", "name": "f"}]},
+
+
+# ------------------------------------------------------------------------------------------ Responses API
+FLAT_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]  # the Responses API's form
+
+
+def test_responses_answer_calls_as_function_call_items_and_continue_from_their_outputs(client):
+    first = client.responses.create(model="tiny-gemma3", input=QUESTION[0]["content"], tools=FLAT_TOOLS,
+                                    temperature=0, max_output_tokens=MAX_TOKENS,
+                                    extra_body={"guided_regex": re.escape(CALL)})
+    (item,) = first.output
+    assert (item.type, item.name, json.loads(item.arguments), item.status) == (
+        "function_call", "get_weather", {"city": "Paris"}, "completed")
+    assert item.call_id.startswith("call_") and item.id.startswith("fc_") and first.status == "completed"
+    assert [tool.name for tool in first.tools] == ["get_weather", "get-time"] and first.tool_choice == "auto"
+    second = client.responses.create(model="tiny-gemma3", previous_response_id=first.id, tools=FLAT_TOOLS,
+                                     input=[{"type": "function_call_output", "call_id": item.call_id,
+                                             "output": "Sunny"}],
+                                     temperature=0, max_output_tokens=MAX_TOKENS)
+    # the same conversation sent whole to the chat endpoint gets the same (greedy) answer
+    chat = client.chat.completions.create(model="tiny-gemma3", tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
+                                          messages=[*QUESTION, {"role": "assistant", "tool_calls": [
+                                              {"id": item.call_id, "type": "function", "function": {
+                                                  "name": "get_weather", "arguments": item.arguments}}]},
+                                              {"role": "tool", "tool_call_id": item.call_id, "content": "Sunny"}])
+    assert second.output_text == chat.choices[0].message.content
+    listed = client.responses.input_items.list(second.id, order="asc").data
+    assert [entry.type for entry in listed] == ["message", "function_call", "function_call_output"]
+    assert (listed[1].call_id, listed[2].call_id, listed[2].output) == (item.call_id, item.call_id, "Sunny")
+
+
+def test_responses_stream_calls_as_function_call_events(client):
+    events = list(client.responses.create(model="tiny-gemma3", input="Weather?", tools=FLAT_TOOLS, temperature=0,
+                                          max_output_tokens=MAX_TOKENS, stream=True,
+                                          tool_choice={"type": "function", "name": "get_weather"}))
+    kinds = [event.type for event in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]
+    (item,) = events[-1].response.output
+    assert item.name == "get_weather" and events[3].delta == events[4].arguments == item.arguments
+    assert set(json.loads(item.arguments)) == {"city"}
+    text = list(client.responses.create(model="tiny-gemma3", input="Weather?", tools=FLAT_TOOLS, temperature=0,
+                                        max_output_tokens=MAX_TOKENS, stream=True,
+                                        extra_body={"guided_regex": "Sunny in Paris"}))
+    assert "".join(e.delta for e in text if e.type == "response.output_text.delta") == "Sunny in Paris"
+    assert text[-1].response.output_text == "Sunny in Paris"
+
+
+def test_responses_refuse_a_forced_call_with_a_json_format_and_hosted_tools(server):
+    status, reply = post_json(server, {"input": "x", "tools": FLAT_TOOLS, "tool_choice": "required",
+                                       "text": {"format": {"type": "json_object"}}}, path="/v1/responses")
+    assert (status, reply["error"]["param"]) == (400, "tool_choice")
+    status, reply = post_json(server, {"input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]},
                               path="/v1/responses")
-    assert (status, reply["error"]["param"]) == (400, "tools")
+    assert (status, reply["error"]["param"], reply["error"]["code"]) == (400, "tools[0].type", "unsupported_parameter")

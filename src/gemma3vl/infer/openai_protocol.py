@@ -122,6 +122,7 @@ class RequestMessage:
     parts: list[str | ImagePart]
     tool_calls: tuple[ToolCall, ...] = ()  # an assistant message's calls
     tool_call_id: str | None = None  # a tool message's: the call it answers
+    param: str | None = None  # where the request gave it ("messages[2]"), for errors found later
 
 
 @dataclass(kw_only=True)
@@ -259,7 +260,7 @@ def parse_message(message: Any, param: str,
     role = ROLE_ALIASES.get(role, role)
     if role != "user" and any(isinstance(p, ImagePart) for p in parts):
         raise _invalid(f"'{param}': images can only be sent in user messages", f"{param}.content")
-    return RequestMessage(role=role, parts=parts, tool_calls=calls, tool_call_id=call_id)
+    return RequestMessage(role=role, parts=parts, tool_calls=calls, tool_call_id=call_id, param=param)
 
 
 def _parse_stop(value: Any) -> tuple[str, ...]:
@@ -552,19 +553,21 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     )
 
 
-def tool_use_of_body(body: dict) -> ToolUse | None:
-    """A chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (:mod:`gemma3vl.infer.tool_calls`),
-    a 400 naming the field at fault. A forced call (``required`` or a named function) is decoded under its own
-    grammar: not with another structured-output constraint."""
+def tool_use_of_body(body: dict, *, flat: bool = False) -> ToolUse | None:
+    """A request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (:mod:`gemma3vl.infer.tool_calls`; ``flat``:
+    the Responses API's forms), a 400 naming the field at fault. A forced call (``required`` or a named function) is
+    decoded under its own grammar: not with another structured-output constraint."""
     from gemma3vl.infer.tool_calls import ToolError, tool_use_of
 
     try:
-        use = tool_use_of(body)
+        use = tool_use_of(body, flat=flat)
     except ToolError as exc:
         raise _invalid(str(exc), exc.param, exc.code) from None
     if use is not None and use.forced:
-        for name in ("response_format", *GUIDED_FIELDS, "structured_outputs"):
-            if body.get(name) not in (None, {"type": "text"}):
+        text_format = body.get("text").get("format") if isinstance(body.get("text"), dict) else None
+        for name, value in (("response_format", body.get("response_format")), ("text.format", text_format),
+                            *((key, body.get(key)) for key in (*GUIDED_FIELDS, "structured_outputs"))):
+            if value not in (None, {"type": "text"}):
                 raise _invalid(f"'tool_choice' {use.choice!r} does not go with '{name}': a forced call's answer has "
                                "its own grammar", "tool_choice")
     return use

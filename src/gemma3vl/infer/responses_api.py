@@ -19,8 +19,17 @@ Answers are kept in memory (``store``, true unless the request says false, withi
 conversation a kept response answered (its input, its predecessors', and its answer; not its ``instructions``, as
 OpenAI's), and for ``GET`` / ``DELETE /v1/responses/ID``. Kept responses do not survive a restart.
 
-What this server does not do is refused with a 400 naming the field, never ignored: tools and tool calls,
-``conversation`` objects, background runs, reasoning settings, ``truncation: auto``, prompt templates.
+Function tools (``tools: [{"type": "function", "name", "description", "parameters", "strict"}]``, ``tool_choice``
+``auto`` / ``none`` / ``required`` / ``{"type": "function", "name"}``, ``parallel_tool_calls``) work as on the chat
+endpoint (:mod:`gemma3vl.infer.tool_calls`): input items ``function_call`` (``call_id``, ``name``, ``arguments``) and
+``function_call_output`` (``call_id``, ``output``) are the history's calls and results, and an answer that is calls
+is answered as ``function_call`` output items (``id`` ``fc_...``, ``call_id`` ``call_...``), streamed as
+``response.output_item.added``, ``response.function_call_arguments.delta`` / ``.done`` and
+``response.output_item.done``. A kept response keeps its calls, so ``previous_response_id`` with the
+``function_call_output`` items continues it.
+
+What this server does not do is refused with a 400 naming the field, never ignored: hosted tools (web search, file
+search, ...), ``conversation`` objects, background runs, reasoning settings, ``truncation: auto``, prompt templates.
 ``include: ["message.output_text.logprobs"]`` (or ``top_logprobs``, 0 to 20) gives the output text's per-token
 log-probabilities, as the chat endpoint computes them; ``include``'s other values name items these answers never
 hold (reasoning, tool calls, echoed inputs) and change nothing.
@@ -60,8 +69,10 @@ from gemma3vl.infer.openai_protocol import (
     now,
     parse_message,
     shared_fields,
+    tool_use_of_body,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
+from gemma3vl.infer.tool_calls import StreamedCalls, ToolCall, ToolUse, answer_calls
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -74,7 +85,6 @@ RESPONSES_UNSUPPORTED = {
     "add_generation_prompt": lambda v: v in (None, True),
     "prompt_logprobs": lambda v: v is None,
     "continue_final_message": lambda v: v in (None, False),
-    "tool_choice": lambda v: v in (None, "none", "auto"),  # "auto" with no tools is "none"
     "conversation": lambda v: v is None,
     "background": lambda v: v in (None, False),
     "reasoning": lambda v: v is None or (isinstance(v, dict) and all(x is None for x in v.values())),
@@ -86,9 +96,8 @@ RESPONSES_UNSUPPORTED = {
 WHY_UNSUPPORTED = {
     "conversation": "this server keeps no conversation objects: send the conversation in 'input', or continue a kept "
                     "response with 'previous_response_id'",
-    "tools": "this server has no tool calling",
-    "tool_choice": "this server has no tool calling",
 }
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")  # implemented: tool_use_of_body(flat=True)
 PART_TEXT = {"input_text": "text", "output_text": "text", "refusal": "refusal"}
 # ``include`` asks for extra data in the answer; only this one concerns what the server produces (the others name
 # tool calls, reasoning items or echoed inputs, which its answers never hold, so asking for them changes nothing)
@@ -108,6 +117,8 @@ class ResponseRequest:
     text_format: dict[str, Any] | None = None  # as given ({"type": "text"} when absent)
     store: bool = True
     previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None  # as given (echoed)
+    tool_choice: Any = None  # as given (echoed; None: the default)
 
 
 @dataclass
@@ -130,7 +141,8 @@ class ResponseStore:
     def put(self, response: dict[str, Any], conversation: list[RequestMessage]) -> bool:
         """Keep ``response`` (False: it alone is over the budget, or storing is off)."""
         size = len(json.dumps(response)) + sum(
-            len(part) if isinstance(part, str) else len(part.url) for message in conversation for part in message.parts)
+            len(part) if isinstance(part, str) else len(part.url) for message in conversation for part in message.parts
+        ) + sum(len(call.arguments) + len(call.name) for message in conversation for call in message.tool_calls)
         if size > self.max_bytes:
             return False
         with self._lock:
@@ -186,21 +198,68 @@ def _parse_part(part: Any, param: str) -> str | ImagePart:
                    "in assistant messages)", f"{param}.type", "unsupported_content_type")
 
 
-def _parse_item(item: Any, index: int) -> RequestMessage:
-    param = f"input[{index}]"
-    kind = item.get("type", "message") if isinstance(item, dict) else "message"
-    if kind != "message":
-        raise ApiError(400, f"'{param}.type' {kind!r} is not supported: this server takes messages only (it has no "
-                            "tool calls or stored items)", param=f"{param}.type", code="unsupported_content_type")
-    return parse_message(item, param, _parse_part)
+def _string(item: dict, key: str, param: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"Missing required parameter: '{param}.{key}' (a non-empty string).",
+                       param=f"{param}.{key}", code="missing_required_parameter")
+    return value
+
+
+def _function_call(item: dict, param: str) -> ToolCall:
+    """A ``function_call`` input item (an earlier answer's call) as a call: ``call_id``, ``name``, ``arguments``
+    (the JSON text of an object)."""
+    arguments = item.get("arguments")
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise _invalid(f"'{param}.arguments' must be the JSON text of an object, got {arguments!r}",
+                       f"{param}.arguments")
+    return ToolCall(name=_string(item, "name", param), arguments=arguments, id=_string(item, "call_id", param))
+
+
+def _function_output(item: dict, param: str) -> RequestMessage:
+    """A ``function_call_output`` input item: the result (a string, or ``input_text`` parts) of the call it names."""
+    output = item.get("output")
+    if isinstance(output, list):
+        parts = [_parse_part(part, f"{param}.output[{i}]") for i, part in enumerate(output)]
+        if any(not isinstance(part, str) for part in parts):
+            raise _invalid(f"'{param}.output': a function's result is text here (input_text parts)", f"{param}.output")
+        output = "".join(parts)
+    if not isinstance(output, str):
+        raise _invalid(f"'{param}.output' must be a string", f"{param}.output")
+    return RequestMessage(role="tool", parts=[output], tool_call_id=_string(item, "call_id", param),
+                          param=f"{param}.call_id")
 
 
 def _parse_input(value: Any) -> list[RequestMessage]:
+    """``input``: a string (one user message), or a list of items: messages, and ``function_call`` /
+    ``function_call_output`` items (calls join the assistant message before them, or make one)."""
     if isinstance(value, str):
         return [RequestMessage(role="user", parts=[value])]
-    if isinstance(value, list) and value:
-        return [_parse_item(item, i) for i, item in enumerate(value)]
-    raise _invalid("'input' must be a string or a non-empty list of messages", "input")
+    if not (isinstance(value, list) and value):
+        raise _invalid("'input' must be a string or a non-empty list of messages", "input")
+    messages: list[RequestMessage] = []
+    for index, item in enumerate(value):
+        param = f"input[{index}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else "message"
+        if kind == "message":
+            messages.append(parse_message(item, param, _parse_part))
+        elif kind == "function_call":
+            call = _function_call(item, param)
+            if messages and messages[-1].role == "assistant":
+                messages[-1].tool_calls = (*messages[-1].tool_calls, call)
+            else:
+                messages.append(RequestMessage(role="assistant", parts=[], tool_calls=(call,)))
+        elif kind == "function_call_output":
+            messages.append(_function_output(item, param))
+        else:
+            raise ApiError(400, f"'{param}.type' {kind!r} is not supported: this server takes messages, function_call "
+                                "and function_call_output items", param=f"{param}.type",
+                           code="unsupported_content_type")
+    return messages
 
 
 def with_instructions(messages: list[RequestMessage], instructions: str | None) -> list[RequestMessage]:
@@ -245,8 +304,9 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
     if "input" not in body:
         raise ApiError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
     for key, harmless in RESPONSES_UNSUPPORTED.items():
-        if key in body and not harmless(body[key]):
+        if key in body and key not in TOOL_FIELDS and not harmless(body[key]):
             raise _unsupported(key)
+    tool_use = tool_use_of_body(body, flat=True)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _invalid("'instructions' must be a string", "instructions")
@@ -282,9 +342,11 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
         json_schema=schema,
         logprobs=INCLUDE_LOGPROBS in (include or ()) or bool(top),  # top_logprobs alone asks for them too
         top_logprobs=top or 0,
+        tool_use=tool_use,
     )
     return ResponseRequest(chat=chat, input=own, instructions=instructions, metadata=metadata,
-                           text_format=text_format, store=store is not False, previous_response_id=previous)
+                           text_format=text_format, store=store is not False, previous_response_id=previous,
+                           tools=body.get("tools") or None, tool_choice=body.get("tool_choice"))
 
 
 def continue_from(request: ResponseRequest, store: ResponseStore) -> list[RequestMessage]:
@@ -332,6 +394,12 @@ class ResponseBuilder:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
                 "content": [] if part is None else [part]}
 
+    def calls(self, completion: Completion) -> list[ToolCall] | None:
+        """The calls the answer makes (None: it is text)."""
+        if completion.finish_reason != "stop":
+            return None
+        return answer_calls(completion.text, self.request.chat.tool_use)
+
     def response(self, status: str, output: list[dict[str, Any]], *, completion: Completion | None = None,
                  error: ApiError | None = None, stored: bool = False) -> dict[str, Any]:
         chat = self.request.chat
@@ -347,14 +415,14 @@ class ResponseBuilder:
             "max_output_tokens": chat.max_tokens,
             "model": self.model,
             "output": output,
-            "parallel_tool_calls": False,
+            "parallel_tool_calls": chat.tool_use is None or chat.tool_use.parallel,
             "previous_response_id": self.request.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": stored,
             "temperature": 1.0 if chat.temperature is None else chat.temperature,
             "text": {"format": self.request.text_format or {"type": "text"}},
-            "tool_choice": "none",
-            "tools": [],
+            "tool_choice": self.request.tool_choice or ("auto" if self.request.tools else "none"),
+            "tools": self.request.tools or [],
             "top_logprobs": chat.top_logprobs,
             "top_p": 1.0 if chat.top_p is None else chat.top_p,
             "truncation": "disabled",
@@ -367,11 +435,18 @@ class ResponseBuilder:
         """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response, kept in
         ``store`` (with the conversation it answered) when the request asks for it and it fits."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
-        part = self.text_part(completion.text, self.logprob_items(completion.logprobs))
+        calls = self.calls(completion)
+        if calls:
+            output = [function_call_item(f"fc_{uuid.uuid4().hex}", call) for call in calls]
+            answer = RequestMessage(role="assistant", parts=[], tool_calls=tuple(calls))
+        else:
+            part = self.text_part(completion.text, self.logprob_items(completion.logprobs))
+            output = [self.message(part, status)]
+            answer = RequestMessage(role="assistant", parts=[completion.text])
         keep = self.request.store and store.max_bytes > 0
-        response = self.response(status, [self.message(part, status)], completion=completion, stored=keep)
+        response = self.response(status, output, completion=completion, stored=keep)
         if keep:
-            answered = [*self.conversation, RequestMessage(role="assistant", parts=[completion.text])]
+            answered = [*self.conversation, answer]
             response["store"] = store.put(response, answered)  # False: over the store's whole budget
         return status, response
 
@@ -399,8 +474,9 @@ def input_items_page(kept: KeptResponse, query: dict[str, list[str]]) -> dict[st
     if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 3 and 1 <= int(limit_text) <= 100):
         raise _invalid(f"'limit' must be an integer from 1 to 100, got {limit_text!r}", "limit")
     urls = INPUT_IMAGE_URLS in [*query.get("include", []), *query.get("include[]", [])]
-    prefix = f"msg_{kept.response['id'].removeprefix('resp_')}_"
-    items = [_input_item(f"{prefix}{index}", message, urls) for index, message in enumerate(kept.conversation[:-1])]
+    hexa = kept.response['id'].removeprefix('resp_')
+    items = [item for index, message in enumerate(kept.conversation[:-1])
+             for item in _input_items(hexa, index, message, urls)]
     if order == "desc":
         items.reverse()
     after = one("after")
@@ -414,17 +490,30 @@ def input_items_page(kept: KeptResponse, query: dict[str, list[str]]) -> dict[st
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
 
 
-def _input_item(item_id: str, message: RequestMessage, urls: bool) -> dict[str, Any]:
-    """One kept message as a Responses item: an input message (``input_text`` / ``input_image`` parts), or an
-    earlier answer as an output message (``output_text``)."""
+def function_call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    """A call as a ``function_call`` item."""
+    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments, "status": status}
+
+
+def _input_items(hexa: str, index: int, message: RequestMessage, urls: bool) -> list[dict[str, Any]]:
+    """One kept message as Responses items (ids ``msg_<hexa>_<index>``, the same at every call): an input message
+    (``input_text`` / ``input_image`` parts), an earlier answer as an output message (``output_text``) and its calls
+    as ``function_call`` items, a result as a ``function_call_output`` item."""
+    if message.role == "tool":
+        return [{"id": f"fco_{hexa}_{index}", "type": "function_call_output", "call_id": message.tool_call_id,
+                 "output": "".join(part for part in message.parts if isinstance(part, str)), "status": "completed"}]
     if message.role == "assistant":
         content = [{"type": "output_text", "text": part, "annotations": [], "logprobs": []}
-                   for part in message.parts if isinstance(part, str)]
+                   for part in message.parts if isinstance(part, str) and part]
     else:
         content = [{"type": "input_text", "text": part} if isinstance(part, str) else
                    {"type": "input_image", "detail": "auto", "file_id": None, "image_url": part.url if urls else None}
                    for part in message.parts]
-    return {"id": item_id, "type": "message", "role": message.role, "status": "completed", "content": content}
+    items = [] if message.tool_calls and not content else [
+        {"id": f"msg_{hexa}_{index}", "type": "message", "role": message.role, "status": "completed",
+         "content": content}]
+    return items + [function_call_item(f"fc_{hexa}_{index}_{k}", call) for k, call in enumerate(message.tool_calls)]
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -486,8 +575,21 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
     events = _EventWriter(handler)
     events.send("response.created", response=builder.response("in_progress", []))
     events.send("response.in_progress", response=builder.response("in_progress", []))
-    events.send("response.output_item.added", output_index=0, item=builder.message(None, "in_progress"))
-    events.send("response.content_part.added", **where, part=builder.text_part(""))
+    use: ToolUse | None = builder.request.chat.tool_use
+    # the text is held back while it may be calls (tool_calls.StreamedCalls): the message item opens with its first
+    # text, or at the end when the answer is no calls
+    held = StreamedCalls(use) if use is not None and use.offered else None
+    opened = False
+
+    def open_message() -> None:
+        nonlocal opened
+        if not opened:
+            events.send("response.output_item.added", output_index=0, item=builder.message(None, "in_progress"))
+            events.send("response.content_part.added", **where, part=builder.text_part(""))
+            opened = True
+
+    if held is None:
+        open_message()
     for event in app.events(job, handler._client_gone):
         error = app.failure(event)
         if error is not None:
@@ -498,14 +600,40 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
             break
         if event[0] == "text":
             _, _, (text, entries) = event
-            events.send("response.output_text.delta", **where, delta=text, logprobs=builder.logprob_items(entries))
+            delta = (text, entries) if held is None else held.feed(text, entries)
+            if delta is not None:
+                open_message()
+                events.send("response.output_text.delta", **where, delta=delta[0],
+                            logprobs=builder.logprob_items(delta[1]))
         elif event[0] == "done":
             completion = event[2]
             handler._finished(job, [completion], record, stream=True)
             status, response = builder.finished(completion, app.responses)
+            if response["output"][0]["type"] == "function_call":
+                _stream_calls(events, response["output"])
+                events.send(f"response.{status}", response=response)
+                continue
+            open_message()
+            if held is not None and held.holding:
+                text, entries = held.release()
+                if text or entries:
+                    events.send("response.output_text.delta", **where, delta=text,
+                                logprobs=builder.logprob_items(entries))
             part = response["output"][0]["content"][0]
             events.send("response.output_text.done", **where, text=completion.text, logprobs=part["logprobs"])
             events.send("response.content_part.done", **where, part=part)
             events.send("response.output_item.done", output_index=0, item=response["output"][0])
             events.send(f"response.{status}", response=response)
     handler._write_chunk(b"")  # end of the chunked body
+
+
+def _stream_calls(events: _EventWriter, items: list[dict[str, Any]]) -> None:
+    """The answer's ``function_call`` items, each added, its arguments as one delta, done."""
+    for index, item in enumerate(items):
+        events.send("response.output_item.added", output_index=index,
+                    item={**item, "arguments": "", "status": "in_progress"})
+        events.send("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                    delta=item["arguments"])
+        events.send("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                    name=item["name"], arguments=item["arguments"])
+        events.send("response.output_item.done", output_index=index, item=item)

@@ -127,8 +127,9 @@ def _object(value: Any, param: str) -> dict[str, Any]:
     return value
 
 
-def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
-    """OpenAI's ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]``."""
+def parse_tools(value: Any, param: str = "tools", *, flat: bool = False) -> tuple[Tool, ...]:
+    """OpenAI's ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]``
+    (chat completions), or with ``flat`` the Responses API's ``[{"type": "function", "name", ...}]``."""
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -140,8 +141,10 @@ def parse_tools(value: Any, param: str = "tools") -> tuple[Tool, ...]:
         if entry.get("type") != "function":
             raise ToolError(f"'{where}.type' {entry.get('type')!r} is not supported (only 'function' tools)",
                             f"{where}.type", "unsupported_parameter")
-        function = _object(entry.get("function"), f"{where}.function")
-        tools.append(parse_function(function, f"{where}.function"))
+        if flat:
+            tools.append(parse_function(entry, where))
+        else:
+            tools.append(parse_function(_object(entry.get("function"), f"{where}.function"), f"{where}.function"))
     seen: set[str] = set()
     for index, tool in enumerate(tools):
         if tool.name in seen:
@@ -169,32 +172,36 @@ def parse_function(function: dict[str, Any], where: str) -> Tool:
     return Tool(name=name, description=description, parameters=parameters)
 
 
-def parse_tool_choice(value: Any, tools: tuple[Tool, ...], param: str = "tool_choice") -> tuple[str, str | None]:
+def parse_tool_choice(value: Any, tools: tuple[Tool, ...], param: str = "tool_choice", *,
+                      flat: bool = False) -> tuple[str, str | None]:
     """OpenAI's ``tool_choice``: ``none`` / ``auto`` / ``required``, or ``{"type": "function", "function": {"name"}}``
-    (the default: ``auto`` with tools, ``none`` without)."""
+    (with ``flat``, the Responses API's ``{"type": "function", "name"}``); the default: ``auto`` with tools, ``none``
+    without."""
     if value is None:
         return ("auto" if tools else "none"), None
     if isinstance(value, str):
         if value not in MODES:
             raise ToolError(f"'{param}' must be one of none, auto, required or a function, got {value!r}", param)
-        if value != "none" and not tools:
+        if value == "required" and not tools:  # ("auto" with no tools is "none", as OpenAI takes it)
             raise ToolError(f"'{param}' {value!r} needs 'tools'", param)
         return value, None
     choice = _object(value, param)
     if choice.get("type") != "function":
         raise ToolError(f"'{param}.type' {choice.get('type')!r} is not supported (use 'function')", f"{param}.type",
                         "unsupported_parameter")
-    function = _object(choice.get("function"), f"{param}.function")
+    function, where = (choice, param) if flat else (_object(choice.get("function"), f"{param}.function"),
+                                                    f"{param}.function")
     name = function.get("name")
     if name not in {tool.name for tool in tools}:
-        raise ToolError(f"'{param}.function.name' {name!r} is not one of the request's tools", f"{param}.function.name")
+        raise ToolError(f"'{where}.name' {name!r} is not one of the request's tools", f"{where}.name")
     return "function", name
 
 
-def tool_use_of(body: dict[str, Any]) -> ToolUse | None:
-    """A chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``; None when it gives no tools."""
-    tools = parse_tools(body.get("tools"))
-    choice, name = parse_tool_choice(body.get("tool_choice"), tools)
+def tool_use_of(body: dict[str, Any], *, flat: bool = False) -> ToolUse | None:
+    """A request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (``flat``: the Responses API's forms);
+    None when it gives no tools."""
+    tools = parse_tools(body.get("tools"), flat=flat)
+    choice, name = parse_tool_choice(body.get("tool_choice"), tools, flat=flat)
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise ToolError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
@@ -512,6 +519,9 @@ class Message:
     parts: list[Any]
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None  # a tool message's; None: the first call not yet answered (training data)
+    # where the request or record gave it (None: messages[<its index>]); a tool message's errors name
+    # f"{param}.tool_call_id", or param itself when it names the call id's field already (Responses' "input[2].call_id")
+    param: str | None = None
 
 
 def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
@@ -523,7 +533,7 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
     pending: list[str] = []  # the calls the last assistant message made, not yet answered
     from_tools = False  # whether plain[-1] is the user turn of tool results
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
+        where = getattr(message, "param", None) or f"messages[{index}]"
         role, parts = message.role, list(message.parts)
         if role == "tool":
             answers = message.tool_call_id if message.tool_call_id is not None else next(iter(pending), None)
@@ -531,9 +541,12 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
                 said = "" if message.tool_call_id is None else f"; {message.tool_call_id!r} is not one of them (or " \
                                                                  "is answered already)"
                 raise ToolError(f"'{where}': a 'tool' message must answer one of the 'tool_calls' of the assistant "
-                                f"message before it{said}", f"{where}.tool_call_id")
+                                f"message before it{said}",
+                                where if where.endswith(".call_id") else f"{where}.tool_call_id")
             pending.remove(answers)
-            block = output_block("".join(part for part in parts if isinstance(part, str)))
+            if not all(isinstance(part, str) for part in parts):
+                raise ToolError(f"'{where}': a tool's result is text (images go in user messages)", f"{where}.content")
+            block = output_block("".join(parts))
             if from_tools:
                 plain[-1].parts[-1] += "\n" + block
             else:
