@@ -161,7 +161,11 @@ def test_bad_settings_are_named(model, settings, message):
     (lambda m: m.generate(["Hi.", 3]), r"prompt\[1\] must be a string"),
     (lambda m: m.generate([]), "the list of prompts is empty"),
     (lambda m: m.chat({"role": "user", "content": "Hi."}), "messages must be a list"),
-    (lambda m: m.chat([{"role": "tool", "content": "Hi."}]), r"messages\[0\].role must be one of"),
+    (lambda m: m.chat([{"role": "robot", "content": "Hi."}]), r"messages\[0\].role must be one of"),
+    (lambda m: m.chat([{"role": "user", "content": "Hi."}, {"role": "tool", "content": "x"}]),
+     r"messages\[1\]': a 'tool' message must answer one of the 'tool_calls'"),
+    (lambda m: m.chat([{"role": "user", "content": "Hi."}], tools=[{"type": "function", "function": {"name": "a b"}}]),
+     r"tools\[0\].function.name"),
     (lambda m: m.chat([{"role": "user", "content": [{"type": "audio"}]}]), r"content\[0\].type 'audio'"),
     (lambda m: m.chat([{"role": "user", "content": [{"type": "image"}]}]), "names its image with one of"),
     (lambda m: m.chat([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]),
@@ -171,6 +175,37 @@ def test_bad_settings_are_named(model, settings, message):
 def test_bad_prompts_and_messages_are_named(model, call, message):
     with pytest.raises(gemma3vl.Gemma3VLError, match=message):
         call(model)
+
+
+def test_chat_with_tools_returns_the_calls_and_goes_on_from_their_results(model):
+    """Tools are written into the prompt as the server writes them (the oracle: transformers' chat template on the
+    plain conversation); the tiny random model writes a call only under a grammar."""
+    pytest.importorskip("xgrammar")
+    import json
+    import re
+
+    from gemma3vl.infer.tool_calls import Tool, ToolUse, instructions
+
+    parameters = {"type": "object", "properties": {"city": {"type": "string", "pattern": "[A-Z][a-z]{1,8}"}},
+                  "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = [{"role": "system", "content": [{"type": "text", "text": instructions(
+        ToolUse(tools=(Tool("get_weather", None, parameters),)))}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]}]
+    expected = model.processor.apply_chat_template(plain, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert model.encode_chat(messages, tools=tools).input_ids.tolist() == list(expected["input_ids"][0])
+    calls = model.chat(messages, tools=tools, regex=re.escape('[get_weather(city="Paris")]'), max_new_tokens=40)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"})]
+    follow = [*messages, {"role": "assistant", "tool_calls": calls},
+              {"role": "tool", "tool_call_id": calls[0]["id"], "content": "Sunny"}]
+    answer = model.chat(follow, tools=tools, details=True, max_new_tokens=6, greedy=True)
+    assert answer.tool_calls is None and answer.text == model.chat(follow, tools=tools, max_new_tokens=6, greedy=True)
+    named = model.chat(messages, tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                       details=True, max_new_tokens=40)
+    assert named.finish_reason == "tool_calls" and named.tool_calls[0]["function"]["name"] == "get_weather"
+    assert re.fullmatch("[A-Z][a-z]{1,8}", json.loads(named.tool_calls[0]["function"]["arguments"])["city"])
 
 
 def test_load_checks_before_loading(tiny_dir, tmp_path):

@@ -38,6 +38,7 @@ from gemma3vl.infer.messages import images_of, turns_of_messages
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, answer_calls, forced_schema, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -52,12 +53,17 @@ class Answer:
 
     text: str
     token_ids: list[int]  # the stop token included when one ended it
-    finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens)
+    # "stop" (a stop token or string), "length" (max_new_tokens) or, from chat with tools, "tool_calls"
+    finish_reason: str
     prompt_tokens: int
+    # chat with tools: the calls the answer makes, in OpenAI's form ({"id", "type": "function", "function": {"name",
+    # "arguments"}}; None: the answer is text)
+    tool_calls: list[dict[str, Any]] | None = None
 
     @classmethod
-    def of(cls, completion: Completion) -> "Answer":
-        return cls(completion.text, list(completion.token_ids), completion.finish_reason, completion.prompt_tokens)
+    def of(cls, completion: Completion, calls: list[dict[str, Any]] | None = None) -> "Answer":
+        return cls(completion.text, list(completion.token_ids), FINISH_TOOL_CALLS if calls else
+                   completion.finish_reason, completion.prompt_tokens, calls)
 
 
 class Model:
@@ -160,10 +166,13 @@ class Model:
         return self.runtime.encode_prompt(prompt, images_of(images, "images"), raw=raw, pan_and_scan=pan_and_scan)
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None,
-                    continue_final_message: bool = False) -> EncodedPrompt:
+                    continue_final_message: bool = False, tools: Sequence[dict[str, Any]] | None = None,
+                    tool_choice: Any = None, parallel_tool_calls: bool = True) -> EncodedPrompt:
         """The token ids (and pixel values) of a conversation ending with a user message (with
-        ``continue_final_message``: ending inside its last, assistant, message, for the model to continue it)."""
-        return self.runtime.encode_conversation(turns_of_messages(messages),
+        ``continue_final_message``: ending inside its last, assistant, message, for the model to continue it);
+        ``tools`` as :meth:`chat` takes them."""
+        use = _tool_use(tools, tool_choice, parallel_tool_calls)
+        return self.runtime.encode_conversation(turns_of_messages(messages, tools=use),
                                                 pan_and_scan=pan_and_scan, continue_final=continue_final_message)
 
     # ------------------------------------------------------------------------------------------ answers
@@ -201,18 +210,40 @@ class Model:
         return [Answer.of(c) if details else c.text for c in completions]
 
     def chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None, details: bool = False,
-             continue_final_message: bool = False, **settings: Any) -> str | Answer:
+             continue_final_message: bool = False, tools: Sequence[dict[str, Any]] | None = None,
+             tool_choice: Any = None, parallel_tool_calls: bool = True,
+             **settings: Any) -> str | Answer | list[dict[str, Any]]:
         """Answer the last user message of ``messages``: OpenAI's / transformers' chat format (``role`` system,
         user or assistant; ``content`` a string or a list of ``{"type": "text", "text": ...}`` and
         ``{"type": "image", "image": PATH | data: URL | PIL image}`` or ``{"type": "image_url", "image_url":
         {"url": ...}}`` parts), through the checkpoint's chat template. ``continue_final_message``: the last message
         is the assistant's, and the answer continues it (transformers' option: the answer is the continuation
-        only). ``settings`` as for :meth:`generate`."""
+        only). ``settings`` as for :meth:`generate`.
+
+        ``tools``: functions the model may call, as OpenAI's chat completions take them (``[{"type": "function",
+        "function": {"name", "description", "parameters"}}]``), with ``tool_choice`` (``"auto"``, ``"none"``,
+        ``"required"`` or ``{"type": "function", "function": {"name"}}``) and ``parallel_tool_calls``, written into
+        the prompt as ``gemma3vl serve`` writes them; ``messages`` may then hold assistant ``tool_calls`` and
+        ``tool`` messages. When the answer calls functions, ``chat`` returns the calls (OpenAI's ``tool_calls``
+        list, to append as ``{"role": "assistant", "tool_calls": calls}``) instead of the text; with ``details``,
+        the :class:`Answer`'s ``tool_calls``."""
+        use = _tool_use(tools, tool_choice, parallel_tool_calls)
+        if use is not None and use.forced:  # a forced call is decoded under its JSON grammar, as the server does
+            if any(settings.get(name) not in (None, False) for name in ("json_schema", "regex", "choice", "grammar")):
+                raise Gemma3VLError("tool_choice 'required' or a named function decodes under its own grammar: drop "
+                                    "json_schema / regex / choice / grammar")
+            settings["json_schema"] = forced_schema(use)
         sampling = self.sampling(**settings)
         encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan,
-                                              continue_final_message=continue_final_message), sampling, "messages")
+                                              continue_final_message=continue_final_message, tools=tools,
+                                              tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls),
+                             sampling, "messages")
         completion = self._complete_one(encoded, sampling)
-        return Answer.of(completion) if details else completion.text
+        calls = answer_calls(completion.text, use) if completion.finish_reason == "stop" else None
+        wire = None if not calls else [call.wire() for call in calls]
+        if details:
+            return Answer.of(completion, wire)
+        return wire if wire else completion.text
 
     def stream(self, prompt: str | Sequence[dict[str, Any]], images: Sequence[ImageLike] | None = None, *,
                raw: bool = False, pan_and_scan: bool | None = None, **settings: Any) -> Iterator[str]:
@@ -546,3 +577,11 @@ def _warn_compile_failure(why: str) -> None:
     import warnings
 
     warnings.warn(f"compiling the decode step failed ({why[:300]}); decoding eagerly", RuntimeWarning, stacklevel=3)
+
+
+def _tool_use(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolUse | None:
+    """``chat``'s tool arguments, checked as the server checks a request's (errors name the argument)."""
+    try:
+        return tool_use_of({"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls})
+    except ToolError as exc:
+        raise Gemma3VLError(str(exc)) from None

@@ -5,6 +5,8 @@ What ``gemma3vl.Model.chat`` / ``stream`` and ``generate --batch``'s ``messages`
 (or ``"url"`` / ``"path"``, transformers' spellings) and OpenAI's ``{"type": "image_url", "image_url": {"url":
 ...}}``. An image is a PIL image, a file path or a ``data:image/...;base64,`` URL; web addresses are refused
 (nothing is fetched from the network). Errors name the message and part (``messages[1].content[0].image``).
+With tools (``Model.chat(..., tools=...)``), ``tool`` messages and an assistant message's ``tool_calls`` too, written
+as plain turns by :func:`gemma3vl.infer.tool_calls.converse` (as the server and training data write them).
 The server parses its requests itself (``openai_protocol``), answering with OpenAI's error objects.
 """
 
@@ -18,6 +20,7 @@ from PIL import Image
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.prompt import check_image_file, data_url_bytes, decode_image, load_image
+from gemma3vl.infer.tool_calls import Message, ToolError, ToolUse, converse, parse_history_calls
 
 # Message roles and the turn each is ("developer" is OpenAI's newer name for system, "model" Gemma's for assistant).
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
@@ -67,28 +70,43 @@ def image_of(image: Any, where: str, base_dir: Path | None = None, *, decode: bo
     return decode_image(data, where) if decode else _placeholder()
 
 
-def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bool = True) -> list[Turn]:
+def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bool = True,
+                      tools: ToolUse | None = None) -> list[Turn]:
     """OpenAI / transformers chat messages -> turns, images loaded in place (paths relative to ``base_dir``).
-    ``decode=False`` checks the messages without decoding any image (each stands in as a 1x1 placeholder)."""
+    ``decode=False`` checks the messages without decoding any image (each stands in as a 1x1 placeholder).
+    ``tools`` (and any ``tool`` message or ``tool_calls``): written as plain turns (``tool_calls.converse``)."""
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise Gemma3VLError("messages must be a list of {'role': ..., 'content': ...} objects")
-    turns = []
+    written = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise Gemma3VLError(f"{where} must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in ROLES:
-            raise Gemma3VLError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}")
+        if role not in ROLES and role != "tool":
+            raise Gemma3VLError(f"{where}.role must be one of {', '.join(ROLES)}, tool; got {role!r}")
+        calls: tuple = ()
+        if ROLES.get(role) == "assistant" and message.get("tool_calls") not in (None, []):
+            try:
+                calls = parse_history_calls(message["tool_calls"], f"{where}.tool_calls", need_ids=False)
+            except ToolError as exc:
+                raise Gemma3VLError(str(exc)) from None
         content = message.get("content")
         if isinstance(content, str):
             parts: list[Any] = [content]
+        elif content is None and calls:
+            parts = []
         elif isinstance(content, (list, tuple)):
             parts = [_part(part, f"{where}.content[{i}]", base_dir, decode) for i, part in enumerate(content)]
         else:
             raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
-        turns.append(Turn(ROLES[role], parts))
-    return turns
+        written.append(Message(ROLES.get(role, role), parts, calls, message.get("tool_call_id"), param=where))
+    if tools is not None or any(m.tool_calls or m.role == "tool" for m in written):
+        try:
+            written = converse(written, tools)
+        except ToolError as exc:
+            raise Gemma3VLError(str(exc)) from None
+    return [Turn(m.role, m.parts) for m in written]
 
 
 def _part(part: Any, where: str, base_dir: Path | None, decode: bool) -> str | Image.Image:
