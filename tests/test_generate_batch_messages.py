@@ -202,7 +202,7 @@ def test_bad_messages_lines_are_reported_and_the_others_answered(model_dir, mode
         2: "'prompt' (a string) is required, or 'messages' (a list of chat messages)",
         3: "'images' does not go with 'messages'",
         4: "messages must be a list",
-        5: "messages[0].role must be one of system, developer, user, assistant, model; got 'tool'",
+        5: "'messages[0]': a 'tool' message must answer one of the 'tool_calls' of the assistant message before it",
         6: "messages[0].content[0].type 'audio' is not one of text, image, image_url",
         7: "messages[0].content[0].image: " + str(workdir / "pics" / "missing.png") + ": no such image file",
         8: "the last message must be a user message",
@@ -245,6 +245,47 @@ def test_structure_and_image_files_are_checked_when_read_and_images_loaded_only_
                              report=lambda message: None)
     assert summary.answered == 2
     assert loads == [workdir / "pics" / "circle.png", workdir / "pics" / "square.png"]
+
+
+def test_lines_with_tools_are_answered_as_model_chat_answers_them(model_dir, model, workdir, capsys):
+    """A messages line's ``tools``: the prompt and the calls ``Model.chat(..., tools=...)`` gives (itself held to
+    transformers' chat template on the plain conversation in test_api.py)."""
+    pytest.importorskip("xgrammar")
+    import re
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "pattern": "[A-Z][a-z]{1,8}"}},
+        "required": ["city"], "additionalProperties": False}}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    call = '[get_weather(city="Paris")]'
+    follow = [*ask, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]}, {"role": "tool", "tool_call_id": "c1",
+                                                                      "content": "Sunny"}]
+    prompts, answers = workdir / "prompts.jsonl", workdir / "answers.jsonl"
+    write_jsonl(prompts, [
+        {"messages": ask, "tools": tools, "regex": re.escape(call), "max_new_tokens": 40},
+        {"messages": follow, "tools": tools},
+        {"messages": ask, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+         "max_new_tokens": 40},
+        {"prompt": "Hi", "tools": tools},
+        {"messages": ask, "tools": tools, "tool_choice": "required", "json": True},
+    ])
+    assert main(["generate", str(model_dir), "--batch", str(prompts), "--output", str(answers), "--greedy",
+                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu"]) == 1
+    reasons = errors_by_line(capsys.readouterr().err, prompts)
+    assert reasons == {4: "'tools' goes with 'messages' lines only",
+                       5: "tool_choice 'required' decodes under its own grammar: not with 'json' (or --json / "
+                          "--json-schema / --regex / --choice)"}
+    called, answered, named = records_of(answers)
+    assert (called["finish_reason"], called["answer"]) == ("tool_calls", call)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in called["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"})]
+    assert "tool_calls" not in answered
+    assert answered["answer"] == model.chat(follow, tools=tools, max_new_tokens=MAX_NEW_TOKENS, greedy=True)
+    expected = model.chat(ask, tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                          max_new_tokens=40, greedy=True)
+    assert named["finish_reason"] == "tool_calls"
+    assert named["tool_calls"][0]["function"]["arguments"] == expected[0]["function"]["arguments"]
 
 
 def test_raw_applies_to_prompt_lines_only(model_dir, model, workdir, capsys):

@@ -230,8 +230,8 @@ class Model:
         use = _tool_use(tools, tool_choice, parallel_tool_calls)
         if use is not None and use.forced:  # a forced call is decoded under its JSON grammar, as the server does
             if any(settings.get(name) not in (None, False) for name in ("json_schema", "regex", "choice", "grammar")):
-                raise Gemma3VLError("tool_choice 'required' or a named function decodes under its own grammar: drop "
-                                    "json_schema / regex / choice / grammar")
+                raise Gemma3VLError(f"tool_choice {use.forcing} decodes under its own grammar: drop json_schema / "
+                                    "regex / choice / grammar")
             settings["json_schema"] = forced_schema(use)
         sampling = self.sampling(**settings)
         encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan,

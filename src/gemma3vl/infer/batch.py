@@ -11,7 +11,10 @@ of ``"prompt"`` (not both, and no ``images`` beside it): a conversation in OpenA
 with a user message; it is encoded through the checkpoint's chat template (``runtime.encode_conversation``, as
 ``gemma3vl.Model.chat`` and the server do), ``--pan-and-scan`` applying, ``--raw`` not (a messages line under
 ``--raw`` is a bad line). Its answer record carries ``"messages"`` (as given) where a prompt line's carries
-``"prompt"``. Either kind of line is checked when the file is read (its image files exist; a conversation's
+``"prompt"``. A messages line may give ``tools`` (with ``tool_choice``, ``parallel_tool_calls``: OpenAI's chat forms;
+its messages may then hold ``tool_calls`` and ``tool`` messages), written into the prompt as the server writes them;
+an answer that calls functions gets ``"tool_calls"`` (OpenAI's form) and ``finish_reason: "tool_calls"`` beside its
+``"answer"`` text. Either kind of line is checked when the file is read (its image files exist; a conversation's
 structure, none of its images decoded), and its images are decoded only when its turn comes. The lines run on the
 server's
 continuous-batching engine (``engine.ContinuousBatcher``) with ``--batch-size`` slots: the next line is encoded
@@ -48,6 +51,7 @@ from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, answer_calls, forced_schema, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
@@ -55,8 +59,9 @@ PENALTY_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 # the answer's format: any JSON object, one following a JSON Schema, a regular expression's full match, one of a
 # list of strings, an EBNF grammar's root (one of them)
 JSON_KEYS = ("json", "json_schema", "regex", "choice", "grammar")
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")  # messages lines only
 LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", "min_new_tokens", *SAMPLING_KEYS, "seed",
-             "greedy", "stop", *PENALTY_KEYS, "logit_bias", "bad_words", *JSON_KEYS)
+             "greedy", "stop", *PENALTY_KEYS, "logit_bias", "bad_words", *JSON_KEYS, *TOOL_KEYS)
 
 
 @dataclass
@@ -90,12 +95,15 @@ class BatchItem:
     has_id: bool = False
     messages: list | None = None  # a messages line's conversation, as read (its images loaded by _encode)
     base_dir: Path | None = None  # what the messages' image paths are relative to (the JSONL file's directory)
+    tools: ToolUse | None = None  # a messages line's tools
 
     def record(self, completion: Completion) -> dict[str, Any]:
         key = {"id": self.id} if self.has_id else {"index": self.line - 1}
         asked = {"prompt": self.prompt} if self.messages is None else {"messages": self.messages}
-        return {**key, **asked, "answer": completion.text, "tokens": completion.completion_tokens,
-                "finish_reason": completion.finish_reason}
+        calls = answer_calls(completion.text, self.tools) if completion.finish_reason == "stop" else None
+        made = {"tool_calls": [call.wire() for call in calls]} if calls else {}
+        return {**key, **asked, "answer": completion.text, **made, "tokens": completion.completion_tokens,
+                "finish_reason": FINISH_TOOL_CALLS if calls else completion.finish_reason}
 
 
 @dataclass
@@ -160,12 +168,12 @@ def _line_constraint(obj: dict, default: Constraint | None) -> Constraint | None
     return Constraint("json" if key == "json_schema" else key, obj[key], key)
 
 
-def _check_messages(messages: Any, base_dir: Path, runtime: InferenceRuntime) -> None:
+def _check_messages(messages: Any, base_dir: Path, runtime: InferenceRuntime, tools: ToolUse | None) -> None:
     """Refuse what encoding ``messages`` would refuse, decoding none of their images (each image file is only
     checked to exist): their parts (``turns_of_messages``) and the chat template's rules (``check_turns``: roles,
     their order, the last message a user one, images on a text-only checkpoint)."""
     tokenizer = runtime.tokenizer
-    check_turns(turns_of_messages(messages, base_dir, decode=False), runtime.config,
+    check_turns(turns_of_messages(messages, base_dir, decode=False, tools=tools), runtime.config,
                 getattr(tokenizer, "boi_token", None) or "<start_of_image>",
                 getattr(tokenizer, "image_token", None) or "<image_soft_token>")
 
@@ -224,8 +232,14 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
                 "a non-empty list of non-empty strings")
     _check_type(obj, "grammar", lambda v: isinstance(v, str) and v, "an EBNF grammar (a non-empty string)")
     constraint = _line_constraint(obj, defaults.constraint)
+    tools = _line_tools(obj, conversation)
+    if tools is not None and tools.forced:
+        if constraint is not None:
+            raise Gemma3VLError(f"tool_choice {tools.forcing} decodes under its own grammar: not with "
+                                f"{constraint.param!r} (or --json / --json-schema / --regex / --choice)")
+        constraint = Constraint("json", forced_schema(tools), "tool_choice")
     if conversation:
-        _check_messages(obj["messages"], base_dir, runtime)
+        _check_messages(obj["messages"], base_dir, runtime, tools)
     images = [base_dir / path for path in obj.get("images", [])]
     for name, path in zip(obj.get("images", []), images):
         if not name or "\0" in name:
@@ -261,7 +275,18 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     stop = obj.get("stop", ())
     return BatchItem(line=line, prompt=obj.get("prompt"), image_paths=images, sampling=sampling,
                      stop=(stop,) if isinstance(stop, str) else tuple(stop), id=obj.get("id"), has_id="id" in obj,
-                     messages=obj["messages"] if conversation else None, base_dir=base_dir)
+                     messages=obj["messages"] if conversation else None, base_dir=base_dir, tools=tools)
+
+
+def _line_tools(obj: dict, conversation: bool) -> ToolUse | None:
+    """A messages line's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (None: no tools)."""
+    given = [key for key in TOOL_KEYS if key in obj]
+    if given and not conversation:
+        raise Gemma3VLError(f"{given[0]!r} goes with 'messages' lines only")
+    try:
+        return tool_use_of(obj)
+    except ToolError as exc:
+        raise Gemma3VLError(str(exc)) from None
 
 
 def read_batch_file(path: Path, defaults: BatchDefaults, runtime: InferenceRuntime,
@@ -316,7 +341,7 @@ class _OrderedWriter:
 
 def _encode(item: BatchItem, runtime: InferenceRuntime, defaults: BatchDefaults) -> EncodedPrompt:
     if item.messages is not None:  # its images are loaded here, its structure was checked by parse_line
-        turns = turns_of_messages(item.messages, item.base_dir)
+        turns = turns_of_messages(item.messages, item.base_dir, tools=item.tools)
         prompt = runtime.encode_conversation(turns, pan_and_scan=defaults.pan_and_scan)
         what = "conversation"
     else:

@@ -568,7 +568,7 @@ def tool_use_of_body(body: dict, *, flat: bool = False) -> ToolUse | None:
         for name, value in (("response_format", body.get("response_format")), ("text.format", text_format),
                             *((key, body.get(key)) for key in (*GUIDED_FIELDS, "structured_outputs"))):
             if value not in (None, {"type": "text"}):
-                raise _invalid(f"'tool_choice' {use.choice!r} does not go with '{name}': a forced call's answer has "
+                raise _invalid(f"'tool_choice' {use.forcing} does not go with '{name}': a forced call's answer has "
                                "its own grammar", "tool_choice")
     return use
 

@@ -72,7 +72,7 @@ from gemma3vl.infer.openai_protocol import (
     tool_use_of_body,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
-from gemma3vl.infer.tool_calls import StreamedCalls, ToolCall, ToolUse, answer_calls
+from gemma3vl.infer.tool_calls import StreamedCalls, ToolCall, ToolError, ToolUse, answer_calls, checked_arguments
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -209,14 +209,10 @@ def _string(item: dict, key: str, param: str) -> str:
 def _function_call(item: dict, param: str) -> ToolCall:
     """A ``function_call`` input item (an earlier answer's call) as a call: ``call_id``, ``name``, ``arguments``
     (the JSON text of an object)."""
-    arguments = item.get("arguments")
     try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else None
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise _invalid(f"'{param}.arguments' must be the JSON text of an object, got {arguments!r}",
-                       f"{param}.arguments")
+        arguments = checked_arguments(item.get("arguments"), f"{param}.arguments")
+    except ToolError as exc:
+        raise _invalid(str(exc), exc.param) from None
     return ToolCall(name=_string(item, "name", param), arguments=arguments, id=_string(item, "call_id", param))
 
 

@@ -112,6 +112,11 @@ class ToolUse:
         return self.choice in ("required", "function")
 
     @property
+    def forcing(self) -> str:
+        """How the request forces a call, for messages: ``'required'`` or ``a named function``."""
+        return "'required'" if self.choice == "required" else f"the named function {self.name!r}"
+
+    @property
     def names(self) -> set[str]:
         return {tool.name for tool in self.tools}
 
@@ -234,15 +239,20 @@ def parse_history_calls(value: Any, param: str, *, need_ids: bool = True) -> tup
         arguments = function.get("arguments")
         if isinstance(arguments, dict) and not need_ids:
             arguments = json.dumps(arguments, ensure_ascii=False)
-        try:
-            parsed = json.loads(arguments) if isinstance(arguments, str) else None
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise ToolError(f"'{where}.function.arguments' must be the JSON text of an object, got {arguments!r}",
-                            f"{where}.function.arguments")
-        calls.append(ToolCall(name=name, arguments=arguments, id=call_id))
+        calls.append(ToolCall(name=name, arguments=checked_arguments(arguments, f"{where}.function.arguments"),
+                              id=call_id))
     return tuple(calls)
+
+
+def checked_arguments(arguments: Any, param: str) -> str:
+    """A call's ``arguments`` as given, which must be the JSON text of an object."""
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ToolError(f"'{param}' must be the JSON text of an object, got {arguments!r}", param)
+    return arguments
 
 
 # -------------------------------------------------------------------------------------------------- prompt
