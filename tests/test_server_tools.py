@@ -76,9 +76,24 @@ def test_calls_as_written_in_the_prompt_read_back_as_the_same_calls(calls):
     assert [(call.name, json.loads(call.arguments)) for call in read] == [(n, a) for n, a in calls]
 
 
+WRAPPINGS = ["{}", "  {}\n", "```tool_code\n{}\n```", "```python\n{}```", "print({})"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["get_weather", "get-time"]),
+                          st.dictionaries(argument_names, json_values, max_size=3)), min_size=1, max_size=2),
+       st.sampled_from(WRAPPINGS), st.booleans())
+def test_a_stream_holds_every_prefix_of_an_answer_that_is_calls(calls, wrapping, bare):
+    written = calls_text([ToolCall(name, json.dumps(arguments)) for name, arguments in calls])
+    text = wrapping.format(written[1:-1] if bare else written)
+    assert parse_calls(text, USE) is not None, text
+    assert all(may_become_calls(text[:end], USE) for end in range(len(text) + 1)), text
+
+
 @pytest.mark.parametrize("text, expected", [
     (CALL, [("get_weather", {"city": "Paris"})]),
     ('```tool_code\nget_weather(city="Paris")\n```', [("get_weather", {"city": "Paris"})]),
+    ('```tool_code\nprint(get_weather(city="Paris"))\n```', [("get_weather", {"city": "Paris"})]),
     ("```python\n[get_weather(city='Paris'), get-time(zone='CET')]\n```",
      [("get_weather", {"city": "Paris"}), ("get-time", {"zone": "CET"})]),
     ('  get_weather( city = "Par,is)" , )  ', [("get_weather", {"city": "Par,is)"})]),
@@ -108,7 +123,8 @@ def test_parallel_calls_only_when_allowed():
 
 @pytest.mark.parametrize("prefix, held", [("", True), ("  [get", True), ("```", True), ("get_wea", True),
                                           ("get-time (", True), ("The weather", False), ("get_weather is", False),
-                                          ("42", False)])
+                                          ("42", False), ("pri", True), ("print(get_w", True),
+                                          ("print('hello')", False), ("princess", False)])
 def test_a_stream_holds_text_only_while_it_may_become_calls(prefix, held):
     assert may_become_calls(prefix, USE) is held
 

@@ -37,7 +37,7 @@ from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.messages import images_of, turns_of_messages
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
-from gemma3vl.infer.structured import Constraint
+from gemma3vl.infer.structured import Constraint, text_constraint
 from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, answer_calls, forced_schema, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
@@ -533,14 +533,7 @@ def _constraint(json_schema: Any, regex: Any, choice: Any, grammar: Any) -> Cons
         if json_schema is not True and not isinstance(json_schema, dict):
             raise Gemma3VLError(f"json_schema must be a JSON Schema (a dict) or True, got {type(json_schema).__name__}")
         return Constraint("json", ANY_OBJECT if json_schema is True else json_schema, "json_schema")
-    if given[0] == "choice":
-        if isinstance(choice, str) or not (choice and all(isinstance(c, str) and c for c in choice)):
-            raise Gemma3VLError(f"choice must be a non-empty list of non-empty strings, got {choice!r}")
-        return Constraint("choice", list(choice), "choice")
-    value = regex if given[0] == "regex" else grammar
-    if not isinstance(value, str) or not value:
-        raise Gemma3VLError(f"{given[0]} must be a non-empty string, got {value!r}")
-    return Constraint(given[0], value, given[0])
+    return text_constraint(given[0], {"regex": regex, "choice": choice, "grammar": grammar}[given[0]], given[0])
 
 
 def _bad_words(runtime: InferenceRuntime, words: Sequence[str] | None) -> tuple[tuple[int, ...], ...]:

@@ -226,7 +226,8 @@ def _messages_turns(
                           _content(content, source, where)))
         calls.append(made)
         if role == TOOL_ROLE and turns[-1].images:
-            raise BadRecord(source, INVALID_SCHEMA, f"{where}: a tool message's result is text; images go in user turns")
+            raise BadRecord(source, INVALID_SCHEMA,
+                            f"{where}: a tool message's result is text; images go in user turns")
     _fill_shared_images(turns, shared_images, source)
     tools = _record_tools(record, source)
     if tools is None and not any(made[0] or turn.role == TOOL_ROLE for made, turn in zip(calls, turns)):

@@ -50,7 +50,7 @@ from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
-from gemma3vl.infer.structured import ANY_OBJECT, Constraint
+from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
 from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, answer_calls, forced_schema, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
@@ -165,7 +165,9 @@ def _line_constraint(obj: dict, default: Constraint | None) -> Constraint | None
     key = given[0]
     if key == "json":
         return Constraint("json", ANY_OBJECT, key) if obj["json"] else None
-    return Constraint("json" if key == "json_schema" else key, obj[key], key)
+    if key == "json_schema":
+        return Constraint("json", obj[key], key)
+    return text_constraint(key, obj[key], key)
 
 
 def _check_messages(messages: Any, base_dir: Path, runtime: InferenceRuntime, tools: ToolUse | None) -> None:
@@ -227,10 +229,6 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
                 "a list of words (non-blank strings)")
     _check_type(obj, "json", lambda v: isinstance(v, bool), "true or false")
     _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
-    _check_type(obj, "regex", lambda v: isinstance(v, str) and v, "a regular expression (a non-empty string)")
-    _check_type(obj, "choice", lambda v: isinstance(v, list) and v and all(isinstance(c, str) and c for c in v),
-                "a non-empty list of non-empty strings")
-    _check_type(obj, "grammar", lambda v: isinstance(v, str) and v, "an EBNF grammar (a non-empty string)")
     constraint = _line_constraint(obj, defaults.constraint)
     tools = _line_tools(obj, conversation)
     if tools is not None and tools.forced:

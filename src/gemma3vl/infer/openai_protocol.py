@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
-from gemma3vl.infer.structured import Constraint
+from gemma3vl.infer.structured import Constraint, text_constraint
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -459,11 +459,11 @@ def _constraint(kind: str, value: Any, where: str, param: str) -> Constraint:
                 raise _invalid(f"'{where}' must be a JSON Schema (an object, or its JSON text)", param) from None
         if not isinstance(value, dict):
             raise _invalid(f"'{where}' must be a JSON Schema (an object, or its JSON text)", param)
-    elif kind == "choice":
-        if not (isinstance(value, list) and value and all(isinstance(choice, str) and choice for choice in value)):
-            raise _invalid(f"'{where}' must be a non-empty list of non-empty strings", param)
-    elif not (isinstance(value, str) and value):
-        raise _invalid(f"'{where}' must be a non-empty string", param)
+    else:
+        try:
+            return text_constraint(kind, value, where, param)
+        except Gemma3VLError as exc:
+            raise _invalid(str(exc), param) from None
     return Constraint(kind, value, param)
 
 

@@ -81,6 +81,23 @@ class Constraint:
         return f"{self.kind}:{self.value}"
 
 
+def text_constraint(kind: str, value: Any, where: str, param: str | None = None) -> Constraint:
+    """A ``regex``, ``choice`` or ``grammar`` constraint, its value checked (a non-empty string; a non-empty list of
+    non-empty strings for ``choice``): a Gemma3VLError naming ``where`` otherwise. (Whether xgrammar can compile it
+    is checked when it is compiled.) What the server, the Python API and batch lines share."""
+    if kind == "choice":
+        if isinstance(value, str) or not (isinstance(value, (list, tuple)) and value
+                                          and all(isinstance(choice, str) and choice for choice in value)):
+            raise Gemma3VLError(f"'{where}' must be a non-empty list of non-empty strings, got {value!r}")
+        return Constraint(kind, list(value), param or where)
+    if kind not in ("regex", "grammar"):
+        raise ValueError(f"not a text constraint: {kind!r}")
+    if not isinstance(value, str) or not value:
+        what = "a regular expression" if kind == "regex" else "an EBNF grammar"
+        raise Gemma3VLError(f"'{where}' must be a non-empty string ({what}), got {value!r}")
+    return Constraint(kind, value, param or where)
+
+
 def choice_grammar(choices: Sequence[str]) -> str:
     """xgrammar EBNF whose ``root`` is exactly one of ``choices`` (quotes, backslashes and control characters
     escaped in the string literals)."""

@@ -5,9 +5,9 @@ the text of token ids.
 ``/tokenize`` takes ``prompt`` (text, read as ``/v1/completions`` reads it: ``<bos>`` added unless
 ``add_special_tokens`` is false or the text starts with it) or ``messages`` (a chat conversation, read as
 ``/v1/chat/completions`` reads it: images fetched under the same rules and limits, the chat template applied with
-the generation prompt, each image as its 256 soft tokens; ``tools`` and ``tool_choice`` too), and answers ``{"count", "max_model_len", "tokens",
-"token_strs"}`` (``token_strs`` with ``return_token_strs: true``, else null). ``/detokenize`` takes ``tokens`` and
-answers ``{"prompt"}``, special tokens kept, as vLLM decodes them.
+the generation prompt, each image as its 256 soft tokens; ``tools`` and ``tool_choice`` too), and answers
+``{"count", "max_model_len", "tokens", "token_strs"}`` (``token_strs`` with ``return_token_strs: true``, else
+null). ``/detokenize`` takes ``tokens`` and answers ``{"prompt"}``, special tokens kept, as vLLM decodes them.
 """
 
 from __future__ import annotations

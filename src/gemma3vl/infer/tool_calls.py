@@ -13,7 +13,8 @@ turns an OpenAI conversation with tools into such plain turns, and reads an answ
   holding each result in a ```` ```tool_output ```` block, in order; a user message right after them joins that turn
   (the template wants user and assistant turns to alternate);
 * an answer that is, whole, a list of calls to the request's functions (in a ```` ```tool_code ```` or
-  ```` ```python ```` fence or not; a bare call without brackets too) comes back as ``tool_calls`` with
+  ```` ```python ```` fence or not; a bare call without brackets too, or one inside ``print(...)`` as Google's
+  ``tool_code`` examples write it) comes back as ``tool_calls`` with
   ``finish_reason: "tool_calls"``; any other answer is the message's text, as it is;
 * ``tool_choice: "required"`` and a named function are decoded under a grammar (as vLLM does): the named function's
   arguments as one JSON object of its parameters' schema, or a JSON list of ``{"name", "parameters"}`` calls to
@@ -43,6 +44,7 @@ NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _CALL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _KEY = re.compile(r"[^\s=(),\[\]{}'\"]+")
 _FENCE = re.compile(r"^```[A-Za-z_]*[ \t]*\n(.*?)\n?```$", re.DOTALL)
+_PRINTED = re.compile(r"^print\((.*)\)$", re.DOTALL)  # Google's tool_code examples print the call's result
 _LITERAL_NAMES = {"True": True, "False": False, "None": None, "true": True, "false": False, "null": None}
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 MODES = ("none", "auto", "required")
@@ -284,7 +286,8 @@ def literal(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(literal(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {literal(v)}" for k, v in value.items()) + "}"
+        items = (f"{json.dumps(str(key), ensure_ascii=False)}: {literal(item)}" for key, item in value.items())
+        return "{" + ", ".join(items) + "}"
     raise TypeError(f"not a JSON value: {value!r}")
 
 
@@ -417,7 +420,9 @@ def _scan_calls(text: str) -> list[tuple[str, dict[str, Any]]]:
 def _unfenced(text: str) -> str:
     text = text.strip()
     fenced = _FENCE.match(text)
-    return fenced.group(1).strip() if fenced else text
+    text = fenced.group(1).strip() if fenced else text
+    printed = _PRINTED.match(text)
+    return printed.group(1).strip() if printed else text
 
 
 def parse_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
@@ -481,6 +486,10 @@ def may_become_calls(text: str, use: ToolUse) -> bool:
     if use.forced:
         return True
     start = text.lstrip()
+    if start.startswith("print("):  # (every form parse_calls reads must be held: see _unfenced)
+        start = start[len("print("):].lstrip()
+    elif start and "print(".startswith(start):
+        return True
     if not start or start[0] in "[`":
         return True
     match = _CALL_NAME.match(start)
