@@ -156,6 +156,29 @@ def test_conversation_records_are_examples_too(tmp_path):
     assert example.target == "red" and example.references == ["red"] and example.prompt_text == "<image>Colour?"
 
 
+def test_tool_conversations_are_examples_whose_reference_is_the_call(tmp_path):
+    """A conversation with tools is asked as the plain turns training and serving write (``tool_calls.converse``);
+    its reference is the call text, which ``--metric tool_call_match`` reads back as calls."""
+    from gemma3vl.evaluation.metrics import tool_call_match
+    from gemma3vl.infer.tool_calls import instructions, parse_tools, ToolUse
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    record = {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    ]}
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    examples = ExampleFile(path)
+    assert examples.layout == "conversation"
+    example = examples.example(0)
+    assert example.references == ['[get_weather(city="Paris")]']
+    assert [turn.role for turn in example.turns] == ["system", "user"]
+    assert example.turns[0].content == instructions(ToolUse(tools=parse_tools(tools)))
+    assert tool_call_match("```tool_code\nget_weather(city='Paris')\n```", example.references) == 1.0
+
+
 def test_unrecognised_columns_are_a_clear_error(tmp_path):
     path = write_parquet(tmp_path / "odd.parquet", [{"picture": png(), "text": "x"}])
     with pytest.raises(Gemma3VLError, match=r"cannot tell the dataset layout from its columns \['picture', 'text'\]"):

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.evaluation.metrics import (
-    METRICS, anls, check_metrics, compute_stats, exact_match, normalise_vqa_answer, score, token_f1, vqa_accuracy,
+    METRICS, anls, check_metrics, compute_stats, exact_match, normalise_vqa_answer, score, token_f1, tool_call_match,
+    vqa_accuracy,
 )
 from gemma3vl.evaluation.report import paired_bootstrap
 from gemma3vl.evaluation.tree_edit import (
@@ -306,3 +307,19 @@ def test_relaxed_accuracy_hand_worked(prediction, references, expected):
 
     assert relaxed_accuracy(prediction, references) == expected
     assert score("relaxed_accuracy", [prediction], [references]) == expected
+
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ('[get_weather(city="Paris")]', '[get_weather(city="Paris")]', 1.0),
+    ("```tool_code\nget_weather(city='Paris')\n```", '[get_weather(city="Paris")]', 1.0),  # spelling ignored
+    ('[f(a=1, b=[1, 2]), g()]', '[g(), f(b=[1, 2], a=1)]', 1.0),  # call and argument order ignored
+    ('[f(a=1.0)]', '[f(a=1)]', 1.0),  # equal as JSON numbers
+    ('[get_weather(city="Rome")]', '[get_weather(city="Paris")]', 0.0),
+    ('[get_time(city="Paris")]', '[get_weather(city="Paris")]', 0.0),
+    ('[f(a=1)]', '[f(a=1), f(a=1)]', 0.0),  # a call made once is not a call made twice
+    ("It is sunny.", '[get_weather(city="Paris")]', 0.0),
+    ("It is sunny!", "it is sunny", 1.0),  # a text reference: normalised exact match
+])
+def test_tool_call_match_by_hand(prediction, reference, expected):
+    assert tool_call_match(prediction, [reference]) == expected
+    assert score("tool_call_match", [prediction], [[reference]]) == expected

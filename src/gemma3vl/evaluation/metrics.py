@@ -37,6 +37,7 @@ with Java jars for its tokeniser) is not a well-kept library; ``predictions.json
 
 from __future__ import annotations
 
+import json
 import re
 import string
 import unicodedata
@@ -319,6 +320,44 @@ def _bleu_aggregate(sums: np.ndarray, count: int) -> np.ndarray:
     return np.array(scores).reshape(np.asarray(sums).shape[:-1])
 
 
+def _canonical_calls(text: str) -> list[str] | None:
+    """The calls ``text`` makes (``tool_calls.read_calls``), each as canonical JSON, sorted; None: not calls."""
+    from gemma3vl.infer.tool_calls import read_calls
+
+    calls = read_calls(text)
+    if calls is None:
+        return None
+    return sorted(json.dumps([name, _whole_numbers(arguments)], sort_keys=True, ensure_ascii=False)
+                  for name, arguments in calls)
+
+
+def _whole_numbers(value):
+    """``value`` with whole floats as integers (1.0 is JSON's 1)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_numbers(item) for key, item in value.items()}
+    return value
+
+
+def tool_call_match(prediction: str, references: Sequence[str]) -> float:
+    """For a reference that is function calls (the ``[name(key=value)]`` turns of tool conversations, as
+    ``gemma3vl.infer.tool_calls`` writes them): 1 if the prediction makes the same calls (names and argument
+    values equal as JSON, in any order; quoting, spacing, fences ignored); for a text reference, the normalised
+    exact match. Best over the references."""
+    predicted = _canonical_calls(prediction)
+    best = 0.0
+    for reference in references:
+        expected = _canonical_calls(reference)
+        if expected is None:
+            best = max(best, exact_match(prediction, [reference]))
+        elif predicted == expected:
+            return 1.0
+    return best
+
+
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
@@ -336,6 +375,8 @@ METRICS: dict[str, Metric] = {
                lambda s, n: _ratio(s[..., 0], s[..., 1])),
         Metric("field_recall", "field-level recall (micro)", _field_stats, lambda s, n: _ratio(s[..., 0], s[..., 2])),
         Metric("ted_accuracy", "normalised tree-edit-distance accuracy (Donut)", _per_sample(_ted), _mean),
+        Metric("tool_call_match", "the same function calls (names, arguments as JSON, any order); text: exact match",
+               _per_sample(tool_call_match), _mean),
         Metric("bleu4", "corpus BLEU-4 (sacrebleu, lower-cased, 13a), 0-1", _bleu_stats, _bleu_aggregate,
                needs="sacrebleu"),
     )

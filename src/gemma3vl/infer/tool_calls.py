@@ -425,17 +425,25 @@ def _unfenced(text: str) -> str:
     return printed.group(1).strip() if printed else text
 
 
-def parse_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
-    """The answer ``text`` as calls to ``use``'s functions, or None when it is not (then it is the answer's text):
-    the whole answer a list of calls (fenced or not; a bare call too), every name one of the functions, at most one
-    call unless parallel calls are allowed."""
+def read_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """``text`` read as calls, (name, arguments) pairs, whatever their names; None when the whole text is not a list
+    of calls (fenced or not; a bare call too; in ``print(...)``)."""
     body = _unfenced(text)
     try:
         try:
-            scanned = _scan_calls(body)
+            return _scan_calls(body)
         except (_NotACall, IndexError):
-            scanned = _scan_calls(f"[{body}]")  # a bare call, or calls without brackets
+            return _scan_calls(f"[{body}]")  # a bare call, or calls without brackets
     except (_NotACall, IndexError, RecursionError):
+        return None
+
+
+def parse_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
+    """The answer ``text`` as calls to ``use``'s functions, or None when it is not (then it is the answer's text):
+    the whole answer a list of calls (:func:`read_calls`), every name one of the functions, at most one call unless
+    parallel calls are allowed."""
+    scanned = read_calls(text)
+    if scanned is None:
         return None
     names = use.names
     if any(name not in names for name, _ in scanned) or (len(scanned) > 1 and not use.parallel):
