@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
 from gemma3vl.infer.structured import Constraint, text_constraint
+from gemma3vl.infer.tool_calls import ToolError, parse_history_calls, tool_use_of
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -224,8 +225,6 @@ def parse_message(message: Any, param: str,
     completions' ``text`` / ``image_url`` parts by default). Images only in user messages. With ``tool_messages``
     (the chat endpoint), also ``tool`` messages (``tool_call_id``, and the result as content) and an assistant
     message's ``tool_calls`` (its content then may be null)."""
-    from gemma3vl.infer.tool_calls import ToolError, parse_history_calls
-
     parse_part = parse_part or _parse_part
     if not isinstance(message, dict):
         raise _invalid(f"'{param}' must be an object with 'role' and 'content'", param)
@@ -557,8 +556,6 @@ def tool_use_of_body(body: dict, *, flat: bool = False) -> ToolUse | None:
     """A request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (:mod:`gemma3vl.infer.tool_calls`; ``flat``:
     the Responses API's forms), a 400 naming the field at fault. A forced call (``required`` or a named function) is
     decoded under its own grammar: not with another structured-output constraint."""
-    from gemma3vl.infer.tool_calls import ToolError, tool_use_of
-
     try:
         use = tool_use_of(body, flat=flat)
     except ToolError as exc:
