@@ -501,7 +501,7 @@ def _input_items(hexa: str, index: int, message: RequestMessage, urls: bool) -> 
                  "output": "".join(part for part in message.parts if isinstance(part, str)), "status": "completed"}]
     if message.role == "assistant":
         content = [{"type": "output_text", "text": part, "annotations": [], "logprobs": []}
-                   for part in message.parts if isinstance(part, str) and part]
+                   for part in message.parts if isinstance(part, str) and (part or not message.tool_calls)]
     else:
         content = [{"type": "input_text", "text": part} if isinstance(part, str) else
                    {"type": "input_image", "detail": "auto", "file_id": None, "image_url": part.url if urls else None}
