@@ -261,6 +261,14 @@ def test_bad_tools_are_a_400_naming_the_field(server, fields, param):
     assert reply["error"]["param"] == param, reply
 
 
+def test_errors_found_in_the_written_conversation_name_the_request_message(server):
+    """``converse`` adds a system message and joins tool results into one turn: a later error names the message of
+    the request the turn was written from, not a position in the written conversation."""
+    messages = [*QUESTION, CALLED, {"role": "tool", "tool_call_id": "c1", "content": "<start_of_image> here"}]
+    status, reply = post_json(server, {"messages": messages, "tools": TOOLS, "max_tokens": 4})
+    assert status == 400 and reply["error"]["message"].startswith("messages[2]: the text contains <start_of_image>")
+
+
 def test_the_legacy_endpoint_still_refuses_tools(server):
     status, reply = post_json(server, {"prompt": "x", "tools": TOOLS}, path="/v1/completions")
     assert (status, reply["error"]["param"]) == (400, "tools")

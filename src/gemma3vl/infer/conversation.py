@@ -27,6 +27,9 @@ class Turn:
 
     role: str
     parts: list[str | Image.Image] = field(default_factory=list)
+    # what errors call it (None: "message <index>"); a conversation with tools names the request's message a turn
+    # was written from (``tool_calls.converse`` adds and merges turns, so positions no longer match)
+    label: str | None = None
 
     @property
     def images(self) -> list[Image.Image]:
@@ -83,22 +86,25 @@ def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<star
     # Typed as text, <image_soft_token> becomes an image slot with no image behind it: the model's forward
     # then fails on a soft-token count mismatch (transformers' too), far from the message that caused it.
     reserved = [boi_token] + ([image_token] if image_token and config.is_vision_language else [])
+    def name(index: int) -> str:
+        return turns[index].label or f"message {index}"
+
     for index, turn in enumerate(turns):
         if turn.role not in ROLES:
-            raise Gemma3VLError(f"message {index}: role {turn.role!r} is not one of {', '.join(ROLES)}")
+            raise Gemma3VLError(f"{name(index)}: role {turn.role!r} is not one of {', '.join(ROLES)}")
         if turn.images and not config.is_vision_language:
             raise Gemma3VLError("this is a text-only Gemma 3 checkpoint: it cannot take images")
         if turn.images and turn.role != "user":
-            raise Gemma3VLError(f"message {index}: images can only be in user messages, not {turn.role!r} ones")
+            raise Gemma3VLError(f"{name(index)}: images can only be in user messages, not {turn.role!r} ones")
         text = rendered_text(turn)
         found = [token for token in reserved if token in turn.text or token in text]
         if found:
             raise Gemma3VLError(
-                f"message {index}: the text contains {', '.join(found)}; images are attached as images, not "
+                f"{name(index)}: the text contains {', '.join(found)}; images are attached as images, not "
                 "placeholders"
             )
         if turn.role == "system" and index != 0:
-            raise Gemma3VLError(f"message {index}: a system message can only come first")
+            raise Gemma3VLError(f"{name(index)}: a system message can only come first")
     # The template's own rule, checked here to name the message: after an optional system message, user and
     # assistant messages alternate, starting with a user one.
     first = 1 if turns[0].role == "system" else 0
@@ -106,7 +112,7 @@ def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<star
         expected = "user" if (index - first) % 2 == 0 else "assistant"
         if turns[index].role != expected:
             raise Gemma3VLError(
-                f"message {index}: expected {'an' if expected == 'assistant' else 'a'} {expected} message, got a "
+                f"{name(index)}: expected {'an' if expected == 'assistant' else 'a'} {expected} message, got a "
                 f"{turns[index].role!r} one (after an optional system message, user and assistant messages must "
                 "alternate, starting with user)"
             )

@@ -101,12 +101,12 @@ def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bo
         else:
             raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
         written.append(Message(ROLES.get(role, role), parts, calls, message.get("tool_call_id"), param=where))
-    if tools is not None or any(m.tool_calls or m.role == "tool" for m in written):
-        try:
-            written = converse(written, tools)
-        except ToolError as exc:
-            raise Gemma3VLError(str(exc)) from None
-    return [Turn(m.role, m.parts) for m in written]
+    if tools is None and not any(m.tool_calls or m.role == "tool" for m in written):
+        return [Turn(m.role, m.parts) for m in written]
+    try:  # (positions change: each turn is named by the message it was written from)
+        return [Turn(m.role, m.parts, label=m.param) for m in converse(written, tools)]
+    except ToolError as exc:
+        raise Gemma3VLError(str(exc)) from None
 
 
 def _part(part: Any, where: str, base_dir: Path | None, decode: bool) -> str | Image.Image:

@@ -187,8 +187,10 @@ class ChatCompletionServer:
         messages written as plain turns (:func:`tool_calls.converse`), the chat template applied (with the
         generation prompt, or with ``continue_final`` the last, assistant, message left open); a 4xx naming
         ``messages`` when that cannot be done."""
+        converted = tool_use is not None or any(m.tool_calls or m.role == "tool" for m in messages)
         try:
-            messages = [RequestMessage(m.role, m.parts) for m in converse(messages, tool_use)]
+            messages = [RequestMessage(m.role, m.parts, param=m.param if converted else None)
+                        for m in converse(messages, tool_use)]
         except ToolError as exc:
             raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
         images = sum(isinstance(part, ImagePart) for message in messages for part in message.parts)
@@ -200,7 +202,7 @@ class ChatCompletionServer:
                            param="messages", code="images_not_supported")
         turns = [
             Turn(message.role, [self.images.fetch(p.url, p.param) if isinstance(p, ImagePart) else p
-                                for p in message.parts])
+                                for p in message.parts], label=message.param)
             for message in messages
         ]
         try:

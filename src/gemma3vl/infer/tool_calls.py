@@ -555,7 +555,8 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
     """``messages`` (objects with ``role``, ``parts``, ``tool_calls``, ``tool_call_id``: :class:`Message`) as plain
     system / user / assistant messages: the functions in the system message, earlier calls as the assistant wrote
     them, tool results in a user turn. A ``tool`` message must answer a call of the assistant message before it
-    (OpenAI's rule): a :class:`ToolError` naming it otherwise."""
+    (OpenAI's rule): a :class:`ToolError` naming it otherwise. Each plain message's ``param`` names the message it
+    was written from (the first, when several are joined), for errors found later."""
     plain: list[Message] = []
     pending: list[str] = []  # the calls the last assistant message made, not yet answered
     from_tools = False  # whether plain[-1] is the user turn of tool results
@@ -577,7 +578,7 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
             if from_tools:
                 plain[-1].parts[-1] += "\n" + block
             else:
-                plain.append(Message("user", [block]))
+                plain.append(Message("user", [block], param=where))
                 from_tools = True
             continue
         if role == "user" and from_tools:
@@ -596,13 +597,14 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
             pending = [call.id for call in calls]
         else:
             pending = []
-        plain.append(Message(role, parts))
+        plain.append(Message(role, parts, param=where))
     if use is not None and use.offered:
         if plain and plain[0].role == "system":
             text = "".join(part for part in plain[0].parts if isinstance(part, str))
-            plain[0] = Message("system", [f"{text}\n\n{instructions(use)}" if text.strip() else instructions(use)])
+            plain[0] = Message("system", [f"{text}\n\n{instructions(use)}" if text.strip() else instructions(use)],
+                               param=plain[0].param)
         else:
-            plain.insert(0, Message("system", [instructions(use)]))
+            plain.insert(0, Message("system", [instructions(use)], param="the system message the tools are in"))
     return plain
 
 
