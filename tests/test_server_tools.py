@@ -90,6 +90,16 @@ def test_a_stream_holds_every_prefix_of_an_answer_that_is_calls(calls, wrapping,
     assert all(may_become_calls(text[:end], USE) for end in range(len(text) + 1)), text
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("[](){},=:'\"\\`\n _-.0123456789abcdefgNnTtprint")) | st.characters(),
+               max_size=60))
+def test_any_answer_is_either_calls_or_text_and_never_an_exception(text):
+    for candidate in (text, f"[get_weather({text})]", f"get-time(zone={text})"):
+        calls = parse_calls(candidate, USE)
+        assert calls is None or all(json.loads(call.arguments) is not None for call in calls)
+        assert may_become_calls(candidate, USE) in (True, False)
+
+
 @pytest.mark.parametrize("text, expected", [
     (CALL, [("get_weather", {"city": "Paris"})]),
     ('```tool_code\nget_weather(city="Paris")\n```', [("get_weather", {"city": "Paris"})]),

@@ -34,6 +34,7 @@ import json
 import math
 import re
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,12 @@ _LITERAL_NAMES = {"True": True, "False": False, "None": None, "true": True, "fal
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 MODES = ("none", "auto", "required")
 FINISH_TOOL_CALLS = "tool_calls"
+# Values are read with ast.parse under this file name; what the model writes is no source code of ours, so Python's
+# warnings about it ("invalid decimal literal" for 1if, "invalid escape sequence" for "\e", a SyntaxWarning or a
+# DeprecationWarning by Python version) would only be noise on a server's standard error.
+_VALUE_SOURCE = "<tool call>"
+for _category in (SyntaxWarning, DeprecationWarning):
+    warnings.filterwarnings("ignore", category=_category, module=re.escape(_VALUE_SOURCE))
 
 
 class ToolError(ValueError):
@@ -370,7 +377,7 @@ def _json_value(node: ast.AST) -> Any:
 
 def _literal_value(source: str) -> Any:
     try:
-        tree = ast.parse(source.strip(), mode="eval")
+        tree = ast.parse(source.strip(), filename=_VALUE_SOURCE, mode="eval")
     except (SyntaxError, ValueError, RecursionError):
         raise _NotACall from None
     return _json_value(tree.body)
