@@ -233,6 +233,19 @@ def test_a_named_function_or_required_forces_a_call(client):
     assert set(json.loads(call.function.arguments)) == ({"city"} if call.function.name == "get_weather" else {"zone"})
 
 
+def test_the_readme_loop_appends_the_clients_own_message_object(client):
+    """As OpenAI's docs write it (and the README): the reply's message object goes back into ``messages``."""
+    messages = list(QUESTION)
+    reply = client.chat.completions.create(model="tiny-gemma3", messages=messages, tools=TOOLS, temperature=0,
+                                           max_tokens=MAX_TOKENS, extra_body={"guided_regex": re.escape(CALL)}
+                                           ).choices[0].message
+    messages.append(reply)
+    messages += [{"role": "tool", "tool_call_id": call.id, "content": "Sunny"} for call in reply.tool_calls]
+    answer = client.chat.completions.create(model="tiny-gemma3", messages=messages, tools=TOOLS, temperature=0,
+                                            max_tokens=MAX_TOKENS, extra_body={"guided_regex": "It is sunny"})
+    assert answer.choices[0].message.content == "It is sunny"
+
+
 def test_a_conversation_goes_on_after_tool_results(client):
     reply = client.chat.completions.create(model="tiny-gemma3", tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
                                            messages=[*QUESTION, {"role": "assistant", "tool_calls": [
