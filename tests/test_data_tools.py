@@ -100,6 +100,8 @@ def test_the_server_prompt_for_the_history_is_the_training_samples_prefix(proces
     ({"messages": [user("Hi"), {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
                    {"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "invalid_schema",
      "messages[1].tool_calls[0].function.arguments"),
+    ({"messages": [{**user("Hi"), "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+                   {"role": "assistant", "content": "y"}]}, "invalid_schema", "only assistant messages make calls"),
     ({"tools": [WEATHER], "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "y"}]},
      "invalid_schema", "only in 'messages' records"),
 ])

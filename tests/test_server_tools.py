@@ -272,6 +272,7 @@ CALLED = {"role": "assistant", "content": None, "tool_calls": [
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ({"messages": [*QUESTION, {"role": "tool", "tool_call_id": "c1", "content": "x"}]}, "messages[1].tool_call_id"),
+    ({"messages": [{**QUESTION[0], "tool_calls": CALLED["tool_calls"]}]}, "messages[0].tool_calls"),
     ({"messages": [*QUESTION, CALLED, {"role": "tool", "tool_call_id": "c2", "content": "x"}]},
      "messages[2].tool_call_id"),
     ({"messages": [*QUESTION, CALLED, {"role": "tool", "content": "x"}]}, "messages[2].tool_call_id"),

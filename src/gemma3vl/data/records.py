@@ -248,7 +248,9 @@ TOOL_ROLE = "tool"
 def _tool_fields(message: dict, role: Any, source: str, where: str) -> tuple[tuple, str | None]:
     """An assistant message's ``tool_calls`` and a tool message's ``tool_call_id`` (None: not given)."""
     calls: tuple = ()
-    if role in ("assistant", *ROLE_ALIASES) and message.get("tool_calls") not in (None, []):
+    if role not in ("assistant", *ROLE_ALIASES) and message.get("tool_calls") not in (None, []):
+        raise BadRecord(source, INVALID_SCHEMA, f"{where} has 'tool_calls', but only assistant messages make calls")
+    if message.get("tool_calls") not in (None, []):
         try:
             calls = parse_history_calls(message["tool_calls"], f"{where}.tool_calls", need_ids=False)
         except ToolError as exc:

@@ -86,7 +86,9 @@ def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bo
         if role not in ROLES and role != "tool":
             raise Gemma3VLError(f"{where}.role must be one of {', '.join(ROLES)}, tool; got {role!r}")
         calls: tuple = ()
-        if ROLES.get(role) == "assistant" and message.get("tool_calls") not in (None, []):
+        if message.get("tool_calls") not in (None, []):
+            if ROLES.get(role) != "assistant":
+                raise Gemma3VLError(f"{where}.tool_calls: only assistant messages make calls")
             try:
                 calls = parse_history_calls(message["tool_calls"], f"{where}.tool_calls", need_ids=False)
             except ToolError as exc:

@@ -235,11 +235,13 @@ def parse_message(message: Any, param: str,
     content = message.get("content")
     calls: tuple[ToolCall, ...] = ()
     call_id = None
-    try:
-        if tool_messages and role == "assistant" and message.get("tool_calls") not in (None, []):
+    if tool_messages and message.get("tool_calls") not in (None, []):
+        if role != "assistant":
+            raise _invalid(f"'{param}.tool_calls': only assistant messages make calls", f"{param}.tool_calls")
+        try:
             calls = parse_history_calls(message["tool_calls"], f"{param}.tool_calls")
-    except ToolError as exc:
-        raise _invalid(str(exc), exc.param) from None
+        except ToolError as exc:
+            raise _invalid(str(exc), exc.param) from None
     if role == "tool":
         call_id = message.get("tool_call_id")
         if not isinstance(call_id, str) or not call_id:
