@@ -17,14 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemma3vl.infer.tool_calls import (
+    Message,
+    StreamedCalls,
     Tool,
     ToolCall,
     ToolUse,
     calls_text,
+    converse,
     instructions,
     may_become_calls,
     output_block,
     parse_calls,
+    split_answer,
 )
 from test_server import chat_reply, live_server, post_json
 
@@ -131,6 +135,48 @@ def test_parallel_calls_only_when_allowed():
     assert "one call at most" in instructions(single)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ('Let me check.\n[get_weather(city="Paris")]', ("Let me check.", [("get_weather", {"city": "Paris"})])),
+    ("Sure.\n\n```tool_code\nget_weather(city='Paris')\n```\n", ("Sure.", [("get_weather", {"city": "Paris"})])),
+    ('[note]\nSure.\n[get_weather(city="Paris")]', ("[note]\nSure.", [("get_weather", {"city": "Paris"})])),
+    ('Look: [get_weather(city="Paris")]', ('Look: [get_weather(city="Paris")]', None)),  # not on a line of its own
+    ('[get_weather(city="Paris")]\nDone.', ('[get_weather(city="Paris")]\nDone.', None)),  # calls end the answer
+])
+def test_an_answer_is_text_then_calls_on_the_lines_that_end_it(text, expected):
+    content, calls = split_answer(text, USE)
+    assert (content, None if calls is None else [(c.name, json.loads(c.arguments)) for c in calls]) == expected
+    assert split_answer(text, USE, "length") == (text, None)  # an answer cut by the token limit makes no calls
+
+
+prose = st.text(alphabet=st.sampled_from(list("abcdefghij ,.!?:;\n")), min_size=1, max_size=30).filter(str.strip)
+
+
+@settings(max_examples=120, deadline=None)
+@given(prose, st.lists(st.tuples(st.sampled_from(["get_weather", "get-time"]),
+                                 st.dictionaries(argument_names, json_values, max_size=2)), min_size=1, max_size=2),
+       st.lists(st.integers(1, 12), min_size=1, max_size=40), st.booleans())
+def test_text_and_calls_written_in_the_history_read_back_the_same_streamed_or_not(text, calls, pieces, with_calls):
+    """An assistant message with text and calls, as ``converse`` writes it, is read back as that text and those
+    calls; fed to a stream in any pieces, what is sent is the text, then the calls (or, with no calls, all of it)."""
+    written = [ToolCall(name, json.dumps(arguments)) for name, arguments in calls]
+    message = Message("assistant", [text], tuple(written) if with_calls else ())
+    (answer,) = [m.parts[0] for m in converse([message], None)]
+    content, read = split_answer(answer, USE)
+    if with_calls:
+        assert content == text.strip() and [(c.name, json.loads(c.arguments)) for c in read] == [
+            (n, a) for n, a in calls]
+    else:
+        assert (content, read) == (answer, None)
+    stream, sent, at = StreamedCalls(USE), [], 0
+    for size in [*pieces, len(answer)]:
+        delta = stream.feed(answer[at:at + size], None)
+        sent.append(delta[0] if delta else "")
+        at += size
+    rest, _, streamed = stream.finish(answer, "stop")
+    assert "".join(sent) + rest == (content or "")
+    assert (streamed is None) == (read is None)
+
+
 @pytest.mark.parametrize("prefix, held", [("", True), ("  [get", True), ("```", True), ("get_wea", True),
                                           ("get-time (", True), ("The weather", False), ("get_weather is", False),
                                           ("42", False), ("pri", True), ("print(get_w", True),
@@ -207,6 +253,28 @@ def test_a_streamed_call_comes_as_one_tool_calls_delta_and_text_streams_as_text(
         (0, "get_weather", {"city": "Paris"})]
     text, calls, finish = streamed("Sunny in Paris")
     assert (text, calls, finish) == ("Sunny in Paris", [], ["stop"])
+
+
+def test_text_then_calls_come_back_as_content_and_tool_calls_streamed_or_not(client):
+    answer = 'Let me check.\n[get_weather(city="Paris")]'
+    settings = dict(model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
+                    extra_body={"guided_regex": re.escape(answer)})
+    choice = client.chat.completions.create(**settings).choices[0]
+    assert (choice.message.content, choice.finish_reason) == ("Let me check.", "tool_calls")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    chunks = [c for c in client.chat.completions.create(**settings, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me check."
+    assert [t.function.name for c in chunks for t in c.choices[0].delta.tool_calls or ()] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    flat = [{"type": "function", **tool["function"]} for tool in TOOLS]
+    for stream in (False, True):
+        asked = dict(model="tiny-gemma3", input=QUESTION[0]["content"], tools=flat, temperature=0,
+                     max_output_tokens=MAX_TOKENS, extra_body={"guided_regex": re.escape(answer)})
+        response = (list(client.responses.create(**asked, stream=True))[-1].response if stream
+                    else client.responses.create(**asked))
+        assert [item.type for item in response.output] == ["message", "function_call"]
+        assert response.output_text == "Let me check." and response.output[1].name == "get_weather"
 
 
 def test_text_answers_are_unchanged_by_tools_the_model_does_not_call(server):

@@ -38,7 +38,7 @@ from gemma3vl.infer.messages import images_of, turns_of_messages
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, answer_calls, forced_schema, tool_use_of
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, forced_schema, split_answer, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -239,7 +239,7 @@ class Model:
                                               tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls),
                              sampling, "messages")
         completion = self._complete_one(encoded, sampling)
-        calls = answer_calls(completion.text, use) if completion.finish_reason == "stop" else None
+        _, calls = split_answer(completion.text, use, completion.finish_reason)
         wire = None if not calls else [call.wire() for call in calls]
         if details:
             return Answer.of(completion, wire)

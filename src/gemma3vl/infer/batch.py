@@ -51,7 +51,7 @@ from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, answer_calls, forced_schema, tool_use_of
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, forced_schema, split_answer, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
@@ -100,7 +100,7 @@ class BatchItem:
     def record(self, completion: Completion) -> dict[str, Any]:
         key = {"id": self.id} if self.has_id else {"index": self.line - 1}
         asked = {"prompt": self.prompt} if self.messages is None else {"messages": self.messages}
-        calls = answer_calls(completion.text, self.tools) if completion.finish_reason == "stop" else None
+        _, calls = split_answer(completion.text, self.tools, completion.finish_reason)
         made = {"tool_calls": [call.wire() for call in calls]} if calls else {}
         return {**key, **asked, "answer": completion.text, **made, "tokens": completion.completion_tokens,
                 "finish_reason": FINISH_TOOL_CALLS if calls else completion.finish_reason}

@@ -72,7 +72,7 @@ from gemma3vl.infer.openai_protocol import (
     tool_use_of_body,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
-from gemma3vl.infer.tool_calls import StreamedCalls, ToolCall, ToolError, ToolUse, answer_calls, checked_arguments
+from gemma3vl.infer.tool_calls import StreamedCalls, ToolCall, ToolError, ToolUse, checked_arguments, split_answer
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -390,11 +390,6 @@ class ResponseBuilder:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
                 "content": [] if part is None else [part]}
 
-    def calls(self, completion: Completion) -> list[ToolCall] | None:
-        """The calls the answer makes (None: it is text)."""
-        if completion.finish_reason != "stop":
-            return None
-        return answer_calls(completion.text, self.request.chat.tool_use)
 
     def response(self, status: str, output: list[dict[str, Any]], *, completion: Completion | None = None,
                  error: ApiError | None = None, stored: bool = False) -> dict[str, Any]:
@@ -431,14 +426,11 @@ class ResponseBuilder:
         """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response, kept in
         ``store`` (with the conversation it answered) when the request asks for it and it fits."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
-        calls = self.calls(completion)
-        if calls:
-            output = [function_call_item(f"fc_{uuid.uuid4().hex}", call) for call in calls]
-            answer = RequestMessage(role="assistant", parts=[], tool_calls=tuple(calls))
-        else:
-            part = self.text_part(completion.text, self.logprob_items(completion.logprobs))
-            output = [self.message(part, status)]
-            answer = RequestMessage(role="assistant", parts=[completion.text])
+        text, calls = split_answer(completion.text, self.request.chat.tool_use, completion.finish_reason)
+        output = [] if text is None else [
+            self.message(self.text_part(text, self.logprob_items(completion.logprobs)), status)]
+        output += [function_call_item(f"fc_{uuid.uuid4().hex}", call) for call in calls or ()]
+        answer = RequestMessage(role="assistant", parts=[] if text is None else [text], tool_calls=tuple(calls or ()))
         keep = self.request.store and store.max_bytes > 0
         response = self.response(status, output, completion=completion, stored=keep)
         if keep:
@@ -605,27 +597,29 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
             completion = event[2]
             handler._finished(job, [completion], record, stream=True)
             status, response = builder.finished(completion, app.responses)
-            if response["output"][0]["type"] == "function_call":
-                _stream_calls(events, response["output"])
-                events.send(f"response.{status}", response=response)
-                continue
-            open_message()
-            if held is not None and held.holding:
-                text, entries = held.release()
+            output = response["output"]
+            if held is not None:
+                text, entries, _ = held.finish(completion.text, completion.finish_reason)
                 if text or entries:
+                    open_message()
                     events.send("response.output_text.delta", **where, delta=text,
                                 logprobs=builder.logprob_items(entries))
-            part = response["output"][0]["content"][0]
-            events.send("response.output_text.done", **where, text=completion.text, logprobs=part["logprobs"])
-            events.send("response.content_part.done", **where, part=part)
-            events.send("response.output_item.done", output_index=0, item=response["output"][0])
+            if output[0]["type"] == "message":
+                open_message()
+                part = output[0]["content"][0]
+                events.send("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
+                events.send("response.content_part.done", **where, part=part)
+                events.send("response.output_item.done", output_index=0, item=output[0])
+            _stream_calls(events, output)
             events.send(f"response.{status}", response=response)
     handler._write_chunk(b"")  # end of the chunked body
 
 
-def _stream_calls(events: _EventWriter, items: list[dict[str, Any]]) -> None:
-    """The answer's ``function_call`` items, each added, its arguments as one delta, done."""
-    for index, item in enumerate(items):
+def _stream_calls(events: _EventWriter, output: list[dict[str, Any]]) -> None:
+    """The answer's ``function_call`` items (of its ``output``), each added, its arguments as one delta, done."""
+    for index, item in enumerate(output):
+        if item["type"] != "function_call":
+            continue
         events.send("response.output_item.added", output_index=index,
                     item={**item, "arguments": "", "status": "in_progress"})
         events.send("response.function_call_arguments.delta", item_id=item["id"], output_index=index,

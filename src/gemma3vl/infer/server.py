@@ -62,8 +62,8 @@ from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, StreamedCalls, ToolError, ToolUse, answer_calls, converse, \
-    forced_schema, message_object
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, StreamedCalls, ToolError, ToolUse, converse, forced_schema, \
+    message_object, split_answer
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
@@ -649,10 +649,10 @@ class _Handler(BaseHTTPRequestHandler):
         counts = self._finished(job, completions, record, stream=False)
         choices = []
         for index, c in enumerate(completions):
-            calls = answer_calls(c.text, request.tool_use) if c.finish_reason == "stop" else None
+            text, calls = split_answer(c.text, request.tool_use, c.finish_reason)
             choice = choice_object(index, c.text, FINISH_TOOL_CALLS if calls else c.finish_reason,
                                    self.app.logprobs(c.logprobs))
-            choice["message"] = message_object(c.text, calls)
+            choice["message"] = message_object(text, calls)
             choices.append(choice)
         body = completion_object(new_completion_id(), now(), self.app.model_name, choices, counts)
         if job.prompt_logprobs is not None:  # (vLLM's, beside the choices)
@@ -691,16 +691,15 @@ class _Handler(BaseHTTPRequestHandler):
                 _, index, completion = event
                 completions.append(completion)
                 reason = completion.finish_reason
-                if held is not None and held[index].holding:
-                    calls = answer_calls(completion.text, use) if reason == "stop" else None
-                    text, logprobs = held[index].release()
+                if held is not None:
+                    text, logprobs, calls = held[index].finish(completion.text, reason)
+                    if text or logprobs:
+                        self._write_chunk(chunk(chunk_choice(index, {"content": text},
+                                                             logprobs=self.app.logprobs(logprobs))))
                     if calls:
                         reason = FINISH_TOOL_CALLS
                         delta = {"tool_calls": [call.wire(position) for position, call in enumerate(calls)]}
-                    else:
-                        delta = {"content": text}
-                    if calls or text or logprobs:
-                        self._write_chunk(chunk(chunk_choice(index, delta, logprobs=self.app.logprobs(logprobs))))
+                        self._write_chunk(chunk(chunk_choice(index, delta)))
                 self._write_chunk(chunk(chunk_choice(index, {}, reason)))
         if len(completions) == job.n:
             counts = self._finished(job, completions, record, stream=True)

@@ -12,10 +12,12 @@ turns an OpenAI conversation with tools into such plain turns, and reads an answ
 * ``tool`` messages (each answering one of the calls of the assistant message before them) become a user turn
   holding each result in a ```` ```tool_output ```` block, in order; a user message right after them joins that turn
   (the template wants user and assistant turns to alternate);
-* an answer that is, whole, a list of calls to the request's functions (in a ```` ```tool_code ```` or
-  ```` ```python ```` fence or not; a bare call without brackets too, or one inside ``print(...)`` as Google's
-  ``tool_code`` examples write it) comes back as ``tool_calls`` with
-  ``finish_reason: "tool_calls"``; any other answer is the message's text, as it is;
+* an answer that ends with a list of calls to the request's functions on lines of their own (in a
+  ```` ```tool_code ```` or ```` ```python ```` fence or not; a bare call without brackets too, or one inside
+  ``print(...)`` as Google's ``tool_code`` examples write it) comes back as ``tool_calls`` with
+  ``finish_reason: "tool_calls"``, the text before them (if any) as the message's content: the form an assistant
+  message with text and calls is written in (:func:`split_answer`); any other answer is the message's text, as it
+  is;
 * ``tool_choice: "required"`` and a named function are decoded under a grammar (as vLLM does): the named function's
   arguments as one JSON object of its parameters' schema, or a JSON list of ``{"name", "parameters"}`` calls to
   any of the functions; the prompt asks for that JSON, and the answer is read back as the calls.
@@ -488,11 +490,27 @@ def forced_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
             for call in value]
 
 
-def answer_calls(text: str, use: ToolUse | None) -> list[ToolCall] | None:
-    """The calls an answer makes under ``use`` (None: it is text)."""
-    if use is None or not use.offered:
-        return None
-    return forced_calls(text, use) if use.forced else parse_calls(text, use)
+def split_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") -> tuple[str | None,
+                                                                                   list[ToolCall] | None]:
+    """An answer under ``use`` as (its text, its calls): the whole answer calls (text None); or text, then calls
+    from the start of a line to the end (the form :func:`converse` writes an assistant message with text and calls
+    in: the text, a newline, the calls), the text without the white space before the calls; or text alone (calls
+    None). Only an answer that ended by itself (``finish_reason`` "stop") makes calls."""
+    if use is None or not use.offered or finish_reason != "stop":
+        return text, None
+    if use.forced:
+        calls = forced_calls(text, use)
+        return (None, calls) if calls else (text, None)
+    calls = parse_calls(text, use)
+    if calls is not None:
+        return None, calls
+    for start in (index + 1 for index, char in enumerate(text) if char == "\n"):
+        rest = text[start:]
+        if may_become_calls(rest, use):
+            calls = parse_calls(rest, use)
+            if calls is not None:
+                return text[:start].rstrip() or None, calls
+    return text, None
 
 
 def may_become_calls(text: str, use: ToolUse) -> bool:
@@ -517,31 +535,47 @@ def may_become_calls(text: str, use: ToolUse) -> bool:
 
 
 class StreamedCalls:
-    """One streamed choice's text, held back while it may become calls: ``feed`` says what to send now,
-    ``finish`` what to send at the end (the held text, or the calls)."""
+    """One streamed choice's text under tools: what may still be calls is held back, the rest is sent as it comes.
+    Held: from the earliest line (the answer's start included) from which the rest may still be calls
+    (:func:`may_become_calls`), with the white space before it; everything, for a forced call. So what was sent
+    is always the start of :func:`split_answer`'s text, and ``finish`` sends the rest of that text, then the
+    calls. (Logprobs go with the next text sent.)"""
 
     def __init__(self, use: ToolUse):
         self.use = use
-        self.holding = True
-        self.held: list[str] = []
-        self.held_logprobs: list[TokenLogprob] | None = None
+        self.sent = ""
+        self.pending = ""
+        self.pending_logprobs: list[TokenLogprob] | None = None
 
     def feed(self, text: str, logprobs: list[TokenLogprob] | None) -> tuple[str, list[TokenLogprob] | None] | None:
-        """The delta to send now (text and logprobs), or None while held."""
-        if not self.holding:
-            return text, logprobs
-        self.held.append(text)
+        """The delta to send now (text and logprobs), or None while all of it is held."""
+        self.pending += text
         if logprobs is not None:
-            self.held_logprobs = [*(self.held_logprobs or ()), *logprobs]
-        if may_become_calls("".join(self.held), self.use):
+            self.pending_logprobs = [*(self.pending_logprobs or ()), *logprobs]
+        cut = 0 if self.use.forced else self._free_length()
+        if cut == 0:
             return None
-        self.holding = False
-        return self.release()
-
-    def release(self) -> tuple[str, list[TokenLogprob] | None]:
-        text, logprobs = "".join(self.held), self.held_logprobs
-        self.held, self.held_logprobs = [], None
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        self.sent += text
+        logprobs, self.pending_logprobs = self.pending_logprobs, None
         return text, logprobs
+
+    def _free_length(self) -> int:
+        """How much of the pending text cannot be part of calls."""
+        starts = [0] if not self.sent else []
+        starts += [index + 1 for index, char in enumerate(self.pending) if char == "\n"]
+        for start in starts:
+            if may_become_calls(self.pending[start:], self.use):
+                return len(self.pending[:start].rstrip())
+        return len(self.pending)
+
+    def finish(self, text: str, finish_reason: str) -> tuple[str, list[TokenLogprob] | None, list[ToolCall] | None]:
+        """At the end of the answer (``text``, all of it): the text still to send, its logprobs, and the calls
+        (None: the answer is text)."""
+        content, calls = split_answer(text, self.use, finish_reason)
+        rest = self.pending if calls is None else (content or "")[len(self.sent):]
+        logprobs, self.pending, self.pending_logprobs = self.pending_logprobs, "", None
+        return rest, logprobs, calls
 
 
 @dataclass
@@ -615,8 +649,9 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
     return plain
 
 
-def message_object(text: str, calls: list[ToolCall] | None) -> dict[str, Any]:
-    """A choice's ``message``: its text, or its calls (``content`` null)."""
-    if calls is None:
-        return {"role": "assistant", "content": text, "refusal": None}
-    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call.wire() for call in calls]}
+def message_object(text: str | None, calls: list[ToolCall] | None) -> dict[str, Any]:
+    """A choice's ``message``: its text (null when it is only calls), and its calls."""
+    message = {"role": "assistant", "content": text, "refusal": None}
+    if calls:
+        message["tool_calls"] = [call.wire() for call in calls]
+    return message
