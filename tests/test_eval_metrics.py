@@ -317,6 +317,8 @@ def test_relaxed_accuracy_hand_worked(prediction, references, expected):
     ('[get_weather(city="Rome")]', '[get_weather(city="Paris")]', 0.0),
     ('[get_time(city="Paris")]', '[get_weather(city="Paris")]', 0.0),
     ('[f(a=1)]', '[f(a=1), f(a=1)]', 0.0),  # a call made once is not a call made twice
+    ('Let me look.\n[get_weather(city="Paris")]', 'Checking.\n[get_weather(city="Paris")]', 1.0),  # text aside
+    ('[get_weather(city="Paris")] is what I would call', '[get_weather(city="Paris")]', 0.0),
     ("It is sunny.", '[get_weather(city="Paris")]', 0.0),
     ("It is sunny!", "it is sunny", 1.0),  # a text reference: normalised exact match
 ])

@@ -321,10 +321,11 @@ def _bleu_aggregate(sums: np.ndarray, count: int) -> np.ndarray:
 
 
 def _canonical_calls(text: str) -> list[str] | None:
-    """The calls ``text`` makes (``tool_calls.read_calls``), each as canonical JSON, sorted; None: not calls."""
-    from gemma3vl.infer.tool_calls import read_calls
+    """The calls that end ``text`` (``tool_calls.trailing_calls``: the whole text, or lines of their own after some
+    text), each as canonical JSON, sorted; None: no calls."""
+    from gemma3vl.infer.tool_calls import trailing_calls
 
-    calls = read_calls(text)
+    calls = trailing_calls(text)
     if calls is None:
         return None
     return sorted(json.dumps([name, _whole_numbers(arguments)], sort_keys=True, ensure_ascii=False)
@@ -343,10 +344,10 @@ def _whole_numbers(value):
 
 
 def tool_call_match(prediction: str, references: Sequence[str]) -> float:
-    """For a reference that is function calls (the ``[name(key=value)]`` turns of tool conversations, as
-    ``gemma3vl.infer.tool_calls`` writes them): 1 if the prediction makes the same calls (names and argument
-    values equal as JSON, in any order; quoting, spacing, fences ignored); for a text reference, the normalised
-    exact match. Best over the references."""
+    """For a reference that makes function calls (the ``[name(key=value)]`` turns of tool conversations, as
+    ``gemma3vl.infer.tool_calls`` writes them, text before them or not): 1 if the prediction makes the same calls
+    (names and argument values equal as JSON, in any order; quoting, spacing, fences and the text before them
+    ignored); for a text reference, the normalised exact match. Best over the references."""
     predicted = _canonical_calls(prediction)
     best = 0.0
     for reference in references:

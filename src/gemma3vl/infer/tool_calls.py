@@ -447,6 +447,16 @@ def read_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
         return None
 
 
+def trailing_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """The calls that end ``text`` on lines of their own, whatever their names (:func:`read_calls` from the start, or
+    from the earliest line start that reads as calls to the end); None when it ends with none."""
+    for start in (0, *(index + 1 for index, char in enumerate(text) if char == "\n")):
+        calls = read_calls(text[start:])
+        if calls is not None:
+            return calls
+    return None
+
+
 def parse_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
     """The answer ``text`` as calls to ``use``'s functions, or None when it is not (then it is the answer's text):
     the whole answer a list of calls (:func:`read_calls`), every name one of the functions, at most one call unless
