@@ -321,9 +321,9 @@ def _bleu_aggregate(sums: np.ndarray, count: int) -> np.ndarray:
 
 
 def _canonical_calls(text: str) -> list[str] | None:
-    """The calls that end ``text`` (``tool_calls.trailing_calls``: the whole text, or lines of their own after some
+    """The calls that end ``text`` (``call_syntax.trailing_calls``: the whole text, or lines of their own after some
     text), each as canonical JSON, sorted; None: no calls."""
-    from gemma3vl.infer.tool_calls import trailing_calls
+    from gemma3vl.infer.call_syntax import trailing_calls
 
     calls = trailing_calls(text)
     if calls is None:
