@@ -354,13 +354,19 @@ def split_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") ->
     return text, None
 
 
+HEAD_WINDOW = 256  # characters after the leading white space that tell whether a text may begin calls
+_BLANK = re.compile(r"\s*")
+
+
 def may_become_calls(text: str, use: ToolUse) -> bool:
     """Whether an answer starting with ``text`` may still turn out to be calls (a stream holds its text back
-    while it may)."""
+    while it may). Only the first :data:`HEAD_WINDOW` characters after the leading white space are read (a name is
+    at most 64): a stream asks at every piece, and must not read all the text it holds each time."""
     if use.forced:
         return True
-    start = text.lstrip()
-    if start.startswith("print("):  # (every form parse_calls reads must be held: see _unfenced)
+    first = _BLANK.match(text).end()
+    start = text[first:first + HEAD_WINDOW]
+    if start.startswith("print("):  # (every form parse_calls reads must be held: see call_syntax._unfenced)
         start = start[len("print("):].lstrip()
     elif start and "print(".startswith(start):
         return True
@@ -370,7 +376,7 @@ def may_become_calls(text: str, use: ToolUse) -> bool:
     if match is None:
         return False
     word, rest = match.group(), start[match.end():]
-    if not rest:
+    if not rest:  # (a word that fills the window is no name: names are at most 64 characters)
         return any(name.startswith(word) for name in use.names)
     return word in use.names and (not rest.strip() or rest.lstrip().startswith("("))
 
@@ -402,12 +408,15 @@ class StreamedCalls:
         return text, logprobs
 
     def _free_length(self) -> int:
-        """How much of the pending text cannot be part of calls."""
-        starts = [0] if not self.sent else []
-        starts += [index + 1 for index, char in enumerate(self.pending) if char == "\n"]
-        for start in starts:
+        """How much of the pending text cannot be part of calls (the line starts are read in order, up to the first
+        that may begin calls: usually the first, when text is held)."""
+        start = 0 if not self.sent else self.pending.find("\n") + 1
+        while start > 0 or not self.sent:
             if may_become_calls(self.pending[start:], self.use):
                 return len(self.pending[:start].rstrip())
+            start = self.pending.find("\n", start) + 1
+            if start == 0:
+                break
         return len(self.pending)
 
     def finish(self, text: str, finish_reason: str) -> tuple[str, list[TokenLogprob] | None, list[ToolCall] | None]:
