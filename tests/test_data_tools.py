@@ -53,8 +53,14 @@ def dataset_dir(tmp_path):
     ([WEATHER], '{"city": "Paris"}'),  # bare functions; arguments as JSON text
     (json.dumps([WEATHER]), {"city": "Paris"}),  # the list's JSON text (as some datasets store it)
 ])
-def test_a_tool_conversation_trains_as_the_documented_plain_conversation(processor, dataset_dir, tools, arguments):
-    conversation = parse_record({"tools": tools, "messages": record_messages(arguments)}, "x:1", dataset_dir)
+@pytest.mark.parametrize("shared_images", [False, True])
+def test_a_tool_conversation_trains_as_the_documented_plain_conversation(processor, dataset_dir, tools, arguments,
+                                                                          shared_images):
+    record = {"tools": tools, "messages": record_messages(arguments)}
+    if shared_images:  # the image part names no image: the record's "images" list gives it (TRL's layout)
+        record["messages"][1]["content"][0] = {"type": "image"}
+        record["images"] = ["a.png"]
+    conversation = parse_record(record, "x:1", dataset_dir)
     sample = ConversationEncoder(processor).encode(conversation)
     expected = processor.apply_chat_template(opened(PLAIN, dataset_dir), tokenize=True, return_dict=True,
                                              return_tensors="pt")

@@ -38,7 +38,7 @@ from gemma3vl.infer.messages import images_of, turns_of_messages
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, forced_schema, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_schema, split_answer, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -573,8 +573,6 @@ def _warn_compile_failure(why: str) -> None:
 
 
 def _tool_use(tools: Any, tool_choice: Any, parallel_tool_calls: Any) -> ToolUse | None:
-    """``chat``'s tool arguments, checked as the server checks a request's (errors name the argument)."""
-    try:
-        return tool_use_of({"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls})
-    except ToolError as exc:
-        raise Gemma3VLError(str(exc)) from None
+    """``chat``'s tool arguments, checked as the server checks a request's (a ToolError, a Gemma3VLError, names the
+    argument)."""
+    return tool_use_of({"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls})

@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from gemma3vl.errors import Gemma3VLError
-from gemma3vl.infer.tool_calls import Message, ToolError, ToolUse, converse, parse_history_calls, parse_tools
+from gemma3vl.infer.tool_calls import Message, ToolError, ToolUse, converse, involves_tools, parse_history_calls, \
+    parse_tools
 
 ROLES = ("system", "user", "assistant")
 # "model" is Gemma's own name for the assistant; its chat template renders "model" and "assistant" alike.
@@ -210,34 +211,34 @@ def _messages_turns(
     shared_images = _record_images(record, source)
     known = list(dict.fromkeys([*ROLES, *aliases, TOOL_ROLE]))
     turns = []
-    calls: list[tuple[tuple, str | None]] = []  # each message's tool calls, and the call a tool message answers
+    tool_fields = []  # each message's tool calls, the call a tool message answers, and where the message is
     for index, message in enumerate(messages):
         where = f"{key}[{index}]"
         if not isinstance(message, dict):
             raise BadRecord(source, INVALID_SCHEMA, f"{where} must be an object, got {_kind(message)}")
         role = message.get("role")
-        made = _tool_fields(message, role, source, where)
-        if "role" not in message or ("content" not in message and not made[0]):
+        calls, answers = _tool_fields(message, role, source, where)
+        if "role" not in message or ("content" not in message and not calls):
             raise BadRecord(source, INVALID_SCHEMA, f"{where} needs 'role' and 'content'")
         if not isinstance(role, str) or (role not in ROLES and role not in aliases and role != TOOL_ROLE):
             raise BadRecord(source, UNKNOWN_ROLE, f"{where} has role {role!r}; roles are {', '.join(known)}")
         content = message.get("content")
-        turns.append(Turn(aliases.get(role, role), [] if content is None and made[0] else
-                          _content(content, source, where)))
-        calls.append(made)
-        if role == TOOL_ROLE and turns[-1].images:
+        turn = Turn(aliases.get(role, role), [] if content is None and calls else _content(content, source, where))
+        if role == TOOL_ROLE and turn.images:
             raise BadRecord(source, INVALID_SCHEMA,
                             f"{where}: a tool message's result is text; images go in user turns")
-    _fill_shared_images(turns, shared_images, source)
+        turns.append(turn)
+        tool_fields.append((calls, answers, where))
+    _fill_shared_images(turns, shared_images, source)  # (it gives the turns new content lists)
+    written = [Message(turn.role, turn.content if isinstance(turn.content, list) else [turn.content], calls, answers,
+                       param=where) for turn, (calls, answers, where) in zip(turns, tool_fields)]
     tools = _record_tools(record, source)
-    if tools is None and not any(made[0] or turn.role == TOOL_ROLE for made, turn in zip(calls, turns)):
+    if not involves_tools(written, tools):
         return turns
-    written = [Message(turn.role, [turn.content] if isinstance(turn.content, str) else list(turn.content),
-                       made[0], made[1]) for turn, made in zip(turns, calls)]
     try:
         plain = converse(written, tools)
     except ToolError as exc:
-        raise BadRecord(source, ROLE_ORDER, str(exc).replace("messages[", f"{key}[")) from None
+        raise BadRecord(source, ROLE_ORDER, str(exc)) from None
     return [Turn(m.role, m.parts[0] if len(m.parts) == 1 and isinstance(m.parts[0], str) else m.parts)
             for m in plain]
 

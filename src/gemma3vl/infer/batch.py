@@ -51,7 +51,7 @@ from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolError, ToolUse, forced_schema, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_schema, split_answer, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
@@ -281,10 +281,7 @@ def _line_tools(obj: dict, conversation: bool) -> ToolUse | None:
     given = [key for key in TOOL_KEYS if key in obj]
     if given and not conversation:
         raise Gemma3VLError(f"{given[0]!r} goes with 'messages' lines only")
-    try:
-        return tool_use_of(obj)
-    except ToolError as exc:
-        raise Gemma3VLError(str(exc)) from None
+    return tool_use_of(obj)  # (a ToolError is a Gemma3VLError: the line is reported with its message)
 
 
 def read_batch_file(path: Path, defaults: BatchDefaults, runtime: InferenceRuntime,

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 CALL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _KEY = re.compile(r"[^\s=(),\[\]{}'\"]+")
@@ -174,10 +174,20 @@ def read_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
         return None
 
 
+def line_starts(text: str) -> Iterator[int]:
+    """Where the lines of ``text`` start: 0, and after each newline."""
+    start = 0
+    while True:
+        yield start
+        start = text.find("\n", start) + 1
+        if start == 0:
+            return
+
+
 def trailing_calls(text: str) -> list[tuple[str, dict[str, Any]]] | None:
     """The calls that end ``text`` on lines of their own, whatever their names (:func:`read_calls` from the start, or
     from the earliest line start that reads as calls to the end); None when it ends with none."""
-    for start in (0, *(index + 1 for index, char in enumerate(text) if char == "\n")):
+    for start in line_starts(text):
         calls = read_calls(text[start:])
         if calls is not None:
             return calls

@@ -20,7 +20,7 @@ from PIL import Image
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.conversation import Turn
 from gemma3vl.infer.prompt import check_image_file, data_url_bytes, decode_image, load_image
-from gemma3vl.infer.tool_calls import Message, ToolError, ToolUse, converse, parse_history_calls
+from gemma3vl.infer.tool_calls import Message, ToolUse, converse, involves_tools, parse_history_calls
 
 # Message roles and the turn each is ("developer" is OpenAI's newer name for system, "model" Gemma's for assistant).
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant"}
@@ -89,10 +89,7 @@ def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bo
         if message.get("tool_calls") not in (None, []):
             if ROLES.get(role) != "assistant":
                 raise Gemma3VLError(f"{where}.tool_calls: only assistant messages make calls")
-            try:
-                calls = parse_history_calls(message["tool_calls"], f"{where}.tool_calls", need_ids=False)
-            except ToolError as exc:
-                raise Gemma3VLError(str(exc)) from None
+            calls = parse_history_calls(message["tool_calls"], f"{where}.tool_calls", need_ids=False)
         content = message.get("content")
         if isinstance(content, str):
             parts: list[Any] = [content]
@@ -103,12 +100,10 @@ def turns_of_messages(messages: Any, base_dir: Path | None = None, *, decode: bo
         else:
             raise Gemma3VLError(f"{where}.content must be a string or a list of content parts")
         written.append(Message(ROLES.get(role, role), parts, calls, message.get("tool_call_id"), param=where))
-    if tools is None and not any(m.tool_calls or m.role == "tool" for m in written):
+    if not involves_tools(written, tools):
         return [Turn(m.role, m.parts) for m in written]
-    try:  # (positions change: each turn is named by the message it was written from)
-        return [Turn(m.role, m.parts, label=m.param) for m in converse(written, tools)]
-    except ToolError as exc:
-        raise Gemma3VLError(str(exc)) from None
+    # (positions change: each turn is named by the message it was written from)
+    return [Turn(m.role, m.parts, label=m.param) for m in converse(written, tools)]
 
 
 def _part(part: Any, where: str, base_dir: Path | None, decode: bool) -> str | Image.Image:

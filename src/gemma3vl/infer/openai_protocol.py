@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
 from gemma3vl.infer.structured import Constraint, text_constraint
-from gemma3vl.infer.tool_calls import ToolError, parse_history_calls, tool_use_of
+from gemma3vl.infer.tool_calls import ToolCall, ToolError, ToolUse, parse_history_calls, tool_use_of
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
-    from gemma3vl.infer.tool_calls import ToolCall, ToolUse
     from gemma3vl.infer.runtime import InferenceRuntime
     from gemma3vl.infer.sampling import Sampling
 
@@ -556,19 +555,12 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
 
 def tool_use_of_body(body: dict, *, flat: bool = False) -> ToolUse | None:
     """A request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (:mod:`gemma3vl.infer.tool_calls`; ``flat``:
-    the Responses API's forms), a 400 naming the field at fault. A forced call (``required`` or a named function) is
-    decoded under its own grammar: not with another structured-output constraint."""
+    the Responses API's forms), a 400 naming the field at fault. (A forced call, ``required`` or a named function, is
+    decoded under its own grammar: the server refuses it beside another constraint, ``ChatCompletionServer.prepare``.)"""
     try:
         use = tool_use_of(body, flat=flat)
     except ToolError as exc:
         raise _invalid(str(exc), exc.param, exc.code) from None
-    if use is not None and use.forced:
-        text_format = body.get("text").get("format") if isinstance(body.get("text"), dict) else None
-        for name, value in (("response_format", body.get("response_format")), ("text.format", text_format),
-                            *((key, body.get(key)) for key in (*GUIDED_FIELDS, "structured_outputs"))):
-            if value not in (None, {"type": "text"}):
-                raise _invalid(f"'tool_choice' {use.forcing} does not go with '{name}': a forced call's answer has "
-                               "its own grammar", "tool_choice")
     return use
 
 
@@ -640,13 +632,10 @@ def prompt_logprobs_object(entries: list[TokenLogprob | None], top: int,
     return listed
 
 
-def choice_object(index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text, "refusal": None},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
+def choice_object(index: int, message: dict[str, Any], finish_reason: str,
+                  logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` choice; ``message`` is ``tool_calls.message_object``'s."""
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion_object(completion_id: str, created: int, model: str, choices: list[dict[str, Any]],

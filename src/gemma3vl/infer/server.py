@@ -63,7 +63,7 @@ from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
 from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, StreamedCalls, ToolError, ToolUse, converse, forced_schema, \
-    message_object, split_answer
+    involves_tools, message_object, split_answer
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
@@ -187,7 +187,7 @@ class ChatCompletionServer:
         messages written as plain turns (:func:`tool_calls.converse`), the chat template applied (with the
         generation prompt, or with ``continue_final`` the last, assistant, message left open); a 4xx naming
         ``messages`` when that cannot be done."""
-        converted = tool_use is not None or any(m.tool_calls or m.role == "tool" for m in messages)
+        converted = involves_tools(messages, tool_use)
         try:
             messages = [RequestMessage(m.role, m.parts, param=m.param if converted else None)
                         for m in converse(messages, tool_use)]
@@ -221,6 +221,7 @@ class ChatCompletionServer:
         if request.max_tokens is not None and request.max_tokens > settings.max_tokens:
             raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
+        constraint = self.constraint(request)  # (checked before any image is fetched)
         prompt = self.encode_messages(request.messages, request.continue_final_message, request.tool_use)
         context = self.scheduler.max_length
         room = context - prompt.length
@@ -229,19 +230,28 @@ class ChatCompletionServer:
             raise ApiError(400, f"This server's maximum context length is {context} tokens; "
                                 f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
                            param="messages", code="context_length_exceeded")
-        sampling = request_sampling(self.runtime, request, max_tokens)
-        constraint = request.guided
-        if request.json_schema is not None:
-            if constraint is not None:
-                raise ApiError(400, f"give one structured-output constraint, not response_format and "
-                                    f"'{constraint.param}'", param=constraint.param, code="invalid_value")
-            constraint = Constraint("json", request.json_schema, "response_format")
-        if request.tool_use is not None and request.tool_use.forced:  # (parse_chat_request refused two constraints)
-            constraint = Constraint("json", forced_schema(request.tool_use), "tool_choice")
-        sampling = self.constrained(sampling, request, constraint)
+        sampling = self.constrained(request_sampling(self.runtime, request, max_tokens), request, constraint)
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
                    n=request.n, logprobs=request.top_logprobs if request.logprobs else None,
                    prompt_logprobs=request.prompt_logprobs)
+
+    @staticmethod
+    def constraint(request: ChatRequest) -> Constraint | None:
+        """The request's one structured-output constraint: ``response_format`` (the Responses API's ``text.format``)
+        JSON, vLLM's ``guided_*`` / ``structured_outputs``, or a forced tool call's grammar (``tool_choice``
+        ``required`` or a named function); two of them are a 400 naming the second."""
+        use = request.tool_use
+        given = [constraint for constraint in (
+            None if request.json_schema is None else Constraint("json", request.json_schema, "response_format"),
+            request.guided,
+            Constraint("json", forced_schema(use), "tool_choice") if use is not None and use.forced else None,
+        ) if constraint is not None]
+        if len(given) > 1:
+            first, second = given[0].param, given[1].param
+            why = f" ({use.forcing} decodes under its own grammar)" if second == "tool_choice" else ""
+            raise ApiError(400, f"give one structured-output constraint, not '{first}' and '{second}'{why}",
+                           param=second, code="invalid_value")
+        return given[0] if given else None
 
     def constrained(self, sampling: Sampling, request: Any, constraint: Constraint | None) -> Sampling:
         """``sampling`` with the grammar of ``constraint`` (response_format's JSON, or vLLM's guided_* /
@@ -650,10 +660,8 @@ class _Handler(BaseHTTPRequestHandler):
         choices = []
         for index, c in enumerate(completions):
             text, calls = split_answer(c.text, request.tool_use, c.finish_reason)
-            choice = choice_object(index, c.text, FINISH_TOOL_CALLS if calls else c.finish_reason,
-                                   self.app.logprobs(c.logprobs))
-            choice["message"] = message_object(text, calls)
-            choices.append(choice)
+            choices.append(choice_object(index, message_object(text, calls),
+                                         FINISH_TOOL_CALLS if calls else c.finish_reason, self.app.logprobs(c.logprobs)))
         body = completion_object(new_completion_id(), now(), self.app.model_name, choices, counts)
         if job.prompt_logprobs is not None:  # (vLLM's, beside the choices)
             body["prompt_logprobs"] = prompt_logprobs_object(scored or [], job.prompt_logprobs, self.app.token_texts)

@@ -37,7 +37,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gemma3vl.infer.call_syntax import CALL_NAME, literal, read_calls
+from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.call_syntax import CALL_NAME, line_starts, literal, read_calls
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -48,7 +49,7 @@ MODES = ("none", "auto", "required")
 FINISH_TOOL_CALLS = "tool_calls"
 
 
-class ToolError(ValueError):
+class ToolError(Gemma3VLError):
     """A request's tools, tool choice or tool messages cannot be used; ``param`` is the field at fault."""
 
     def __init__(self, message: str, param: str, code: str = "invalid_value"):
@@ -342,10 +343,7 @@ def split_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") ->
     if use.forced:
         calls = forced_calls(text, use)
         return (None, calls) if calls else (text, None)
-    calls = parse_calls(text, use)
-    if calls is not None:
-        return None, calls
-    for start in (index + 1 for index, char in enumerate(text) if char == "\n"):
+    for start in line_starts(text):
         rest = text[start:]
         if may_become_calls(rest, use):
             calls = parse_calls(rest, use)
@@ -410,13 +408,9 @@ class StreamedCalls:
     def _free_length(self) -> int:
         """How much of the pending text cannot be part of calls (the line starts are read in order, up to the first
         that may begin calls: usually the first, when text is held)."""
-        start = 0 if not self.sent else self.pending.find("\n") + 1
-        while start > 0 or not self.sent:
-            if may_become_calls(self.pending[start:], self.use):
+        for start in line_starts(self.pending):
+            if (start or not self.sent) and may_become_calls(self.pending[start:], self.use):
                 return len(self.pending[:start].rstrip())
-            start = self.pending.find("\n", start) + 1
-            if start == 0:
-                break
         return len(self.pending)
 
     def finish(self, text: str, finish_reason: str) -> tuple[str, list[TokenLogprob] | None, list[ToolCall] | None]:
@@ -440,6 +434,12 @@ class Message:
     # where the request or record gave it (None: messages[<its index>]); a tool message's errors name
     # f"{param}.tool_call_id", or param itself when it names the call id's field already (Responses' "input[2].call_id")
     param: str | None = None
+
+
+def involves_tools(messages: list[Any], use: ToolUse | None) -> bool:
+    """Whether a conversation has tools, calls or results, which :func:`converse` writes out (turns added and joined:
+    their positions no longer match the request's)."""
+    return use is not None or any(message.tool_calls or message.role == "tool" for message in messages)
 
 
 def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
