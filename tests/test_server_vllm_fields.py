@@ -149,8 +149,7 @@ def test_bad_values_are_a_400_naming_the_field(server, fields, param):
     ("truncate_prompt_tokens", 5),
     ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
     ("echo", True), ("add_generation_prompt", False),
-    ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}),
-    ("documents", [{"text": "d"}]), ("mm_processor_kwargs", {"do_pan_and_scan": True}),
+    ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("documents", [{"text": "d"}]),
 ])
 def test_vllm_fields_not_implemented_are_refused_not_ignored(server, field, value):
     """Each would change the answer: a 400 ``unsupported_parameter`` naming it, on chat completions and the

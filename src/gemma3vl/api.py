@@ -35,6 +35,7 @@ from gemma3vl.errors import Gemma3VLError, SettingError
 from gemma3vl.infer.completion import Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt
 from gemma3vl.infer.messages import images_of, turns_of_messages
+from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, text_constraint
@@ -167,13 +168,17 @@ class Model:
 
     def encode_chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None,
                     continue_final_message: bool = False, tools: Sequence[dict[str, Any]] | None = None,
-                    tool_choice: Any = None, parallel_tool_calls: bool = True) -> EncodedPrompt:
+                    tool_choice: Any = None, parallel_tool_calls: bool = True,
+                    chat_template_kwargs: dict[str, Any] | None = None,
+                    mm_processor_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
         """The token ids (and pixel values) of a conversation ending with a user message (with
         ``continue_final_message``: ending inside its last, assistant, message, for the model to continue it);
-        ``tools`` as :meth:`chat` takes them."""
+        ``tools``, ``chat_template_kwargs`` and ``mm_processor_kwargs`` as :meth:`chat` takes them."""
         use = _tool_use(tools, tool_choice, parallel_tool_calls)
         return self.runtime.encode_conversation(turns_of_messages(messages, tools=use),
-                                                pan_and_scan=pan_and_scan, continue_final=continue_final_message)
+                                                pan_and_scan=pan_and_scan, continue_final=continue_final_message,
+                                                template_kwargs=checked_template_kwargs(chat_template_kwargs),
+                                                processor_kwargs=checked_processor_kwargs(mm_processor_kwargs))
 
     # ------------------------------------------------------------------------------------------ answers
     def generate(self, prompt: str | Sequence[str], images: Sequence[Any] | None = None, *,
@@ -212,6 +217,7 @@ class Model:
     def chat(self, messages: Sequence[dict[str, Any]], *, pan_and_scan: bool | None = None, details: bool = False,
              continue_final_message: bool = False, tools: Sequence[dict[str, Any]] | None = None,
              tool_choice: Any = None, parallel_tool_calls: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None, mm_processor_kwargs: dict[str, Any] | None = None,
              **settings: Any) -> str | Answer | list[dict[str, Any]]:
         """Answer the last user message of ``messages``: OpenAI's / transformers' chat format (``role`` system,
         user or assistant; ``content`` a string or a list of ``{"type": "text", "text": ...}`` and
@@ -226,7 +232,11 @@ class Model:
         the prompt as ``gemma3vl serve`` writes them; ``messages`` may then hold assistant ``tool_calls`` and
         ``tool`` messages. When the answer calls functions, ``chat`` returns the calls (OpenAI's ``tool_calls``
         list, to append as ``{"role": "assistant", "tool_calls": calls}``) instead of the text; with ``details``,
-        the :class:`Answer`'s ``tool_calls``."""
+        the :class:`Answer`'s ``tool_calls``.
+
+        ``chat_template_kwargs``: variables for the checkpoint's chat template (those it reads; vLLM's request field
+        of that name); ``mm_processor_kwargs``: this conversation's pan & scan settings (``do_pan_and_scan``,
+        ``pan_and_scan_min_crop_size``, ``pan_and_scan_max_num_crops``, ``pan_and_scan_min_ratio_to_activate``)."""
         use = _tool_use(tools, tool_choice, parallel_tool_calls)
         if use is not None and use.forced:  # a forced call is decoded under its JSON grammar, as the server does
             if any(settings.get(name) not in (None, False) for name in ("json_schema", "regex", "choice", "grammar")):
@@ -236,7 +246,9 @@ class Model:
         sampling = self.sampling(**settings)
         encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan,
                                               continue_final_message=continue_final_message, tools=tools,
-                                              tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls),
+                                              tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                                              chat_template_kwargs=chat_template_kwargs,
+                                              mm_processor_kwargs=mm_processor_kwargs),
                              sampling, "messages")
         completion = self._complete_one(encoded, sampling)
         _, calls = split_answer(completion.text, use, completion.finish_reason)
@@ -246,18 +258,23 @@ class Model:
         return wire if wire else completion.text
 
     def stream(self, prompt: str | Sequence[dict[str, Any]], images: Sequence[ImageLike] | None = None, *,
-               raw: bool = False, pan_and_scan: bool | None = None, **settings: Any) -> Iterator[str]:
+               raw: bool = False, pan_and_scan: bool | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+               mm_processor_kwargs: dict[str, Any] | None = None, **settings: Any) -> Iterator[str]:
         """The answer to one prompt (a string, with ``images``) or a conversation (a list of messages, as
-        :meth:`chat` takes), piece by piece as it is generated: each piece is text that later tokens can no
-        longer change; the pieces joined are the answer ``generate`` / ``chat`` gives. Stopping the iteration
-        early (``break``) stops generating."""
+        :meth:`chat` takes, with its ``chat_template_kwargs`` and ``mm_processor_kwargs``), piece by piece as it is
+        generated: each piece is text that later tokens can no longer change; the pieces joined are the answer
+        ``generate`` / ``chat`` gives. Stopping the iteration early (``break``) stops generating."""
         sampling = self.sampling(**settings)
         if isinstance(prompt, str):
+            if chat_template_kwargs or mm_processor_kwargs:
+                raise Gemma3VLError("chat_template_kwargs and mm_processor_kwargs are for a conversation (a list of "
+                                    "messages), not a prompt string")
             encoded = self.encode(prompt, images, raw=raw, pan_and_scan=pan_and_scan)
         else:
             if images is not None:
                 raise Gemma3VLError("a conversation carries its images in its messages; drop images=")
-            encoded = self.encode_chat(prompt, pan_and_scan=pan_and_scan)
+            encoded = self.encode_chat(prompt, pan_and_scan=pan_and_scan, chat_template_kwargs=chat_template_kwargs,
+                                       mm_processor_kwargs=mm_processor_kwargs)
         encoded = self._fits(encoded, sampling, "prompt")
         return self._stream(encoded, sampling)
 

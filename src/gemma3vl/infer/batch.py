@@ -49,6 +49,7 @@ from gemma3vl.infer.engine import run_rows
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image
+from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
 from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_schema, split_answer, tool_use_of
@@ -60,8 +61,10 @@ PENALTY_KEYS = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 # list of strings, an EBNF grammar's root (one of them)
 JSON_KEYS = ("json", "json_schema", "regex", "choice", "grammar")
 TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")  # messages lines only
+# messages lines only: vLLM's chat template variables and pan & scan settings (prompt_options)
+PROMPT_OPTION_KEYS = ("chat_template_kwargs", "mm_processor_kwargs")
 LINE_KEYS = ("id", "prompt", "messages", "images", "max_new_tokens", "min_new_tokens", *SAMPLING_KEYS, "seed",
-             "greedy", "stop", *PENALTY_KEYS, "logit_bias", "bad_words", *JSON_KEYS, *TOOL_KEYS)
+             "greedy", "stop", *PENALTY_KEYS, "logit_bias", "bad_words", *JSON_KEYS, *TOOL_KEYS, *PROMPT_OPTION_KEYS)
 
 
 @dataclass
@@ -96,6 +99,8 @@ class BatchItem:
     messages: list | None = None  # a messages line's conversation, as read (its images loaded by _encode)
     base_dir: Path | None = None  # what the messages' image paths are relative to (the JSONL file's directory)
     tools: ToolUse | None = None  # a messages line's tools
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # a messages line's chat_template_kwargs
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)  # a messages line's mm_processor_kwargs
 
     def record(self, completion: Completion) -> dict[str, Any]:
         key = {"id": self.id} if self.has_id else {"index": self.line - 1}
@@ -236,6 +241,11 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
             raise Gemma3VLError(f"tool_choice {tools.forcing} decodes under its own grammar: not with "
                                 f"{constraint.param!r} (or --json / --json-schema / --regex / --choice)")
         constraint = Constraint("json", forced_schema(tools), "tool_choice")
+    given = [key for key in PROMPT_OPTION_KEYS if key in obj]
+    if given and not conversation:
+        raise Gemma3VLError(f"{given[0]!r} goes with 'messages' lines only")
+    template_kwargs = checked_template_kwargs(obj.get("chat_template_kwargs"))
+    processor_kwargs = checked_processor_kwargs(obj.get("mm_processor_kwargs"))
     if conversation:
         _check_messages(obj["messages"], base_dir, runtime, tools)
     images = [base_dir / path for path in obj.get("images", [])]
@@ -273,7 +283,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     stop = obj.get("stop", ())
     return BatchItem(line=line, prompt=obj.get("prompt"), image_paths=images, sampling=sampling,
                      stop=(stop,) if isinstance(stop, str) else tuple(stop), id=obj.get("id"), has_id="id" in obj,
-                     messages=obj["messages"] if conversation else None, base_dir=base_dir, tools=tools)
+                     messages=obj["messages"] if conversation else None, base_dir=base_dir, tools=tools,
+                     template_kwargs=template_kwargs, processor_kwargs=processor_kwargs)
 
 
 def _line_tools(obj: dict, conversation: bool) -> ToolUse | None:
@@ -337,7 +348,9 @@ class _OrderedWriter:
 def _encode(item: BatchItem, runtime: InferenceRuntime, defaults: BatchDefaults) -> EncodedPrompt:
     if item.messages is not None:  # its images are loaded here, its structure was checked by parse_line
         turns = turns_of_messages(item.messages, item.base_dir, tools=item.tools)
-        prompt = runtime.encode_conversation(turns, pan_and_scan=defaults.pan_and_scan)
+        prompt = runtime.encode_conversation(turns, pan_and_scan=defaults.pan_and_scan,
+                                             template_kwargs=item.template_kwargs,
+                                             processor_kwargs=item.processor_kwargs)
         what = "conversation"
     else:
         images = [load_image(path) for path in item.image_paths]

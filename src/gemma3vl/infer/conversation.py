@@ -9,7 +9,7 @@ images placed where they appear in the turn; the template marks each with ``<sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from PIL import Image
@@ -126,21 +126,26 @@ def check_turns(turns: list[Turn], config: Gemma3Config, boi_token: str = "<star
 
 def encode_conversation(
     processor: Any, config: Gemma3Config, turns: list[Turn], *, pan_and_scan: bool | None = None,
-    continue_final: bool = False,
+    continue_final: bool = False, template_kwargs: Mapping[str, Any] | None = None,
+    processor_kwargs: Mapping[str, Any] | None = None,
 ) -> EncodedPrompt:
     """Token ids (and pixel values) of ``turns`` through the chat template, ending with the model's turn; with
     ``continue_final`` (transformers' ``continue_final_message``), inside the last, assistant, turn: its text left
-    open for the model to continue."""
+    open for the model to continue. ``template_kwargs``: the template's own variables (vLLM's
+    ``chat_template_kwargs``); ``processor_kwargs``: this prompt's pan & scan settings (vLLM's
+    ``mm_processor_kwargs``, :func:`prompt.pan_and_scan_settings`), checked even without images."""
     tokenizer = tokenizer_of(processor)
     check_turns(turns, config, getattr(tokenizer, "boi_token", None) or "<start_of_image>",
                 getattr(tokenizer, "image_token", None) or "<image_soft_token>", continue_final)
     has_images = any(turn.images for turn in turns)
-    image_kwargs = pan_and_scan_settings(processor, pan_and_scan) if has_images else {}
+    image_kwargs = pan_and_scan_settings(processor, pan_and_scan, processor_kwargs)
+    image_kwargs = image_kwargs if has_images else {}
     messages = [_template_message(turn) for turn in turns]  # text-only: check_turns refused images
     try:
         encoded = apply_chat_template(processor, messages, image_kwargs,
                                       no_template="the checkpoint has no chat template, so it cannot hold a "
-                                                  "conversation", continue_final=continue_final)
+                                                  "conversation", continue_final=continue_final,
+                                      template_kwargs=template_kwargs)
     except Gemma3VLError:
         raise
     except Exception as exc:  # jinja's TemplateError (roles must alternate), processor errors

@@ -16,10 +16,11 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
+from gemma3vl.infer.prompt_options import PromptOptionError, checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.structured import Constraint, text_constraint
 from gemma3vl.infer.tool_calls import ToolCall, ToolError, ToolUse, parse_history_calls, tool_use_of
 
@@ -76,10 +77,10 @@ CHAT_UNSUPPORTED_UNLESS_DEFAULT = {
     "echo": lambda v: v in (None, False),
     "add_special_tokens": lambda v: v in (None, False),
     "chat_template": lambda v: v is None,
-    "chat_template_kwargs": lambda v: v in (None, {}),
     "documents": lambda v: v in (None, []),
-    "mm_processor_kwargs": lambda v: v in (None, {}),
 }
+# (vLLM's chat_template_kwargs and mm_processor_kwargs are taken by the chat endpoint, the Responses API and
+# /tokenize: prompt_options_of)
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit integer
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")  # the chat endpoint's (tool_calls.tool_use_of)
 
@@ -173,6 +174,10 @@ class ChatRequest(SharedFields):
     # continues it (the answer holds only the continuation)
     continue_final_message: bool = False
     tool_use: ToolUse | None = None  # tools, tool_choice, parallel_tool_calls (None: no tools)
+    # vLLM's chat_template_kwargs (the chat template's own variables) and mm_processor_kwargs (pan & scan settings),
+    # checked (prompt_options)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:
@@ -550,7 +555,18 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         json_schema=_parse_response_format(body.get("response_format")),
         continue_final_message=continue_final_message_of(body),
         tool_use=tool_use,
+        **prompt_options_of(body),
     )
+
+
+def prompt_options_of(body: dict) -> dict[str, dict[str, Any]]:
+    """vLLM's ``chat_template_kwargs`` and ``mm_processor_kwargs`` of a request, checked
+    (:mod:`gemma3vl.infer.prompt_options`), as ``template_kwargs`` and ``processor_kwargs``; a 400 naming the field."""
+    try:
+        return {"template_kwargs": checked_template_kwargs(body.get("chat_template_kwargs")),
+                "processor_kwargs": checked_processor_kwargs(body.get("mm_processor_kwargs"))}
+    except PromptOptionError as exc:
+        raise _invalid(str(exc), exc.field) from None
 
 
 def tool_use_of_body(body: dict, *, flat: bool = False) -> ToolUse | None:

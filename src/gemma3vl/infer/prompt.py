@@ -15,13 +15,14 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.prompt_options import PromptOptionError, template_inputs
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # refuses decompression bombs long before memory runs out
 
@@ -229,18 +230,22 @@ def template_text(parts: list[Any]) -> str:
 
 
 def apply_chat_template(processor: Any, messages: list[dict[str, Any]], image_kwargs: dict[str, Any], *,
-                        no_template: str, continue_final: bool = False) -> Any:
+                        no_template: str, continue_final: bool = False,
+                        template_kwargs: Mapping[str, Any] | None = None) -> Any:
     """``messages`` through the checkpoint's chat template, ending with the model's turn (ids, mask and pixel
     values as tensors); ``no_template`` is the error when the checkpoint has none. ``continue_final``:
     transformers' ``continue_final_message``, the last (assistant) message left open for the model to continue,
-    with no generation prompt after it."""
-    if not _templates(processor):  # none, or an empty chat_template.jinja
+    with no generation prompt after it. ``template_kwargs``: the template's own variables (vLLM's
+    ``chat_template_kwargs``), those it reads (:func:`prompt_options.template_inputs`)."""
+    templates = _templates(processor)
+    if not templates:  # none, or an empty chat_template.jinja
         raise Gemma3VLError(no_template)
+    variables = template_inputs(processor, templates, template_kwargs or {})
     try:
         return processor.apply_chat_template(
             messages, add_generation_prompt=not continue_final, continue_final_message=continue_final,
             tokenize=True, return_dict=True, return_tensors="pt",
-            **({"processor_kwargs": image_kwargs} if image_kwargs else {}),
+            **({"processor_kwargs": image_kwargs} if image_kwargs else {}), **variables,
         )
     except Exception as exc:  # noqa: BLE001 - jinja's TemplateError (raise_exception, an undefined value), or
         # the processor's own errors: the file and the reason, not a traceback from inside transformers
@@ -275,22 +280,35 @@ PAN_AND_SCAN_KEYS = (
 )
 
 
-def pan_and_scan_settings(processor: Any, requested: bool | None) -> dict[str, Any]:
+def pan_and_scan_settings(processor: Any, requested: bool | None,
+                          options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Pan & scan keyword arguments for the processor call.
 
     ``Gemma3Processor`` passes its own defaults on every call, so settings written in
     ``preprocessor_config.json`` would be ignored; we read them from the image processor and pass them
     explicitly. Pan & scan is on when requested, or when the config enables it and it was not refused.
+    ``options``: one prompt's own settings (vLLM's ``mm_processor_kwargs``, checked by
+    ``prompt_options.checked_processor_kwargs``): ``do_pan_and_scan`` overrides ``requested``, the
+    ``pan_and_scan_*`` values the config's; given while pan & scan stays off, they are an error (they would do
+    nothing).
     """
+    options = dict(options or {})
+    if "do_pan_and_scan" in options:
+        requested = options.pop("do_pan_and_scan")
     image_processor = getattr(processor, "image_processor", None)
     enabled = bool(getattr(image_processor, "do_pan_and_scan", False)) if requested is None else requested
     if not enabled:
+        if options:
+            raise PromptOptionError(f"mm_processor_kwargs: {', '.join(options)}: pan and scan is off for this "
+                                    f"prompt, so {'it does' if len(options) == 1 else 'they do'} nothing (add "
+                                    "do_pan_and_scan: true)", "mm_processor_kwargs")
         return {}
     settings: dict[str, Any] = {"do_pan_and_scan": True}
     for key in PAN_AND_SCAN_KEYS:
         value = getattr(image_processor, key, None)
         if value is not None:
             settings[key] = value
+    settings.update(options)
     return settings
 
 

@@ -68,6 +68,7 @@ from gemma3vl.infer.openai_protocol import (
     json_schema_of,
     now,
     parse_message,
+    prompt_options_of,
     shared_fields,
     tool_use_of_body,
 )
@@ -339,6 +340,7 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
         logprobs=INCLUDE_LOGPROBS in (include or ()) or bool(top),  # top_logprobs alone asks for them too
         top_logprobs=top or 0,
         tool_use=tool_use,
+        **prompt_options_of(body),
     )
     return ResponseRequest(chat=chat, input=own, instructions=instructions, metadata=metadata,
                            text_format=text_format, store=store is not False, previous_response_id=previous,

@@ -125,10 +125,12 @@ class InferenceRuntime:
         return list(stop_token_ids(self.generation_defaults, self.config))
 
     def encode_conversation(self, turns: list[Turn], *, pan_and_scan: bool | None = None,
-                            continue_final: bool = False) -> EncodedPrompt:
+                            continue_final: bool = False, template_kwargs: Mapping[str, Any] | None = None,
+                            processor_kwargs: Mapping[str, Any] | None = None) -> EncodedPrompt:
         with self.lock:
             return encode_conversation(self.processor, self.config, turns, pan_and_scan=pan_and_scan,
-                                       continue_final=continue_final)
+                                       continue_final=continue_final, template_kwargs=template_kwargs,
+                                       processor_kwargs=processor_kwargs)
 
     def encode_prompt(self, prompt: str, images: list, *, raw: bool = False,
                       pan_and_scan: bool | None = None) -> EncodedPrompt:

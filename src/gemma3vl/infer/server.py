@@ -57,6 +57,7 @@ from gemma3vl.infer.openai_protocol import (
     request_sampling,
     usage,
 )
+from gemma3vl.infer.prompt_options import PromptOptionError
 from gemma3vl.infer.responses_api import KeptResponse, ResponseStore, input_items_page, serve_response
 from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.sampling import Sampling
@@ -182,11 +183,19 @@ class ChatCompletionServer:
                            param="model", code="model_not_found")
 
     def encode_messages(self, messages: list[RequestMessage], continue_final: bool = False,
-                        tool_use: ToolUse | None = None) -> EncodedPrompt:
+                        tool_use: ToolUse | None = None, template_kwargs: dict[str, Any] | None = None,
+                        processor_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
         """A conversation as the model reads it: its images counted against the limit and fetched, tools and tool
         messages written as plain turns (:func:`tool_calls.converse`), the chat template applied (with the
-        generation prompt, or with ``continue_final`` the last, assistant, message left open); a 4xx naming
-        ``messages`` when that cannot be done."""
+        generation prompt, or with ``continue_final`` the last, assistant, message left open; with the template
+        variables of ``template_kwargs`` and the pan & scan settings of ``processor_kwargs``, vLLM's
+        ``chat_template_kwargs`` and ``mm_processor_kwargs``); a 4xx naming ``messages`` (or the option at fault)
+        when that cannot be done."""
+        crops = (processor_kwargs or {}).get("pan_and_scan_max_num_crops", 0)
+        if crops > self.settings.images.max_images:  # (each crop is one more image for the model)
+            raise ApiError(400, f"mm_processor_kwargs.pan_and_scan_max_num_crops={crops} is over this server's limit "
+                                f"of {self.settings.images.max_images} images per request",
+                           param="mm_processor_kwargs", code="invalid_value")
         converted = involves_tools(messages, tool_use)
         try:
             messages = [RequestMessage(m.role, m.parts, param=m.param if converted else None)
@@ -207,7 +216,10 @@ class ChatCompletionServer:
         ]
         try:
             return self.runtime.encode_conversation(turns, pan_and_scan=self.settings.pan_and_scan,
-                                                    continue_final=continue_final)
+                                                    continue_final=continue_final, template_kwargs=template_kwargs,
+                                                    processor_kwargs=processor_kwargs)
+        except PromptOptionError as exc:
+            raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from None
         except Gemma3VLError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
 
@@ -222,7 +234,8 @@ class ChatCompletionServer:
             raise ApiError(400, f"{request.max_tokens_param}={request.max_tokens} is over this server's limit of "
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
         constraint = self.constraint(request)  # (checked before any image is fetched)
-        prompt = self.encode_messages(request.messages, request.continue_final_message, request.tool_use)
+        prompt = self.encode_messages(request.messages, request.continue_final_message, request.tool_use,
+                                      request.template_kwargs, request.processor_kwargs)
         context = self.scheduler.max_length
         room = context - prompt.length
         max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)

@@ -21,6 +21,7 @@ from gemma3vl.infer.openai_protocol import (
     continue_final_message_of,
     json_body,
     parse_message,
+    prompt_options_of,
     tool_use_of_body,
 )
 
@@ -48,7 +49,8 @@ def tokenize(app: ChatCompletionServer, body: dict[str, Any]) -> dict[str, Any]:
             raise _invalid("'messages' must be a non-empty list", "messages")
         continuing = continue_final_message_of(body)  # (as the chat endpoint reads it, tools included)
         encoded = app.encode_messages([parse_message(m, f"messages[{i}]", tool_messages=True)
-                                       for i, m in enumerate(messages)], continuing, tool_use_of_body(body))
+                                       for i, m in enumerate(messages)], continuing, tool_use_of_body(body),
+                                      **prompt_options_of(body))
         ids = encoded.input_ids.tolist()
     strings = None
     if body.get("return_token_strs"):
