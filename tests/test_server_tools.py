@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -227,7 +228,24 @@ def test_the_prompt_with_tools_and_tool_results_is_the_documented_plain_conversa
 
 
 # ----------------------------------------------------------------------------------------------- answers
-def test_an_answer_that_is_a_call_comes_back_as_tool_calls(client):
+def log_lines(server, words: str) -> int:
+    return server._log_stream.getvalue().count(words)
+
+
+def logged(server, words: str, before: int) -> bool:
+    """Whether the server's log gets another line holding ``words`` than the ``before`` it had (within a few
+    seconds: a request's line is written once its answer has gone out)."""
+    deadline = time.monotonic() + 10
+    while log_lines(server, words) <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_an_answer_that_is_a_call_comes_back_as_tool_calls(server, client):
+    """... and the server's log line gives it the finish reason the client got."""
+    before = log_lines(server, "finish=tool_calls")
     reply = client.chat.completions.create(model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0,
                                            max_tokens=MAX_TOKENS, extra_body={"guided_regex": re.escape(CALL)})
     choice = reply.choices[0]
@@ -236,6 +254,7 @@ def test_an_answer_that_is_a_call_comes_back_as_tool_calls(client):
     assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
         "function", "get_weather", {"city": "Paris"})
     assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+    assert logged(server, "finish=tool_calls", before)
 
 
 def test_a_streamed_call_comes_as_one_tool_calls_delta_and_text_streams_as_text(client):
@@ -395,7 +414,8 @@ def test_responses_answer_calls_as_function_call_items_and_continue_from_their_o
     assert (listed[1].call_id, listed[2].call_id, listed[2].output) == (item.call_id, item.call_id, "Sunny")
 
 
-def test_responses_stream_calls_as_function_call_events(client):
+def test_responses_stream_calls_as_function_call_events(server, client):
+    before = log_lines(server, "finish=tool_calls")
     events = list(client.responses.create(model="tiny-gemma3", input="Weather?", tools=FLAT_TOOLS, temperature=0,
                                           max_output_tokens=MAX_TOKENS, stream=True,
                                           tool_choice={"type": "function", "name": "get_weather"}))
@@ -406,6 +426,7 @@ def test_responses_stream_calls_as_function_call_events(client):
     (item,) = events[-1].response.output
     assert item.name == "get_weather" and events[3].delta == events[4].arguments == item.arguments
     assert set(json.loads(item.arguments)) == {"city"}
+    assert logged(server, "finish=tool_calls", before)  # (the log line says what the client got)
     text = list(client.responses.create(model="tiny-gemma3", input="Weather?", tools=FLAT_TOOLS, temperature=0,
                                         max_output_tokens=MAX_TOKENS, stream=True,
                                         extra_body={"guided_regex": "Sunny in Paris"}))

@@ -73,7 +73,15 @@ from gemma3vl.infer.openai_protocol import (
     tool_use_of_body,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
-from gemma3vl.infer.tool_calls import StreamedCalls, ToolCall, ToolError, ToolUse, checked_arguments, split_answer
+from gemma3vl.infer.tool_calls import (
+    FINISH_TOOL_CALLS,
+    StreamedCalls,
+    ToolCall,
+    ToolError,
+    ToolUse,
+    checked_arguments,
+    split_answer,
+)
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -539,8 +547,15 @@ def _complete(handler: Any, job: Job, builder: ResponseBuilder, record: "Request
             raise error
         if event[0] == "done":
             completion = event[2]
-    handler._finished(job, [completion], record, stream=False)
-    handler._send_json(200, builder.finished(completion, app.responses)[1])
+    response = builder.finished(completion, app.responses)[1]
+    handler._finished(job, [completion], record, stream=False, reasons=[answered_reason(completion, response)])
+    handler._send_json(200, response)
+
+
+def answered_reason(completion: Completion, response: dict[str, Any]) -> str:
+    """The finish reason the server's log line gives a response: ``tool_calls`` when it answered with calls."""
+    calls = any(item["type"] == "function_call" for item in response["output"])
+    return FINISH_TOOL_CALLS if calls else completion.finish_reason
 
 
 class _EventWriter:
@@ -597,8 +612,8 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
                             logprobs=builder.logprob_items(delta[1]))
         elif event[0] == "done":
             completion = event[2]
-            handler._finished(job, [completion], record, stream=True)
             status, response = builder.finished(completion, app.responses)
+            handler._finished(job, [completion], record, stream=True, reasons=[answered_reason(completion, response)])
             output = response["output"]
             if held is not None:
                 text, entries, _ = held.finish(completion.text, completion.finish_reason)

@@ -649,11 +649,14 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # reset by the peer
             return True
 
-    def _finished(self, job: Job, completions: list[Completion], record: RequestRecord, stream: bool) -> dict:
-        """The request's usage (prompt once, every choice's tokens), noted for the log line."""
+    def _finished(self, job: Job, completions: list[Completion], record: RequestRecord, stream: bool,
+                  reasons: list[str] | None = None) -> dict:
+        """The request's usage (prompt once, every choice's tokens), noted for the log line with each choice's
+        finish reason as answered (``reasons``; the engine's when not given: ``tool_calls`` is the answer's)."""
         counts = usage(completions[0].prompt_tokens, sum(c.completion_tokens for c in completions))
+        reasons = reasons or [c.finish_reason for c in completions]
         record.detail = (f"prompt={counts['prompt_tokens']} completion={counts['completion_tokens']} "
-                         f"finish={','.join(c.finish_reason for c in completions)} batch={job.batch_size} "
+                         f"finish={','.join(reasons)} batch={job.batch_size} "
                          f"stream={'yes' if stream else 'no'}" + (f" n={job.n}" if job.n > 1 else ""))
         return counts
 
@@ -669,12 +672,13 @@ class _Handler(BaseHTTPRequestHandler):
             elif event[0] == "prompt_logprobs":
                 scored = event[1]
         completions = [done[index] for index in range(job.n)]
-        counts = self._finished(job, completions, record, stream=False)
-        choices = []
+        choices, reasons = [], []
         for index, c in enumerate(completions):
             text, calls = split_answer(c.text, request.tool_use, c.finish_reason)
-            choices.append(choice_object(index, message_object(text, calls),
-                                         FINISH_TOOL_CALLS if calls else c.finish_reason, self.app.logprobs(c.logprobs)))
+            reasons.append(FINISH_TOOL_CALLS if calls else c.finish_reason)
+            choices.append(choice_object(index, message_object(text, calls), reasons[-1],
+                                         self.app.logprobs(c.logprobs)))
+        counts = self._finished(job, completions, record, stream=False, reasons=reasons)
         body = completion_object(new_completion_id(), now(), self.app.model_name, choices, counts)
         if job.prompt_logprobs is not None:  # (vLLM's, beside the choices)
             body["prompt_logprobs"] = prompt_logprobs_object(scored or [], job.prompt_logprobs, self.app.token_texts)
@@ -692,6 +696,7 @@ class _Handler(BaseHTTPRequestHandler):
         for index in range(job.n):
             self._write_chunk(chunk(chunk_choice(index, {"role": "assistant", "content": ""})))
         completions: list[Completion] = []
+        reasons: list[str] = []  # as answered, in the order the choices ended
         use = request.tool_use
         # each choice's text held back while it may be tool calls (tool_calls.StreamedCalls)
         held = [StreamedCalls(use) for _ in range(job.n)] if use is not None and use.offered else None
@@ -722,8 +727,9 @@ class _Handler(BaseHTTPRequestHandler):
                         delta = {"tool_calls": [call.wire(position) for position, call in enumerate(calls)]}
                         self._write_chunk(chunk(chunk_choice(index, delta)))
                 self._write_chunk(chunk(chunk_choice(index, {}, reason)))
+                reasons.append(reason)
         if len(completions) == job.n:
-            counts = self._finished(job, completions, record, stream=True)
+            counts = self._finished(job, completions, record, stream=True, reasons=reasons)
             if include_usage:
                 self._write_chunk(chunk(None, counts=counts))
         self._write_chunk(b"data: [DONE]\n\n")
