@@ -206,6 +206,9 @@ def test_chat_with_tools_returns_the_calls_and_goes_on_from_their_results(model)
                        details=True, max_new_tokens=40)
     assert named.finish_reason == "tool_calls" and named.tool_calls[0]["function"]["name"] == "get_weather"
     assert re.fullmatch("[A-Z][a-z]{1,8}", json.loads(named.tool_calls[0]["function"]["arguments"])["city"])
+    with pytest.raises(gemma3vl.Gemma3VLError, match="tool_choice 'required' decodes under its own grammar: not "
+                                                     "with 'regex'"):
+        model.chat(messages, tools=tools, tool_choice="required", regex="x")
 
 
 def test_load_checks_before_loading(tiny_dir, tmp_path):

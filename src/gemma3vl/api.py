@@ -39,7 +39,7 @@ from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_temp
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_schema, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_constraint, split_answer, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -238,11 +238,11 @@ class Model:
         of that name); ``mm_processor_kwargs``: this conversation's pan & scan settings (``do_pan_and_scan``,
         ``pan_and_scan_min_crop_size``, ``pan_and_scan_max_num_crops``, ``pan_and_scan_min_ratio_to_activate``)."""
         use = _tool_use(tools, tool_choice, parallel_tool_calls)
-        if use is not None and use.forced:  # a forced call is decoded under its JSON grammar, as the server does
-            if any(settings.get(name) not in (None, False) for name in ("json_schema", "regex", "choice", "grammar")):
-                raise Gemma3VLError(f"tool_choice {use.forcing} decodes under its own grammar: drop json_schema / "
-                                    "regex / choice / grammar")
-            settings["json_schema"] = forced_schema(use)
+        other = next((name for name in ("json_schema", "regex", "choice", "grammar")
+                      if settings.get(name) not in (None, False)), None)
+        forced = forced_constraint(use, None if other is None else repr(other))  # as the server decodes it
+        if forced is not None:
+            settings["json_schema"] = forced.value
         sampling = self.sampling(**settings)
         encoded = self._fits(self.encode_chat(messages, pan_and_scan=pan_and_scan,
                                               continue_final_message=continue_final_message, tools=tools,

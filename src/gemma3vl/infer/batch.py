@@ -52,7 +52,7 @@ from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_schema, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_constraint, split_answer, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
@@ -236,11 +236,8 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     _check_type(obj, "json_schema", lambda v: isinstance(v, dict), "a JSON Schema (an object)")
     constraint = _line_constraint(obj, defaults.constraint)
     tools = _line_tools(obj, conversation)
-    if tools is not None and tools.forced:
-        if constraint is not None:
-            raise Gemma3VLError(f"tool_choice {tools.forcing} decodes under its own grammar: not with "
-                                f"{constraint.param!r} (or --json / --json-schema / --regex / --choice)")
-        constraint = Constraint("json", forced_schema(tools), "tool_choice")
+    other = None if constraint is None else f"{constraint.param!r} (or --json / --json-schema / --regex / --choice)"
+    constraint = forced_constraint(tools, other) or constraint
     given = [key for key in PROMPT_OPTION_KEYS if key in obj]
     if given and not conversation:
         raise Gemma3VLError(f"{given[0]!r} goes with 'messages' lines only")

@@ -63,8 +63,17 @@ from gemma3vl.infer.scheduler import BatchScheduler, Job, QueueFull
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, StreamedCalls, ToolError, ToolUse, converse, forced_schema, \
-    involves_tools, message_object, split_answer
+from gemma3vl.infer.tool_calls import (
+    FINISH_TOOL_CALLS,
+    StreamedCalls,
+    ToolError,
+    ToolUse,
+    converse,
+    forced_constraint,
+    involves_tools,
+    message_object,
+    split_answer,
+)
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
@@ -253,18 +262,18 @@ class ChatCompletionServer:
         """The request's one structured-output constraint: ``response_format`` (the Responses API's ``text.format``)
         JSON, vLLM's ``guided_*`` / ``structured_outputs``, or a forced tool call's grammar (``tool_choice``
         ``required`` or a named function); two of them are a 400 naming the second."""
-        use = request.tool_use
         given = [constraint for constraint in (
             None if request.json_schema is None else Constraint("json", request.json_schema, "response_format"),
             request.guided,
-            Constraint("json", forced_schema(use), "tool_choice") if use is not None and use.forced else None,
         ) if constraint is not None]
         if len(given) > 1:
-            first, second = given[0].param, given[1].param
-            why = f" ({use.forcing} decodes under its own grammar)" if second == "tool_choice" else ""
-            raise ApiError(400, f"give one structured-output constraint, not '{first}' and '{second}'{why}",
-                           param=second, code="invalid_value")
-        return given[0] if given else None
+            raise ApiError(400, f"give one structured-output constraint, not '{given[0].param}' and "
+                                f"'{given[1].param}'", param=given[1].param, code="invalid_value")
+        try:
+            forced = forced_constraint(request.tool_use, f"'{given[0].param}'" if given else None)
+        except ToolError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code=exc.code) from None
+        return forced or (given[0] if given else None)
 
     def constrained(self, sampling: Sampling, request: Any, constraint: Constraint | None) -> Sampling:
         """``sampling`` with the grammar of ``constraint`` (response_format's JSON, or vLLM's guided_* /

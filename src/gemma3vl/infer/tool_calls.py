@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.call_syntax import CALL_NAME, line_starts, literal, read_calls
+from gemma3vl.infer.structured import Constraint
 
 if TYPE_CHECKING:
     from gemma3vl.infer.logprobs import TokenLogprob
@@ -314,6 +315,18 @@ def forced_schema(use: ToolUse) -> dict[str, Any]:
     if not use.parallel:
         schema["maxItems"] = 1
     return schema
+
+
+def forced_constraint(use: ToolUse | None, other: str | None = None) -> Constraint | None:
+    """The structured-output constraint a forced call decodes under (``tool_choice`` ``required`` or a named
+    function: :func:`forced_schema`), None when no call is forced. ``other``: the answer's other constraint, as the
+    caller names it (``'response_format'``, ``'regex'``, ...), refused by every front-end in the same words: the
+    call's grammar decides the answer."""
+    if use is None or not use.forced:
+        return None
+    if other is not None:
+        raise ToolError(f"tool_choice {use.forcing} decodes under its own grammar: not with {other}", "tool_choice")
+    return Constraint("json", forced_schema(use), "tool_choice")
 
 
 def forced_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
