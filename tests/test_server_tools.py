@@ -303,6 +303,75 @@ def test_text_answers_are_unchanged_by_tools_the_model_does_not_call(server):
     assert "tool_calls" not in with_tools["message"] and with_tools["finish_reason"] in ("stop", "length")
 
 
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["get_weather", "get-time"]),
+                          st.dictionaries(argument_names, json_values, max_size=3)), min_size=1, max_size=3),
+       st.lists(st.integers(1, 9), min_size=1, max_size=60), st.booleans())
+def test_a_forced_answer_streams_as_the_calls_it_reads_back_as(calls, pieces, named):
+    """A forced answer (a named function's arguments, or ``required``'s list of ``{"name", "parameters"}``), in the
+    layout the grammar writes and fed in any pieces: each call's first piece names it, the pieces joined are the
+    arguments ``split_answer`` reads (the model's own JSON text, ids included), and a cut answer gives the calls
+    begun, their arguments a prefix of the whole ones."""
+    from gemma3vl.infer.tool_calls import StreamedForcedCalls
+
+    if named:
+        calls = calls[:1]
+        use = ToolUse(tools=USE.tools, choice="function", name=calls[0][0])
+        text = json.dumps(calls[0][1], ensure_ascii=False)
+    else:
+        use = ToolUse(tools=USE.tools, choice="required")
+        text = json.dumps([{"name": name, "parameters": arguments} for name, arguments in calls], ensure_ascii=False)
+    stream, sent, cuts = StreamedForcedCalls(use), {}, [0]
+    for size in pieces:
+        cuts.append(min(len(text), cuts[-1] + size))
+    cuts.append(len(text))
+    names = {}
+    for start, end in zip(cuts, cuts[1:]):
+        for piece in stream.feed(text[start:end], None):
+            if piece.first:
+                assert piece.index not in names and piece.index == len(names)
+                names[piece.index] = (piece.call.name, piece.call.id)
+            sent[piece.index] = sent.get(piece.index, "") + piece.call.arguments
+    pieces_left, _, read = stream.finish(text, "stop")
+    assert pieces_left == []
+    assert [(call.name, json.loads(call.arguments)) for call in read] == calls
+    assert [(call.name, call.id) for call in read] == [names[index] for index in range(len(calls))]
+    assert [sent[index] for index in range(len(calls))] == [call.arguments for call in read]
+    cut = cuts[len(cuts) // 2]
+    _, partial = split_answer(text[:cut], use, "length")
+    for call, whole in zip(partial or (), read):
+        assert call.name == whole.name and whole.arguments.startswith(call.arguments)
+
+
+def test_a_forced_call_streams_its_arguments_piece_by_piece(server, client):
+    """Streamed, a forced call comes as it is generated: its id, type and name first, then its arguments in several
+    deltas; joined, they are the non-streamed answer's call. Cut by max_tokens, the call is returned as far as it
+    went with finish_reason "length" (as OpenAI and vLLM return it), streamed or not."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    settings = dict(model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, tool_choice=named)
+    whole = client.chat.completions.create(max_tokens=MAX_TOKENS, **settings).choices[0]
+    chunks = list(client.chat.completions.create(max_tokens=MAX_TOKENS, stream=True, **settings))
+    entries = [entry for c in chunks if c.choices for entry in c.choices[0].delta.tool_calls or ()]
+    assert len(entries) > 2 and entries[0].id.startswith("call_") and entries[0].function.name == "get_weather"
+    assert all(entry.index == 0 and entry.id is None and entry.function.name is None for entry in entries[1:])
+    assert "".join(entry.function.arguments or "" for entry in entries) == whole.message.tool_calls[0].function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert all(not c.choices[0].delta.content for c in chunks if c.choices)
+    cut = client.chat.completions.create(max_tokens=3, **settings).choices[0]
+    (call,) = cut.message.tool_calls
+    assert cut.finish_reason == "length" and call.function.name == "get_weather"
+    assert whole.message.tool_calls[0].function.arguments.startswith(call.function.arguments)
+    chunks = list(client.chat.completions.create(max_tokens=3, stream=True, **settings))
+    entries = [entry for c in chunks if c.choices for entry in c.choices[0].delta.tool_calls or ()]
+    assert "".join(entry.function.arguments or "" for entry in entries) == call.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    response = client.responses.create(model="tiny-gemma3", input=QUESTION, tools=FLAT_TOOLS, temperature=0,
+                                       max_output_tokens=3, tool_choice={"type": "function", "name": "get_weather"})
+    (item,) = response.output
+    assert (response.status, item.type, item.status, item.arguments) == (
+        "incomplete", "function_call", "incomplete", call.function.arguments)
+
+
 def test_a_named_function_or_required_forces_a_call(client):
     named = client.chat.completions.create(
         model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, max_tokens=MAX_TOKENS,
@@ -420,11 +489,14 @@ def test_responses_stream_calls_as_function_call_events(server, client):
                                           max_output_tokens=MAX_TOKENS, stream=True,
                                           tool_choice={"type": "function", "name": "get_weather"}))
     kinds = [event.type for event in events]
+    deltas = [event.delta for event in events if event.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2  # the forced call's arguments come piece by piece, as they are generated
     assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
-                     "response.output_item.done", "response.completed"]
+                     *["response.function_call_arguments.delta"] * len(deltas),
+                     "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
     (item,) = events[-1].response.output
-    assert item.name == "get_weather" and events[3].delta == events[4].arguments == item.arguments
+    assert item.name == events[2].item.name == "get_weather" and events[2].item.id == item.id
+    assert "".join(deltas) == events[-3].arguments == item.arguments
     assert set(json.loads(item.arguments)) == {"city"}
     assert logged(server, "finish=tool_calls", before)  # (the log line says what the client got)
     text = list(client.responses.create(model="tiny-gemma3", input="Weather?", tools=FLAT_TOOLS, temperature=0,

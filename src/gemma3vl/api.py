@@ -39,7 +39,7 @@ from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_temp
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_constraint, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import ToolUse, finish_reason_of, forced_constraint, split_answer, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -63,8 +63,8 @@ class Answer:
 
     @classmethod
     def of(cls, completion: Completion, calls: list[dict[str, Any]] | None = None) -> "Answer":
-        return cls(completion.text, list(completion.token_ids), FINISH_TOOL_CALLS if calls else
-                   completion.finish_reason, completion.prompt_tokens, calls)
+        return cls(completion.text, list(completion.token_ids), finish_reason_of(calls, completion.finish_reason),
+                   completion.prompt_tokens, calls)
 
 
 class Model:

@@ -52,7 +52,7 @@ from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
-from gemma3vl.infer.tool_calls import FINISH_TOOL_CALLS, ToolUse, forced_constraint, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import ToolUse, finish_reason_of, forced_constraint, split_answer, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
@@ -108,7 +108,7 @@ class BatchItem:
         _, calls = split_answer(completion.text, self.tools, completion.finish_reason)
         made = {"tool_calls": [call.wire() for call in calls]} if calls else {}
         return {**key, **asked, "answer": completion.text, **made, "tokens": completion.completion_tokens,
-                "finish_reason": FINISH_TOOL_CALLS if calls else completion.finish_reason}
+                "finish_reason": finish_reason_of(calls, completion.finish_reason)}
 
 
 @dataclass

@@ -74,12 +74,14 @@ from gemma3vl.infer.openai_protocol import (
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
 from gemma3vl.infer.tool_calls import (
-    FINISH_TOOL_CALLS,
+    CallPiece,
     StreamedCalls,
+    StreamedForcedCalls,
     ToolCall,
     ToolError,
     ToolUse,
     checked_arguments,
+    finish_reason_of,
     split_answer,
 )
 
@@ -432,14 +434,19 @@ class ResponseBuilder:
             "metadata": self.request.metadata or {},
         }
 
-    def finished(self, completion: Completion, store: ResponseStore) -> tuple[str, dict[str, Any]]:
+    def finished(self, completion: Completion, store: ResponseStore,
+                 streamed_calls: list[ToolCall] | None = None) -> tuple[str, dict[str, Any]]:
         """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response, kept in
-        ``store`` (with the conversation it answered) when the request asks for it and it fits."""
+        ``store`` (with the conversation it answered) when the request asks for it and it fits. ``streamed_calls``:
+        a forced call's calls as a stream sent them (their ids), in place of reading the answer again."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
-        text, calls = split_answer(completion.text, self.request.chat.tool_use, completion.finish_reason)
+        if streamed_calls is not None:
+            text, calls = None, streamed_calls
+        else:
+            text, calls = split_answer(completion.text, self.request.chat.tool_use, completion.finish_reason)
         output = [] if text is None else [
             self.message(self.text_part(text, self.logprob_items(completion.logprobs)), status)]
-        output += [function_call_item(f"fc_{uuid.uuid4().hex}", call) for call in calls or ()]
+        output += [function_call_item(call_item_id(call), call, status) for call in calls or ()]
         answer = RequestMessage(role="assistant", parts=[] if text is None else [text], tool_calls=tuple(calls or ()))
         keep = self.request.store and store.max_bytes > 0
         response = self.response(status, output, completion=completion, stored=keep)
@@ -488,8 +495,13 @@ def input_items_page(kept: KeptResponse, query: dict[str, list[str]]) -> dict[st
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
 
 
+def call_item_id(call: ToolCall) -> str:
+    """An answer's ``function_call`` item id, from its call's (so a stream names the item before the answer ends)."""
+    return f"fc_{call.id.removeprefix('call_')}"
+
+
 def function_call_item(item_id: str, call: ToolCall, status: str = "completed") -> dict[str, Any]:
-    """A call as a ``function_call`` item."""
+    """A call as a ``function_call`` item (``incomplete`` when the token limit cut its answer)."""
     return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
             "arguments": call.arguments, "status": status}
 
@@ -554,8 +566,8 @@ def _complete(handler: Any, job: Job, builder: ResponseBuilder, record: "Request
 
 def answered_reason(completion: Completion, response: dict[str, Any]) -> str:
     """The finish reason the server's log line gives a response: ``tool_calls`` when it answered with calls."""
-    calls = any(item["type"] == "function_call" for item in response["output"])
-    return FINISH_TOOL_CALLS if calls else completion.finish_reason
+    calls = [item for item in response["output"] if item["type"] == "function_call"]
+    return finish_reason_of(calls, completion.finish_reason)
 
 
 class _EventWriter:
@@ -582,9 +594,20 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
     events.send("response.in_progress", response=builder.response("in_progress", []))
     use: ToolUse | None = builder.request.chat.tool_use
     # the text is held back while it may be calls (tool_calls.StreamedCalls): the message item opens with its first
-    # text, or at the end when the answer is no calls
-    held = StreamedCalls(use) if use is not None and use.offered else None
+    # text, or at the end when the answer is no calls; a forced call is streamed as it is generated
+    # (tool_calls.StreamedForcedCalls: each function_call item added once its name is known, its arguments in deltas)
+    forced = use is not None and use.forced
+    held = None if use is None or not use.offered else StreamedForcedCalls(use) if forced else StreamedCalls(use)
     opened = False
+
+    def send_piece(piece: CallPiece) -> None:
+        item_id = call_item_id(piece.call)
+        if piece.first:
+            events.send("response.output_item.added", output_index=piece.index,
+                        item=function_call_item(item_id, replace(piece.call, arguments=""), "in_progress"))
+        if piece.call.arguments:
+            events.send("response.function_call_arguments.delta", item_id=item_id, output_index=piece.index,
+                        delta=piece.call.arguments)
 
     def open_message() -> None:
         nonlocal opened
@@ -605,6 +628,10 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
             break
         if event[0] == "text":
             _, _, (text, entries) = event
+            if forced:
+                for piece in held.feed(text, entries):
+                    send_piece(piece)
+                continue
             delta = (text, entries) if held is None else held.feed(text, entries)
             if delta is not None:
                 open_message()
@@ -612,10 +639,19 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
                             logprobs=builder.logprob_items(delta[1]))
         elif event[0] == "done":
             completion = event[2]
-            status, response = builder.finished(completion, app.responses)
+            calls = None
+            if forced:
+                pieces, entries, calls = held.finish(completion.text, completion.finish_reason)
+                for piece in pieces:
+                    send_piece(piece)
+            status, response = builder.finished(completion, app.responses, calls)
             handler._finished(job, [completion], record, stream=True, reasons=[answered_reason(completion, response)])
             output = response["output"]
-            if held is not None:
+            if forced and calls is None:  # (text only where the grammar did not hold)
+                open_message()
+                events.send("response.output_text.delta", **where, delta=completion.text,
+                            logprobs=builder.logprob_items(entries))
+            elif held is not None and not forced:
                 text, entries, _ = held.finish(completion.text, completion.finish_reason)
                 if text or entries:
                     open_message()
@@ -627,20 +663,22 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
                 events.send("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
                 events.send("response.content_part.done", **where, part=part)
                 events.send("response.output_item.done", output_index=0, item=output[0])
-            _stream_calls(events, output)
+            _stream_calls(events, output, streamed=calls is not None)
             events.send(f"response.{status}", response=response)
     handler._write_chunk(b"")  # end of the chunked body
 
 
-def _stream_calls(events: _EventWriter, output: list[dict[str, Any]]) -> None:
-    """The answer's ``function_call`` items (of its ``output``), each added, its arguments as one delta, done."""
+def _stream_calls(events: _EventWriter, output: list[dict[str, Any]], streamed: bool = False) -> None:
+    """The answer's ``function_call`` items (of its ``output``), each added, its arguments as one delta, done
+    (``streamed``: added and their arguments sent already, as a forced call's are)."""
     for index, item in enumerate(output):
         if item["type"] != "function_call":
             continue
-        events.send("response.output_item.added", output_index=index,
-                    item={**item, "arguments": "", "status": "in_progress"})
-        events.send("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                    delta=item["arguments"])
+        if not streamed:
+            events.send("response.output_item.added", output_index=index,
+                        item={**item, "arguments": "", "status": "in_progress"})
+            events.send("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"])
         events.send("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                     name=item["name"], arguments=item["arguments"])
         events.send("response.output_item.done", output_index=index, item=item)

@@ -64,11 +64,12 @@ from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, StructuredOutputUnavailable
 from gemma3vl.infer.tokenize_api import serve_tokenizer
 from gemma3vl.infer.tool_calls import (
-    FINISH_TOOL_CALLS,
     StreamedCalls,
+    StreamedForcedCalls,
     ToolError,
     ToolUse,
     converse,
+    finish_reason_of,
     forced_constraint,
     involves_tools,
     message_object,
@@ -684,7 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
         choices, reasons = [], []
         for index, c in enumerate(completions):
             text, calls = split_answer(c.text, request.tool_use, c.finish_reason)
-            reasons.append(FINISH_TOOL_CALLS if calls else c.finish_reason)
+            reasons.append(finish_reason_of(calls, c.finish_reason))
             choices.append(choice_object(index, message_object(text, calls), reasons[-1],
                                          self.app.logprobs(c.logprobs)))
         counts = self._finished(job, completions, record, stream=False, reasons=reasons)
@@ -707,8 +708,19 @@ class _Handler(BaseHTTPRequestHandler):
         completions: list[Completion] = []
         reasons: list[str] = []  # as answered, in the order the choices ended
         use = request.tool_use
-        # each choice's text held back while it may be tool calls (tool_calls.StreamedCalls)
-        held = [StreamedCalls(use) for _ in range(job.n)] if use is not None and use.offered else None
+        forced = use is not None and use.forced
+        # each choice's text held back while it may be tool calls (tool_calls.StreamedCalls); a forced call streamed
+        # as it is generated (tool_calls.StreamedForcedCalls)
+        held = None if use is None or not use.offered else [
+            StreamedForcedCalls(use) if forced else StreamedCalls(use) for _ in range(job.n)]
+
+        def send_text(index: int, text: str, logprobs: Any) -> None:
+            self._write_chunk(chunk(chunk_choice(index, {"content": text}, logprobs=self.app.logprobs(logprobs))))
+
+        def send_calls(index: int, entries: list[dict]) -> None:
+            if entries:
+                self._write_chunk(chunk(chunk_choice(index, {"tool_calls": entries})))
+
         for event in self.app.events(job, self._client_gone):
             error = self.app.failure(event)
             if error is not None:
@@ -718,25 +730,29 @@ class _Handler(BaseHTTPRequestHandler):
                 break
             if event[0] == "text":
                 _, index, (text, logprobs) = event
+                if forced:
+                    send_calls(index, [piece.wire() for piece in held[index].feed(text, logprobs)])
+                    continue
                 delta = (text, logprobs) if held is None else held[index].feed(text, logprobs)
                 if delta is not None:
-                    self._write_chunk(chunk(chunk_choice(index, {"content": delta[0]},
-                                                         logprobs=self.app.logprobs(delta[1]))))
-            else:
-                _, index, completion = event
-                completions.append(completion)
-                reason = completion.finish_reason
-                if held is not None:
-                    text, logprobs, calls = held[index].finish(completion.text, reason)
-                    if text or logprobs:
-                        self._write_chunk(chunk(chunk_choice(index, {"content": text},
-                                                             logprobs=self.app.logprobs(logprobs))))
-                    if calls:
-                        reason = FINISH_TOOL_CALLS
-                        delta = {"tool_calls": [call.wire(position) for position, call in enumerate(calls)]}
-                        self._write_chunk(chunk(chunk_choice(index, delta)))
-                self._write_chunk(chunk(chunk_choice(index, {}, reason)))
-                reasons.append(reason)
+                    send_text(index, *delta)
+                continue
+            _, index, completion = event
+            completions.append(completion)
+            calls = None
+            if forced:
+                pieces, logprobs, calls = held[index].finish(completion.text, completion.finish_reason)
+                send_calls(index, [piece.wire() for piece in pieces])
+                if calls is None and completion.text or logprobs:  # (text only where the grammar did not hold)
+                    send_text(index, "" if calls else completion.text, logprobs)
+            elif held is not None:
+                text, logprobs, calls = held[index].finish(completion.text, completion.finish_reason)
+                if text or logprobs:
+                    send_text(index, text, logprobs)
+                send_calls(index, [call.wire(position) for position, call in enumerate(calls or ())])
+            reason = finish_reason_of(calls, completion.finish_reason)
+            self._write_chunk(chunk(chunk_choice(index, {}, reason)))
+            reasons.append(reason)
         if len(completions) == job.n:
             counts = self._finished(job, completions, record, stream=True, reasons=reasons)
             if include_usage:

@@ -34,11 +34,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.call_syntax import CALL_NAME, line_starts, literal, read_calls
+from gemma3vl.infer.json_calls import JsonCallReader
 from gemma3vl.infer.structured import Constraint
 
 if TYPE_CHECKING:
@@ -329,20 +330,32 @@ def forced_constraint(use: ToolUse | None, other: str | None = None) -> Constrai
     return Constraint("json", forced_schema(use), "tool_choice")
 
 
-def forced_calls(text: str, use: ToolUse) -> list[ToolCall] | None:
-    """A forced answer (JSON under :func:`forced_schema`) as calls; None when it is incomplete (the token limit
-    cut it)."""
+def forced_calls(text: str, use: ToolUse, *, partial: bool = False) -> list[ToolCall] | None:
+    """A forced answer (JSON under :func:`forced_schema`) as calls, their arguments the model's own JSON text (what a
+    stream sends of them: :class:`StreamedForcedCalls`); None when it is not whole JSON of that form. ``partial``
+    (an answer the token limit cut): the calls begun whose name is known, their arguments as far as they go, as
+    OpenAI and vLLM return a cut forced call (None when no name is known)."""
+    reader = JsonCallReader(use.name if use.choice == "function" else None)
+    reader.feed(text)
+    if partial:
+        return [ToolCall(read.name, read.arguments) for read in reader.calls if read.name is not None] or None
     try:
         value = json.loads(text)
     except ValueError:
         return None
     if use.choice == "function":
-        return [ToolCall(name=use.name, arguments=json.dumps(value, ensure_ascii=False))] if isinstance(value, dict) \
-            else None
-    if not (isinstance(value, list) and value and all(isinstance(call, dict) for call in value)):
+        return [ToolCall(name=use.name, arguments=text)] if isinstance(value, dict) else None
+    read = reader.calls
+    if not (isinstance(value, list) and value and len(read) == len(value)
+            and all(call.name is not None and call.complete for call in read)):
         return None
-    return [ToolCall(name=call["name"], arguments=json.dumps(call["parameters"], ensure_ascii=False))
-            for call in value]
+    return [ToolCall(name=call.name, arguments=call.arguments) for call in read]
+
+
+def finish_reason_of(calls: list[ToolCall] | None, finish_reason: str) -> str:
+    """The finish reason an answer is given: ``tool_calls`` for calls it ended by itself; a forced call that the
+    token limit cut keeps ``length``."""
+    return FINISH_TOOL_CALLS if calls and finish_reason == "stop" else finish_reason
 
 
 def split_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") -> tuple[str | None,
@@ -350,12 +363,15 @@ def split_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") ->
     """An answer under ``use`` as (its text, its calls): the whole answer calls (text None); or text, then calls
     from the start of a line to the end (the form :func:`converse` writes an assistant message with text and calls
     in: the text, a newline, the calls), the text without the white space before the calls; or text alone (calls
-    None). Only an answer that ended by itself (``finish_reason`` "stop") makes calls."""
-    if use is None or not use.offered or finish_reason != "stop":
+    None). Only an answer that ended by itself (``finish_reason`` "stop") makes calls, or a forced one that the token
+    limit cut (``length``: the calls as far as they go, :func:`forced_calls`)."""
+    if use is None or not use.offered:
         return text, None
-    if use.forced:
-        calls = forced_calls(text, use)
+    if use.forced and finish_reason in ("stop", "length"):
+        calls = forced_calls(text, use, partial=finish_reason == "length")
         return (None, calls) if calls else (text, None)
+    if finish_reason != "stop":
+        return text, None
     for start in line_starts(text):
         rest = text[start:]
         if may_become_calls(rest, use):
@@ -433,6 +449,71 @@ class StreamedCalls:
         rest = self.pending if calls is None else (content or "")[len(self.sent):]
         logprobs, self.pending, self.pending_logprobs = self.pending_logprobs, "", None
         return rest, logprobs, calls
+
+
+@dataclass(frozen=True)
+class CallPiece:
+    """A piece of a streamed call: its position in the answer, the call (its id and name; as ``arguments``, this
+    piece's text of them) and whether it is the call's first piece (OpenAI's first delta of a call carries its id,
+    type and name; the later ones its position and more arguments)."""
+
+    index: int
+    call: ToolCall
+    first: bool
+
+    def wire(self) -> dict[str, Any]:
+        """The chat endpoint's ``tool_calls`` delta entry."""
+        if self.first:
+            return self.call.wire(self.index)
+        return {"index": self.index, "function": {"arguments": self.call.arguments}}
+
+
+class StreamedForcedCalls:
+    """One streamed choice's forced call (``tool_choice`` ``required`` or a named function) as it is generated: each
+    call as soon as its name is known, then its arguments piece by piece (:class:`json_calls.JsonCallReader`);
+    nothing is sent as text. The pieces joined are the calls :func:`split_answer` gives the whole answer, ids
+    included. (Logprobs are kept for the end: ``finish`` returns them.)"""
+
+    def __init__(self, use: ToolUse):
+        self.use = use
+        self.reader = JsonCallReader(use.name if use.choice == "function" else None)
+        self.ids: list[str] = []  # of the calls sent so far
+        self.sent: list[int] = []  # characters of each one's arguments sent
+        self.logprobs: list[TokenLogprob] | None = None
+
+    def feed(self, text: str, logprobs: list[TokenLogprob] | None) -> list[CallPiece]:
+        """The pieces to send now."""
+        if logprobs is not None:
+            self.logprobs = [*(self.logprobs or ()), *logprobs]
+        self.reader.feed(text)
+        return self._pieces()
+
+    def _pieces(self) -> list[CallPiece]:
+        pieces = []
+        for index, read in enumerate(self.reader.calls):
+            if read.name is None:  # (calls are sent in order: a later one waits for this one's name)
+                break
+            if index == len(self.ids):  # its first piece: its name, and its arguments so far
+                self.ids.append(new_call_id())
+                self.sent.append(0)
+                pieces.append(CallPiece(index, ToolCall(read.name, read.arguments, self.ids[index]), True))
+            elif len(read.arguments) > self.sent[index]:
+                pieces.append(CallPiece(index, ToolCall(read.name, read.arguments[self.sent[index]:], self.ids[index]),
+                                        False))
+            self.sent[index] = len(read.arguments)
+        return pieces
+
+    def finish(self, text: str, finish_reason: str) -> tuple[list[CallPiece], list[TokenLogprob] | None,
+                                                              list[ToolCall] | None]:
+        """At the end of the answer (``text``, all of it): the pieces still to send, the logprobs, and the calls
+        (their ids those sent; None: the answer is text, which only an answer the grammar did not hold can be)."""
+        pieces = self._pieces()
+        _, calls = split_answer(text, self.use, finish_reason)
+        if calls is not None:
+            calls = [replace(call, id=self.ids[index]) if index < len(self.ids) else call
+                     for index, call in enumerate(calls)]
+        logprobs, self.logprobs = self.logprobs, None
+        return pieces, logprobs, calls
 
 
 @dataclass
