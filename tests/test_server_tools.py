@@ -103,6 +103,12 @@ def test_any_answer_is_either_calls_or_text_and_never_an_exception(text):
         calls = parse_calls(candidate, USE)
         assert calls is None or all(json.loads(call.arguments) is not None for call in calls)
         assert may_become_calls(candidate, USE) in (True, False)
+    required, named = ToolUse(tools=USE.tools, choice="required"), ToolUse(USE.tools, "function", "get_weather")
+    for candidate in (text, f'[{{"name": "get_weather", "parameters": {text}', f'[{{"name": {text}'):
+        for use in (required, named):  # a forced answer the grammar did not hold: text, or calls, never a failure
+            for reason in ("stop", "length"):
+                content, calls = split_answer(candidate, use, reason)
+                assert (content, calls) == (candidate, None) or (content is None and calls)
 
 
 @pytest.mark.parametrize("text, expected", [
