@@ -67,7 +67,6 @@ UNSUPPORTED_UNLESS_DEFAULT = {
     "use_beam_search": lambda v: v in (None, False),
     "logits_processors": lambda v: v in (None, []),
     "truncate_prompt_tokens": lambda v: v is None,
-    "spaces_between_special_tokens": lambda v: v in (None, True),
     "return_tokens_as_token_ids": lambda v: v in (None, False),
 }
 # vLLM's chat-only extensions, which change how the conversation is read: refused by the chat and Responses
@@ -373,7 +372,10 @@ def shared_fields(body: dict) -> dict[str, Any]:
         raise _invalid(f"'min_tokens' must be an integer >= 0, got {min_tokens!r}", "min_tokens")
     include_stop = body.get("include_stop_str_in_output")
     skip_special = body.get("skip_special_tokens")
-    for name, value in (("include_stop_str_in_output", include_stop), ("skip_special_tokens", skip_special)):
+    # vLLM's spaces_between_special_tokens changes nothing here: Gemma's tokenizer (a fast one, as vLLM's
+    # detokenizer then ignores the setting too) writes no space between special tokens either way (tested)
+    for name, value in (("include_stop_str_in_output", include_stop), ("skip_special_tokens", skip_special),
+                        ("spaces_between_special_tokens", body.get("spaces_between_special_tokens"))):
         if value is not None and not isinstance(value, bool):
             raise _invalid(f"'{name}' must be a boolean", name)
     bad_words = body.get("bad_words")
