@@ -108,7 +108,8 @@ def test_any_answer_is_either_calls_or_text_and_never_an_exception(text):
         for use in (required, named):  # a forced answer the grammar did not hold: text, or calls, never a failure
             for reason in ("stop", "length"):
                 content, calls = split_answer(candidate, use, reason)
-                assert (content, calls) == (candidate, None) or (content is None and calls)
+                assert content is None  # (a forced answer is never text: its calls as far as they went, or none)
+                assert calls is None or all(call.name == "get_weather" for call in calls)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -181,7 +182,8 @@ def test_text_and_calls_written_in_the_history_read_back_the_same_streamed_or_no
         at += size
     rest, _, streamed = stream.finish(answer, "stop")
     assert "".join(sent) + rest == (content or "")
-    assert (streamed is None) == (read is None)
+    assert (streamed.calls is None) == (read is None)
+    assert streamed.finish_reason == ("stop" if read is None else "tool_calls")
 
 
 @pytest.mark.parametrize("prefix, held", [("", True), ("  [get", True), ("```", True), ("get_wea", True),
@@ -338,8 +340,9 @@ def test_a_forced_answer_streams_as_the_calls_it_reads_back_as(calls, pieces, na
                 assert piece.index not in names and piece.index == len(names)
                 names[piece.index] = (piece.call.name, piece.call.id)
             sent[piece.index] = sent.get(piece.index, "") + piece.call.arguments
-    pieces_left, _, read = stream.finish(text, "stop")
-    assert pieces_left == []
+    pieces_left, _, answer = stream.finish(text, "stop")
+    assert pieces_left == [] and answer.finish_reason == "tool_calls"
+    read = answer.calls
     assert [(call.name, json.loads(call.arguments)) for call in read] == calls
     assert [(call.name, call.id) for call in read] == [names[index] for index in range(len(calls))]
     assert [sent[index] for index in range(len(calls))] == [call.arguments for call in read]
@@ -376,6 +379,21 @@ def test_a_forced_call_streams_its_arguments_piece_by_piece(server, client):
     (item,) = response.output
     assert (response.status, item.type, item.status, item.arguments) == (
         "incomplete", "function_call", "incomplete", call.function.arguments)
+    # a kept response whose call was cut cannot be continued: a 400 naming it, not a failure
+    status, reply = post_json(server, {"previous_response_id": response.id, "tools": FLAT_TOOLS, "input": [
+        {"type": "function_call_output", "call_id": item.call_id, "output": "Sunny"}]}, path="/v1/responses")
+    assert (status, reply["error"]["param"]) == (400, "previous_response_id"), reply
+    # 'required' cut before a call's name is whole: no calls yet, and never the grammar's JSON as text
+    for stream in (False, True):
+        settings = dict(model="tiny-gemma3", messages=QUESTION, tools=TOOLS, temperature=0, tool_choice="required",
+                        max_tokens=2)
+        if stream:
+            chunks = [c for c in client.chat.completions.create(stream=True, **settings) if c.choices]
+            assert not any(c.choices[0].delta.content or c.choices[0].delta.tool_calls for c in chunks)
+            assert chunks[-1].choices[0].finish_reason == "length"
+        else:
+            early = client.chat.completions.create(**settings).choices[0]
+            assert (early.message.content, early.message.tool_calls, early.finish_reason) == (None, None, "length")
 
 
 def test_a_named_function_or_required_forces_a_call(client):

@@ -39,7 +39,7 @@ from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_temp
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.sampling import Sampling
 from gemma3vl.infer.structured import Constraint, text_constraint
-from gemma3vl.infer.tool_calls import ToolUse, finish_reason_of, forced_constraint, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import ReadAnswer, ToolUse, forced_constraint, read_answer, tool_use_of
 
 ImageLike = Union[str, Path, Image.Image]  # a file path, a data: URL, or a PIL image
 
@@ -62,9 +62,11 @@ class Answer:
     tool_calls: list[dict[str, Any]] | None = None
 
     @classmethod
-    def of(cls, completion: Completion, calls: list[dict[str, Any]] | None = None) -> "Answer":
-        return cls(completion.text, list(completion.token_ids), finish_reason_of(calls, completion.finish_reason),
-                   completion.prompt_tokens, calls)
+    def of(cls, completion: Completion, read: ReadAnswer | None = None) -> "Answer":
+        """``completion`` as answered; ``read``: the answer read under tools (its calls and finish reason)."""
+        calls = None if read is None or not read.calls else [call.wire() for call in read.calls]
+        return cls(completion.text, list(completion.token_ids),
+                   completion.finish_reason if read is None else read.finish_reason, completion.prompt_tokens, calls)
 
 
 class Model:
@@ -251,11 +253,10 @@ class Model:
                                               mm_processor_kwargs=mm_processor_kwargs),
                              sampling, "messages")
         completion = self._complete_one(encoded, sampling)
-        _, calls = split_answer(completion.text, use, completion.finish_reason)
-        wire = None if not calls else [call.wire() for call in calls]
+        read = read_answer(completion.text, use, completion.finish_reason)
         if details:
-            return Answer.of(completion, wire)
-        return wire if wire else completion.text
+            return Answer.of(completion, read)
+        return [call.wire() for call in read.calls] if read.calls else read.content or ""
 
     def stream(self, prompt: str | Sequence[dict[str, Any]], images: Sequence[ImageLike] | None = None, *,
                raw: bool = False, pan_and_scan: bool | None = None, chat_template_kwargs: dict[str, Any] | None = None,

@@ -52,7 +52,7 @@ from gemma3vl.infer.prompt import check_image_file, load_image
 from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
-from gemma3vl.infer.tool_calls import ToolUse, finish_reason_of, forced_constraint, split_answer, tool_use_of
+from gemma3vl.infer.tool_calls import ToolUse, forced_constraint, read_answer, tool_use_of
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 # apply to greedy lines too: they do not turn sampling on
@@ -105,10 +105,10 @@ class BatchItem:
     def record(self, completion: Completion) -> dict[str, Any]:
         key = {"id": self.id} if self.has_id else {"index": self.line - 1}
         asked = {"prompt": self.prompt} if self.messages is None else {"messages": self.messages}
-        _, calls = split_answer(completion.text, self.tools, completion.finish_reason)
-        made = {"tool_calls": [call.wire() for call in calls]} if calls else {}
+        read = read_answer(completion.text, self.tools, completion.finish_reason)
+        made = {"tool_calls": [call.wire() for call in read.calls]} if read.calls else {}
         return {**key, **asked, "answer": completion.text, **made, "tokens": completion.completion_tokens,
-                "finish_reason": finish_reason_of(calls, completion.finish_reason)}
+                "finish_reason": read.finish_reason}
 
 
 @dataclass

@@ -74,15 +74,16 @@ from gemma3vl.infer.openai_protocol import (
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
 from gemma3vl.infer.tool_calls import (
+    FINISH_TOOL_CALLS,
     CallPiece,
+    ReadAnswer,
     StreamedCalls,
     StreamedForcedCalls,
     ToolCall,
     ToolError,
     ToolUse,
     checked_arguments,
-    finish_reason_of,
-    split_answer,
+    read_answer,
 )
 
 if TYPE_CHECKING:
@@ -371,7 +372,20 @@ def continue_from(request: ResponseRequest, store: ResponseStore) -> list[Reques
         raise ApiError(404, f"Previous response with id '{request.previous_response_id}' not found (never kept, "
                             "deleted, or dropped for room: this server keeps responses in memory only)",
                        param="previous_response_id", code="previous_response_not_found")
+    if any(not whole_arguments(call.arguments) for message in kept.conversation for call in message.tool_calls):
+        raise ApiError(400, f"response '{request.previous_response_id}' ended with a function call its token limit "
+                            "cut (incomplete arguments): it cannot be continued; send the conversation in 'input', "
+                            "with the call completed", param="previous_response_id", code="invalid_value")
     return [*kept.conversation, *request.input]
+
+
+def whole_arguments(arguments: str) -> bool:
+    """Whether a kept call's arguments are whole (a JSON object; a forced call cut by the token limit is kept as far
+    as it went)."""
+    try:
+        return isinstance(json.loads(arguments), dict)
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- objects
@@ -435,25 +449,25 @@ class ResponseBuilder:
         }
 
     def finished(self, completion: Completion, store: ResponseStore,
-                 streamed_calls: list[ToolCall] | None = None) -> tuple[str, dict[str, Any]]:
-        """The final status (``completed``, or ``incomplete`` at the token limit) and the whole response, kept in
-        ``store`` (with the conversation it answered) when the request asks for it and it fits. ``streamed_calls``:
-        a forced call's calls as a stream sent them (their ids), in place of reading the answer again."""
+                 read: ReadAnswer | None = None) -> tuple[str, dict[str, Any], ReadAnswer]:
+        """The final status (``completed``, or ``incomplete`` at the token limit), the whole response, kept in
+        ``store`` (with the conversation it answered) when the request asks for it and it fits, and the answer as
+        read (:func:`tool_calls.read_answer`; ``read``: as a stream read it, its calls' ids those it sent)."""
         status = "incomplete" if completion.finish_reason == FINISH_LENGTH else "completed"
-        if streamed_calls is not None:
-            text, calls = None, streamed_calls
-        else:
-            text, calls = split_answer(completion.text, self.request.chat.tool_use, completion.finish_reason)
+        if read is None:
+            read = read_answer(completion.text, self.request.chat.tool_use, completion.finish_reason)
+        text, calls = read.content, read.calls
         output = [] if text is None else [
             self.message(self.text_part(text, self.logprob_items(completion.logprobs)), status)]
-        output += [function_call_item(call_item_id(call), call, status) for call in calls or ()]
+        whole = "completed" if read.finish_reason == FINISH_TOOL_CALLS else "incomplete"  # (a cut forced call)
+        output += [function_call_item(call_item_id(call), call, whole) for call in calls or ()]
         answer = RequestMessage(role="assistant", parts=[] if text is None else [text], tool_calls=tuple(calls or ()))
         keep = self.request.store and store.max_bytes > 0
         response = self.response(status, output, completion=completion, stored=keep)
         if keep:
             answered = [*self.conversation, answer]
             response["store"] = store.put(response, answered)  # False: over the store's whole budget
-        return status, response
+        return status, response, read
 
 
 # ---------------------------------------------------------------------------------------------- input items
@@ -559,15 +573,9 @@ def _complete(handler: Any, job: Job, builder: ResponseBuilder, record: "Request
             raise error
         if event[0] == "done":
             completion = event[2]
-    response = builder.finished(completion, app.responses)[1]
-    handler._finished(job, [completion], record, stream=False, reasons=[answered_reason(completion, response)])
+    _, response, read = builder.finished(completion, app.responses)
+    handler._finished(job, [completion], record, stream=False, reasons=[read.finish_reason])
     handler._send_json(200, response)
-
-
-def answered_reason(completion: Completion, response: dict[str, Any]) -> str:
-    """The finish reason the server's log line gives a response: ``tool_calls`` when it answered with calls."""
-    calls = [item for item in response["output"] if item["type"] == "function_call"]
-    return finish_reason_of(calls, completion.finish_reason)
 
 
 class _EventWriter:
@@ -639,31 +647,27 @@ def _stream(handler: Any, job: Job, builder: ResponseBuilder, record: "RequestRe
                             logprobs=builder.logprob_items(delta[1]))
         elif event[0] == "done":
             completion = event[2]
-            calls = None
-            if forced:
-                pieces, entries, calls = held.finish(completion.text, completion.finish_reason)
+            read = None
+            if forced:  # (never text: the call as far as it went)
+                pieces, _, read = held.finish(completion.text, completion.finish_reason)
                 for piece in pieces:
                     send_piece(piece)
-            status, response = builder.finished(completion, app.responses, calls)
-            handler._finished(job, [completion], record, stream=True, reasons=[answered_reason(completion, response)])
+            status, response, read = builder.finished(completion, app.responses, read)
+            handler._finished(job, [completion], record, stream=True, reasons=[read.finish_reason])
             output = response["output"]
-            if forced and calls is None:  # (text only where the grammar did not hold)
-                open_message()
-                events.send("response.output_text.delta", **where, delta=completion.text,
-                            logprobs=builder.logprob_items(entries))
-            elif held is not None and not forced:
+            if held is not None and not forced:
                 text, entries, _ = held.finish(completion.text, completion.finish_reason)
                 if text or entries:
                     open_message()
                     events.send("response.output_text.delta", **where, delta=text,
                                 logprobs=builder.logprob_items(entries))
-            if output[0]["type"] == "message":
+            if output and output[0]["type"] == "message":
                 open_message()
                 part = output[0]["content"][0]
                 events.send("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
                 events.send("response.content_part.done", **where, part=part)
                 events.send("response.output_item.done", output_index=0, item=output[0])
-            _stream_calls(events, output, streamed=calls is not None)
+            _stream_calls(events, output, streamed=forced)
             events.send(f"response.{status}", response=response)
     handler._write_chunk(b"")  # end of the chunked body
 

@@ -69,11 +69,10 @@ from gemma3vl.infer.tool_calls import (
     ToolError,
     ToolUse,
     converse,
-    finish_reason_of,
     forced_constraint,
     involves_tools,
     message_object,
-    split_answer,
+    read_answer,
 )
 
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
@@ -684,9 +683,9 @@ class _Handler(BaseHTTPRequestHandler):
         completions = [done[index] for index in range(job.n)]
         choices, reasons = [], []
         for index, c in enumerate(completions):
-            text, calls = split_answer(c.text, request.tool_use, c.finish_reason)
-            reasons.append(finish_reason_of(calls, c.finish_reason))
-            choices.append(choice_object(index, message_object(text, calls), reasons[-1],
+            read = read_answer(c.text, request.tool_use, c.finish_reason)
+            reasons.append(read.finish_reason)
+            choices.append(choice_object(index, message_object(read.content, read.calls), reasons[-1],
                                          self.app.logprobs(c.logprobs)))
         counts = self._finished(job, completions, record, stream=False, reasons=reasons)
         body = completion_object(new_completion_id(), now(), self.app.model_name, choices, counts)
@@ -739,18 +738,19 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             _, index, completion = event
             completions.append(completion)
-            calls = None
-            if forced:
-                pieces, logprobs, calls = held[index].finish(completion.text, completion.finish_reason)
+            reason = completion.finish_reason
+            if forced:  # (never text: the call as far as it went)
+                pieces, logprobs, read = held[index].finish(completion.text, completion.finish_reason)
                 send_calls(index, [piece.wire() for piece in pieces])
-                if calls is None and completion.text or logprobs:  # (text only where the grammar did not hold)
-                    send_text(index, "" if calls else completion.text, logprobs)
+                if logprobs:
+                    send_text(index, "", logprobs)
+                reason = read.finish_reason
             elif held is not None:
-                text, logprobs, calls = held[index].finish(completion.text, completion.finish_reason)
+                text, logprobs, read = held[index].finish(completion.text, completion.finish_reason)
                 if text or logprobs:
                     send_text(index, text, logprobs)
-                send_calls(index, [call.wire(position) for position, call in enumerate(calls or ())])
-            reason = finish_reason_of(calls, completion.finish_reason)
+                send_calls(index, [call.wire(position) for position, call in enumerate(read.calls or ())])
+                reason = read.finish_reason
             self._write_chunk(chunk(chunk_choice(index, {}, reason)))
             reasons.append(reason)
         if len(completions) == job.n:

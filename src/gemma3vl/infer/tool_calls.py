@@ -16,7 +16,7 @@ turns an OpenAI conversation with tools into such plain turns, and reads an answ
   ```` ```tool_code ```` or ```` ```python ```` fence or not; a bare call without brackets too, or one inside
   ``print(...)`` as Google's ``tool_code`` examples write it) comes back as ``tool_calls`` with
   ``finish_reason: "tool_calls"``, the text before them (if any) as the message's content: the form an assistant
-  message with text and calls is written in (:func:`split_answer`); any other answer is the message's text, as it
+  message with text and calls is written in (:func:`read_answer`); any other answer is the message's text, as it
   is;
 * ``tool_choice: "required"`` and a named function are decoded under a grammar (as vLLM does): the named function's
   arguments as one JSON object of its parameters' schema, or a JSON list of ``{"name", "parameters"}`` calls to
@@ -330,55 +330,64 @@ def forced_constraint(use: ToolUse | None, other: str | None = None) -> Constrai
     return Constraint("json", forced_schema(use), "tool_choice")
 
 
-def forced_calls(text: str, use: ToolUse, *, partial: bool = False) -> list[ToolCall] | None:
-    """A forced answer (JSON under :func:`forced_schema`) as calls, their arguments the model's own JSON text (what a
-    stream sends of them: :class:`StreamedForcedCalls`); None when it is not whole JSON of that form. ``partial``
-    (an answer the token limit cut): the calls begun whose name is known, their arguments as far as they go, as
-    OpenAI and vLLM return a cut forced call (None when no name is known)."""
+def forced_calls(text: str, use: ToolUse) -> tuple[list[ToolCall] | None, bool]:
+    """A forced answer (JSON under :func:`forced_schema`) as its calls, their arguments the model's own JSON text
+    (what a stream sends of them: :class:`StreamedForcedCalls`), and whether it is whole (JSON of that form). An
+    answer cut short (by the token limit, or a stop string) gives the calls begun whose name is known, their
+    arguments as far as they go, as OpenAI and vLLM return a cut forced call (None when no name is known)."""
     reader = JsonCallReader(use.name if use.choice == "function" else None)
     reader.feed(text)
-    if partial:
-        return [ToolCall(read.name, read.arguments) for read in reader.calls if read.name is not None] or None
+    begun = [ToolCall(read.name, read.arguments) for read in reader.calls if read.name is not None] or None
     try:
         value = json.loads(text)
     except ValueError:
-        return None
+        return begun, False
     if use.choice == "function":
-        return [ToolCall(name=use.name, arguments=text)] if isinstance(value, dict) else None
-    read = reader.calls
-    if not (isinstance(value, list) and value and len(read) == len(value)
-            and all(call.name is not None and call.complete for call in read)):
-        return None
-    return [ToolCall(name=call.name, arguments=call.arguments) for call in read]
+        whole = isinstance(value, dict)
+    else:
+        read = reader.calls
+        whole = (isinstance(value, list) and bool(value) and len(read) == len(value)
+                 and all(call.name is not None and call.complete for call in read))
+    return begun, whole
 
 
-def finish_reason_of(calls: list[ToolCall] | None, finish_reason: str) -> str:
-    """The finish reason an answer is given: ``tool_calls`` for calls it ended by itself; a forced call that the
-    token limit cut keeps ``length``."""
-    return FINISH_TOOL_CALLS if calls and finish_reason == "stop" else finish_reason
+@dataclass(frozen=True)
+class ReadAnswer:
+    """An answer under tools as its client gets it: ``content`` (None: no text), ``calls`` (None: none) and the
+    ``finish_reason`` (``tool_calls`` for calls the answer ended with by itself)."""
+
+    content: str | None
+    calls: list[ToolCall] | None
+    finish_reason: str
+
+
+def read_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") -> ReadAnswer:
+    """An answer under ``use``: the whole answer calls (content None); or text, then calls from the start of a line
+    to the end (the form :func:`converse` writes an assistant message with text and calls in: the text, a newline,
+    the calls), the text without the white space before the calls; or text alone. Only an answer that ended by
+    itself (``finish_reason`` "stop") makes calls, except a forced one (``tool_choice`` ``required`` or a named
+    function), which is never text: its calls as far as they went (:func:`forced_calls`), ``tool_calls`` only
+    when whole."""
+    if use is None or not use.offered:
+        return ReadAnswer(text, None, finish_reason)
+    if use.forced:
+        calls, whole = forced_calls(text, use)
+        return ReadAnswer(None, calls, FINISH_TOOL_CALLS if whole and finish_reason == "stop" else finish_reason)
+    if finish_reason == "stop":
+        for start in line_starts(text):
+            rest = text[start:]
+            if may_become_calls(rest, use):
+                calls = parse_calls(rest, use)
+                if calls is not None:
+                    return ReadAnswer(text[:start].rstrip() or None, calls, FINISH_TOOL_CALLS)
+    return ReadAnswer(text, None, finish_reason)
 
 
 def split_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") -> tuple[str | None,
                                                                                    list[ToolCall] | None]:
-    """An answer under ``use`` as (its text, its calls): the whole answer calls (text None); or text, then calls
-    from the start of a line to the end (the form :func:`converse` writes an assistant message with text and calls
-    in: the text, a newline, the calls), the text without the white space before the calls; or text alone (calls
-    None). Only an answer that ended by itself (``finish_reason`` "stop") makes calls, or a forced one that the token
-    limit cut (``length``: the calls as far as they go, :func:`forced_calls`)."""
-    if use is None or not use.offered:
-        return text, None
-    if use.forced and finish_reason in ("stop", "length"):
-        calls = forced_calls(text, use, partial=finish_reason == "length")
-        return (None, calls) if calls else (text, None)
-    if finish_reason != "stop":
-        return text, None
-    for start in line_starts(text):
-        rest = text[start:]
-        if may_become_calls(rest, use):
-            calls = parse_calls(rest, use)
-            if calls is not None:
-                return text[:start].rstrip() or None, calls
-    return text, None
+    """:func:`read_answer`'s content and calls."""
+    answer = read_answer(text, use, finish_reason)
+    return answer.content, answer.calls
 
 
 HEAD_WINDOW = 256  # characters after the leading white space that tell whether a text may begin calls
@@ -412,7 +421,7 @@ class StreamedCalls:
     """One streamed choice's text under tools: what may still be calls is held back, the rest is sent as it comes.
     Held: from the earliest line (the answer's start included) from which the rest may still be calls
     (:func:`may_become_calls`), with the white space before it; everything, for a forced call. So what was sent
-    is always the start of :func:`split_answer`'s text, and ``finish`` sends the rest of that text, then the
+    is always the start of :func:`read_answer`'s text, and ``finish`` sends the rest of that text, then the
     calls. (Logprobs go with the next text sent.)"""
 
     def __init__(self, use: ToolUse):
@@ -442,13 +451,13 @@ class StreamedCalls:
                 return len(self.pending[:start].rstrip())
         return len(self.pending)
 
-    def finish(self, text: str, finish_reason: str) -> tuple[str, list[TokenLogprob] | None, list[ToolCall] | None]:
-        """At the end of the answer (``text``, all of it): the text still to send, its logprobs, and the calls
-        (None: the answer is text)."""
-        content, calls = split_answer(text, self.use, finish_reason)
-        rest = self.pending if calls is None else (content or "")[len(self.sent):]
+    def finish(self, text: str, finish_reason: str) -> tuple[str, list[TokenLogprob] | None, ReadAnswer]:
+        """At the end of the answer (``text``, all of it): the text still to send, its logprobs, and the answer as
+        read (:func:`read_answer`: its calls, None when it is text, and finish reason)."""
+        answer = read_answer(text, self.use, finish_reason)
+        rest = self.pending if answer.calls is None else (answer.content or "")[len(self.sent):]
         logprobs, self.pending, self.pending_logprobs = self.pending_logprobs, "", None
-        return rest, logprobs, calls
+        return rest, logprobs, answer
 
 
 @dataclass(frozen=True)
@@ -471,7 +480,7 @@ class CallPiece:
 class StreamedForcedCalls:
     """One streamed choice's forced call (``tool_choice`` ``required`` or a named function) as it is generated: each
     call as soon as its name is known, then its arguments piece by piece (:class:`json_calls.JsonCallReader`);
-    nothing is sent as text. The pieces joined are the calls :func:`split_answer` gives the whole answer, ids
+    nothing is sent as text. The pieces joined are the calls :func:`read_answer` gives the whole answer, ids
     included. (Logprobs are kept for the end: ``finish`` returns them.)"""
 
     def __init__(self, use: ToolUse):
@@ -503,17 +512,16 @@ class StreamedForcedCalls:
             self.sent[index] = len(read.arguments)
         return pieces
 
-    def finish(self, text: str, finish_reason: str) -> tuple[list[CallPiece], list[TokenLogprob] | None,
-                                                              list[ToolCall] | None]:
-        """At the end of the answer (``text``, all of it): the pieces still to send, the logprobs, and the calls
-        (their ids those sent; None: the answer is text, which only an answer the grammar did not hold can be)."""
+    def finish(self, text: str, finish_reason: str) -> tuple[list[CallPiece], list[TokenLogprob] | None, ReadAnswer]:
+        """At the end of the answer (``text``, all of it): the pieces still to send, the logprobs, and the answer as
+        read (:func:`read_answer`; its calls' ids those sent)."""
         pieces = self._pieces()
-        _, calls = split_answer(text, self.use, finish_reason)
-        if calls is not None:
-            calls = [replace(call, id=self.ids[index]) if index < len(self.ids) else call
-                     for index, call in enumerate(calls)]
+        answer = read_answer(text, self.use, finish_reason)
+        if answer.calls is not None:
+            answer = replace(answer, calls=[replace(call, id=self.ids[index]) if index < len(self.ids) else call
+                                            for index, call in enumerate(answer.calls)])
         logprobs, self.logprobs = self.logprobs, None
-        return pieces, logprobs, calls
+        return pieces, logprobs, answer
 
 
 @dataclass
