@@ -367,6 +367,24 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     assert ok == 200 and reply["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "a\udc00", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": ["hi", "\ud800"], "max_tokens": 2}, "prompt[1]"),
+    ("/tokenize", {"prompt": "a\ud83d"}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bad_words": ["\ud800"]},
+     "bad_words[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+     "messages[0].content[0].text"),
+    ("/v1/responses", {"input": "hi", "instructions": "be \udfff"}, "instructions"),
+])
+def test_a_lone_surrogate_anywhere_is_a_400_naming_its_field(server, path, body, param):
+    """JSON's ``\\ud800`` escapes are valid JSON that Python reads as strings that are not Unicode text: the tokenizer
+    failed on them deep inside (a 500); every endpoint now refuses them, naming where."""
+    status, reply = post_json(server, body, path=path)
+    assert (status, reply["error"]["param"], reply["error"]["code"]) == (400, param, "invalid_value"), reply
+    assert "lone surrogate" in reply["error"]["message"]
+
+
 def test_the_openai_client_sees_the_errors_as_its_own_exceptions(server, client):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}], n=9)
@@ -620,11 +638,10 @@ def test_head_options_and_bad_headers_get_json_not_the_stdlib_html_page(server):
 
 
 def test_an_error_echoing_a_lone_surrogate_is_still_answered(server):
-    """The unknown model's name is echoed in the 404; "\\ud800" cannot be encoded as UTF-8, which used to fail
-    the response and drop the connection without an answer."""
+    """A model name holding "\\ud800" (which cannot be encoded as UTF-8: echoed, it used to fail the response and
+    drop the connection without an answer) is answered: a 400 naming the field, as every lone surrogate is."""
     status, reply = post_json(server, {"model": "m\ud800", "messages": [{"role": "user", "content": "hi"}]})
-    assert (status, reply["error"]["code"]) == (404, "model_not_found")
-    assert "m\ud800" in reply["error"]["message"]
+    assert (status, reply["error"]["code"], reply["error"]["param"]) == (400, "invalid_value", "model")
 
 
 def test_models_retrieve_finds_a_served_name_with_a_slash(runtime):

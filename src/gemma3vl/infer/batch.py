@@ -48,7 +48,7 @@ from gemma3vl.infer.conversation import EncodedPrompt, check_turns
 from gemma3vl.infer.engine import run_rows
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.messages import turns_of_messages
-from gemma3vl.infer.prompt import check_image_file, load_image
+from gemma3vl.infer.prompt import check_image_file, load_image, lone_surrogate_at
 from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.infer.structured import ANY_OBJECT, Constraint, text_constraint
@@ -142,23 +142,6 @@ def _is_stop(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
 
 
-def _lone_surrogate(value: Any) -> str | None:
-    """The first lone surrogate (``"\\ud800"`` in JSON) in the strings of ``value`` (keys included), or None.
-    Iterative: a line may nest as deeply as ``json.loads`` allows."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            found = next((char for char in item if "\ud800" <= char <= "\udfff"), None)
-            if found is not None:
-                return found
-        elif isinstance(item, dict):
-            pending += [*item.keys(), *item.values()]
-        elif isinstance(item, list):
-            pending += item
-    return None
-
-
 def _line_constraint(obj: dict, default: Constraint | None) -> Constraint | None:
     """What a line's answer must be: its own ``json_schema``, ``json``, ``regex``, ``choice`` or ``grammar`` (one of
     them), else the command line's JSON Schema."""
@@ -197,12 +180,13 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
         raise Gemma3VLError("JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise Gemma3VLError("expected a JSON object like {\"prompt\": \"...\"}")
-    surrogate = _lone_surrogate(obj)
+    surrogate = lone_surrogate_at(obj)
     if surrogate is not None:
         # JSON's \ud800 escapes decode to a lone surrogate, which is not text: the tokenizer and the UTF-8 answers
         # file would fail on it (a traceback that ended the whole run)
-        raise Gemma3VLError(f"the line holds a lone surrogate ({surrogate.encode('unicode_escape').decode()}), "
-                            "which is not Unicode text")
+        where, char = surrogate
+        raise Gemma3VLError(f"the line holds a lone surrogate ({char.encode('unicode_escape').decode()})"
+                            f"{f' in {where!r}' if where else ''}, which is not Unicode text")
     unknown = sorted(set(obj) - set(LINE_KEYS))
     if unknown:
         raise Gemma3VLError(f"unknown key(s) {', '.join(map(repr, unknown))} (allowed: {', '.join(LINE_KEYS)})")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
+from gemma3vl.infer.prompt import lone_surrogate_at
 from gemma3vl.infer.prompt_options import PromptOptionError, checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.structured import Constraint, text_constraint
 from gemma3vl.infer.tool_calls import ToolCall, ToolError, ToolUse, parse_history_calls, tool_use_of
@@ -519,6 +520,11 @@ def json_body(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+    surrogate = lone_surrogate_at(body)
+    if surrogate is not None:  # (JSON's "\ud800": the tokenizer, and any UTF-8 output, would fail on it)
+        where, char = surrogate
+        raise ApiError(400, f"'{where}' holds a lone surrogate ({char.encode('unicode_escape').decode()}), which is "
+                            "not Unicode text", param=where or None, code="invalid_value")
     return body
 
 

@@ -37,6 +37,32 @@ def not_text_at(text: str) -> int | None:
     return None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value: Any) -> tuple[str, str] | None:
+    """The first lone surrogate (JSON's ``"\\ud800"``, which Python's ``json`` reads as a string that is not
+    Unicode text) in the strings of ``value`` (keys included), as (where, the surrogate): ``where`` the path of its
+    string, ``messages[0].content[1].text`` ("" for ``value`` itself), or of the object whose key holds it.
+    Iterative: JSON may nest as deeply as ``json.loads`` allows; a regular expression scans each string (a request
+    may hold megabytes of base64)."""
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                return where, found.group()
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return where, _SURROGATE.search(key).group()
+                pending.append((inner, f"{where}.{key}" if where else str(key)))
+        elif isinstance(item, list):
+            pending += [(inner, f"{where}[{index}]") for index, inner in reversed(list(enumerate(item)))]
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (transformers' validation errors span several), for an ``error:`` line."""
     return " ".join(str(exc).split()) or type(exc).__name__
