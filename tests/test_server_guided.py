@@ -77,6 +77,26 @@ def test_legacy_completions_take_guided_choice(server):
     assert reply["choices"][0]["text"] in CHOICES and reply["choices"][0]["finish_reason"] == "stop"
 
 
+def test_legacy_completions_take_response_format(server):
+    """As vLLM's completions endpoint does (it was silently ignored): the same answer as ``guided_json``; a bad
+    format or two constraints are a 400 naming the field."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    base = {"prompt": "Answer:", "max_tokens": MAX_TOKENS, "temperature": 0}
+
+    def text(**fields):
+        status, reply = post_json(server, {**base, **fields}, path="/v1/completions")
+        assert status == 200, reply
+        return reply["choices"][0]["text"]
+
+    formatted = text(response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    assert formatted == text(guided_json=schema) and formatted.startswith("{\"n\": ")
+    assert text(response_format={"type": "json_object"}) == text(structured_outputs={"json_object": True})
+    for fields, param in (({"response_format": {"type": "bogus"}}, "response_format"),
+                          ({"response_format": {"type": "json_object"}, "guided_choice": CHOICES}, "guided_choice")):
+        status, reply = post_json(server, {**base, **fields}, path="/v1/completions")
+        assert (status, reply["error"]["param"]) == (400, param), reply
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"guided_choice": CHOICES, "guided_regex": "a"}, "guided_choice"),  # (the second in guided_json, _regex, ...)
     ({"guided_choice": []}, "guided_choice"),

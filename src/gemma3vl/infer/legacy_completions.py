@@ -39,6 +39,7 @@ from gemma3vl.infer.openai_protocol import (
     SharedFields,
     _invalid,
     _is_int,
+    _parse_response_format,
     json_body,
     now,
     prompt_logprobs_object,
@@ -47,6 +48,7 @@ from gemma3vl.infer.openai_protocol import (
     usage,
 )
 from gemma3vl.infer.scheduler import Job, QueueFull
+from gemma3vl.infer.structured import Constraint
 
 if TYPE_CHECKING:
     from gemma3vl.infer.server import ChatCompletionServer, RequestRecord
@@ -122,10 +124,17 @@ def parse_completion_request(raw: bytes) -> CompletionRequest:
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (_is_int(max_tokens) and max_tokens >= 0):
         raise _invalid(f"'max_tokens' must be an integer >= 0, got {max_tokens!r}", "max_tokens")
+    fields = shared_fields(body)
+    schema = _parse_response_format(body.get("response_format"))  # (vLLM's completions take it too)
+    if schema is not None:
+        if fields["guided"] is not None:
+            raise _invalid(f"give one structured-output constraint, not 'response_format' and "
+                           f"'{fields['guided'].param}'", fields["guided"].param)
+        fields["guided"] = Constraint("json", schema, "response_format")
     return CompletionRequest(
         prompts=_parse_prompt(body["prompt"]),
         max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-        **shared_fields(body),
+        **fields,
         n=n,
         logprobs=logprobs,
         echo=bool(echo),
