@@ -184,7 +184,7 @@ def test_json_schema_output_through_parse_and_the_stream_helper(server, client):
     ({"input": "hi", "metadata": {"a": 1}}, "metadata", "invalid_value"),
     ({"input": "hi", "instructions": ["a"]}, "instructions", "invalid_value"),
     ({"input": "hi", "model": "another"}, "model", "model_not_found"),
-    ({"input": [{"role": "assistant", "content": "x"}]}, "messages", "invalid_conversation"),
+    ({"input": [{"role": "assistant", "content": "x"}]}, "input", "invalid_conversation"),
 ])
 def test_what_the_server_does_not_do_is_refused_naming_the_field(server, body, param, code):
     status, reply = post_json(server, body, path=PATH)
@@ -326,3 +326,29 @@ def test_input_items_list_what_a_kept_response_answered(server, client):
     assert status == 404
     status, _, raw = post_raw(server, b"", path=f"{PATH}/{second.id}/input_items", method="DELETE")
     assert status == 405 and client.responses.retrieve(second.id).id == second.id
+
+
+def test_conversation_errors_name_the_requests_own_fields(runtime):
+    """A conversation the server cannot answer is a 400 naming the field it came from: ``input`` on the Responses
+    API, ``messages`` on chat completions; over the context, the error says what took the room (no made-up
+    ``max_tokens`` when none was asked for)."""
+    settings = ServerSettings(port=0, max_tokens=64, max_sequence_length=64)
+    long = "word " * 100
+    with ChatCompletionServer(runtime, settings, log=io.StringIO()) as live:
+        status, reply = post_json(live, {"input": [{"role": "user", "content": "hi"}, {
+            "type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"}],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]},
+            path="/v1/responses")
+        assert (status, reply["error"]["param"]) == (400, "input"), reply
+        status, reply = post_json(live, {"input": long}, path="/v1/responses")
+        assert (status, reply["error"]["param"], reply["error"]["code"]) == (400, "input", "context_length_exceeded")
+        assert "leaving no room for an answer" in reply["error"]["message"], reply
+        status, reply = post_json(live, {"messages": [{"role": "user", "content": long}]})
+        assert (status, reply["error"]["param"]) == (400, "messages")
+        assert "the messages take" in reply["error"]["message"] and "-" not in reply["error"]["message"], reply
+        status, reply = post_json(live, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60})
+        assert "max_tokens asks for 60 more" in reply["error"]["message"], reply
+        status, reply = post_json(live, {"input": [{"type": "function_call_output", "call_id": "zz", "output": "x"}],
+                                         "tools": [{"type": "function", "name": "f", "parameters": {
+                                             "type": "object"}}]}, path="/v1/responses")
+        assert status == 400 and "function_call_output must answer" in reply["error"]["message"], reply

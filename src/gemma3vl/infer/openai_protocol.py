@@ -164,6 +164,7 @@ class ChatRequest(SharedFields):
     messages: list[RequestMessage]
     max_tokens: int | None = None
     max_tokens_param: str = "max_tokens"  # the field it came from (errors name it)
+    messages_param: str = "messages"  # the field the conversation came from (the Responses API's: input)
     n: int = 1  # choices; the server's max_n limits it
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, with logprobs

@@ -346,6 +346,7 @@ def parse_response_request(raw: bytes) -> ResponseRequest:
         messages=own,  # the conversation it answers is put together when served (continue_from, with_instructions)
         max_tokens=max_tokens,
         max_tokens_param="max_output_tokens",
+        messages_param="input",
         **shared_fields({key: value for key, value in body.items() if key != "stream_options"}),
         json_schema=schema,
         logprobs=INCLUDE_LOGPROBS in (include or ()) or bool(top),  # top_logprobs alone asks for them too

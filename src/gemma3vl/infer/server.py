@@ -193,13 +193,13 @@ class ChatCompletionServer:
 
     def encode_messages(self, messages: list[RequestMessage], continue_final: bool = False,
                         tool_use: ToolUse | None = None, template_kwargs: dict[str, Any] | None = None,
-                        processor_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
+                        processor_kwargs: dict[str, Any] | None = None, field: str = "messages") -> EncodedPrompt:
         """A conversation as the model reads it: its images counted against the limit and fetched, tools and tool
         messages written as plain turns (:func:`tool_calls.converse`), the chat template applied (with the
         generation prompt, or with ``continue_final`` the last, assistant, message left open; with the template
         variables of ``template_kwargs`` and the pan & scan settings of ``processor_kwargs``, vLLM's
-        ``chat_template_kwargs`` and ``mm_processor_kwargs``); a 4xx naming ``messages`` (or the option at fault)
-        when that cannot be done."""
+        ``chat_template_kwargs`` and ``mm_processor_kwargs``); a 4xx naming ``field`` (the request's ``messages``,
+        the Responses API's ``input``), or the option at fault, when that cannot be done."""
         crops = (processor_kwargs or {}).get("pan_and_scan_max_num_crops", 0)
         if crops > self.settings.images.max_images:  # (each crop is one more image for the model)
             raise ApiError(400, f"mm_processor_kwargs.pan_and_scan_max_num_crops={crops} is over this server's limit "
@@ -214,10 +214,10 @@ class ChatCompletionServer:
         images = sum(isinstance(part, ImagePart) for message in messages for part in message.parts)
         if images > self.settings.images.max_images:
             raise ApiError(400, f"the request has {images} images, over the limit of "
-                                f"{self.settings.images.max_images}", param="messages", code="too_many_images")
+                                f"{self.settings.images.max_images}", param=field, code="too_many_images")
         if images and not self.runtime.config.is_vision_language:
             raise ApiError(422, "this is a text-only Gemma 3 checkpoint: it cannot take images",
-                           param="messages", code="images_not_supported")
+                           param=field, code="images_not_supported")
         turns = [
             Turn(message.role, [self.images.fetch(p.url, p.param) if isinstance(p, ImagePart) else p
                                 for p in message.parts], label=message.param)
@@ -230,7 +230,7 @@ class ChatCompletionServer:
         except PromptOptionError as exc:
             raise ApiError(400, str(exc), param=exc.field, code="invalid_value") from None
         except Gemma3VLError as exc:
-            raise ApiError(400, str(exc), param="messages", code="invalid_conversation") from None
+            raise ApiError(400, str(exc), param=field, code="invalid_conversation") from None
 
     def prepare(self, request: ChatRequest) -> Job:
         """Check limits, fetch images, encode the conversation, and make the scheduler job."""
@@ -244,14 +244,17 @@ class ChatCompletionServer:
                                 f"{settings.max_tokens}", param=request.max_tokens_param, code="invalid_value")
         constraint = self.constraint(request)  # (checked before any image is fetched)
         prompt = self.encode_messages(request.messages, request.continue_final_message, request.tool_use,
-                                      request.template_kwargs, request.processor_kwargs)
+                                      request.template_kwargs, request.processor_kwargs, request.messages_param)
         context = self.scheduler.max_length
         room = context - prompt.length
         max_tokens = request.max_tokens if request.max_tokens is not None else min(settings.max_tokens, room)
         if max_tokens > room or room < 1:
+            asked = (f" and {request.max_tokens_param} asks for {max_tokens} more" if request.max_tokens is not None
+                     else ", leaving no room for an answer")
             raise ApiError(400, f"This server's maximum context length is {context} tokens; "
-                                f"the messages take {prompt.length} and max_tokens asks for {max_tokens} more.",
-                           param="messages", code="context_length_exceeded")
+                                f"the {request.messages_param} take{'s' if request.messages_param == 'input' else ''} "
+                                f"{prompt.length}{asked}.", param=request.messages_param,
+                           code="context_length_exceeded")
         sampling = self.constrained(request_sampling(self.runtime, request, max_tokens), request, constraint)
         return Job(prompt=prompt, sampling=sampling, max_new_tokens=max_tokens, stop_strings=request.stop,
                    n=request.n, logprobs=request.top_logprobs if request.logprobs else None,

@@ -561,9 +561,11 @@ def converse(messages: list[Any], use: ToolUse | None) -> list[Message]:
             if answers not in pending:
                 said = "" if message.tool_call_id is None else f"; {message.tool_call_id!r} is not one of them (or " \
                                                                  "is answered already)"
-                raise ToolError(f"'{where}': a 'tool' message must answer one of the 'tool_calls' of the assistant "
-                                f"message before it{said}",
-                                where if where.endswith(".call_id") else f"{where}.tool_call_id")
+                responses = where.endswith(".call_id")  # (the Responses API's function_call_output item)
+                what = ("a function_call_output must answer one of the function_call items of the answer before it"
+                        if responses else "a 'tool' message must answer one of the 'tool_calls' of the assistant "
+                                          "message before it")
+                raise ToolError(f"'{where}': {what}{said}", where if responses else f"{where}.tool_call_id")
             pending.remove(answers)
             if not all(isinstance(part, str) for part in parts):
                 raise ToolError(f"'{where}': a tool's result is text (images go in user messages)", f"{where}.content")
