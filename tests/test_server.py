@@ -19,8 +19,10 @@ import os
 import random
 import re
 import socket
+import struct
 import threading
 import time
+import zlib
 
 import openai
 import pytest
@@ -62,6 +64,15 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is ``width`` x ``height`` (its header), with no pixels to speak of."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
 def decode_data_url(url: str) -> Image.Image:
@@ -334,6 +345,9 @@ BAD_REQUESTS = {
                      "invalid_image"),
     "image too big in bytes": (_with_image(data_url(noise_image(200, 200))), 413, "image_too_large"),
     "image too big in pixels": (_with_image(data_url(Image.new("RGB", (400, 400), "white"))), 413, "image_too_large"),
+    # past Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), which it meets at open, before our check: the same 413
+    "image past Pillow's limit": (_with_image("data:image/png;base64," + base64.b64encode(
+        png_header(20_000, 20_000)).decode()), 413, "image_too_large"),
     "too many images": (_with_image(data_url(draw_picture()), count=3), 400, "too_many_images"),
     "file path without --allow-local-images": (_with_image("/etc/passwd"), 403, "local_images_not_allowed"),
     "file URL without --allow-local-images": (_with_image("file:///etc/hostname"), 403, "local_images_not_allowed"),

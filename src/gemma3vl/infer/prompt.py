@@ -242,7 +242,12 @@ def decode_image(source: Path | bytes, label: str, max_pixels: int = DEFAULT_MAX
             image = probe.copy()
     except Gemma3VLError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), met at open
+        # before our check could read the size: the same error as ours, with the count Pillow gives
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(counted.group(1))} pixels" if counted else "the image"
+        raise ImageTooLarge(f"{label}: {size} is over the limit of {max_pixels}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise Gemma3VLError(f"{label}: not a readable image ({unreadable(exc)})") from None
     return upright(image, label)
 
