@@ -76,3 +76,22 @@ def test_tokenize_takes_post_only(server):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"{server.url}/tokenize", timeout=30)
     assert caught.value.code == 405
+
+
+def test_assistant_refusals_and_empty_turns_are_read_as_openai_sends_them(server, runtime):
+    """An earlier assistant message whose content is null (no calls), or that holds a ``refusal`` (the field, or
+    a ``refusal`` content part), is taken as OpenAI takes it: an empty turn, or the refusal's text as what the
+    assistant said (the prompt is the one with that text)."""
+    def tokens(assistant):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", **assistant},
+                    {"role": "user", "content": "and?"}]
+        status, reply = post_json(server, {"messages": messages}, path="/tokenize")
+        assert status == 200, reply
+        return reply["tokens"]
+
+    assert tokens({"content": None}) == tokens({"content": ""})
+    said = tokens({"content": "I can't help with that."})
+    assert tokens({"content": None, "refusal": "I can't help with that."}) == said
+    assert tokens({"content": [{"type": "refusal", "refusal": "I can't help with that."}]}) == said
+    status, reply = post_json(server, {"messages": [{"role": "user", "content": None}]}, path="/tokenize")
+    assert (status, reply["error"]["param"]) == (400, "messages[0].content")

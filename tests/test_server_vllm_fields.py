@@ -150,12 +150,16 @@ def test_bad_values_are_a_400_naming_the_field(server, fields, param):
     ("logits_processors", ["x"]), ("return_tokens_as_token_ids", True),
     ("echo", True), ("add_generation_prompt", False),
     ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("documents", [{"text": "d"}]),
+    ("stream_options", {"continuous_usage_stats": True}),
 ])
 def test_vllm_fields_not_implemented_are_refused_not_ignored(server, field, value):
     """Each would change the answer: a 400 ``unsupported_parameter`` naming it, on chat completions and the
     Responses API; with its harmless value (vLLM's default) the request is answered."""
-    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": 2, field: value})
+    stream = {"stream": True} if field == "stream_options" else {}
+    status, reply = post_json(server, {"messages": PROMPT, "max_tokens": 2, field: value, **stream})
     assert (status, reply["error"]["param"], reply["error"]["code"]) == (400, field, "unsupported_parameter")
+    if stream:  # (the Responses API's stream_options are its own)
+        return
     status, reply = post_json(server, {"input": "hi", "max_output_tokens": 2, field: value}, path="/v1/responses")
     assert (status, reply["error"]["param"]) == (400, field), reply
 

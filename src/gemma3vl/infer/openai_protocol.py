@@ -252,11 +252,17 @@ def parse_message(message: Any, param: str,
         if not isinstance(call_id, str) or not call_id:
             raise ApiError(400, f"Missing required parameter: '{param}.tool_call_id' (the id of the call it "
                                 "answers).", param=f"{param}.tool_call_id", code="missing_required_parameter")
+    refusal = message.get("refusal") if role == "assistant" else None  # (OpenAI's assistant messages may hold one)
+    if refusal is not None and not isinstance(refusal, str):
+        raise _invalid(f"'{param}.refusal' must be a string", f"{param}.refusal")
     if isinstance(content, str):
         parts: list[str | ImagePart] = [content]
-    elif content is None and calls:
-        parts = []
+    elif content is None and role == "assistant" and (calls or "content" in message or refusal is not None):
+        parts = [refusal] if refusal else []  # (an assistant turn with nothing said: as OpenAI takes it)
     elif isinstance(content, list):
+        if role == "assistant" and parse_part is _parse_part:  # chat's refusal parts: what the assistant said
+            content = [{"type": "text", "text": part.get("refusal")}
+                       if isinstance(part, dict) and part.get("type") == "refusal" else part for part in content]
         parts = [parse_part(part, f"{param}.content[{i}]") for i, part in enumerate(content)]
     elif "content" not in message:
         raise ApiError(400, f"Missing required parameter: '{param}.content'.", param=f"{param}.content",
@@ -356,6 +362,10 @@ def shared_fields(body: dict) -> dict[str, Any]:
         if not isinstance(options, dict) or not isinstance(options.get("include_usage") or False, bool):
             raise _invalid("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
         include_usage = bool(options.get("include_usage"))
+        if options.get("continuous_usage_stats") not in (None, False):  # vLLM's: usage in every chunk
+            raise ApiError(400, "'stream_options.continuous_usage_stats' is not supported by this server (the usage "
+                                "comes in the last chunk, with include_usage)", param="stream_options",
+                           code="unsupported_parameter")
     logit_bias = body.get("logit_bias")
     if logit_bias is not None and not isinstance(logit_bias, dict):
         raise _invalid("'logit_bias' must be an object mapping token ids to biases from -100 to 100", "logit_bias")
