@@ -75,6 +75,7 @@ from gemma3vl.infer.tool_calls import (
     read_answer,
 )
 
+CHUNK_LINE_BYTES = 4096  # the longest chunk-size or trailer line a chunked request body may have
 EVENT_POLL_S = 1.0  # how often a waiting handler checks that the scheduler is still alive
 CLIENT_CHECK_S = 0.25  # how often a handler waiting for its answer checks that the client is still connected
 DRAIN_SLACK_BYTES = 1 << 20
@@ -519,9 +520,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return self._read_chunked_body()
+        if length is None:
             self.close_connection = True
-            raise ApiError(411, "send the request body with a Content-Length header", code="length_required")
+            raise ApiError(411, "send the request body with a Content-Length header (or chunked)",
+                           code="length_required")
         try:
             size = int(length)
             if size < 0:
@@ -544,6 +548,50 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"the request body is {size} bytes, over the limit of {limit} bytes",
                            code="request_too_large")
         return self.rfile.read(size)
+
+    def _read_chunked_body(self) -> bytes:
+        """A body sent with ``Transfer-Encoding: chunked`` (as uvicorn, vLLM's server, takes it): its chunks
+        joined, under the same byte limit (a 413 once the chunks go past it; the connection then ends, as a
+        malformed chunk ends it with a 400)."""
+        limit = self.app.settings.max_request_bytes
+        body = bytearray()
+        read = 0  # bytes of chunk data read, kept or (past the limit) dropped
+
+        def too_large() -> ApiError:
+            self.close_connection = True
+            return ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
+
+        def malformed(why: str) -> ApiError:
+            self.close_connection = True
+            return ApiError(400, f"bad chunked request body: {why}", code="invalid_request")
+
+        while True:
+            line = self.rfile.readline(CHUNK_LINE_BYTES + 1)
+            if len(line) > CHUNK_LINE_BYTES or not line.endswith(b"\n"):
+                raise malformed("a chunk's size line is missing or too long")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise malformed(f"a chunk's size is not hexadecimal ({line[:40]!r})") from None
+            if size < 0:
+                raise malformed("a chunk's size is negative")
+            if size == 0:
+                while True:  # trailers, until the empty line
+                    trailer = self.rfile.readline(CHUNK_LINE_BYTES + 1)
+                    if trailer in (b"\r\n", b"\n", b""):
+                        if read > limit:
+                            raise too_large()
+                        return bytes(body)
+                    if len(trailer) > CHUNK_LINE_BYTES:
+                        raise malformed("a trailer line is too long")
+            if read + size > 2 * limit + DRAIN_SLACK_BYTES:  # not worth reading on (see _read_body)
+                raise too_large()
+            piece = self.rfile.read(size)
+            if len(piece) != size or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise malformed("a chunk ends early or without its line end")
+            read += size
+            if read <= limit:  # past it, the rest is read and dropped, so that the client gets the 413
+                body += piece
 
     # ------------------------------------------------------------------------------------ routes
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
