@@ -325,6 +325,6 @@ def test_list_settings_take_yamls_bracket_form_and_alpha_must_be_finite():
     assert build_config("tiny_peft", None, ["peft.targets=[]", "peft.include_vision=true"]).peft.targets == []
     assert build_config("tiny_peft", None, ["peft.targets=[q_proj, 'v_proj']"]).peft.targets == ["q_proj", "v_proj"]
     assert build_config("tiny_peft", None, ["peft.targets=q_proj,o_proj"]).peft.targets == ["q_proj", "o_proj"]
-    for alpha in ("inf", "nan"):
-        with pytest.raises(Gemma3VLError, match=f"peft.alpha={alpha} must be a finite number"):
+    for alpha, shown in (("inf", "inf"), ("nan", "nan"), ("0", "0.0"), ("-16", "-16.0")):  # (0: adapters do nothing)
+        with pytest.raises(Gemma3VLError, match=f"peft.alpha={shown} must be a finite number > 0"):
             build_config("tiny_peft", None, [f"peft.alpha={alpha}"]).validate()

@@ -52,6 +52,10 @@ BAD = [  # (record, reason, words the message must contain)
     ({"messages": [user([{"type": "image"}]), assistant("y")]}, "image_count_mismatch", "no 'images' list"),
     ({"messages": [user([{"type": "image"}]), assistant("y")], "images": ["a.png", "b.png"]},
      "image_count_mismatch", "1 image part(s) but 'images' holds 2"),
+    # the key the record used; a LLaVA marker in a messages record is named as such
+    ({"messages": [user("<image>\nWhat?"), assistant("y")], "image": "a.png", "images": []},
+     "image_count_mismatch", "0 image part(s) but 'image' holds 1; an '<image>' marker in the text places an image "
+                             "only in a LLaVA 'conversations' record"),
     ({"messages": [user([{"type": "image"}, {"type": "image", "image": "a.png"}]), assistant("y")],
       "images": ["b.png"]}, "image_count_mismatch", "all name their image"),
     ({"conversations": "x"}, "invalid_schema", "'conversations'"),

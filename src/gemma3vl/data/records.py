@@ -208,7 +208,7 @@ def _messages_turns(
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise BadRecord(source, INVALID_SCHEMA, f"'messages' must be a non-empty list, got {_kind(messages)}")
-    shared_images = _record_images(record, source)
+    shared_images, images_key = _record_images(record, source)
     known = list(dict.fromkeys([*ROLES, *aliases, TOOL_ROLE]))
     turns = []
     tool_fields = []  # each message's tool calls, the call a tool message answers, and where the message is
@@ -229,7 +229,7 @@ def _messages_turns(
                             f"{where}: a tool message's result is text; images go in user turns")
         turns.append(turn)
         tool_fields.append((calls, answers, where))
-    _fill_shared_images(turns, shared_images, source)  # (it gives the turns new content lists)
+    _fill_shared_images(turns, shared_images, source, images_key)  # (it gives the turns new content lists)
     written = [Message(turn.role, turn.content if isinstance(turn.content, list) else [turn.content], calls, answers,
                        param=where) for turn, (calls, answers, where) in zip(turns, tool_fields)]
     tools = _record_tools(record, source)
@@ -345,14 +345,15 @@ def _is_image_source(value: Any) -> bool:
     return type(value).__module__.startswith("PIL.")
 
 
-def _record_images(record: dict, source: str) -> list[Any] | None:
+def _record_images(record: dict, source: str) -> tuple[list[Any] | None, str]:
     """The record's top-level images: ``"images"`` (TRL, LLaMA-Factory) or ``"image"`` (LLaVA, HF datasets
-    with one image column), a list or one value; never both, so no image is silently left out."""
+    with one image column), a list or one value; never both, so no image is silently left out. With the key they
+    came from (``images`` when none)."""
     # null, "" and [] hold no image (LLaVA exports write "image": "" on text-only records).
     given = [key for key in ("image", "images") if not _no_image(record.get(key))]
     if len(given) > 1:
         raise BadRecord(source, INVALID_SCHEMA, "the record has both 'image' and 'images'; give one list of images")
-    return _image_list(record[given[0]], source, given[0]) if given else None
+    return (_image_list(record[given[0]], source, given[0]), given[0]) if given else (None, "images")
 
 
 def _no_image(value: Any) -> bool:
@@ -375,8 +376,9 @@ def _image_list(value: Any, source: str, key: str) -> list[Any] | None:
     return values
 
 
-def _fill_shared_images(turns: list[Turn], shared: list[Any] | None, source: str) -> None:
-    """Image parts without their own source take the record's ``images`` in order; it is all or nothing."""
+def _fill_shared_images(turns: list[Turn], shared: list[Any] | None, source: str, key: str = "images") -> None:
+    """Image parts without their own source take the record's ``images`` (or ``image``: ``key``, as errors name
+    it) in order; it is all or nothing."""
     refs = [image for turn in turns for image in turn.images]
     open_slots = sum(ref.source is None for ref in refs)
     if shared is None:
@@ -389,13 +391,16 @@ def _fill_shared_images(turns: list[Turn], shared: list[Any] | None, source: str
         return
     if open_slots != len(refs):
         raise BadRecord(
-            source, IMAGE_COUNT_MISMATCH, "image parts must either all name their image or all take them from 'images'"
+            source, IMAGE_COUNT_MISMATCH, f"image parts must either all name their image or all take them from '{key}'"
         )
     if len(shared) != open_slots:
+        markers = any(isinstance(turn.content, str) and "<image>" in turn.content for turn in turns)
+        hint = ("; an '<image>' marker in the text places an image only in a LLaVA 'conversations' record: in "
+                "'messages', give {\"type\": \"image\"} parts") if markers else ""
         raise BadRecord(
             source,
             IMAGE_COUNT_MISMATCH,
-            f"the messages have {open_slots} image part(s) but 'images' holds {len(shared)}",
+            f"the messages have {open_slots} image part(s) but '{key}' holds {len(shared)}{hint}",
         )
     fill = iter(shared)
     for turn in turns:
@@ -421,7 +426,7 @@ def _llava_turns(record: dict, source: str) -> list[Turn]:
             )
         messages = [{"role": speaker, "content": content} for speaker, content, _ in entries]
         return _messages_turns({**record, "messages": messages}, source, key="conversations", aliases=LLAVA_ROLES)
-    images = _record_images(record, source) or []
+    images = _record_images(record, source)[0] or []
     turns: list[Turn] = []
     markers = 0
     for index, (speaker, value, keys) in enumerate(entries):

@@ -232,8 +232,9 @@ class TrainConfig:
         if self.peft.method != "none" and self.peft.rank < 1:
             raise Gemma3VLError(f"peft.rank={self.peft.rank} must be >= 1")
         if self.peft.method != "none":  # checked here, naming the key, rather than after the model has loaded
-            if not math.isfinite(self.peft.alpha):
-                raise Gemma3VLError(f"peft.alpha={self.peft.alpha} must be a finite number")
+            if not (math.isfinite(self.peft.alpha) and self.peft.alpha > 0):  # 0 scales the adapters' output
+                # to nothing: a run that trains nothing, without a word
+                raise Gemma3VLError(f"peft.alpha={self.peft.alpha} must be a finite number > 0")
             if not 0.0 <= self.peft.dropout < 1.0:
                 raise Gemma3VLError(f"peft.dropout={self.peft.dropout} must be in [0, 1)")
             from gemma3vl.train.lora import TEXT_PROJECTIONS
