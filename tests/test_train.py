@@ -232,6 +232,14 @@ def test_refuses_to_clobber_checkpoints_without_resume(tmp_path, monkeypatch, ca
     assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", *FAST]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-00000001").is_dir()
+    # resuming a checkpoint at or past train.steps: nothing to train, said so (it exported the same weights again
+    # and reported "trained 1 steps; final loss None")
+    monkeypatch.undo()
+    exported = (out / "hf" / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", "train.steps=1", *FAST]) == 2
+    assert ("the checkpoint is at step 1 and train.steps=1: nothing is left to train; give train.steps above 1"
+            in capsys.readouterr().err)
+    assert (out / "hf" / "model.safetensors").stat().st_mtime_ns == exported
 
 
 def test_lora_run_from_a_native_base_records_no_base_transformers_cannot_read(tmp_path, capsys):
