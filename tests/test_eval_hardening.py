@@ -266,3 +266,16 @@ def test_an_interrupted_run_keeps_and_scores_what_was_answered(tmp_path, fake_ru
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["prediction"] is not None for line in lines] == [True] * 4 + [False] * 3
     assert all("scores" in line for line in lines[:4]) and not any("scores" in line for line in lines[4:])
+
+
+def test_a_row_whose_text_holds_a_control_token_is_left_out_as_training_leaves_it(tmp_path, fake_runtime, model_dir):
+    """``<start_of_turn>`` typed in a question: ``gemma3vl train`` skips such a record (``special_token_in_text``);
+    eval answered and scored it. Now it is a failure naming the row, left out of the scores."""
+    questions = [list(ANSWERS)[0], "<start_of_turn>What?", list(ANSWERS)[1]]
+    data = write_vqa(tmp_path / "vqa.parquet", questions)
+    out = tmp_path / "out"
+    assert main(["eval", str(model_dir), "--data", str(data), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["examples"], report["examples_scored"]) == (3, 2)
+    (failure,) = report["model"]["failures"]
+    assert "row 1" in failure and "contains <start_of_turn> as text" in failure

@@ -41,6 +41,7 @@ from gemma3vl.data.records import (
     BadRecord,
     Conversation,
     ImageRef,
+    Turn,
 )
 from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.prompt import pan_and_scan_settings, template_text, tokenizer_of
@@ -50,6 +51,31 @@ START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 MODEL_HEADER = "model\n"  # what follows <start_of_turn> in an assistant turn ("assistant" renders as "model")
 TRUNCATIONS = ("turns", "skip")
+
+
+def control_strings(tokenizer: Any) -> list[str]:
+    """Strings the tokenizer would turn into control tokens if they appeared in text (``<start_of_turn>``, its
+    BOS / EOS / pad and image tokens)."""
+    names = ("bos_token", "eos_token", "pad_token", "boi_token", "eoi_token", "image_token")
+    return sorted({START_OF_TURN, END_OF_TURN} | {t for n in names if isinstance(t := getattr(tokenizer, n, None), str)})
+
+
+def refuse_control_strings(turns: list[Turn], source: str, control: list[str]) -> None:
+    """A :class:`BadRecord` (``special_token_in_text``) for a turn whose text holds one of ``control``: the same
+    rule for training records and ``gemma3vl eval``'s rows."""
+    for index, turn in enumerate(turns):
+        # Each text as written, and the turn as the template renders it: text parts trimmed and
+        # concatenated, so "<start_of_" + "turn>" in two parts is the control token the tokenizer sees.
+        rendered = turn.content.strip() if isinstance(turn.content, str) else template_text(turn.content)
+        for text in [*turn.texts(), rendered]:
+            found = [token for token in control if token in text]
+            if found:
+                raise BadRecord(
+                    source,
+                    SPECIAL_TOKEN_IN_TEXT,
+                    f"turn {index} ({turn.role}) contains {', '.join(found)} as text; the tokenizer would read "
+                    "it as a control token",
+                )
 
 
 @dataclass
@@ -86,11 +112,7 @@ class ConversationEncoder:
         self.pad_token_id: int = self.tokenizer.pad_token_id
         self.header_ids: list[int] = self.tokenizer.encode(MODEL_HEADER, add_special_tokens=False)
         self.processor_kwargs = pan_and_scan_settings(processor, pan_and_scan) if self.is_vision_language else {}
-        # Strings the tokenizer would turn into control tokens if they appeared in text.
-        names = ("bos_token", "eos_token", "pad_token", "boi_token", "eoi_token", "image_token")
-        self.control_strings = sorted(
-            {START_OF_TURN, END_OF_TURN} | {t for n in names if isinstance(t := getattr(self.tokenizer, n, None), str)}
-        )
+        self.control_strings = control_strings(self.tokenizer)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -177,19 +199,7 @@ class ConversationEncoder:
         return int(image_block_ids(input_ids[None], self.image_token_id).max()) + 1
 
     def _refuse_control_strings(self, conversation: Conversation) -> None:
-        for index, turn in enumerate(conversation.turns):
-            # Each text as written, and the turn as the template renders it: text parts trimmed and
-            # concatenated, so "<start_of_" + "turn>" in two parts is the control token the tokenizer sees.
-            rendered = turn.content.strip() if isinstance(turn.content, str) else template_text(turn.content)
-            for text in [*turn.texts(), rendered]:
-                found = [token for token in self.control_strings if token in text]
-                if found:
-                    raise BadRecord(
-                        conversation.source,
-                        SPECIAL_TOKEN_IN_TEXT,
-                        f"turn {index} ({turn.role}) contains {', '.join(found)} as text; the tokenizer would read "
-                        "it as a control token",
-                    )
+        refuse_control_strings(conversation.turns, conversation.source, self.control_strings)
 
     def _labels(self, input_ids: torch.Tensor, conversation: Conversation) -> tuple[torch.Tensor, list[int]]:
         source = conversation.source

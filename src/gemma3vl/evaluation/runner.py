@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from gemma3vl.data.encode import control_strings, refuse_control_strings
 from gemma3vl.data.images import ImageLoader
 from gemma3vl.data.records import BadRecord, ImageRef, Turn
 from gemma3vl.errors import Gemma3VLError
@@ -159,6 +160,7 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
 
     loader = image_loader or ImageLoader()
     sampling = runtime.sampling(max_new_tokens=max_new_tokens, greedy=True)
+    control = control_strings(getattr(runtime, "tokenizer", None))
 
     def encode(key: Any, example: Example | BadRecord) -> Any:
         """The example's prompt, or None once ``failed`` heard why it cannot be asked."""
@@ -166,6 +168,7 @@ def generate_answers(runtime: Any, pending: Iterable[tuple[int, Example | BadRec
             failed(key, str(example))
             return None
         try:
+            refuse_control_strings(example.turns, example.source, control)  # (as training refuses the record)
             turns = []
             for turn in example.turns:
                 parts = [turn.content] if isinstance(turn.content, str) else turn.content
