@@ -445,7 +445,19 @@ def test_data_directories(processor, tmp_path, monkeypatch):
             {"messages": [user("What is 1?"), answer]}]
     _parquet(tables / "conversations.parquet", rows)
     assert sources(ConversationDataset(DataConfig(tables, shuffle=False), processor)) == [
-        f"{tables}:row 0", f"{tables}:row 1"]
+        f"{tables / 'conversations.parquet'}:row 0", f"{tables / 'conversations.parquet'}:row 1"]
+    # shards: each row named by its own file and row (it was a row of the whole directory, and a test split's rows
+    # had the train rows' labels)
+    shards = tmp_path / "shards"
+    write_pictures(shards / "images")
+    _parquet(shards / "train-00000-of-00002.parquet", rows)
+    _parquet(shards / "train-00001-of-00002.parquet", rows[:1])
+    _parquet(shards / "test-00000-of-00001.parquet", rows[1:])
+    assert sources(ConversationDataset(DataConfig(shards, shuffle=False), processor)) == [
+        f"{shards / 'train-00000-of-00002.parquet'}:row 0", f"{shards / 'train-00000-of-00002.parquet'}:row 1",
+        f"{shards / 'train-00001-of-00002.parquet'}:row 0"]
+    assert sources(ConversationDataset(DataConfig(shards, shuffle=False, split="test"), processor)) == [
+        f"{shards / 'test-00000-of-00001.parquet'}:row 0"]
 
     lines = tmp_path / "lines"
     write_pictures(lines / "part")

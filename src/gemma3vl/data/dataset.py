@@ -161,7 +161,8 @@ class ConversationDataset:
                 yield sample
         if order and self.epoch_samples == 0:
             if self.num_ranks == 1:
-                raise Gemma3VLError(f"{self.config.path}: no usable record in a whole epoch; {self._summary}")
+                split = "" if self.config.split == "train" else f" (split {self.config.split!r})"
+                raise Gemma3VLError(f"{self.config.path}{split}: no usable record in a whole epoch; {self._summary}")
             # Only this rank's share of the order: the other ranks', or this rank's share of the next epoch, may
             # hold usable records. The reader of the batches (train.steps.StepFeed) stops when two epochs in a
             # row give this rank nothing.

@@ -179,7 +179,8 @@ class HFDatasetSource:
 
     ``columns`` maps record keys (``messages``, ``images``, ``conversations``, ``image``, ``texts``) to the
     dataset's column names; rows are read as records with those keys, so they parse like JSON records. Records are
-    labelled ``path:row N`` (0-based rows).
+    labelled ``file:row N`` (0-based rows): a parquet shard's own row, or the row of ``path`` (of its split's
+    directory, for a ``save_to_disk`` dataset with splits).
 
     A null in a column or a struct field is a key the record does not have (a table holding both ``messages`` and
     LLaVA ``conversations`` rows has nulls in the other column). Images of an ``Image`` feature are read undecoded
@@ -201,12 +202,25 @@ class HFDatasetSource:
         self.dataset = dataset
         self._rows = dataset.with_format("arrow")  # rows as pyarrow tables: nothing decoded
         self._features = _undecoded_images(dataset.features)
+        # Labels: a shard's own row (``file:row N``, as gemma3vl eval names them) when the rows come from parquet
+        # files; else the row of the split's directory of a save_to_disk DatasetDict, or of ``path``.
+        self._shards = _parquet_shards(data_files, len(dataset))
+        split_dir = path / split
+        self._where = split_dir if path.is_dir() and not _is_data_directory(path) and split_dir.is_dir() else path
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def label(self, index: int) -> str:
+        """Row ``index``'s ``file:row N`` label."""
+        if self._shards is None:
+            return f"{self._where}:row {index}"
+        starts = [start for _, start in self._shards]
+        file, start = self._shards[bisect.bisect_right(starts, index) - 1]
+        return f"{file}:row {index - start}"
+
     def record(self, index: int) -> tuple[Any, str]:
-        source = f"{self.path}:row {index}"
+        source = self.label(index)
         row = self._rows[index].to_pylist()[0]
         try:
             row = self._features.decode_example(row)  # what the dataset's features decode, but images
@@ -516,6 +530,23 @@ def _check_unsplit(path: Path, split: str, what: str) -> None:
         f"{path}: {what}, read whole: it has no split {split!r} to choose (data.split / data.eval_split); give the "
         f"held-out rows as their own file (data.eval_path / --eval-data), or a data directory or DatasetDict with "
         f"splits")
+
+
+def _parquet_shards(data_files: tuple[str, list[str]] | None, rows: int) -> list[tuple[str, int]] | None:
+    """Each parquet data file and the index of its first row in the loaded dataset (datasets reads them in this
+    order), from the files' footers; None for other kinds, or when the counts do not add up to ``rows``."""
+    if data_files is None or data_files[0] != "parquet":
+        return None
+    try:
+        import pyarrow.parquet as pq
+
+        shards, start = [], 0
+        for file in data_files[1]:
+            shards.append((file, start))
+            start += pq.ParquetFile(file).metadata.num_rows
+    except Exception:  # noqa: BLE001 (a footer pyarrow cannot read: datasets read it, so label by the whole)
+        return None
+    return shards if start == rows else None
 
 
 def _load_hf_dataset(path: Path, split: str, data_files: tuple[str, list[str]] | None = None) -> Any:
