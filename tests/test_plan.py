@@ -205,6 +205,24 @@ def test_a_global_batch_the_data_parallel_ranks_cannot_share_is_never_recommende
     assert "--global-batch-size 1 is not a multiple of --micro-batch-size 2" in capsys.readouterr().err
 
 
+def test_without_a_global_batch_the_recommendation_sets_one_its_ranks_can_share(capsys):
+    """Without --global-batch-size, 64 data-parallel ranks cannot share the default 32 rows a step (train refuses
+    it): the recommended command sets the smallest multiple that they can, and says why; 8 ranks share 32."""
+    from gemma3vl.train.config import TrainSettings
+
+    assert plan.DEFAULT_GLOBAL_BATCH == TrainSettings().global_batch_size
+    assert main(["plan", "--model", "12b", "--gpus", "64", "--gpu-memory", "80"]) == 0
+    printed = capsys.readouterr().out
+    recommended = next(line for line in printed.splitlines() if line.startswith("recommended:"))
+    launch = next(line for line in printed.splitlines() if "torchrun" in line)
+    assert "train.global_batch_size=64" in recommended and "train.global_batch_size=64" in launch
+    assert "the default 32 rows a step do not split into whole micro-batches over 64 data-parallel ranks" in printed
+    assert main(["plan", "--model", "4b", "--gpus", "8", "--gpu-memory", "80"]) == 0
+    assert "global_batch_size" not in capsys.readouterr().out
+    assert main(["plan", "--model", "4b", "--gpus", "12", "--gpu-memory", "80", "--micro-batch-size", "4"]) == 0
+    assert "train.global_batch_size=48" in capsys.readouterr().out  # 12 ranks x 4 rows: 32 -> 48
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gpu-memory", "nan"], "--gpu-memory"), (["--gpu-memory", "inf"], "--gpu-memory"),
     (["--gpu-memory", "80", "--images", "-1"], "--images -1 must be >= 0"),

@@ -608,7 +608,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     choice = plan.recommend(options, args.gpu_memory * 1e9)
     print(plan.format_plan(counts, options, choice, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, seq=args.seq,
                            mode=args.mode, micro_batch=args.micro_batch_size, bf16_weights=args.bf16_weights,
-                           attention=args.attention, show_all=args.all))
+                           attention=args.attention, show_all=args.all, global_batch_size=args.global_batch_size))
     return 0 if choice is not None else EXIT_VERIFY_FAILED
 
 

@@ -79,6 +79,7 @@ AC_COMPUTE = {"none": 1.0, "selective": 1.05, "full": 1.33}  # forward+backward 
 GPUS_PER_NODE = 8  # TP stays within a node: its collectives are on the critical path of every layer
 RENDEZVOUS = "--rdzv-backend c10d --rdzv-endpoint FIRST_NODE:29500 --rdzv-id JOB"  # several nodes' torchrun
 MAX_SEQ = 131_072  # Gemma 3's context (4B, 12B, 27B): the longest train.seq_length worth planning
+DEFAULT_GLOBAL_BATCH = 32  # train.global_batch_size of the recipes (train.config.TrainSettings' default)
 
 
 @dataclass(frozen=True)
@@ -381,11 +382,25 @@ def recommend(options: list[Estimate], gpu_memory_bytes: float) -> Estimate | No
     return min(fitting, key=lambda o: (o.tier, speed_cost(o), o.total))
 
 
+def batch_for(choice: Estimate, micro_batch: int, global_batch_size: int | None) -> int | None:
+    """The ``train.global_batch_size`` a layout needs set, None when the given one (or the default) fits it: the
+    default's rows a step (:data:`DEFAULT_GLOBAL_BATCH`) must split into whole micro-batches over the data-parallel
+    ranks (train refuses it otherwise), so the smallest multiple of ``micro_batch x dp`` at least as large."""
+    if global_batch_size is not None or choice.pp > 1:  # (a pipeline's is set from its micro-batches)
+        return None
+    share = micro_batch * choice.dp
+    return None if DEFAULT_GLOBAL_BATCH % share == 0 else -(-DEFAULT_GLOBAL_BATCH // share) * share
+
+
 def settings_of(choice: Estimate, *, seq: int | None = None, micro_batch: int = 1, bf16_weights: bool = False,
-                attention: str = "flex") -> str:
+                attention: str = "flex", global_batch_size: int | None = None) -> str:
     """The settings that differ from the defaults (``parallel.dp_shard=-1`` already gives FSDP the rest), as
-    ``key=value`` overrides for ``gemma3vl train``."""
+    ``key=value`` overrides for ``gemma3vl train``; ``global_batch_size``: the one ``--global-batch-size`` gave
+    (None: the default, set here when the layout's data-parallel ranks cannot share it)."""
     parts = []
+    batch = batch_for(choice, micro_batch, global_batch_size)
+    if batch is not None:
+        parts.append(f"train.global_batch_size={batch}")
     if seq is not None and seq != 4096:
         parts.append(f"train.seq_length={seq}")
     if micro_batch != 1:
@@ -426,7 +441,7 @@ def shown(options: list[Estimate], gpu_memory_bytes: float) -> list[Estimate]:
 
 def format_plan(counts: ModelCounts, options: list[Estimate], choice: Estimate | None, *, gpus: int,
                 gpu_memory_gb: float, seq: int, mode: str, micro_batch: int = 1, bf16_weights: bool = False,
-                attention: str = "flex", show_all: bool = False) -> str:
+                attention: str = "flex", show_all: bool = False, global_batch_size: int | None = None) -> str:
     lines = [
         f"model: {counts.total / 1e9:.2f}B parameters ({counts.layers} layers; embedding {counts.embed / 1e9:.2f}B, "
         f"vision + projector {counts.vision / 1e9:.2f}B); {mode}, seq {seq}, {gpus} GPU(s) of {gpu_memory_gb:g} GB, "
@@ -461,8 +476,13 @@ def format_plan(counts: ModelCounts, options: list[Estimate], choice: Estimate |
         lines.append(f"nothing fits: use {', '.join(levers[:-1])}, or {levers[-1]}")
     else:
         settings = settings_of(choice, seq=seq, micro_batch=micro_batch, bf16_weights=bf16_weights,
-                               attention=attention)
+                               attention=attention, global_batch_size=global_batch_size)
         lines.append(f"recommended: {settings or 'the defaults'}   (~{choice.total / GIB:.1f} GiB per GPU)")
+        batch = batch_for(choice, micro_batch, global_batch_size)
+        if batch is not None:
+            lines.append(f"  (train.global_batch_size: the default {DEFAULT_GLOBAL_BATCH} rows a step do not split "
+                         f"into whole micro-batches over {choice.dp} data-parallel ranks; {batch} do. Pass "
+                         "--global-batch-size to plan for the layouts your batch fits)")
         per_node = gpus_per_node(gpus)
         # Several nodes: one torchrun per node, meeting at the first one (without a rendezvous endpoint each node's
         # torchrun would wait for the others on its own localhost).
