@@ -17,7 +17,12 @@ if _WORKERS > 1:  # an xdist worker: the cores are shared among the workers, and
 import pytest
 import torch
 
+import gemma3vl.infer.runtime  # noqa: F401, E402
+import gemma3vl.train.run  # noqa: F401, E402
 from gemma3vl.tiny import tiny_hf_config
+
+# (The two imports above: these modules bind infer.loading.load_model when first imported; imported here, before
+# any test puts a "no model may be loaded" stand-in in its place, they never keep the stand-in past that test.)
 
 if _WORKERS > 1 and os.environ["OMP_NUM_THREADS"].isdigit():  # (torch may have read it before it was set here)
     torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))

@@ -328,3 +328,23 @@ def test_list_settings_take_yamls_bracket_form_and_alpha_must_be_finite():
     for alpha, shown in (("inf", "inf"), ("nan", "nan"), ("0", "0.0"), ("-16", "-16.0")):  # (0: adapters do nothing)
         with pytest.raises(Gemma3VLError, match=f"peft.alpha={shown} must be a finite number > 0"):
             build_config("tiny_peft", None, [f"peft.alpha={alpha}"]).validate()
+
+
+def test_ctrl_c_while_the_command_line_is_read_is_interrupted_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in the first seconds (argument parsing imported torch, outside main's handler) ended with a
+    KeyboardInterrupt traceback; it is "interrupted" and exit 130 as later. And parsing imports no torch now."""
+    import subprocess
+    import sys
+
+    import gemma3vl.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["recipes"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    probe = ("import sys; from gemma3vl.cli import build_parser, parse_arguments; "
+             "parse_arguments(build_parser(), ['convert', 'export', 'a', 'b']); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

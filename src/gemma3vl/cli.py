@@ -889,8 +889,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = parse_arguments(build_parser(), argv)
     try:
+        args = parse_arguments(build_parser(), argv)  # (Ctrl-C at once: "interrupted", not a traceback)
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is handled below, not at exit
         return code

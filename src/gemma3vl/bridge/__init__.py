@@ -7,27 +7,23 @@ Layouts (layouts.py): ``hub`` and ``transformers5`` (vision-language), ``memory`
 for the native directory and its manifest.
 """
 
-from gemma3vl.bridge.convert import export_checkpoint, import_checkpoint
-from gemma3vl.bridge.from_model import export_model, save_native
-from gemma3vl.bridge.layouts import LAYOUTS, Layout, detect_layout
-from gemma3vl.bridge.loading import has_untied_head, is_native_dir, load_weights, read_config
-from gemma3vl.bridge.mapping import build_mappings, hf_tensor_specs, native_tensor_specs
-from gemma3vl.bridge.random_checkpoint import write_random_hf_checkpoint
+import importlib
+from typing import Any
 
-__all__ = [
-    "LAYOUTS",
-    "Layout",
-    "build_mappings",
-    "detect_layout",
-    "export_checkpoint",
-    "export_model",
-    "has_untied_head",
-    "hf_tensor_specs",
-    "import_checkpoint",
-    "is_native_dir",
-    "load_weights",
-    "native_tensor_specs",
-    "read_config",
-    "save_native",
-    "write_random_hf_checkpoint",
-]
+# Each public name and the module that holds it: imported when first used, so that importing one light module of
+# the package (fsutil, for the command line's --max-shard-size) does not import torch.
+_WHERE = {
+    "export_checkpoint": "convert", "import_checkpoint": "convert",
+    "export_model": "from_model", "save_native": "from_model",
+    "LAYOUTS": "layouts", "Layout": "layouts", "detect_layout": "layouts",
+    "has_untied_head": "loading", "is_native_dir": "loading", "load_weights": "loading", "read_config": "loading",
+    "build_mappings": "mapping", "hf_tensor_specs": "mapping", "native_tensor_specs": "mapping",
+    "write_random_hf_checkpoint": "random_checkpoint",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"gemma3vl.bridge.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'gemma3vl.bridge' has no attribute {name!r}")
