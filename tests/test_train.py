@@ -644,3 +644,16 @@ def test_the_loss_plot_leaves_the_callers_matplotlib_backend_alone(tmp_path):
     finally:
         matplotlib.use(before)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_seq_length_past_the_models_context_is_refused_before_it_loads(tmp_path, capsys):
+    """``train.seq_length`` over ``max_position_embeddings``: positions the model never saw (and on the CPU a dense
+    mask that got the process killed without a word): an error naming both, before the model loads."""
+    from gemma3vl.tiny import tiny_hf_config
+
+    context = tiny_hf_config()["text_config"]["max_position_embeddings"]
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(tmp_path / "run"), *FAST,
+                 f"train.seq_length={context + 1}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.seq_length={context + 1} is over the model's context of {context} tokens" in err
+    assert "model:" not in err  # (nothing loaded)

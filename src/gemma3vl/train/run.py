@@ -242,6 +242,21 @@ def build_pipelined_model(model: Gemma3Model, cfg: TrainConfig, parallel: Parall
     )
 
 
+def check_seq_length(cfg: TrainConfig) -> None:
+    """``train.seq_length`` within the model's context (its ``max_position_embeddings``), before it loads: past it
+    the rows hold positions the model was never trained at (and a long one on the CPU's dense masks got the process
+    killed for memory, without a word)."""
+    if not Path(cfg.model.path).is_dir():  # (load_model names a missing directory)
+        return
+    from gemma3vl.bridge.loading import read_config
+
+    context = read_config(cfg.model.path).text.max_position_embeddings
+    if cfg.train.seq_length > context:
+        raise on_every_rank(Gemma3VLError(
+            f"train.seq_length={cfg.train.seq_length} is over the model's context of {context} tokens "
+            f"(max_position_embeddings of {cfg.model.path}'s text config)"))
+
+
 def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDataset]:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -260,6 +275,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> tuple[Trainer, ConversationDat
         raise Gemma3VLError("model.path is not set: pass --model HF_OR_NATIVE_DIR")
     if cfg.data.path is None:
         raise Gemma3VLError("data.path is not set: pass --data PATH (a JSONL of conversations)")
+    check_seq_length(cfg)
     parallel = setup_parallel(cfg, device)
     weight_dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     p = cfg.parallel
