@@ -214,6 +214,9 @@ def test_chat_with_tools_returns_the_calls_and_goes_on_from_their_results(model)
 def test_load_checks_before_loading(tiny_dir, tmp_path):
     with pytest.raises(gemma3vl.Gemma3VLError, match="model_dir .*: no such directory"):
         gemma3vl.load(tmp_path / "nothing")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(gemma3vl.Gemma3VLError, match="model_dir .*afile: a file, not a directory"):
+        gemma3vl.load(tmp_path / "afile")
     with pytest.raises(gemma3vl.Gemma3VLError, match="adapter .*: no such directory"):
         gemma3vl.load(tiny_dir, adapter=tmp_path / "nothing")
     with pytest.raises(gemma3vl.Gemma3VLError, match="device 'mps' is not a device gemma3vl runs on"):
@@ -337,3 +340,22 @@ def test_the_command_says_its_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"gemma3vl {gemma3vl.__version__}\n"
+
+
+def test_arguments_a_method_does_not_take_are_named_with_that_method(model):
+    """Python's TypeError named ``Model.sampling()``, which the caller never called, and a non-boolean ``greedy``
+    ("false" is true) decoded greedily: each is a Gemma3VLError naming the method and the argument."""
+    import re
+
+    messages = [{"role": "user", "content": "hi"}]
+    for call, words in (
+        (lambda: model.generate("hi", max_tokens=3), "generate() takes no 'max_tokens': use max_new_tokens"),
+        (lambda: model.chat(messages, images=["a.png"]), "chat() takes no 'images': a conversation carries"),
+        (lambda: list(model.stream("hi", details=True)), "stream() takes no 'details'"),
+        (lambda: model.generate("hi", foo=1), "generate() takes no 'foo' (its settings: max_new_tokens, greedy"),
+        (lambda: model.generate("hi", greedy="false"), "greedy='false' must be True or False"),
+        (lambda: model.chat(messages, details="yes"), "details='yes' must be True or False"),
+        (lambda: list(model.stream(["a", "b"])), "stream() answers one prompt (a string) or one conversation"),
+    ):
+        with pytest.raises(gemma3vl.Gemma3VLError, match=re.escape(words)):
+            call()

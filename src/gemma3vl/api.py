@@ -21,6 +21,7 @@ checks: bad input raises :class:`gemma3vl.Gemma3VLError` naming the parameter, f
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -126,6 +127,8 @@ class Model:
         ``json_schema`` included.
         ``json_schema``: answers follow this JSON Schema (``True``: any JSON object; needs xgrammar)."""
         _check_int("max_new_tokens", max_new_tokens, low=1)
+        if not isinstance(greedy, bool):  # ("false" is a true value: it would decode greedily)
+            raise Gemma3VLError(f"greedy={greedy!r} must be True or False")
         if seed is not None:
             _check_int("seed", seed)
         if top_k is not None:
@@ -196,6 +199,7 @@ class Model:
         with ``batch_size`` rows; each answer is the one its prompt gets alone.
         Returns the answer's text (``details``: an :class:`Answer`), or a list of them in prompt order.
         """
+        _check_call("generate", settings, details=details)
         sampling = self.sampling(**settings)
         if isinstance(prompt, str):
             encoded = self._fits(self.encode(prompt, images, raw=raw, pan_and_scan=pan_and_scan), sampling, "prompt")
@@ -239,6 +243,7 @@ class Model:
         ``chat_template_kwargs``: variables for the checkpoint's chat template (those it reads; vLLM's request field
         of that name); ``mm_processor_kwargs``: this conversation's pan & scan settings (``do_pan_and_scan``,
         ``pan_and_scan_min_crop_size``, ``pan_and_scan_max_num_crops``, ``pan_and_scan_min_ratio_to_activate``)."""
+        _check_call("chat", settings, details=details)
         use = _tool_use(tools, tool_choice, parallel_tool_calls)
         other = next((name for name in ("json_schema", "regex", "choice", "grammar")
                       if settings.get(name) not in (None, False)), None)
@@ -265,6 +270,10 @@ class Model:
         :meth:`chat` takes, with its ``chat_template_kwargs`` and ``mm_processor_kwargs``), piece by piece as it is
         generated: each piece is text that later tokens can no longer change; the pieces joined are the answer
         ``generate`` / ``chat`` gives. Stopping the iteration early (``break``) stops generating."""
+        _check_call("stream", settings)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(item, str) for item in prompt):
+            raise Gemma3VLError("stream() answers one prompt (a string) or one conversation (a list of messages), "
+                                "not a list of prompts: call it once per prompt, or generate(prompts) for all")
         sampling = self.sampling(**settings)
         if isinstance(prompt, str):
             if chat_template_kwargs or mm_processor_kwargs:
@@ -512,7 +521,7 @@ def _check_directory(name: str, path: Any) -> None:
     if not isinstance(path, (str, Path)):
         raise Gemma3VLError(f"{name} must be a directory path, got {type(path).__name__}")
     if not Path(path).is_dir():
-        raise Gemma3VLError(f"{name} {path}: no such directory")
+        raise Gemma3VLError(f"{name} {path}: {'a file, not a directory' if Path(path).exists() else 'no such directory'}")
 
 
 def _check_layout(layout: str) -> None:
@@ -535,6 +544,31 @@ def _shard_bytes(size: str | int) -> int:
         return parse_size(size)
     except ValueError as exc:
         raise Gemma3VLError(f"max_shard_size={size!r}: {exc}") from None
+
+
+# Keyword arguments users reach for that a method does not take, and what to do instead
+_INSTEAD = {
+    "max_tokens": "use max_new_tokens (OpenAI's max_tokens)",
+    "max_length": "use max_new_tokens (the answer's tokens)",
+    "images": "a conversation carries its images in its messages' parts",
+    "raw": "raw applies to a prompt string (generate or stream)",
+    "details": "stream yields the answer's text piece by piece; generate(details=True) or chat(details=True) give an "
+               "Answer",
+    "do_sample": "sampling is the default; greedy=True decodes greedily",
+}
+
+
+def _check_call(method: str, settings: dict[str, Any], *, details: Any = False) -> None:
+    """``settings`` are :meth:`Model.sampling`'s, and ``details`` a boolean: a :class:`Gemma3VLError` naming the method
+    called and the argument (Python's TypeError named ``Model.sampling``, which the caller never called)."""
+    known = [name for name in inspect.signature(Model.sampling).parameters if name != "self"]
+    for name in settings:
+        if name not in known:
+            instead = _INSTEAD.get(name)
+            raise Gemma3VLError(f"{method}() takes no {name!r}" + (f": {instead}" if instead else
+                                f" (its settings: {', '.join(known)})"))
+    if not isinstance(details, bool):
+        raise Gemma3VLError(f"details={details!r} must be True or False")
 
 
 def _constraint(json_schema: Any, regex: Any, choice: Any, grammar: Any) -> Constraint | None:

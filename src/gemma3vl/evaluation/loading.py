@@ -45,6 +45,10 @@ PEFT_DEFAULT_ALPHA = 8  # peft's LoraConfig.lora_alpha when the file names none
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
+    if not adapter_dir.exists():
+        raise Gemma3VLError(f"{adapter_dir}: no such adapter directory")
+    if not adapter_dir.is_dir():
+        raise Gemma3VLError(f"{adapter_dir}: a file, not a PEFT adapter directory")
     if not path.is_file():
         raise Gemma3VLError(f"{adapter_dir}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
     try:
