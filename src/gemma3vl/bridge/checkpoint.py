@@ -7,6 +7,7 @@ this checkpoint) and ``read_native(mapping)``, one tensor at a time.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,8 @@ from gemma3vl.bridge.mapping import Mapping, build_mappings
 from gemma3vl.bridge.safetensors_io import DTYPES, PlannedTensor, SafetensorsFile, TensorInfo
 from gemma3vl.config import Gemma3Config
 from gemma3vl.errors import Gemma3VLError
+
+logger = logging.getLogger("gemma3vl.bridge")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -172,7 +175,10 @@ class WeightFiles:
             for key in sorted(set(self.weight_map) - self.keys()):
                 if key in expected and not expected[key][1]:
                     continue  # already reported as missing, with the file the index names
-                problems.append(f"{index}: lists tensor {key!r} in {self.weight_map[key]}, but no file holds it")
+                # A tensor the model does not need (a tied lm_head some tools list anyway): transformers ignores
+                # the entry, and so does the import; the export's index lists what the files hold
+                logger.warning("%s: lists tensor %r in %s, but no file holds it: left out, as transformers leaves "
+                               "it out", index, key, self.weight_map[key])
         if problems:
             shown = problems[:MAX_PROBLEMS_SHOWN]
             more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
