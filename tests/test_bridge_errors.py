@@ -289,3 +289,25 @@ def test_cli_exports_the_memory_layout(single, tmp_path):
     with safe_open(str(tmp_path / "memory" / "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
     assert "model.language_model.embed_tokens.weight" in keys and "model.vision_tower.post_layernorm.bias" in keys
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda m: m.pop("config_json"), "'config_json' must hold the source's config.json text"),
+    (lambda m: m.update(config_json="{"), "'config_json' must hold the source's config.json text"),
+    (lambda m: m.pop("source"), "'source' must be an object"),
+    (lambda m: m["source"].update(layout="bogus"), "'source.layout' is 'bogus', not one of hub"),
+    (lambda m: m["source"].update(layout=[1]), "'source.layout' is [1]"),
+    (lambda m: m["source"].update(files=None), "'source.files' must be a list"),
+    (lambda m: m["source"].update(sharded="yes"), "'source.sharded' must be true or false"),
+])
+def test_a_damaged_manifest_is_one_error_naming_its_key(single, tmp_path, damage, words):
+    """A gemma3vl.json missing a key or holding the wrong type was a KeyError / TypeError traceback from inside the
+    export; now one error naming the file and the key, before anything is written."""
+    native = tmp_path / "native"
+    bridge.import_checkpoint(single, native, progress=False)
+    manifest = json.loads((native / "gemma3vl.json").read_text())
+    damage(manifest)
+    (native / "gemma3vl.json").write_text(json.dumps(manifest))
+    with pytest.raises(Gemma3VLError, match=re.escape(f"{native / 'gemma3vl.json'}: {words}")):
+        bridge.export_checkpoint(native, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -298,7 +298,43 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (this gemma3vl reads "
             f"{FORMAT_VERSION})"
         )
+    check_manifest(manifest, path)
     return manifest
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest's keys as ``convert`` wrote them, each checked: one error naming the key at fault (a damaged
+    file was a KeyError or TypeError traceback from deep inside the export)."""
+    def bad(key: str, what: str) -> Gemma3VLError:
+        return Gemma3VLError(f"{path}: {key!r} {what} (the file is damaged: import the checkpoint again)")
+
+    config = manifest.get("config_json")
+    try:
+        parsed = json.loads(config) if isinstance(config, str) else None
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise bad("config_json", "must hold the source's config.json text, a JSON object")
+    source = manifest.get("source")
+    if not isinstance(source, dict):
+        raise bad("source", "must be an object")
+    if not isinstance(source.get("layout"), str) or source["layout"] not in LAYOUTS:
+        raise bad("source.layout", f"is {source.get('layout')!r}, not one of {', '.join(LAYOUTS)}")
+    if not isinstance(source.get("sharded"), bool):
+        raise bad("source.sharded", "must be true or false")
+    files = source.get("files")
+    if not isinstance(files, list) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("tensors"), list)
+            and all(isinstance(key, str) for key in entry["tensors"])
+            and isinstance(entry.get("metadata", {}), (dict, type(None))) for entry in files):
+        raise bad("source.files", "must be a list of {\"name\", \"tensors\", \"metadata\"} objects")
+    for key, kinds in (("index_metadata", (dict, type(None))), ("index_json", (str, type(None))),
+                       ("dtypes", (dict, type(None)))):
+        if not isinstance(source.get(key), kinds):
+            raise bad(f"source.{key}", f"must be {' or '.join(k.__name__ for k in kinds).replace('NoneType', 'null')}")
+    side = manifest.get("side_files", [])
+    if not isinstance(side, list) or not all(isinstance(name, str) for name in side):
+        raise bad("side_files", "must be a list of file names")
 
 
 class NativeCheckpoint(_Checkpoint):

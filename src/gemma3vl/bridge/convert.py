@@ -164,15 +164,15 @@ def _source_split(native: NativeCheckpoint, planned: dict[str, PlannedTensor]):
         if unknown:
             raise Gemma3VLError(
                 f"{native.directory}: the source file {entry['name']} held {unknown[0]!r}, which this checkpoint "
-                "no longer has; export with max_shard_bytes to shard afresh"
+                "no longer has; export with --max-shard-size (the Python API's max_shard_size) to shard afresh"
             )
-        files[entry["name"]] = ([planned[k] for k in keys], entry["metadata"])
+        files[entry["name"]] = ([planned[k] for k in keys], entry.get("metadata"))
         seen.update(keys)
     if seen != set(planned):
         extra = sorted(set(planned) - seen)
         raise Gemma3VLError(
             f"{native.directory}: {extra[0]!r} was not in the source checkpoint, so its file split cannot be "
-            "reproduced; export with max_shard_bytes to shard afresh"
+            "reproduced; export with --max-shard-size (the Python API's max_shard_size) to shard afresh"
         )
     if not source["sharded"]:
         return files, None
