@@ -311,3 +311,26 @@ def test_a_damaged_manifest_is_one_error_naming_its_key(single, tmp_path, damage
     with pytest.raises(Gemma3VLError, match=re.escape(f"{native / 'gemma3vl.json'}: {words}")):
         bridge.export_checkpoint(native, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_input_file_is_named_as_the_inputs_fault(tmp_path, monkeypatch):
+    """A tokenizer file the user cannot read was reported as "OUT: cannot write the output (Permission denied:
+    .../tokenizer.json)", blaming the output; now the input file is named. (Run as root, chmod 000 reads anyway:
+    the open is made to fail as it does for another user.)"""
+    import builtins
+
+    from gemma3vl.bridge import fsutil
+    from gemma3vl.tiny import write_tiny_checkpoint
+
+    source = write_tiny_checkpoint(tmp_path / "tiny")
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if Path(file).name == "tokenizer.json" and Path(file).parent == source:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(fsutil, "open", guarded, raising=False)
+    with pytest.raises(Gemma3VLError, match=re.escape(f"{source / 'tokenizer.json'}: cannot read (Permission denied)")):
+        bridge.import_checkpoint(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

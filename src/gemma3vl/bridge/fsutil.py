@@ -61,11 +61,18 @@ def write_text_durable(path: Path, text: str) -> None:
 
 
 def copy_file_durable(source: Path, target: Path) -> None:
-    """Copy contents (following symlinks, as the Hub cache uses them) and fsync the copy."""
+    """Copy contents (following symlinks, as the Hub cache uses them) and fsync the copy. A source that cannot be
+    opened is an error naming it (an input's fault), not the output's (``staged_output`` reports OSErrors as the
+    output's)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    with open(target, "rb+") as handle:
-        os.fsync(handle.fileno())
+    try:
+        reader = open(source, "rb")
+    except OSError as exc:
+        raise Gemma3VLError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    with reader, open(target, "wb") as writer:
+        shutil.copyfileobj(reader, writer)
+        writer.flush()
+        os.fsync(writer.fileno())
 
 
 def side_files(directory: Path) -> list[str]:
