@@ -232,14 +232,25 @@ def test_refuses_to_clobber_checkpoints_without_resume(tmp_path, monkeypatch, ca
     assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "train.steps=1", *FAST]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (out / "checkpoints" / "step-00000001").is_dir()
-    # resuming a checkpoint at or past train.steps: nothing to train, said so (it exported the same weights again
-    # and reported "trained 1 steps; final loss None")
+    # resuming a checkpoint past train.steps: nothing to train, an error (it exported the checkpoint's weights as
+    # the run's and reported "final loss None"); at train.steps itself, the export is written again (a run killed
+    # in its final export finishes it that way: test_reliability_kill), saying so
     monkeypatch.undo()
-    exported = (out / "hf" / "model.safetensors").stat().st_mtime_ns
-    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", "train.steps=1", *FAST]) == 2
-    assert ("the checkpoint is at step 1 and train.steps=1: nothing is left to train; give train.steps above 1"
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", *FAST, "train.steps=0"]) == 2
+    assert "train.steps=0 must be >= 1" in capsys.readouterr().err
+    longer = tmp_path / "longer"
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(longer), *FAST, "train.steps=2",
+                 "data.eval_accuracy_samples=0"]) == 0
+    capsys.readouterr()
+    exported = (longer / "hf" / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(longer), "--resume", *FAST, "train.steps=1"]) == 2
+    assert ("the checkpoint is at step 2, past train.steps=1: nothing is left to train; give train.steps above 2"
             in capsys.readouterr().err)
-    assert (out / "hf" / "model.safetensors").stat().st_mtime_ns == exported
+    assert (longer / "hf" / "model.safetensors").stat().st_mtime_ns == exported  # (the export is left alone)
+    assert main(["train", "--recipe", "tiny_sft", "--out", str(out), "--resume", *FAST, "train.steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed at step 1: the last step, nothing left to train; writing the run's export" in err
+    assert "final loss n/a (no step ran in this run)" in err
 
 
 def test_lora_run_from_a_native_base_records_no_base_transformers_cannot_read(tmp_path, capsys):

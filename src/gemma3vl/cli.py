@@ -546,7 +546,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             log(f"stopped: {stopped}")
         return stopped.exit_code
     if launch_rank() == 0:  # under torchrun, rank 0 alone reports
-        log(f"trained {result.steps} steps; final loss {result.final_loss}")
+        loss = "n/a (no step ran in this run)" if result.final_loss is None else result.final_loss
+        log(f"trained {result.steps} steps; final loss {loss}")
     return 0
 
 

@@ -489,11 +489,13 @@ def _run(cfg: TrainConfig, out: Path, resume: str | bool | None) -> TrainResult:
     main = is_main_process()
     if resume:
         trainer.resume(None if resume is True else Path(resume))
-        if trainer.step >= cfg.train.steps:  # (it would export the checkpoint's weights again, "trained" nothing)
+        if trainer.step > cfg.train.steps:  # (it exported the checkpoint's weights as if trained to train.steps)
             raise on_every_rank(Gemma3VLError(
-                f"--resume: the checkpoint is at step {trainer.step} and train.steps={cfg.train.steps}: nothing is "
-                f"left to train; give train.steps above {trainer.step} to go on (the run's export is {out / 'hf'})"))
-        say(f"resumed at step {trainer.step}")
+                f"--resume: the checkpoint is at step {trainer.step}, past train.steps={cfg.train.steps}: nothing is "
+                f"left to train; give train.steps above {trainer.step} to go on"))
+        say(f"resumed at step {trainer.step}" + (
+            ": the last step, nothing left to train; writing the run's export (a run stopped in it finishes it)"
+            if trainer.step == cfg.train.steps else ""))
     elif main:  # a fresh run in a reused OUT: the last run's records go
         for name in ("metrics.jsonl", ANSWERS_FILE):
             (out / name).unlink(missing_ok=True)
