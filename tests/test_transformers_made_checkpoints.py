@@ -110,6 +110,23 @@ def test_a_bare_text_model_save_with_an_inert_hidden_act(tmp_path):
                                 "x").name == "textmodel"
 
 
+def test_a_causal_lm_exports_as_a_bare_text_model_transformers_loads(tmp_path, capsys):
+    """``convert export --layout textmodel`` (the command line now takes it, as the Python API did): a
+    ``Gemma3ForCausalLM`` checkpoint written as a bare ``Gemma3TextModel`` saves it; the oracle is transformers,
+    whose ``Gemma3TextModel`` loaded from the export gives the causal LM's own hidden states."""
+    from gemma3vl.cli import main
+
+    causal = randomized(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**TEXT)))
+    source = saved(causal, tmp_path / "causal")
+    native = bridge.import_checkpoint(source, tmp_path / "native", progress=False)
+    assert main(["convert", "export", str(native), str(tmp_path / "bare"), "--layout", "textmodel"]) == 0
+    bare = transformers.Gemma3TextModel.from_pretrained(str(tmp_path / "bare")).eval()
+    ids = torch.tensor([[2, 5, 9, 4, 7, 3, 8, 6, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(bare(ids).last_hidden_state, causal.model(ids).last_hidden_state,
+                                   rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def text_only(**changes) -> dict:
     return {"model_type": "gemma3_text", **TEXT, **changes}

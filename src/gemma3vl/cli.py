@@ -629,7 +629,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
 
 
-EXPORT_LAYOUTS = ["source", "hub", "transformers5", "memory", "memory4", "text"]  # --layout of export and merge
+EXPORT_LAYOUTS = ["source", "hub", "transformers5", "memory", "memory4", "text", "textmodel"]  # export, merge
 
 
 def add_adapter_option(parser: argparse.ArgumentParser) -> None:
