@@ -258,6 +258,23 @@ def test_adapters_peft_saved_with_exclusions_or_older_names_load(hf_checkpoint, 
     assert (expected - untouched)[valid].abs().max() > 1e-3 * scale
 
 
+def test_an_adapter_of_modules_gemma3vl_does_not_adapt_says_so(hf_checkpoint, tmp_path):
+    """Oracle: peft. An adapter peft wrote on ``q_proj`` and ``lm_head`` was refused as "the tensors do not match
+    the adapters its config describes" (they do): now the message names lm_head as a module gemma3vl does not
+    adapt. Another model's names (a text-only adapter's under ``model.layers`` on a vision-language base's
+    ``model.language_model.layers``) are named as such."""
+    from gemma3vl.evaluation.loading import _mismatch
+
+    directory, _, adapter_dir = _peft_saved_adapter(hf_checkpoint, tmp_path, target_modules=["q_proj", "lm_head"])
+    ours, _ = load_model(directory, device="cpu", dtype=torch.float32)
+    with pytest.raises(Gemma3VLError, match="the adapter adapts lm_head .* which gemma3vl does not adapt"):
+        load_peft_adapter(ours, adapter_dir)
+    said = _mismatch(["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"],
+                     ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+    assert said.startswith("the adapter's modules are another model's: its tensors are under "
+                           "base_model.model.model.layers, this model's under base_model.model.model.language_model")
+
+
 def test_adapter_with_trained_biases_is_refused_by_its_config(hf_checkpoint, tmp_path):
     """peft's ``lora_bias=True`` (a trained bias on each lora_B) is named as unsupported, not reported as
     unexpected tensors."""

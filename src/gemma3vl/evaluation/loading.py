@@ -144,6 +144,31 @@ def check_adapter_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
         f"({base or 'model.path of the run'}) with --adapter")
 
 
+UNADAPTED_MODULES = ("lm_head", "embed_tokens")  # adapted by some PEFT configs; never by gemma3vl
+
+
+def _mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """Why an adapter's tensors are not the ones its config gives this model, as precisely as the names tell: a
+    module gemma3vl does not adapt, another kind of model's names (a text-only adapter on a vision-language base),
+    or else the counts and an example of each."""
+    odd = sorted({name for key in unexpected for name in UNADAPTED_MODULES if f".{name}." in key})
+    if odd:
+        return (f"the adapter adapts {', '.join(odd)} (its target_modules name it), which gemma3vl does not adapt: "
+                "only the decoder's and the vision tower's attention and MLP projections")
+
+    def stem(key: str) -> str:  # the module path before the layers
+        return key.split(".layers.", 1)[0] if ".layers." in key else key
+
+    if missing and unexpected and not {stem(k) for k in unexpected} & {stem(k) for k in missing}:
+        return (f"the adapter's modules are another model's: its tensors are under {stem(unexpected[0])}.layers, "
+                f"this model's under {stem(missing[0])}.layers (an adapter of a text-only Gemma3ForCausalLM on a "
+                "vision-language base, or the other way round?)")
+    detail = (f"missing {len(missing)} (e.g. {missing[0]})" if missing else "") + \
+             ("; " if missing and unexpected else "") + \
+             (f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
+    return f"the tensors do not match the adapters its config describes: {detail}"
+
+
 def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge: bool = True) -> LoraConfig:
     """Put the adapter of ``adapter_dir`` on ``model`` (in place) and, with ``merge``, fold it in."""
     from safetensors import SafetensorError
@@ -169,10 +194,7 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, merge:
     missing = sorted(params.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - params.keys())
     if missing or unexpected:
-        detail = (f"missing {len(missing)} (e.g. {missing[0]})" if missing else "") + \
-                 ("; " if missing and unexpected else "") + \
-                 (f"unexpected {len(unexpected)} (e.g. {unexpected[0]})" if unexpected else "")
-        raise Gemma3VLError(f"{weights_path}: the tensors do not match the adapters its config describes: {detail}")
+        raise Gemma3VLError(f"{weights_path}: {_mismatch(missing, unexpected)}")
     with torch.no_grad():
         for key, param in params.items():
             value = tensors[key]
