@@ -359,3 +359,17 @@ def test_arguments_a_method_does_not_take_are_named_with_that_method(model):
     ):
         with pytest.raises(gemma3vl.Gemma3VLError, match=re.escape(words)):
             call()
+
+
+def test_generate_reports_as_many_tokens_as_details_and_batch_lines_count(tiny_dir, model, capsys):
+    """``gemma3vl generate --prompt`` said "2 tokens" where ``details`` and a --batch line's ``tokens`` counted 3
+    for the same answer (the stop token included): one count everywhere."""
+    from gemma3vl.cli import main
+
+    prompt = next(p for p in ("a", "json pls", "What?", "hi")  # (one the tiny model ends with a stop token)
+                  if model.generate(p, greedy=True, max_new_tokens=8, details=True).finish_reason == "stop")
+    answer = model.generate(prompt, greedy=True, max_new_tokens=8, details=True)
+    assert main(["generate", str(tiny_dir), "--prompt", prompt, "--greedy", "--max-new-tokens", "8",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(answer.token_ids)} tokens in " in err, err

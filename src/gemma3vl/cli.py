@@ -328,7 +328,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     sys.stdout.write(answer.delta(final=True) + "\n")
     sys.stdout.flush()
-    count = len(answer.token_ids)
+    count = len(answer.token_ids) + len(stopped)  # the stop token included, as --batch and details count it
     log(f"{count} tokens in {elapsed:.2f}s ({count / max(elapsed, 1e-9):.1f} tokens/s)")
     if constraint is not None and not stopped:
         what = "JSON" if constraint.kind == "json" else constraint.param
