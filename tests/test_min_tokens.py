@@ -10,7 +10,6 @@ with images is test_sampling_parity.py's, which also checks each step's scores b
 from __future__ import annotations
 
 import io
-import json
 
 import openai
 import pytest
@@ -19,6 +18,7 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.detokenize import IncrementalText
 from gemma3vl.infer.generate import Sampling
 from gemma3vl.infer.server import ChatCompletionServer, ServerSettings
+from generation_helpers import run_batch_lines
 from test_sampling_extensions import word_token  # noqa: F401  (a fixture)
 from test_server import post_json, reference_answer
 
@@ -127,9 +127,8 @@ def test_bad_min_tokens_is_a_400_naming_it(server, fields, says):
     assert says in reply["error"]["message"]
 
 
-def test_generate_batch_lines_and_the_python_api_take_min_new_tokens(runtime, tmp_path, capsys, eos):
+def test_generate_batch_lines_and_the_python_api_take_min_new_tokens(runtime, tmp_path, eos):
     from gemma3vl.api import Model
-    from gemma3vl.cli import main
 
     model = Model(runtime)
     answer = model.generate("Tell me", greedy=True, max_new_tokens=8, logit_bias={eos: 100}, min_new_tokens=3,
@@ -140,15 +139,12 @@ def test_generate_batch_lines_and_the_python_api_take_min_new_tokens(runtime, tm
              {"prompt": "Tell me", "min_new_tokens": -1},
              {"prompt": "Tell me", "min_new_tokens": 9},
              {"prompt": "Tell me", "min_new_tokens": 1, "json": True}]
-    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["generate", str(runtime.model_dir), "--batch", str(source), "--output", str(answers),
-                 "--max-new-tokens", "8", "--device", "cpu"]) == 1
-    err = capsys.readouterr().err
+    code, err, records = run_batch_lines(runtime, tmp_path, lines, "--max-new-tokens", "8")
+    source = tmp_path / "in.jsonl"
+    assert code == 1
     assert f"{source}:3: 'min_new_tokens' must be an integer >= 0" in err
     assert f"{source}:4: min_new_tokens=9 is over max_new_tokens=8" in err
     assert f"{source}:5: " in err and "min_new_tokens" in err.split(f"{source}:5: ")[1].splitlines()[0]
-    records = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [(r["tokens"], r["finish_reason"]) for r in records] == [(3, "stop"), (1, "stop")]
     for settings, says in (({"min_new_tokens": 9, "max_new_tokens": 8}, "at most max_new_tokens"),
                            ({"min_new_tokens": -2}, "min_new_tokens"),

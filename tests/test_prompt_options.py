@@ -19,6 +19,7 @@ from gemma3vl.errors import Gemma3VLError
 from gemma3vl.infer.image_sources import ImageLimits
 from gemma3vl.infer.runtime import InferenceRuntime
 from gemma3vl.tiny import write_tiny_checkpoint
+from generation_helpers import run_batch_lines
 from test_server import data_url, live_server, post_json
 
 DEFAULT_SYSTEM = "Answer in one word."
@@ -132,25 +133,21 @@ def test_bad_options_are_a_400_naming_the_field(server, fields, param, words):
         assert words in reply["error"]["message"], (path, reply)
 
 
-def test_batch_lines_and_the_python_api_take_the_options(runtime, tmp_path, capsys):
+def test_batch_lines_and_the_python_api_take_the_options(runtime, tmp_path):
     """A ``--batch`` messages line with ``chat_template_kwargs`` answers as ``Model.chat`` with the same variables;
     on a prompt line, or with a bad value, the line is reported and the others answered."""
-    from gemma3vl.cli import main
-
     model = Model(runtime)
     kwargs = {"default_system": DEFAULT_SYSTEM}
     expected = model.chat(TEXT, chat_template_kwargs=kwargs, greedy=True, max_new_tokens=4)
     lines = [{"messages": TEXT, "chat_template_kwargs": kwargs, "greedy": True},
              {"prompt": "hi", "chat_template_kwargs": kwargs},
              {"messages": TEXT, "mm_processor_kwargs": {"pan_and_scan_min_crop_size": 0}}]
-    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert main(["generate", str(runtime.model_dir), "--batch", str(source), "--output", str(answers),
-                 "--max-new-tokens", "4", "--device", "cpu"]) == 1
-    err = capsys.readouterr().err
+    code, err, records = run_batch_lines(runtime, tmp_path, lines, "--max-new-tokens", "4")
+    source = tmp_path / "in.jsonl"
+    assert code == 1
     assert f"{source}:2: 'chat_template_kwargs' goes with 'messages' lines only" in err
     assert f"{source}:3: mm_processor_kwargs.pan_and_scan_min_crop_size must be an integer >= 1" in err
-    assert [json.loads(line)["answer"] for line in answers.read_text().splitlines()] == [expected]
+    assert [record["answer"] for record in records] == [expected]
     with pytest.raises(Gemma3VLError, match="chat_template_kwargs.continue_final_message: set by the request"):
         model.chat(TEXT, chat_template_kwargs={"continue_final_message": True})
     with pytest.raises(Gemma3VLError, match="for a conversation"):
