@@ -212,7 +212,8 @@ BROKEN = {
     "truncated.png": (truncated("x.png", 0.5), r"truncated|not a readable image"),
     "corrupt-data.png": (corrupt_png_data(), "not a readable image"),
     "text.jpg": (b"this is not a picture at all\n" * 4, "cannot identify image file"),
-    "bomb-50000x50000.png": (png_claiming(50_000, 50_000), r"2500000000 pixels.*decompression bomb"),
+    # past Pillow's own limit, met when it opens the file: said as our own limit says it (prompt.decode_image)
+    "bomb-50000x50000.png": (png_claiming(50_000, 50_000), r"2500000000 pixels is over the limit of 64000000"),
     "huge-9000x9000.png": (png_claiming(9_000, 9_000), r"9000x9000 = 81000000 pixels is over the limit of 64000000"),
 }
 
