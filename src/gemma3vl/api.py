@@ -21,6 +21,7 @@ checks: bad input raises :class:`gemma3vl.Gemma3VLError` naming the parameter, f
 
 from __future__ import annotations
 
+import functools
 import inspect
 import queue
 import threading
@@ -558,10 +559,16 @@ _INSTEAD = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def _sampling_settings() -> tuple[str, ...]:
+    """The names :meth:`Model.sampling` takes (the settings of generate, chat and stream)."""
+    return tuple(name for name in inspect.signature(Model.sampling).parameters if name != "self")
+
+
 def _check_call(method: str, settings: dict[str, Any], *, details: Any = False) -> None:
     """``settings`` are :meth:`Model.sampling`'s, and ``details`` a boolean: a :class:`Gemma3VLError` naming the method
     called and the argument (Python's TypeError named ``Model.sampling``, which the caller never called)."""
-    known = [name for name in inspect.signature(Model.sampling).parameters if name != "self"]
+    known = _sampling_settings()
     for name in settings:
         if name not in known:
             instead = _INSTEAD.get(name)

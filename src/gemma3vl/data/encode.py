@@ -149,7 +149,7 @@ class ConversationEncoder:
     def encode_whole(self, conversation: Conversation) -> EncodedConversation:
         """Ids, labels and pixels of the whole conversation, untruncated."""
         source = conversation.source
-        self._refuse_control_strings(conversation)
+        refuse_control_strings(conversation.turns, source, self.control_strings)
         if conversation.images and not self.is_vision_language:
             raise BadRecord(source, IMAGES_ON_TEXT_MODEL, "the record has images but the checkpoint is text-only")
         images = [self.image_loader.load(ref, conversation.base_dir, source) for ref in conversation.images]
@@ -197,9 +197,6 @@ class ConversationEncoder:
         if self.image_token_id is None or input_ids.numel() == 0:
             return 0
         return int(image_block_ids(input_ids[None], self.image_token_id).max()) + 1
-
-    def _refuse_control_strings(self, conversation: Conversation) -> None:
-        refuse_control_strings(conversation.turns, conversation.source, self.control_strings)
 
     def _labels(self, input_ids: torch.Tensor, conversation: Conversation) -> tuple[torch.Tensor, list[int]]:
         source = conversation.source

@@ -205,6 +205,7 @@ class HFDatasetSource:
         # Labels: a shard's own row (``file:row N``, as gemma3vl eval names them) when the rows come from parquet
         # files; else the row of the split's directory of a save_to_disk DatasetDict, or of ``path``.
         self._shards = _parquet_shards(data_files, len(dataset))
+        self._shard_starts = None if self._shards is None else [start for _, start in self._shards]
         split_dir = path / split
         self._where = split_dir if path.is_dir() and not _is_data_directory(path) and split_dir.is_dir() else path
 
@@ -215,8 +216,7 @@ class HFDatasetSource:
         """Row ``index``'s ``file:row N`` label."""
         if self._shards is None:
             return f"{self._where}:row {index}"
-        starts = [start for _, start in self._shards]
-        file, start = self._shards[bisect.bisect_right(starts, index) - 1]
+        file, start = self._shards[bisect.bisect_right(self._shard_starts, index) - 1]
         return f"{file}:row {index - start}"
 
     def record(self, index: int) -> tuple[Any, str]:

@@ -33,7 +33,6 @@ first would hold every image in memory or process it twice.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -47,6 +46,8 @@ from gemma3vl.infer.completion import FINISH_ERROR, Completion, Row
 from gemma3vl.infer.conversation import EncodedPrompt, check_turns
 from gemma3vl.infer.engine import run_rows
 from gemma3vl.infer.generate import Sampling
+from gemma3vl.infer.json_values import is_finite_number as _is_number
+from gemma3vl.infer.json_values import is_int as _is_int
 from gemma3vl.infer.messages import turns_of_messages
 from gemma3vl.infer.prompt import check_image_file, load_image, lone_surrogate_at
 from gemma3vl.infer.prompt_options import checked_processor_kwargs, checked_template_kwargs
@@ -121,21 +122,6 @@ class BatchSummary:
 def _check_type(obj: dict, key: str, ok: Callable[[Any], bool], wanted: str) -> None:
     if key in obj and not ok(obj[key]):
         raise Gemma3VLError(f"{key!r} must be {wanted}, got {obj[key]!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite JSON number (Python's json reads NaN, Infinity and 1e400 = inf too; an integer too large for a float,
-    1 followed by 400 zeros, is not one either)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _is_stop(value: Any) -> bool:
@@ -222,9 +208,7 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
     tools = _line_tools(obj, conversation)
     other = None if constraint is None else f"{constraint.param!r} (or --json / --json-schema / --regex / --choice)"
     constraint = forced_constraint(tools, other) or constraint
-    given = [key for key in PROMPT_OPTION_KEYS if key in obj]
-    if given and not conversation:
-        raise Gemma3VLError(f"{given[0]!r} goes with 'messages' lines only")
+    _messages_only(obj, PROMPT_OPTION_KEYS, conversation)
     template_kwargs = checked_template_kwargs(obj.get("chat_template_kwargs"))
     processor_kwargs = checked_processor_kwargs(obj.get("mm_processor_kwargs"))
     if conversation:
@@ -268,11 +252,16 @@ def parse_line(text: str, line: int, base_dir: Path, defaults: BatchDefaults, ru
                      template_kwargs=template_kwargs, processor_kwargs=processor_kwargs)
 
 
-def _line_tools(obj: dict, conversation: bool) -> ToolUse | None:
-    """A messages line's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (None: no tools)."""
-    given = [key for key in TOOL_KEYS if key in obj]
+def _messages_only(obj: dict, keys: tuple[str, ...], conversation: bool) -> None:
+    """Refuse ``keys`` on a prompt line: they go with messages lines only."""
+    given = [key for key in keys if key in obj]
     if given and not conversation:
         raise Gemma3VLError(f"{given[0]!r} goes with 'messages' lines only")
+
+
+def _line_tools(obj: dict, conversation: bool) -> ToolUse | None:
+    """A messages line's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (None: no tools)."""
+    _messages_only(obj, TOOL_KEYS, conversation)
     return tool_use_of(obj)  # (a ToolError is a Gemma3VLError: the line is reported with its message)
 
 

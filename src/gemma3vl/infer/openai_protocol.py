@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from gemma3vl.errors import Gemma3VLError, SettingError
+from gemma3vl.infer.json_values import is_int as _is_int
 from gemma3vl.infer.prompt import lone_surrogate_at
 from gemma3vl.infer.prompt_options import PromptOptionError, checked_processor_kwargs, checked_template_kwargs
 from gemma3vl.infer.structured import Constraint, text_constraint
@@ -183,10 +184,6 @@ class ChatRequest(SharedFields):
 
 def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:

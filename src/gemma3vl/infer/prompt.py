@@ -55,8 +55,9 @@ def lone_surrogate_at(value: Any) -> tuple[str, str] | None:
                 return where, found.group()
         elif isinstance(item, dict):
             for key, inner in reversed(item.items()):
-                if isinstance(key, str) and _SURROGATE.search(key):
-                    return where, _SURROGATE.search(key).group()
+                found = _SURROGATE.search(key) if isinstance(key, str) else None
+                if found is not None:
+                    return where, found.group()
                 pending.append((inner, f"{where}.{key}" if where else str(key)))
         elif isinstance(item, list):
             pending += [(inner, f"{where}[{index}]") for index, inner in reversed(list(enumerate(item)))]

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import Any, Mapping
 
 from gemma3vl.errors import Gemma3VLError
+from gemma3vl.infer.json_values import is_finite_number, is_int
 
 # Names the chat template is given by transformers' renderer, or are its helpers, or control the encoding itself:
 # never set through template variables. (The special tokens' names are added from the tokenizer.)
@@ -23,9 +23,9 @@ RENDERER_NAMES = frozenset({"messages", "tools", "documents", "add_generation_pr
 # vLLM's mm_processor_kwargs keys that Gemma 3's image processor takes, with their checks
 PAN_AND_SCAN_OPTIONS = {
     "do_pan_and_scan": (lambda v: isinstance(v, bool), "a boolean"),
-    "pan_and_scan_min_crop_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (pixels)"),
-    "pan_and_scan_max_num_crops": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "pan_and_scan_min_ratio_to_activate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "pan_and_scan_min_crop_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1 (pixels)"),
+    "pan_and_scan_max_num_crops": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "pan_and_scan_min_ratio_to_activate": (lambda v: is_finite_number(v) and v > 0, "a number > 0"),
 }
 
 
@@ -36,14 +36,6 @@ class PromptOptionError(Gemma3VLError):
     def __init__(self, message: str, field: str):
         super().__init__(message)
         self.field = field
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def checked_template_kwargs(value: Any, where: str = "chat_template_kwargs") -> dict[str, Any]:

@@ -710,11 +710,10 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _finished(self, job: Job, completions: list[Completion], record: RequestRecord, stream: bool,
-                  reasons: list[str] | None = None) -> dict:
+                  reasons: list[str]) -> dict:
         """The request's usage (prompt once, every choice's tokens), noted for the log line with each choice's
-        finish reason as answered (``reasons``; the engine's when not given: ``tool_calls`` is the answer's)."""
+        finish reason as answered (``reasons``: ``tool_calls`` for an answer given as calls, not the engine's)."""
         counts = usage(completions[0].prompt_tokens, sum(c.completion_tokens for c in completions))
-        reasons = reasons or [c.finish_reason for c in completions]
         record.detail = (f"prompt={counts['prompt_tokens']} completion={counts['completion_tokens']} "
                          f"finish={','.join(reasons)} batch={job.batch_size} "
                          f"stream={'yes' if stream else 'no'}" + (f" n={job.n}" if job.n > 1 else ""))

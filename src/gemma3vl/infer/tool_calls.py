@@ -330,13 +330,15 @@ def forced_constraint(use: ToolUse | None, other: str | None = None) -> Constrai
     return Constraint("json", forced_schema(use), "tool_choice")
 
 
-def forced_calls(text: str, use: ToolUse) -> tuple[list[ToolCall] | None, bool]:
+def forced_calls(text: str, use: ToolUse, reader: JsonCallReader | None = None) -> tuple[list[ToolCall] | None, bool]:
     """A forced answer (JSON under :func:`forced_schema`) as its calls, their arguments the model's own JSON text
     (what a stream sends of them: :class:`StreamedForcedCalls`), and whether it is whole (JSON of that form). An
     answer cut short (by the token limit, or a stop string) gives the calls begun whose name is known, their
-    arguments as far as they go, as OpenAI and vLLM return a cut forced call (None when no name is known)."""
-    reader = JsonCallReader(use.name if use.choice == "function" else None)
-    reader.feed(text)
+    arguments as far as they go, as OpenAI and vLLM return a cut forced call (None when no name is known).
+    ``reader``: one a stream already fed ``text`` (it is not read again)."""
+    if reader is None or reader.text != text:
+        reader = JsonCallReader(use.name if use.choice == "function" else None)
+        reader.feed(text)
     begun = [ToolCall(read.name, read.arguments) for read in reader.calls if read.name is not None] or None
     try:
         value = json.loads(text)
@@ -361,17 +363,18 @@ class ReadAnswer:
     finish_reason: str
 
 
-def read_answer(text: str, use: ToolUse | None, finish_reason: str = "stop") -> ReadAnswer:
+def read_answer(text: str, use: ToolUse | None, finish_reason: str = "stop",
+                reader: JsonCallReader | None = None) -> ReadAnswer:
     """An answer under ``use``: the whole answer calls (content None); or text, then calls from the start of a line
     to the end (the form :func:`converse` writes an assistant message with text and calls in: the text, a newline,
     the calls), the text without the white space before the calls; or text alone. Only an answer that ended by
     itself (``finish_reason`` "stop") makes calls, except a forced one (``tool_choice`` ``required`` or a named
     function), which is never text: its calls as far as they went (:func:`forced_calls`), ``tool_calls`` only
-    when whole."""
+    when whole. ``reader``: a forced answer's, as a stream read it (:func:`forced_calls`)."""
     if use is None or not use.offered:
         return ReadAnswer(text, None, finish_reason)
     if use.forced:
-        calls, whole = forced_calls(text, use)
+        calls, whole = forced_calls(text, use, reader)
         return ReadAnswer(None, calls, FINISH_TOOL_CALLS if whole and finish_reason == "stop" else finish_reason)
     if finish_reason == "stop":
         for start in line_starts(text):
@@ -516,7 +519,7 @@ class StreamedForcedCalls:
         """At the end of the answer (``text``, all of it): the pieces still to send, the logprobs, and the answer as
         read (:func:`read_answer`; its calls' ids those sent)."""
         pieces = self._pieces()
-        answer = read_answer(text, self.use, finish_reason)
+        answer = read_answer(text, self.use, finish_reason, self.reader)
         if answer.calls is not None:
             answer = replace(answer, calls=[replace(call, id=self.ids[index]) if index < len(self.ids) else call
                                             for index, call in enumerate(answer.calls)])
